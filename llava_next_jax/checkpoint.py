@@ -1,0 +1,88 @@
+"""Orbax checkpoints of params: written one leaf at a time, restored straight to a dtype and sharding.
+
+A converted directory holds `params/` (an Orbax checkpoint of the params tree), `llava_next_jax.json`
+(format marker) and the HF side files (config, tokenizer, processor, generation config) copied verbatim.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Callable, Iterable
+
+import jax
+import numpy as np
+
+MARKER = "llava_next_jax.json"
+PARAMS_DIR = "params"
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "preprocessor_config.json",
+              "processor_config.json", "chat_template.json", "chat_template.jinja")
+
+
+def is_converted(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MARKER))
+
+
+def save_streaming(out_dir: str, leaves: Iterable[tuple[tuple[str, ...], np.ndarray]],
+                   on_leaf: Callable[[tuple[str, ...], np.ndarray], None] | None = None) -> None:
+    """Writes `out_dir/params` from (path, array) pairs, holding one leaf in memory at a time."""
+    from orbax.checkpoint.experimental.v1 import partial
+    target = os.path.join(os.path.abspath(out_dir), PARAMS_DIR)
+    for stale in (target, target + ".partial_save"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for path, leaf in leaves:
+        node: Any = leaf
+        for part in reversed(path):
+            node = {part: node}
+        partial.save(target, node)
+        if on_leaf:
+            on_leaf(path, leaf)
+        del node, leaf
+    partial.finalize(target)
+
+
+def save_params(out_dir: str, params: Any) -> None:
+    """Writes a whole in-memory params tree (e.g. after fine-tuning)."""
+    from jax.tree_util import tree_leaves_with_path
+    leaves = ((tuple(k.key for k in p), np.asarray(v)) for p, v in tree_leaves_with_path(params))
+    save_streaming(out_dir, leaves)
+
+
+def write_marker(out_dir: str, **info) -> None:
+    with open(os.path.join(out_dir, MARKER), "w") as f:
+        json.dump({"format": 1, **info}, f, indent=2)
+
+
+def copy_side_files(src_dir: str, out_dir: str) -> list[str]:
+    copied = []
+    for name in SIDE_FILES:
+        if os.path.isfile(os.path.join(src_dir, name)):
+            shutil.copyfile(os.path.join(src_dir, name), os.path.join(out_dir, name))
+            copied.append(name)
+    return copied
+
+
+def saved_shapes(path: str) -> Any:
+    """The params tree with `jax.ShapeDtypeStruct` leaves, read from the checkpoint's metadata."""
+    from orbax.checkpoint.experimental.v1 import metadata
+    tree = metadata(os.path.join(path, PARAMS_DIR)).metadata
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree,
+                        is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+
+
+def load_params(path: str, dtype=None, shardings: Any = None) -> Any:
+    """Restores `path/params` as jax Arrays, cast to `dtype` (None: as saved), placed per `shardings`.
+
+    shardings: a pytree of `jax.sharding.Sharding` matching the params, or None for the default device.
+    Each host reads only the parts its shardings hold.
+    """
+    from orbax.checkpoint.experimental.v1 import load
+    shapes = saved_shapes(path)
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, shapes)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype, sharding=sh),
+                            shapes, shardings)
+    return load(os.path.join(path, PARAMS_DIR), abstract)

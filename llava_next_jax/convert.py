@@ -1,0 +1,244 @@
+"""HF LLaVA-NeXT weights -> our params tree, one tensor at a time.
+
+Three key layouts are in the wild (reference.md); each name is first brought to one canonical form:
+
+  2024 hub:            language_model.model.layers.0...   vision_tower.vision_model.encoder...
+  transformers 5 file: language_model.model.layers.0...   vision_tower.encoder...
+  transformers 5 live: model.language_model.layers.0...   model.vision_tower.encoder...  lm_head.weight
+  canonical:           language_model.layers.0...          vision_tower.encoder...        lm_head.weight
+
+then mapped by `_RULES` to a params path (`language_model/layers/self_attn/q_proj/kernel`), a layer
+index for stacked leaves, and a layout change (torch Linear `[out, in]` -> `[in, out]`; conv
+`[out, in, p, p]` -> `[p, p, in, out]`).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from .config import LlavaNextConfig
+
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+_CANONICAL = [  # (pattern, replacement), applied in order
+    (re.compile(r"^model\.(language_model|vision_tower|multi_modal_projector|image_newline)"), r"\1"),
+    (re.compile(r"^language_model\.model\."), "language_model."),
+    (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+    (re.compile(r"^vision_tower\.vision_model\."), "vision_tower."),
+]
+
+_linear = lambda w: np.ascontiguousarray(w.T)                          # [out, in] -> [in, out]
+_conv = lambda w: np.ascontiguousarray(w.transpose(2, 3, 1, 0))        # [out, in, p, p] -> [p, p, in, out]
+_same = lambda w: w
+
+# (canonical-name pattern, params path template, layout change). `{1}`, `{2}` are regex groups;
+# a pattern with a `(\d+)` first group fills one slice of a leaf stacked over layers.
+_RULES: list[tuple[re.Pattern, str, Callable]] = [(re.compile(p), t, f) for p, t, f in [
+    (r"language_model\.embed_tokens\.weight", "language_model/embed_tokens/embedding", _same),
+    (r"language_model\.norm\.weight", "language_model/norm/scale", _same),
+    (r"language_model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.\w+_proj)\.weight",
+     "language_model/layers/{2}/kernel", _linear),
+    (r"language_model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.\w+_proj)\.bias",
+     "language_model/layers/{2}/bias", _same),
+    (r"language_model\.layers\.(\d+)\.(\w+_layernorm)\.weight", "language_model/layers/{2}/scale", _same),
+    (r"lm_head\.weight", "lm_head/kernel", _linear),
+    (r"vision_tower\.embeddings\.patch_embedding\.weight", "vision_tower/embeddings/patch_embedding/kernel", _conv),
+    (r"vision_tower\.embeddings\.class_embedding", "vision_tower/embeddings/class_embedding", _same),
+    (r"vision_tower\.embeddings\.position_embedding\.weight",
+     "vision_tower/embeddings/position_embedding/embedding", _same),
+    (r"vision_tower\.(pre_layrnorm|post_layernorm)\.weight", "vision_tower/{1}/scale", _same),
+    (r"vision_tower\.(pre_layrnorm|post_layernorm)\.bias", "vision_tower/{1}/bias", _same),
+    (r"vision_tower\.encoder\.layers\.(\d+)\.(self_attn\.\w+_proj|mlp\.fc[12])\.weight",
+     "vision_tower/layers/{2}/kernel", _linear),
+    (r"vision_tower\.encoder\.layers\.(\d+)\.(self_attn\.\w+_proj|mlp\.fc[12])\.bias",
+     "vision_tower/layers/{2}/bias", _same),
+    (r"vision_tower\.encoder\.layers\.(\d+)\.(layer_norm[12])\.weight", "vision_tower/layers/{2}/scale", _same),
+    (r"vision_tower\.encoder\.layers\.(\d+)\.(layer_norm[12])\.bias", "vision_tower/layers/{2}/bias", _same),
+    (r"multi_modal_projector\.(linear_[12])\.weight", "multi_modal_projector/{1}/kernel", _linear),
+    (r"multi_modal_projector\.(linear_[12])\.bias", "multi_modal_projector/{1}/bias", _same),
+    (r"image_newline", "image_newline", _same),
+]]
+# Buffers some exports carry that are recomputed, not learned.
+_IGNORED = [re.compile(p) for p in (r"vision_tower\.embeddings\.position_ids", r".*\.rotary_emb\.inv_freq")]
+
+
+def canonical_name(key: str) -> str:
+    for pattern, replacement in _CANONICAL:
+        key = pattern.sub(replacement, key)
+    return key
+
+
+@dataclass(frozen=True)
+class Target:
+    path: tuple[str, ...]   # params path
+    layer: int | None        # slice of a stacked leaf, or None
+    layout: Callable[[np.ndarray], np.ndarray]
+
+
+def target_of(key: str) -> Target | None:
+    """Where source tensor `key` goes, or None for a known buffer; KeyError for an unknown name."""
+    name = canonical_name(key)
+    for pattern, template, layout in _RULES:
+        m = pattern.fullmatch(name)
+        if m:
+            groups = [g.replace(".", "/") for g in m.groups()]
+            path = template.format(None, *groups)
+            layer = int(m.group(1)) if r"(\d+)" in pattern.pattern else None
+            return Target(tuple(path.split("/")), layer, layout)
+    if any(p.fullmatch(name) for p in _IGNORED):
+        return None
+    raise KeyError(key)
+
+
+class TensorFiles:
+    """Lazy access to the tensors of an HF checkpoint dir: safetensors (single or sharded) or `.bin`."""
+
+    def __init__(self, src_dir: str):
+        self.src_dir = src_dir
+        self.files: dict[str, str] = {}  # tensor name -> file
+        st = sorted(glob.glob(os.path.join(src_dir, "*.safetensors")))
+        bins = sorted(glob.glob(os.path.join(src_dir, "pytorch_model*.bin")))
+        if st:
+            from safetensors import safe_open
+            for path in st:
+                try:
+                    with safe_open(path, framework="numpy") as f:
+                        self.files.update(dict.fromkeys(f.keys(), path))
+                except Exception as e:
+                    raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+            self._load = self._load_safetensors
+        elif bins:
+            self._torch = {}
+            for path in bins:
+                self.files.update(dict.fromkeys(self._torch_file(path).keys(), path))
+            self._load = self._load_torch
+        else:
+            raise FileNotFoundError(f"{src_dir}: no *.safetensors or pytorch_model*.bin weight files")
+        self._check_index()
+
+    def _check_index(self):
+        for index in glob.glob(os.path.join(self.src_dir, "*.index.json")):
+            with open(index) as f:
+                weight_map = json.load(f).get("weight_map", {})
+            missing = sorted(set(weight_map) - set(self.files))
+            if missing:
+                raise FileNotFoundError(f"{index} lists tensors no weight file holds, e.g. {missing[:3]} "
+                                        f"(files: {sorted(set(weight_map.values()))})")
+
+    def _torch_file(self, path):
+        if path not in self._torch:
+            try:
+                import torch
+            except ImportError as e:
+                raise ImportError(f"{path}: reading .bin weights needs torch (pip install 'llava_next_jax[convert]')"
+                                  ) from e
+            self._torch[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return self._torch[path]
+
+    def _load_safetensors(self, key):
+        from safetensors import safe_open
+        with safe_open(self.files[key], framework="numpy") as f:
+            return f.get_tensor(key)
+
+    def _load_torch(self, key):
+        import torch
+        t = self._torch_file(self.files[key])[key]
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+
+    def keys(self):
+        return self.files.keys()
+
+    def load(self, key: str) -> np.ndarray:
+        return self._load(key)
+
+
+def expected_shapes(config: LlavaNextConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """params path -> shape, for every leaf the model needs."""
+    from .modeling.llava_next import init_params
+    tree = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    return {tuple(k.key for k in path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def plan(files: TensorFiles, config: LlavaNextConfig) -> dict[tuple[str, ...], list[tuple[int | None, str, Target]]]:
+    """Assigns every source tensor to its leaf; errors name any unknown, missing or duplicated tensor."""
+    shapes = expected_shapes(config)
+    sources: dict[tuple[str, ...], list] = {path: [] for path in shapes}
+    unknown = []
+    for key in files.keys():
+        try:
+            target = target_of(key)
+        except KeyError:
+            unknown.append(key)
+            continue
+        if target is None:
+            continue
+        if target.path == ("lm_head", "kernel") and config.tie_word_embeddings:
+            continue  # a tied head saved anyway is a copy of embed_tokens
+        if target.path not in sources:
+            unknown.append(key)
+            continue
+        sources[target.path].append((target.layer, key, target))
+    if unknown:
+        raise ValueError(f"{files.src_dir}: {len(unknown)} tensors match no LLaVA-NeXT parameter for this config, "
+                         f"e.g. {sorted(unknown)[:5]}")
+    for path, found in sources.items():
+        layers = shapes[path][0] if _is_stacked(path) else None
+        wanted = list(range(layers)) if layers is not None else [None]
+        have = sorted((layer for layer, _, _ in found), key=lambda v: -1 if v is None else v)
+        if have != wanted:
+            hint = " (config.json says tie_word_embeddings=false)" if path == ("lm_head", "kernel") else ""
+            raise ValueError(f"{files.src_dir}: parameter {'/'.join(path)} expects source tensors for layers "
+                             f"{wanted} but found {have} among {[k for _, k, _ in found]}{hint}")
+    return sources
+
+
+def _is_stacked(path: tuple[str, ...]) -> bool:
+    return len(path) > 1 and path[1] == "layers"
+
+
+def iter_params(src_dir: str, config: LlavaNextConfig, dtype: str | None = None
+                ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    """Yields (params path, array) one leaf at a time; peak memory is about the largest (stacked) leaf.
+
+    dtype: "float32", "bfloat16", "float16", or None to keep each tensor's own dtype.
+    """
+    files = TensorFiles(src_dir)
+    shapes = expected_shapes(config)
+    for path, found in plan(files, config).items():
+        leaf = None
+        for layer, key, target in sorted(found, key=lambda f: -1 if f[0] is None else f[0]):
+            tensor = target.layout(files.load(key))
+            want = shapes[path][1:] if layer is not None else shapes[path]
+            if tensor.shape != tuple(want):
+                raise ValueError(f"{src_dir}: tensor {key} has shape {tuple(tensor.shape)} after layout change; "
+                                 f"parameter {'/'.join(path)} expects {tuple(want)} (check config.json sizes)")
+            if leaf is None:
+                leaf = np.empty(shapes[path], DTYPES[dtype] if dtype else tensor.dtype)
+            if layer is None:
+                leaf[...] = tensor
+            else:
+                leaf[layer] = tensor
+            del tensor
+        yield path, leaf
+        del leaf
+
+
+def nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree

@@ -1,0 +1,1 @@
+"""Flax modules and the pure functions that compose them into LLaVA-NeXT."""

@@ -1,0 +1,24 @@
+"""The multimodal projector: `linear_2(gelu(linear_1(x)))`, exact (erf) GELU.
+
+Params: `multi_modal_projector/linear_1/{kernel [Dv*k, D], bias}`, `linear_2/{kernel [D, D], bias}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class Projector(nn.Module):
+    hidden_size: int
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        """x `[..., Dv*k]` vision features -> `[..., D]` text embeddings."""
+        dense = lambda name: nn.Dense(self.hidden_size, use_bias=self.use_bias, dtype=self.dtype,
+                                      param_dtype=self.dtype, name=name)
+        return dense("linear_2")(nn.gelu(dense("linear_1")(x), approximate=False))
