@@ -1,0 +1,499 @@
+"""Images + prompts -> model inputs, equal to HF's `LlavaNextProcessor` (PIL image backend).
+
+Needs numpy, Pillow, `tokenizers` and jinja2 only (no transformers / torch at run time).
+
+Images, per HF's `LlavaNextImageProcessorPil` (reference.md, "Image preprocessing"):
+  to RGB -> best resolution (anyres.select_best_resolution) -> aspect-keeping bicubic resize
+  (`get_patch_output_size` rounding) -> centred zero padding -> S x S tiles, row-major; the base tile is
+  the image resized straight to S x S. Rescale (uint8 * factor in float64, cast to float32) then
+  normalise ((x - mean) / std in float32) -- a per-channel 256-entry lookup table computed with exactly
+  those operations, so the result is bit-identical to HF's and costs one gather per pixel.
+Prompts: each `<image>` becomes anyres.num_image_tokens(...) image tokens *in the text*, before
+tokenizing (as HF does), so the ids match HF's exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from . import anyres
+
+# --- built-in prompt formats (jinja, rendered like a checkpoint's own template) --------------------
+# Used only when the checkpoint ships no chat template. Picked by `_prompt_family`: llama3 header
+# tokens in the vocab -> "llama3"; `<|im_start|>` -> "chatml-qwen2" for Qwen2 tokenizers/configs else
+# "chatml-34b"; otherwise config.json's text model_type "mistral" -> "mistral", else "vicuna".
+_CONTENT = ("{%- macro content(m) -%}{%- if m['content'] is string -%}{{ m['content'] }}{%- else -%}"
+            "{%- for c in m['content'] if c['type'] == 'image' -%}{{ '<image>\\n' }}{%- endfor -%}"
+            "{%- for c in m['content'] if c['type'] == 'text' -%}{{ c['text'] }}{%- endfor -%}"
+            "{%- endif -%}{%- endmacro -%}")
+
+
+def _chatml(default_system: str) -> str:
+    return (_CONTENT + "{%- if messages[0]['role'] != 'system' -%}{{ '<|im_start|>system\\n" + default_system +
+            "<|im_end|>\\n' }}{%- endif -%}{%- for m in messages -%}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+            "{{ content(m) }}{{ '<|im_end|>\\n' }}{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}")
+
+
+BUILTIN_TEMPLATES = {
+    "mistral": _CONTENT + (
+        "{%- for m in messages -%}{%- if m['role'] == 'system' -%}{{ content(m) + '\\n\\n' }}"
+        "{%- elif m['role'] == 'user' -%}{{ '[INST] ' + content(m) + ' [/INST]' }}"
+        "{%- else -%}{{ ' ' + content(m) + eos_token }}{%- endif -%}{%- endfor -%}"),
+    "vicuna": _CONTENT + (
+        "{%- if messages[0]['role'] == 'system' -%}{{ content(messages[0]) }}{%- else -%}"
+        "{{ 'A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+        "helpful, detailed, and polite answers to the human\\'s questions.' }}{%- endif -%}"
+        "{%- for m in messages if m['role'] != 'system' -%}{%- if m['role'] == 'user' -%}"
+        "{{ ' USER: ' + content(m) }}{%- else -%}{{ ' ASSISTANT: ' + content(m) + eos_token }}{%- endif -%}"
+        "{%- endfor -%}{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"),
+    "chatml-34b": _chatml("Answer the questions."),
+    "chatml-qwen2": _chatml("You are a helpful assistant."),
+    "llama3": _CONTENT + (
+        "{%- for m in messages -%}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' }}"
+        "{{ content(m) + '<|eot_id|>' }}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif -%}"),
+}
+_SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+# --- config files ---------------------------------------------------------------------------------
+
+def _read_json(path: Path, required: bool = True) -> dict:
+    if not path.is_file():
+        if required:
+            raise FileNotFoundError(f"{path} is missing: a LLaVA-NeXT processor directory needs it")
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
+def _require(cfg: dict, key: str, path: Path):
+    if key not in cfg:
+        raise KeyError(f"{path}: missing key {key!r}")
+    return cfg[key]
+
+
+def _token_str(token) -> str | None:
+    """tokenizer_config values are strings or serialized AddedTokens ({"content": ...})."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSettings:
+    """preprocessor_config.json values that shape pixel values (HF's PIL backend semantics)."""
+    resample: int = 3  # PIL.Image.Resampling.BICUBIC
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
+
+    def lookup_table(self) -> np.ndarray:
+        """float32 `[3, 256]`: the normalised value of each uint8 level per channel, computed as HF does:
+        `float32(v * factor)` (product in float64), then `(x - mean) / std` in float32."""
+        x = np.arange(256, dtype=np.uint8)[None, :].repeat(3, axis=0)
+        x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32) if self.do_rescale else x.astype(np.float32)
+        if self.do_normalize:
+            mean = np.asarray(self.image_mean, dtype=np.float32)[:, None]
+            std = np.asarray(self.image_std, dtype=np.float32)[:, None]
+            x = (x - mean) / std
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _image_config(directory: Path) -> tuple[dict, Path]:
+    """The image processor dict: preprocessor_config.json (hub layout) or processor_config.json's
+    "image_processor" entry (what transformers 5 `save_pretrained` writes)."""
+    path = directory / "preprocessor_config.json"
+    if path.is_file():
+        return _read_json(path), path
+    path = directory / "processor_config.json"
+    cfg = _read_json(path, required=False).get("image_processor")
+    if cfg is None:
+        raise FileNotFoundError(f"no image processor settings in {directory}: expected preprocessor_config.json "
+                                f"or an 'image_processor' entry in processor_config.json")
+    return cfg, path
+
+
+def _tile_size(cfg: dict, path: Path) -> int:
+    """S: crop_size.height, which must equal the size HF resizes the base tile to (else unsupported)."""
+    size, crop = _require(cfg, "size", path), _require(cfg, "crop_size", path)
+    base = size.get("shortest_edge") or min(size.get("height", 0), size.get("width", 0))
+    tile = crop.get("height")
+    if not base or tile != base or crop.get("width") != tile:
+        raise ValueError(f"{path}: size {size} and crop_size {crop} must both be S x S (one tile size)")
+    return int(tile)
+
+
+# --- images -----------------------------------------------------------------------------------------
+
+def open_image(path: str | os.PathLike, apply_exif_orientation: bool = True) -> Image.Image:
+    """Reads an image file as HF's `load_image` does: EXIF transpose, then `.convert("RGB")` (alpha dropped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {path} does not exist")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if apply_exif_orientation:
+                image = ImageOps.exif_transpose(image)
+            return image.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image file {path} is over Pillow's decompression-bomb limit ({e}); if you trust it, "
+                         f"raise PIL.Image.MAX_IMAGE_PIXELS (currently {Image.MAX_IMAGE_PIXELS}) or set it to None")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"image file {path} cannot be read (empty, truncated or not an image): {e}") from None
+
+
+def to_rgb_array(image, apply_exif_orientation: bool | None = None) -> np.ndarray:
+    """uint8 `[H, W, 3]` from a path, PIL image or uint8 `[H, W]` / `[H, W, C]` (C = 1, 3, 4) array.
+
+    As HF: paths are loaded with `open_image`; PIL images with transparency are composited on white,
+    others `.convert("RGB")`; RGBA arrays are blended on white with rounding. `apply_exif_orientation`
+    None does what HF does: rotate files by their EXIF tag, leave PIL objects as given.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return np.asarray(open_image(image, apply_exif_orientation is not False))
+    if isinstance(image, Image.Image):
+        if apply_exif_orientation:
+            image = ImageOps.exif_transpose(image)
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        return np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        return _array_to_rgb(image)
+    raise TypeError(f"unsupported image type {type(image).__name__}: pass a path, a PIL image or a uint8 HWC array")
+
+
+def _array_to_rgb(array: np.ndarray) -> np.ndarray:
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+        raise TypeError(f"image array must be uint8 [H, W] or [H, W, 1|3|4]; got {array.dtype} {array.shape}")
+    if array.ndim == 2 or array.shape[2] == 1:
+        return np.repeat(array.reshape(array.shape[0], array.shape[1], 1), 3, axis=2)
+    if array.shape[2] == 4:
+        alpha = array[..., 3:4] / 255
+        return np.round(alpha * array[..., :3] + (1 - alpha) * 255).astype(np.uint8)
+    return array
+
+
+def patch_output_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of the aspect-keeping resize into `target`, rounded as HF's `get_patch_output_size`."""
+    (height, width), (th, tw) = size, target
+    scale_w, scale_h = tw / width, th / height
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), th), tw
+    return th, min(math.ceil(width * scale_h), tw)
+
+
+
+# --- tokenizer and chat template files --------------------------------------------------------------
+
+def load_tokenizer(directory: Path):
+    """`tokenizers.Tokenizer` + merged tokenizer config, set up as transformers 5 sets up its backend."""
+    from tokenizers import AddedToken, Tokenizer
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the processor reads the fast-tokenizer file only")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise ValueError(f"{path} cannot be loaded by the tokenizers library: {e}") from None
+    cfg = {**_read_json(directory / "special_tokens_map.json", required=False),
+           **_read_json(directory / "tokenizer_config.json", required=False)}
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    if cfg.get("tokenizer_class") in ("LlamaTokenizer", "LlamaTokenizerFast"):
+        _use_llama_pipeline(tokenizer, cfg)
+    missing = [t for k in _SPECIAL_TOKEN_KEYS if (t := _token_str(cfg.get(k))) and tokenizer.token_to_id(t) is None]
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+    if "add_bos_token" in cfg or "add_eos_token" in cfg or tokenizer.post_processor is None:
+        tokenizer.post_processor = _bos_eos_template(tokenizer, cfg)
+    return tokenizer, cfg
+
+
+def _use_llama_pipeline(tokenizer, cfg: dict) -> None:
+    """transformers 5's `LlamaTokenizer` keeps tokenizer.json's vocab/merges/post-processor but rebuilds the
+    rest: no normalizer, Metaspace pre-tokenizer (prepend "first", or "always" with legacy=True), and its
+    own decoder. Old checkpoints' files (Prepend/Replace normalizer) would otherwise tokenize differently."""
+    from tokenizers import decoders, pre_tokenizers
+    prefix = cfg.get("add_prefix_space")
+    prefix = True if prefix is None else prefix
+    scheme = ("always" if cfg.get("legacy", False) else "first") if prefix else "never"
+    tokenizer.normalizer = None
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tokenizer.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix else []))
+
+
+def _bos_eos_template(tokenizer, cfg: dict):
+    """The post-processor transformers builds from add_bos_token / add_eos_token (both default False)."""
+    from tokenizers import processors
+    bos, eos = _token_str(cfg.get("bos_token")), _token_str(cfg.get("eos_token"))
+    add_bos, add_eos = bool(cfg.get("add_bos_token")) and bos is not None, bool(cfg.get("add_eos_token")) and eos is not None
+    single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
+    pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
+    specials = [(t, tokenizer.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+
+
+def load_chat_template(directory: Path, tok_cfg: dict) -> str | None:
+    """The checkpoint's template in transformers' order: processor_config.json's "chat_template", the
+    legacy chat_template.json, chat_template.jinja, then tokenizer_config.json's "chat_template"."""
+    template = _read_json(directory / "processor_config.json", required=False).get("chat_template")
+    legacy = directory / "chat_template.json"
+    if template is None and legacy.is_file():
+        template = _require(_read_json(legacy), "chat_template", legacy)
+    if template is None and (directory / "chat_template.jinja").is_file():
+        template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    template = template if template is not None else tok_cfg.get("chat_template")
+    if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+        template = {t["name"]: t["template"] for t in template}
+    return template.get("default") if isinstance(template, dict) else template
+
+
+def _raise_exception(message):
+    from jinja2.exceptions import TemplateError
+    raise TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@functools.lru_cache(maxsize=16)
+def _compile_template(source: str):
+    """A jinja2 sandbox configured as transformers configures it for chat templates."""
+    import jinja2.ext
+    from jinja2 import nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(jinja2.ext.Extension):  # `{% generation %}` marks assistant text; renders as-is
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise_exception,
+                       strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env.from_string(source)
+
+
+def render_chat_template(template: str, messages: list, add_generation_prompt: bool, variables: dict) -> str:
+    return _compile_template(template).render(messages=messages, tools=None, documents=None,
+                                              add_generation_prompt=add_generation_prompt, **variables)
+
+
+class LlavaNextProcessor:
+    """Images + prompts -> `input_ids, attention_mask, pixel_values, image_sizes` (numpy), as HF's."""
+
+    def __init__(self, tokenizer, tokenizer_config: dict, image_settings: ImageSettings,
+                 geometry: anyres.Geometry, image_token: str = "<image>", chat_template: str | None = None,
+                 apply_exif_orientation: bool | None = None):
+        self.tokenizer, self.image_settings, self.geometry = tokenizer, image_settings, geometry
+        self.image_token = image_token
+        self.image_token_id = tokenizer.token_to_id(image_token)
+        if self.image_token_id is None:
+            raise ValueError(f"image token {image_token!r} is not in the tokenizer's vocabulary")
+        self.special_tokens = {k: _token_str(tokenizer_config[k]) for k in _SPECIAL_TOKEN_KEYS
+                               if tokenizer_config.get(k) is not None}
+        pad = self.special_tokens.get("pad_token")
+        self.pad_token_id = tokenizer.token_to_id(pad) if pad is not None else None
+        self.padding_side = tokenizer_config.get("padding_side", "left")
+        self._cleanup = bool(tokenizer_config.get("clean_up_tokenization_spaces", False)) and (
+            json.loads(tokenizer.model.__getstate__())["type"] != "BPE"
+            or tokenizer_config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False))
+        self.chat_template = chat_template
+        self.apply_exif_orientation = apply_exif_orientation
+        self._lut = image_settings.lookup_table()
+
+    # -- loading ----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, prompt_family: str | None = None,
+                        apply_exif_orientation: bool | None = None) -> "LlavaNextProcessor":
+        """Loads an HF LLaVA-NeXT checkpoint directory (or our converted copy of its files)."""
+        directory = Path(path)
+        image_cfg, image_path = _image_config(directory)
+        proc_path = directory / "processor_config.json"
+        proc_cfg = _read_json(proc_path, required=False)
+        model_cfg = _read_json(directory / "config.json", required=False)
+        patch_size = proc_cfg.get("patch_size") or model_cfg.get("vision_config", {}).get("patch_size")
+        if patch_size is None:
+            raise KeyError(f"{proc_path}: missing key 'patch_size' (and no vision_config.patch_size in config.json)")
+        strategy = proc_cfg.get("vision_feature_select_strategy") or model_cfg.get("vision_feature_select_strategy", "default")
+        extra = proc_cfg.get("num_additional_image_tokens", 1)  # CLIP's CLS; HF's class default 0 miscounts
+        tile = _tile_size(image_cfg, image_path)
+        geometry = anyres.Geometry(
+            tile_size=tile, patch_size=int(patch_size),
+            pinpoints=tuple(tuple(int(v) for v in p) for p in _require(image_cfg, "image_grid_pinpoints", image_path)),
+            base_tokens=anyres.base_tokens(tile // int(patch_size), int(extra), strategy))
+        settings = ImageSettings(**{f.name: image_cfg[f.name] for f in dataclasses.fields(ImageSettings)
+                                    if f.name in image_cfg})
+        tokenizer, tok_cfg = load_tokenizer(directory)
+        template = load_chat_template(directory, tok_cfg) or BUILTIN_TEMPLATES[
+            prompt_family or _prompt_family(tokenizer, tok_cfg, model_cfg)]
+        return cls(tokenizer, tok_cfg, settings, geometry, proc_cfg.get("image_token", "<image>"), template,
+                   apply_exif_orientation)
+
+    # -- images -----------------------------------------------------------------------------------
+
+    def preprocess_images(self, images: Sequence, apply_exif_orientation: bool | None = None):
+        """Images -> (pixel_values float32 `[B, P_max, 3, S, S]`, image_sizes int64 `[B, 2]` (h, w))."""
+        exif = self.apply_exif_orientation if apply_exif_orientation is None else apply_exif_orientation
+        arrays = [to_rgb_array(image, exif) for image in images]
+        for i, a in enumerate(arrays):
+            if a.shape[0] == 0 or a.shape[1] == 0:
+                raise ValueError(f"image {i} has zero area: (height, width) = {a.shape[:2]}")
+        sizes = np.array([a.shape[:2] for a in arrays], dtype=np.int64).reshape(-1, 2)
+        tiles = max((anyres.num_tiles(s, self.geometry) for s in sizes), default=1)
+        S = self.geometry.tile_size
+        pixel_values = np.zeros((len(arrays), tiles, 3, S, S), dtype=np.float32)
+        for i, array in enumerate(arrays):
+            self._write_tiles(Image.fromarray(array), pixel_values[i])
+        return pixel_values, sizes
+
+    def _write_tiles(self, image: Image.Image, out: np.ndarray) -> None:
+        """Fills `out [P_max, 3, S, S]` with [base] + grid tiles of one RGB image (rest stays 0)."""
+        S, resample = self.geometry.tile_size, self.image_settings.resample
+        size = (image.height, image.width)
+        rows, cols = anyres.grid_shape(size, self.geometry)
+        h, w = patch_output_size(size, (rows * S, cols * S))
+        top, left = (rows * S - h) // 2, (cols * S - w) // 2
+        canvas = np.empty((3, rows * S, cols * S), dtype=np.float32)
+        canvas[:] = self._lut[:, :1, None]                    # padding is uint8 0, normalised
+        self._normalise(image.resize((w, h), resample=resample), canvas[:, top:top + h, left:left + w])
+        out[1:1 + rows * cols] = canvas.reshape(3, rows, S, cols, S).transpose(1, 3, 0, 2, 4).reshape(-1, 3, S, S)
+        self._normalise(image.resize((S, S), resample=resample), out[0])
+
+    def _normalise(self, image: Image.Image, out: np.ndarray) -> None:
+        """Writes the rescaled + normalised `[3, h, w]` of an RGB image into `out` by table lookup."""
+        pixels = np.asarray(image)
+        for c in range(3):
+            out[c] = self._lut[c].take(pixels[..., c])
+
+    # -- text -------------------------------------------------------------------------------------
+
+    def expand_image_tokens(self, text: str, image_sizes: Sequence[Sequence[int]]) -> str:
+        """Replaces the i-th `<image>` with num_image_tokens(image_sizes[i]) copies of the token."""
+        sizes = iter(image_sizes)
+        return re.sub(re.escape(self.image_token),
+                      lambda _: self.image_token * anyres.num_image_tokens(next(sizes), self.geometry), text)
+
+    def encode(self, texts: Sequence[str], add_special_tokens: bool = True, padding_side: str | None = None):
+        """Texts -> (input_ids int64 `[B, T]`, attention_mask int64 `[B, T]`), padded to the longest."""
+        side = padding_side or self.padding_side
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        ids = [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        length = max(map(len, ids), default=0)
+        if self.pad_token_id is None and len({len(i) for i in ids}) > 1:
+            raise ValueError("the tokenizer has no pad_token (tokenizer_config.json), so a batch of different "
+                             "lengths cannot be padded")
+        input_ids = np.full((len(ids), length), self.pad_token_id or 0, dtype=np.int64)
+        mask = np.zeros((len(ids), length), dtype=np.int64)
+        for row, seq in enumerate(ids):
+            span = slice(length - len(seq), length) if side == "left" else slice(0, len(seq))
+            input_ids[row, span], mask[row, span] = seq, 1
+        return input_ids, mask
+
+    def __call__(self, images=None, text: str | Sequence[str] | None = None, padding_side: str | None = None,
+                 add_special_tokens: bool = True, apply_exif_orientation: bool | None = None) -> dict:
+        """`text` (one string or a batch) with one `<image>` per image; `images` flat in placeholder order,
+        or one list per text. Returns numpy `input_ids, attention_mask` [B, T] (+ `pixel_values, image_sizes`)."""
+        texts = [text] if isinstance(text, str) else (None if text is None else list(text))
+        flat = self._flatten_images(images, texts)
+        out = {}
+        if flat is not None:
+            out["pixel_values"], out["image_sizes"] = self.preprocess_images(flat, apply_exif_orientation)
+        if texts is not None:
+            sizes = iter(out.get("image_sizes", []))
+            texts = [self.expand_image_tokens(t, [next(sizes) for _ in range(t.count(self.image_token))])
+                     for t in texts]
+            ids, mask = self.encode(texts, add_special_tokens, padding_side)
+            out = {"input_ids": ids, "attention_mask": mask, **out}
+        return out
+
+    def _flatten_images(self, images, texts: list[str] | None) -> list | None:
+        """Images in placeholder order, after checking each text's `<image>` count against them."""
+        if images is None:
+            images = []
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        nested = len(images) > 0 and all(isinstance(i, (list, tuple)) for i in images)
+        flat = [i for group in images for i in group] if nested else list(images)
+        if texts is None:
+            return flat or None
+        counts = [t.count(self.image_token) for t in texts]
+        if nested:
+            if len(images) != len(texts):
+                raise ValueError(f"got {len(images)} image lists for {len(texts)} texts: pass one list per text")
+            for i, (t, group) in enumerate(zip(texts, images)):
+                if counts[i] != len(group):
+                    raise ValueError(f"text {i} ({t[:60]!r}) has {counts[i]} {self.image_token} placeholders but "
+                                     f"{len(group)} images were given for it")
+        elif sum(counts) != len(flat):
+            raise ValueError(f"the texts hold {sum(counts)} {self.image_token} placeholders in total (per text: "
+                             f"{counts}) but {len(flat)} images were given; each image needs one placeholder")
+        return flat or None
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.batch_decode([ids], skip_special_tokens)[0]
+
+    def batch_decode(self, ids, skip_special_tokens: bool = False) -> list[str]:
+        """As HF's (with its clean_up_tokenization_spaces rule: never applied to BPE models)."""
+        texts = self.tokenizer.decode_batch([[int(t) for t in seq] for seq in ids],
+                                            skip_special_tokens=skip_special_tokens)
+        return [_clean_up_spaces(t) for t in texts] if self._cleanup else texts
+
+    # -- chat -------------------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: list, add_generation_prompt: bool = True, tokenize: bool = False,
+                            chat_template: str | None = None, **kwargs):
+        """Renders HF-format messages (content a string or a list of {"type": "image"} / {"type": "text",
+        "text": ...}); a list of conversations gives a list of prompts. `tokenize=True` returns
+        `self(text=prompt)` (images must then be passed to the processor call instead)."""
+        batched = bool(messages) and isinstance(messages[0], (list, tuple))
+        prompts = [render_chat_template(chat_template or self.chat_template, conv, add_generation_prompt,
+                                        {**self.special_tokens, **kwargs})
+                   for conv in (messages if batched else [messages])]
+        prompts = prompts if batched else prompts[0]
+        return self(text=prompts) if tokenize else prompts
+
+
+def _clean_up_spaces(text: str) -> str:
+    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(a, b)
+    return text
+
+
+def _prompt_family(tokenizer, tok_cfg: dict, model_cfg: dict) -> str:
+    """Which built-in prompt format fits a checkpoint without a chat template (see BUILTIN_TEMPLATES)."""
+    text_type = model_cfg.get("text_config", {}).get("model_type", "")
+    if tokenizer.token_to_id("<|start_header_id|>") is not None:
+        return "llama3"
+    if tokenizer.token_to_id("<|im_start|>") is not None:
+        return "chatml-qwen2" if "qwen2" in (text_type + tok_cfg.get("tokenizer_class", "")).lower() else "chatml-34b"
+    return "mistral" if text_type == "mistral" else "vicuna"
