@@ -214,6 +214,9 @@ def load_tokenizer(directory: Path):
         raise ValueError(f"{path} cannot be loaded by the tokenizers library: {e}") from None
     cfg = {**_read_json(directory / "special_tokens_map.json", required=False),
            **_read_json(directory / "tokenizer_config.json", required=False)}
+    if tokenizer.padding:  # transformers takes padding defaults from tokenizer.json, then drops them here
+        cfg.setdefault("padding_side", tokenizer.padding["direction"])
+        cfg.setdefault("pad_token", tokenizer.padding["pad_token"])
     tokenizer.no_padding()
     tokenizer.no_truncation()
     if cfg.get("tokenizer_class") in ("LlamaTokenizer", "LlamaTokenizerFast"):

@@ -1,0 +1,99 @@
+"""Logits against HF transformers on tiny random checkpoints, through the real converter script."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_models as tm
+from llava_next_jax import LlavaNext
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Several images per row, different sizes and aspect ratios (incl. the rounding cases), ragged rows
+# (left padding), and a text-only row.
+ROWS = [(3, [(480, 640), (55, 176)], 4), (5, [(88, 55)], 2), (7, [(1, 300)], 3), (20, [], 3)]
+
+
+def convert(src, out, *extra):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_torch_weights.py"), src, out,
+                             *extra], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def assert_close(ours, ref, mask, tol):
+    ours = np.asarray(ours)
+    assert ours.shape == ref.shape
+    assert np.isfinite(ours).all()
+    diff = np.abs(ours - ref)[mask.astype(bool)].max()
+    assert diff <= tol, f"max |delta logits| {diff} > {tol} (logits span {np.abs(ref).max():.2f})"
+
+
+@pytest.mark.parametrize("family,layout,shards", [
+    ("mistral", "tf5-file", 1),
+    ("llama3", "hub2024", 3),
+    ("qwen2", "tf5-live", 2),
+    ("vicuna", "bin", 2),
+    ("mistral", "tf5-file", 4),
+])
+def test_converted_logits_equal_hf(tmp_path, family, layout, shards):
+    hf = tm.build_model(family, seed=shards)
+    tm.save_checkpoint(hf, str(tmp_path / "hf"), layout, shards)
+    convert(str(tmp_path / "hf"), str(tmp_path / "out"))
+    model = LlavaNext.from_pretrained(str(tmp_path / "out"))
+    batch = tm.make_batch(hf.config, ROWS, seed=shards)
+    assert_close(model.forward(**batch), tm.hf_logits(hf, batch), batch["attention_mask"], 1e-4)
+
+
+def test_released_geometry_at_toy_width(tmp_path):
+    """336px tiles, the released pinpoints: ~2.3k image tokens per row, as with the real models."""
+    hf = tm.build_model("mistral", image_size=336)
+    tm.save_checkpoint(hf, str(tmp_path / "hf"))
+    model = LlavaNext.from_pretrained(str(tmp_path / "hf"))  # straight from the HF dir
+    batch = tm.make_batch(hf.config, [(3, [(480, 640)], 4), (5, [(300, 200)], 2)])
+    assert batch["input_ids"].shape[1] > 2300
+    assert_close(model.forward(**batch), tm.hf_logits(hf, batch), batch["attention_mask"], 1e-4)
+
+
+def test_text_only(tmp_path):
+    hf = tm.build_model("llama3")
+    tm.save_checkpoint(hf, str(tmp_path / "hf"))
+    model = LlavaNext.from_pretrained(str(tmp_path / "hf"))
+    batch = tm.make_batch(hf.config, [(12, [], 0), (30, [], 5)])
+    assert_close(model.forward(batch["input_ids"], attention_mask=batch["attention_mask"]), tm.hf_logits(hf, batch),
+                 batch["attention_mask"], 1e-4)
+
+
+def test_bfloat16_close_to_hf_bfloat16(tmp_path):
+    hf = tm.build_model("mistral")
+    tm.save_checkpoint(hf, str(tmp_path / "hf"))
+    convert(str(tmp_path / "hf"), str(tmp_path / "out"), "--dtype", "bfloat16")
+    model = LlavaNext.from_pretrained(str(tmp_path / "out"))
+    assert model.dtype == np.dtype("bfloat16")
+    batch = tm.make_batch(hf.config, ROWS)
+    ref32 = tm.hf_logits(hf, batch)
+    ref16 = tm.hf_logits(hf.to(torch.bfloat16), batch, torch.bfloat16)
+    mask = batch["attention_mask"].astype(bool)
+    ours = np.asarray(model.forward(**batch))
+    assert np.isfinite(ours).all()
+    hf_drift = np.abs(ref16 - ref32)[mask].max()   # how far bf16 rounding moves the reference itself
+    assert np.abs(ours - ref16)[mask].max() <= 2 * hf_drift + 0.05
+    assert np.abs(ours - ref32)[mask].max() <= 2 * hf_drift + 0.05
+
+
+def test_image_token_count_mismatch_is_an_error(tmp_path):
+    hf = tm.build_model("vicuna")
+    tm.save_checkpoint(hf, str(tmp_path / "hf"))
+    model = LlavaNext.from_pretrained(str(tmp_path / "hf"))
+    batch = tm.make_batch(hf.config, [(3, [(480, 640)], 4)])
+    ids = batch["input_ids"].copy()
+    ids[0, np.flatnonzero(ids[0] == hf.config.image_token_id)[0]] = 0
+    with pytest.raises(ValueError, match="image tokens .* need"):
+        model.forward(ids, batch["pixel_values"], batch["image_sizes"], batch["attention_mask"])
+    with pytest.raises(ValueError, match="no images were given"):
+        model.forward(batch["input_ids"], attention_mask=batch["attention_mask"])
+    with pytest.raises(ValueError, match="image_sizes must be"):
+        model.forward(batch["input_ids"], batch["pixel_values"], None)
