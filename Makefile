@@ -1,0 +1,18 @@
+# Two commands do all the set-up on a fresh machine (see README):
+#   make demo   creates .venv, installs, and captions the example images with the built-in demo model
+#   make test   creates .venv, installs with the test extras (torch, transformers: the reference), runs pytest
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+.PHONY: test demo
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+demo: $(VENV)/.installed
+	$(PY) -m llava_next_jax.demo

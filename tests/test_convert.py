@@ -1,0 +1,152 @@
+"""The converter's checks and the config parser, against what transformers writes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import tiny_models as tm
+from llava_next_jax import LlavaNext, convert
+from llava_next_jax.config import LlavaNextConfig
+from llava_next_jax.convert_cli import convert_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf")
+    tm.save_checkpoint(tm.build_model("mistral"), str(path))
+    return path
+
+
+def edited_copy(src, dst, edit):
+    """A copy of checkpoint `src` whose tensors dict went through `edit`."""
+    os.makedirs(dst)
+    for name in os.listdir(src):
+        if name.endswith(".json"):
+            with open(os.path.join(src, name)) as f, open(os.path.join(dst, name), "w") as g:
+                g.write(f.read())
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, os.path.join(dst, "model.safetensors"))
+    return str(dst)
+
+
+def test_missing_tensor_names_parameter_and_layers(hf_dir, tmp_path):
+    src = edited_copy(hf_dir, tmp_path / "x", lambda t: t.pop("language_model.model.layers.1.self_attn.q_proj.weight"))
+    with pytest.raises(ValueError, match=r"self_attn/q_proj/kernel expects source tensors for layers \[0, 1\] "
+                                         r"but found \[0\]"):
+        convert_checkpoint(src, str(tmp_path / "out"))
+
+
+def test_misshaped_tensor_names_key_and_both_shapes(hf_dir, tmp_path):
+    def shrink(t):
+        t["multi_modal_projector.linear_1.weight"] = t["multi_modal_projector.linear_1.weight"][:, :-1]
+    src = edited_copy(hf_dir, tmp_path / "x", shrink)
+    with pytest.raises(ValueError, match=r"multi_modal_projector.linear_1.weight has shape \(31, 64\).*expects "
+                                         r"\(32, 64\)"):
+        convert_checkpoint(src, str(tmp_path / "out"))
+
+
+def test_unknown_tensor_is_reported(hf_dir, tmp_path):
+    src = edited_copy(hf_dir, tmp_path / "x", lambda t: t.update(extra_head=np.zeros(3, np.float32)))
+    with pytest.raises(ValueError, match="match no LLaVA-NeXT parameter.*extra_head"):
+        convert_checkpoint(src, str(tmp_path / "out"))
+
+
+def test_absent_untied_lm_head_is_an_error_with_a_hint(hf_dir, tmp_path):
+    src = edited_copy(hf_dir, tmp_path / "x", lambda t: t.pop("language_model.lm_head.weight"))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_torch_weights.py"), src,
+                             str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "lm_head/kernel" in result.stderr and "tie_word_embeddings=false" in result.stderr
+
+
+def test_no_weights_and_broken_index(tmp_path, hf_dir):
+    os.makedirs(tmp_path / "empty")
+    with open(tmp_path / "empty" / "config.json", "w") as f, open(hf_dir / "config.json") as g:
+        f.write(g.read())
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        convert_checkpoint(str(tmp_path / "empty"), str(tmp_path / "out"))
+    src = edited_copy(hf_dir, tmp_path / "x", lambda t: None)
+    with open(os.path.join(src, "model.safetensors.index.json"), "w") as f:
+        json.dump({"weight_map": {"image_newline": "model.safetensors", "ghost": "model-2.safetensors"}}, f)
+    with pytest.raises(FileNotFoundError, match="ghost"):
+        convert_checkpoint(src, str(tmp_path / "out"))
+
+
+def test_converted_dir_is_complete_and_dtype_cast(hf_dir, tmp_path):
+    stats = convert_checkpoint(str(hf_dir), str(tmp_path / "out"), "float16", log=lambda *_: None)
+    assert {"config.json", "generation_config.json"} <= set(stats["side_files"])
+    model = LlavaNext.from_pretrained(str(tmp_path / "out"))
+    direct = LlavaNext.from_pretrained(str(hf_dir), dtype="float16")
+    flat = lambda p: {k: np.asarray(v) for k, v in convert.jax.tree_util.tree_leaves_with_path(p)}
+    ours, ref = flat(model.params), flat(direct.params)
+    assert ours.keys() == ref.keys()
+    for key in ours:
+        assert ours[key].dtype == np.float16
+        np.testing.assert_array_equal(ours[key], ref[key])
+    assert stats["largest_leaf_bytes"] < stats["bytes"]
+
+
+def test_canonical_names():
+    for key in ["model.language_model.layers.3.mlp.up_proj.weight", "language_model.model.layers.3.mlp.up_proj.weight"]:
+        assert convert.target_of(key).path == ("language_model", "layers", "mlp", "up_proj", "kernel")
+        assert convert.target_of(key).layer == 3
+    for key in ["vision_tower.vision_model.encoder.layers.0.layer_norm1.bias", "model.vision_tower.encoder.layers.0."
+                "layer_norm1.bias", "vision_tower.encoder.layers.0.layer_norm1.bias"]:
+        assert convert.target_of(key).path == ("vision_tower", "layers", "layer_norm1", "bias")
+    assert convert.target_of("language_model.lm_head.weight").path == convert.target_of("lm_head.weight").path
+    assert convert.target_of("vision_tower.vision_model.embeddings.position_ids") is None
+
+
+# --- config -------------------------------------------------------------------------------------
+
+def test_config_defaults_match_transformers_classes():
+    """Released configs omit sizes; our defaults must be transformers' class defaults."""
+    from transformers import LlavaNextConfig as HFConfig
+    for model_type in ("llama", "mistral", "qwen2"):
+        raw = {"model_type": "llava_next", "text_config": {"model_type": model_type},
+               "vision_config": {"model_type": "clip_vision_model"}}
+        ours, ref = LlavaNextConfig.from_dict(raw), HFConfig(**{k: v for k, v in raw.items() if k != "model_type"})
+        t, r = ours.text, ref.text_config
+        assert (t.vocab_size, t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads,
+                t.num_key_value_heads, t.rms_norm_eps, t.max_position_embeddings, t.rope.theta) == (
+            r.vocab_size, r.hidden_size, r.intermediate_size, r.num_hidden_layers, r.num_attention_heads,
+            r.num_key_value_heads, r.rms_norm_eps, r.max_position_embeddings, r.rope_parameters["rope_theta"])
+        assert set(t.sliding_windows) == {getattr(r, "sliding_window", None) or 0}
+        v, rv = ours.vision, ref.vision_config
+        assert (v.hidden_size, v.num_hidden_layers, v.image_size, v.patch_size, v.layer_norm_eps) == (
+            rv.hidden_size, rv.num_hidden_layers, rv.image_size, rv.patch_size, rv.layer_norm_eps)
+    no_vision = LlavaNextConfig.from_dict({"text_config": {"model_type": "mistral"}})
+    assert (no_vision.vision.hidden_size, no_vision.vision.image_size) == (HFConfig().vision_config.hidden_size, 336)
+
+
+def test_config_key_spellings_agree():
+    old = {"text_config": {"model_type": "llama", "rope_theta": 5e5, "rope_scaling": {
+        "type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}}, "image_token_index": 7, "vision_feature_layer": [-2, -5]}
+    new = {"text_config": {"model_type": "llama", "rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}}, "image_token_id": 7, "vision_feature_layer": [-2, -5]}
+    a, b = LlavaNextConfig.from_dict(old), LlavaNextConfig.from_dict(new)
+    assert a == b and a.text.rope.type == "llama3" and a.image_token_id == 7
+    assert a.vision_feature_layers == (23, 20) and a.vision_layers_needed == 23
+
+
+@pytest.mark.parametrize("raw,key", [
+    ({"vision_feature_select_strategy": "full"}, "vision_feature_select_strategy"),
+    ({"text_config": {"model_type": "gemma"}}, "text_config.model_type"),
+    ({"text_config": {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}}}, "rope type"),
+    ({"vision_config": {"model_type": "siglip_vision_model"}}, "vision_config.model_type"),
+    ({"vision_feature_layer": 30}, "vision_feature_layer"),
+    ({"projector_hidden_act": "relu"}, "projector_hidden_act"),
+])
+def test_unsupported_config_values_name_the_key(raw, key):
+    with pytest.raises(ValueError, match=key):
+        LlavaNextConfig.from_dict(raw)
