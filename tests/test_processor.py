@@ -1,0 +1,346 @@
+"""Our LlavaNextProcessor against HF's (transformers `LlavaNextProcessor` with `LlavaNextImageProcessorPil`),
+both loaded from the same locally written processor directories (tests/tiny_tokenizers.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from llava_next_jax import anyres
+from llava_next_jax.processor import BUILTIN_TEMPLATES, LlavaNextProcessor
+from tiny_tokenizers import FAMILIES, write_processor_files
+
+import transformers  # noqa: E402  (test dependency: the reference implementation)
+
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+ONE_LEVEL = 1 / 255 / min(CLIP_STD)        # one 8-bit level in normalised units
+TINY = dict(image_size=28, patch_size=14, pinpoints=[[28, 56], [56, 28], [56, 56]])
+WORST = {}                                 # worst pixel diff seen per test (printed with -s)
+
+
+def hf_processor(directory):
+    pil = transformers.LlavaNextImageProcessorPil.from_pretrained(directory)
+    return transformers.LlavaNextProcessor.from_pretrained(directory, image_processor=pil)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """family -> directory with the tiny geometry; "released" -> mistral with the 336px geometry."""
+    root = tmp_path_factory.mktemp("proc")
+    out = {f: write_processor_files(root / f, f, **TINY) for f in FAMILIES}
+    out["released"] = write_processor_files(root / "released", "mistral")
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair(dirs):
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = LlavaNextProcessor.from_pretrained(dirs[name]), hf_processor(dirs[name])
+        return cache[name]
+    return get
+
+
+# --- images of every mode users meet ----------------------------------------------------------------
+
+def make_image(rng, height, width, kind):
+    """A random image of `kind`: a PIL mode, or "array3"/"array4" (uint8 HWC numpy)."""
+    u8 = lambda *c: rng.integers(0, 256, (height, width, *c), dtype=np.uint8)  # noqa: E731
+    if kind == "array3":
+        return u8(3)
+    if kind == "array4":
+        return u8(4)
+    if kind in ("RGB", "RGBA", "CMYK"):
+        return Image.frombytes(kind, (width, height), u8(len(kind)).tobytes())
+    if kind == "L":
+        return Image.fromarray(u8())
+    if kind == "LA":
+        return Image.merge("LA", [Image.fromarray(u8()), Image.fromarray(u8())])
+    if kind in ("P", "P+transparency"):
+        image = Image.frombytes("P", (width, height), u8().tobytes())
+        image.putpalette(rng.integers(0, 256, 768, dtype=np.uint8).tobytes())
+        if kind == "P+transparency":
+            image.info["transparency"] = 7
+        return image
+    if kind == "I;16":
+        return Image.frombytes("I;16", (width, height), rng.integers(0, 65536, (height, width), dtype=np.uint16).tobytes())
+    if kind == "I":
+        return Image.fromarray(rng.integers(-1000, 70000, (height, width), dtype=np.int32))
+    if kind == "F":
+        return Image.fromarray(rng.uniform(-10, 300, (height, width)).astype(np.float32))
+    if kind == "1":
+        return Image.fromarray(rng.integers(0, 2, (height, width)).astype(bool))
+    raise ValueError(kind)
+
+
+KINDS = ["RGB", "RGBA", "LA", "L", "P", "P+transparency", "CMYK", "I;16", "I", "F", "1", "array3", "array4"]
+EXTREMES = [(1, 2000), (2000, 1), (1, 1), (55, 176), (88, 55), (1, 7), (7, 1), (2000, 2000), (2, 1999)]
+
+
+def random_sizes(rng, n):
+    """Log-uniform sizes in [1, 2000]; numpy arrays need H not in {1, 3, 4} (HF would read them as CHW)."""
+    return [tuple(int(v) for v in np.exp(rng.uniform(0, np.log(2000), 2)).round()) for _ in range(n)]
+
+
+def assert_same(ours, theirs, name):
+    """ids/mask/sizes identical; pixel values within one 8-bit level (records the worst diff)."""
+    for key in ("input_ids", "attention_mask", "image_sizes"):
+        if key in theirs:
+            np.testing.assert_array_equal(ours[key], np.asarray(theirs[key]), err_msg=key)
+    if "pixel_values" in theirs:
+        assert ours["pixel_values"].dtype == np.float32 and ours["image_sizes"].dtype == np.int64
+        assert ours["pixel_values"].shape == theirs["pixel_values"].shape
+        worst = float(np.abs(ours["pixel_values"] - theirs["pixel_values"]).max())
+        WORST[name] = max(worst, WORST.get(name, 0.0))
+        print(f"\nworst pixel diff {name}: {worst:.3g} (one level = {ONE_LEVEL:.4f})")
+        assert worst <= ONE_LEVEL
+
+
+def run_both(pair_, images, texts, **kw):
+    ours, hf = pair_
+    theirs = hf(images=images, text=texts, return_tensors="np", padding=True, **kw)
+    return ours(images=images, text=texts, **kw), theirs
+
+
+def test_random_images_all_modes_tiny_geometry(pair):
+    rng = np.random.default_rng(0)
+    sizes = random_sizes(rng, 45) + EXTREMES
+    images = []
+    for i, (h, w) in enumerate(sizes):
+        kind = KINDS[i % len(KINDS)]
+        if kind.startswith("array") and h in (1, 3, 4):
+            h += 4
+        images.append(make_image(rng, h, w, kind))
+    texts = [f"USER: <image>\nimage {i}? ASSISTANT:" for i in range(len(images))]
+    ours, theirs = run_both(pair("vicuna"), images, texts)
+    assert_same(ours, theirs, "tiny geometry, 54 images, all modes")
+
+
+def test_released_geometry_token_counts(pair):
+    expected = {(480, 640): 2340, (1080, 1920): 1948, (300, 200): 984, (2000, 300): 1368, (899, 1024): 2634,
+                (100, 1000): 1160}
+    rng = np.random.default_rng(1)
+    images = [make_image(rng, h, w, "RGB") for h, w in expected]
+    texts = [f"[INST] <image>\nsize {i} [/INST]" for i in range(len(images))]
+    ours, theirs = run_both(pair("released"), images, texts)
+    assert_same(ours, theirs, "released geometry, token-count images")
+    ours_proc = pair("released")[0]
+    for row, size in enumerate(expected):
+        hf_count = int((theirs["input_ids"][row] == ours_proc.image_token_id).sum())
+        assert hf_count == expected[size] == anyres.num_image_tokens(size, ours_proc.geometry)
+
+
+def test_released_geometry_random_and_extreme_images(pair):
+    rng = np.random.default_rng(2)
+    sizes = [(1, 2000), (2000, 1), (1, 1), (55, 176), (88, 55)] + random_sizes(rng, 5)
+    images = [make_image(rng, h, w, KINDS[i % 11]) for i, (h, w) in enumerate(sizes)]
+    texts = ["[INST] " + "<image>" * 5 + "\nfirst five [/INST]", "[INST] " + "<image>" * 5 + " rest [/INST]"]
+    ours, theirs = run_both(pair("released"), images, texts)
+    assert_same(ours, theirs, "released geometry, random + extreme sizes")
+    # the same images as one list per text
+    nested = pair("released")[0](images=[images[:5], images[5:]], text=texts)
+    np.testing.assert_array_equal(nested["input_ids"], ours["input_ids"])
+
+
+def test_file_paths_exif_and_alpha(pair, tmp_path):
+    """Paths: HF loads with EXIF transpose + convert("RGB"); PIL objects: no EXIF, alpha on white."""
+    rng = np.random.default_rng(3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees
+    jpeg, png = tmp_path / "photo.jpg", tmp_path / "alpha.png"
+    make_image(rng, 40, 90, "RGB").save(jpeg, exif=exif)
+    make_image(rng, 33, 61, "RGBA").save(png)
+    images = [str(jpeg), str(png), Image.open(jpeg), Image.open(png)]
+    texts = ["USER: <image><image> ASSISTANT:", "USER: <image>\n<image> ASSISTANT:"]
+    ours, theirs = run_both(pair("vicuna"), images, texts)
+    assert_same(ours, theirs, "file paths / EXIF / alpha")
+    assert ours["image_sizes"].tolist() == [[90, 40], [33, 61], [40, 90], [33, 61]]
+    # opt-in EXIF for PIL objects equals HF given the transposed image
+    from PIL import ImageOps
+    proc, hf = pair("vicuna")
+    rotated = proc(images=[Image.open(jpeg)], text="<image>", apply_exif_orientation=True)
+    expected = hf(images=[ImageOps.exif_transpose(Image.open(jpeg))], text="<image>", return_tensors="np")
+    assert_same(rotated, expected, "EXIF opt-in")
+    # Path objects work like str paths
+    np.testing.assert_array_equal(proc(images=[jpeg], text="<image>")["pixel_values"],
+                                  proc(images=[str(jpeg)], text="<image>")["pixel_values"])
+
+
+# --- tokenizer, padding, decoding, chat templates per family ----------------------------------------
+
+TEXTS = ["hello <image>\nWhat is the cat?  café 東京 🙂", " leading space and trailing ", "",
+         "two <image> images <image>!", "can't won't it's 42, 2024.\n\n\tend", "<s> literal special </s> tokens"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_tokenizer_encode_decode(pair, family, side):
+    ours, hf = pair(family)
+    tok = hf.tokenizer
+    theirs = tok(TEXTS, padding=True, padding_side=side, return_tensors="np")
+    ids, mask = ours.encode(TEXTS, padding_side=side)
+    np.testing.assert_array_equal(ids, theirs["input_ids"])
+    np.testing.assert_array_equal(mask, theirs["attention_mask"])
+    for skip in (True, False):
+        assert ours.batch_decode(ids, skip_special_tokens=skip) == tok.batch_decode(ids, skip_special_tokens=skip)
+        assert ours.decode(ids[0], skip_special_tokens=skip) == tok.decode(ids[0], skip_special_tokens=skip)
+    no_specials = ours.encode(TEXTS[:1], add_special_tokens=False)[0][0].tolist()
+    assert no_specials == tok(TEXTS[0], add_special_tokens=False)["input_ids"]
+    assert ours.pad_token_id == tok.pad_token_id and ours.image_token_id == hf.image_token_id
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_default_padding_side_and_ids(pair, family):
+    ours, hf = pair(family)
+    expected = hf.tokenizer.padding_side if family in ("mistral", "vicuna", "chatml-34b") else "left"
+    assert ours.padding_side == expected  # HF's Llama tokenizers default left; we default left everywhere
+
+
+def conversations():
+    img, txt = {"type": "image"}, lambda t: {"type": "text", "text": t}  # noqa: E731
+    return [
+        [{"role": "user", "content": [img, txt("What is shown in this image?")]}],
+        [{"role": "user", "content": [txt("Compare"), img, img]},
+         {"role": "assistant", "content": [txt("The left one is red.")]},
+         {"role": "user", "content": [txt("And the right one?")]}],
+        [{"role": "system", "content": [txt("Answer briefly.")]},
+         {"role": "user", "content": [img, txt("Describe the picture.")]}],
+    ]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chat_template_and_full_call(pair, family):
+    ours, hf = pair(family)
+    rng = np.random.default_rng(4)
+    for generation_prompt in (True, False):
+        for conv in conversations():
+            if family == "mistral" and conv[0]["role"] == "system" and not generation_prompt:
+                continue
+            assert ours.apply_chat_template(conv, add_generation_prompt=generation_prompt) == \
+                hf.apply_chat_template(conv, add_generation_prompt=generation_prompt, tokenize=False)
+    prompts = ours.apply_chat_template(conversations()[:2])
+    assert prompts == [hf.apply_chat_template(c, add_generation_prompt=True) for c in conversations()[:2]]
+    images = [make_image(rng, h, w, "RGB") for h, w in [(30, 70), (64, 20), (5, 5)]]
+    for side in ("left", "right"):
+        got, theirs = run_both((ours, hf), images, prompts, padding_side=side)
+        assert_same(got, theirs, f"chat {family}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_builtin_templates(tmp_path, family):
+    """Without a shipped template the documented built-in format is used, rendered as HF would render it."""
+    directory = write_processor_files(tmp_path, family, chat_template=False, **TINY)
+    if family in ("mistral", "chatml-qwen2"):  # only config.json tells mistral from vicuna, qwen2 from Yi
+        text_type = "mistral" if family == "mistral" else "qwen2"
+        (directory / "config.json").write_text(json.dumps({"text_config": {"model_type": text_type}}))
+    ours = LlavaNextProcessor.from_pretrained(directory)
+    assert ours.chat_template == BUILTIN_TEMPLATES[family]
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]}]
+    expected = {
+        "mistral": "[INST] <image>\nQ? [/INST]",
+        "vicuna": "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                  "helpful, detailed, and polite answers to the human's questions. USER: <image>\nQ? ASSISTANT:",
+        "chatml-34b": "<|im_start|>system\nAnswer the questions.<|im_end|>\n<|im_start|>user\n<image>\nQ?<|im_end|>\n"
+                      "<|im_start|>assistant\n",
+        "chatml-qwen2": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nQ?"
+                        "<|im_end|>\n<|im_start|>assistant\n",
+        "llama3": "<|start_header_id|>user<|end_header_id|>\n\n<image>\nQ?<|eot_id|>"
+                  "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    }[family]
+    assert ours.apply_chat_template(conv) == expected
+    string_conv = [{"role": "user", "content": "<image>\nQ?"}]
+    assert ours.apply_chat_template(string_conv) == expected
+    hf = hf_processor(directory)
+    for c in (conv, string_conv, conversations()[1]):
+        assert ours.apply_chat_template(c) == hf.apply_chat_template(c, chat_template=ours.chat_template,
+                                                                     add_generation_prompt=True)
+
+
+def test_hub_file_layout(tmp_path, pair):
+    """preprocessor_config.json at top level (as on the hub), patch_size only in config.json."""
+    src = pair("vicuna")[0]
+    directory = write_processor_files(tmp_path, "vicuna", **TINY)
+    proc_cfg = json.loads((directory / "processor_config.json").read_text())
+    (directory / "preprocessor_config.json").write_text(json.dumps(proc_cfg.pop("image_processor")))
+    proc_cfg.pop("patch_size")
+    (directory / "processor_config.json").write_text(json.dumps(proc_cfg))
+    (directory / "config.json").write_text(json.dumps({"vision_config": {"patch_size": 14}}))
+    loaded = LlavaNextProcessor.from_pretrained(directory)
+    assert loaded.geometry == src.geometry
+    image = make_image(np.random.default_rng(5), 50, 17, "RGB")
+    pil = transformers.LlavaNextImageProcessorPil.from_pretrained(directory)
+    np.testing.assert_array_equal(loaded.preprocess_images([image])[0], pil(image, return_tensors="np")["pixel_values"])
+
+
+# --- errors name the culprit ------------------------------------------------------------------------
+
+def test_bad_image_files(pair, tmp_path, monkeypatch):
+    proc = pair("vicuna")[0]
+    buf = io.BytesIO()
+    make_image(np.random.default_rng(6), 64, 64, "RGB").save(buf, format="JPEG")
+    files = {"empty.jpg": b"", "garbage.png": b"not an image at all", "truncated.jpg": buf.getvalue()[:400]}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=name):
+            proc(images=[tmp_path / name], text="<image>")
+    with pytest.raises(FileNotFoundError, match="missing.jpg"):
+        proc(images=[str(tmp_path / "missing.jpg")], text="<image>")
+    Image.new("RGB", (20, 20)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(ValueError, match=r"bomb\.png.*decompression-bomb.*MAX_IMAGE_PIXELS"):
+        proc(images=[tmp_path / "bomb.png"], text="<image>")
+
+
+def test_placeholder_count_and_zero_area(pair):
+    proc = pair("vicuna")[0]
+    image = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"2 <image> placeholders.*1 images"):
+        proc(images=[image], text="<image> and <image>")
+    with pytest.raises(ValueError, match=r"text 1 \('b <image> <image>'\) has 2 <image> placeholders but 1 images"):
+        proc(images=[[image], [image]], text=["a <image>", "b <image> <image>"])
+    with pytest.raises(ValueError, match="0 images"):
+        proc(text="<image>")
+    for empty in (np.zeros((0, 5, 3), np.uint8), Image.new("RGB", (5, 0))):
+        with pytest.raises(ValueError, match=r"image 1 has zero area"):
+            proc(images=[image, empty], text="<image><image>")
+    with pytest.raises(TypeError, match="float32"):
+        proc(images=[image.astype(np.float32)], text="<image>")
+
+
+def test_missing_and_corrupt_configs(tmp_path, dirs):
+    def copy(name):
+        target = tmp_path / name
+        shutil.copytree(dirs["vicuna"], target)
+        return target
+
+    d = copy("no_tokenizer")
+    (d / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no_tokenizer/tokenizer\.json"):
+        LlavaNextProcessor.from_pretrained(d)
+    d = copy("corrupt")
+    (d / "processor_config.json").write_text('{"image_processor": {')
+    with pytest.raises(ValueError, match=r"corrupt/processor_config\.json is not valid JSON"):
+        LlavaNextProcessor.from_pretrained(d)
+    d = copy("no_pinpoints")
+    cfg = json.loads((d / "processor_config.json").read_text())
+    del cfg["image_processor"]["image_grid_pinpoints"]
+    (d / "processor_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(KeyError, match=r"no_pinpoints/processor_config\.json.*image_grid_pinpoints"):
+        LlavaNextProcessor.from_pretrained(d)
+    d = copy("bad_tokenizer")
+    (d / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"bad_tokenizer/tokenizer\.json"):
+        LlavaNextProcessor.from_pretrained(d)
+
+
+def test_report_worst_pixel_diff():
+    """Runs last (file order): the worst pixel difference over every comparison above."""
+    assert WORST, "no pixel comparisons ran"
+    print(f"\nWORST pixel diff over all comparisons: {max(WORST.values()):.3g} (bound {ONE_LEVEL:.4f})")
