@@ -158,24 +158,24 @@ def open_image(path: str | os.PathLike, apply_exif_orientation: bool = True) -> 
         raise ValueError(f"image file {path} cannot be read (empty, truncated or not an image): {e}") from None
 
 
-def to_rgb_array(image, apply_exif_orientation: bool | None = None) -> np.ndarray:
-    """uint8 `[H, W, 3]` from a path, PIL image or uint8 `[H, W]` / `[H, W, C]` (C = 1, 3, 4) array.
+def to_rgb_image(image, apply_exif_orientation: bool | None = None) -> Image.Image:
+    """An RGB PIL image from a path, PIL image or uint8 `[H, W]` / `[H, W, C]` (C = 1, 3, 4) array.
 
     As HF: paths are loaded with `open_image`; PIL images with transparency are composited on white,
     others `.convert("RGB")`; RGBA arrays are blended on white with rounding. `apply_exif_orientation`
     None does what HF does: rotate files by their EXIF tag, leave PIL objects as given.
     """
     if isinstance(image, (str, os.PathLike)):
-        return np.asarray(open_image(image, apply_exif_orientation is not False))
+        return open_image(image, apply_exif_orientation is not False)
     if isinstance(image, Image.Image):
         if apply_exif_orientation:
             image = ImageOps.exif_transpose(image)
         if "A" in image.getbands() or image.info.get("transparency") is not None:
             rgba = image.convert("RGBA")
             image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        return np.asarray(image.convert("RGB"))
+        return image.convert("RGB")
     if isinstance(image, np.ndarray):
-        return _array_to_rgb(image)
+        return Image.fromarray(_array_to_rgb(image))
     raise TypeError(f"unsupported image type {type(image).__name__}: pass a path, a PIL image or a uint8 HWC array")
 
 
@@ -313,7 +313,7 @@ class LlavaNextProcessor:
 
     def __init__(self, tokenizer, tokenizer_config: dict, image_settings: ImageSettings,
                  geometry: anyres.Geometry, image_token: str = "<image>", chat_template: str | None = None,
-                 apply_exif_orientation: bool | None = None):
+                 apply_exif_orientation: bool | None = None, num_threads: int | None = None):
         self.tokenizer, self.image_settings, self.geometry = tokenizer, image_settings, geometry
         self.image_token = image_token
         self.image_token_id = tokenizer.token_to_id(image_token)
@@ -329,13 +329,15 @@ class LlavaNextProcessor:
             or tokenizer_config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False))
         self.chat_template = chat_template
         self.apply_exif_orientation = apply_exif_orientation
+        self.num_threads = num_threads or min(4, os.cpu_count() or 1)
         self._lut = image_settings.lookup_table()
 
     # -- loading ----------------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, prompt_family: str | None = None,
-                        apply_exif_orientation: bool | None = None) -> "LlavaNextProcessor":
+                        apply_exif_orientation: bool | None = None,
+                        num_threads: int | None = None) -> "LlavaNextProcessor":
         """Loads an HF LLaVA-NeXT checkpoint directory (or our converted copy of its files)."""
         directory = Path(path)
         image_cfg, image_path = _image_config(directory)
@@ -358,37 +360,46 @@ class LlavaNextProcessor:
         template = load_chat_template(directory, tok_cfg) or BUILTIN_TEMPLATES[
             prompt_family or _prompt_family(tokenizer, tok_cfg, model_cfg)]
         return cls(tokenizer, tok_cfg, settings, geometry, proc_cfg.get("image_token", "<image>"), template,
-                   apply_exif_orientation)
+                   apply_exif_orientation, num_threads)
 
     # -- images -----------------------------------------------------------------------------------
 
     def preprocess_images(self, images: Sequence, apply_exif_orientation: bool | None = None):
         """Images -> (pixel_values float32 `[B, P_max, 3, S, S]`, image_sizes int64 `[B, 2]` (h, w))."""
         exif = self.apply_exif_orientation if apply_exif_orientation is None else apply_exif_orientation
-        arrays = [to_rgb_array(image, exif) for image in images]
-        for i, a in enumerate(arrays):
-            if a.shape[0] == 0 or a.shape[1] == 0:
-                raise ValueError(f"image {i} has zero area: (height, width) = {a.shape[:2]}")
-        sizes = np.array([a.shape[:2] for a in arrays], dtype=np.int64).reshape(-1, 2)
+        rgb = [to_rgb_image(image, exif) for image in images]
+        for i, image in enumerate(rgb):
+            if image.width == 0 or image.height == 0:
+                raise ValueError(f"image {i} has zero area: (height, width) = {(image.height, image.width)}")
+        sizes = np.array([(image.height, image.width) for image in rgb], dtype=np.int64).reshape(-1, 2)
         tiles = max((anyres.num_tiles(s, self.geometry) for s in sizes), default=1)
         S = self.geometry.tile_size
-        pixel_values = np.zeros((len(arrays), tiles, 3, S, S), dtype=np.float32)
-        for i, array in enumerate(arrays):
-            self._write_tiles(Image.fromarray(array), pixel_values[i])
+        pixel_values = np.zeros((len(rgb), tiles, 3, S, S), dtype=np.float32)
+        jobs = [(job, image, pixel_values[i]) for i, image in enumerate(rgb) for job in (self._write_grid, self._write_base)]
+        if self.num_threads > 1 and len(jobs) > 1:  # PIL's resize releases the GIL: the jobs run in parallel
+            list(_thread_pool(self.num_threads).map(lambda j: j[0](j[1], j[2]), jobs))
+        else:
+            for job, image, out in jobs:
+                job(image, out)
         return pixel_values, sizes
 
-    def _write_tiles(self, image: Image.Image, out: np.ndarray) -> None:
-        """Fills `out [P_max, 3, S, S]` with [base] + grid tiles of one RGB image (rest stays 0)."""
-        S, resample = self.geometry.tile_size, self.image_settings.resample
+    def _write_base(self, image: Image.Image, out: np.ndarray) -> None:
+        """Tile 0 of `out [P_max, 3, S, S]`: the whole image resized to S x S."""
+        S = self.geometry.tile_size
+        self._normalise(image.resize((S, S), resample=self.image_settings.resample), out[0])
+
+    def _write_grid(self, image: Image.Image, out: np.ndarray) -> None:
+        """Tiles 1.. of `out [P_max, 3, S, S]`: aspect-kept resize, centred zero padding, row-major S x S tiles."""
+        S = self.geometry.tile_size
         size = (image.height, image.width)
         rows, cols = anyres.grid_shape(size, self.geometry)
         h, w = patch_output_size(size, (rows * S, cols * S))
         top, left = (rows * S - h) // 2, (cols * S - w) // 2
         canvas = np.empty((3, rows * S, cols * S), dtype=np.float32)
         canvas[:] = self._lut[:, :1, None]                    # padding is uint8 0, normalised
-        self._normalise(image.resize((w, h), resample=resample), canvas[:, top:top + h, left:left + w])
+        self._normalise(image.resize((w, h), resample=self.image_settings.resample),
+                        canvas[:, top:top + h, left:left + w])
         out[1:1 + rows * cols] = canvas.reshape(3, rows, S, cols, S).transpose(1, 3, 0, 2, 4).reshape(-1, 3, S, S)
-        self._normalise(image.resize((S, S), resample=resample), out[0])
 
     def _normalise(self, image: Image.Image, out: np.ndarray) -> None:
         """Writes the rescaled + normalised `[3, h, w]` of an RGB image into `out` by table lookup."""
@@ -483,6 +494,12 @@ class LlavaNextProcessor:
                    for conv in (messages if batched else [messages])]
         prompts = prompts if batched else prompts[0]
         return self(text=prompts) if tokenize else prompts
+
+
+@functools.lru_cache(maxsize=None)
+def _thread_pool(num_threads: int):
+    from concurrent.futures import ThreadPoolExecutor
+    return ThreadPoolExecutor(num_threads, thread_name_prefix="llava-next-images")
 
 
 def _clean_up_spaces(text: str) -> str:

@@ -344,3 +344,27 @@ def test_report_worst_pixel_diff():
     """Runs last (file order): the worst pixel difference over every comparison above."""
     assert WORST, "no pixel comparisons ran"
     print(f"\nWORST pixel diff over all comparisons: {max(WORST.values()):.3g} (bound {ONE_LEVEL:.4f})")
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_old_llama_tokenizer_json(tmp_path, dirs, legacy):
+    """Hub-era Llama tokenizer.json (Prepend/Replace normalizer, no pre-tokenizer): transformers 5 rebuilds
+    the pipeline from tokenizer_config (legacy, add_prefix_space), and so must we."""
+    from tokenizers import Tokenizer
+    d = tmp_path / "old"
+    shutil.copytree(dirs["mistral"], d)
+    spec = json.loads((d / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
+                                                               {"type": "Replace", "pattern": {"String": " "},
+                                                                "content": "\u2581"}]}
+    spec["pre_tokenizer"] = None
+    (d / "tokenizer.json").write_text(json.dumps(spec))
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "legacy": legacy, "add_bos_token": True}))
+    raw = [e.ids for e in Tokenizer.from_file(str(d / "tokenizer.json")).encode_batch(TEXTS)]
+    ours, tok = LlavaNextProcessor.from_pretrained(d), hf_processor(d).tokenizer
+    ids, _ = ours.encode(TEXTS, padding_side="right")
+    theirs = tok(TEXTS, padding=True, padding_side="right", return_tensors="np")["input_ids"]
+    np.testing.assert_array_equal(ids, theirs)
+    assert [r for r in raw] != [t[t != ours.pad_token_id].tolist() for t in theirs]  # the rebuild mattered
+    assert ours.batch_decode(ids, skip_special_tokens=True) == tok.batch_decode(ids, skip_special_tokens=True)
