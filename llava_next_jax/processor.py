@@ -484,16 +484,22 @@ class LlavaNextProcessor:
     # -- chat -------------------------------------------------------------------------------------
 
     def apply_chat_template(self, messages: list, add_generation_prompt: bool = True, tokenize: bool = False,
-                            chat_template: str | None = None, **kwargs):
+                            chat_template: str | None = None, padding_side: str | None = None, **kwargs):
         """Renders HF-format messages (content a string or a list of {"type": "image"} / {"type": "text",
         "text": ...}); a list of conversations gives a list of prompts. `tokenize=True` returns
-        `self(text=prompt)` (images must then be passed to the processor call instead)."""
+        `self(images=..., text=prompt)` with the images named in the image blocks ("image" / "path" keys),
+        without a second BOS when the template writes one (as HF)."""
         batched = bool(messages) and isinstance(messages[0], (list, tuple))
+        conversations = messages if batched else [messages]
         prompts = [render_chat_template(chat_template or self.chat_template, conv, add_generation_prompt,
-                                        {**self.special_tokens, **kwargs})
-                   for conv in (messages if batched else [messages])]
-        prompts = prompts if batched else prompts[0]
-        return self(text=prompts) if tokenize else prompts
+                                        {**self.special_tokens, **kwargs}) for conv in conversations]
+        if not tokenize:
+            return prompts if batched else prompts[0]
+        images = [[block.get("image", block.get("path")) for m in conv if not isinstance(m["content"], str)
+                   for block in m["content"] if block.get("type") == "image"] for conv in conversations]
+        bos = self.special_tokens.get("bos_token")
+        return self(images=images if any(i is not None for g in images for i in g) else None, text=prompts,
+                    add_special_tokens=not (bos and prompts[0].startswith(bos)), padding_side=padding_side)
 
 
 @functools.lru_cache(maxsize=None)

@@ -368,3 +368,39 @@ def test_old_llama_tokenizer_json(tmp_path, dirs, legacy):
     np.testing.assert_array_equal(ids, theirs)
     assert [r for r in raw] != [t[t != ours.pad_token_id].tolist() for t in theirs]  # the rebuild mattered
     assert ours.batch_decode(ids, skip_special_tokens=True) == tok.batch_decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("name", ["released", "vicuna"])
+def test_token_counts_and_best_resolution_many_sizes(pair, name):
+    """anyres (our single source of counts) against HF's own count and best-resolution code, no pixels."""
+    from transformers.image_processing_utils import select_best_resolution
+    ours, hf = pair(name)
+    rng = np.random.default_rng(7)
+    sizes = [tuple(s) for s in rng.integers(1, 2001, (3000, 2))] + random_sizes(rng, 1000) + EXTREMES
+    sizes += [(h, w) for h in range(1, 60) for w in range(1, 60)]
+    theirs = hf._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]
+    assert [anyres.num_image_tokens(s, ours.geometry) for s in sizes] == theirs
+    pinpoints = [list(p) for p in ours.geometry.pinpoints]
+    assert all(anyres.select_best_resolution(s, pinpoints) == tuple(select_best_resolution(s, pinpoints))
+               for s in sizes)
+
+
+@pytest.mark.parametrize("family", ["mistral", "llama3"])
+def test_chat_template_tokenize_with_images(pair, tmp_path, family):
+    ours, hf = pair(family)
+    rng = np.random.default_rng(8)
+    path = tmp_path / "a.png"
+    make_image(rng, 31, 77, "RGB").save(path)
+    img, txt = {"type": "image", "image": make_image(rng, 60, 20, "RGBA")}, {"type": "text", "text": "Which?"}
+    convs = [[{"role": "user", "content": [img, {"type": "image", "path": str(path)}, txt]}],
+             [{"role": "user", "content": [img, txt]}]]
+    got = ours.apply_chat_template(convs, tokenize=True, padding_side="left")
+    theirs = hf.apply_chat_template(convs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                    processor_kwargs=dict(return_tensors="np", padding=True, padding_side="left"))
+    assert_same(got, dict(theirs), f"chat tokenize {family}")
+    # a template that writes BOS itself: no second BOS (HF's rule)
+    with_bos = "{{ bos_token }}" + ours.chat_template
+    got = ours.apply_chat_template(convs[1], tokenize=True, chat_template=with_bos)
+    theirs = hf.apply_chat_template(convs[1], add_generation_prompt=True, tokenize=True, return_dict=True,
+                                    processor_kwargs=dict(return_tensors="np"), chat_template=with_bos)
+    assert_same(got, dict(theirs), f"chat tokenize bos {family}")
