@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -25,29 +25,53 @@ def is_converted(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MARKER))
 
 
-def save_streaming(out_dir: str, leaves: Iterable[tuple[tuple[str, ...], np.ndarray]],
-                   on_leaf: Callable[[tuple[str, ...], np.ndarray], None] | None = None) -> None:
-    """Writes `out_dir/params` from (path, array) pairs, holding one leaf in memory at a time."""
+def save_streaming(out_dir: str, tensors: Iterable[tuple[tuple[str, ...], np.ndarray]],
+                   on_tensor: Callable[[tuple[str, ...], np.ndarray], None] | None = None,
+                   group_bytes: int = 64 << 20) -> None:
+    """Writes `out_dir/params` from (storage path, array) pairs, holding about `group_bytes` at a time.
+
+    Tensors are committed in groups through Orbax's partial save, so memory stays near the largest
+    tensor plus one group, whatever the model's size.
+    """
     from orbax.checkpoint.experimental.v1 import partial
     target = os.path.join(os.path.abspath(out_dir), PARAMS_DIR)
     for stale in (target, target + ".partial_save"):
         shutil.rmtree(stale, ignore_errors=True)
-    for path, leaf in leaves:
-        node: Any = leaf
-        for part in reversed(path):
-            node = {part: node}
-        partial.save(target, node)
-        if on_leaf:
-            on_leaf(path, leaf)
-        del node, leaf
+    group, size = {}, 0
+    for path, tensor in tensors:
+        group[path] = tensor
+        size += tensor.nbytes
+        if on_tensor:
+            on_tensor(path, tensor)
+        del tensor
+        if size >= group_bytes:
+            partial.save(target, _nest(group))
+            group, size = {}, 0
+    if group:
+        partial.save(target, _nest(group))
     partial.finalize(target)
 
 
+def _nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
+    from .convert import nest
+    return nest(flat)
+
+
+def storage_tensors(params: Any) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    """(storage path, host array) for an in-memory params tree: stacked leaves split per layer."""
+    from .convert import storage_path
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        path = tuple(k.key for k in path)
+        if path[1:2] == ("layers",):
+            for layer in range(leaf.shape[0]):
+                yield storage_path(path, layer), np.asarray(leaf[layer])
+        else:
+            yield path, np.asarray(leaf)
+
+
 def save_params(out_dir: str, params: Any) -> None:
-    """Writes a whole in-memory params tree (e.g. after fine-tuning)."""
-    from jax.tree_util import tree_leaves_with_path
-    leaves = ((tuple(k.key for k in p), np.asarray(v)) for p, v in tree_leaves_with_path(params))
-    save_streaming(out_dir, leaves)
+    """Writes a whole in-memory params tree (e.g. after fine-tuning) in the converted layout."""
+    save_streaming(out_dir, storage_tensors(params))
 
 
 def write_marker(out_dir: str, **info) -> None:
@@ -73,10 +97,10 @@ def saved_shapes(path: str) -> Any:
 
 
 def load_params(path: str, dtype=None, shardings: Any = None) -> Any:
-    """Restores `path/params` as jax Arrays, cast to `dtype` (None: as saved), placed per `shardings`.
+    """Restores `path/params` as jax Arrays, cast to `dtype` (None: as saved), layers stacked for `lax.scan`.
 
-    shardings: a pytree of `jax.sharding.Sharding` matching the params, or None for the default device.
-    Each host reads only the parts its shardings hold.
+    shardings: a pytree of `jax.sharding.Sharding` matching the stored (per-layer) tree, or None for
+    the default device.
     """
     from orbax.checkpoint.experimental.v1 import load
     shapes = saved_shapes(path)
@@ -85,4 +109,5 @@ def load_params(path: str, dtype=None, shardings: Any = None) -> Any:
         shardings = jax.tree.map(lambda _: device, shapes)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype, sharding=sh),
                             shapes, shardings)
-    return load(os.path.join(path, PARAMS_DIR), abstract)
+    from .convert import stack_layers
+    return stack_layers(load(os.path.join(path, PARAMS_DIR), abstract))

@@ -207,31 +207,50 @@ def _is_stacked(path: tuple[str, ...]) -> bool:
     return len(path) > 1 and path[1] == "layers"
 
 
-def iter_params(src_dir: str, config: LlavaNextConfig, dtype: str | None = None
-                ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
-    """Yields (params path, array) one leaf at a time; peak memory is about the largest (stacked) leaf.
+def storage_path(path: tuple[str, ...], layer: int | None) -> tuple[str, ...]:
+    """Where one tensor lives in a converted checkpoint: stacked leaves are stored a layer at a time,
+    `language_model/layers/3/mlp/up_proj/kernel`, mirroring HF's `layers.3.mlp.up_proj`."""
+    return path if layer is None else path[:2] + (str(layer),) + path[2:]
+
+
+def iter_tensors(src_dir: str, config: LlavaNextConfig, dtype: str | None = None
+                 ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    """Yields (storage path, array) one source tensor at a time, in our layout, checked against the config.
 
     dtype: "float32", "bfloat16", "float16", or None to keep each tensor's own dtype.
     """
     files = TensorFiles(src_dir)
     shapes = expected_shapes(config)
     for path, found in plan(files, config).items():
-        leaf = None
         for layer, key, target in sorted(found, key=lambda f: -1 if f[0] is None else f[0]):
             tensor = target.layout(files.load(key))
             want = shapes[path][1:] if layer is not None else shapes[path]
             if tensor.shape != tuple(want):
                 raise ValueError(f"{src_dir}: tensor {key} has shape {tuple(tensor.shape)} after layout change; "
                                  f"parameter {'/'.join(path)} expects {tuple(want)} (check config.json sizes)")
-            if leaf is None:
-                leaf = np.empty(shapes[path], DTYPES[dtype] if dtype else tensor.dtype)
-            if layer is None:
-                leaf[...] = tensor
-            else:
-                leaf[layer] = tensor
-            del tensor
-        yield path, leaf
-        del leaf
+            yield storage_path(path, layer), tensor.astype(DTYPES[dtype]) if dtype else tensor
+
+
+def stack_layers(tree: dict[str, Any]) -> dict[str, Any]:
+    """Turns stored `{..., "layers": {"0": t0, "1": t1, ...}}` into `{"layers": stacked t}` (leading axis L),
+    for `language_model` and `vision_tower`, in place. One leaf kind is stacked at a time and its
+    per-layer arrays dropped right away, so memory grows by at most one stacked leaf."""
+    import jax.numpy as jnp
+    for part in ("language_model", "vision_tower"):
+        layers = tree[part]["layers"]
+        count = len(layers)
+        if sorted(layers) != sorted(map(str, range(count))):
+            raise ValueError(f"{part}/layers has keys {sorted(layers)[:5]}..., expected 0..{count - 1}")
+        treedef = jax.tree.structure(layers["0"])
+        columns = [jax.tree.leaves(layers.pop(str(i))) for i in range(count)]
+        stacked = []
+        for j in range(treedef.num_leaves):
+            stack = np if isinstance(columns[0][j], np.ndarray) else jnp
+            stacked.append(stack.stack([columns[i][j] for i in range(count)]))
+            for column in columns:
+                column[j] = None
+        tree[part]["layers"] = jax.tree.unflatten(treedef, stacked)
+    return tree
 
 
 def nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:

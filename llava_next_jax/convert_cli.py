@@ -19,25 +19,25 @@ def peak_rss_bytes() -> int:
 
 
 def convert_checkpoint(src_dir: str, out_dir: str, dtype: str | None = None, log=print) -> dict:
-    """Converts SRC_DIR into OUT_DIR; returns a summary (tensors, bytes, seconds, peak RSS, largest leaf)."""
+    """Converts SRC_DIR into OUT_DIR; returns a summary (tensors, bytes, seconds, peak RSS, largest tensor)."""
     start = time.time()
     config = LlavaNextConfig.from_file(src_dir)
     if os.path.abspath(src_dir) == os.path.abspath(out_dir):
         raise ValueError(f"OUT_DIR {out_dir} is SRC_DIR; write the converted checkpoint elsewhere")
     os.makedirs(out_dir, exist_ok=True)
-    stats = {"leaves": 0, "bytes": 0, "largest_leaf_bytes": 0}
+    stats = {"tensors": 0, "bytes": 0, "largest_tensor_bytes": 0}
 
-    def on_leaf(path, leaf: np.ndarray):
-        stats["leaves"] += 1
-        stats["bytes"] += leaf.nbytes
-        stats["largest_leaf_bytes"] = max(stats["largest_leaf_bytes"], leaf.nbytes)
+    def on_tensor(path, tensor: np.ndarray):
+        stats["tensors"] += 1
+        stats["bytes"] += tensor.nbytes
+        stats["largest_tensor_bytes"] = max(stats["largest_tensor_bytes"], tensor.nbytes)
 
-    checkpoint.save_streaming(out_dir, convert.iter_params(src_dir, config, dtype), on_leaf)
+    checkpoint.save_streaming(out_dir, convert.iter_tensors(src_dir, config, dtype), on_tensor)
     copied = checkpoint.copy_side_files(src_dir, out_dir)
     checkpoint.write_marker(out_dir, source=os.path.abspath(src_dir), dtype=dtype or "as stored")
     stats.update(seconds=time.time() - start, peak_rss_bytes=peak_rss_bytes(), side_files=copied)
-    log(f"converted {stats['leaves']} parameters ({stats['bytes'] / 2**30:.3f} GiB) in {stats['seconds']:.1f} s; "
-        f"largest {stats['largest_leaf_bytes'] / 2**30:.3f} GiB; peak RSS {stats['peak_rss_bytes'] / 2**30:.3f} GiB; "
+    log(f"converted {stats['tensors']} tensors ({stats['bytes'] / 2**30:.3f} GiB) in {stats['seconds']:.1f} s; "
+        f"largest {stats['largest_tensor_bytes'] / 2**30:.3f} GiB; peak RSS {stats['peak_rss_bytes'] / 2**30:.3f} GiB; "
         f"copied {', '.join(copied)}")
     return stats
 

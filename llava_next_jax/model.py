@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -39,7 +40,8 @@ class LlavaNext:
             params = checkpoint.load_params(path, dtype)
         else:
             name = None if dtype is None else dtype.name
-            params = convert.nest({p: jnp.asarray(a) for p, a in convert.iter_params(path, config, name)})
+            params = convert.stack_layers(convert.nest(dict(convert.iter_tensors(path, config, name))))
+            params = jax.tree.map(jnp.asarray, params)
         return cls(config, params)
 
     def image_token_sources(self, input_ids: np.ndarray, image_sizes: Any, tiles_per_image: int) -> np.ndarray:

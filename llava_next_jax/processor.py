@@ -22,7 +22,7 @@ import os
 import re
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -303,9 +303,20 @@ def _compile_template(source: str):
     return env.from_string(source)
 
 
+def _plain(value):
+    """What the template may see (as HF): JSON-like data; media and other objects become "<TypeName>"."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return f"<{type(value).__name__}>"
+
+
 def render_chat_template(template: str, messages: list, add_generation_prompt: bool, variables: dict) -> str:
-    return _compile_template(template).render(messages=messages, tools=None, documents=None,
-                                              add_generation_prompt=add_generation_prompt, **variables)
+    return _compile_template(template).render(messages=_plain(messages), tools=None, documents=None,
+                                              add_generation_prompt=add_generation_prompt, **_plain(variables))
 
 
 class LlavaNextProcessor:

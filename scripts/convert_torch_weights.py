@@ -6,8 +6,8 @@
 SRC_DIR: safetensors (single or sharded with an index) or pytorch_model*.bin (needs torch), in any of
 the key layouts transformers has written. OUT_DIR gets `params/` plus the config, tokenizer, processor
 and generation files, so it is all `LlavaNext.from_pretrained` and `LlavaNextProcessor` need.
-Tensors are read and written one parameter at a time: peak memory is about the largest stacked
-parameter (e.g. all layers' MLP weights of one kind), not the model.
+Tensors are read one at a time and written in groups of ~64 MiB: peak memory follows the largest
+tensor, not the model (docs/benchmarks.md has the measurement).
 """
 
 import os
