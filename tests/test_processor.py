@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,13 +140,13 @@ def test_released_geometry_token_counts(pair):
 
 def test_released_geometry_random_and_extreme_images(pair):
     rng = np.random.default_rng(2)
-    sizes = [(1, 2000), (2000, 1), (1, 1), (55, 176), (88, 55)] + random_sizes(rng, 5)
+    sizes = [(1, 2000), (2000, 1), (1, 1), (55, 176), (88, 55)] + random_sizes(rng, 15)
     images = [make_image(rng, h, w, KINDS[i % 11]) for i, (h, w) in enumerate(sizes)]
-    texts = ["[INST] " + "<image>" * 5 + "\nfirst five [/INST]", "[INST] " + "<image>" * 5 + " rest [/INST]"]
+    texts = ["[INST] " + "<image>" * 10 + "\nfirst ten [/INST]", "[INST] " + "<image>" * 10 + " rest [/INST]"]
     ours, theirs = run_both(pair("released"), images, texts)
     assert_same(ours, theirs, "released geometry, random + extreme sizes")
     # the same images as one list per text
-    nested = pair("released")[0](images=[images[:5], images[5:]], text=texts)
+    nested = pair("released")[0](images=[images[:10], images[10:]], text=texts)
     np.testing.assert_array_equal(nested["input_ids"], ours["input_ids"])
 
 
@@ -266,9 +267,9 @@ def test_builtin_templates(tmp_path, family):
 def test_hub_file_layout(tmp_path, pair):
     """preprocessor_config.json at top level (as on the hub), patch_size only in config.json."""
     src = pair("vicuna")[0]
-    directory = write_processor_files(tmp_path, "vicuna", **TINY)
+    directory = write_processor_files(tmp_path, "vicuna", hub_layout=True, **TINY)
     proc_cfg = json.loads((directory / "processor_config.json").read_text())
-    (directory / "preprocessor_config.json").write_text(json.dumps(proc_cfg.pop("image_processor")))
+    assert "image_processor" not in proc_cfg and (directory / "preprocessor_config.json").is_file()
     proc_cfg.pop("patch_size")
     (directory / "processor_config.json").write_text(json.dumps(proc_cfg))
     (directory / "config.json").write_text(json.dumps({"vision_config": {"patch_size": 14}}))
@@ -340,12 +341,6 @@ def test_missing_and_corrupt_configs(tmp_path, dirs):
         LlavaNextProcessor.from_pretrained(d)
 
 
-def test_report_worst_pixel_diff():
-    """Runs last (file order): the worst pixel difference over every comparison above."""
-    assert WORST, "no pixel comparisons ran"
-    print(f"\nWORST pixel diff over all comparisons: {max(WORST.values()):.3g} (bound {ONE_LEVEL:.4f})")
-
-
 @pytest.mark.parametrize("legacy", [True, False])
 def test_old_llama_tokenizer_json(tmp_path, dirs, legacy):
     """Hub-era Llama tokenizer.json (Prepend/Replace normalizer, no pre-tokenizer): transformers 5 rebuilds
@@ -404,3 +399,21 @@ def test_chat_template_tokenize_with_images(pair, tmp_path, family):
     theirs = hf.apply_chat_template(convs[1], add_generation_prompt=True, tokenize=True, return_dict=True,
                                     processor_kwargs=dict(return_tensors="np"), chat_template=with_bos)
     assert_same(got, dict(theirs), f"chat tokenize bos {family}")
+
+
+def test_runtime_needs_no_transformers_or_torch(dirs):
+    import subprocess
+    import sys
+    code = ("import sys, numpy as np; from llava_next_jax.processor import LlavaNextProcessor; "
+            f"p = LlavaNextProcessor.from_pretrained({str(dirs['vicuna'])!r}); "
+            "out = p(images=[np.zeros((9, 20, 3), np.uint8)], text='USER: <image> hi'); "
+            "p.apply_chat_template([{'role': 'user', 'content': 'hi'}]); p.batch_decode(out['input_ids']); "
+            "bad = [m for m in ('transformers', 'torch', 'jax') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(Path(__file__).resolve().parents[1]))
+
+
+def test_report_worst_pixel_diff():
+    """Runs last (file order): the worst pixel difference over every comparison above."""
+    assert WORST, "no pixel comparisons ran"
+    print(f"\nWORST pixel diff over all comparisons: {max(WORST.values()):.3g} (bound {ONE_LEVEL:.4f})")

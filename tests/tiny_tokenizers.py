@@ -17,6 +17,7 @@ files; reading them back (our processor) needs only `tokenizers`.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
 
@@ -54,9 +55,7 @@ def _train_bpe(byte_level: bool, vocab_size: int = 600):
         alphabet = []
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet, show_progress=False)
     tok.train_from_iterator(_corpus(), trainer=trainer)
-    model = tok.to_str()
-    import json
-    spec = json.loads(model)["model"]
+    spec = json.loads(tok.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["merges"]]
     return spec["vocab"], merges
 
@@ -177,8 +176,17 @@ def write_tokenizer(directory: str | os.PathLike, family: str, chat_template: bo
     return directory
 
 
+def tokenizer_info(family: str) -> dict:
+    """vocab_size (ids are < this), image_token_id, pad/bos/eos ids of `family`'s tiny tokenizer:
+    a tiny model used with these files needs a text vocab of at least `vocab_size`."""
+    tok = build_tokenizer(family)
+    return {"vocab_size": len(tok), "image_token_id": tok.convert_tokens_to_ids("<image>"),
+            "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+
+
 def write_processor_files(directory: str | os.PathLike, family: str = "mistral", image_size: int = 336,
-                          patch_size: int = 14, pinpoints=None, chat_template: bool = True) -> Path:
+                          patch_size: int = 14, pinpoints=None, chat_template: bool = True,
+                          hub_layout: bool = False) -> Path:
     """Writes a complete HF LlavaNextProcessor directory (as `LlavaNextProcessor.save_pretrained` does).
 
     directory:   created if missing; existing model files in it are left alone.
@@ -187,9 +195,12 @@ def write_processor_files(directory: str | os.PathLike, family: str = "mistral",
     patch_size:  p, the vision patch size (written to processor_config.json).
     pinpoints:   anyres candidates [[h, w], ...], multiples of S; default the released set scaled to S.
     chat_template: False writes no template (the processor then falls back to its built-ins).
+    hub_layout: False writes what transformers 5 `save_pretrained` writes (the image processor settings
+                 inside processor_config.json); True moves them to preprocessor_config.json, the layout
+                 of the llava-hf checkpoints on the hub.
 
-    Files written: tokenizer.json, tokenizer_config.json, preprocessor_config.json,
-    processor_config.json and chat_template.jinja (when chat_template). Returns the directory.
+    Files written: tokenizer.json, tokenizer_config.json, processor_config.json, chat_template.jinja
+    (when chat_template), preprocessor_config.json (hub_layout). Returns the directory.
     """
     from transformers import LlavaNextImageProcessorPil
     from transformers import LlavaNextProcessor as HFProcessor
@@ -205,4 +216,8 @@ def write_processor_files(directory: str | os.PathLike, family: str = "mistral",
                             num_additional_image_tokens=1,
                             chat_template=CHECKPOINT_TEMPLATES[family] if chat_template else None)
     processor.save_pretrained(directory)
+    if hub_layout:
+        config = json.loads((directory / "processor_config.json").read_text())
+        (directory / "preprocessor_config.json").write_text(json.dumps(config.pop("image_processor"), indent=2))
+        (directory / "processor_config.json").write_text(json.dumps(config, indent=2))
     return directory
