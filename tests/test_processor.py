@@ -413,6 +413,19 @@ def test_runtime_needs_no_transformers_or_torch(dirs):
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(Path(__file__).resolve().parents[1]))
 
 
+def test_template_globals_and_filters(pair):
+    """tojson (HF's options: no HTML escaping, indent), strftime_now, raise_exception, loop controls."""
+    import jinja2
+    ours, hf = pair("mistral")
+    template = ("{{ messages | tojson }}|{{ messages[0] | tojson(indent=2) }}|{{ strftime_now('%Y') }}|"
+                "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m['role'] }}{% endfor %}")
+    conv = [{"role": "user", "content": "<b>é & \"q\"</b>"}, {"role": "assistant", "content": "x"}]
+    assert ours.apply_chat_template(conv, chat_template=template) == \
+        hf.apply_chat_template(conv, chat_template=template, add_generation_prompt=True)
+    with pytest.raises(jinja2.exceptions.TemplateError, match="Only user and assistant roles"):
+        ours.apply_chat_template([{"role": "tool", "content": [{"type": "text", "text": "x"}]}])
+
+
 def test_report_worst_pixel_diff():
     """Runs last (file order): the worst pixel difference over every comparison above."""
     assert WORST, "no pixel comparisons ran"
