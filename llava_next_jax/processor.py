@@ -246,7 +246,8 @@ def _bos_eos_template(tokenizer, cfg: dict):
     """The post-processor transformers builds from add_bos_token / add_eos_token (both default False)."""
     from tokenizers import processors
     bos, eos = _token_str(cfg.get("bos_token")), _token_str(cfg.get("eos_token"))
-    add_bos, add_eos = bool(cfg.get("add_bos_token")) and bos is not None, bool(cfg.get("add_eos_token")) and eos is not None
+    add_bos = bool(cfg.get("add_bos_token")) and bos is not None
+    add_eos = bool(cfg.get("add_eos_token")) and eos is not None
     single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
     pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
     specials = [(t, tokenizer.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
@@ -358,7 +359,8 @@ class LlavaNextProcessor:
         patch_size = proc_cfg.get("patch_size") or model_cfg.get("vision_config", {}).get("patch_size")
         if patch_size is None:
             raise KeyError(f"{proc_path}: missing key 'patch_size' (and no vision_config.patch_size in config.json)")
-        strategy = proc_cfg.get("vision_feature_select_strategy") or model_cfg.get("vision_feature_select_strategy", "default")
+        strategy = (proc_cfg.get("vision_feature_select_strategy")
+                    or model_cfg.get("vision_feature_select_strategy", "default"))
         extra = proc_cfg.get("num_additional_image_tokens", 1)  # CLIP's CLS; HF's class default 0 miscounts
         tile = _tile_size(image_cfg, image_path)
         geometry = anyres.Geometry(
@@ -386,7 +388,8 @@ class LlavaNextProcessor:
         tiles = max((anyres.num_tiles(s, self.geometry) for s in sizes), default=1)
         S = self.geometry.tile_size
         pixel_values = np.zeros((len(rgb), tiles, 3, S, S), dtype=np.float32)
-        jobs = [(job, image, pixel_values[i]) for i, image in enumerate(rgb) for job in (self._write_grid, self._write_base)]
+        jobs = [(job, image, pixel_values[i]) for i, image in enumerate(rgb)
+                for job in (self._write_grid, self._write_base)]
         if self.num_threads > 1 and len(jobs) > 1:  # PIL's resize releases the GIL: the jobs run in parallel
             list(_thread_pool(self.num_threads).map(lambda j: j[0](j[1], j[2]), jobs))
         else:

@@ -71,7 +71,8 @@ def make_image(rng, height, width, kind):
             image.info["transparency"] = 7
         return image
     if kind == "I;16":
-        return Image.frombytes("I;16", (width, height), rng.integers(0, 65536, (height, width), dtype=np.uint16).tobytes())
+        data = rng.integers(0, 65536, (height, width), dtype=np.uint16).tobytes()
+        return Image.frombytes("I;16", (width, height), data)
     if kind == "I":
         return Image.fromarray(rng.integers(-1000, 70000, (height, width), dtype=np.int32))
     if kind == "F":
