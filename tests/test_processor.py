@@ -29,6 +29,14 @@ def hf_processor(directory):
     return transformers.LlavaNextProcessor.from_pretrained(directory, image_processor=pil)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def report_worst_pixel_diff():
+    """After the module: the worst pixel difference over every comparison (shown with -s)."""
+    yield
+    if WORST:
+        print(f"\nWORST pixel diff over all comparisons: {max(WORST.values()):.3g} (bound {ONE_LEVEL:.4f})")
+
+
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     """family -> directory with the tiny geometry; "released" -> mistral with the 336px geometry."""
@@ -426,9 +434,3 @@ def test_template_globals_and_filters(pair):
         hf.apply_chat_template(conv, chat_template=template, add_generation_prompt=True)
     with pytest.raises(jinja2.exceptions.TemplateError, match="Only user and assistant roles"):
         ours.apply_chat_template([{"role": "tool", "content": [{"type": "text", "text": "x"}]}])
-
-
-def test_report_worst_pixel_diff():
-    """Runs last (file order): the worst pixel difference over every comparison above."""
-    assert WORST, "no pixel comparisons ran"
-    print(f"\nWORST pixel diff over all comparisons: {max(WORST.values()):.3g} (bound {ONE_LEVEL:.4f})")
