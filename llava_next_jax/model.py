@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -9,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import anyres, checkpoint, convert
+from . import anyres, checkpoint, convert, generate
 from .config import LlavaNextConfig
 from .modeling import llava_next
 
@@ -21,10 +22,16 @@ class LlavaNext:
     the params' dtype).
     """
 
-    def __init__(self, config: LlavaNextConfig, params: Any):
+    def __init__(self, config: LlavaNextConfig, params: Any, generation_config: dict | None = None):
         self.config = config
         self.params = params
         self.dtype = jnp.dtype(params["language_model"]["embed_tokens"]["embedding"].dtype)
+        gen = generation_config or {}
+        eos = gen.get("eos_token_id", config.text.eos_token_id)
+        self.eos_token_ids: tuple[int, ...] = tuple(eos) if isinstance(eos, (list, tuple)) else (
+            () if eos is None else (int(eos),))
+        pad = gen.get("pad_token_id", config.text.pad_token_id)
+        self.pad_token_id: int = int(pad if pad is not None else (self.eos_token_ids or (0,))[0])
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: str | Any | None = None) -> "LlavaNext":
@@ -42,14 +49,20 @@ class LlavaNext:
             name = None if dtype is None else dtype.name
             params = convert.stack_layers(convert.nest(dict(convert.iter_tensors(path, config, name))))
             params = jax.tree.map(jnp.asarray, params)
-        return cls(config, params)
+        generation_config = None
+        if os.path.isfile(os.path.join(path, "generation_config.json")):
+            with open(os.path.join(path, "generation_config.json")) as f:
+                generation_config = json.load(f)
+        return cls(config, params, generation_config)
 
     def image_token_sources(self, input_ids: np.ndarray, image_sizes: Any, tiles_per_image: int) -> np.ndarray:
         """Where each position's image feature comes from (`anyres.token_sources`); validates counts."""
         return anyres.token_sources(input_ids, self.config.image_token_id, image_sizes, self.config.geometry,
                                     tiles_per_image)
 
-    def _inputs(self, input_ids, pixel_values, image_sizes, attention_mask):
+    def _inputs(self, input_ids, pixel_values, image_sizes, attention_mask, tiles=None, images_multiple=1):
+        """Checked numpy inputs and their `sources`; `tiles`/`images_multiple` zero-pad pixel_values to a
+        fixed tile count and an image count that is a multiple, for shape-stable compiled programs."""
         ids = np.asarray(input_ids)
         if ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, length]; got shape {ids.shape}")
@@ -66,7 +79,12 @@ class LlavaNext:
         if image_sizes is None or np.asarray(image_sizes).shape != (pixels.shape[0], 2):
             raise ValueError(f"image_sizes must be [{pixels.shape[0]}, 2] (height, width per image); got "
                              f"{None if image_sizes is None else np.asarray(image_sizes).shape}")
-        return ids, pixels, self.image_token_sources(ids, image_sizes, pixels.shape[1]), mask
+        n_images = -(-pixels.shape[0] // images_multiple) * images_multiple
+        P = max(pixels.shape[1], tiles or 0)
+        if (n_images, P) != pixels.shape[:2]:
+            pad = [(0, n_images - pixels.shape[0]), (0, P - pixels.shape[1])] + [(0, 0)] * 3
+            pixels = jnp.pad(pixels, pad)
+        return ids, pixels, self.image_token_sources(ids, image_sizes, P), mask
 
     def forward(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None) -> jnp.ndarray:
         """Logits `[B, T, V]` (float32).
@@ -78,3 +96,44 @@ class LlavaNext:
         ids, pixels, sources, mask = self._inputs(input_ids, pixel_values, image_sizes, attention_mask)
         return llava_next.forward(self.params, self.config, ids, pixels, sources if pixels is not None else None,
                                   mask, self.dtype)
+
+    def generate(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, max_new_tokens=32,
+                 min_new_tokens=0, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=0,
+                 eos_token_id=None, pad_token_id=None) -> np.ndarray:
+        """New tokens `[B, max_new_tokens]` (int32); after a row emits a stop id, the pad id.
+
+        Inputs as in `forward` (left padding expected; right-padded rows are moved left). Greedy unless
+        `do_sample`; sampling applies temperature, then top_k (0 = off), then top_p (1.0 = off), with a
+        key per row derived from (seed, row); `seed` may be one int or one per row.
+        eos_token_id: int or list (default: the checkpoint's generation config).
+
+        Compiled programs: one per (batch size, prompt bucket, new-token bucket, images or not);
+        prompt lengths round up to `generate.PROMPT_BUCKETS`, max_new_tokens to `NEW_TOKEN_BUCKETS`,
+        tiles to the most the pinpoints allow, and the image count to a multiple of the batch size.
+        """
+        ids, pixels, sources, mask = self._inputs(input_ids, pixel_values, image_sizes, attention_mask,
+                                                  tiles=self.config.geometry.max_tiles,
+                                                  images_multiple=np.asarray(input_ids).shape[0])
+        ids, mask, sources = _left_align(ids, mask, sources)
+        stop_ids = self.eos_token_ids if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
+        pad_id = self.pad_token_id if pad_token_id is None else int(pad_token_id)
+        B, T = ids.shape
+        ids, mask, sources = generate.pad_prompt(ids, mask, sources, generate.bucket(T, generate.PROMPT_BUCKETS),
+                                                 pad_id)
+        opts = generate.options(B, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, seed,
+                                stop_ids, pad_id)
+        tokens = generate.generate_tokens(self.params, self.config, ids, pixels, sources if pixels is not None
+                                          else None, mask, opts, self.dtype,
+                                          generate.bucket(max_new_tokens, generate.NEW_TOKEN_BUCKETS))
+        return np.asarray(tokens)[:, :max_new_tokens]
+
+
+def _left_align(ids: np.ndarray, mask: np.ndarray, sources: np.ndarray):
+    """Moves each row's real tokens to the right end (generation needs left padding)."""
+    if mask[:, -1].all():
+        return ids, mask, sources
+    shifts = mask.shape[1] - 1 - np.where(mask.any(1), mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1), 0)
+    if ((np.diff(mask, axis=1) < 0).sum(1) > 1).any():
+        raise ValueError("attention_mask rows must be one block of ones (left or right padding)")
+    roll = lambda a: np.stack([np.roll(row, s) for row, s in zip(a, shifts)])
+    return roll(ids), roll(mask), roll(sources)

@@ -74,12 +74,13 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
-        """x `[B, T, D]`, mask bool `[B, T, S]` -> (out `[B, T, D]`, new (k, v) `[B, S, K, H]`).
+    def __call__(self, x, cos, sin, mask, cache=None, slot=None, layer=None):
+        """x `[B, T, D]`, mask bool `[B, T, S]` -> (out `[B, T, D]`, cache).
 
-        Without a cache, keys are this call's own T positions (S = T). With `kv_cache` (k, v each
-        `[B, S, K, H]`), this call's keys and values are written at `cache_index` and attention runs
-        over the whole cache; `mask` says which cache slots each query may see.
+        Without a cache, keys are this call's own T positions (S = T). With `cache` (k, v each
+        `[L, B, S, K, H]`, all layers), this call's keys and values are written in place at
+        `[layer, :, slot:slot+T]` and attention runs over the layer's whole cache; `mask` says which
+        slots each query may see.
         """
         c = self.config
         dense = lambda features, bias, name: nn.Dense(features, use_bias=bias, dtype=self.dtype,
@@ -91,14 +92,14 @@ class Attention(nn.Module):
         q = apply_rope(q.reshape(B, T, c.num_attention_heads, c.head_dim), cos, sin)
         k = apply_rope(k.reshape(B, T, c.num_key_value_heads, c.head_dim), cos, sin)
         v = v.reshape(B, T, c.num_key_value_heads, c.head_dim)
-        if kv_cache is not None:
-            k_cache, v_cache = kv_cache
-            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
+        if cache is not None:
+            write = lambda full, new: jax.lax.dynamic_update_slice(full, new[None].astype(full.dtype),
+                                                                   (layer, 0, slot, 0, 0))
+            cache = (write(cache[0], k), write(cache[1], v))
+            k, v = (jax.lax.dynamic_index_in_dim(full, layer, 0, keepdims=False) for full in cache)
         out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None],
                                            scale=c.head_dim ** -0.5)
-        out = dense(c.hidden_size, c.o_bias, "o_proj")(out.reshape(B, T, -1))
-        return out, (k, v)
+        return dense(c.hidden_size, c.o_bias, "o_proj")(out.reshape(B, T, -1)), cache
 
 
 class MLP(nn.Module):
@@ -120,13 +121,13 @@ class DecoderLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, mask, cache=None, slot=None, layer=None):
         c = self.config
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x)
-        h, kv = Attention(c, self.dtype, name="self_attn")(h, cos, sin, mask, kv_cache, cache_index)
+        h, cache = Attention(c, self.dtype, name="self_attn")(h, cos, sin, mask, cache, slot, layer)
         x = x + h
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
-        return x + MLP(c, self.dtype, name="mlp")(h), kv
+        return x + MLP(c, self.dtype, name="mlp")(h), cache
 
 
 def attention_mask(q_index: jax.Array, kv_index: jax.Array, kv_valid: jax.Array) -> jax.Array:
@@ -145,36 +146,39 @@ def _window_mask(mask, q_index, kv_index, window):
     return mask & (inside | (window == 0))
 
 
-def decoder_stack(layer_params: Params, config: TextConfig, x: jax.Array, cos, sin, mask, q_index, kv_index,
-                  cache: dict | None = None, cache_index=None, dtype=jnp.float32):
-    """Runs every decoder layer over x `[B, T, D]` with one `lax.scan`.
-
-    Returns (x, new_cache): new_cache holds the stacked (k, v) `[L, B, S, K, H]`, the whole cache
-    updated when one was given, else this call's keys and values.
-    """
-    layer = DecoderLayer(config, dtype)
-    windows = jnp.asarray(config.sliding_windows, jnp.int32)
-    use_windows = any(config.sliding_windows)
-
-    def body(h, per_layer):
-        params, window, kv_cache = per_layer
-        layer_mask = _window_mask(mask, q_index, kv_index, window) if use_windows else mask
-        h, kv = layer.apply({"params": params}, h, cos, sin, layer_mask, kv_cache, cache_index)
-        return h, kv
-
-    kv_in = None if cache is None else (cache["k"], cache["v"])
-    x, (k, v) = jax.lax.scan(body, x, (layer_params, windows, kv_in))
-    return x, {"k": k, "v": v}
+def init_cache(config: TextConfig, batch: int, length: int, dtype=jnp.float32) -> dict[str, jax.Array]:
+    """An empty KV cache: k, v `[L, B, S, K, H]`."""
+    shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
 def decode_hidden(params: Params, config: TextConfig, embeds: jax.Array, positions: jax.Array,
-                  mask: jax.Array, q_index: jax.Array, kv_index: jax.Array, cache=None, cache_index=None,
-                  dtype=jnp.float32):
-    """embeds `[B, T, D]` -> final-normed hidden states `[B, T, D]` and the (new) KV cache."""
+                  mask: jax.Array, q_index: jax.Array, kv_index: jax.Array, cache: dict | None = None,
+                  slot=None, dtype=jnp.float32):
+    """Runs every decoder layer over embeds `[B, T, D]` with one `lax.scan`, then the final norm.
+
+    positions `[B, T]` (RoPE), mask `[B, T, S]`, q_index `[B, T]` / kv_index `[S]` (sequence slots,
+    for sliding windows). With `cache`, keys/values are written at `slot` and the updated cache is
+    returned (carried through the scan, so XLA updates it in place); else the cache is None.
+    Returns (hidden `[B, T, D]`, cache).
+    """
     cos, sin = rope_tables(positions, rope_inv_freq(config.rope, config.head_dim))
-    x, cache = decoder_stack(params["layers"], config, embeds.astype(dtype), cos, sin, mask, q_index, kv_index,
-                             cache, cache_index, dtype)
-    return RMSNorm(config.rms_norm_eps, dtype).apply({"params": params["norm"]}, x), cache
+    layer = DecoderLayer(config, dtype)
+    use_windows = any(config.sliding_windows)
+
+    def body(carry, per_layer):
+        h, kv = carry
+        layer_params, window, index = per_layer
+        layer_mask = _window_mask(mask, q_index, kv_index, window) if use_windows else mask
+        h, kv = layer.apply({"params": layer_params}, h, cos, sin, layer_mask, kv, slot, index)
+        return (h, kv), None
+
+    kv = None if cache is None else (cache["k"], cache["v"])
+    per_layer = (params["layers"], jnp.asarray(config.sliding_windows, jnp.int32),
+                 jnp.arange(config.num_hidden_layers))
+    (x, kv), _ = jax.lax.scan(body, (embeds.astype(dtype), kv), per_layer)
+    x = RMSNorm(config.rms_norm_eps, dtype).apply({"params": params["norm"]}, x)
+    return x, None if kv is None else {"k": kv[0], "v": kv[1]}
 
 
 def lm_logits(params: Params, hidden: jax.Array, tied: bool) -> jax.Array:

@@ -1,0 +1,168 @@
+"""Prefill + decode with a static KV cache, all in one compiled program per shape bucket.
+
+Layout of a batch in the cache, for a prompt bucket of T slots and a new-token bucket of N:
+
+    slot:    0   1   2   3   4 | 5   6   7 ...            (T = 5, N = 8: S = 13 slots)
+    row 0:   pad pad  a   b   c | x0  x1  x2 ...
+    row 1:    d   e   f   g   h | y0  y1  y2 ...
+
+Prompts are left-padded so every row's last prompt token sits in slot T-1 and new token i of every
+row goes to slot T+i: one scalar write index for the whole batch. RoPE positions ignore pads
+(`cumsum(mask) - 1`), so a row's numbers do not depend on how much padding it got, and the prompt
+bucket only changes which slots are masked. `kv_valid [B, S]` is the prompt's attention mask
+followed by ones; causality (`slot <= query slot`) hides slots not written yet.
+
+The loop is one `lax.while_loop`: it runs while `step < max_new_tokens and not all(done)`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import LlavaNextConfig
+from .modeling import decoder, llava_next
+
+PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 1536, 2048, 2560, 3072, 4096, 5120, 6144, 8192)
+NEW_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+MAX_STOP_IDS = 8
+
+
+def bucket(n: int, buckets: tuple[int, ...]) -> int:
+    """Smallest bucket >= n; past the last, the next multiple of the last bucket."""
+    for b in buckets:
+        if n <= b:
+            return b
+    return -(-n // buckets[-1]) * buckets[-1]
+
+
+# --- sampling ------------------------------------------------------------------------------------
+
+def _top_k_filter(logits: jax.Array, top_k: jax.Array) -> jax.Array:
+    """Keeps logits >= the k-th largest (ties kept, as the reference does); k <= 0 keeps all. `[B, V]`."""
+    V = logits.shape[-1]
+    kth = jnp.sort(logits, axis=-1)[:, V - jnp.clip(top_k, 1, V)][:, None]
+    return jnp.where((top_k > 0) & (logits < kth), -jnp.inf, logits)
+
+
+def _top_p_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Drops the least likely tokens whose total probability is <= 1 - top_p; the top token always stays."""
+    order = jnp.argsort(logits, axis=-1)                        # ascending
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    remove = (cumulative <= 1 - top_p).at[:, -1].set(False)
+    remove = jnp.zeros_like(remove).at[jnp.arange(logits.shape[0])[:, None], order].set(remove)
+    return jnp.where((top_p < 1.0) & remove, -jnp.inf, logits)
+
+
+def select_tokens(logits: jax.Array, keys: jax.Array, do_sample, temperature, top_k, top_p) -> jax.Array:
+    """Next tokens `[B]` from float32 logits `[B, V]`: argmax, or temperature -> top-k -> top-p -> sample."""
+    def sample(logits):
+        logits = logits / jnp.maximum(temperature, 1e-6)
+        logits = _top_p_filter(_top_k_filter(logits, top_k), top_p)
+        return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+    greedy = lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.lax.cond(do_sample & (temperature > 0), sample, greedy, logits)
+
+
+# --- prefill and decode --------------------------------------------------------------------------
+
+def prefill(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask, cache, dtype):
+    """Runs the prompt `[B, T]` through the model, filling cache slots [0, T).
+
+    Returns (logits of the last slot `[B, V]` float32, cache, kv_valid `[B, S]`).
+    """
+    B, T = input_ids.shape
+    S = cache["k"].shape[2]
+    x = llava_next.embed_inputs(params, config, input_ids, pixel_values, sources, dtype)
+    kv_valid = jnp.concatenate([attention_mask.astype(bool), jnp.ones((B, S - T), bool)], axis=1)
+    q_index = jnp.broadcast_to(jnp.arange(T), (B, T))
+    kv_index = jnp.arange(S)
+    mask = decoder.attention_mask(q_index, kv_index, kv_valid)
+    hidden, cache = decoder.decode_hidden(params["language_model"], config.text, x,
+                                          llava_next.positions_from_mask(attention_mask), mask, q_index, kv_index,
+                                          cache, 0, dtype)
+    return decoder.lm_logits(params, hidden[:, -1:], config.tie_word_embeddings)[:, 0], cache, kv_valid
+
+
+def decode_step(params, config: LlavaNextConfig, tokens, positions, slot, kv_valid, cache, dtype):
+    """One new token per row: tokens, positions `[B]`, written at cache `slot`. Returns (logits `[B, V]`, cache)."""
+    B = tokens.shape[0]
+    x = params["language_model"]["embed_tokens"]["embedding"][tokens[:, None]].astype(dtype)
+    q_index = jnp.full((B, 1), slot)
+    kv_index = jnp.arange(kv_valid.shape[1])
+    mask = decoder.attention_mask(q_index, kv_index, kv_valid)
+    hidden, cache = decoder.decode_hidden(params["language_model"], config.text, x, positions[:, None], mask,
+                                          q_index, kv_index, cache, slot, dtype)
+    return decoder.lm_logits(params, hidden, config.tie_word_embeddings)[:, 0], cache
+
+
+@partial(jax.jit, static_argnames=("config", "dtype", "new_bucket"))
+def generate_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask,
+                    options: dict[str, jax.Array], dtype, new_bucket: int):
+    """Prefill + `lax.while_loop` decode; returns new tokens `[B, new_bucket]` (pad after a row stops).
+
+    options (all traced, so changing them compiles nothing): max_new_tokens, min_new_tokens,
+    do_sample, temperature, top_k, top_p, seeds `[B]`, stop_ids `[MAX_STOP_IDS]` (-1 = unused), pad_id.
+    """
+    B, T = input_ids.shape
+    cache = decoder.init_cache(config.text, B, T + new_bucket, dtype)
+    logits, cache, kv_valid = prefill(params, config, input_ids, pixel_values, sources, attention_mask, cache,
+                                      dtype)
+    next_position = jnp.sum(attention_mask, axis=1).astype(jnp.int32)  # first new token's RoPE position
+    row_keys = jax.vmap(lambda seed, row: jax.random.fold_in(jax.random.key(seed), row))(
+        options["seeds"], jnp.arange(B))
+    stop_ids = options["stop_ids"]
+
+    def cond(state):
+        step, _, _, _, done = state
+        return (step < options["max_new_tokens"]) & ~jnp.all(done)
+
+    def body(state):
+        step, tokens, logits, cache, done = state
+        too_early = step < options["min_new_tokens"]
+        is_stop_id = (jnp.arange(logits.shape[-1])[:, None] == stop_ids[None, :]).any(-1)
+        logits = jnp.where(too_early & is_stop_id, -jnp.inf, logits)
+        keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
+        token = select_tokens(logits, keys, options["do_sample"], options["temperature"], options["top_k"],
+                              options["top_p"])
+        token = jnp.where(done, options["pad_id"], token)
+        tokens = tokens.at[:, step].set(token)
+        done = done | (token[:, None] == stop_ids[None, :]).any(-1)
+        logits, cache = decode_step(params, config, token, next_position + step, T + step, kv_valid, cache, dtype)
+        return step + 1, tokens, logits, cache, done
+
+    tokens = jnp.full((B, new_bucket), options["pad_id"], jnp.int32)
+    state = (jnp.int32(0), tokens, logits, cache, jnp.zeros((B,), bool))
+    return jax.lax.while_loop(cond, body, state)[1]
+
+
+def pad_prompt(input_ids: np.ndarray, attention_mask: np.ndarray, sources: np.ndarray, length: int, pad_id: int):
+    """Left-pads `[B, T]` arrays to `[B, length]` (mask 0, sources TEXT) so prompts share a bucket."""
+    from .anyres import TEXT
+    extra = length - input_ids.shape[1]
+    pad = lambda a, value: np.pad(a, ((0, 0), (extra, 0)), constant_values=value)
+    return pad(input_ids, pad_id), pad(attention_mask, 0), pad(sources, TEXT)
+
+
+def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
+            top_p: float, seed: Any, stop_ids: tuple[int, ...], pad_id: int) -> dict[str, np.ndarray]:
+    """The traced generation options, checked, as fixed-shape arrays."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+    if not 0 <= min_new_tokens <= max_new_tokens:
+        raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}]; got {min_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
+    if len(stop_ids) > MAX_STOP_IDS:
+        raise ValueError(f"at most {MAX_STOP_IDS} eos_token_id values; got {len(stop_ids)}")
+    seeds = np.broadcast_to(np.asarray(seed, np.uint32), (B,)).copy()
+    return dict(max_new_tokens=np.int32(max_new_tokens), min_new_tokens=np.int32(min_new_tokens),
+                do_sample=np.bool_(do_sample), temperature=np.float32(temperature), top_k=np.int32(top_k),
+                top_p=np.float32(top_p), seeds=seeds, pad_id=np.int32(pad_id),
+                stop_ids=np.array(list(stop_ids) + [-1] * (MAX_STOP_IDS - len(stop_ids)), np.int32))

@@ -1,0 +1,118 @@
+"""Generation against HF's `generate`, batch invariance, sampling and the compile count."""
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_models as tm
+from llava_next_jax import LlavaNext, generate
+from llava_next_jax.generate import generate_tokens, select_tokens
+
+ROWS = [(3, [(480, 640)], 4), (5, [(88, 55)], 2), (9, [(1, 300)], 3)]
+NEW = 20
+
+
+@pytest.fixture(scope="module", params=["mistral", "llama3", "qwen2", "vicuna"])
+def family(request, tmp_path_factory):
+    hf = tm.build_model(request.param, seed=3)
+    path = tmp_path_factory.mktemp(request.param)
+    tm.save_checkpoint(hf, str(path))
+    return hf, LlavaNext.from_pretrained(str(path))
+
+
+def hf_generate(hf, batch, **kw):
+    args = {k: torch.from_numpy(v) for k, v in batch.items()}
+    with torch.no_grad():
+        out = hf.generate(**args, do_sample=False, max_new_tokens=NEW, pad_token_id=0, **kw)
+    new = out[:, batch["input_ids"].shape[1]:].numpy()
+    return np.pad(new, ((0, 0), (0, NEW - new.shape[1])))  # HF stops early once every row is done; pad id 0
+
+
+def test_greedy_equals_hf_and_stops_like_hf(family):
+    hf, model = family
+    batch = tm.make_batch(hf.config, ROWS, seed=5)
+    ref = hf_generate(hf, batch, eos_token_id=[])
+    np.testing.assert_array_equal(model.generate(**batch, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0), ref)
+    # Stop ids taken from the reference's own output: row 0 stops at step 4, others when they meet them.
+    stops = [int(ref[0, 4]), int(ref[1, 7])]
+    ref = hf_generate(hf, batch, eos_token_id=stops)
+    assert (ref[0, 5:] == 0).all()
+    ours = model.generate(**batch, max_new_tokens=NEW, eos_token_id=stops, pad_token_id=0)
+    np.testing.assert_array_equal(ours, ref)
+    ref = hf_generate(hf, batch, eos_token_id=stops, min_new_tokens=8)
+    np.testing.assert_array_equal(model.generate(**batch, max_new_tokens=NEW, min_new_tokens=8, eos_token_id=stops,
+                                                 pad_token_id=0), ref)
+
+
+def test_row_alone_equals_row_in_mixed_batch(family):
+    hf, model = family
+    batch = tm.make_batch(hf.config, ROWS, seed=6)
+    together = model.generate(**batch, max_new_tokens=NEW, eos_token_id=[])
+    for row, spec in enumerate(ROWS):
+        alone = tm.make_batch(hf.config, [spec], seed=6)
+        # same tokens as that row of the batch (make_batch draws the same ids per row for one seed)
+        ids = batch["input_ids"][row][batch["attention_mask"][row] == 1][None]
+        image = slice(row, row + 1)
+        out = model.generate(ids, batch["pixel_values"][image, :alone["pixel_values"].shape[1]],
+                             batch["image_sizes"][image], max_new_tokens=NEW, eos_token_id=[])
+        np.testing.assert_array_equal(out[0], together[row])
+
+
+def test_sampling_limits_reproducibility_and_row_independence(family):
+    hf, model = family
+    batch = tm.make_batch(hf.config, ROWS, seed=7)
+    greedy = model.generate(**batch, max_new_tokens=NEW, eos_token_id=[])
+    sample = lambda b=batch, **kw: model.generate(**b, max_new_tokens=NEW, eos_token_id=[], do_sample=True, **kw)
+    np.testing.assert_array_equal(sample(top_k=1, seed=1), greedy)
+    np.testing.assert_array_equal(sample(temperature=1e-4, seed=2), greedy)
+    a, b = sample(seed=11, temperature=1.5), sample(seed=11, temperature=1.5)
+    np.testing.assert_array_equal(a, b)
+    assert (sample(seed=12, temperature=1.5) != a).any()
+    # Row 0's draws depend on (seed, row) only, not on the other rows.
+    other = tm.make_batch(hf.config, [ROWS[0], ROWS[2], ROWS[1]], seed=7)
+    np.testing.assert_array_equal(sample(other, seed=11, temperature=1.5)[0], a[0])
+
+
+def _hf_filtered(logits, top_k, top_p, temperature):
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+    scores = torch.from_numpy(logits)
+    scores = TemperatureLogitsWarper(temperature)(None, scores)
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return torch.softmax(scores, -1).numpy()
+
+
+@pytest.mark.parametrize("top_k,top_p,temperature", [(3, 1.0, 1.0), (0, 0.7, 1.0), (5, 0.8, 0.7), (0, 1.0, 2.0)])
+def test_sampling_frequencies_match_reference_distribution(top_k, top_p, temperature):
+    import jax
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 1.5, (2, 12)).astype(np.float32)
+    logits[1, 3] = logits[1, 7]  # a tie at the boundary must be handled as the reference does
+    expected = _hf_filtered(logits, top_k, top_p, temperature)
+    draws = 40000
+    keys = jax.random.split(jax.random.key(0), draws * 2).reshape(draws, 2)
+    tokens = np.asarray(jax.jit(jax.vmap(lambda k: select_tokens(logits, k, True, temperature, top_k, top_p)))(keys))
+    for row in range(2):
+        counts = np.bincount(tokens[:, row], minlength=12) / draws
+        assert set(np.flatnonzero(counts)) <= set(np.flatnonzero(expected[row] > 0))
+        np.testing.assert_allclose(counts, expected[row], atol=0.012)  # ~5 sigma at p=0.5
+
+
+def test_compile_count_bounded_by_buckets(tmp_path):
+    hf = tm.build_model("mistral", seed=4)
+    tm.save_checkpoint(hf, str(tmp_path))
+    model = LlavaNext.from_pretrained(str(tmp_path))
+    run = lambda rows, new=10: model.generate(**tm.make_batch(hf.config, rows, seed=len(rows)), max_new_tokens=new)
+    run([(3, [(480, 640)], 4), (5, [(88, 55)], 2)])
+    compiled = generate_tokens._cache_size()
+    # New image sizes / aspect ratios / tile counts, other prompt lengths in the same bucket, other
+    # max_new_tokens in the same bucket: nothing new to compile.
+    run([(1, [(100, 100)], 1), (20, [(1, 900)], 9)], new=16)
+    run([(4, [(1000, 20)], 0), (2, [(333, 444)], 30)], new=3)
+    assert generate_tokens._cache_size() == compiled
+    assert generate.bucket(100, generate.PROMPT_BUCKETS) == 128
+    run([(3, [(480, 640)], 4), (5, [(88, 55)], 200)])  # next prompt bucket: one more program
+    assert generate_tokens._cache_size() == compiled + 1
