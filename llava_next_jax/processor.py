@@ -173,7 +173,8 @@ def to_rgb_image(image, apply_exif_orientation: bool | None = None) -> Image.Ima
         if "A" in image.getbands() or image.info.get("transparency") is not None:
             rgba = image.convert("RGBA")
             image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        return image.convert("RGB")
+        image.load()  # decode once here, not lazily in two resize threads at a time
+        return image if image.mode == "RGB" else image.convert("RGB")
     if isinstance(image, np.ndarray):
         return Image.fromarray(_array_to_rgb(image))
     raise TypeError(f"unsupported image type {type(image).__name__}: pass a path, a PIL image or a uint8 HWC array")
