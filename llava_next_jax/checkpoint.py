@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
@@ -57,21 +57,10 @@ def _nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
     return nest(flat)
 
 
-def storage_tensors(params: Any) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
-    """(storage path, host array) for an in-memory params tree: stacked leaves split per layer."""
-    from .convert import storage_path
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        path = tuple(k.key for k in path)
-        if path[1:2] == ("layers",):
-            for layer in range(leaf.shape[0]):
-                yield storage_path(path, layer), np.asarray(leaf[layer])
-        else:
-            yield path, np.asarray(leaf)
-
-
 def save_params(out_dir: str, params: Any) -> None:
     """Writes a whole in-memory params tree (e.g. after fine-tuning) in the converted layout."""
-    save_streaming(out_dir, storage_tensors(params))
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    save_streaming(out_dir, ((tuple(k.key for k in p), np.asarray(v)) for p, v in leaves))
 
 
 def write_marker(out_dir: str, **info) -> None:
@@ -97,10 +86,9 @@ def saved_shapes(path: str) -> Any:
 
 
 def load_params(path: str, dtype=None, shardings: Any = None) -> Any:
-    """Restores `path/params` as jax Arrays, cast to `dtype` (None: as saved), layers stacked for `lax.scan`.
+    """Restores `path/params` as jax Arrays, cast to `dtype` (None: as saved).
 
-    shardings: a pytree of `jax.sharding.Sharding` matching the stored (per-layer) tree, or None for
-    the default device.
+    shardings: a pytree of `jax.sharding.Sharding` matching the params, or None for the default device.
     """
     from orbax.checkpoint.experimental.v1 import load
     shapes = saved_shapes(path)
@@ -109,5 +97,4 @@ def load_params(path: str, dtype=None, shardings: Any = None) -> Any:
         shardings = jax.tree.map(lambda _: device, shapes)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype, sharding=sh),
                             shapes, shardings)
-    from .convert import stack_layers
-    return stack_layers(load(os.path.join(path, PARAMS_DIR), abstract))
+    return load(os.path.join(path, PARAMS_DIR), abstract)

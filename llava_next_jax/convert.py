@@ -7,9 +7,8 @@ Three key layouts are in the wild (reference.md); each name is first brought to 
   transformers 5 live: model.language_model.layers.0...   model.vision_tower.encoder...  lm_head.weight
   canonical:           language_model.layers.0...          vision_tower.encoder...        lm_head.weight
 
-then mapped by `_RULES` to a params path (`language_model/layers/self_attn/q_proj/kernel`), a layer
-index for stacked leaves, and a layout change (torch Linear `[out, in]` -> `[in, out]`; conv
-`[out, in, p, p]` -> `[p, p, in, out]`).
+then mapped by `_RULES` to a params path (`language_model/layers/3/self_attn/q_proj/kernel`) and a
+layout change (torch Linear `[out, in]` -> `[in, out]`; conv `[out, in, p, p]` -> `[p, p, in, out]`).
 """
 
 from __future__ import annotations
@@ -40,16 +39,15 @@ _linear = lambda w: np.ascontiguousarray(w.T)                          # [out, i
 _conv = lambda w: np.ascontiguousarray(w.transpose(2, 3, 1, 0))        # [out, in, p, p] -> [p, p, in, out]
 _same = lambda w: w
 
-# (canonical-name pattern, params path template, layout change). `{1}`, `{2}` are regex groups;
-# a pattern with a `(\d+)` first group fills one slice of a leaf stacked over layers.
+# (canonical-name pattern, params path template, layout change). `{1}`, `{2}` are regex groups.
 _RULES: list[tuple[re.Pattern, str, Callable]] = [(re.compile(p), t, f) for p, t, f in [
     (r"language_model\.embed_tokens\.weight", "language_model/embed_tokens/embedding", _same),
     (r"language_model\.norm\.weight", "language_model/norm/scale", _same),
     (r"language_model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.\w+_proj)\.weight",
-     "language_model/layers/{2}/kernel", _linear),
+     "language_model/layers/{1}/{2}/kernel", _linear),
     (r"language_model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.\w+_proj)\.bias",
-     "language_model/layers/{2}/bias", _same),
-    (r"language_model\.layers\.(\d+)\.(\w+_layernorm)\.weight", "language_model/layers/{2}/scale", _same),
+     "language_model/layers/{1}/{2}/bias", _same),
+    (r"language_model\.layers\.(\d+)\.(\w+_layernorm)\.weight", "language_model/layers/{1}/{2}/scale", _same),
     (r"lm_head\.weight", "lm_head/kernel", _linear),
     (r"vision_tower\.embeddings\.patch_embedding\.weight", "vision_tower/embeddings/patch_embedding/kernel", _conv),
     (r"vision_tower\.embeddings\.class_embedding", "vision_tower/embeddings/class_embedding", _same),
@@ -58,11 +56,11 @@ _RULES: list[tuple[re.Pattern, str, Callable]] = [(re.compile(p), t, f) for p, t
     (r"vision_tower\.(pre_layrnorm|post_layernorm)\.weight", "vision_tower/{1}/scale", _same),
     (r"vision_tower\.(pre_layrnorm|post_layernorm)\.bias", "vision_tower/{1}/bias", _same),
     (r"vision_tower\.encoder\.layers\.(\d+)\.(self_attn\.\w+_proj|mlp\.fc[12])\.weight",
-     "vision_tower/layers/{2}/kernel", _linear),
+     "vision_tower/layers/{1}/{2}/kernel", _linear),
     (r"vision_tower\.encoder\.layers\.(\d+)\.(self_attn\.\w+_proj|mlp\.fc[12])\.bias",
-     "vision_tower/layers/{2}/bias", _same),
-    (r"vision_tower\.encoder\.layers\.(\d+)\.(layer_norm[12])\.weight", "vision_tower/layers/{2}/scale", _same),
-    (r"vision_tower\.encoder\.layers\.(\d+)\.(layer_norm[12])\.bias", "vision_tower/layers/{2}/bias", _same),
+     "vision_tower/layers/{1}/{2}/bias", _same),
+    (r"vision_tower\.encoder\.layers\.(\d+)\.(layer_norm[12])\.weight", "vision_tower/layers/{1}/{2}/scale", _same),
+    (r"vision_tower\.encoder\.layers\.(\d+)\.(layer_norm[12])\.bias", "vision_tower/layers/{1}/{2}/bias", _same),
     (r"multi_modal_projector\.(linear_[12])\.weight", "multi_modal_projector/{1}/kernel", _linear),
     (r"multi_modal_projector\.(linear_[12])\.bias", "multi_modal_projector/{1}/bias", _same),
     (r"image_newline", "image_newline", _same),
@@ -80,7 +78,6 @@ def canonical_name(key: str) -> str:
 @dataclass(frozen=True)
 class Target:
     path: tuple[str, ...]   # params path
-    layer: int | None        # slice of a stacked leaf, or None
     layout: Callable[[np.ndarray], np.ndarray]
 
 
@@ -90,10 +87,8 @@ def target_of(key: str) -> Target | None:
     for pattern, template, layout in _RULES:
         m = pattern.fullmatch(name)
         if m:
-            groups = [g.replace(".", "/") for g in m.groups()]
-            path = template.format(None, *groups)
-            layer = int(m.group(1)) if r"(\d+)" in pattern.pattern else None
-            return Target(tuple(path.split("/")), layer, layout)
+            path = template.format(None, *(g.replace(".", "/") for g in m.groups()))
+            return Target(tuple(path.split("/")), layout)
     if any(p.fullmatch(name) for p in _IGNORED):
         return None
     raise KeyError(key)
@@ -170,10 +165,10 @@ def expected_shapes(config: LlavaNextConfig) -> dict[tuple[str, ...], tuple[int,
     return {tuple(k.key for k in path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def plan(files: TensorFiles, config: LlavaNextConfig) -> dict[tuple[str, ...], list[tuple[int | None, str, Target]]]:
-    """Assigns every source tensor to its leaf; errors name any unknown, missing or duplicated tensor."""
+def plan(files: TensorFiles, config: LlavaNextConfig) -> dict[tuple[str, ...], tuple[str, Target]]:
+    """Assigns every source tensor to its parameter; errors name any unknown, missing or duplicated tensor."""
     shapes = expected_shapes(config)
-    sources: dict[tuple[str, ...], list] = {path: [] for path in shapes}
+    sources: dict[tuple[str, ...], list[tuple[str, Target]]] = {path: [] for path in shapes}
     unknown = []
     for key in files.keys():
         try:
@@ -181,76 +176,40 @@ def plan(files: TensorFiles, config: LlavaNextConfig) -> dict[tuple[str, ...], l
         except KeyError:
             unknown.append(key)
             continue
-        if target is None:
-            continue
-        if target.path == ("lm_head", "kernel") and config.tie_word_embeddings:
-            continue  # a tied head saved anyway is a copy of embed_tokens
+        if target is None or (target.path == ("lm_head", "kernel") and config.tie_word_embeddings):
+            continue  # a recomputed buffer, or a tied head saved anyway (a copy of embed_tokens)
         if target.path not in sources:
             unknown.append(key)
             continue
-        sources[target.path].append((target.layer, key, target))
+        sources[target.path].append((key, target))
     if unknown:
         raise ValueError(f"{files.src_dir}: {len(unknown)} tensors match no LLaVA-NeXT parameter for this config, "
                          f"e.g. {sorted(unknown)[:5]}")
-    for path, found in sources.items():
-        layers = shapes[path][0] if _is_stacked(path) else None
-        wanted = list(range(layers)) if layers is not None else [None]
-        have = sorted((layer for layer, _, _ in found), key=lambda v: -1 if v is None else v)
-        if have != wanted:
-            hint = " (config.json says tie_word_embeddings=false)" if path == ("lm_head", "kernel") else ""
-            raise ValueError(f"{files.src_dir}: parameter {'/'.join(path)} expects source tensors for layers "
-                             f"{wanted} but found {have} among {[k for _, k, _ in found]}{hint}")
-    return sources
-
-
-def _is_stacked(path: tuple[str, ...]) -> bool:
-    return len(path) > 1 and path[1] == "layers"
-
-
-def storage_path(path: tuple[str, ...], layer: int | None) -> tuple[str, ...]:
-    """Where one tensor lives in a converted checkpoint: stacked leaves are stored a layer at a time,
-    `language_model/layers/3/mlp/up_proj/kernel`, mirroring HF's `layers.3.mlp.up_proj`."""
-    return path if layer is None else path[:2] + (str(layer),) + path[2:]
+    missing = [path for path, found in sources.items() if not found]
+    if missing:
+        hint = (" (config.json says tie_word_embeddings=false)" if ("lm_head", "kernel") in missing else "")
+        raise ValueError(f"{files.src_dir}: no source tensor for {len(missing)} parameters, e.g. "
+                         f"{['/'.join(p) for p in missing[:5]]}{hint}")
+    twice = {"/".join(path): [k for k, _ in found] for path, found in sources.items() if len(found) > 1}
+    if twice:
+        raise ValueError(f"{files.src_dir}: several tensors map to one parameter: {twice}")
+    return {path: found[0] for path, found in sources.items()}
 
 
 def iter_tensors(src_dir: str, config: LlavaNextConfig, dtype: str | None = None
                  ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
-    """Yields (storage path, array) one source tensor at a time, in our layout, checked against the config.
+    """Yields (params path, array) one source tensor at a time, in our layout, checked against the config.
 
     dtype: "float32", "bfloat16", "float16", or None to keep each tensor's own dtype.
     """
     files = TensorFiles(src_dir)
     shapes = expected_shapes(config)
-    for path, found in plan(files, config).items():
-        for layer, key, target in sorted(found, key=lambda f: -1 if f[0] is None else f[0]):
-            tensor = target.layout(files.load(key))
-            want = shapes[path][1:] if layer is not None else shapes[path]
-            if tensor.shape != tuple(want):
-                raise ValueError(f"{src_dir}: tensor {key} has shape {tuple(tensor.shape)} after layout change; "
-                                 f"parameter {'/'.join(path)} expects {tuple(want)} (check config.json sizes)")
-            yield storage_path(path, layer), tensor.astype(DTYPES[dtype]) if dtype else tensor
-
-
-def stack_layers(tree: dict[str, Any]) -> dict[str, Any]:
-    """Turns stored `{..., "layers": {"0": t0, "1": t1, ...}}` into `{"layers": stacked t}` (leading axis L),
-    for `language_model` and `vision_tower`, in place. One leaf kind is stacked at a time and its
-    per-layer arrays dropped right away, so memory grows by at most one stacked leaf."""
-    import jax.numpy as jnp
-    for part in ("language_model", "vision_tower"):
-        layers = tree[part]["layers"]
-        count = len(layers)
-        if sorted(layers) != sorted(map(str, range(count))):
-            raise ValueError(f"{part}/layers has keys {sorted(layers)[:5]}..., expected 0..{count - 1}")
-        treedef = jax.tree.structure(layers["0"])
-        columns = [jax.tree.leaves(layers.pop(str(i))) for i in range(count)]
-        stacked = []
-        for j in range(treedef.num_leaves):
-            stack = np if isinstance(columns[0][j], np.ndarray) else jnp
-            stacked.append(stack.stack([columns[i][j] for i in range(count)]))
-            for column in columns:
-                column[j] = None
-        tree[part]["layers"] = jax.tree.unflatten(treedef, stacked)
-    return tree
+    for path, (key, target) in plan(files, config).items():
+        tensor = target.layout(files.load(key))
+        if tensor.shape != shapes[path]:
+            raise ValueError(f"{src_dir}: tensor {key} has shape {tuple(tensor.shape)} after layout change; "
+                             f"parameter {'/'.join(path)} expects {shapes[path]} (check config.json sizes)")
+        yield path, tensor.astype(DTYPES[dtype]) if dtype else tensor
 
 
 def nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Prefill + decode with a static KV cache, all in one compiled program per shape bucket.
+"""Prefill + decode with a static KV cache: two compiled programs per shape bucket.
 
 Layout of a batch in the cache, for a prompt bucket of T slots and a new-token bucket of N:
 
@@ -12,7 +12,9 @@ row goes to slot T+i: one scalar write index for the whole batch. RoPE positions
 bucket only changes which slots are masked. `kv_valid [B, S]` is the prompt's attention mask
 followed by ones; causality (`slot <= query slot`) hides slots not written yet.
 
-The loop is one `lax.while_loop`: it runs while `step < max_new_tokens and not all(done)`.
+The decode loop is one `lax.while_loop`: it runs while `step < max_new_tokens and not all(done)`,
+with no Python between tokens; the cache moves from the prefill program to the decode program
+donated, so it is never copied.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def prefill(params, config: LlavaNextConfig, input_ids, pixel_values, sources, a
     Returns (logits of the last slot `[B, V]` float32, cache, kv_valid `[B, S]`).
     """
     B, T = input_ids.shape
-    S = cache["k"].shape[2]
+    S = cache[0][0].shape[1]
     x = llava_next.embed_inputs(params, config, input_ids, pixel_values, sources, dtype)
     kv_valid = jnp.concatenate([attention_mask.astype(bool), jnp.ones((B, S - T), bool)], axis=1)
     q_index = jnp.broadcast_to(jnp.arange(T), (B, T))
@@ -102,19 +104,30 @@ def decode_step(params, config: LlavaNextConfig, tokens, positions, slot, kv_val
     return decoder.lm_logits(params, hidden, config.tie_word_embeddings)[:, 0], cache
 
 
-@partial(jax.jit, static_argnames=("config", "dtype", "new_bucket"))
-def generate_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask,
-                    options: dict[str, jax.Array], dtype, new_bucket: int):
-    """Prefill + `lax.while_loop` decode; returns new tokens `[B, new_bucket]` (pad after a row stops).
+@partial(jax.jit, static_argnames=("config", "dtype", "cache_length"))
+def prefill_program(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask, dtype,
+                    cache_length: int):
+    """The compiled prefill: a fresh cache of `cache_length` slots, filled with the prompt.
 
-    options (all traced, so changing them compiles nothing): max_new_tokens, min_new_tokens,
-    do_sample, temperature, top_k, top_p, seeds `[B]`, stop_ids `[MAX_STOP_IDS]` (-1 = unused), pad_id.
+    Returns (last-slot logits `[B, V]`, cache, kv_valid `[B, S]`).
     """
-    B, T = input_ids.shape
-    cache = decoder.init_cache(config.text, B, T + new_bucket, dtype)
-    logits, cache, kv_valid = prefill(params, config, input_ids, pixel_values, sources, attention_mask, cache,
-                                      dtype)
-    next_position = jnp.sum(attention_mask, axis=1).astype(jnp.int32)  # first new token's RoPE position
+    cache = decoder.init_cache(config.text, input_ids.shape[0], cache_length, dtype)
+    return prefill(params, config, input_ids, pixel_values, sources, attention_mask, cache, dtype)
+
+
+@partial(jax.jit, static_argnames=("config", "dtype", "new_bucket"), donate_argnames=("cache",))
+def decode_program(params, config: LlavaNextConfig, logits, cache, kv_valid, options: dict[str, jax.Array], dtype,
+                   new_bucket: int):
+    """The compiled decode loop, one `lax.while_loop`; returns (new tokens `[B, new_bucket]`, cache).
+
+    logits `[B, V]`: the prefill's last slot. The cache (donated, updated in place) has
+    `T + new_bucket` slots, the prompt in the first T. options (all traced, so changing them
+    compiles nothing): max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
+    seeds `[B]`, stop_ids `[MAX_STOP_IDS]` (-1 = unused), pad_id.
+    """
+    B, S = kv_valid.shape
+    T = S - new_bucket
+    next_position = jnp.sum(kv_valid[:, :T], axis=1).astype(jnp.int32)  # first new token's RoPE position
     row_keys = jax.vmap(lambda seed, row: jax.random.fold_in(jax.random.key(seed), row))(
         options["seeds"], jnp.arange(B))
     stop_ids = options["stop_ids"]
@@ -139,7 +152,21 @@ def generate_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, so
 
     tokens = jnp.full((B, new_bucket), options["pad_id"], jnp.int32)
     state = (jnp.int32(0), tokens, logits, cache, jnp.zeros((B,), bool))
-    return jax.lax.while_loop(cond, body, state)[1]
+    _, tokens, _, cache, _ = jax.lax.while_loop(cond, body, state)
+    return tokens, cache  # returning the cache lets XLA reuse the donated buffers in place
+
+
+def generate_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask,
+                    options: dict[str, jax.Array], dtype, new_bucket: int) -> jax.Array:
+    """Prefill then decode: new tokens `[B, new_bucket]` (pad after a row stops). Two compiled programs."""
+    logits, cache, kv_valid = prefill_program(params, config, input_ids, pixel_values, sources, attention_mask,
+                                              dtype, input_ids.shape[1] + new_bucket)
+    return decode_program(params, config, logits, cache, kv_valid, options, dtype, new_bucket)[0]
+
+
+def compiled_programs() -> int:
+    """How many generation programs have been compiled so far (prefill + decode)."""
+    return prefill_program._cache_size() + decode_program._cache_size()
 
 
 def pad_prompt(input_ids: np.ndarray, attention_mask: np.ndarray, sources: np.ndarray, length: int, pad_id: int):

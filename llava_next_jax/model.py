@@ -6,7 +6,6 @@ import json
 import os
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -47,8 +46,7 @@ class LlavaNext:
             params = checkpoint.load_params(path, dtype)
         else:
             name = None if dtype is None else dtype.name
-            params = convert.stack_layers(convert.nest(dict(convert.iter_tensors(path, config, name))))
-            params = jax.tree.map(jnp.asarray, params)
+            params = convert.nest({p: jnp.asarray(a) for p, a in convert.iter_tensors(path, config, name)})
         generation_config = None
         if os.path.isfile(os.path.join(path, "generation_config.json")):
             with open(os.path.join(path, "generation_config.json")) as f:
@@ -107,10 +105,20 @@ class LlavaNext:
         key per row derived from (seed, row); `seed` may be one int or one per row.
         eos_token_id: int or list (default: the checkpoint's generation config).
 
-        Compiled programs: one per (batch size, prompt bucket, new-token bucket, images or not);
-        prompt lengths round up to `generate.PROMPT_BUCKETS`, max_new_tokens to `NEW_TOKEN_BUCKETS`,
-        tiles to the most the pinpoints allow, and the image count to a multiple of the batch size.
+        Compiled programs: a prefill and a decode loop per (batch size, prompt bucket, new-token
+        bucket, images or not); prompt lengths round up to `generate.PROMPT_BUCKETS`, max_new_tokens
+        to `NEW_TOKEN_BUCKETS`, tiles to the most the pinpoints allow, and the image count to a
+        multiple of the batch size. Sampling settings are runtime values: they compile nothing.
         """
+        args = self.generation_inputs(input_ids, pixel_values, image_sizes, attention_mask, max_new_tokens,
+                                      min_new_tokens, do_sample, temperature, top_k, top_p, seed, eos_token_id,
+                                      pad_token_id)
+        return np.asarray(generate.generate_tokens(self.params, self.config, **args))[:, :max_new_tokens]
+
+    def generation_inputs(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
+                          max_new_tokens=32, min_new_tokens=0, do_sample=False, temperature=1.0, top_k=0,
+                          top_p=1.0, seed=0, eos_token_id=None, pad_token_id=None) -> dict[str, Any]:
+        """The bucketed, padded arguments `generate.generate_tokens` takes (see `generate`)."""
         ids, pixels, sources, mask = self._inputs(input_ids, pixel_values, image_sizes, attention_mask,
                                                   tiles=self.config.geometry.max_tiles,
                                                   images_multiple=np.asarray(input_ids).shape[0])
@@ -122,10 +130,9 @@ class LlavaNext:
                                                  pad_id)
         opts = generate.options(B, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, seed,
                                 stop_ids, pad_id)
-        tokens = generate.generate_tokens(self.params, self.config, ids, pixels, sources if pixels is not None
-                                          else None, mask, opts, self.dtype,
-                                          generate.bucket(max_new_tokens, generate.NEW_TOKEN_BUCKETS))
-        return np.asarray(tokens)[:, :max_new_tokens]
+        return dict(input_ids=ids, pixel_values=pixels, sources=None if pixels is None else sources,
+                    attention_mask=mask, options=opts, dtype=self.dtype,
+                    new_bucket=generate.bucket(max_new_tokens, generate.NEW_TOKEN_BUCKETS))
 
 
 def _left_align(ids: np.ndarray, mask: np.ndarray, sources: np.ndarray):

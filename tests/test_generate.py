@@ -6,7 +6,7 @@ import torch
 
 import tiny_models as tm
 from llava_next_jax import LlavaNext, generate
-from llava_next_jax.generate import generate_tokens, select_tokens
+from llava_next_jax.generate import compiled_programs, select_tokens
 
 ROWS = [(3, [(480, 640)], 4), (5, [(88, 55)], 2), (9, [(1, 300)], 3)]
 NEW = 20
@@ -107,12 +107,12 @@ def test_compile_count_bounded_by_buckets(tmp_path):
     model = LlavaNext.from_pretrained(str(tmp_path))
     run = lambda rows, new=10: model.generate(**tm.make_batch(hf.config, rows, seed=len(rows)), max_new_tokens=new)
     run([(3, [(480, 640)], 4), (5, [(88, 55)], 2)])
-    compiled = generate_tokens._cache_size()
+    compiled = compiled_programs()
     # New image sizes / aspect ratios / tile counts, other prompt lengths in the same bucket, other
     # max_new_tokens in the same bucket: nothing new to compile.
     run([(1, [(100, 100)], 1), (20, [(1, 900)], 9)], new=16)
     run([(4, [(1000, 20)], 0), (2, [(333, 444)], 30)], new=3)
-    assert generate_tokens._cache_size() == compiled
+    assert compiled_programs() == compiled
     assert generate.bucket(100, generate.PROMPT_BUCKETS) == 128
-    run([(3, [(480, 640)], 4), (5, [(88, 55)], 200)])  # next prompt bucket: one more program
-    assert generate_tokens._cache_size() == compiled + 1
+    run([(3, [(480, 640)], 4), (5, [(88, 55)], 200)])  # next prompt bucket: one more prefill and decode
+    assert compiled_programs() == compiled + 2

@@ -1,8 +1,7 @@
 """The Llama-family decoder (Llama, Mistral, Qwen2): pre-norm blocks, RoPE, GQA, optional KV cache.
 
 Params mirror HF names under `language_model/`: `embed_tokens/embedding [V, D]`, `norm/scale [D]`,
-and `layers/...` with every leaf stacked over layers (leading axis L) so one `lax.scan` runs them all
-and compile time does not grow with depth.
+and `layers/{i}/...` (`layers/3/self_attn/q_proj/kernel [D, N*H]` is HF's `layers.3.self_attn.q_proj`).
 
 Shapes: B batch, T query positions, S key positions (T without a cache, the cache length with one),
 D hidden, N query heads, K kv heads, H head dim.
@@ -69,18 +68,57 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
+QUERY_BLOCK = 128
+
+
+def _attend(q, k, v, mask, scale):
+    """Softmax attention, q `[B, Tq, N, H]`, k/v `[B*K, Sk, H]`, mask `[B, Tq, Sk]` -> `[B, Tq, N, H]`.
+
+    Query heads are grouped by their kv head (GQA) into one `[G*Tq, H] x [H, Sk]` matmul per (row,
+    kv head); logits and softmax in float32; a row that may see nothing gets a uniform (finite) average.
+    k and v are used in their stored layout: reshaping them made XLA:CPU copy the KV cache.
+    """
+    B, Tq, N, H = q.shape
+    K, Sk = k.shape[0] // B, k.shape[1]
+    G = N // K
+    grouped = q.reshape(B, Tq, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B * K, G * Tq, H)
+    logits = jnp.einsum("nmh,nsh->nms", grouped, k, preferred_element_type=jnp.float32)
+    logits = logits.reshape(B, K, G, Tq, Sk) * scale
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(B * K, G * Tq, Sk)
+    out = jnp.einsum("nms,nsh->nmh", probs, v)
+    return out.reshape(B, K, G, Tq, H).transpose(0, 3, 1, 2, 4).reshape(B, Tq, N, H)
+
+
+def attention(q, k, v, mask, scale, causal_prefix: bool):
+    """Attention over q `[B, T, N, H]`, k/v `[B*K, S, H]` with mask `[B, T, S]`.
+
+    causal_prefix: the queries sit in slots [0, T) (a forward pass or a prefill), so query block
+    [i, i+b) can only see keys [0, i+b): each block attends to that prefix alone, which skips about
+    half the work and keeps the logits of one block small enough to stay in cache.
+    """
+    T = q.shape[1]
+    if not causal_prefix or T <= QUERY_BLOCK:
+        return _attend(q, k, v, mask, scale)
+    blocks = []
+    for start in range(0, T, QUERY_BLOCK):
+        end = min(start + QUERY_BLOCK, T)
+        blocks.append(_attend(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end], scale))
+    return jnp.concatenate(blocks, axis=1)
+
+
 class Attention(nn.Module):
     config: TextConfig
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache=None, slot=None, layer=None):
+    def __call__(self, x, cos, sin, mask, cache=None, slot=None):
         """x `[B, T, D]`, mask bool `[B, T, S]` -> (out `[B, T, D]`, cache).
 
-        Without a cache, keys are this call's own T positions (S = T). With `cache` (k, v each
-        `[L, B, S, K, H]`, all layers), this call's keys and values are written in place at
-        `[layer, :, slot:slot+T]` and attention runs over the layer's whole cache; `mask` says which
-        slots each query may see.
+        Without a cache, keys are this call's own T positions (S = T). With this layer's `cache`
+        (k, v each `[B*K, S, H]`: kv-head major, so a head's keys are contiguous for the decode
+        matmuls), this call's keys and values are written in place at slots `[slot, slot+T)` and
+        attention runs over the whole cache; `mask` says which slots each query may see.
         """
         c = self.config
         dense = lambda features, bias, name: nn.Dense(features, use_bias=bias, dtype=self.dtype,
@@ -90,15 +128,15 @@ class Attention(nn.Module):
         k = dense(c.num_key_value_heads * c.head_dim, c.qkv_bias, "k_proj")(x)
         v = dense(c.num_key_value_heads * c.head_dim, c.qkv_bias, "v_proj")(x)
         q = apply_rope(q.reshape(B, T, c.num_attention_heads, c.head_dim), cos, sin)
-        k = apply_rope(k.reshape(B, T, c.num_key_value_heads, c.head_dim), cos, sin)
-        v = v.reshape(B, T, c.num_key_value_heads, c.head_dim)
-        if cache is not None:
-            write = lambda full, new: jax.lax.dynamic_update_slice(full, new[None].astype(full.dtype),
-                                                                   (layer, 0, slot, 0, 0))
-            cache = (write(cache[0], k), write(cache[1], v))
-            k, v = (jax.lax.dynamic_index_in_dim(full, layer, 0, keepdims=False) for full in cache)
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None],
-                                           scale=c.head_dim ** -0.5)
+        kv_major = lambda t: t.reshape(B, T, c.num_key_value_heads, c.head_dim).transpose(0, 2, 1, 3).reshape(
+            -1, T, c.head_dim)  # [B*K, T, H]
+        k = kv_major(apply_rope(k.reshape(B, T, c.num_key_value_heads, c.head_dim), cos, sin))
+        v = kv_major(v)
+        if cache is not None:  # [B*K, S, H], no size-1 axis at batch 1 (which made XLA:CPU copy it)
+            write = lambda full, new: jax.lax.dynamic_update_slice(full, new.astype(full.dtype), (0, slot, 0))
+            k, v = cache = (write(cache[0], k), write(cache[1], v))
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, c.head_dim ** -0.5,
+                        causal_prefix=cache is None or (isinstance(slot, int) and slot == 0))
         return dense(c.hidden_size, c.o_bias, "o_proj")(out.reshape(B, T, -1)), cache
 
 
@@ -121,10 +159,10 @@ class DecoderLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache=None, slot=None, layer=None):
+    def __call__(self, x, cos, sin, mask, cache=None, slot=None):
         c = self.config
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x)
-        h, cache = Attention(c, self.dtype, name="self_attn")(h, cos, sin, mask, cache, slot, layer)
+        h, cache = Attention(c, self.dtype, name="self_attn")(h, cos, sin, mask, cache, slot)
         x = x + h
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
         return x + MLP(c, self.dtype, name="mlp")(h), cache
@@ -140,45 +178,41 @@ def attention_mask(q_index: jax.Array, kv_index: jax.Array, kv_valid: jax.Array)
     return (kv_index[None, None, :] <= q_index[:, :, None]) & kv_valid[:, None, :]
 
 
-def _window_mask(mask, q_index, kv_index, window):
-    """Restricts `mask` to keys with slot > query slot - window (window 0: unrestricted)."""
-    inside = kv_index[None, None, :] > q_index[:, :, None] - window
-    return mask & (inside | (window == 0))
+def _window_mask(mask, q_index, kv_index, window: int):
+    """Restricts `mask` to keys with slot > query slot - window."""
+    return mask & (kv_index[None, None, :] > q_index[:, :, None] - window)
 
 
-def init_cache(config: TextConfig, batch: int, length: int, dtype=jnp.float32) -> dict[str, jax.Array]:
-    """An empty KV cache: k, v `[L, B, S, K, H]`."""
-    shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+def init_cache(config: TextConfig, batch: int, length: int, dtype=jnp.float32) -> list[tuple[jax.Array, jax.Array]]:
+    """An empty KV cache: one (k, v) pair `[B*K, S, H]` per layer (row b's head k at b*K + k)."""
+    shape = (batch * config.num_key_value_heads, length, config.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_hidden_layers)]
 
 
 def decode_hidden(params: Params, config: TextConfig, embeds: jax.Array, positions: jax.Array,
-                  mask: jax.Array, q_index: jax.Array, kv_index: jax.Array, cache: dict | None = None,
+                  mask: jax.Array, q_index: jax.Array, kv_index: jax.Array, cache: list | None = None,
                   slot=None, dtype=jnp.float32):
-    """Runs every decoder layer over embeds `[B, T, D]` with one `lax.scan`, then the final norm.
+    """Runs every decoder layer over embeds `[B, T, D]`, then the final norm.
 
     positions `[B, T]` (RoPE), mask `[B, T, S]`, q_index `[B, T]` / kv_index `[S]` (sequence slots,
     for sliding windows). With `cache`, keys/values are written at `slot` and the updated cache is
-    returned (carried through the scan, so XLA updates it in place); else the cache is None.
-    Returns (hidden `[B, T, D]`, cache).
+    returned (XLA updates it in place); else the cache is None. Returns (hidden `[B, T, D]`, cache).
+
+    The layers are a Python loop over separate per-layer arrays, not a `lax.scan` over stacked ones:
+    on XLA:CPU a scan slices (copies) every layer's weights each step, which made batch-1 decode
+    three times slower (docs/benchmarks.md). Compile time grows with depth instead.
     """
     cos, sin = rope_tables(positions, rope_inv_freq(config.rope, config.head_dim))
     layer = DecoderLayer(config, dtype)
-    use_windows = any(config.sliding_windows)
-
-    def body(carry, per_layer):
-        h, kv = carry
-        layer_params, window, index = per_layer
-        layer_mask = _window_mask(mask, q_index, kv_index, window) if use_windows else mask
-        h, kv = layer.apply({"params": layer_params}, h, cos, sin, layer_mask, kv, slot, index)
-        return (h, kv), None
-
-    kv = None if cache is None else (cache["k"], cache["v"])
-    per_layer = (params["layers"], jnp.asarray(config.sliding_windows, jnp.int32),
-                 jnp.arange(config.num_hidden_layers))
-    (x, kv), _ = jax.lax.scan(body, (embeds.astype(dtype), kv), per_layer)
+    x, new_cache = embeds.astype(dtype), []
+    for i, window in enumerate(config.sliding_windows):
+        layer_mask = _window_mask(mask, q_index, kv_index, window) if window else mask
+        with jax.named_scope(f"layer_{i}"):
+            x, kv = layer.apply({"params": params["layers"][str(i)]}, x, cos, sin, layer_mask,
+                                None if cache is None else cache[i], slot)
+        new_cache.append(kv)
     x = RMSNorm(config.rms_norm_eps, dtype).apply({"params": params["norm"]}, x)
-    return x, None if kv is None else {"k": kv[0], "v": kv[1]}
+    return x, None if cache is None else new_cache
 
 
 def lm_logits(params: Params, hidden: jax.Array, tied: bool) -> jax.Array:
@@ -191,10 +225,10 @@ def lm_logits(params: Params, hidden: jax.Array, tied: bool) -> jax.Array:
 
 
 def init_layer_params(config: TextConfig, key: jax.Array, dtype=jnp.float32) -> Params:
-    """Random stacked layer params `{...: [L, ...]}` (for benchmarks and demos; real weights are converted)."""
+    """Random layer params `{"0": {...}, "1": ...}` (for benchmarks and demos; real weights are converted)."""
     D = config.hidden_size
     x = jnp.zeros((1, 1, D), dtype)
     cos = sin = jnp.zeros((1, 1, config.head_dim), jnp.float32)
     mask = jnp.ones((1, 1, 1), bool)
     init = lambda k: DecoderLayer(config, dtype).init(k, x, cos, sin, mask)["params"]
-    return jax.vmap(init)(jax.random.split(key, config.num_hidden_layers))
+    return {str(i): init(k) for i, k in enumerate(jax.random.split(key, config.num_hidden_layers))}

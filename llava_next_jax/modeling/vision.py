@@ -1,8 +1,8 @@
 """The CLIP ViT vision tower, run only as deep as the selected feature layers.
 
 Params under `vision_tower/` mirror HF's CLIP names: `embeddings/{patch_embedding/kernel [p, p, C, Dv],
-class_embedding [Dv], position_embedding/embedding [n*n+1, Dv]}`, `pre_layrnorm`, `layers/...`
-stacked over layers, `post_layernorm` (kept for round trips; never used: LLaVA reads hidden states).
+class_embedding [Dv], position_embedding/embedding [n*n+1, Dv]}`, `pre_layrnorm`, `layers/{i}/...`,
+`post_layernorm` (kept for round trips; never used: LLaVA reads hidden states).
 """
 
 from __future__ import annotations
@@ -85,18 +85,14 @@ def hidden_states(params: Params, config: VisionConfig, pixels: jax.Array, wante
                   dtype=jnp.float32) -> list[jax.Array]:
     """The hidden states with indices `wanted` (0 = embeddings, l = output of layer l), `[N, 1+n*n, Dv]` each.
 
-    Runs layers only up to the deepest wanted index, one `lax.scan` per stretch between wanted indices.
+    Runs layers only up to the deepest wanted index (LLaVA's -2 skips the last layer).
     """
     layer = EncoderLayer(config, dtype)
-    body = lambda h, layer_params: (layer.apply({"params": layer_params}, h), None)
-    x, done, found = embed_patches(params, config, pixels, dtype), 0, {}
-    for index in sorted(set(wanted)):
-        if index > done:
-            stretch = jax.tree.map(lambda w: w[done:index], params["layers"])
-            x, _ = jax.lax.scan(body, x, stretch)
-            done = index
-        found[index] = x
-    return [found[i] for i in wanted]
+    states = [embed_patches(params, config, pixels, dtype)]
+    for i in range(max(wanted)):
+        with jax.named_scope(f"vision_layer_{i}"):
+            states.append(layer.apply({"params": params["layers"][str(i)]}, states[-1]))
+    return [states[i] for i in wanted]
 
 
 def image_features(params: Params, config: VisionConfig, pixels: jax.Array, feature_layers: tuple[int, ...],
@@ -107,7 +103,7 @@ def image_features(params: Params, config: VisionConfig, pixels: jax.Array, feat
 
 
 def init_layer_params(config: VisionConfig, key: jax.Array, dtype=jnp.float32) -> Params:
-    """Random stacked encoder-layer params `{...: [L, ...]}`."""
+    """Random encoder-layer params `{"0": {...}, "1": ...}`."""
     x = jnp.zeros((1, 1, config.hidden_size), dtype)
     init = lambda k: EncoderLayer(config, dtype).init(k, x)["params"]
-    return jax.vmap(init)(jax.random.split(key, config.num_hidden_layers))
+    return {str(i): init(k) for i, k in enumerate(jax.random.split(key, config.num_hidden_layers))}
