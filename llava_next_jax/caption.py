@@ -16,12 +16,17 @@ and fsync'd batch by batch: a kill loses at most the batch in flight. Re-running
 (caption or error) are skipped.
 
 Exit status: 0 every input has a caption, 1 some inputs failed (unreadable, empty, truncated, not an
-image; listed on stderr), 2 usage or configuration errors (bad flags, missing model, no images).
+image; listed on stderr), 2 usage or configuration errors (bad flags, missing model, no images),
+3 the run crashed (e.g. device out of memory; the rows written so far stay valid: re-run to resume),
+130 interrupted.
 
 Throughput: images are grouped by tile count and prompt length (read from the file header, not
 decoded) so a batch pads little; the next batch is decoded and preprocessed on a thread while the
 device generates. Greedy captions do not depend on the batch an image lands in. With --do-sample each
-image gets its own seed from (--seed, its path).
+image gets its own seed from (--seed, its path) -- but `generate` currently folds the row index into
+each row's key as well, so sampled captions still change with an image's row in its batch (they are
+reproducible for the same inputs and --batch-size). Fixing that needs generate.py to use a per-row
+seed as the row's key as-is.
 """
 
 from __future__ import annotations
@@ -295,7 +300,8 @@ def run(captioner: Captioner, batches: list[list[Item]], writer: RowWriter, prog
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="caption.py", description="Caption images with LLaVA-NeXT into a JSONL file.",
-                                epilog="Exit status: 0 all captioned, 1 some inputs failed, 2 usage/config error.")
+                                epilog="Exit status: 0 all captioned, 1 some inputs failed, 2 usage/config error, "
+                                       "3 crashed (re-run resumes).")
     p.add_argument("--model", default=None,
                    help="converted (or HF) LLaVA-NeXT checkpoint dir; default: the built-in RANDOM-WEIGHT demo model")
     p.add_argument("--images", nargs="+", required=True, metavar="PATH",
@@ -388,6 +394,12 @@ def main(argv=None) -> int:
         print(f"\ninterrupted; the rows written so far are in {args.output}; re-run the same command to resume",
               file=sys.stderr)
         return 130
+    except Exception:  # noqa: BLE001 -- a crash is not "some images failed" (exit 1)
+        import traceback
+        traceback.print_exc()
+        print(f"error: the run crashed; the rows written so far are in {args.output}; re-run the same command to "
+              f"resume", file=sys.stderr)
+        return 3
     finally:
         progress.close()
         writer.close()

@@ -194,13 +194,13 @@ def write_weights(path: Path, config: dict, seed: int = 0) -> int:
 def build_tokenizer():
     """A small BPE (`tokenizers.Tokenizer`, SentencePiece-style "▁" word starts) trained on a fixed word list.
 
-    Ids: <unk> <s> </s> <pad> = 0..3, printable ASCII + newline + "▁", merges up to 400 tokens, then
+    Encoding adds <s> in front (tokenizer.json's post-processor). Ids: <unk> <s> </s> <pad> = 0..3, printable ASCII + newline + "▁", merges up to 400 tokens, then
     <image> last. Characters outside ASCII encode as <unk>; every id decodes to printable text, so
     the random model's captions are readable nonsense rather than broken bytes.
     """
     import string
 
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
     tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
@@ -216,6 +216,8 @@ def build_tokenizer():
         lines.append(" ".join(words))
     tokenizer.train_from_iterator(lines, trainer=trainer)
     tokenizer.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)])
+    bos = ("<s>", tokenizer.token_to_id("<s>"))   # BOS added on encode, as the release's tokenizer.json does
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[bos])
     return tokenizer
 
 

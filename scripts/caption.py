@@ -5,7 +5,8 @@
                               [--batch-size N] [--max-new-tokens N] [--do-sample ...] [--seed N]
 
 Without --model, the built-in random-weight demo model is used (meaningless captions).
-Exit status: 0 all captioned, 1 some inputs failed, 2 usage or configuration error.
+Exit status: 0 all captioned, 1 some inputs failed, 2 usage or configuration error, 3 crashed
+(re-run the same command to resume).
 """
 
 import os

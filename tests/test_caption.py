@@ -1,0 +1,257 @@
+"""The demo model and scripts/caption.py, run as a user runs them (subprocesses) on the demo model.
+
+The demo model is built once per session into a temporary LLAVA_NEXT_JAX_DEMO_DIR; subprocesses
+share a persistent XLA compilation cache so each run does not recompile the same programs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from llava_next_jax import caption, demo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "caption.py")
+MIXED_SIZES = [(480, 640), (900, 300), (250, 1000), (128, 128), (60, 40), (300, 310), (700, 200)]  # (h, w)
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    """Environment for subprocesses: the session's demo model dir, a shared compilation cache, the checkout."""
+    base = tmp_path_factory.mktemp("demo")
+    e = dict(os.environ, LLAVA_NEXT_JAX_DEMO_DIR=str(base / "demo-v1"), PYTHONPATH=ROOT,
+             JAX_COMPILATION_CACHE_DIR=str(base / "xla-cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PLATFORMS="cpu")
+    return e
+
+
+@pytest.fixture(scope="session")
+def demo_dir(env):
+    old = os.environ.get(demo.ENV_DIR)
+    os.environ[demo.ENV_DIR] = env[demo.ENV_DIR]
+    try:
+        yield demo.demo_model_dir(log=lambda *_: None)
+    finally:
+        if old is None:
+            os.environ.pop(demo.ENV_DIR)
+        else:
+            os.environ[demo.ENV_DIR] = old
+
+
+def write_images(directory, sizes, seed=0):
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i, (h, w) in enumerate(sizes):
+        path = directory / f"img{i}_{h}x{w}.{'png' if i % 2 else 'jpg'}"
+        pixels = (np.linspace(0, 255, w)[None, :, None] * rng.uniform(0.2, 1, 3) + rng.integers(0, 60, (h, 1, 3)))
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def run_caption(env, *args, check_rc=None):
+    proc = subprocess.run([sys.executable, SCRIPT, "--no-progress", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, proc.stderr[-3000:]
+    return proc
+
+
+def load_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    assert text.endswith("\n"), "the output must end with a complete line"
+    return [json.loads(line) for line in text.splitlines()]
+
+
+# --- the demo model --------------------------------------------------------------------------------
+
+def test_demo_model_is_a_converted_checkpoint_our_processor_loads(demo_dir):
+    from llava_next_jax import LlavaNext, LlavaNextProcessor
+    from llava_next_jax.checkpoint import is_converted
+    assert is_converted(demo_dir)
+    processor = LlavaNextProcessor.from_pretrained(demo_dir)
+    model = LlavaNext.from_pretrained(demo_dir)
+    assert processor.image_token_id == model.config.image_token_id
+    assert processor.tokenizer.get_vocab_size(with_added_tokens=True) <= model.config.text.vocab_size
+    assert model.pad_token_id == processor.pad_token_id and model.eos_token_ids == (processor.tokenizer.token_to_id("</s>"),)
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                         {"type": "text", "text": "What is this?"}]}])
+    assert prompt == "[INST] <image>\nWhat is this? [/INST]"
+    inputs = processor(images=[Image.new("RGB", (100, 40), (200, 30, 30))], text=[prompt])
+    assert inputs["input_ids"][0, 0] == processor.tokenizer.token_to_id("<s>")
+    assert processor.decode(inputs["input_ids"][0], skip_special_tokens=True) == "[INST] \nWhat is this? [/INST]"
+    assert demo.demo_model_dir() == demo_dir  # cached: not rebuilt
+
+
+def test_demo_hf_files_match_transformers(tmp_path):
+    """The HF-layout files the demo writes are what transformers reads: same token ids from HF's processor,
+    and HF's model loads the weights with no missing or unexpected keys."""
+    from transformers import LlavaNextForConditionalGeneration
+    from transformers import LlavaNextProcessor as HFProcessor
+
+    from llava_next_jax import LlavaNextProcessor
+    hf_dir = demo.write_hf_checkpoint(tmp_path / "hf")
+    image = Image.new("RGB", (90, 200), (10, 120, 40))
+    text = "[INST] <image>\nDescribe this image, please. [/INST]"
+    ours = LlavaNextProcessor.from_pretrained(hf_dir)(images=[image], text=[text])
+    theirs = HFProcessor.from_pretrained(hf_dir)(images=[image], text=[text], return_tensors="np")
+    np.testing.assert_array_equal(ours["input_ids"], theirs["input_ids"])
+    np.testing.assert_allclose(ours["pixel_values"], theirs["pixel_values"], atol=1e-6)
+    _, info = LlavaNextForConditionalGeneration.from_pretrained(hf_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+def test_demo_command_writes_its_jsonl(env, demo_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "llava_next_jax.demo"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RANDOM weights" in proc.stdout and "meaningless" in proc.stdout
+    rows = load_jsonl(tmp_path / "demo_captions.jsonl")
+    shipped = sorted(f for f in os.listdir(demo.example_images_dir()))
+    assert sorted(os.path.basename(r["image"]) for r in rows) == shipped and len(shipped) >= 4
+    assert all(isinstance(r.get("caption"), str) and r["caption"] for r in rows), rows
+
+
+# --- the caption script --------------------------------------------------------------------------
+
+def test_broken_inputs_become_error_rows_and_exit_1(env, demo_dir, tmp_path):
+    folder = tmp_path / "mixed"
+    good = write_images(folder / "sub", [(64, 96), (120, 50)])
+    (folder / "empty.png").write_bytes(b"")
+    jpeg = open(good[0], "rb").read()
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (folder / "notes.png").write_text("this is a text file, not a PNG\n")
+    (folder / "ignored.md").write_text("not an image extension: not an input\n")
+    out = tmp_path / "out.jsonl"
+    proc = run_caption(env, "--model", demo_dir, "--images", folder, "--output", out, "--max-new-tokens", 8,
+                       check_rc=1)
+    rows = {r["image"]: r for r in load_jsonl(out)}
+    assert sorted(rows) == sorted(good + [str(folder / n) for n in ("empty.png", "truncated.jpg", "notes.png")])
+    for path in good:
+        assert rows[path].get("caption"), rows[path]
+    for name in ("empty.png", "truncated.jpg", "notes.png"):
+        row = rows[str(folder / name)]
+        assert "caption" not in row and str(folder / name) in row["error"], row
+    assert "3 failed" in proc.stderr and "2/5 images captioned" in proc.stderr
+
+
+def test_usage_errors_exit_2(env, tmp_path):
+    (tmp_path / "empty_dir").mkdir()
+    image = write_images(tmp_path / "imgs", [(30, 30)])[0]
+    out = tmp_path / "o.jsonl"
+    cases = [(["--model", tmp_path / "nope", "--images", image], "no such directory"),
+             (["--model", tmp_path / "empty_dir", "--images", image], "no config.json"),
+             (["--images", tmp_path / "empty_dir"], "no images found"),
+             (["--images", tmp_path / "missing.png"], "no such file"),
+             (["--images", image, "--batch-size", "0"], "--batch-size"),
+             (["--images", image, "--top-p", "0"], "top-p"),
+             (["--images", image, "--bogus"], "unrecognized")]
+    for args, message in cases:
+        proc = run_caption(env, *args, "--output", out)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.returncode, proc.stderr[-2000:])
+    assert not out.exists() or out.read_text() == ""
+
+
+def test_kill_midway_then_resume_records_every_image_once(env, demo_dir, tmp_path):
+    paths = write_images(tmp_path / "imgs", MIXED_SIZES[:6])
+    out = tmp_path / "out.jsonl"
+    args = [sys.executable, SCRIPT, "--no-progress", "--model", demo_dir, "--images", tmp_path / "imgs",
+            "--output", out, "--batch-size", "1", "--max-new-tokens", "48"]
+    proc = subprocess.Popen(list(map(str, args)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and out.read_bytes().count(b"\n") >= 1:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished (or died) before it could be killed: " + proc.stderr.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    before = load_jsonl(out)
+    assert 1 <= len(before) < len(paths)
+    with open(out, "ab") as f:  # a kill in the middle of a write
+        f.write(b'{"image": "' + paths[-1].encode() + b'", "capt')
+
+    rerun = run_caption(env, "--model", demo_dir, "--images", tmp_path / "imgs", "--output", out,
+                        "--batch-size", 1, "--max-new-tokens", 48, check_rc=0)
+    assert "partial last line" in rerun.stderr and f"{len(before)} of {len(paths)} inputs already recorded" in rerun.stderr
+    rows = load_jsonl(out)  # every line valid JSON
+    assert sorted(r["image"] for r in rows) == sorted(paths)  # every image exactly once
+    assert rows[:len(before)] == before and all(r.get("caption") for r in rows)
+
+    again = run_caption(env, "--model", demo_dir, "--images", tmp_path / "imgs", "--output", out, check_rc=0)
+    assert load_jsonl(out) == rows and "0 this run" in again.stderr
+
+
+def test_greedy_captions_do_not_depend_on_batch_size(env, demo_dir, tmp_path):
+    paths = write_images(tmp_path / "imgs", MIXED_SIZES)
+    listing = tmp_path / "list.txt"
+    listing.write_text("# inputs\n" + "\n".join(os.path.relpath(p, tmp_path) for p in paths) + "\n")
+    captions = {}
+    for batch in (1, 4):
+        out = tmp_path / f"b{batch}.jsonl"
+        run_caption(env, "--images", listing, "--output", out, "--batch-size", batch, "--max-new-tokens", 12,
+                    "--prompt", "What is in the picture?", check_rc=0)
+        captions[batch] = {os.path.basename(r["image"]): r["caption"] for r in load_jsonl(out)}
+    assert len(captions[1]) == len(paths)
+    assert len(set(captions[1].values())) > 1, "captions should vary with the image"
+    assert captions[1] == captions[4]
+
+
+def test_sampling_is_reproducible_and_follows_the_seed(demo_dir, tmp_path):
+    """In process (caption.main): same --seed and batching -> same captions; another seed -> others."""
+    paths = write_images(tmp_path / "imgs", MIXED_SIZES[:4])
+    captions = []
+    for run, seed in enumerate((1, 1, 2)):
+        out = tmp_path / f"s{run}.jsonl"
+        code = caption.main(["--model", demo_dir, "--images", *paths, "--output", str(out), "--batch-size", "2",
+                             "--max-new-tokens", "12", "--do-sample", "--temperature", "1.5", "--top-k", "50",
+                             "--top-p", "0.95", "--seed", str(seed), "--no-progress"])
+        assert code == 0
+        captions.append({r["image"]: r["caption"] for r in load_jsonl(out)})
+    assert captions[0] == captions[1]
+    assert captions[0] != captions[2]
+
+
+# --- pieces, in process --------------------------------------------------------------------------
+
+def test_collect_inputs_lists_dirs_and_dedupes(tmp_path):
+    paths = write_images(tmp_path / "d" / "deep", [(20, 20), (30, 20)])
+    (tmp_path / "d" / "readme.txt").write_text("not a list\n")  # inside a directory: not an image, skipped
+    listing = tmp_path / "l.jsonl"
+    listing.write_text(json.dumps({"image": "d/deep/" + os.path.basename(paths[0])}) + "\n"
+                       + json.dumps("missing.png") + "\n")
+    got = caption.collect_inputs([str(tmp_path / "d"), str(listing), paths[1]])
+    assert got == [paths[0], paths[1], str(tmp_path / "missing.png")]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(caption.UsageError, match="no images found"):
+        caption.collect_inputs([str(tmp_path / "empty")])
+    with pytest.raises(caption.UsageError, match="no such file"):
+        caption.collect_inputs([str(tmp_path / "nothing.png")])
+
+
+def test_repair_output_cuts_only_a_partial_last_line(tmp_path):
+    out = tmp_path / "o.jsonl"
+    good = b'{"image": "a.png", "caption": "x"}\n{"image": "b.png", "error": "e"}\n'
+    out.write_bytes(good + b'{"image": "c.p')
+    caption.repair_output(str(out))
+    assert out.read_bytes() == good
+    caption.repair_output(str(out))
+    assert out.read_bytes() == good
+    assert [r["image"] for r in caption.read_rows(str(out))] == ["a.png", "b.png"]
+
+
+def test_sampling_seeds_are_per_image():
+    assert caption.image_seed(0, "a.png") == caption.image_seed(0, "a.png")
+    assert len({caption.image_seed(s, p) for s in (0, 1) for p in ("a.png", "b.png")}) == 4
