@@ -39,7 +39,6 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -307,14 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", nargs="+", required=True, metavar="PATH",
                    help="image files, directories (recursive) or .txt/.jsonl lists of paths")
     p.add_argument("--output", required=True, metavar="OUT.jsonl", help="rows are appended; re-running resumes")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"question asked of each image (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT,
+                   help=f"question asked of each image, through the chat template (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
-    p.add_argument("--seed", type=int, default=0, help="with --do-sample: per-image seeds derive from this and the path")
+    p.add_argument("--seed", type=int, default=0,
+                   help="with --do-sample: each image's seed derives from this and its path")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="compute dtype (default: as stored)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -12,7 +12,7 @@ script), not to describe images. For real captions, convert a released checkpoin
   1. an HF-layout directory (what `save_pretrained` of llava-hf/llava-v1.6-mistral-7b-hf writes, at
      toy size: a 2-layer Mistral (hidden 64) and a 3-layer CLIP with 56 px tiles of 14 px patches,
      the released pinpoints scaled by 1/6), with weights from a seeded numpy generator under HF's
-     tensor names, and a byte-level BPE tokenizer built with the `tokenizers` library;
+     tensor names, and a small BPE tokenizer built with the `tokenizers` library;
   2. `convert_cli.convert_checkpoint` of that directory into the cache (the real converter path).
 Needs no torch or transformers.
 """
@@ -145,7 +145,8 @@ def hf_config(vocab_size: int, image_token_index: int, bos: int, eos: int, pad: 
 
 def hf_tensor_name(path: tuple[str, ...]) -> str:
     """The HF (2024 hub layout) name of our parameter `path`, e.g.
-    ("language_model", "layers", "0", "self_attn", "q_proj", "kernel") -> language_model.model.layers.0.self_attn.q_proj.weight
+    ("language_model", "layers", "0", "self_attn", "q_proj", "kernel")
+        -> "language_model.model.layers.0.self_attn.q_proj.weight"
     """
     *module, leaf = path
     if leaf in ("class_embedding", "image_newline"):
@@ -194,9 +195,10 @@ def write_weights(path: Path, config: dict, seed: int = 0) -> int:
 def build_tokenizer():
     """A small BPE (`tokenizers.Tokenizer`, SentencePiece-style "▁" word starts) trained on a fixed word list.
 
-    Encoding adds <s> in front (tokenizer.json's post-processor). Ids: <unk> <s> </s> <pad> = 0..3, printable ASCII + newline + "▁", merges up to 400 tokens, then
-    <image> last. Characters outside ASCII encode as <unk>; every id decodes to printable text, so
-    the random model's captions are readable nonsense rather than broken bytes.
+    Encoding adds <s> in front (tokenizer.json's post-processor). Ids: <unk> <s> </s> <pad> = 0..3,
+    printable ASCII + newline + "▁", merges up to 400 tokens, then <image> last. Characters outside
+    ASCII encode as <unk>; every id decodes to printable text, so the random model's captions are
+    readable nonsense rather than broken bytes.
     """
     import string
 
@@ -217,7 +219,8 @@ def build_tokenizer():
     tokenizer.train_from_iterator(lines, trainer=trainer)
     tokenizer.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)])
     bos = ("<s>", tokenizer.token_to_id("<s>"))   # BOS added on encode, as the release's tokenizer.json does
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[bos])
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                             special_tokens=[bos])
     return tokenizer
 
 

@@ -59,8 +59,14 @@ def write_images(directory, sizes, seed=0):
     return paths
 
 
-def run_caption(env, *args, check_rc=None):
-    proc = subprocess.run([sys.executable, SCRIPT, "--no-progress", *map(str, args)], env=env, capture_output=True,
+# Runs scripts/caption.py with torch and transformers made unimportable: the script must not need them.
+NO_TORCH = ("import runpy, sys; sys.modules['torch'] = sys.modules['transformers'] = None; "
+            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def run_caption(env, *args, check_rc=None, without_torch=False):
+    launcher = [sys.executable, "-c", NO_TORCH] if without_torch else [sys.executable]
+    proc = subprocess.run([*launcher, SCRIPT, "--no-progress", *map(str, args)], env=env, capture_output=True,
                           text=True, timeout=300)
     if check_rc is not None:
         assert proc.returncode == check_rc, proc.stderr[-3000:]
@@ -84,7 +90,8 @@ def test_demo_model_is_a_converted_checkpoint_our_processor_loads(demo_dir):
     model = LlavaNext.from_pretrained(demo_dir)
     assert processor.image_token_id == model.config.image_token_id
     assert processor.tokenizer.get_vocab_size(with_added_tokens=True) <= model.config.text.vocab_size
-    assert model.pad_token_id == processor.pad_token_id and model.eos_token_ids == (processor.tokenizer.token_to_id("</s>"),)
+    assert model.pad_token_id == processor.pad_token_id
+    assert model.eos_token_ids == (processor.tokenizer.token_to_id("</s>"),)
     prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
                                                                          {"type": "text", "text": "What is this?"}]}])
     assert prompt == "[INST] <image>\nWhat is this? [/INST]"
@@ -135,7 +142,7 @@ def test_broken_inputs_become_error_rows_and_exit_1(env, demo_dir, tmp_path):
     (folder / "ignored.md").write_text("not an image extension: not an input\n")
     out = tmp_path / "out.jsonl"
     proc = run_caption(env, "--model", demo_dir, "--images", folder, "--output", out, "--max-new-tokens", 8,
-                       check_rc=1)
+                       check_rc=1, without_torch=True)
     rows = {r["image"]: r for r in load_jsonl(out)}
     assert sorted(rows) == sorted(good + [str(folder / n) for n in ("empty.png", "truncated.jpg", "notes.png")])
     for path in good:
@@ -185,7 +192,8 @@ def test_kill_midway_then_resume_records_every_image_once(env, demo_dir, tmp_pat
 
     rerun = run_caption(env, "--model", demo_dir, "--images", tmp_path / "imgs", "--output", out,
                         "--batch-size", 1, "--max-new-tokens", 48, check_rc=0)
-    assert "partial last line" in rerun.stderr and f"{len(before)} of {len(paths)} inputs already recorded" in rerun.stderr
+    assert "partial last line" in rerun.stderr
+    assert f"{len(before)} of {len(paths)} inputs already recorded" in rerun.stderr
     rows = load_jsonl(out)  # every line valid JSON
     assert sorted(r["image"] for r in rows) == sorted(paths)  # every image exactly once
     assert rows[:len(before)] == before and all(r.get("caption") for r in rows)
