@@ -22,11 +22,8 @@ image; listed on stderr), 2 usage or configuration errors (bad flags, missing mo
 
 Throughput: images are grouped by tile count and prompt length (read from the file header, not
 decoded) so a batch pads little; the next batch is decoded and preprocessed on a thread while the
-device generates. Greedy captions do not depend on the batch an image lands in. With --do-sample each
-image gets its own seed from (--seed, its path) -- but `generate` currently folds the row index into
-each row's key as well, so sampled captions still change with an image's row in its batch (they are
-reproducible for the same inputs and --batch-size). Fixing that needs generate.py to use a per-row
-seed as the row's key as-is.
+device generates. Greedy captions do not depend on the batch an image lands in; with --do-sample
+each image gets its own seed from (--seed, its path), so sampled captions do not either.
 """
 
 from __future__ import annotations

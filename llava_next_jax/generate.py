@@ -29,17 +29,20 @@ import numpy as np
 from .config import LlavaNextConfig
 from .modeling import decoder, llava_next
 
-PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 1536, 2048, 2560, 3072, 4096, 5120, 6144, 8192)
+# Prompt lengths round up to these: fine steps where image prompts live (1-3k tokens), so padding
+# wastes at most ~5% of the prefill; each bucket used costs one compile.
+PROMPT_BUCKETS = (64, 128, 256, 384) + tuple(range(512, 4097, 128)) + tuple(range(4608, 8193, 512))
 NEW_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 MAX_STOP_IDS = 8
 
 
 def bucket(n: int, buckets: tuple[int, ...]) -> int:
-    """Smallest bucket >= n; past the last, the next multiple of the last bucket."""
+    """Smallest bucket >= n; past the last, continue in steps of the last gap."""
     for b in buckets:
         if n <= b:
             return b
-    return -(-n // buckets[-1]) * buckets[-1]
+    step = buckets[-1] - buckets[-2]
+    return buckets[-1] + -(-(n - buckets[-1]) // step) * step
 
 
 # --- sampling ------------------------------------------------------------------------------------
@@ -123,13 +126,14 @@ def decode_program(params, config: LlavaNextConfig, logits, cache, kv_valid, opt
     logits `[B, V]`: the prefill's last slot. The cache (donated, updated in place) has
     `T + new_bucket` slots, the prompt in the first T. options (all traced, so changing them
     compiles nothing): max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
-    seeds `[B]`, stop_ids `[MAX_STOP_IDS]` (-1 = unused), pad_id.
+    seeds `[B]`, row_streams `[B]`, stop_ids `[MAX_STOP_IDS]` (-1 = unused), pad_id. Row r samples
+    with `fold_in(key(seeds[r]), row_streams[r])`, then the step.
     """
     B, S = kv_valid.shape
     T = S - new_bucket
     next_position = jnp.sum(kv_valid[:, :T], axis=1).astype(jnp.int32)  # first new token's RoPE position
-    row_keys = jax.vmap(lambda seed, row: jax.random.fold_in(jax.random.key(seed), row))(
-        options["seeds"], jnp.arange(B))
+    row_keys = jax.vmap(lambda seed, stream: jax.random.fold_in(jax.random.key(seed), stream))(
+        options["seeds"], options["row_streams"])
     stop_ids = options["stop_ids"]
 
     def cond(state):
@@ -188,8 +192,14 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, t
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
     if len(stop_ids) > MAX_STOP_IDS:
         raise ValueError(f"at most {MAX_STOP_IDS} eos_token_id values; got {len(stop_ids)}")
+    # One seed for the batch: row r draws from stream r. One seed per row: each row's draws depend on
+    # its own seed alone, wherever it sits in the batch.
+    per_row = np.ndim(seed) > 0
+    if per_row and np.shape(seed) != (B,):
+        raise ValueError(f"seed must be one int or one per row ({B}); got shape {np.shape(seed)}")
     seeds = np.broadcast_to(np.asarray(seed, np.uint32), (B,)).copy()
+    row_streams = np.zeros(B, np.uint32) if per_row else np.arange(B, dtype=np.uint32)
     return dict(max_new_tokens=np.int32(max_new_tokens), min_new_tokens=np.int32(min_new_tokens),
                 do_sample=np.bool_(do_sample), temperature=np.float32(temperature), top_k=np.int32(top_k),
-                top_p=np.float32(top_p), seeds=seeds, pad_id=np.int32(pad_id),
+                top_p=np.float32(top_p), seeds=seeds, row_streams=row_streams, pad_id=np.int32(pad_id),
                 stop_ids=np.array(list(stop_ids) + [-1] * (MAX_STOP_IDS - len(stop_ids)), np.int32))

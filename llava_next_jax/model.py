@@ -6,6 +6,7 @@ import json
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -36,11 +37,14 @@ class LlavaNext:
     def from_pretrained(cls, path: str, dtype: str | Any | None = None) -> "LlavaNext":
         """Loads a directory written by `scripts/convert_torch_weights.py`, or an HF checkpoint directory.
 
-        dtype: "float32", "bfloat16", "float16" (or a numpy/jax dtype); None keeps the stored dtype.
+        dtype: "float32", "bfloat16", "float16" (or a numpy/jax dtype). None: bfloat16 on GPU/TPU
+        (norms and softmax still run in float32), the stored dtype on CPU.
         """
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: not a directory (expected a converted or HF LLaVA-NeXT checkpoint)")
         config = LlavaNextConfig.from_file(path)
+        if dtype is None and jax.default_backend() != "cpu":
+            dtype = "bfloat16"
         dtype = None if dtype is None else jnp.dtype(dtype)
         if checkpoint.is_converted(path):
             params = checkpoint.load_params(path, dtype)
@@ -101,8 +105,9 @@ class LlavaNext:
         """New tokens `[B, max_new_tokens]` (int32); after a row emits a stop id, the pad id.
 
         Inputs as in `forward` (left padding expected; right-padded rows are moved left). Greedy unless
-        `do_sample`; sampling applies temperature, then top_k (0 = off), then top_p (1.0 = off), with a
-        key per row derived from (seed, row); `seed` may be one int or one per row.
+        `do_sample`; sampling applies temperature, then top_k (0 = off), then top_p (1.0 = off). `seed`:
+        one int (row r's draws depend on (seed, r) only) or one per row (a row's draws depend on its own
+        seed only, so it samples the same wherever it sits in a batch).
         eos_token_id: int or list (default: the checkpoint's generation config).
 
         Compiled programs: a prefill and a decode loop per (batch size, prompt bucket, new-token

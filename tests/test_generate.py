@@ -71,6 +71,10 @@ def test_sampling_limits_reproducibility_and_row_independence(family):
     # Row 0's draws depend on (seed, row) only, not on the other rows.
     other = tm.make_batch(hf.config, [ROWS[0], ROWS[2], ROWS[1]], seed=7)
     np.testing.assert_array_equal(sample(other, seed=11, temperature=1.5)[0], a[0])
+    # With a seed per row, a row samples the same in any position.
+    per_row = sample(seed=[5, 6, 7], temperature=1.5)
+    swapped = {k: v[[0, 2, 1]] for k, v in batch.items()}  # one image per row: rows and images move together
+    np.testing.assert_array_equal(sample(swapped, seed=[5, 7, 6], temperature=1.5), per_row[[0, 2, 1]])
 
 
 def _hf_filtered(logits, top_k, top_p, temperature):
