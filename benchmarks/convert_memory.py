@@ -39,31 +39,11 @@ CLIP_L = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_siz
               num_attention_heads=16, image_size=336, patch_size=14)
 
 
-def hf_name(path):
-    """The 2024 hub name of parameter `path`."""
-    *module, leaf = path
-    if leaf in ("class_embedding", "image_newline"):
-        module, suffix = module + [leaf], None
-    else:
-        suffix = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
-    prefix = {"language_model": "language_model.model", "lm_head": "language_model.lm_head",
-              "vision_tower": "vision_tower.vision_model"}.get(module[0], module[0])
-    rest = module[1:]
-    if rest[:1] == ["layers"] and module[0] == "vision_tower":
-        rest = ["encoder"] + rest
-    return ".".join([prefix, *rest] + ([suffix] if suffix else []))
-
-
 def hf_tensors(config):
-    """(HF name, torch shape) for every tensor; checked against the converter's own rules."""
-    from llava_next_jax.convert import expected_shapes, target_of
+    """(HF name, torch shape) for every tensor of an HF 2024-layout checkpoint of `config`."""
+    from llava_next_jax.convert import expected_shapes, hf_tensor
     for path, shape in expected_shapes(config).items():
-        torch_shape = shape[::-1] if path[-1] == "kernel" and len(shape) == 2 else shape
-        if len(shape) == 4:  # conv [p, p, in, out] -> [out, in, p, p]
-            torch_shape = (shape[3], shape[2], shape[0], shape[1])
-        name = hf_name(path)
-        assert target_of(name).path == path, (name, path)
-        yield name, torch_shape
+        yield hf_tensor(path, shape)
 
 
 def write_checkpoint(out_dir, shape, dtype, shard_bytes=1 << 30):

@@ -69,6 +69,30 @@ _RULES: list[tuple[re.Pattern, str, Callable]] = [(re.compile(p), t, f) for p, t
 _IGNORED = [re.compile(p) for p in (r"vision_tower\.embeddings\.position_ids", r".*\.rotary_emb\.inv_freq")]
 
 
+def hf_tensor(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+    """The inverse of `target_of`: (2024 hub name, torch shape) of our parameter `path` of `shape`.
+
+    ("language_model", "layers", "0", "self_attn", "q_proj", "kernel"), (D, N*H)
+        -> ("language_model.model.layers.0.self_attn.q_proj.weight", (N*H, D))
+    """
+    *module, leaf = path
+    if leaf in ("class_embedding", "image_newline"):
+        module, suffix = module + [leaf], None
+    else:
+        suffix = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
+    prefix = {"language_model": "language_model.model", "lm_head": "language_model.lm_head",
+              "vision_tower": "vision_tower.vision_model"}.get(module[0], module[0])
+    rest = list(module[1:])
+    if rest[:1] == ["layers"] and module[0] == "vision_tower":
+        rest = ["encoder"] + rest
+    name = ".".join([prefix, *rest] + ([suffix] if suffix else []))
+    if len(shape) == 4:                       # conv [p, p, in, out] -> [out, in, p, p]
+        shape = (shape[3], shape[2], shape[0], shape[1])
+    elif leaf == "kernel":                    # Linear [in, out] -> [out, in]
+        shape = tuple(shape[::-1])
+    return name, tuple(shape)
+
+
 def canonical_name(key: str) -> str:
     for pattern, replacement in _CANONICAL:
         key = pattern.sub(replacement, key)

@@ -143,24 +143,6 @@ def hf_config(vocab_size: int, image_token_index: int, bos: int, eos: int, pad: 
                 multimodal_projector_bias=True, tie_word_embeddings=False, torch_dtype="float32")
 
 
-def hf_tensor_name(path: tuple[str, ...]) -> str:
-    """The HF (2024 hub layout) name of our parameter `path`, e.g.
-    ("language_model", "layers", "0", "self_attn", "q_proj", "kernel")
-        -> "language_model.model.layers.0.self_attn.q_proj.weight"
-    """
-    *module, leaf = path
-    if leaf in ("class_embedding", "image_newline"):
-        module, suffix = module + [leaf], None
-    else:
-        suffix = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
-    prefix = {"language_model": "language_model.model", "lm_head": "language_model.lm_head",
-              "vision_tower": "vision_tower.vision_model"}.get(module[0], module[0])
-    rest = list(module[1:])
-    if rest[:1] == ["layers"] and module[0] == "vision_tower":
-        rest = ["encoder"] + rest
-    return ".".join([prefix, *rest] + ([suffix] if suffix else []))
-
-
 def write_weights(path: Path, config: dict, seed: int = 0) -> int:
     """model.safetensors with seeded random float32 weights under HF names and torch shapes; returns bytes.
 
@@ -170,17 +152,11 @@ def write_weights(path: Path, config: dict, seed: int = 0) -> int:
     from safetensors.numpy import save_file
 
     from .config import LlavaNextConfig
-    from .convert import expected_shapes, target_of
+    from .convert import expected_shapes, hf_tensor
     rng = np.random.default_rng(seed)
     tensors = {}
     for p, shape in sorted(expected_shapes(LlavaNextConfig.from_dict(config)).items()):
-        name = hf_tensor_name(p)
-        if target_of(name) is None or target_of(name).path != p:
-            raise AssertionError(f"demo weight name {name} does not map back to {p}; convert.py changed its rules")
-        if p[-1] == "kernel" and len(shape) == 2:
-            shape = shape[::-1]                                  # torch Linear is [out, in]
-        elif len(shape) == 4:
-            shape = (shape[3], shape[2], shape[0], shape[1])      # conv [p, p, in, out] -> [out, in, p, p]
+        name, shape = hf_tensor(p, shape)
         noise = rng.standard_normal(shape, dtype=np.float32)
         if p[-1] == "scale":                                   # RMSNorm / LayerNorm weights
             tensors[name] = 1 + 0.1 * noise

@@ -94,6 +94,16 @@ def test_converted_dir_is_complete_and_dtype_cast(hf_dir, tmp_path):
     assert stats["largest_tensor_bytes"] < stats["bytes"] and stats["tensors"] > 40
 
 
+def test_hf_tensor_inverts_the_rules():
+    """Every parameter's HF name maps back to it (the demo model and exports rely on this)."""
+    config = LlavaNextConfig.from_dict(tm.hf_config("llama3").to_dict())
+    for path, shape in convert.expected_shapes(config).items():
+        name, torch_shape = convert.hf_tensor(path, shape)
+        target = convert.target_of(name)
+        assert target.path == path
+        assert target.layout(np.zeros(torch_shape, np.float32)).shape == shape
+
+
 def test_canonical_names():
     for key in ["model.language_model.layers.3.mlp.up_proj.weight", "language_model.model.layers.3.mlp.up_proj.weight"]:
         assert convert.target_of(key).path == ("language_model", "layers", "3", "mlp", "up_proj", "kernel")
