@@ -40,9 +40,11 @@ from typing import Iterable
 
 import numpy as np
 
+from .prompting import DEFAULT_CAPTION_PROMPT, chat_prompt, decode_new_tokens
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 LIST_EXTENSIONS = (".txt", ".jsonl")
-DEFAULT_PROMPT = "Describe this image in one sentence."
+DEFAULT_PROMPT = DEFAULT_CAPTION_PROMPT
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -219,14 +221,10 @@ class Captioner:
     def __init__(self, model, processor, prompt: str, max_new_tokens: int, do_sample=False, temperature=1.0,
                  top_k=0, top_p=1.0, seed=0):
         self.model, self.processor = model, processor
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        self.prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-        if self.prompt.count(processor.image_token) != 1:
-            raise UsageError(f"the chat template rendered {self.prompt!r}, with "
-                             f"{self.prompt.count(processor.image_token)} {processor.image_token} placeholders; "
-                             f"need exactly one (do not write {processor.image_token} in --prompt)")
-        bos = processor.special_tokens.get("bos_token")
-        self.add_special_tokens = not (bos and self.prompt.startswith(bos))
+        try:
+            self.prompt, self.add_special_tokens = chat_prompt(processor, prompt)
+        except ValueError as e:
+            raise UsageError(str(e).replace("in the prompt", "in --prompt")) from None
         self.gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                         top_p=top_p)
         self.seed = seed
@@ -269,8 +267,8 @@ class Captioner:
             return rows
         seeds = np.array([image_seed(self.seed, it.path) for it in prepared.items], np.uint32)
         tokens = self.model.generate(**prepared.inputs, **self.gen, seed=seeds)
-        texts = self.processor.batch_decode(tokens, skip_special_tokens=True)
-        rows += [{"image": it.path, "caption": text.strip()} for it, text in zip(prepared.items, texts)]
+        texts = decode_new_tokens(self.processor, tokens)
+        rows += [{"image": it.path, "caption": text} for it, text in zip(prepared.items, texts)]
         return rows
 
 

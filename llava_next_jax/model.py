@@ -32,6 +32,8 @@ class LlavaNext:
             () if eos is None else (int(eos),))
         pad = gen.get("pad_token_id", config.text.pad_token_id)
         self.pad_token_id: int = int(pad if pad is not None else (self.eos_token_ids or (0,))[0])
+        self.path: str | None = None      # the directory from_pretrained loaded (where caption/chat find the processor)
+        self._processor = None
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: str | Any | None = None) -> "LlavaNext":
@@ -55,7 +57,9 @@ class LlavaNext:
         if os.path.isfile(os.path.join(path, "generation_config.json")):
             with open(os.path.join(path, "generation_config.json")) as f:
                 generation_config = json.load(f)
-        return cls(config, params, generation_config)
+        model = cls(config, params, generation_config)
+        model.path = os.fspath(path)
+        return model
 
     def image_token_sources(self, input_ids: np.ndarray, image_sizes: Any, tiles_per_image: int) -> np.ndarray:
         """Where each position's image feature comes from (`anyres.token_sources`); validates counts."""
@@ -138,6 +142,79 @@ class LlavaNext:
         return dict(input_ids=ids, pixel_values=pixels, sources=None if pixels is None else sources,
                     attention_mask=mask, options=opts, dtype=self.dtype,
                     new_bucket=generate.bucket(max_new_tokens, generate.NEW_TOKEN_BUCKETS))
+
+    # -- high-level calls -------------------------------------------------------------------------
+
+    def get_processor(self, processor=None):
+        """The `LlavaNextProcessor` caption/chat use: `processor` if given, else the one loaded from
+        `self.path` (once, then cached on the model)."""
+        if processor is not None:
+            return processor
+        if self._processor is None:
+            if self.path is None:
+                raise ValueError("this model was built without a checkpoint path (not via LlavaNext.from_pretrained), "
+                                 "so there is no processor to load: pass processor=LlavaNextProcessor."
+                                 "from_pretrained(checkpoint_dir)")
+            from .processor import LlavaNextProcessor
+            try:
+                self._processor = LlavaNextProcessor.from_pretrained(self.path)
+            except (FileNotFoundError, KeyError, ValueError) as e:
+                raise ValueError(f"cannot load the processor (tokenizer and image settings) from {self.path}: {e}; "
+                                 f"copy the checkpoint's tokenizer/processor files there or pass processor=") from e
+        return self._processor
+
+    def caption(self, images, prompt: str | None = None, processor=None, batch_size: int = 8,
+                max_new_tokens: int = 64, **generation) -> list[str]:
+        """One caption (str) per image, in input order.
+
+        images: a list (or one) of PIL images, image file paths, or uint8 numpy arrays `[H, W]` /
+            `[H, W, 1|3|4]`; any sizes (anyres tiling as the checkpoint's processor does).
+        prompt: the question asked of every image (default `prompting.DEFAULT_CAPTION_PROMPT`), put
+            through the checkpoint's chat template with the image in the user turn.
+        processor: a `LlavaNextProcessor`; default: loaded from the checkpoint directory and cached.
+        batch_size: images per `generate` call (chunks of the input, in order). Greedy captions do not
+            depend on it; with `do_sample=True` image i is seeded with `seed + i` (`seed` default 0),
+            so sampled captions do not depend on it either.
+        max_new_tokens, **generation: as `generate` (do_sample, temperature, top_k, top_p, seed,
+            min_new_tokens, eos_token_id, pad_token_id).
+        Compiles a generate program per (batch size, prompt bucket, ...): the last, smaller chunk
+        compiles its own.
+        """
+        from .prompting import DEFAULT_CAPTION_PROMPT, chat_prompt, decode_new_tokens
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
+        proc = self.get_processor(processor)
+        text, add_special = chat_prompt(proc, DEFAULT_CAPTION_PROMPT if prompt is None else prompt)
+        seed = generation.pop("seed", 0)
+        per_image_seed = np.ndim(seed) > 0
+        if per_image_seed and np.shape(seed) != (len(images),):
+            raise ValueError(f"seed must be one int or one per image ({len(images)}); got shape {np.shape(seed)}")
+        seeds = (np.asarray(seed, np.int64) if per_image_seed
+                 else int(seed) + np.arange(len(images), dtype=np.int64)) % 2 ** 32
+        captions: list[str] = []
+        for start in range(0, len(images), batch_size):
+            chunk = list(images[start:start + batch_size])
+            inputs = proc(images=chunk, text=[text] * len(chunk), add_special_tokens=add_special)
+            tokens = self.generate(**inputs, max_new_tokens=max_new_tokens,
+                                   seed=seeds[start:start + len(chunk)].astype(np.uint32), **generation)
+            captions += decode_new_tokens(proc, tokens)
+        return captions
+
+    def chat(self, image, question: str, history=None, processor=None, max_new_tokens: int = 128,
+             **generation) -> str:
+        """The answer (str) to `question` about `image` (a PIL image, path or uint8 array).
+
+        history: earlier turns as a list of (question, answer) string pairs, oldest first; the image
+            goes in the first user turn, so `chat(img, q2, history=[(q1, a1)])` continues the chat
+            that `a1 = chat(img, q1)` started. processor, max_new_tokens, **generation: as `caption`.
+        """
+        from .prompting import chat_prompt, decode_new_tokens
+        proc = self.get_processor(processor)
+        text, add_special = chat_prompt(proc, question, history)
+        inputs = proc(images=[image], text=[text], add_special_tokens=add_special)
+        return decode_new_tokens(proc, self.generate(**inputs, max_new_tokens=max_new_tokens, **generation))[0]
 
 
 def _left_align(ids: np.ndarray, mask: np.ndarray, sources: np.ndarray):

@@ -1,0 +1,158 @@
+"""The high-level calls `LlavaNext.caption` and `LlavaNext.chat`, on the random-weight demo model.
+
+References are built by hand: the processor's own `apply_chat_template(tokenize=True)` with the image
+in the message, `LlavaNext.generate` on that one image, `batch_decode`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from llava_next_jax import LlavaNext, LlavaNextProcessor, demo
+from llava_next_jax.prompting import DEFAULT_CAPTION_PROMPT
+
+SIZES = [(480, 640), (900, 300), (128, 128), (60, 40), (300, 310)]   # (h, w): several tile grids
+NEW = 8
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    old = os.environ.get(demo.ENV_DIR)
+    os.environ[demo.ENV_DIR] = str(tmp_path_factory.mktemp("api-demo") / "demo-v1")
+    try:
+        yield demo.demo_model_dir(log=lambda *_: None)
+    finally:
+        if old is None:
+            os.environ.pop(demo.ENV_DIR)
+        else:
+            os.environ[demo.ENV_DIR] = old
+
+
+@pytest.fixture(scope="session")
+def model(demo_dir):
+    return LlavaNext.from_pretrained(demo_dir)
+
+
+@pytest.fixture(scope="session")
+def processor(demo_dir):
+    return LlavaNextProcessor.from_pretrained(demo_dir)
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    """Mixed inputs: PIL images, a file path, uint8 arrays (RGB and grey)."""
+    rng = np.random.default_rng(1)
+    arrays = [np.clip(np.linspace(0, 255, w)[None, :, None] * rng.uniform(0.2, 1, 3) + rng.integers(0, 90, (h, 1, 3)),
+                      0, 255).astype(np.uint8) for h, w in SIZES]
+    path = tmp_path_factory.mktemp("api-images") / "img1.png"
+    Image.fromarray(arrays[1]).save(path)
+    return [Image.fromarray(arrays[0]), str(path), arrays[2], arrays[3][..., 0], Image.fromarray(arrays[4])]
+
+
+def by_hand(model, processor, image, question, history=(), new=NEW):
+    """The answer through the processor's own chat-template tokenization, one image, no batching."""
+    messages = []
+    for i, (q, a) in enumerate([*history, (question, None)]):
+        messages.append({"role": "user", "content": ([{"type": "image", "image": image}] if i == 0 else [])
+                         + [{"type": "text", "text": q}]})
+        if a is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    tokens = model.generate(**inputs, max_new_tokens=new)
+    return processor.batch_decode(tokens, skip_special_tokens=True)[0].strip()
+
+
+@pytest.fixture(scope="session")
+def captions(model, images):
+    return model.caption(images, batch_size=5, max_new_tokens=NEW)
+
+
+class Spy:
+    """Delegates to a processor, recording rendered chat prompts and the texts it tokenizes."""
+
+    def __init__(self, processor):
+        self._p, self.rendered, self.texts = processor, [], []
+
+    def __getattr__(self, name):
+        return getattr(self._p, name)
+
+    def apply_chat_template(self, *args, **kwargs):
+        out = self._p.apply_chat_template(*args, **kwargs)
+        self.rendered.append(out)
+        return out
+
+    def __call__(self, *args, text=None, **kwargs):
+        self.texts.append(list(text))
+        return self._p(*args, text=text, **kwargs)
+
+
+def test_caption_matches_per_image_generate(model, processor, images, captions):
+    assert isinstance(captions, list) and len(captions) == len(images)
+    assert all(isinstance(c, str) for c in captions)
+    expected = [by_hand(model, processor, image, DEFAULT_CAPTION_PROMPT) for image in images]
+    assert captions == expected
+    assert any(captions) and len(set(captions)) > 1, captions   # random weights, but not degenerate
+
+
+def test_caption_batch_size_does_not_matter(model, images, captions):
+    assert model.caption(images, batch_size=1, max_new_tokens=NEW) == captions
+    # the processor loaded from the checkpoint is cached on the model
+    assert model.get_processor() is model.get_processor()
+
+
+def test_caption_prompt_goes_through_chat_template(model, processor, images):
+    spy = Spy(processor)
+    out = model.caption(images[:2], prompt="What is there?", processor=spy, batch_size=2, max_new_tokens=NEW)
+    assert spy.rendered == ["[INST] <image>\nWhat is there? [/INST]"]     # the demo's (Mistral release) template
+    assert spy.texts == [["[INST] <image>\nWhat is there? [/INST]"] * 2]
+    assert out == [by_hand(model, processor, image, "What is there?") for image in images[:2]]
+
+
+def test_chat_equals_caption_for_the_same_question(model, images, captions):
+    assert model.chat(images[0], DEFAULT_CAPTION_PROMPT, max_new_tokens=NEW) == captions[0]
+    assert model.chat(images[3], DEFAULT_CAPTION_PROMPT, max_new_tokens=NEW) == captions[3]
+
+
+def test_chat_history_adds_turns(model, processor, images):
+    spy = Spy(processor)
+    first = model.chat(images[0], "What is there?", processor=spy, max_new_tokens=NEW)
+    second = model.chat(images[0], "And the color?", history=[("What is there?", first)], processor=spy,
+                        max_new_tokens=NEW)
+    expected = f"[INST] <image>\nWhat is there? [/INST] {first}</s> [INST] And the color? [/INST]"
+    assert spy.rendered[-1] == expected
+    assert spy.texts[-1] == [expected]
+    assert second == by_hand(model, processor, images[0], "And the color?", [("What is there?", first)])
+
+
+def test_errors(model, demo_dir, images, processor):
+    bare = LlavaNext(model.config, model.params)
+    with pytest.raises(ValueError, match="pass processor="):
+        bare.caption(images[:1], max_new_tokens=NEW)
+    with pytest.raises(ValueError, match="pass processor="):
+        bare.chat(images[0], "hi", max_new_tokens=NEW)
+    with pytest.raises(ValueError, match="exactly one"):
+        model.caption(images[:1], prompt="two <image> here", max_new_tokens=NEW)
+    with pytest.raises(ValueError, match="batch_size"):
+        model.caption(images[:1], batch_size=0)
+    with pytest.raises(TypeError, match="question, answer"):
+        model.chat(images[0], "hi", history=["not a pair"])
+    with pytest.raises(TypeError, match="uint8"):
+        model.caption([np.zeros((4, 4, 3), np.float32)], max_new_tokens=NEW)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        model.caption([os.path.join(demo_dir, "no-such.png")], max_new_tokens=NEW)
+    # an explicit processor makes a path-less model work
+    assert bare.chat(images[3], DEFAULT_CAPTION_PROMPT, processor=processor, max_new_tokens=NEW) == \
+        model.chat(images[3], DEFAULT_CAPTION_PROMPT, max_new_tokens=NEW)
+
+
+def test_sampled_captions_do_not_depend_on_batching(model, images, captions):
+    kw = dict(max_new_tokens=NEW, do_sample=True, temperature=1.5, seed=3)
+    together = model.caption(images, batch_size=5, **kw)
+    assert together != captions                               # it did sample
+    assert model.caption(images, batch_size=1, **kw) == together
+    # image i is seeded with seed + i
+    assert model.chat(images[2], DEFAULT_CAPTION_PROMPT, **{**kw, "seed": 5}) == together[2]
