@@ -168,7 +168,8 @@ class LlavaNext:
         """One caption (str) per image, in input order.
 
         images: a list (or one) of PIL images, image file paths, or uint8 numpy arrays `[H, W]` /
-            `[H, W, 1|3|4]`; any sizes (anyres tiling as the checkpoint's processor does).
+            `[H, W, 1|3|4]` (a uint8 `[N, H, W, C]` array is N images); any sizes (anyres tiling as
+            the checkpoint's processor does).
         prompt: the question asked of every image (default `prompting.DEFAULT_CAPTION_PROMPT`), put
             through the checkpoint's chat template with the image in the user turn.
         processor: a `LlavaNextProcessor`; default: loaded from the checkpoint directory and cached.
@@ -179,9 +180,15 @@ class LlavaNext:
             min_new_tokens, eos_token_id, pad_token_id).
         Compiles a generate program per (batch size, prompt bucket, ...): the last, smaller chunk
         compiles its own.
+
+        Raises ValueError when the model has no checkpoint path (built by hand) and no processor is
+        given, or when the prompt holds an image placeholder itself; TypeError / FileNotFoundError /
+        ValueError from the processor for an unreadable image (nothing is captioned then).
         """
         from .prompting import DEFAULT_CAPTION_PROMPT, chat_prompt, decode_new_tokens
-        if not isinstance(images, (list, tuple)):
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)
+        elif not isinstance(images, (list, tuple)):
             images = [images]
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")

@@ -156,3 +156,9 @@ def test_sampled_captions_do_not_depend_on_batching(model, images, captions):
     assert model.caption(images, batch_size=1, **kw) == together
     # image i is seeded with seed + i
     assert model.chat(images[2], DEFAULT_CAPTION_PROMPT, **{**kw, "seed": 5}) == together[2]
+
+
+def test_caption_accepts_one_image_and_an_array_batch(model, images, captions):
+    assert model.caption(images[2], max_new_tokens=NEW) == [captions[2]]
+    assert model.caption(np.stack([images[2]] * 2), batch_size=1, max_new_tokens=NEW) == [captions[2]] * 2
+    assert model.caption([], max_new_tokens=NEW) == []
