@@ -1,5 +1,22 @@
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                    # tiny_models, tiny_tokenizers
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # llava_next_jax from the checkout
+
+
+@pytest.fixture(scope="session")
+def demo_home(tmp_path_factory):
+    """A session directory for the demo model (built once) and subprocesses' shared XLA cache."""
+    return tmp_path_factory.mktemp("demo")
+
+
+@pytest.fixture(scope="session")
+def demo_dir(demo_home):
+    """The built-in demo model, built once per session in a temporary LLAVA_NEXT_JAX_DEMO_DIR."""
+    from llava_next_jax import demo
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(demo.ENV_DIR, str(demo_home / "demo-v1"))
+        yield demo.demo_model_dir(log=lambda *_: None)

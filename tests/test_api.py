@@ -12,24 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_next_jax import LlavaNext, LlavaNextProcessor, demo
+from llava_next_jax import LlavaNext, LlavaNextProcessor
 from llava_next_jax.prompting import DEFAULT_CAPTION_PROMPT
 
 SIZES = [(480, 640), (900, 300), (128, 128), (60, 40), (300, 310)]   # (h, w): several tile grids
 NEW = 8
-
-
-@pytest.fixture(scope="session")
-def demo_dir(tmp_path_factory):
-    old = os.environ.get(demo.ENV_DIR)
-    os.environ[demo.ENV_DIR] = str(tmp_path_factory.mktemp("api-demo") / "demo-v1")
-    try:
-        yield demo.demo_model_dir(log=lambda *_: None)
-    finally:
-        if old is None:
-            os.environ.pop(demo.ENV_DIR)
-        else:
-            os.environ[demo.ENV_DIR] = old
 
 
 @pytest.fixture(scope="session")

@@ -25,26 +25,13 @@ MIXED_SIZES = [(480, 640), (900, 300), (250, 1000), (128, 128), (60, 40), (300, 
 
 
 @pytest.fixture(scope="session")
-def env(tmp_path_factory):
+def env(demo_home, demo_dir):
     """Environment for subprocesses: the session's demo model dir, a shared compilation cache, the checkout."""
-    base = tmp_path_factory.mktemp("demo")
+    base = demo_home
     e = dict(os.environ, LLAVA_NEXT_JAX_DEMO_DIR=str(base / "demo-v1"), PYTHONPATH=ROOT,
              JAX_COMPILATION_CACHE_DIR=str(base / "xla-cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PLATFORMS="cpu")
     return e
-
-
-@pytest.fixture(scope="session")
-def demo_dir(env):
-    old = os.environ.get(demo.ENV_DIR)
-    os.environ[demo.ENV_DIR] = env[demo.ENV_DIR]
-    try:
-        yield demo.demo_model_dir(log=lambda *_: None)
-    finally:
-        if old is None:
-            os.environ.pop(demo.ENV_DIR)
-        else:
-            os.environ[demo.ENV_DIR] = old
 
 
 def write_images(directory, sizes, seed=0):
