@@ -121,6 +121,10 @@ def test_quickstart(kernel_env):
     captions = re.findall(r"^\S+\.(?:jpg|png) +'.*'$", batch, re.M)
     assert len(captions) == 4, batch
 
+    one_call = dict(re.findall(r"^(\S+\.(?:jpg|png)) -> '(.*)'$", cell_text(nb, "one-call-api"), re.M))
+    by_hand = {name: text.strip() for name, text in re.findall(r"^(\S+\.(?:jpg|png)) +'(.*)'$", batch, re.M)}
+    assert one_call == by_hand and len(one_call) == 4, (one_call, by_hand)
+
     second = cell_text(nb, "second-turn")
     assert "[/INST]" in second and "What colours are in it?" in second and "answer (random weights" in second
     assert second.count("[INST]") == 2, second
