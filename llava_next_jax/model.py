@@ -103,6 +103,27 @@ class LlavaNext:
         return llava_next.forward(self.params, self.config, ids, pixels, sources if pixels is not None else None,
                                   mask, self.dtype)
 
+    def loss(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, labels=None) -> float:
+        """Mean next-token cross-entropy over `labels != -100` (HF's shift), as a float.
+
+        Inputs as in `forward`; labels `[B, T]` int (default: input_ids, with pads masked out).
+        """
+        return float(self._loss_and_grad(input_ids, pixel_values, image_sizes, attention_mask, labels, False))
+
+    def grad(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, labels=None) -> Any:
+        """The gradient of `loss` with respect to every parameter: a pytree shaped like `self.params`."""
+        return self._loss_and_grad(input_ids, pixel_values, image_sizes, attention_mask, labels, True)
+
+    def _loss_and_grad(self, input_ids, pixel_values, image_sizes, attention_mask, labels, with_grad: bool):
+        from . import train
+        ids, pixels, sources, mask = self._inputs(input_ids, pixel_values, image_sizes, attention_mask)
+        labels = np.where(mask == 1, ids, train.IGNORE) if labels is None else np.asarray(labels)
+        if labels.shape != ids.shape:
+            raise ValueError(f"labels shape {labels.shape} differs from input_ids shape {ids.shape}")
+        args = (self.params, self.config, ids, pixels, sources if pixels is not None else None, mask, labels,
+                self.dtype)
+        return train.loss_and_grad(*args)[1] if with_grad else train.loss_fn(*args)
+
     def generate(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, max_new_tokens=32,
                  min_new_tokens=0, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=0,
                  eos_token_id=None, pad_token_id=None) -> np.ndarray:
