@@ -40,3 +40,64 @@ def loss_fn(params, config: LlavaNextConfig, input_ids, pixel_values, sources, a
 
 loss_and_grad = jax.jit(jax.value_and_grad(loss_fn), static_argnames=("config", "dtype"))
 """(loss, gradient pytree shaped like params) of `loss_fn`."""
+
+
+# --- optimisation ---------------------------------------------------------------------------------
+
+TRAINABLE = ("projector", "projector+decoder", "all")
+
+
+def trainable_mask(params, which: str = "projector+decoder"):
+    """A pytree of bools shaped like params: True where `which` trains.
+
+    projector: the multimodal projector (LLaVA's stage-1 pretraining); projector+decoder: also the
+    language model, image_newline and lm_head (the vision tower stays frozen, as in LLaVA's stage 2);
+    all: everything.
+    """
+    if which not in TRAINABLE:
+        raise ValueError(f"trainable={which!r}; choose one of {TRAINABLE}")
+    def keep(path, _):
+        top = path[0].key
+        if which == "all":
+            return True
+        if which == "projector":
+            return top == "multi_modal_projector"
+        return top != "vision_tower"
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(params, learning_rate: float = 1e-4, warmup_steps: int = 0, total_steps: int = 1000,
+                   weight_decay: float = 0.0, max_grad_norm: float = 1.0, accumulate: int = 1,
+                   trainable: str = "projector+decoder"):
+    """AdamW with linear warmup + cosine decay, global-norm clipping, gradient accumulation over
+    `accumulate` micro-batches, and frozen (zero-update) parameters outside `trainable`."""
+    import optax
+    schedule = optax.warmup_cosine_decay_schedule(0.0 if warmup_steps else learning_rate, learning_rate,
+                                                  max(warmup_steps, 1), max(total_steps, warmup_steps + 1))
+    mask = trainable_mask(params, trainable)
+    labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
+    optimizer = optax.multi_transform(
+        {"train": optax.chain(optax.clip_by_global_norm(max_grad_norm),
+                              optax.adamw(schedule, weight_decay=weight_decay)),
+         "freeze": optax.set_to_zero()}, labels)
+    return optax.MultiSteps(optimizer, accumulate) if accumulate > 1 else optimizer
+
+
+@partial(jax.jit, static_argnames=("config", "optimizer", "dtype"), donate_argnames=("state",))
+def train_step(state: dict, batch: dict, config: LlavaNextConfig, optimizer, dtype=jnp.float32):
+    """One optimiser step: state {"params", "opt_state", "step"} -> (new state, {"loss"}).
+
+    batch: input_ids, pixel_values (or None), sources, attention_mask, labels, as `loss_fn` takes them.
+    """
+    import optax
+    loss, grads = loss_and_grad(state["params"], config, batch["input_ids"], batch["pixel_values"],
+                                batch["sources"], batch["attention_mask"], batch["labels"], dtype)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, {"loss": loss}
+
+
+def init_state(params, optimizer) -> dict:
+    """The train state. `train_step` donates it, so the params given here are consumed by the first
+    step: keep using `state["params"]` (e.g. `LlavaNext(config, state["params"])`), not the originals."""
+    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
