@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import anyres, checkpoint, convert, generate
+from . import anyres, checkpoint, convert, generate, sharding
 from .config import LlavaNextConfig
 from .modeling import llava_next
 
@@ -22,9 +22,10 @@ class LlavaNext:
     the params' dtype).
     """
 
-    def __init__(self, config: LlavaNextConfig, params: Any, generation_config: dict | None = None):
+    def __init__(self, config: LlavaNextConfig, params: Any, generation_config: dict | None = None, mesh=None):
         self.config = config
         self.params = params
+        self.mesh = mesh  # a ("data", "model") jax.sharding.Mesh the params are laid out on, or None
         self.dtype = jnp.dtype(params["language_model"]["embed_tokens"]["embedding"].dtype)
         gen = generation_config or {}
         eos = gen.get("eos_token_id", config.text.eos_token_id)
@@ -36,11 +37,14 @@ class LlavaNext:
         self._processor = None
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype: str | Any | None = None) -> "LlavaNext":
+    def from_pretrained(cls, path: str, dtype: str | Any | None = None, mesh=None) -> "LlavaNext":
         """Loads a directory written by `scripts/convert_torch_weights.py`, or an HF checkpoint directory.
 
         dtype: "float32", "bfloat16", "float16" (or a numpy/jax dtype). None: bfloat16 on GPU/TPU
         (norms and softmax still run in float32), the stored dtype on CPU.
+        mesh: a `jax.sharding.Mesh` with axes ("data", "model") (`sharding.make_mesh`): weights are
+        restored straight into their tensor-parallel shardings (`sharding.RULES`), and inputs are split
+        over "data"; results equal one device's.
         """
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: not a directory (expected a converted or HF LLaVA-NeXT checkpoint)")
@@ -48,16 +52,21 @@ class LlavaNext:
         if dtype is None and jax.default_backend() != "cpu":
             dtype = "bfloat16"
         dtype = None if dtype is None else jnp.dtype(dtype)
+        if mesh is not None and tuple(mesh.axis_names) != sharding.AXES:
+            raise ValueError(f"mesh axes are {tuple(mesh.axis_names)}; expected {sharding.AXES} (sharding.make_mesh)")
         if checkpoint.is_converted(path):
-            params = checkpoint.load_params(path, dtype)
+            shardings = None if mesh is None else sharding.param_shardings(checkpoint.saved_shapes(path), mesh)
+            params = checkpoint.load_params(path, dtype, shardings)
         else:
             name = None if dtype is None else dtype.name
             params = convert.nest({p: jnp.asarray(a) for p, a in convert.iter_tensors(path, config, name)})
+            if mesh is not None:
+                params = jax.device_put(params, sharding.param_shardings(params, mesh))
         generation_config = None
         if os.path.isfile(os.path.join(path, "generation_config.json")):
             with open(os.path.join(path, "generation_config.json")) as f:
                 generation_config = json.load(f)
-        model = cls(config, params, generation_config)
+        model = cls(config, params, generation_config, mesh)
         model.path = os.fspath(path)
         return model
 
@@ -65,6 +74,13 @@ class LlavaNext:
         """Where each position's image feature comes from (`anyres.token_sources`); validates counts."""
         return anyres.token_sources(input_ids, self.config.image_token_id, image_sizes, self.config.geometry,
                                     tiles_per_image)
+
+    def _place(self, *arrays):
+        """On a mesh: each array's leading (batch) axis split over "data". Else unchanged."""
+        if self.mesh is None:
+            return arrays
+        return tuple(None if a is None else jax.device_put(a, sharding.batch_sharding(self.mesh, np.shape(a)))
+                     for a in arrays)
 
     def _inputs(self, input_ids, pixel_values, image_sizes, attention_mask, tiles=None, images_multiple=1):
         """Checked numpy inputs and their `sources`; `tiles`/`images_multiple` zero-pad pixel_values to a
@@ -99,7 +115,7 @@ class LlavaNext:
         pixel_values `[B_img, P, C, S, S]`, image_sizes `[B_img, 2]` (height, width);
         attention_mask `[B, T]`, 1 for real tokens (default all ones).
         """
-        ids, pixels, sources, mask = self._inputs(input_ids, pixel_values, image_sizes, attention_mask)
+        ids, pixels, sources, mask = self._place(*self._inputs(input_ids, pixel_values, image_sizes, attention_mask))
         return llava_next.forward(self.params, self.config, ids, pixels, sources if pixels is not None else None,
                                   mask, self.dtype)
 
@@ -120,6 +136,7 @@ class LlavaNext:
         labels = np.where(mask == 1, ids, train.IGNORE) if labels is None else np.asarray(labels)
         if labels.shape != ids.shape:
             raise ValueError(f"labels shape {labels.shape} differs from input_ids shape {ids.shape}")
+        ids, pixels, sources, mask, labels = self._place(ids, pixels, sources, mask, labels)
         args = (self.params, self.config, ids, pixels, sources if pixels is not None else None, mask, labels,
                 self.dtype)
         return train.loss_and_grad(*args)[1] if with_grad else train.loss_fn(*args)
@@ -160,6 +177,7 @@ class LlavaNext:
                                                  pad_id)
         opts = generate.options(B, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, seed,
                                 stop_ids, pad_id)
+        ids, mask, sources, pixels = self._place(ids, mask, sources, pixels)
         return dict(input_ids=ids, pixel_values=pixels, sources=None if pixels is None else sources,
                     attention_mask=mask, options=opts, dtype=self.dtype,
                     new_bucket=generate.bucket(max_new_tokens, generate.NEW_TOKEN_BUCKETS))

@@ -1,0 +1,55 @@
+"""Sharded runs on 8 forced CPU devices equal the single-device run (in a subprocess: the device
+count must be set before jax starts)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = textwrap.dedent("""
+    import sys, tempfile
+    import jax, numpy as np
+    sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+    import tiny_models as tm
+    from llava_next_jax import LlavaNext, sharding
+    from llava_next_jax.convert_cli import convert_checkpoint
+    assert len(jax.devices()) == 8, jax.devices()
+
+    hf = tm.build_model("mistral", seed=11)
+    work = tempfile.mkdtemp()
+    tm.save_checkpoint(hf, work + "/hf")
+    convert_checkpoint(work + "/hf", work + "/out", log=lambda *_: None)
+    batch = tm.make_batch(hf.config, [(3, [(480, 640)], 4), (5, [(88, 55)], 2), (9, [(1, 300)], 3),
+                                      (4, [(300, 200)], 1)], seed=11)
+    single = LlavaNext.from_pretrained(work + "/out")
+    ref_logits = np.asarray(single.forward(**batch))
+    ref_tokens = single.generate(**batch, max_new_tokens=12, eos_token_id=[])
+    ref_loss = single.loss(**batch)
+    for data, model_axis in [(1, 8), (2, 4), (8, 1)]:
+        mesh = sharding.make_mesh(data=data, model=model_axis)
+        model = LlavaNext.from_pretrained(work + "/out", mesh=mesh)
+        gate = model.params["language_model"]["layers"]["0"]["mlp"]["gate_proj"]["kernel"]
+        assert gate.sharding.shard_shape(gate.shape) == (64, 96 // model_axis), gate.sharding
+        down = model.params["language_model"]["layers"]["1"]["mlp"]["down_proj"]["kernel"]
+        assert down.sharding.shard_shape(down.shape) == (96 // model_axis, 64)
+        embed = model.params["language_model"]["embed_tokens"]["embedding"]
+        per_device = {s.device: s.data.nbytes for s in embed.addressable_shards}
+        assert len(per_device) == 8 and set(per_device.values()) == {embed.nbytes // model_axis}
+        logits = np.asarray(model.forward(**batch))
+        diff = np.abs(logits - ref_logits)[batch["attention_mask"] == 1].max()
+        assert diff <= 1e-5, (data, model_axis, diff)
+        tokens = model.generate(**batch, max_new_tokens=12, eos_token_id=[])
+        assert (tokens == ref_tokens).all(), (data, model_axis)
+        assert abs(model.loss(**batch) - ref_loss) <= 1e-5 * abs(ref_loss)
+        print(f"mesh {data}x{model_axis}: max |delta logits| {diff:.2e}, tokens equal")
+""")
+
+
+def test_meshes_equal_single_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", SCRIPT, ROOT], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("tokens equal") == 3, result.stdout
