@@ -244,3 +244,28 @@ def nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[path[-1]] = value
     return tree
+
+
+def export_hf(params: dict, src_dir: str, out_dir: str) -> str:
+    """Writes `params` as an HF checkpoint transformers loads: `model.safetensors` (2024 hub names,
+    torch layouts) plus the side files (config, tokenizer, processor...) copied from `src_dir`.
+    Returns the safetensors path."""
+    from safetensors.numpy import save_file
+
+    from .checkpoint import copy_side_files
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        path = tuple(k.key for k in path)
+        array = np.asarray(leaf)
+        name, torch_shape = hf_tensor(path, array.shape)
+        if array.ndim == 4:
+            array = array.transpose(3, 2, 0, 1)   # [p, p, in, out] -> [out, in, p, p]
+        elif path[-1] == "kernel":
+            array = array.T                      # [in, out] -> [out, in]
+        assert array.shape == torch_shape, (name, array.shape, torch_shape)
+        tensors[name] = np.ascontiguousarray(array)
+    copy_side_files(src_dir, out_dir)
+    target = os.path.join(out_dir, "model.safetensors")
+    save_file(tensors, target, metadata={"format": "pt"})
+    return target
