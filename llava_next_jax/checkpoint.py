@@ -45,22 +45,32 @@ def save_streaming(out_dir: str, tensors: Iterable[tuple[tuple[str, ...], np.nda
             on_tensor(path, tensor)
         del tensor
         if size >= group_bytes:
-            partial.save(target, _nest(group))
+            partial.save(target, nest(group))
             group, size = {}, 0
     if group:
-        partial.save(target, _nest(group))
+        partial.save(target, nest(group))
     partial.finalize(target)
 
 
-def _nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
-    from .convert import nest
-    return nest(flat)
+def flatten(tree: Any) -> dict[tuple[str, ...], Any]:
+    """A params tree as `{("language_model", "layers", "0", ..., "kernel"): leaf}`."""
+    return {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
+    """The inverse of `flatten`."""
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
 
 
 def save_params(out_dir: str, params: Any) -> None:
     """Writes a whole in-memory params tree (e.g. after fine-tuning) in the converted layout."""
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    save_streaming(out_dir, ((tuple(k.key for k in p), np.asarray(v)) for p, v in leaves))
+    save_streaming(out_dir, ((path, np.asarray(leaf)) for path, leaf in flatten(params).items()))
 
 
 def write_marker(out_dir: str, **info) -> None:

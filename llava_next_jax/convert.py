@@ -24,6 +24,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from .checkpoint import copy_side_files, flatten
 from .config import LlavaNextConfig
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -186,7 +187,7 @@ def expected_shapes(config: LlavaNextConfig) -> dict[tuple[str, ...], tuple[int,
     """params path -> shape, for every leaf the model needs."""
     from .modeling.llava_next import init_params
     tree = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-    return {tuple(k.key for k in path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    return {path: leaf.shape for path, leaf in flatten(tree).items()}
 
 
 def plan(files: TensorFiles, config: LlavaNextConfig) -> dict[tuple[str, ...], tuple[str, Target]]:
@@ -236,27 +237,14 @@ def iter_tensors(src_dir: str, config: LlavaNextConfig, dtype: str | None = None
         yield path, tensor.astype(DTYPES[dtype]) if dtype else tensor
 
 
-def nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return tree
-
-
 def export_hf(params: dict, src_dir: str, out_dir: str) -> str:
     """Writes `params` as an HF checkpoint transformers loads: `model.safetensors` (2024 hub names,
     torch layouts) plus the side files (config, tokenizer, processor...) copied from `src_dir`.
     Returns the safetensors path."""
     from safetensors.numpy import save_file
-
-    from .checkpoint import copy_side_files
     os.makedirs(out_dir, exist_ok=True)
     tensors = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        path = tuple(k.key for k in path)
+    for path, leaf in flatten(params).items():
         array = np.asarray(leaf)
         name, torch_shape = hf_tensor(path, array.shape)
         if array.ndim == 4:

@@ -59,7 +59,7 @@ class LlavaNext:
             params = checkpoint.load_params(path, dtype, shardings)
         else:
             name = None if dtype is None else dtype.name
-            params = convert.nest({p: jnp.asarray(a) for p, a in convert.iter_tensors(path, config, name)})
+            params = checkpoint.nest({p: jnp.asarray(a) for p, a in convert.iter_tensors(path, config, name)})
             if mesh is not None:
                 params = jax.device_put(params, sharding.param_shardings(params, mesh))
         generation_config = None

@@ -131,11 +131,11 @@ class Attention(nn.Module):
         q = dense(c.num_attention_heads * c.head_dim, c.qkv_bias, "q_proj")(x)
         k = dense(c.num_key_value_heads * c.head_dim, c.qkv_bias, "k_proj")(x)
         v = dense(c.num_key_value_heads * c.head_dim, c.qkv_bias, "v_proj")(x)
-        q = apply_rope(q.reshape(B, T, c.num_attention_heads, c.head_dim), cos, sin)
-        kv_major = lambda t: t.reshape(B, T, c.num_key_value_heads, c.head_dim).transpose(0, 2, 1, 3).reshape(
-            -1, T, c.head_dim)  # [B*K, T, H]
-        k = kv_major(apply_rope(k.reshape(B, T, c.num_key_value_heads, c.head_dim), cos, sin))
-        v = kv_major(v)
+        heads = lambda t: t.reshape(B, T, -1, c.head_dim)                                  # [B, T, heads, H]
+        kv_major = lambda t: t.transpose(0, 2, 1, 3).reshape(-1, T, c.head_dim)            # [B*K, T, H]
+        q = apply_rope(heads(q), cos, sin)
+        k = kv_major(apply_rope(heads(k), cos, sin))
+        v = kv_major(heads(v))
         if cache is not None:  # [B*K, S, H], no size-1 axis at batch 1 (which made XLA:CPU copy it)
             write = lambda full, new: jax.lax.dynamic_update_slice(full, new.astype(full.dtype), (0, slot, 0))
             k, v = cache = (write(cache[0], k), write(cache[1], v))
