@@ -14,6 +14,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from . import lora as lora_lib
 from .config import LlavaNextConfig
 from .modeling import llava_next
 
@@ -29,22 +30,32 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.
     return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
 
 
-@partial(jax.jit, static_argnames=("config", "dtype"))
+STATIC = ("config", "dtype", "remat", "lora")
+
+
+@partial(jax.jit, static_argnames=STATIC)
 def loss_fn(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask, labels,
-            dtype=jnp.float32) -> jax.Array:
-    """Mean cross-entropy (scalar float32); the inputs as `llava_next.forward` takes them, plus labels `[B, T]`."""
-    logits = llava_next.forward(params, config, input_ids, pixel_values, sources, attention_mask, dtype)
+            dtype=jnp.float32, remat: bool = False, lora: lora_lib.LoraConfig | None = None) -> jax.Array:
+    """Mean cross-entropy (scalar float32); the inputs as `llava_next.forward` takes them, plus labels `[B, T]`.
+
+    dtype is the compute dtype: float32 params with dtype=bfloat16 train in bf16 with float32 master
+    weights (kernels are cast per matmul; norms, softmax and the loss stay float32). remat recomputes
+    each decoder layer in the backward pass. lora: params is `{"base", "lora"}` (`lora.attach`) and the
+    forward pass uses the merged weights.
+    """
+    logits = llava_next.forward(lora_lib.model_params(params, lora), config, input_ids, pixel_values, sources,
+                                attention_mask, dtype, remat)
     total, count = cross_entropy(logits, labels)
     return total / jnp.maximum(count, 1)
 
 
-loss_and_grad = jax.jit(jax.value_and_grad(loss_fn), static_argnames=("config", "dtype"))
+loss_and_grad = jax.jit(jax.value_and_grad(loss_fn), static_argnames=STATIC)
 """(loss, gradient pytree shaped like params) of `loss_fn`."""
 
 
 # --- optimisation ---------------------------------------------------------------------------------
 
-TRAINABLE = ("projector", "projector+decoder", "all")
+TRAINABLE = ("projector", "projector+decoder", "all", "lora", "lora+projector")
 
 
 def trainable_mask(params, which: str = "projector+decoder"):
@@ -52,17 +63,24 @@ def trainable_mask(params, which: str = "projector+decoder"):
 
     projector: the multimodal projector (LLaVA's stage-1 pretraining); projector+decoder: also the
     language model, image_newline and lm_head (the vision tower stays frozen, as in LLaVA's stage 2);
-    all: everything.
+    all: everything. For a LoRA tree `{"base", "lora"}` (`lora.attach`): lora trains the adapters
+    alone, lora+projector the adapters and the base's projector.
     """
     if which not in TRAINABLE:
         raise ValueError(f"trainable={which!r}; choose one of {TRAINABLE}")
+    is_lora_tree = set(params) == {"base", "lora"}
+    if is_lora_tree != which.startswith("lora"):
+        raise ValueError(f"trainable={which!r} needs {'a' if which.startswith('lora') else 'no'} LoRA tree "
+                         f"({{'base', 'lora'}} from lora.attach); the params have top-level keys {sorted(params)}")
     def keep(path, _):
-        top = path[0].key
+        keys = [k.key for k in path]
+        if is_lora_tree:
+            return keys[0] == "lora" or (which == "lora+projector" and keys[1] == "multi_modal_projector")
         if which == "all":
             return True
         if which == "projector":
-            return top == "multi_modal_projector"
-        return top != "vision_tower"
+            return keys[0] == "multi_modal_projector"
+        return keys[0] != "vision_tower"
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
@@ -83,21 +101,28 @@ def make_optimizer(params, learning_rate: float = 1e-4, warmup_steps: int = 0, t
     return optax.MultiSteps(optimizer, accumulate) if accumulate > 1 else optimizer
 
 
-@partial(jax.jit, static_argnames=("config", "optimizer", "dtype"), donate_argnames=("state",))
-def train_step(state: dict, batch: dict, config: LlavaNextConfig, optimizer, dtype=jnp.float32):
-    """One optimiser step: state {"params", "opt_state", "step"} -> (new state, {"loss"}).
+@partial(jax.jit, static_argnames=("config", "optimizer") + STATIC[1:], donate_argnames=("state",))
+def train_step(state: dict, batch: dict, config: LlavaNextConfig, optimizer, dtype=jnp.float32,
+               remat: bool = False, lora: lora_lib.LoraConfig | None = None):
+    """One optimiser step: state {"params", "opt_state", "step", "rng"} -> (new state, {"loss"}).
 
-    batch: input_ids, pixel_values (or None), sources, attention_mask, labels, as `loss_fn` takes them.
+    batch: input_ids, pixel_values (or None), sources, attention_mask, labels, as `loss_fn` takes them
+    (with `make_optimizer(accumulate=n)`, one micro-batch: the update lands every n-th step).
+    dtype/remat/lora: as in `loss_fn`. `rng` is the key of the run's random draws; the released configs
+    have no dropout, so it is only split, every step, to stay in step with `step` across a resume.
     """
     import optax
     loss, grads = loss_and_grad(state["params"], config, batch["input_ids"], batch["pixel_values"],
-                                batch["sources"], batch["attention_mask"], batch["labels"], dtype)
+                                batch["sources"], batch["attention_mask"], batch["labels"], dtype, remat, lora)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, {"loss": loss}
+    rng, _ = jax.random.split(state["rng"])
+    new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": rng}
+    return new_state, {"loss": loss}
 
 
-def init_state(params, optimizer) -> dict:
+def init_state(params, optimizer, seed: int = 0) -> dict:
     """The train state. `train_step` donates it, so the params given here are consumed by the first
     step: keep using `state["params"]` (e.g. `LlavaNext(config, state["params"])`), not the originals."""
-    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
+    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0),
+            "rng": jax.random.key_data(jax.random.key(seed))}

@@ -1,25 +1,53 @@
 """The loss and its gradients against HF transformers' loss and PyTorch autograd."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
 import tiny_models as tm
-from llava_next_jax import LlavaNext
+from llava_next_jax import LlavaNext, lora, train
 
 
-def test_loss_and_gradients_equal_pytorch(tmp_path):
-    hf = tm.build_model("mistral", seed=8)
-    tm.save_checkpoint(hf, str(tmp_path))
-    model = LlavaNext.from_pretrained(str(tmp_path))
-    # Right padding, as for training; labels mask the pads, the image tokens and the first prompt tokens.
-    batch = tm.make_batch(hf.config, [(3, [(480, 640)], 6), (5, [(88, 55)], 20)], seed=8)
+def right_padded(hf, seed):
+    """A right-padded batch of two rows (as for training) and labels masking pads, image tokens and
+    the first two prompt tokens."""
+    batch = tm.make_batch(hf.config, [(3, [(480, 640)], 6), (5, [(88, 55)], 20)], seed=seed)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     right = np.stack([np.roll(row, -int((m == 0).sum())) for row, m in zip(ids, mask)])
     right_mask = np.stack([np.roll(m, -int((m == 0).sum())) for m in mask])
     assert (right_mask[:, 0] == 1).all() and (right_mask[:, -1] == 0).any()
     labels = np.where((right_mask == 1) & (right != hf.config.image_token_id), right, -100)
     labels[:, :2] = -100
-    batch = dict(batch, input_ids=right, attention_mask=right_mask)
+    return dict(batch, input_ids=right, attention_mask=right_mask), labels
+
+
+def step_inputs(model, batch, labels):
+    """The batch as `train.train_step` takes it."""
+    ids, pixels, sources, mask = model._inputs(batch["input_ids"], batch["pixel_values"], batch["image_sizes"],
+                                               batch["attention_mask"])
+    return dict(input_ids=ids, pixel_values=pixels, sources=sources, attention_mask=mask, labels=labels)
+
+
+def leaf(tree, *path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+@pytest.fixture(scope="module")
+def mistral(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("mistral"))
+    hf = tm.build_model("mistral", seed=8)
+    tm.save_checkpoint(hf, path)
+    return hf, path
+
+
+def test_loss_and_gradients_equal_pytorch(mistral):
+    hf, path = mistral
+    model = LlavaNext.from_pretrained(path)
+    batch, labels = right_padded(hf, seed=8)
 
     hf.zero_grad()
     out = hf(**{k: torch.from_numpy(v) for k, v in batch.items()}, labels=torch.from_numpy(labels))
@@ -47,7 +75,6 @@ def test_loss_and_gradients_equal_pytorch(tmp_path):
 
 def test_overfit_two_captions_then_generate_them(tmp_path):
     """projector+decoder training drives the loss below 0.1; greedy decoding then says the captions."""
-    from llava_next_jax import train
     hf = tm.build_model("vicuna", seed=9)
     tm.save_checkpoint(hf, str(tmp_path))
     model = LlavaNext.from_pretrained(str(tmp_path))
@@ -74,3 +101,92 @@ def test_overfit_two_captions_then_generate_them(tmp_path):
     out = trained.generate(prompt["input_ids"], prompt["pixel_values"], prompt["image_sizes"],
                            prompt["attention_mask"], max_new_tokens=captions.shape[1], eos_token_id=[])
     np.testing.assert_array_equal(out, captions)
+
+
+def test_remat_same_gradients_less_memory(mistral):
+    hf, path = mistral
+    model = LlavaNext.from_pretrained(path)
+    inputs = step_inputs(model, *right_padded(hf, seed=3))
+    args = [inputs[k] for k in ("input_ids", "pixel_values", "sources", "attention_mask", "labels")]
+    plain = train.loss_and_grad(model.params, model.config, *args)
+    remat = train.loss_and_grad(model.params, model.config, *args, remat=True)
+    assert abs(float(plain[0]) - float(remat[0])) <= 1e-6 * abs(float(plain[0]))
+    for a, b in zip(jax.tree.leaves(plain[1]), jax.tree.leaves(remat[1])):  # recomputation reorders sums
+        assert np.linalg.norm(np.asarray(b) - np.asarray(a)) <= 1e-5 * np.linalg.norm(np.asarray(a)) + 1e-7
+    temp = {r: train.loss_and_grad.lower(model.params, model.config, *args, remat=r).compile()
+            .memory_analysis().temp_size_in_bytes for r in (False, True)}
+    assert temp[True] < temp[False], temp
+
+
+def test_bfloat16_compute_with_float32_master_weights(mistral):
+    hf, path = mistral
+    model = LlavaNext.from_pretrained(path, dtype="float32")
+    inputs = step_inputs(model, *right_padded(hf, seed=4))
+    optimizer = train.make_optimizer(model.params, learning_rate=1e-3, total_steps=10)
+    reference = float(train.loss_fn(model.params, model.config, *[inputs[k] for k in
+                      ("input_ids", "pixel_values", "sources", "attention_mask", "labels")]))
+    state = train.init_state(jax.tree.map(jnp.copy, model.params), optimizer)
+    losses = []
+    for _ in range(3):
+        state, metrics = train.train_step(state, inputs, model.config, optimizer, jnp.bfloat16)
+        losses.append(float(metrics["loss"]))
+    assert {x.dtype for x in jax.tree.leaves(state["params"])} == {jnp.dtype(jnp.float32)}
+    assert np.isfinite(losses).all() and abs(losses[0] - reference) <= 0.02 * reference, (losses, reference)
+    assert losses[-1] < losses[0]
+    moved = leaf(state["params"], "language_model", "layers", "0", "self_attn", "q_proj", "kernel")
+    assert np.abs(np.asarray(moved) - np.asarray(leaf(model.params, "language_model", "layers", "0", "self_attn",
+                                                     "q_proj", "kernel"))).max() > 1e-4
+
+
+def test_lora_gradients_follow_the_chain_rule(mistral):
+    """dL/dA = s * dL/dW' @ B^T and dL/dB = s * A^T @ dL/dW' (W' the merged kernel), with B made nonzero."""
+    hf, path = mistral
+    model = LlavaNext.from_pretrained(path)
+    inputs = step_inputs(model, *right_padded(hf, seed=5))
+    args = [inputs[k] for k in ("input_ids", "pixel_values", "sources", "attention_mask", "labels")]
+    config = lora.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "down_proj"))
+    tree = lora.attach(model.params, config, jax.random.key(0))
+    tree["lora"] = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.size), x.shape), tree["lora"])
+    merged = lora.merge(tree["base"], tree["lora"], config)
+    loss, grads = train.loss_and_grad(tree, model.config, *args, lora=config)
+    merged_loss, merged_grads = train.loss_and_grad(merged, model.config, *args)
+    assert abs(float(loss) - float(merged_loss)) <= 1e-6 * abs(float(merged_loss))
+    assert abs(float(loss) - float(train.loss_fn(model.params, model.config, *args))) > 1e-4  # the adapters act
+    for block, name in [("self_attn", "q_proj"), ("mlp", "down_proj")]:
+        for i in ("0", "1"):
+            ab = leaf(tree["lora"], "language_model", "layers", i, block, name)
+            g_w = np.asarray(leaf(merged_grads, "language_model", "layers", i, block, name, "kernel"))
+            g = leaf(grads["lora"], "language_model", "layers", i, block, name)
+            np.testing.assert_allclose(g["a"], config.scale * g_w @ np.asarray(ab["b"]).T, rtol=1e-4, atol=1e-7)
+            np.testing.assert_allclose(g["b"], config.scale * np.asarray(ab["a"]).T @ g_w, rtol=1e-4, atol=1e-7)
+    assert "k_proj" not in leaf(tree["lora"], "language_model", "layers", "0", "self_attn")
+    with pytest.raises(ValueError, match="unknown \\['qproj'\\]"):
+        lora.LoraConfig(targets=("qproj",))
+
+
+def test_lora_training_moves_only_adapters_and_exports_to_transformers(mistral, tmp_path):
+    from transformers import LlavaNextForConditionalGeneration
+    from llava_next_jax import convert
+    hf, path = mistral
+    model = LlavaNext.from_pretrained(path)
+    batch, labels = right_padded(hf, seed=6)
+    inputs = step_inputs(model, batch, labels)
+    config = lora.LoraConfig(rank=4, alpha=8.0)
+    tree = lora.attach(jax.tree.map(jnp.copy, model.params), config, jax.random.key(1))
+    optimizer = train.make_optimizer(tree, learning_rate=1e-2, total_steps=30, trainable="lora")
+    state = train.init_state(tree, optimizer)
+    losses = []
+    for _ in range(30):
+        state, metrics = train.train_step(state, inputs, model.config, optimizer, lora=config)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.5 * losses[0], losses[::5]
+    for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(state["params"]["base"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    merged = lora.merge(state["params"]["base"], state["params"]["lora"], config)
+    convert.export_hf(merged, path, str(tmp_path / "export"))
+    back = LlavaNextForConditionalGeneration.from_pretrained(str(tmp_path / "export")).eval()
+    ours = np.asarray(LlavaNext(model.config, merged).forward(**batch))
+    ref = tm.hf_logits(back, batch)
+    assert np.abs(ours - ref)[batch["attention_mask"] == 1].max() <= 1e-4
+    with pytest.raises(ValueError, match="needs a LoRA tree"):
+        train.make_optimizer(model.params, trainable="lora")

@@ -195,7 +195,7 @@ def init_cache(config: TextConfig, batch: int, length: int, dtype=jnp.float32) -
 
 def decode_hidden(params: Params, config: TextConfig, embeds: jax.Array, positions: jax.Array,
                   mask: jax.Array, q_index: jax.Array, kv_index: jax.Array, cache: list | None = None,
-                  slot=None, dtype=jnp.float32):
+                  slot=None, dtype=jnp.float32, remat: bool = False):
     """Runs every decoder layer over embeds `[B, T, D]`, then the final norm.
 
     positions `[B, T]` (RoPE), mask `[B, T, S]`, q_index `[B, T]` / kv_index `[S]` (sequence slots,
@@ -205,15 +205,23 @@ def decode_hidden(params: Params, config: TextConfig, embeds: jax.Array, positio
     The layers are a Python loop over separate per-layer arrays, not a `lax.scan` over stacked ones:
     on XLA:CPU a scan slices (copies) every layer's weights each step, which made batch-1 decode
     three times slower (docs/benchmarks.md). Compile time grows with depth instead.
+
+    remat: keep only each layer's input for the backward pass and recompute the rest
+    (`jax.checkpoint` per layer): activation memory of one layer instead of all, for about one more
+    forward pass of compute. Only for training (no cache).
     """
     cos, sin = rope_tables(positions, rope_inv_freq(config.rope, config.head_dim))
     layer = DecoderLayer(config, dtype)
+    run_layer = lambda p, x, mask, kv: layer.apply({"params": p}, x, cos, sin, mask, kv, slot)
+    if remat:
+        if cache is not None:
+            raise ValueError("remat is for training (no KV cache)")
+        run_layer = jax.checkpoint(run_layer)
     x, new_cache = embeds.astype(dtype), []
     for i, window in enumerate(config.sliding_windows):
         layer_mask = _window_mask(mask, q_index, kv_index, window) if window else mask
         with jax.named_scope(f"layer_{i}"):
-            x, kv = layer.apply({"params": params["layers"][str(i)]}, x, cos, sin, layer_mask,
-                                None if cache is None else cache[i], slot)
+            x, kv = run_layer(params["layers"][str(i)], x, layer_mask, None if cache is None else cache[i])
         new_cache.append(kv)
     x = RMSNorm(config.rms_norm_eps, dtype).apply({"params": params["norm"]}, x)
     return x, None if cache is None else new_cache

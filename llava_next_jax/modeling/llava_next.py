@@ -85,24 +85,25 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("config", "dtype"))
+@partial(jax.jit, static_argnames=("config", "dtype", "remat"))
 def forward(params: Params, config: LlavaNextConfig, input_ids: jax.Array, pixel_values: jax.Array | None,
-            sources: jax.Array | None, attention_mask: jax.Array, dtype=jnp.float32) -> jax.Array:
+            sources: jax.Array | None, attention_mask: jax.Array, dtype=jnp.float32, remat: bool = False) -> jax.Array:
     """Logits `[B, T, V]` (float32) for a full sequence, no cache.
 
     input_ids `[B, T]`, pixel_values `[B_img, P, C, S, S]` or None, sources `[B, T]` from
     `anyres.token_sources`, attention_mask `[B, T]` (1 = real token; left or right padding).
+    remat: recompute each decoder layer in the backward pass (see `decoder.decode_hidden`); for training.
     """
-    hidden = hidden_states(params, config, input_ids, pixel_values, sources, attention_mask, dtype)
+    hidden = hidden_states(params, config, input_ids, pixel_values, sources, attention_mask, dtype, remat)
     return decoder.lm_logits(params, hidden, config.tie_word_embeddings)
 
 
-def hidden_states(params, config, input_ids, pixel_values, sources, attention_mask, dtype):
+def hidden_states(params, config, input_ids, pixel_values, sources, attention_mask, dtype, remat=False):
     """Final-normed decoder hidden states `[B, T, D]` (what `forward` feeds the lm_head)."""
     x = embed_inputs(params, config, input_ids, pixel_values, sources, dtype)
     mask = attention_mask.astype(bool)
     slots = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
     attend = decoder.attention_mask(slots, slots[0], mask)
     hidden, _ = decoder.decode_hidden(params["language_model"], config.text, x, positions_from_mask(mask), attend,
-                                      slots, slots[0], dtype=dtype)
+                                      slots, slots[0], dtype=dtype, remat=remat)
     return hidden
