@@ -3,6 +3,8 @@
     python scripts/caption.py --images DIR_OR_FILES... --output captions.jsonl [--model DIR]
                               [--prompt TEXT] [--batch-size 8] [--max-new-tokens 64]
                               [--do-sample --temperature T --top-k K --top-p P] [--seed N]
+                              [--process-index I --process-count N]
+    python scripts/caption.py merge --output captions.jsonl [--process-count N]
     (also installed as `llava-next-caption`)
 
 Inputs: image files, directories (searched recursively for IMAGE_EXTENSIONS) and list files (.txt:
@@ -15,10 +17,32 @@ and fsync'd batch by batch: a kill loses at most the batch in flight. Re-running
 --output resumes: a trailing partial line (killed mid-write) is cut off, inputs already recorded
 (caption or error) are skipped.
 
+Many processes (hosts): `--process-index I --process-count N` (default: this process's place in an
+already initialised jax.distributed system, else 0 of 1) gives process I the inputs at positions
+I, I + N, I + 2N, ... of the input list (in collect_inputs order; every process must see the same
+list, so give them the same --images, reachable under the same paths). Each process captions its
+part on its own devices, waits for no other, and writes its own shard beside --output, with the
+resume guarantees above. For --output OUT.jsonl, I 0-based, I and N as 5 digits (process 1 of 4:
+OUT.part-00001-of-00004.jsonl):
+
+    OUT.part-IIIII-of-NNNNN.jsonl          its rows, in the order they finished
+    OUT.part-IIIII-of-NNNNN.inputs.json    its inputs and a digest of the whole list (written first)
+
+When every process has finished,
+
+    python scripts/caption.py merge --output OUT.jsonl [--process-count N]
+
+checks that each shard holds one row for each of its inputs, and that all shards come from the same
+input list, then writes OUT.jsonl with every row in input order (temp file + rename: a reader never
+sees half of it). The shards are only read; merging again rewrites the same file. It refuses to
+replace an existing OUT.jsonl holding captions the merge would drop or change (move that file away).
+
 Exit status: 0 every input has a caption, 1 some inputs failed (unreadable, empty, truncated, not an
-image; listed on stderr), 2 usage or configuration errors (bad flags, missing model, no images),
-3 the run crashed (e.g. device out of memory; the rows written so far stay valid: re-run to resume),
-130 interrupted.
+image; listed on stderr), 2 usage or configuration errors (bad flags, missing model, no images;
+merge: shards of different input lists, an OUT.jsonl it would overwrite), 3 the run crashed (e.g.
+device out of memory; the rows written so far stay valid: re-run to resume), 4 merge only: a shard is
+missing or incomplete (each named on stderr with its missing rows; run that process, then merge
+again), 130 interrupted.
 
 Throughput: images are grouped by tile count and prompt length (read from the file header, not
 decoded) so a batch pads little; the next batch is decoded and preprocessed on a thread while the
@@ -33,6 +57,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +75,10 @@ _EXIF_ORIENTATION = 0x0112
 
 class UsageError(Exception):
     """Bad flags, a missing model or no inputs: exit status 2."""
+
+
+class IncompleteShards(Exception):
+    """merge: a shard is missing or lacks rows for some of its inputs: exit status 4."""
 
 
 # --- inputs --------------------------------------------------------------------------------------
@@ -137,6 +166,10 @@ def read_rows(path: str, log=None) -> list[dict]:
     return rows
 
 
+def _row_bytes(row: dict) -> bytes:
+    return json.dumps(row, ensure_ascii=False).encode("utf-8") + b"\n"
+
+
 class RowWriter:
     """Appends JSON rows; each `write` is one flushed, fsync'd write of whole lines."""
 
@@ -146,7 +179,7 @@ class RowWriter:
     def write(self, rows: list[dict]) -> None:
         if not rows:
             return
-        data = b"".join(json.dumps(r, ensure_ascii=False).encode("utf-8") + b"\n" for r in rows)
+        data = b"".join(map(_row_bytes, rows))
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view):]
@@ -154,6 +187,180 @@ class RowWriter:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+def write_atomic(path: str, chunks: Iterable[bytes]) -> None:
+    """Writes `path` as a whole or not at all: a temp file beside it, fsync'd, renamed over it."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a power cut
+    finally:
+        os.close(directory)
+
+
+# --- shards: one per process ---------------------------------------------------------------------
+#
+# Worked example, 5 inputs [a, b, c, d, e] over 2 processes, --output OUT.jsonl:
+#   process 0: positions 0, 2, 4 -> a, c, e   rows in OUT.part-00000-of-00002.jsonl
+#   process 1: positions 1, 3    -> b, d      rows in OUT.part-00001-of-00002.jsonl
+# and each writes its inputs beside its rows (OUT.part-0000I-of-00002.inputs.json). The merge
+# interleaves the shards' inputs back into [a, b, c, d, e], checks that this list has the digest
+# every shard recorded, and writes OUT.jsonl with one row per input in that order.
+
+def shard_positions(total: int, index: int, count: int) -> range:
+    """Positions in the input list of process `index`'s inputs: every `count`-th one from `index`
+    (interleaved rather than contiguous, so a directory's run of big images is spread over all)."""
+    return range(index, total, count)
+
+
+def shard_path(output: str, index: int, count: int) -> str:
+    """Process `index`'s rows: OUT.part-00001-of-00004.jsonl for --output OUT.jsonl (index 0-based)."""
+    return f"{_shard_base(output)}.part-{index:05d}-of-{count:05d}.jsonl"
+
+
+def _shard_base(output: str) -> str:
+    return output[:-len(".jsonl")] if output.endswith(".jsonl") else output
+
+
+def shard_inputs_path(shard: str) -> str:
+    """The shard's inputs record: OUT.part-00001-of-00004.inputs.json beside OUT.part-00001-of-00004.jsonl."""
+    return shard[:-len(".jsonl")] + ".inputs.json"
+
+
+def inputs_digest(inputs: list[str]) -> str:
+    """sha256 of the whole input list, in order: shards agree on it iff they split the same list."""
+    return hashlib.sha256(json.dumps(inputs, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def start_shard(output: str, inputs: list[str], index: int, count: int, log) -> tuple[str, list[str]]:
+    """(shard path, this process's inputs); records those inputs beside the shard before any row is written."""
+    shard = shard_path(output, index, count)
+    mine = [inputs[k] for k in shard_positions(len(inputs), index, count)]
+    record = {"process_index": index, "process_count": count, "total_inputs": len(inputs),
+              "inputs_sha256": inputs_digest(inputs), "inputs": mine}
+    path = shard_inputs_path(shard)
+    try:
+        earlier = _read_record(path)
+    except ValueError as e:
+        log(f"{e}; rewriting it")
+        earlier = None
+    if earlier != record:
+        if earlier is not None:
+            log(f"{path}: the input list differs from the one this shard was started with "
+                f"({earlier.get('total_inputs')} inputs then, {len(inputs)} now); recording the new one")
+        write_atomic(path, [json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"])
+    return shard, mine
+
+
+def _read_record(path: str) -> dict | None:
+    """A shard's inputs record; None if there is none, ValueError if it is not a JSON object."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        record = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} holds a JSON {type(record).__name__}, not the object a shard records")
+    return record
+
+
+def shard_counts(output: str) -> list[int]:
+    """The process counts in the names of the shards found beside `output`."""
+    base = re.escape(os.path.basename(_shard_base(output)))
+    pattern = re.compile(base + r"\.part-\d{5}-of-(\d{5})\.(?:jsonl|inputs\.json)")
+    names = os.listdir(os.path.dirname(os.path.abspath(output)))
+    return sorted({int(m.group(1)) for m in map(pattern.fullmatch, names) if m})
+
+
+def merge_shards(output: str, count: int, log) -> list[dict]:
+    """The rows of the `count` shards of `output`, one per input, in input order.
+
+    IncompleteShards (naming every shard that is missing or lacks rows, and how many) unless each
+    shard's inputs record is there and its rows cover every one of its inputs exactly once (a row
+    repeated verbatim counts once); UsageError if the shards were split from different input lists.
+    """
+    shards = [shard_path(output, i, count) for i in range(count)]
+    again = [f"run process {i} (--process-index {i} --process-count {count}) again with the same flags; it "
+             f"resumes" for i in range(count)]
+    records, problems = [], []
+    for i, shard in enumerate(shards):
+        try:
+            records.append(_read_record(shard_inputs_path(shard)))
+        except ValueError as e:
+            records.append(None)
+            problems.append(f"{shard}: {e}: {again[i]}")
+            continue
+        if records[-1] is None:
+            state = "has rows but no" if os.path.isfile(shard) else "is missing, and so is"
+            problems.append(f"{shard} {state} {shard_inputs_path(shard)}: {again[i]}")
+    present = [(i, s, r) for i, (s, r) in enumerate(zip(shards, records)) if r is not None]
+    lists = {(r.get("total_inputs"), r.get("inputs_sha256")) for _, _, r in present}
+    bad = [s for i, s, r in present if r.get("process_index") != i or r.get("process_count") != count
+           or not isinstance(r.get("total_inputs"), int) or not isinstance(r.get("inputs"), list)
+           or len(r["inputs"]) != len(shard_positions(r["total_inputs"], i, count))]
+    if len(lists) > 1 or bad:
+        described = "; ".join(f"{s}: process {r.get('process_index')} of {r.get('process_count')}, "
+                              f"{len(r.get('inputs') or [])} of {r.get('total_inputs')} inputs, list sha256 "
+                              f"{str(r.get('inputs_sha256'))[:12]}" for _, s, r in present)
+        raise UsageError(f"the shards of {output} were not split from one input list by {count} processes "
+                         f"({described}); re-run the odd ones with the same --images and --process-count {count}")
+
+    merged = {}
+    for i, shard, record in present:
+        wanted = set(record["inputs"])
+        rows, ignored, conflicts = {}, 0, set()
+        for row in read_rows(shard, log):
+            image = row["image"]
+            if image not in wanted:
+                ignored += 1
+            elif rows.setdefault(image, row) != row:
+                conflicts.add(image)
+        missing = len(wanted) - len(rows)
+        if ignored:
+            log(f"{shard}: {ignored} rows for images that are not among its inputs (an earlier input list), "
+                f"left out")
+        if missing:
+            problems.append(f"{shard}: {missing} of its {len(wanted)} inputs have no row yet: {again[i]}")
+        if conflicts:
+            problems.append(f"{shard}: {len(conflicts)} inputs have several different rows (first: "
+                            f"{sorted(conflicts)[0]}); were two processes run with the same --process-index? "
+                            f"Keep one row for each and merge again")
+        merged.update(rows)
+    if problems:
+        raise IncompleteShards("\n".join(problems))
+
+    total = records[0]["total_inputs"]
+    inputs = [None] * total
+    for i, record in enumerate(records):
+        for k, path in zip(shard_positions(total, i, count), record["inputs"]):
+            inputs[k] = path
+    if inputs_digest(inputs) != records[0]["inputs_sha256"]:
+        raise UsageError(f"the inputs recorded in {shard_inputs_path(shards[0])} .. {shard_inputs_path(shards[-1])} "
+                         f"do not interleave into the list whose digest they record; re-run every process")
+    return [merged[p] for p in inputs]
+
+
+def check_replaceable(output: str, rows: list[dict]) -> None:
+    """UsageError if `output` holds captions that writing `rows` over it would drop or change."""
+    new = {r["image"]: r for r in rows}
+    lost = [r["image"] for r in read_rows(output) if "caption" in r and new.get(r["image"]) != r]
+    if lost:
+        raise UsageError(f"{output} already holds {len(lost)} captions that the merged shards drop or change "
+                         f"(first: {lost[0]}); move it away and merge again")
 
 
 # --- batching ------------------------------------------------------------------------------------
@@ -293,7 +500,9 @@ def run(captioner: Captioner, batches: list[list[Item]], writer: RowWriter, prog
 # --- command line --------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="caption.py", description="Caption images with LLaVA-NeXT into a JSONL file.",
+    p = argparse.ArgumentParser(prog="caption.py", description="Caption images with LLaVA-NeXT into a JSONL file. "
+                                "With --process-count N > 1, each process writes its own shard; `caption.py merge "
+                                "--output OUT` then joins them (see `caption.py merge --help`).",
                                 epilog="Exit status: 0 all captioned, 1 some inputs failed, 2 usage/config error, "
                                        "3 crashed (re-run resumes).")
     p.add_argument("--model", default=None,
@@ -313,8 +522,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --do-sample: each image's seed derives from this and its path")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="compute dtype (default: as stored)")
+    p.add_argument("--process-index", type=int, default=None, metavar="I",
+                   help="this process's 0-based index; it captions inputs I, I+N, I+2N, ... into "
+                        "OUT.part-IIIII-of-NNNNN.jsonl (default: jax.process_index() if jax.distributed is "
+                        "initialised, else 0)")
+    p.add_argument("--process-count", type=int, default=None, metavar="N",
+                   help="how many processes share the inputs; N > 1 writes shards for `merge` (default: "
+                        "jax.process_count() if jax.distributed is initialised, else 1: --output itself)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def build_merge_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="caption.py merge",
+                                description="Join the per-process shards of --output (OUT.part-IIIII-of-NNNNN.jsonl) "
+                                            "into OUT.jsonl, one row per input in input order, written atomically.",
+                                epilog="Exit status: 0 merged, all captioned; 1 merged, some inputs failed; 2 usage "
+                                       "error, shards of different input lists, or OUT.jsonl holds captions the "
+                                       "merge would drop; 4 a shard is missing or incomplete (run that process "
+                                       "again, then merge again).")
+    p.add_argument("--output", required=True, metavar="OUT.jsonl",
+                   help="the --output the processes were given; the merged file is written there")
+    p.add_argument("--process-count", type=int, default=None, metavar="N",
+                   help="how many processes wrote shards (default: the N in the shard names beside OUT.jsonl)")
+    return p
+
+
+def process_slot(index: int | None, count: int | None) -> tuple[int, int]:
+    """(process index, process count): the flags, else jax.distributed's if some code initialised it, else (0, 1).
+
+    JAX is not imported (nor started) here: a process that has not imported it has not initialised it.
+    """
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.distributed.is_initialized():
+        default = jax.process_index(), jax.process_count()
+    else:
+        default = 0, 1
+    return (default[0] if index is None else index), (default[1] if count is None else count)
 
 
 def _check_flags(parser: argparse.ArgumentParser, args) -> None:
@@ -327,11 +571,18 @@ def _check_flags(parser: argparse.ArgumentParser, args) -> None:
                      f"{args.top_k}, {args.top_p}")
     if not 0 <= args.seed < 2 ** 63:
         parser.error(f"--seed must be a non-negative integer; got {args.seed}")
-    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not 0 <= args.process_index < args.process_count:
+        parser.error(f"need 0 <= --process-index < --process-count; got {args.process_index} and "
+                     f"{args.process_count}")
+    _check_output(parser, args.output)
+
+
+def _check_output(parser: argparse.ArgumentParser, output: str) -> None:
+    out_dir = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(out_dir):
-        parser.error(f"--output {args.output}: directory {out_dir} does not exist")
-    if os.path.isdir(args.output):
-        parser.error(f"--output {args.output} is a directory; give a .jsonl file path")
+        parser.error(f"--output {output}: directory {out_dir} does not exist")
+    if os.path.isdir(output):
+        parser.error(f"--output {output} is a directory; give a .jsonl file path")
 
 
 def _load(model_dir: str | None, dtype: str | None, log):
@@ -353,16 +604,41 @@ def _load(model_dir: str | None, dtype: str | None, log):
     return model, processor, model_dir
 
 
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _report_failures(rows: list[dict], output: str, log) -> int:
+    """Lists the inputs without a caption; the exit status: 1 if there are any, else 0."""
+    failed = [r for r in rows if "caption" not in r]
+    if not failed:
+        return 0
+    log(f"{len(failed)} failed:")
+    for row in failed[:20]:
+        log(f"  {row.get('error') or row['image'] + ': no row'}")
+    if len(failed) > 20:
+        log(f"  ... and {len(failed) - 20} more (rows with an \"error\" key in {output})")
+    return 1
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["merge"]:
+        return merge_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.process_index, args.process_count = process_slot(args.process_index, args.process_count)
     _check_flags(parser, args)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    log = _log
     start = time.time()
     try:
         inputs = collect_inputs(args.images)
-        repair_output(args.output, log)
-        earlier = {row["image"]: row for row in read_rows(args.output, log)}
+        output = args.output
+        if args.process_count > 1:
+            output, inputs = start_shard(args.output, inputs, args.process_index, args.process_count, log)
+            log(f"process {args.process_index} of {args.process_count}: {len(inputs)} inputs -> {output}")
+        repair_output(output, log)
+        earlier = {row["image"]: row for row in read_rows(output, log)}
         pending = [p for p in inputs if p not in earlier]
         model, processor, model_dir = (None, None, args.model) if not pending else _load(args.model, args.dtype, log)
         if pending:
@@ -372,10 +648,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if len(pending) < len(inputs):
-        log(f"resuming {args.output}: {len(inputs) - len(pending)} of {len(inputs)} inputs already recorded")
+        log(f"resuming {output}: {len(inputs) - len(pending)} of {len(inputs)} inputs already recorded")
 
     from tqdm import tqdm
-    writer = RowWriter(args.output)
+    writer = RowWriter(output)
     progress = tqdm(total=len(pending), unit="img", desc="captioning", disable=args.no_progress or not pending,
                     file=sys.stderr, dynamic_ncols=True)
     try:
@@ -387,13 +663,13 @@ def main(argv=None) -> int:
             rows = header_errors + run(captioner, batches, writer, progress)
             elapsed = time.time() - started
     except KeyboardInterrupt:
-        print(f"\ninterrupted; the rows written so far are in {args.output}; re-run the same command to resume",
+        print(f"\ninterrupted; the rows written so far are in {output}; re-run the same command to resume",
               file=sys.stderr)
         return 130
     except Exception:  # noqa: BLE001 -- a crash is not "some images failed" (exit 1)
         import traceback
         traceback.print_exc()
-        print(f"error: the run crashed; the rows written so far are in {args.output}; re-run the same command to "
+        print(f"error: the run crashed; the rows written so far are in {output}; re-run the same command to "
               f"resume", file=sys.stderr)
         return 3
     finally:
@@ -403,20 +679,50 @@ def main(argv=None) -> int:
         rows, elapsed = [], 0.0
 
     final = {**earlier, **{r["image"]: r for r in rows}}
-    failed = [p for p in inputs if "caption" not in final.get(p, {})]
-    captioned = len(inputs) - len(failed)
+    captioned = sum("caption" in final.get(p, {}) for p in inputs)
     this_run = sum("caption" in r for r in rows)
     rate = f", {this_run / elapsed:.2f} images/s" if this_run and elapsed > 0 else ""
     log(f"{captioned}/{len(inputs)} images captioned ({this_run} this run{rate}, "
-        f"{len(inputs) - len(pending)} recorded earlier) -> {args.output} [{time.time() - start:.1f} s]")
-    if failed:
-        log(f"{len(failed)} failed:")
-        for p in failed[:20]:
-            log(f"  {final.get(p, {}).get('error', 'no row')}")
-        if len(failed) > 20:
-            log(f"  ... and {len(failed) - 20} more (rows with an \"error\" key in {args.output})")
-        return 1
-    return 0
+        f"{len(inputs) - len(pending)} recorded earlier) -> {output} [{time.time() - start:.1f} s]")
+    if args.process_count > 1:
+        log(f"this shard is complete; once all {args.process_count} are, join them with: "
+            f"caption.py merge --output {args.output} --process-count {args.process_count}")
+    return _report_failures([final.get(p, {"image": p}) for p in inputs], output, log)
+
+
+def merge_main(argv) -> int:
+    """`caption.py merge`: the shards of --output joined into --output (see the module docstring)."""
+    parser = build_merge_parser()
+    args = parser.parse_args(argv)
+    _check_output(parser, args.output)
+    log = _log
+    try:
+        count = args.process_count
+        if count is None:
+            counts = shard_counts(args.output)
+            if not counts:
+                raise IncompleteShards(f"no shards of {args.output} found (looked for "
+                                       f"{_shard_base(args.output)}.part-IIIII-of-NNNNN.jsonl); run the "
+                                       f"processes first, each with --output {args.output}")
+            if len(counts) > 1:
+                raise UsageError(f"shards of {args.output} from {len(counts)} process counts "
+                                 f"({', '.join(map(str, counts))}) are there; pick one with --process-count")
+            count = counts[0]
+        if count < 2:
+            raise UsageError(f"--process-count must be >= 2 to merge; got {count} (a single process writes "
+                             f"{args.output} itself)")
+        rows = merge_shards(args.output, count, log)
+        check_replaceable(args.output, rows)
+        write_atomic(args.output, map(_row_bytes, rows))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except IncompleteShards as e:
+        print(f"error: cannot merge {args.output} yet:\n{e}", file=sys.stderr)
+        return 4
+    captioned = sum("caption" in r for r in rows)
+    log(f"merged {count} shards: {captioned}/{len(rows)} images captioned -> {args.output}")
+    return _report_failures(rows, args.output, log)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -250,3 +252,166 @@ def test_repair_output_cuts_only_a_partial_last_line(tmp_path):
 def test_sampling_seeds_are_per_image():
     assert caption.image_seed(0, "a.png") == caption.image_seed(0, "a.png")
     assert len({caption.image_seed(s, p) for s in (0, 1) for p in ("a.png", "b.png")}) == 4
+
+
+# --- many processes: shards and merge ------------------------------------------------------------
+
+SHARD_FLAGS = ["--batch-size", "2", "--max-new-tokens", "10", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def sharded(demo_dir, tmp_path_factory):
+    """Six images captioned in process twice: by one process (single.jsonl), and as the two shards of
+    a two-process job with --output out.jsonl."""
+    base = tmp_path_factory.mktemp("sharded")
+    write_images(base / "imgs", MIXED_SIZES[:6], seed=3)
+    flags = ["--model", str(demo_dir), "--images", str(base / "imgs"), *SHARD_FLAGS]
+    assert caption.main([*flags, "--output", str(base / "single.jsonl")]) == 0
+    for index in ("0", "1"):
+        assert caption.main([*flags, "--output", str(base / "out.jsonl"), "--process-index", index,
+                             "--process-count", "2"]) == 0
+    return types.SimpleNamespace(base=base, flags=flags, inputs=caption.collect_inputs([str(base / "imgs")]),
+                                 single={r["image"]: r for r in load_jsonl(base / "single.jsonl")})
+
+
+def copy_shards(sharded, directory, indices=(0, 1)):
+    """The fixture's shard files (rows and inputs records) copied into `directory`; the merged path there."""
+    for i in indices:
+        for name in (f"out.part-{i:05d}-of-00002.jsonl", f"out.part-{i:05d}-of-00002.inputs.json"):
+            shutil.copy(sharded.base / name, directory / name)
+    return directory / "out.jsonl"
+
+
+def test_two_process_shards_merge_into_the_single_process_output(sharded, tmp_path, capsys):
+    inputs = sharded.inputs
+    for i in (0, 1):  # process i captions inputs i, i + 2, ...: each input in exactly one shard
+        rows = load_jsonl(sharded.base / f"out.part-{i:05d}-of-00002.jsonl")
+        assert sorted(r["image"] for r in rows) == sorted(inputs[i::2])
+    out = copy_shards(sharded, tmp_path)
+    assert caption.main(["merge", "--output", str(out)]) == 0  # the process count read from the shard names
+    merged = load_jsonl(out)
+    assert [r["image"] for r in merged] == inputs  # input order, not the order batches finished in
+    assert merged == [sharded.single[p] for p in inputs]
+    assert len({r["caption"] for r in merged}) > 1, "captions should vary with the image"
+    assert "merged 2 shards: 6/6 images captioned" in capsys.readouterr().err
+    first = out.read_bytes()
+    assert caption.main(["merge", "--output", str(out), "--process-count", "2"]) == 0  # merging again: harmless
+    assert out.read_bytes() == first
+    assert sorted(os.listdir(tmp_path)) == ["out.jsonl", "out.part-00000-of-00002.inputs.json",
+                                            "out.part-00000-of-00002.jsonl", "out.part-00001-of-00002.inputs.json",
+                                            "out.part-00001-of-00002.jsonl"]  # no temp file left behind
+
+
+# Runs scripts/caption.py and SIGKILLs it halfway through writing its second batch's rows: a kill at
+# the worst moment, at the same place every time.
+KILL_IN_SECOND_WRITE = (
+    "import os, runpy, signal, sys\n"
+    "from llava_next_jax import caption\n"
+    "write, batches = caption.RowWriter.write, []\n"
+    "def write_then_die(self, rows):\n"
+    "    batches.extend([rows] if rows else [])\n"
+    "    if len(batches) < 2:\n"
+    "        return write(self, rows)\n"
+    "    data = b''.join(map(caption._row_bytes, rows))\n"
+    "    os.write(self._fd, data[:len(data) // 2])\n"
+    "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    "caption.RowWriter.write = write_then_die\n"
+    "sys.argv = sys.argv[1:]\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
+def test_killed_shard_resumes_and_the_merge_still_equals_one_process(env, sharded, tmp_path, capsys):
+    out = copy_shards(sharded, tmp_path, indices=(1,))
+    shard = tmp_path / "out.part-00000-of-00002.jsonl"
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_SECOND_WRITE, SCRIPT, *sharded.flags, "--output", str(out),
+                             "--batch-size", "1", "--process-index", "0", "--process-count", "2"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not shard.read_bytes().endswith(b"\n")  # torn mid-row
+    before = caption.read_rows(str(shard))
+    assert len(before) == 1
+
+    assert caption.main(["merge", "--output", str(out)]) == 4
+    err = capsys.readouterr().err
+    assert f"{shard}: 2 of its 3 inputs have no row yet" in err and "--process-index 0" in err
+    assert not out.exists()
+
+    assert caption.main([*sharded.flags, "--output", str(out), "--process-index", "0", "--process-count", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "partial last line" in err and "1 of 3 inputs already recorded" in err
+    rows = load_jsonl(shard)
+    assert rows[:1] == before and sorted(r["image"] for r in rows) == sorted(sharded.inputs[0::2])
+    assert caption.main(["merge", "--output", str(out), "--process-count", "2"]) == 0
+    assert load_jsonl(out) == [sharded.single[p] for p in sharded.inputs]
+
+
+def test_merge_names_missing_and_incomplete_shards_and_keeps_finished_work(sharded, tmp_path, capsys):
+    out = copy_shards(sharded, tmp_path, indices=(0,))
+    assert caption.main(["merge", "--output", str(out), "--process-count", "2"]) == 4
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'out.part-00001-of-00002.jsonl'} is missing" in err and "--process-index 1" in err
+    assert "out.part-00000" not in err and not out.exists()
+
+    copy_shards(sharded, tmp_path, indices=(1,))
+    shard = tmp_path / "out.part-00001-of-00002.jsonl"
+    lines = shard.read_text().splitlines(keepends=True)
+    shard.write_text("".join(lines[:-1] + lines[:1]))  # last row lost, first row written twice (verbatim)
+    assert caption.main(["merge", "--output", str(out)]) == 4
+    err = capsys.readouterr().err
+    assert f"{shard}: 1 of its 3 inputs have no row yet" in err and "out.part-00000" not in err
+
+    other = dict(json.loads(lines[0]), caption="another caption")  # e.g. the same shard run twice, sampling
+    shard.write_text("".join(lines) + json.dumps(other) + "\n")
+    assert caption.main(["merge", "--output", str(out)]) == 4
+    assert f"{shard}: 1 inputs have several different rows (first: {other['image']})" in capsys.readouterr().err
+
+    shard.write_text("".join(lines))
+    out.write_text(json.dumps({"image": "elsewhere.png", "caption": "from an earlier job"}) + "\n")
+    assert caption.main(["merge", "--output", str(out)]) == 2  # that caption would be lost
+    assert "1 captions that the merged shards drop or change (first: elsewhere.png)" in capsys.readouterr().err
+    assert load_jsonl(out) == [{"image": "elsewhere.png", "caption": "from an earlier job"}]
+    out.unlink()
+
+    # Process 1 re-run on a shorter input list: its inputs there (positions 1, 3) are already
+    # captioned, so it only records the new list, which process 0's shard was not split from.
+    images = [p for p in sharded.inputs if p != sharded.inputs[-1]]
+    flags = ["--model", str(sharded.base / "no-model-needed"), "--images", *images, *SHARD_FLAGS]
+    assert caption.main([*flags, "--output", str(out), "--process-index", "1", "--process-count", "2"]) == 0
+    assert "the input list differs" in capsys.readouterr().err
+    assert caption.main(["merge", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "not split from one input list" in err and "3 of 6 inputs" in err and "2 of 5 inputs" in err
+    assert not out.exists()
+
+    assert caption.main(["merge", "--output", str(tmp_path / "other.jsonl")]) == 4
+    assert "no shards of" in capsys.readouterr().err
+    assert caption.main(["merge", "--output", str(out), "--process-count", "1"]) == 2
+    assert "--process-count must be >= 2 to merge" in capsys.readouterr().err
+
+
+def test_process_flags_default_to_jax_distributed_and_are_checked(monkeypatch, tmp_path):
+    import jax
+    assert caption.process_slot(None, None) == (0, 1)  # jax.distributed not initialised here
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(jax, "process_index", lambda: 3)
+    monkeypatch.setattr(jax, "process_count", lambda: 4)
+    assert caption.process_slot(None, None) == (3, 4)
+    assert caption.process_slot(0, 2) == (0, 2)
+    image = write_images(tmp_path / "imgs", [(20, 20)])[0]
+    for index, count in (("2", "2"), ("-1", "2"), ("0", "0")):
+        with pytest.raises(SystemExit) as stop:
+            caption.main(["--images", image, "--output", str(tmp_path / "o.jsonl"), "--process-index", index,
+                          "--process-count", count])
+        assert stop.value.code == 2
+    assert os.listdir(tmp_path) == ["imgs"]  # no output, no shard written
+
+
+def test_shards_split_every_input_list_exactly_once():
+    for total in range(12):
+        for count in range(1, 6):
+            parts = [list(caption.shard_positions(total, i, count)) for i in range(count)]
+            assert sorted(k for part in parts for k in part) == list(range(total))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert caption.shard_path("d/caps.jsonl", 1, 4) == "d/caps.part-00001-of-00004.jsonl"
+    assert caption.shard_path("caps", 0, 2) == "caps.part-00000-of-00002.jsonl"
+    assert caption.shard_inputs_path("d/caps.part-00001-of-00004.jsonl") == "d/caps.part-00001-of-00004.inputs.json"
