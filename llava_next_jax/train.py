@@ -84,14 +84,20 @@ def trainable_mask(params, which: str = "projector+decoder"):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def learning_rate_schedule(learning_rate: float, warmup_steps: int, total_steps: int):
+    """Linear warmup from 0 over `warmup_steps` updates, then cosine decay to 0 at `total_steps`."""
+    import optax
+    return optax.warmup_cosine_decay_schedule(0.0 if warmup_steps else learning_rate, learning_rate,
+                                              max(warmup_steps, 1), max(total_steps, warmup_steps + 1))
+
+
 def make_optimizer(params, learning_rate: float = 1e-4, warmup_steps: int = 0, total_steps: int = 1000,
                    weight_decay: float = 0.0, max_grad_norm: float = 1.0, accumulate: int = 1,
                    trainable: str = "projector+decoder"):
     """AdamW with linear warmup + cosine decay, global-norm clipping, gradient accumulation over
     `accumulate` micro-batches, and frozen (zero-update) parameters outside `trainable`."""
     import optax
-    schedule = optax.warmup_cosine_decay_schedule(0.0 if warmup_steps else learning_rate, learning_rate,
-                                                  max(warmup_steps, 1), max(total_steps, warmup_steps + 1))
+    schedule = learning_rate_schedule(learning_rate, warmup_steps, total_steps)
     mask = trainable_mask(params, trainable)
     labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
     optimizer = optax.multi_transform(

@@ -28,7 +28,7 @@ RELEASED = anyres.Geometry(336, 14, ((336, 672), (672, 336), (672, 672), (1008, 
 
 
 def test_expected_notebooks_exist():
-    assert {p.name for p in NOTEBOOKS} >= {"quickstart.ipynb", "anyres_explainer.ipynb"}
+    assert {p.name for p in NOTEBOOKS} >= {"quickstart.ipynb", "anyres_explainer.ipynb", "finetune.ipynb"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -164,3 +164,24 @@ def test_anyres_explainer(kernel_env):
         assert tokens == anyres.num_image_tokens(size, RELEASED), size
 
     assert images_shown(nb) >= 4                              # tiles, canvas, feature map, budget plot
+
+
+def test_finetune(kernel_env):
+    nb = run_notebook(ROOT / "notebooks" / "finetune.ipynb", kernel_env)
+
+    dataset = cell_text(nb, "dataset")
+    assert re.search(r"3 rows, 1 skipped", dataset), dataset
+    assert re.search(r"skipped: line 4: image 'not_there.jpg' not found", dataset), dataset
+
+    results = re.findall(r"^\S+: taught '(.*)', generated '(.*)'$", cell_text(nb, "captions"), re.M)
+    assert len(results) == 3, cell_text(nb, "captions")
+    assert all(generated == caption for caption, generated in results), results   # it learned them
+
+    labels = cell_text(nb, "labels")
+    trained = re.findall(r"^row \d: (\d+) tokens \((\d+) image tokens\), trained on '(.*)'$", labels, re.M)
+    assert sorted(t for *_, t in trained) == sorted(c + "</s>" for c, _ in results), labels   # only the answers
+
+    losses = [float(x) for x in re.findall(r"^step +\d+  loss ([\d.]+)$", cell_text(nb, "train"), re.M)]
+    assert len(losses) >= 5 and losses[-1] < 0.1 * losses[0], losses
+    assert "same tokens: True" in cell_text(nb, "reload")
+    assert images_shown(nb) >= 1                                # the loss curve
