@@ -1,0 +1,493 @@
+"""Fine-tuning data: LLaVA conversation rows -> (input_ids, labels) -> bucketed, right-padded batches.
+
+Rows are LLaVA's format, one JSON object a line:
+
+    {"image": "coco/000001.jpg", "conversations": [{"from": "human", "value": "<image>\\nWhat is it?"},
+                                                   {"from": "gpt", "value": "A cat."}, ...]}
+
+"image" is optional (text-only rows); roles are human/user, gpt/assistant and an optional leading system
+turn; turns alternate human, gpt, ... and end with a gpt answer. The `<image>` placeholder (one per row,
+in a human turn) becomes an image content block, which the released chat templates write first in the
+turn (as LLaVA's own preprocessing moves it to the front).
+
+Labels: only assistant answers are trained. The conversation is rendered with the processor's chat
+template (the checkpoint's, or the built-in one for its family), and each answer's span is found by
+rendering prefixes: `render(turns before the answer, add_generation_prompt=True)` must be a prefix of
+`render(turns up to and including the answer)`, and the text between the two is the answer with the
+template's end-of-turn marker. Worked example, llava-hf's mistral template:
+
+    turns before    "[INST] <image>\\nWhat is it? [/INST]"                (+ generation prompt: none)
+    turns up to     "[INST] <image>\\nWhat is it? [/INST] A cat.</s> "
+    target          " A cat.</s>"     from the whitespace before the answer's text to the last non-space
+    tokens          <s> [ INST ] ▁ <image> x N \\n What ... [/INST] ▁A ▁cat . </s>
+    labels          -100 ...                                         ▁A ▁cat . </s>
+
+A token is labelled when its characters overlap a target; everything else (system and user turns, the
+template's role headers such as chatml's "<|im_start|>assistant\\n", the BOS, every image token) is
+IGNORE. Labelled per family: mistral " answer</s>" (after "[/INST]"), chatml "answer<|im_end|>" (not the
+"\n" after it), llama3 "answer<|eot_id|>"; the end marker is labelled so the model learns to stop. A template that closes an answer with no marker
+at all (llava-hf's vicuna template writes "ASSISTANT: answer ") gets the tokenizer's eos inserted after
+the answer ("ASSISTANT: answer</s> "), as LLaVA's own vicuna format does.
+
+Image tokens are expanded in the token ids (the `<image>` token repeated `anyres.num_image_tokens`
+times), which gives the ids HF's processor gets by expanding the text: `<image>` is an added token, so
+the text around it tokenizes the same either way.
+
+Batches (`ConversationData`): see its docstring for the bucketing rule and the batch layout.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+from . import anyres
+from .train import IGNORE
+
+IMAGE_PLACEHOLDER = "<image>"
+"""LLaVA's image placeholder in a human turn's "value"."""
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+"""LLaVA "from" values -> chat-template roles."""
+
+
+class TooLong(ValueError):
+    """A conversation longer than max_length once its image tokens are expanded."""
+
+    def __init__(self, length: int, max_length: int):
+        self.length, self.max_length = length, max_length
+        super().__init__(f"{length} tokens after image expansion > max_length {max_length}")
+
+
+class Skipped(NamedTuple):
+    """A row left out of the data: its 1-based line number in the JSONL file and why."""
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.reason}"
+
+
+# --- one conversation ------------------------------------------------------------------------------
+
+def conversation_messages(conversations: list[dict], image_placeholder: str = IMAGE_PLACEHOLDER) -> list[dict]:
+    """LLaVA turns `[{"from", "value"}, ...]` -> HF chat messages `[{"role", "content": [blocks]}, ...]`.
+
+    Content is always a list of blocks (what the released templates expect): a human turn holding the
+    placeholder gets `{"type": "image"}` first, then its text with the placeholder removed and stripped
+    (LLaVA's own preprocessing); other turns' text is kept verbatim. ValueError, naming the turn, for
+    anything else: unknown roles, a system turn after the first, turns that do not alternate human/gpt,
+    a conversation that does not end with a gpt answer, empty answers, more than one placeholder, or a
+    placeholder outside a human turn.
+    """
+    if not isinstance(conversations, list):
+        raise ValueError(f"'conversations' must be a list of turns, got {type(conversations).__name__}")
+    if not conversations:
+        raise ValueError("'conversations' is empty")
+    messages, images = [], 0
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or not {"from", "value"} <= turn.keys():
+            raise ValueError(f"turn {i}: expected an object with 'from' and 'value', got {_short(turn)}")
+        who, value = turn["from"], turn["value"]
+        role = ROLES.get(who) if isinstance(who, str) else None
+        if role is None:
+            raise ValueError(f"turn {i}: unknown role {who!r}; expected one of {sorted(ROLES)}")
+        if not isinstance(value, str):
+            raise ValueError(f"turn {i} ({who}): 'value' must be a string, got {type(value).__name__}")
+        previous = messages[-1]["role"] if messages else None
+        expected = "user" if previous in (None, "system", "assistant") else "assistant"
+        if role == "system" and i > 0 or role != "system" and role != expected:
+            raise ValueError(f"turn {i}: a {who!r} turn after {'the start' if previous is None else previous}; "
+                             f"turns must alternate human, gpt, ... after an optional first system turn")
+        count = value.count(image_placeholder)
+        images += count
+        if count and role != "user":
+            raise ValueError(f"turn {i} ({who}): {image_placeholder} may only appear in a human turn")
+        if images > 1:
+            raise ValueError(f"turn {i}: a second {image_placeholder} placeholder; a row holds at most one image")
+        if role == "assistant" and not value.strip():
+            raise ValueError(f"turn {i} ({who}): empty answer")
+        text = value.replace(image_placeholder, "").strip() if count else value
+        messages.append({"role": role, "content": [{"type": "image"}] * count + [{"type": "text", "text": text}]})
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f"turn {len(messages) - 1}: the conversation ends with a {conversations[-1]['from']!r} "
+                         f"turn; it must end with an answer (from gpt)")
+    return messages
+
+
+def training_text(processor, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """(text, targets): the conversation as the model is trained on it, and the character ranges
+    `[start, end)` of `text` to learn, one per assistant answer (see the module docstring).
+
+    text is the chat template's rendering (no generation prompt), plus the eos after each answer when
+    the template closes answers without any end marker. ValueError when the template's renderings are
+    not prefixes of each other or do not hold an answer verbatim (its spans cannot be found then).
+    """
+    render = lambda turns, prompt: processor.apply_chat_template(turns, add_generation_prompt=prompt)  # noqa: E731
+    full = render(messages, False)
+    pieces, targets, done, length = [], [], 0, 0
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, through = render(messages[:k], True), render(messages[:k + 1], False).rstrip()
+        if not (full.startswith(through) and through.startswith(before) and len(before) >= done):
+            raise ValueError(f"turn {k}: the chat template's renderings of the turns before this answer "
+                             f"({_short(before[-60:])}) and through it ({_short(through[-60:])}) are not prefixes of "
+                             f"the whole conversation's; cannot tell which tokens are the answer")
+        answer = "".join(c["text"] for c in message["content"] if c["type"] == "text").strip()
+        start = full.find(answer, len(before), len(through))
+        if start < 0:
+            raise ValueError(f"turn {k}: the chat template does not write the answer {_short(answer)} verbatim "
+                             f"(it rendered {_short(full[len(before):len(through)])}); cannot label it")
+        while start > len(before) and full[start - 1].isspace():
+            start -= 1
+        end_marker = full[start:len(through)].strip() != answer
+        eos = "" if end_marker else processor.special_tokens.get("eos_token")
+        if eos is None:
+            raise ValueError("the chat template ends answers with no end-of-turn token and the tokenizer has no "
+                             "eos_token to add, so a model trained on it could not learn to stop")
+        pieces.append(full[done:start])
+        length += start - done
+        pieces.append(full[start:len(through)] + eos)
+        targets.append((length, length + len(through) - start + len(eos)))
+        length, done = targets[-1][1], len(through)
+    pieces.append(full[done:])
+    return "".join(pieces), targets
+
+
+def encode_conversation(processor, conversations: list[dict], image_size: Sequence[int] | None = None,
+                        max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, labels), int32 `[T]`, for LLaVA turns and an image of `image_size` (h, w), or None.
+
+    The image token is repeated `anyres.num_image_tokens(image_size)` times. labels are input_ids on the
+    answer tokens (`training_text`'s targets) and IGNORE elsewhere. The BOS is added unless the
+    template writes it (HF's rule). TooLong when T > max_length; ValueError when the placeholder count
+    does not match the image (none without an image, one with).
+    """
+    messages = conversation_messages(conversations)
+    placeholders = sum(c["type"] == "image" for m in messages for c in m["content"])
+    if placeholders != (image_size is not None):
+        raise ValueError(f"the row has an image but no {IMAGE_PLACEHOLDER} placeholder in a human turn"
+                         if image_size is not None else
+                         f"a human turn holds {IMAGE_PLACEHOLDER} but the row has no image")
+    text, targets = training_text(processor, messages)
+    bos = processor.special_tokens.get("bos_token")
+    encoding = processor.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+    ids = np.asarray(encoding.ids, dtype=np.int32)
+    # char_targets[c] = how many target characters precede c: a token (a, b) overlaps a target iff it grows.
+    in_target = np.zeros(len(text), dtype=np.int32)
+    for start, end in targets:
+        in_target[start:end] = 1
+    char_targets = np.concatenate([[0], np.cumsum(in_target)])
+    offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+    is_image = ids == processor.image_token_id
+    learn = (char_targets[offsets[:, 1]] > char_targets[offsets[:, 0]]) & ~is_image
+    labels = np.where(learn, ids, IGNORE).astype(np.int32)
+    if int(is_image.sum()) != placeholders:
+        raise ValueError(f"the rendered conversation holds {int(is_image.sum())} image tokens "
+                         f"({processor.image_token!r}); expected {placeholders} (is it written in the text?)")
+    if image_size is not None:
+        repeats = np.where(is_image, anyres.num_image_tokens(image_size, processor.geometry), 1)
+        ids, labels = np.repeat(ids, repeats), np.repeat(labels, repeats)
+    if max_length is not None and len(ids) > max_length:
+        raise TooLong(len(ids), max_length)
+    return ids, labels
+
+
+def build_example(processor, conversations: list[dict], image=None, max_length: int | None = None) -> dict:
+    """One training example as numpy arrays.
+
+    image: a path, PIL image or uint8 array (read as the processor reads it, EXIF rules included), or None.
+    Returns input_ids int32 `[T]` (image tokens expanded for this image's size), labels int32 `[T]`
+    (IGNORE except the answers and their end tokens), image_size (h, w) or None, pixel_values float32
+    `[P, C, S, S]` (P: this image's tiles) or None. TooLong (a ValueError) names the length and the limit.
+    """
+    from .processor import to_rgb_image
+    rgb = None if image is None else to_rgb_image(image, processor.apply_exif_orientation)
+    size = None if rgb is None else (rgb.height, rgb.width)
+    input_ids, labels = encode_conversation(processor, conversations, size, max_length)
+    pixel_values = None
+    if rgb is not None:
+        pixel_values = processor.preprocess_images([rgb], apply_exif_orientation=False)[0][0]
+    return {"input_ids": input_ids, "labels": labels, "image_size": size, "pixel_values": pixel_values}
+
+
+# --- a JSONL file of conversations ----------------------------------------------------------------
+
+def length_buckets_for(max_length: int, step: int = 128) -> tuple[int, ...]:
+    """The default padded lengths: every multiple of `step` below max_length, then max_length."""
+    return tuple(range(step, max_length, step)) + (max_length,)
+
+
+class ConversationData:
+    """A JSONL file of LLaVA conversations as an infinite, deterministic sequence of training batches.
+
+    Every row is checked once, here (JSON, keys, turns, the image file and its header size, the length
+    after image expansion), so `skipped` lists every bad row, as `Skipped(line, reason)` (printed
+    "line 9: 3120 tokens after image expansion > max_length 2048"), before training starts. Images are
+    decoded when their batch is built. Relative image paths are read under `image_root` (default: the
+    JSONL file's directory).
+
+    Bucketing: epoch e = index // len(self) uses `numpy.random.default_rng([seed, e])` to
+      1. shuffle the good rows (file order when shuffle=False),
+      2. cut them into chunks of `sort_window * batch_size` rows,
+      3. sort each chunk by length (stable), and cut it into batches of batch_size,
+      4. shuffle the batches (kept in order when shuffle=False).
+    So a batch holds rows of similar length, every good row is in exactly one batch per epoch, and only
+    the epoch's last chunk can end in a short batch (filled with empty rows). Each batch is padded on
+    the right to L, the smallest of `length_buckets` (default: multiples of 128, then max_length) that
+    holds its longest row: the train step compiles at most len(length_buckets) shapes.
+
+    `batch(index)` returns numpy arrays ready for `train.train_step`:
+      input_ids      int32 `[B, L]`   pad id (the tokenizer's pad, else its eos, else 0) after each row
+      attention_mask int32 `[B, L]`   1 on real tokens
+      labels         int32 `[B, L]`   IGNORE on pads, prompts, image tokens
+      sources        int32 `[B, L]`   `anyres.token_sources` for the batch's images (newline: see below)
+      pixel_values   float32 `[B, P, C, S, S]`, P = the geometry's max_tiles: one image slot per row.
+                     Real images fill slots 0..n-1 in row order, the rest are zeros that no token reads
+                     (text-only rows, empty rows). None when the file has no image rows at all.
+      image_sizes    int32 `[B, 2]`   (h, w) of each slot's image, (0, 0) for an empty slot
+      lines          int32 `[B]`      each row's line in the file, -1 for a filler row
+    Every array's shape depends only on B and L, so the whole dict can go to `train_step` and batches
+    never recompile within a bucket. In `sources`, the newline vector is the row after all B*P tiles'
+    features (where `image_embeddings` puts it), not after the n real images' as `token_sources` counts.
+    `iterate(start)` yields (index, batch(index)) from `start` on, building the next batches on a thread.
+
+    An image that passed the header check but fails to decode later (or decodes to another size)
+    does not stop training: its row becomes an empty row (all padding, nothing learned; `lines` still
+    names it) in that batch, a RuntimeWarning names the file line and the reason, and `failed` records
+    it. Turn the warning into an error (`warnings.simplefilter("error", RuntimeWarning)`) to stop instead.
+    """
+
+    def __init__(self, path: str | os.PathLike, processor, config, image_root: str | os.PathLike | None = None,
+                 max_length: int = 2048, batch_size: int = 4, seed: int = 0, shuffle: bool = True,
+                 length_buckets: Sequence[int] | None = None, sort_window: int = 8):
+        for name, value, least in (("max_length", max_length, 1), ("batch_size", batch_size, 1),
+                                   ("sort_window", sort_window, 1), ("seed", seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+                raise ValueError(f"{name} must be an int >= {least}; got {value!r}")
+        if processor.geometry != config.geometry or processor.image_token_id != config.image_token_id:
+            raise ValueError(f"the processor ({processor.geometry}, image token {processor.image_token_id}) does not "
+                             f"match the model config ({config.geometry}, image token {config.image_token_id})")
+        buckets = length_buckets_for(max_length) if length_buckets is None else tuple(sorted(set(length_buckets)))
+        if not buckets or any(isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1 for b in buckets):
+            raise ValueError(f"length_buckets must be ints >= 1; got {length_buckets!r}")
+        if buckets[-1] < max_length:
+            raise ValueError(f"length_buckets top out at {buckets[-1]} < max_length {max_length}: rows up to "
+                             f"max_length could not be batched; add a bucket >= {max_length} or lower max_length")
+        self.path = Path(path)
+        self.image_root = Path(image_root) if image_root is not None else self.path.parent
+        self.processor, self.config = processor, config
+        self.max_length, self.batch_size, self.seed, self.shuffle = int(max_length), int(batch_size), int(seed), shuffle
+        self.sort_window = int(sort_window)
+        self.length_buckets: tuple[int, ...] = tuple(int(b) for b in buckets)
+        self.skipped: list[Skipped] = []
+        self.failed: list[Skipped] = []   # rows whose image failed to decode when batched (see the docstring)
+        lines, offsets, lengths, with_image = [], [], [], []
+        with open(self.path, "rb") as f:
+            offset = 0
+            for number, raw in enumerate(f, start=1):
+                start, offset = offset, offset + len(raw)
+                if not raw.strip():
+                    continue
+                try:
+                    row = self._parse(raw)
+                    image = self._image_file(row)
+                    size = None if image is None else self._header_size(image, row["image"])
+                    ids, _ = encode_conversation(processor, row["conversations"], size, self.max_length)
+                except _ROW_ERRORS as e:
+                    self.skipped.append(Skipped(number, str(e)))
+                    continue
+                lines.append(number)
+                offsets.append(start)
+                lengths.append(len(ids))
+                with_image.append(image is not None)
+        if not lines:
+            reasons = "".join(f"; {s}" for s in self.skipped[:3])
+            with open(self.path, "rb") as f:
+                array = f.read(4096).lstrip().startswith(b"[")
+            hint = (" (this looks like one JSON array, as LLaVA's released .json files are: write one object a line, "
+                    "e.g. `python -c \"import json,sys; [print(json.dumps(r)) for r in json.load(open(sys.argv[1]))]\" "
+                    "in.json > out.jsonl`)") if array else ""
+            raise ValueError(f"{self.path}: no usable rows ({len(self.skipped)} skipped{reasons}){hint}")
+        self.lines = np.asarray(lines, dtype=np.int64)        # line number of each good row
+        self.lengths = np.asarray(lengths, dtype=np.int64)    # its token count after image expansion
+        self._offsets = np.asarray(offsets, dtype=np.int64)
+        self.has_images = any(with_image)
+        self._plans: dict[int, list[np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return math.ceil(len(self.lines) / self.batch_size)
+
+    def __repr__(self) -> str:
+        return (f"ConversationData({str(self.path)!r}: {len(self.lines)} rows, {len(self.skipped)} skipped, "
+                f"{len(self)} batches of {self.batch_size}, lengths {self.length_buckets})")
+
+    # -- rows --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _parse(raw: bytes) -> dict:
+        try:
+            row = json.loads(raw.rstrip(b"\r\n").decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"not UTF-8 text ({e})") from None
+        except json.JSONDecodeError as e:   # its own "line 1" would confuse: say the column only
+            raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+        if "conversations" not in row:
+            raise ValueError(f"no 'conversations' key (keys: {sorted(row)})")
+        return row
+
+    def _image_file(self, row: dict) -> Path | None:
+        name = row.get("image")
+        if name is None:
+            return None
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"'image' must be a file path string, got {_short(name)}")
+        path = self.image_root / name
+        if not path.is_file():
+            where = "" if Path(name).is_absolute() else f" under {self.image_root}"
+            raise ValueError(f"image {name!r} not found{where}")
+        return path
+
+    def _header_size(self, path: Path, name: str) -> tuple[int, int]:
+        """(h, w) as the processor will decode it (EXIF rotation per its setting), from the header only."""
+        from PIL import Image
+        from .caption import header_size
+        try:
+            if self.processor.apply_exif_orientation is not False:
+                size = header_size(str(path))
+            else:
+                with Image.open(path) as image:
+                    size = (image.height, image.width)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise ValueError(f"image {name!r} cannot be read: {e}") from None
+        if min(size) <= 0:
+            raise ValueError(f"image {name!r} has zero area (h, w) = {size}")
+        return size
+
+    def example(self, row: int) -> dict:
+        """`build_example` of the row-th good row (its image decoded now)."""
+        with open(self.path, "rb") as f:
+            f.seek(int(self._offsets[row]))
+            data = self._parse(f.readline())
+        image = self._image_file(data)
+        example = build_example(self.processor, data["conversations"], image, self.max_length)
+        if len(example["input_ids"]) != self.lengths[row]:
+            raise ValueError(f"{len(example['input_ids'])} tokens now but {self.lengths[row]} when the file was "
+                             f"checked (the image decodes to {example['image_size']}, not its header's size, or the "
+                             f"file changed)")
+        return example
+
+    # -- batches -----------------------------------------------------------------------------------
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """The epoch's batches as arrays of good-row indices (the bucketing rule in the class docstring)."""
+        if epoch not in self._plans:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(len(self.lines)) if self.shuffle else np.arange(len(self.lines))
+            chunk, batches = self.sort_window * self.batch_size, []
+            for begin in range(0, len(order), chunk):
+                rows = order[begin:begin + chunk]
+                rows = rows[np.argsort(self.lengths[rows], kind="stable")]
+                batches += [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+            if self.shuffle:
+                batches = [batches[i] for i in rng.permutation(len(batches))]
+            self._plans = {epoch: batches}   # keep one epoch: batch() walks them in order
+        return self._plans[epoch]
+
+    def bucket(self, length: int) -> int:
+        """The padded length for a longest row of `length` tokens."""
+        index = int(np.searchsorted(self.length_buckets, length))
+        if index == len(self.length_buckets):
+            raise ValueError(f"{length} tokens exceed the largest length bucket {self.length_buckets[-1]}")
+        return self.length_buckets[index]
+
+    def batch(self, index: int) -> dict:
+        """The index-th batch (epoch index // len(self)); a function of the file, the settings and index."""
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
+            raise ValueError(f"batch index must be an int >= 0; got {index!r}")
+        epoch, step = divmod(int(index), len(self))
+        rows = self.epoch_batches(epoch)[step]
+        B, L, P = self.batch_size, self.bucket(int(self.lengths[rows].max())), self.config.geometry.max_tiles
+        pad = self.processor.pad_token_id
+        if pad is None:
+            pad = self.processor.tokenizer.token_to_id(self.processor.special_tokens.get("eos_token", "")) or 0
+        input_ids = np.full((B, L), pad, dtype=np.int32)
+        attention_mask = np.zeros((B, L), dtype=np.int32)
+        labels = np.full((B, L), IGNORE, dtype=np.int32)
+        lines = np.full((B,), -1, dtype=np.int32)
+        image_sizes = np.zeros((B, 2), dtype=np.int32)
+        pixel_values = None
+        if self.has_images:
+            S, C = self.config.vision.image_size, self.config.vision.num_channels
+            pixel_values = np.zeros((B, P, C, S, S), dtype=np.float32)
+        n_images = 0
+        for slot, row in enumerate(rows):
+            lines[slot] = self.lines[row]
+            try:
+                example = self.example(row)
+            except _ROW_ERRORS as e:
+                self._fail(Skipped(int(self.lines[row]), str(e)), index)
+                continue
+            T = len(example["input_ids"])
+            input_ids[slot, :T], labels[slot, :T], attention_mask[slot, :T] = example["input_ids"], example["labels"], 1
+            if example["pixel_values"] is not None:
+                tiles = example["pixel_values"]
+                pixel_values[n_images, :len(tiles)] = tiles
+                image_sizes[n_images] = example["image_size"]
+                n_images += 1
+        sizes = image_sizes[:n_images] if n_images else None
+        sources = anyres.token_sources(input_ids, self.config.image_token_id, sizes, self.config.geometry, P)
+        if n_images:  # token_sources puts the newline after the n real images' features; the table has B slots
+            per_image = P * self.config.geometry.patches_per_side ** 2
+            sources[sources == n_images * per_image] = B * per_image
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "sources": sources,
+                "pixel_values": pixel_values, "image_sizes": image_sizes, "lines": lines}
+
+    def iterate(self, start: int = 0, prefetch: int = 2) -> Iterator[tuple[int, dict]]:
+        """(index, batch(index)) for index = start, start + 1, ... without end; the next `prefetch` batches
+        are built on a background thread while the caller trains on the current one (image decoding,
+        resizing and tokenizing release the GIL). A resumed run passes its step count as `start`."""
+        from concurrent.futures import ThreadPoolExecutor
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
+            raise ValueError(f"prefetch must be an int >= 1; got {prefetch!r}")
+        pool = ThreadPoolExecutor(1, thread_name_prefix="llava-next-data")
+        try:
+            pending = collections.deque(pool.submit(self.batch, i) for i in range(start, start + prefetch))
+            index = start
+            while True:
+                batch = pending.popleft().result()
+                pending.append(pool.submit(self.batch, index + prefetch))
+                yield index, batch
+                index += 1
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _fail(self, record: Skipped, index: int) -> None:
+        if record not in self.failed:
+            self.failed.append(record)
+        warnings.warn(f"{self.path} {record}; the row is left empty in batch {index}", RuntimeWarning, stacklevel=3)
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _template_error():
+    from jinja2.exceptions import TemplateError
+    return TemplateError
+
+
+_ROW_ERRORS = (ValueError, OSError, _template_error())
+"""What a bad row raises (JSON, turns, template, image file); anything else is a bug and propagates."""

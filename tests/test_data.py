@@ -1,0 +1,472 @@
+"""The fine-tuning data pipeline (llava_next_jax/data.py) against HF transformers.
+
+References: the training texts are written out by hand per prompt family; HF's LlavaNextProcessor
+(built from the same tiny checkpoint directory) turns them into ids and pixels; HF's tokenizer decodes
+the labelled tokens; HF's LlavaNextForConditionalGeneration computes the loss of a loader batch.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+import tiny_models as tm
+from llava_next_jax import anyres, data, train
+from llava_next_jax.processor import LlavaNextProcessor
+from tiny_tokenizers import tokenizer_info, write_processor_files
+
+GEOMETRY = dict(image_size=56, patch_size=14, pinpoints=tm.TINY_PINPOINTS)   # the tiny models' geometry
+IGNORE = train.IGNORE
+
+
+def hf_processor(directory):
+    pil = transformers.LlavaNextImageProcessorPil.from_pretrained(directory)
+    return transformers.LlavaNextProcessor.from_pretrained(directory, image_processor=pil)
+
+
+def hf_checkpoint(directory, family: str = "mistral", seed: int = 0):
+    """A tiny HF model whose vocab and image token fit `family`'s tiny tokenizer, saved with the processor
+    files in `directory`; returns the HF model."""
+    config = tm.hf_config(family)
+    info = tokenizer_info(family)
+    config.text_config.vocab_size = info["vocab_size"]
+    config.image_token_id = info["image_token_id"]
+    torch.manual_seed(seed)
+    model = transformers.LlavaNextForConditionalGeneration(config).eval()
+    with torch.no_grad():  # as tm.build_model: non-trivial biases and norms
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    write_processor_files(directory, family, **GEOMETRY)
+    tm.save_checkpoint(model, str(directory))
+    return model
+
+
+def rgb_image(rng, height, width):
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    out = {f: write_processor_files(root / f, f, **GEOMETRY) for f in ("vicuna", "chatml-qwen2", "llama3")}
+    out["mistral"] = root / "mistral"
+    hf_checkpoint(out["mistral"], "mistral", seed=3)
+    builtin = write_processor_files(root / "mistral-builtin", "mistral", chat_template=False, **GEOMETRY)
+    (builtin / "config.json").write_text(json.dumps({"text_config": {"model_type": "mistral"}}))
+    out["mistral-builtin"] = builtin
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair(dirs):
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = LlavaNextProcessor.from_pretrained(dirs[name]), hf_processor(dirs[name])
+        return cache[name]
+    return get
+
+
+# --- one conversation ------------------------------------------------------------------------------
+
+CONVERSATION = [
+    {"from": "system", "value": "Answer briefly."},
+    {"from": "human", "value": "What is in the picture?\n<image>"},
+    {"from": "gpt", "value": "A red car."},
+    {"from": "human", "value": "And the sky?"},
+    {"from": "gpt", "value": "Blue, with one cloud 東京 🙂."},
+]
+ANSWERS = ["A red car.", "Blue, with one cloud 東京 🙂."]
+
+MESSAGES = [  # HF's format, written by hand: the image block first (LLaVA moves <image> to the front)
+    {"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "A red car."}]},
+    {"role": "user", "content": [{"type": "text", "text": "And the sky?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "Blue, with one cloud 東京 🙂."}]},
+]
+
+# family: (the training text, written out by hand; the end token each answer is trained to emit).
+TEXTS = {
+    "mistral": ("<<SYS>>\nAnswer briefly.\n<</SYS>>\n\n[INST] <image>\nWhat is in the picture? [/INST] A red car.</s> "
+                "[INST] And the sky? [/INST] Blue, with one cloud 東京 🙂.</s> ", "</s>"),
+    "mistral-builtin": ("Answer briefly.\n\n[INST] <image>\nWhat is in the picture? [/INST] A red car.</s>"
+                        "[INST] And the sky? [/INST] Blue, with one cloud 東京 🙂.</s>", "</s>"),
+    # llava-hf's vicuna template writes no end token after an answer: the eos is inserted.
+    "vicuna": ("Answer briefly. USER: <image>\nWhat is in the picture? ASSISTANT: A red car.</s> USER: And the sky? "
+               "ASSISTANT: Blue, with one cloud 東京 🙂.</s> ", "</s>"),
+    "chatml-qwen2": ("<|im_start|>system\nAnswer briefly.<|im_end|>\n<|im_start|>user\n<image>\nWhat is in the "
+                     "picture?<|im_end|>\n<|im_start|>assistant\nA red car.<|im_end|>\n<|im_start|>user\nAnd the sky?"
+                     "<|im_end|>\n<|im_start|>assistant\nBlue, with one cloud 東京 🙂.<|im_end|>\n", "<|im_end|>"),
+    "llama3": ("<|start_header_id|>system<|end_header_id|>\n\nAnswer briefly.<|eot_id|><|start_header_id|>user"
+               "<|end_header_id|>\n\n<image>\nWhat is in the picture?<|eot_id|><|start_header_id|>assistant"
+               "<|end_header_id|>\n\nA red car.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nAnd the sky?"
+               "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nBlue, with one cloud 東京 🙂.<|eot_id|>",
+               "<|eot_id|>"),
+}
+
+
+def labelled_runs(labels):
+    """Each maximal run of labelled positions as a list of token ids."""
+    runs, current = [], []
+    for t in labels.tolist() + [IGNORE]:
+        if t != IGNORE:
+            current.append(t)
+        elif current:
+            runs.append(current)
+            current = []
+    return runs
+
+
+@pytest.mark.parametrize("family", list(TEXTS))
+def test_example_equals_hf_processor_and_labels_are_the_answers(pair, family):
+    ours, hf = pair(family)
+    text, end = TEXTS[family]
+    assert data.conversation_messages(CONVERSATION) == MESSAGES
+    rendered = hf.apply_chat_template(MESSAGES, tokenize=False, chat_template=ours.chat_template)
+    assert rendered == (text.replace("</s>", "") if family == "vicuna" else text)
+    assert data.training_text(ours, MESSAGES)[0] == text
+
+    image = rgb_image(np.random.default_rng(0), 30, 70)
+    example = data.build_example(ours, CONVERSATION, image)
+    theirs = hf(images=[image], text=[text], return_tensors="np")
+    np.testing.assert_array_equal(example["input_ids"], theirs["input_ids"][0])
+    assert example["input_ids"].dtype == np.int32 and example["labels"].dtype == np.int32
+    assert example["image_size"] == (30, 70)
+    tiles = int(theirs["pixel_values"].shape[1])
+    np.testing.assert_allclose(example["pixel_values"], theirs["pixel_values"][0], atol=1e-5)
+    assert example["pixel_values"].shape[0] == tiles
+
+    labels = example["labels"]
+    learned = labels != IGNORE
+    np.testing.assert_array_equal(labels[learned], example["input_ids"][learned])
+    assert not (learned & (example["input_ids"] == hf.image_token_id)).any()
+    runs = [hf.tokenizer.decode(run) for run in labelled_runs(labels)]
+    assert runs == [a + end for a in ANSWERS], runs
+
+
+@pytest.mark.parametrize("family", ["mistral", "chatml-qwen2"])
+def test_text_only_example(pair, family):
+    ours, hf = pair(family)
+    conv = [{"from": "human", "value": "Tell me about the city."}, {"from": "gpt", "value": "  It is big.  "}]
+    text = {"mistral": "[INST] Tell me about the city. [/INST]   It is big.  </s> ",
+            "chatml-qwen2": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nTell me "
+                            "about the city.<|im_end|>\n<|im_start|>assistant\n  It is big.  <|im_end|>\n"}[family]
+    example = data.build_example(ours, conv)
+    np.testing.assert_array_equal(example["input_ids"], hf(text=[text], return_tensors="np")["input_ids"][0])
+    assert example["image_size"] is None and example["pixel_values"] is None
+    end = {"mistral": "</s>", "chatml-qwen2": "<|im_end|>"}[family]
+    assert [hf.tokenizer.decode(r) for r in labelled_runs(example["labels"])] == [conv[1]["value"] + end]  # verbatim
+
+
+def test_too_long_says_how_long(pair):
+    ours, hf = pair("mistral")
+    image = rgb_image(np.random.default_rng(1), 100, 40)
+    conv = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A tall thin picture."}]
+    length = hf(images=[image], text=["[INST] <image>\nDescribe. [/INST] A tall thin picture.</s> "],
+                return_tensors="np")["input_ids"].shape[1]
+    assert length > anyres.num_image_tokens((100, 40), ours.geometry) > 20
+    with pytest.raises(data.TooLong, match=f"^{length} tokens after image expansion > max_length {length - 1}$"):
+        data.build_example(ours, conv, image, max_length=length - 1)
+    assert len(data.build_example(ours, conv, image, max_length=length)["input_ids"]) == length
+
+
+@pytest.mark.parametrize("conv, message", [
+    ([{"from": "bot", "value": "hi"}], r"turn 0: unknown role 'bot'"),
+    ([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}], r"turn 1: a 'human' turn after user"),
+    ([{"from": "gpt", "value": "a"}], r"turn 0: a 'gpt' turn after the start"),
+    ([{"from": "human", "value": "a"}, {"from": "system", "value": "b"}], r"turn 1: a 'system' turn"),
+    ([{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}, {"from": "human", "value": "c"}],
+     r"turn 2: the conversation ends with a 'human' turn"),
+    ([{"from": "human", "value": "a"}, {"from": "gpt", "value": "<image> b"}], r"turn 1 \(gpt\): <image> may only"),
+    ([{"from": "human", "value": "<image> <image>"}, {"from": "gpt", "value": "b"}], r"turn 0: a second <image>"),
+    ([{"from": "human", "value": "a"}, {"from": "gpt", "value": " "}], r"turn 1 \(gpt\): empty answer"),
+    ([{"from": "human", "text": "a"}], r"turn 0: expected an object with 'from' and 'value'"),
+    ([{"from": "human", "value": 3}], r"turn 0 \(human\): 'value' must be a string, got int"),
+    ([], r"'conversations' is empty"),
+])
+def test_bad_conversations(conv, message):
+    with pytest.raises(ValueError, match=message):
+        data.conversation_messages(conv)
+
+
+def test_placeholder_must_match_the_image(pair):
+    ours, _ = pair("mistral")
+    conv = [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "A."}]
+    with pytest.raises(ValueError, match="has an image but no <image> placeholder"):
+        data.build_example(ours, conv, np.zeros((9, 9, 3), np.uint8))
+    with pytest.raises(ValueError, match="holds <image> but the row has no image"):
+        data.build_example(ours, [{"from": "human", "value": "<image>What?"}, conv[1]])
+
+
+# --- the loader ------------------------------------------------------------------------------------
+
+def turns(*pairs, image=False):
+    out = []
+    for i, (q, a) in enumerate(pairs):
+        out += [{"from": "human", "value": ("<image>\n" if image and i == 0 else "") + q}, {"from": "gpt", "value": a}]
+    return out
+
+
+@pytest.fixture(scope="module")
+def jsonl(tmp_path_factory):
+    """A JSONL file with good rows of several lengths, every kind of bad row, and their expected reasons."""
+    root = tmp_path_factory.mktemp("rows")
+    rng = np.random.default_rng(2)
+    for name, (h, w) in {"a.png": (30, 70), "b.png": (100, 40), "c.png": (56, 56), "d.png": (20, 160)}.items():
+        rgb_image(rng, h, w).save(root / name)
+    (root / "garbage.png").write_bytes(b"not an image at all")
+    buf = io.BytesIO()
+    rgb_image(rng, 64, 64).save(buf, format="JPEG")
+    (root / "truncated.jpg").write_bytes(buf.getvalue()[:len(buf.getvalue()) * 6 // 10])  # header fine, data cut
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the processor sees 90 x 40
+    rgb_image(rng, 40, 90).save(root / "rotated.jpg", exif=exif)
+    long_answer = " ".join(["the red car is on the street"] * 30)
+    rows = [
+        {"image": "a.png", "conversations": turns(("What is it?", "A car."), ("Color?", "Red."), image=True)},  # 1
+        {"conversations": turns(("Say hello.", "hello world"))},                                                # 2
+        {"image": "nope/missing.png", "conversations": turns(("What?", "x"), image=True)},                      # 3
+        '{"image": "a.png", "conversations": [',                                                                 # 4
+        {"image": "a.png", "conversation": turns(("What?", "x"), image=True)},                                  # 5
+        {"image": "b.png", "conversations": turns(("Describe.", long_answer), image=True)},                    # 6
+        {"image": "c.png", "conversations": []},                                                                # 7
+        "",                                                                                                     # 8
+        {"conversations": [{"from": "bot", "value": "hi"}]},                                                    # 9
+        {"image": "garbage.png", "conversations": turns(("What?", "x"), image=True)},                          # 10
+        {"image": "truncated.jpg", "conversations": turns(("What?", "a jpeg"), image=True)},                   # 11
+        {"image": "rotated.jpg", "conversations": turns(("Which way?", "Up."), image=True)},                    # 12
+        {"image": "b.png", "conversations": turns(("Tall?", "Yes, tall and thin."), image=True)},              # 13
+        {"conversations": turns(("Count.", "one two three four five"), ("More.", "1 2 3"))},                   # 14
+        {"image": "c.png", "conversations": turns(("Square?", "Yes."), image=True)},                           # 15
+        {"image": "d.png", "conversations": turns(("Wide?", "Very wide."), image=True)},                       # 16
+        {"conversations": [{"from": "system", "value": "Be kind."}] + turns(("Hi.", "Hello there."))},         # 17
+        {"image": "a.png", "conversations": turns(("Again?", "The same car, again."), image=True)},            # 18
+        {"conversations": turns(("Short.", "ok"))},                                                             # 19
+        {"image": str(root / "d.png"), "conversations": turns(("Absolute path?", "Fine."), image=True)},       # 20
+    ]
+    path = root / "train.jsonl"
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    expected = [
+        (3, f"image 'nope/missing.png' not found under {root}"),
+        (4, f"not valid JSON ({_json_error(rows[3])})"),
+        (5, "no 'conversations' key (keys: ['conversation', 'image'])"),
+        (6, "{long} tokens after image expansion > max_length 200"),
+        (7, "'conversations' is empty"),
+        (9, "turn 0: unknown role 'bot'; expected one of ['assistant', 'gpt', 'human', 'system', 'user']"),
+        (10, "image 'garbage.png' cannot be read: cannot identify image file ..."),   # then Pillow's path
+    ]
+    return {"path": path, "root": root, "rows": rows, "skipped": expected, "good": [1, 2, 11, 12] + list(range(13, 21)),
+            "long_answer": long_answer}
+
+
+def _json_error(text):
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        return f"{e.msg} at column {e.colno}"
+
+
+@pytest.fixture(scope="module")
+def config(dirs):
+    from llava_next_jax.config import LlavaNextConfig
+    return LlavaNextConfig.from_file(str(dirs["mistral"]))
+
+
+@pytest.fixture(scope="module")
+def models(dirs):
+    """(HF model, our LlavaNext) of the tiny mistral checkpoint."""
+    from llava_next_jax import LlavaNext
+    hf = transformers.LlavaNextForConditionalGeneration.from_pretrained(dirs["mistral"]).eval()
+    return hf, LlavaNext.from_pretrained(str(dirs["mistral"]))
+
+
+def hf_loss(hf, batch) -> float:
+    """HF's loss on a loader batch: its real rows, its real images (the slots with a size)."""
+    real, n_images = batch["lines"] >= 0, int(batch["image_sizes"].any(1).sum())
+    kwargs = {k: torch.from_numpy(batch[k][real].astype(np.int64)) for k in ("input_ids", "attention_mask", "labels")}
+    if n_images:
+        kwargs.update(pixel_values=torch.from_numpy(batch["pixel_values"][:n_images]),
+                      image_sizes=torch.from_numpy(batch["image_sizes"][:n_images].astype(np.int64)))
+    with torch.no_grad():
+        return hf(**kwargs).loss.item()
+
+
+def our_loss(model, batch) -> float:
+    return float(train.loss_fn(model.params, model.config, batch["input_ids"], batch["pixel_values"],
+                               batch["sources"], batch["attention_mask"], batch["labels"]))
+
+
+def make_loader(pair, config, path, **kw):
+    return data.ConversationData(path, pair("mistral")[0], config, **{"max_length": 200, "batch_size": 3,
+                                                                      "sort_window": 2, **kw})
+
+
+def test_loader_reports_every_bad_row(pair, config, jsonl):
+    ours, hf = pair("mistral")
+    long_text = f"[INST] <image>\nDescribe. [/INST] {jsonl['long_answer']}</s> "
+    long = hf(images=[Image.open(jsonl["root"] / "b.png")], text=[long_text], return_tensors="np")["input_ids"].shape[1]
+    loaded = make_loader(pair, config, jsonl["path"])
+    got = [(s.line, s.reason) for s in loaded.skipped]
+    want = [(line, reason.format(long=long)) for line, reason in jsonl["skipped"]]
+    assert [g[0] for g in got] == [w[0] for w in want]
+    for (line, reason), (_, expected) in zip(got, want):
+        if expected.endswith(" ..."):
+            assert reason.startswith(expected[:-3]), (line, reason, expected)
+        else:
+            assert reason == expected, line
+    assert str(loaded.skipped[0]) == f"line 3: image 'nope/missing.png' not found under {jsonl['root']}"
+    assert loaded.lines.tolist() == jsonl["good"]
+    assert len(loaded) == math.ceil(len(jsonl["good"]) / 3) == 4
+    assert loaded.length_buckets == (128, 200)
+
+
+def test_batches_right_padded_bucketed_every_row_once(pair, config, jsonl):
+    ours, _ = pair("mistral")
+    loaded = make_loader(pair, config, jsonl["path"])
+    P, per_tile = config.geometry.max_tiles, config.geometry.patches_per_side ** 2
+    pad = ours.pad_token_id
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for epoch in range(2):
+            seen = []
+            for index in range(epoch * len(loaded), (epoch + 1) * len(loaded)):
+                batch = loaded.batch(index)
+                ids, mask, labels, sources = (batch[k] for k in ("input_ids", "attention_mask", "labels", "sources"))
+                B, L = ids.shape
+                assert B == 3 and L in loaded.length_buckets
+                assert batch["pixel_values"].shape == (3, P, 3, 56, 56) and batch["image_sizes"].shape == (3, 2)
+                lengths = mask.sum(1)
+                assert (mask == (np.arange(L)[None] < lengths[:, None])).all()          # right padding
+                assert (ids[mask == 0] == pad).all() and (labels[mask == 0] == IGNORE).all()
+                assert L == min(b for b in loaded.length_buckets if b >= lengths.max())
+                images = []
+                for row, line in enumerate(batch["lines"]):
+                    if line < 0 or line == 11:   # a filler row, or the truncated jpeg: all padding
+                        assert lengths[row] == 0
+                        continue
+                    seen.append(int(line))
+                    spec = jsonl["rows"][line - 1]
+                    image = None if "image" not in spec else jsonl["root"] / spec["image"]
+                    example = data.build_example(ours, spec["conversations"], image)
+                    T = len(example["input_ids"])
+                    np.testing.assert_array_equal(ids[row, :T], example["input_ids"])
+                    np.testing.assert_array_equal(labels[row, :T], example["labels"])
+                    if image is not None:
+                        images.append(example)
+                # images fill the first slots in row order; sources as anyres gives them, newline after B*P tiles
+                for slot, example in enumerate(images):
+                    tiles = example["pixel_values"]
+                    np.testing.assert_array_equal(batch["pixel_values"][slot, :len(tiles)], tiles)
+                    assert tuple(batch["image_sizes"][slot]) == example["image_size"]
+                assert not batch["pixel_values"][len(images):].any() and not batch["image_sizes"][len(images):].any()
+                sizes = [e["image_size"] for e in images]
+                expected = anyres.token_sources(ids, config.image_token_id, sizes or None, config.geometry, P)
+                expected[expected == len(images) * P * per_tile] = 3 * P * per_tile
+                np.testing.assert_array_equal(sources, expected)
+                if images:
+                    assert (sources == 3 * P * per_tile).any()
+            assert sorted(seen) == [g for g in jsonl["good"] if g != 11]
+    assert any("line 11: image file" in str(w.message) and "truncated.jpg" in str(w.message) for w in caught)
+    assert [f.line for f in loaded.failed] == [11]
+
+
+def test_batches_are_deterministic_and_resumable(pair, config, jsonl):
+    a, b = make_loader(pair, config, jsonl["path"]), make_loader(pair, config, jsonl["path"])
+    other = make_loader(pair, config, jsonl["path"], seed=1)
+    order = lambda d, e: [d.batch(i)["lines"].tolist() for i in range(e * len(d), (e + 1) * len(d))]  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # the truncated jpeg row
+        for index in (5, 0, 9, 5):   # out of order, as a resumed run asks
+            first, again, fresh = a.batch(index), a.batch(index), b.batch(index)
+            for key in first:
+                if first[key] is not None:
+                    np.testing.assert_array_equal(first[key], again[key])
+                    np.testing.assert_array_equal(first[key], fresh[key])
+        assert order(a, 0) != order(a, 1) and order(a, 0) != order(other, 0)
+        stream = a.iterate(start=6, prefetch=2)   # what a training loop reads: batches built ahead, same arrays
+        for index, batch in itertools.islice(stream, 3):
+            np.testing.assert_array_equal(batch["input_ids"], b.batch(index)["input_ids"])
+            np.testing.assert_array_equal(batch["pixel_values"], b.batch(index)["pixel_values"])
+        assert index == 8
+        stream.close()
+        assert order(make_loader(pair, config, jsonl["path"], shuffle=False), 0) == \
+            order(make_loader(pair, config, jsonl["path"], shuffle=False), 3)
+
+
+def test_bucketing_groups_similar_lengths(pair, config, jsonl):
+    """One sort window over the whole epoch: batches hold consecutive lengths of the sorted rows."""
+    loaded = make_loader(pair, config, jsonl["path"], sort_window=100, batch_size=2, length_buckets=[64, 96, 300])
+    assert loaded.length_buckets == (64, 96, 300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        batches = [loaded.batch(i) for i in range(len(loaded))]
+    good = dict(zip(loaded.lines.tolist(), loaded.lengths.tolist()))
+    ranges = sorted((min(good[l] for l in b["lines"] if l > 0), max(good[l] for l in b["lines"] if l > 0))
+                    for b in batches)
+    assert all(hi <= lo for (_, hi), (lo, _) in zip(ranges, ranges[1:])), ranges
+    assert {b["input_ids"].shape[1] for b in batches} <= {64, 96, 300}
+    with pytest.raises(ValueError, match="length_buckets top out at 150 < max_length 200"):
+        make_loader(pair, config, jsonl["path"], length_buckets=[100, 150])
+
+
+def test_loader_batch_loss_equals_hf(pair, config, models, tmp_path):
+    """Mixed image / text-only rows, an all-text batch in an image dataset, a short last batch: our loss on
+    the loader's arrays (what train_step passes to loss_fn) equals HF's on the same ids, labels and pixels."""
+    hf, model = models
+    rng = np.random.default_rng(5)
+    for name, (h, w) in {"x.png": (50, 120), "y.png": (90, 30)}.items():
+        rgb_image(rng, h, w).save(tmp_path / name)
+    rows = [{"image": "x.png", "conversations": turns(("What is it?", "A car."), ("Color?", "Red."), image=True)},
+            {"conversations": turns(("Say hello.", "hello world"))},
+            {"conversations": turns(("Count.", "one two three"))},
+            {"conversations": [{"from": "system", "value": "Be kind."}] + turns(("Hi.", "Hello there."))},
+            {"image": "y.png", "conversations": turns(("Tall?", "Yes, tall and thin."), image=True)}]
+    path = tmp_path / "mix.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = data.ConversationData(path, pair("mistral")[0], config, max_length=256, batch_size=2, shuffle=False,
+                                   sort_window=1, length_buckets=[256])
+    batches = [loaded.batch(i) for i in range(len(loaded))]
+    assert [b["lines"].tolist() for b in batches] == [[2, 1], [3, 4], [5, -1]]
+    for index, batch in enumerate(batches):
+        ours, theirs = our_loss(model, batch), hf_loss(hf, batch)
+        assert abs(ours - theirs) <= 1e-5 * abs(theirs), (index, ours, theirs)
+
+
+def test_text_only_file_has_no_pixels(pair, config, models, tmp_path):
+    hf, model = models
+    path = tmp_path / "text.jsonl"
+    path.write_text(json.dumps({"conversations": turns(("Say hello.", "hello world"), ("Again.", "hello"))}) + "\n")
+    batch = make_loader(pair, config, path).batch(0)
+    assert batch["pixel_values"] is None and (batch["sources"] == anyres.TEXT).all()
+    assert not batch["image_sizes"].any() and batch["lines"].tolist() == [1, -1, -1]
+    ours, theirs = our_loss(model, batch), hf_loss(hf, batch)
+    assert abs(ours - theirs) <= 1e-5 * abs(theirs)
+
+
+def test_loader_setting_errors(pair, config, jsonl, tmp_path):
+    array = tmp_path / "llava.json"   # LLaVA's released files are one JSON array
+    array.write_text(json.dumps([{"image": "a.png", "conversations": turns(("Q", "A"), image=True)}] * 2, indent=1))
+    with pytest.raises(ValueError, match=r"llava\.json: no usable rows \(\d+ skipped; line 1: not valid JSON.*"
+                                         r"looks like one JSON array"):
+        make_loader(pair, config, array)
+    for key, value, message in [("batch_size", 0, "batch_size must be an int >= 1; got 0"),
+                                ("seed", -1, "seed must be an int >= 0; got -1"),
+                                ("max_length", 2.5, "max_length must be an int >= 1; got 2.5")]:
+        with pytest.raises(ValueError, match=message):
+            make_loader(pair, config, jsonl["path"], **{key: value})
+    other = pair("llama3")[0]   # 56px geometry too, but another vocabulary: another image token id
+    assert other.image_token_id != config.image_token_id
+    with pytest.raises(ValueError, match=f"image token {other.image_token_id}.*image token {config.image_token_id}"):
+        data.ConversationData(jsonl["path"], other, config)
