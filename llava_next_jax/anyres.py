@@ -164,16 +164,18 @@ def feature_sources(image_size: Sequence[int], geometry: Geometry) -> np.ndarray
 
 
 def token_sources(input_ids: np.ndarray, image_token_id: int, image_sizes: np.ndarray | None,
-                  geometry: Geometry, tiles_per_image: int) -> np.ndarray:
+                  geometry: Geometry, tiles_per_image: int, image_slots: int | None = None) -> np.ndarray:
     """Maps every position of `input_ids` to the feature vector the model puts there.
 
     input_ids:       int `[B, T]`, `<image>` already expanded (one token per feature vector).
     image_sizes:     int `[B_img, 2]` (height, width), or None for text only.
     tiles_per_image: P, the tile dimension of `pixel_values [B_img, P, 3, S, S]`.
+    image_slots:     B_img, when pixel_values holds more (zero) images than image_sizes lists, padded
+                     for a fixed shape; default len(image_sizes).
 
     Returns int32 `[B, T]`: `TEXT` at text positions; at image positions an index into the whole
     batch's features flattened as `[B_img * P * n*n]`, or `B_img * P * n*n` for the newline vector
-    (the model appends it as one extra row). Images fill image positions in row-major order of
+    (the model appends it as one extra row, after every slot's features). Images fill image positions in row-major order of
     `input_ids`, as in the reference. A count that does not match is a ValueError.
     """
     input_ids = np.asarray(input_ids)
@@ -200,7 +202,9 @@ def token_sources(input_ids: np.ndarray, image_token_id: int, image_sizes: np.nd
             f"{sizes} need {sum(counts)} ({counts} each); expand each <image> with the processor "
             f"(anyres.num_image_tokens)")
     per_tile = geometry.patches_per_side ** 2
-    newline_row = len(sizes) * tiles_per_image * per_tile
+    if image_slots is not None and image_slots < len(sizes):
+        raise ValueError(f"image_slots {image_slots} < the {len(sizes)} images given")
+    newline_row = (len(sizes) if image_slots is None else image_slots) * tiles_per_image * per_tile
     flat = np.concatenate([np.where(s == NEWLINE, newline_row, s + i * tiles_per_image * per_tile)
                            for i, s in enumerate(per_image)])
     sources[is_image] = flat

@@ -249,7 +249,7 @@ class ConversationData:
       input_ids      int32 `[B, L]`   pad id (the tokenizer's pad, else its eos, else 0) after each row
       attention_mask int32 `[B, L]`   1 on real tokens
       labels         int32 `[B, L]`   IGNORE on pads, prompts, image tokens
-      sources        int32 `[B, L]`   `anyres.token_sources` for the batch's images (newline: see below)
+      sources        int32 `[B, L]`   `anyres.token_sources` for the batch's images (B image slots)
       pixel_values   float32 `[B, P, C, S, S]`, P = the geometry's max_tiles: one image slot per row.
                      Real images fill slots 0..n-1 in row order, the rest are zeros that no token reads
                      (text-only rows, empty rows). None when the file has no image rows at all.
@@ -257,7 +257,7 @@ class ConversationData:
       lines          int32 `[B]`      each row's line in the file, -1 for a filler row
     Every array's shape depends only on B and L, so the whole dict can go to `train_step` and batches
     never recompile within a bucket. In `sources`, the newline vector is the row after all B*P tiles'
-    features (where `image_embeddings` puts it), not after the n real images' as `token_sources` counts.
+    features (where `image_embeddings` puts it).
     `iterate(start)` yields (index, batch(index)) from `start` on, building the next batches on a thread.
 
     An image that passed the header check but fails to decode later (or decodes to another size)
@@ -447,10 +447,8 @@ class ConversationData:
                 image_sizes[n_images] = example["image_size"]
                 n_images += 1
         sizes = image_sizes[:n_images] if n_images else None
-        sources = anyres.token_sources(input_ids, self.config.image_token_id, sizes, self.config.geometry, P)
-        if n_images:  # token_sources puts the newline after the n real images' features; the table has B slots
-            per_image = P * self.config.geometry.patches_per_side ** 2
-            sources[sources == n_images * per_image] = B * per_image
+        sources = anyres.token_sources(input_ids, self.config.image_token_id, sizes, self.config.geometry, P,
+                                       image_slots=B)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "sources": sources,
                 "pixel_values": pixel_values, "image_sizes": image_sizes, "lines": lines}
 

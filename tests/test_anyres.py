@@ -81,6 +81,9 @@ def test_token_sources_and_errors():
     newline_row = 5 * 16
     assert (src[0, 3:3 + count] == np.where(anyres.feature_sources(size, TINY) < 0, newline_row,
                                             anyres.feature_sources(size, TINY))).all()
+    padded = anyres.token_sources(ids, 9, np.array([size]), TINY, tiles_per_image=5, image_slots=3)
+    assert (padded[src == newline_row] == 3 * newline_row).all() and (padded[src != newline_row] ==
+                                                                      src[src != newline_row]).all()
     with pytest.raises(ValueError, match="need"):
         anyres.token_sources(ids[:, 1:], 9, np.array([size, size]), TINY, 5)
     with pytest.raises(ValueError, match="only 2 per image"):
