@@ -9,7 +9,9 @@ divided by the number of such terms (HF shifts the labels left and pads them wit
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -91,9 +93,23 @@ def learning_rate_schedule(learning_rate: float, warmup_steps: int, total_steps:
                                               max(warmup_steps, 1), max(total_steps, warmup_steps + 1))
 
 
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """An optax transformation that compares and hashes by the settings that built it, so `train_step`
+    (which takes it as a static argument) compiles once per settings, not once per `make_optimizer` call."""
+    settings: tuple
+    transform: Any = dataclasses.field(compare=False, repr=False)
+
+    def init(self, params):
+        return self.transform.init(params)
+
+    def update(self, updates, state, params=None):
+        return self.transform.update(updates, state, params)
+
+
 def make_optimizer(params, learning_rate: float = 1e-4, warmup_steps: int = 0, total_steps: int = 1000,
                    weight_decay: float = 0.0, max_grad_norm: float = 1.0, accumulate: int = 1,
-                   trainable: str = "projector+decoder"):
+                   trainable: str = "projector+decoder") -> Optimizer:
     """AdamW with linear warmup + cosine decay, global-norm clipping, gradient accumulation over
     `accumulate` micro-batches, and frozen (zero-update) parameters outside `trainable`."""
     import optax
@@ -104,7 +120,11 @@ def make_optimizer(params, learning_rate: float = 1e-4, warmup_steps: int = 0, t
         {"train": optax.chain(optax.clip_by_global_norm(max_grad_norm),
                               optax.adamw(schedule, weight_decay=weight_decay)),
          "freeze": optax.set_to_zero()}, labels)
-    return optax.MultiSteps(optimizer, accumulate) if accumulate > 1 else optimizer
+    if accumulate > 1:
+        optimizer = optax.MultiSteps(optimizer, accumulate)
+    settings = (learning_rate, warmup_steps, total_steps, weight_decay, max_grad_norm, accumulate, trainable,
+                jax.tree.structure(params))
+    return Optimizer(settings, optimizer)
 
 
 @partial(jax.jit, static_argnames=("config", "optimizer") + STATIC[1:], donate_argnames=("state",))

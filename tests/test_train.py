@@ -108,13 +108,13 @@ def test_remat_same_gradients_less_memory(mistral):
     model = LlavaNext.from_pretrained(path)
     inputs = step_inputs(model, *right_padded(hf, seed=3))
     args = [inputs[k] for k in ("input_ids", "pixel_values", "sources", "attention_mask", "labels")]
-    plain = train.loss_and_grad(model.params, model.config, *args)
-    remat = train.loss_and_grad(model.params, model.config, *args, remat=True)
+    compiled = {r: train.loss_and_grad.lower(model.params, model.config, *args, remat=r).compile()
+                for r in (False, True)}
+    plain, remat = (compiled[r](model.params, *args) for r in (False, True))
     assert abs(float(plain[0]) - float(remat[0])) <= 1e-6 * abs(float(plain[0]))
     for a, b in zip(jax.tree.leaves(plain[1]), jax.tree.leaves(remat[1])):  # recomputation reorders sums
         assert np.linalg.norm(np.asarray(b) - np.asarray(a)) <= 1e-5 * np.linalg.norm(np.asarray(a)) + 1e-7
-    temp = {r: train.loss_and_grad.lower(model.params, model.config, *args, remat=r).compile()
-            .memory_analysis().temp_size_in_bytes for r in (False, True)}
+    temp = {r: c.memory_analysis().temp_size_in_bytes for r, c in compiled.items()}
     assert temp[True] < temp[False], temp
 
 
@@ -130,6 +130,10 @@ def test_bfloat16_compute_with_float32_master_weights(mistral):
     for _ in range(3):
         state, metrics = train.train_step(state, inputs, model.config, optimizer, jnp.bfloat16)
         losses.append(float(metrics["loss"]))
+    compiled = train.train_step._cache_size()
+    again = train.make_optimizer(state["params"], learning_rate=1e-3, total_steps=10)   # same settings:
+    state, _ = train.train_step(state, inputs, model.config, again, jnp.bfloat16)       # no new program
+    assert train.train_step._cache_size() == compiled
     assert {x.dtype for x in jax.tree.leaves(state["params"])} == {jnp.dtype(jnp.float32)}
     assert np.isfinite(losses).all() and abs(losses[0] - reference) <= 0.02 * reference, (losses, reference)
     assert losses[-1] < losses[0]
