@@ -10,14 +10,21 @@ say, per parameter, which kernel axis goes over "model" (Flax kernels are `[in, 
 
 An axis that does not divide by the mesh's "model" size stays whole (replicated). XLA (GSPMD) inserts
 the collectives, so the model code itself is the same on one device and on a mesh.
+
+`memory_per_device` sizes a config on a mesh from these same rules (weights), and from `cache_spec`
+(the KV cache as `generate` lays it out); docs/scaling.md tables it for the released checkpoints.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 import re
-from typing import Any
+from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -47,12 +54,21 @@ def make_mesh(data: int = 1, model: int | None = None, devices=None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(data, model), AXES)
 
 
-def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
+def axis_sizes(mesh: Mesh | Mapping[str, int]) -> dict[str, int]:
+    """{"data": d, "model": m} of a Mesh, or of a mapping such as `{"data": 2, "model": 4}` (no devices needed)."""
+    sizes = dict(mesh.shape if isinstance(mesh, Mesh) else mesh)
+    if set(sizes) != set(AXES):
+        raise ValueError(f"a mesh shape needs exactly the axes {AXES}; got {sizes}")
+    return sizes
+
+
+def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh | Mapping[str, int]) -> P:
     """The partition spec of one parameter; axes that do not divide evenly are left whole."""
     for pattern, spec in RULES:
         if pattern.fullmatch(path):
             break
-    axes = [name if name is None or shape[i] % mesh.shape[name] == 0 else None for i, name in enumerate(spec)]
+    sizes = axis_sizes(mesh)
+    axes = [name if name is None or shape[i] % sizes[name] == 0 else None for i, name in enumerate(spec)]
     return P(*axes)
 
 
@@ -68,3 +84,73 @@ def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
     """Leading (batch) axis over "data" when it divides evenly, else replicated."""
     lead = "data" if shape and shape[0] % mesh.shape["data"] == 0 else None
     return NamedSharding(mesh, P(lead, *([None] * (len(shape) - 1))))
+
+
+# --- memory per device -----------------------------------------------------------------------------
+
+def shard_bytes(shape: tuple[int, ...], spec: P, mesh: Mesh | Mapping[str, int], itemsize: int) -> int:
+    """Bytes of one device's shard of an array of `shape` laid out by `spec` (axes divide evenly)."""
+    sizes = axis_sizes(mesh)
+    spec = tuple(spec) + (None,) * (len(shape) - len(spec))
+    split = lambda entry: math.prod(sizes[a] for a in ((entry,) if isinstance(entry, str) else entry or ()))
+    return math.prod(n // split(entry) for n, entry in zip(shape, spec)) * itemsize
+
+
+def cache_spec(config, mesh: Mesh | Mapping[str, int], batch: int) -> P:
+    """The layout `generate` gives each KV-cache array `[B*K, S, H]` today (config: a `TextConfig`).
+
+    The cache is created inside the compiled prefill with no sharding constraint, so XLA's partitioner
+    derives its layout from the k/v projections: rows over "data" when the batch divides (as
+    `batch_sharding`), kv heads over "model" when the projections are split by whole heads. The two
+    meet in the one merged `B*K` axis, which can be tiled over both only while each "data" shard holds
+    a single row: with two or more rows per shard the cache is replicated over "model". This is what
+    the compiled prefill does (tests/test_sharding.py compares it); docs/scaling.md has the cost and fix.
+    """
+    sizes = axis_sizes(mesh)
+    K, H = config.num_key_value_heads, config.head_dim
+    over_data = sizes["data"] > 1 and batch % sizes["data"] == 0
+    rows = batch // sizes["data"] if over_data else batch
+    kv_proj = spec_for("language_model/layers/0/self_attn/k_proj/kernel", (config.hidden_size, K * H), sizes)
+    whole_heads = kv_proj[1] == "model" and K % sizes["model"] == 0
+    over_model = sizes["model"] > 1 and whole_heads and rows == 1
+    axes = tuple(name for name, on in (("data", over_data), ("model", over_model)) if on)
+    return P(axes if len(axes) > 1 else (axes[0] if axes else None), None, None)
+
+
+@functools.lru_cache(maxsize=16)
+def _param_shapes(config) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """("language_model/layers/0/...", shape) of every parameter, from `init_params` traced abstractly."""
+    from .modeling.llava_next import init_params
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    return tuple(("/".join(k.key for k in path), tuple(leaf.shape))
+                 for path, leaf in jax.tree_util.tree_leaves_with_path(shapes))
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceMemory:
+    """Bytes held by the most loaded device: the params, and the KV cache of one `generate` call."""
+    weights: int
+    kv_cache: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache
+
+
+def memory_per_device(config, mesh: Mesh | Mapping[str, int], batch: int, length: int,
+                      dtype="bfloat16") -> DeviceMemory:
+    """Weights and KV-cache bytes on the most loaded device of `mesh` (a Mesh or `{"data": d, "model": m}`).
+
+    config: a `LlavaNextConfig`; batch: rows per `generate` call; length: cache slots (the prompt
+    bucket plus the new-token bucket); dtype: of params and cache (`from_pretrained`'s, bfloat16 on
+    GPU/TPU). Weights follow `RULES` over the abstract params of `init_params` (no memory allocated);
+    the cache follows `cache_spec`. Every device holds equal shards, so "most loaded" is any of them.
+    Activations and XLA's workspace are not counted.
+    """
+    itemsize = jnp.dtype(dtype).itemsize
+    weights = sum(shard_bytes(shape, spec_for(path, shape, mesh), mesh, itemsize)
+                  for path, shape in _param_shapes(config))
+    t = config.text
+    cache_shape = (batch * t.num_key_value_heads, length, t.head_dim)
+    per_array = shard_bytes(cache_shape, cache_spec(t, mesh, batch), mesh, itemsize)
+    return DeviceMemory(weights=weights, kv_cache=2 * t.num_hidden_layers * per_array)

@@ -1,5 +1,5 @@
-"""Sharded runs on 8 forced CPU devices equal the single-device run (in a subprocess: the device
-count must be set before jax starts)."""
+"""Sharded runs on 8 forced CPU devices equal the single-device run, and hold on each device the bytes
+`sharding.memory_per_device` says (in a subprocess: the device count must be set before jax starts)."""
 
 import os
 import subprocess
@@ -9,13 +9,43 @@ import textwrap
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent("""
-    import sys, tempfile
+    import collections, sys, tempfile
     import jax, numpy as np
     sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
     import tiny_models as tm
-    from llava_next_jax import LlavaNext, sharding
+    from llava_next_jax import LlavaNext, generate, sharding
     from llava_next_jax.convert_cli import convert_checkpoint
     assert len(jax.devices()) == 8, jax.devices()
+
+    def bytes_per_device(arrays):  # what the most loaded device holds of these arrays
+        held = collections.Counter()
+        for array in arrays:
+            for shard in array.addressable_shards:
+                held[shard.device] += shard.data.nbytes
+        assert len(held) == 8, held
+        return max(held.values())
+
+    def generate_keeping_cache(model, batch):  # model.generate's two programs, keeping the cache
+        args = model.generation_inputs(**batch, max_new_tokens=12, eos_token_id=[])
+        ids, dtype, new_bucket = args["input_ids"], args["dtype"], args["new_bucket"]
+        logits, cache, kv_valid = generate.prefill_program(model.params, model.config, ids, args["pixel_values"],
+                                                           args["sources"], args["attention_mask"], dtype,
+                                                           ids.shape[1] + new_bucket)
+        tokens, cache = generate.decode_program(model.params, model.config, logits, cache, kv_valid,
+                                                args["options"], dtype, new_bucket)
+        return np.asarray(tokens)[:, :12], cache, kv_valid.shape
+
+    def check_memory(model, mesh, batch):  # devices hold what sharding.memory_per_device says
+        tokens, cache, (B, S) = generate_keeping_cache(model, batch)
+        expected = sharding.memory_per_device(model.config, mesh, B, S, model.dtype)
+        assert bytes_per_device(jax.tree.leaves(model.params)) == expected.weights, mesh
+        assert bytes_per_device(jax.tree.leaves(cache)) == expected.kv_cache, (mesh, B)
+        spec = sharding.cache_spec(model.config.text, mesh, B)
+        assert cache[0][0].sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, spec), 3), (
+            mesh, B, cache[0][0].sharding, spec)
+        print(f"mesh {dict(mesh.shape)} batch {B}: {expected.weights} weight + {expected.kv_cache} cache bytes "
+              f"per device (cache {spec})")
+        return tokens
 
     hf = tm.build_model("mistral", seed=11)
     work = tempfile.mkdtemp()
@@ -34,6 +64,8 @@ SCRIPT = textwrap.dedent("""
         assert gate.sharding.shard_shape(gate.shape) == (64, 96 // model_axis), gate.sharding
         down = model.params["language_model"]["layers"]["1"]["mlp"]["down_proj"]["kernel"]
         assert down.sharding.shard_shape(down.shape) == (96 // model_axis, 64)
+        lm_head = model.params["lm_head"]["kernel"]
+        assert lm_head.sharding.shard_shape(lm_head.shape) == (64, 160 // model_axis), lm_head.sharding
         embed = model.params["language_model"]["embed_tokens"]["embedding"]
         per_device = {s.device: s.data.nbytes for s in embed.addressable_shards}
         assert len(per_device) == 8 and set(per_device.values()) == {embed.nbytes // model_axis}
@@ -42,8 +74,16 @@ SCRIPT = textwrap.dedent("""
         assert diff <= 1e-5, (data, model_axis, diff)
         tokens = model.generate(**batch, max_new_tokens=12, eos_token_id=[])
         assert (tokens == ref_tokens).all(), (data, model_axis)
+        assert (check_memory(model, mesh, batch) == ref_tokens).all()  # the same compiled programs
         assert abs(model.loss(**batch) - ref_loss) <= 1e-5 * abs(ref_loss)
         print(f"mesh {data}x{model_axis}: max |delta logits| {diff:.2e}, tokens equal")
+
+    # The kv heads (2) split over "model" only on a 4 x 2 mesh, and there only with one row per
+    # "data" shard (sharding.cache_spec): batch 4 puts the cache over both axes, batch 1 over "model".
+    mesh = sharding.make_mesh(data=4, model=2)
+    model = LlavaNext.from_pretrained(work + "/out", mesh=mesh)
+    assert (check_memory(model, mesh, batch) == ref_tokens).all()
+    check_memory(model, mesh, {k: v[:1] for k, v in batch.items()})
 """)
 
 
@@ -53,3 +93,4 @@ def test_meshes_equal_single_device():
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("tokens equal") == 3, result.stdout
+    assert result.stdout.count("bytes per device") == 5, result.stdout
