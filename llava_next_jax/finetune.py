@@ -222,17 +222,17 @@ class Run:
         start = self.restore()
         accumulate, save_every = self.args.accumulate, self.args.save_every * self.args.accumulate
         step = start
+        batches = self.data.iterate(start)       # the next batches are built on a thread meanwhile
         with self._metrics_file(start) as metrics:
             while step < self.micro_steps:
                 if stop():
                     self.save(step)
                     self.log(f"interrupted at update {step // accumulate}; saved {self.dir}/checkpoints/{step}")
+                    batches.close()
                     return False
                 began = time.perf_counter()
-                failed = len(self.data.failed)
-                batch = self.data.batch(step)
-                for record in self.data.failed[failed:]:
-                    self.log(f"{self.args.data}: {record}; that row is left out of batch {step}")
+                index, batch = next(batches)
+                assert index == step, (index, step)
                 inputs = dict(zip(("input_ids", "pixel_values", "sources", "attention_mask", "labels"),
                                   self.model._place(batch["input_ids"], batch["pixel_values"], batch["sources"],
                                                     batch["attention_mask"], batch["labels"])))
@@ -250,6 +250,9 @@ class Run:
                     self.log(f"update {step // accumulate}/{self.args.steps}: loss {loss:.4f}")
                 if step % save_every == 0 or step == self.micro_steps:
                     self.save(step)
+        batches.close()
+        if self.data.failed:   # each was warned about when its batch was built
+            self.log(f"{len(self.data.failed)} rows had images that failed to decode and were left out")
         return True
 
     def export(self) -> str:

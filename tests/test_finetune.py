@@ -125,3 +125,22 @@ def test_lora_run_exports_for_llavanext_and_transformers(demo_dir, dataset, tmp_
     with torch.no_grad():
         ref = hf(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}).logits.numpy()
     assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_sigterm_saves_a_checkpoint_then_exits_130(demo_dir, dataset, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "llava_next_jax.finetune",
+                             *flags(demo_dir, dataset, out, "--steps", "1000", "--save-every", "1000")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 2:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "no training step after 300 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == finetune.INTERRUPTED
+    done = len(losses(out))
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()] == [str(done)]
+    assert f"interrupted at update {done}" in proc.stderr.read().decode()
+    assert not (out / "export").exists()
