@@ -9,8 +9,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
-from . import anyres, checkpoint, convert, generate, sharding
+from . import anyres, checkpoint, convert, distributed, generate, sharding
 from .config import LlavaNextConfig
 from .modeling import llava_next
 
@@ -44,7 +45,9 @@ class LlavaNext:
         (norms and softmax still run in float32), the stored dtype on CPU.
         mesh: a `jax.sharding.Mesh` with axes ("data", "model") (`sharding.make_mesh`): weights are
         restored straight into their tensor-parallel shardings (`sharding.RULES`), and inputs are split
-        over "data"; results equal one device's.
+        over "data"; results equal one device's. The mesh may span several processes
+        (`distributed.initialize`, docs/multihost.md): each then reads only the parts of each tensor
+        its own devices hold, and every process must make the same calls with the same inputs.
         """
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: not a directory (expected a converted or HF LLaVA-NeXT checkpoint)")
@@ -58,10 +61,12 @@ class LlavaNext:
             shardings = None if mesh is None else sharding.param_shardings(checkpoint.saved_shapes(path), mesh)
             params = checkpoint.load_params(path, dtype, shardings)
         else:
-            name = None if dtype is None else dtype.name
-            params = checkpoint.nest({p: jnp.asarray(a) for p, a in convert.iter_tensors(path, config, name)})
-            if mesh is not None:
-                params = jax.device_put(params, sharding.param_shardings(params, mesh))
+            tensors = convert.iter_tensors(path, config, None if dtype is None else dtype.name)
+            if mesh is None:
+                params = checkpoint.nest({p: jnp.asarray(a) for p, a in tensors})
+            else:  # one tensor at a time, straight into its sharding (each process keeps its devices' part)
+                params = checkpoint.nest({p: distributed.put(a, NamedSharding(mesh, sharding.spec_for(
+                    "/".join(p), a.shape, mesh))) for p, a in tensors})
         generation_config = None
         if os.path.isfile(os.path.join(path, "generation_config.json")):
             with open(os.path.join(path, "generation_config.json")) as f:
@@ -76,10 +81,11 @@ class LlavaNext:
                                     tiles_per_image)
 
     def _place(self, *arrays):
-        """On a mesh: each array's leading (batch) axis split over "data". Else unchanged."""
+        """On a mesh: each numpy array's leading (batch) axis split over "data" (on a multi-process
+        mesh each process copies only its own rows). Else unchanged."""
         if self.mesh is None:
             return arrays
-        return tuple(None if a is None else jax.device_put(a, sharding.batch_sharding(self.mesh, np.shape(a)))
+        return tuple(None if a is None else distributed.put(a, sharding.batch_sharding(self.mesh, np.shape(a)))
                      for a in arrays)
 
     def _inputs(self, input_ids, pixel_values, image_sizes, attention_mask, tiles=None, images_multiple=1):
@@ -94,7 +100,7 @@ class LlavaNext:
         if pixel_values is None:
             return ids, None, self.image_token_sources(ids, None, 0), mask
         S = self.config.vision.image_size
-        pixels = jnp.asarray(pixel_values)
+        pixels = np.asarray(pixel_values)
         if pixels.ndim != 5 or pixels.shape[2:] != (self.config.vision.num_channels, S, S):
             raise ValueError(f"pixel_values must be [images, tiles, {self.config.vision.num_channels}, {S}, {S}]; "
                              f"got shape {tuple(pixels.shape)}")
@@ -105,26 +111,28 @@ class LlavaNext:
         P = max(pixels.shape[1], tiles or 0)
         if (n_images, P) != pixels.shape[:2]:
             pad = [(0, n_images - pixels.shape[0]), (0, P - pixels.shape[1])] + [(0, 0)] * 3
-            pixels = jnp.pad(pixels, pad)
+            pixels = np.pad(pixels, pad)
         return ids, pixels, self.image_token_sources(ids, image_sizes, P), mask
 
     def forward(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None) -> jnp.ndarray:
-        """Logits `[B, T, V]` (float32).
+        """Logits `[B, T, V]` (float32): a jax Array, or numpy when the mesh spans several processes.
 
         input_ids `[B, T]` with each `<image>` already expanded (the processor does it);
         pixel_values `[B_img, P, C, S, S]`, image_sizes `[B_img, 2]` (height, width);
         attention_mask `[B, T]`, 1 for real tokens (default all ones).
         """
         ids, pixels, sources, mask = self._place(*self._inputs(input_ids, pixel_values, image_sizes, attention_mask))
-        return llava_next.forward(self.params, self.config, ids, pixels, sources if pixels is not None else None,
-                                  mask, self.dtype)
+        logits = llava_next.forward(self.params, self.config, ids, pixels, sources if pixels is not None else None,
+                                    mask, self.dtype)
+        return logits if logits.is_fully_addressable else distributed.fetch(logits)
 
     def loss(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, labels=None) -> float:
         """Mean next-token cross-entropy over `labels != -100` (HF's shift), as a float.
 
         Inputs as in `forward`; labels `[B, T]` int (default: input_ids, with pads masked out).
         """
-        return float(self._loss_and_grad(input_ids, pixel_values, image_sizes, attention_mask, labels, False))
+        return float(distributed.fetch(self._loss_and_grad(input_ids, pixel_values, image_sizes, attention_mask,
+                                                           labels, False)))
 
     def grad(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, labels=None) -> Any:
         """The gradient of `loss` with respect to every parameter: a pytree shaped like `self.params`."""
@@ -160,7 +168,7 @@ class LlavaNext:
         args = self.generation_inputs(input_ids, pixel_values, image_sizes, attention_mask, max_new_tokens,
                                       min_new_tokens, do_sample, temperature, top_k, top_p, seed, eos_token_id,
                                       pad_token_id)
-        return np.asarray(generate.generate_tokens(self.params, self.config, **args))[:, :max_new_tokens]
+        return distributed.fetch(generate.generate_tokens(self.params, self.config, **args))[:, :max_new_tokens]
 
     def generation_inputs(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
                           max_new_tokens=32, min_new_tokens=0, do_sample=False, temperature=1.0, top_k=0,
