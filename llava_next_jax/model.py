@@ -75,10 +75,11 @@ class LlavaNext:
         model.path = os.fspath(path)
         return model
 
-    def image_token_sources(self, input_ids: np.ndarray, image_sizes: Any, tiles_per_image: int) -> np.ndarray:
+    def image_token_sources(self, input_ids: np.ndarray, image_sizes: Any, tiles_per_image: int,
+                            image_slots: int | None = None) -> np.ndarray:
         """Where each position's image feature comes from (`anyres.token_sources`); validates counts."""
         return anyres.token_sources(input_ids, self.config.image_token_id, image_sizes, self.config.geometry,
-                                    tiles_per_image)
+                                    tiles_per_image, image_slots)
 
     def _place(self, *arrays):
         """On a mesh: each numpy array's leading (batch) axis split over "data" (on a multi-process
@@ -112,7 +113,7 @@ class LlavaNext:
         if (n_images, P) != pixels.shape[:2]:
             pad = [(0, n_images - pixels.shape[0]), (0, P - pixels.shape[1])] + [(0, 0)] * 3
             pixels = np.pad(pixels, pad)
-        return ids, pixels, self.image_token_sources(ids, image_sizes, P), mask
+        return ids, pixels, self.image_token_sources(ids, image_sizes, P, n_images), mask
 
     def forward(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None) -> jnp.ndarray:
         """Logits `[B, T, V]` (float32): a jax Array, or numpy when the mesh spans several processes.

@@ -58,6 +58,15 @@ def test_row_alone_equals_row_in_mixed_batch(family):
         np.testing.assert_array_equal(out[0], together[row])
 
 
+def test_text_only_row_beside_an_image_row_equals_hf(family):
+    """Two rows, one image: the image count is padded to the batch size for a fixed shape, and the
+    newline feature must still come from after every (padded) image slot."""
+    hf, model = family
+    batch = tm.make_batch(hf.config, [ROWS[0], (6, [], 2)], seed=8)
+    np.testing.assert_array_equal(model.generate(**batch, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0),
+                                  hf_generate(hf, batch, eos_token_id=[]))
+
+
 def test_sampling_limits_reproducibility_and_row_independence(family):
     hf, model = family
     batch = tm.make_batch(hf.config, ROWS, seed=7)
