@@ -16,6 +16,7 @@ import numpy as np
 
 MARKER = "llava_next_jax.json"
 PARAMS_DIR = "params"
+CHUNK_BYTES = 8 << 20   # storage chunk of a tensor: what a host restoring part of it reads at least
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "preprocessor_config.json",
               "processor_config.json", "chat_template.json", "chat_template.jinja")
@@ -31,25 +32,29 @@ def save_streaming(out_dir: str, tensors: Iterable[tuple[tuple[str, ...], np.nda
     """Writes `out_dir/params` from (storage path, array) pairs, holding about `group_bytes` at a time.
 
     Tensors are committed in groups through Orbax's partial save, so memory stays near the largest
-    tensor plus one group, whatever the model's size.
+    tensor plus one group, whatever the model's size. Each tensor is stored in chunks of about
+    CHUNK_BYTES, so a host restoring a shard of it (on a mesh) reads the chunks it needs, not the whole.
     """
-    from orbax.checkpoint.experimental.v1 import partial
+    from orbax.checkpoint.experimental.v1 import Context, partial
     target = os.path.join(os.path.abspath(out_dir), PARAMS_DIR)
     for stale in (target, target + ".partial_save"):
         shutil.rmtree(stale, ignore_errors=True)
+    context = Context()
+    context.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES
     group, size = {}, 0
-    for path, tensor in tensors:
-        group[path] = tensor
-        size += tensor.nbytes
-        if on_tensor:
-            on_tensor(path, tensor)
-        del tensor
-        if size >= group_bytes:
+    with context:
+        for path, tensor in tensors:
+            group[path] = tensor
+            size += tensor.nbytes
+            if on_tensor:
+                on_tensor(path, tensor)
+            del tensor
+            if size >= group_bytes:
+                partial.save(target, nest(group))
+                group, size = {}, 0
+        if group:
             partial.save(target, nest(group))
-            group, size = {}, 0
-    if group:
-        partial.save(target, nest(group))
-    partial.finalize(target)
+        partial.finalize(target)
 
 
 def flatten(tree: Any) -> dict[tuple[str, ...], Any]:
