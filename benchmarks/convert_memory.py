@@ -1,11 +1,15 @@
 """Converter peak memory against checkpoint size, on a random checkpoint written in HF's layout.
 
-    .venv/bin/python benchmarks/convert_memory.py [--shape mid|7b] [--dtype bfloat16] [--workdir DIR]
+    .venv/bin/python benchmarks/convert_memory.py [--shape mid|7b|34b|72b|...] [--layers N] [--dtype bfloat16]
+        [--workdir DIR]
 
 Writes an HF-layout safetensors checkpoint (sharded, ~1 GiB a shard, with index) with numpy alone,
 then runs `scripts/convert_torch_weights.py` in a fresh process and reports its peak RSS beside the
 checkpoint size and the largest tensor. The claim under test: peak memory follows the largest
-tensor, not the model.
+tensor, not the model. Shapes other than `mid` are the released checkpoints (`presets.RELEASES`;
+`7b` is mistral-7b); `--layers N` keeps a release's widths (vocabulary, hidden, ffn, heads) with
+fewer decoder layers, so the 34B and 72B tensors can be converted on a small disk. Both directories
+are deleted afterwards unless --workdir is given.
 """
 
 from __future__ import annotations
@@ -26,17 +30,23 @@ from safetensors.numpy import save_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SHAPES = {
-    # decoder 8 x 2048, CLIP-L: about 2.3 GB in bf16
-    "mid": dict(text=dict(model_type="mistral", hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
-                          num_attention_heads=16, num_key_value_heads=4, vocab_size=32064, sliding_window=None)),
-    # llava-v1.6-mistral-7b: 15 GB in bf16
-    "7b": dict(text=dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, vocab_size=32064, sliding_window=None,
-                         rope_theta=1e6)),
-}
-CLIP_L = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-              num_attention_heads=16, image_size=336, patch_size=14)
+from llava_next_jax import presets  # noqa: E402
+
+# decoder 8 x 2048, CLIP-L: about 1.5 GiB in bf16
+MID_TEXT = dict(model_type="mistral", hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
+                num_attention_heads=16, num_key_value_heads=4, vocab_size=32064, sliding_window=None)
+ALIASES = {"7b": "mistral-7b"}
+SHAPES = ["mid", *ALIASES, *presets.RELEASES]
+
+
+def raw_config(shape: str, layers: int | None) -> dict:
+    """The config.json of `shape`, with `layers` decoder layers if given."""
+    override = {} if layers is None else {"num_hidden_layers": layers}
+    if shape == "mid":
+        raw = presets.raw_config("mistral-7b")
+        raw["text_config"] = {**MID_TEXT, **override}
+        return raw
+    return presets.raw_config(ALIASES.get(shape, shape), **override)
 
 
 def hf_tensors(config):
@@ -46,10 +56,19 @@ def hf_tensors(config):
         yield hf_tensor(path, shape)
 
 
-def write_checkpoint(out_dir, shape, dtype, shard_bytes=1 << 30):
+def random_tensor(rng, shape, dtype, rows_per_block=1024):
+    """0.02 * N(0, 1) in `dtype`, drawn a block of rows at a time (no float32 copy of a 2.5 GB embedding)."""
+    out = np.empty(shape, dtype)
+    flat = out.reshape(shape[0], -1) if len(shape) > 1 else out.reshape(1, -1)
+    for start in range(0, flat.shape[0], rows_per_block):
+        block = flat[start:start + rows_per_block]
+        block[...] = 0.02 * rng.standard_normal(block.shape, np.float32)
+    return out
+
+
+def write_checkpoint(out_dir, raw, dtype, shard_bytes=1 << 30):
     from llava_next_jax.config import LlavaNextConfig
-    raw = {"model_type": "llava_next", "vision_config": CLIP_L, "text_config": SHAPES[shape]["text"],
-           "image_token_index": 32000, "torch_dtype": dtype}
+    raw = dict(raw, torch_dtype=dtype)
     config = LlavaNextConfig.from_dict(raw)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -67,7 +86,7 @@ def write_checkpoint(out_dir, shape, dtype, shard_bytes=1 << 30):
         shard, size = {}, 0
 
     for name, torch_shape in hf_tensors(config):
-        shard[name] = (0.02 * rng.standard_normal(torch_shape, np.float32)).astype(np_dtype)
+        shard[name] = random_tensor(rng, torch_shape, np_dtype)
         size += shard[name].nbytes
         if size >= shard_bytes:
             flush()
@@ -80,24 +99,28 @@ def write_checkpoint(out_dir, shape, dtype, shard_bytes=1 << 30):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="mid")
+    parser.add_argument("--shape", choices=SHAPES, default="mid")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's own)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     work = args.workdir or tempfile.mkdtemp(prefix="llava_convert_bench_")
     try:
         t = time.time()
-        ckpt_bytes = write_checkpoint(os.path.join(work, "hf"), args.shape, args.dtype)
-        print(f"wrote {ckpt_bytes / 2**30:.2f} GiB random {args.shape} checkpoint in {time.time() - t:.0f} s",
-              flush=True)
+        raw = raw_config(args.shape, args.layers)
+        label = args.shape + ("" if args.layers is None else f" widths, {args.layers} layer{'s' * (args.layers != 1)}")
+        ckpt_bytes = write_checkpoint(os.path.join(work, "hf"), raw, args.dtype)
+        print(f"wrote {ckpt_bytes / 2**30:.2f} GiB random {label} checkpoint in {time.time() - t:.0f} s", flush=True)
         code = ("import json, sys; from llava_next_jax.convert_cli import convert_checkpoint; "
                 "s = convert_checkpoint(sys.argv[1], sys.argv[2], log=lambda *_: None); print(json.dumps(s))")
         out = subprocess.run([sys.executable, "-c", code, os.path.join(work, "hf"), os.path.join(work, "out")],
                              capture_output=True, text=True, cwd=ROOT, check=True).stdout
         stats = json.loads(out.strip().splitlines()[-1])
         gib = lambda b: b / 2**30
-        print(f"| {args.shape} ({args.dtype}) | {gib(ckpt_bytes):.2f} GiB | {gib(stats['largest_tensor_bytes']):.2f} GiB "
-              f"| {gib(stats['peak_rss_bytes']):.2f} GiB | {stats['seconds']:.0f} s |")
+        out_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(os.path.join(work, "out"))
+                        for f in files)
+        print(f"| {label} ({args.dtype}) | {gib(ckpt_bytes):.2f} GiB | {gib(stats['largest_tensor_bytes']):.2f} GiB "
+              f"| {gib(stats['peak_rss_bytes']):.2f} GiB | {stats['seconds']:.0f} s | {gib(out_bytes):.2f} GiB |")
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
