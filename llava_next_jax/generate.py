@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import LlavaNextConfig
+from . import xla_cpu
 from .modeling import decoder, llava_next
 
 # Prompt lengths round up to these: fine steps where image prompts live (1-3k tokens), so padding
@@ -83,7 +84,7 @@ def prefill(params, config: LlavaNextConfig, input_ids, pixel_values, sources, a
     Returns (logits of the last slot `[B, V]` float32, cache, kv_valid `[B, S]`).
     """
     B, T = input_ids.shape
-    S = cache[0][0].shape[1]
+    S = cache[0][0].shape[2]
     x = llava_next.embed_inputs(params, config, input_ids, pixel_values, sources, dtype)
     kv_valid = jnp.concatenate([attention_mask.astype(bool), jnp.ones((B, S - T), bool)], axis=1)
     q_index = jnp.broadcast_to(jnp.arange(T), (B, T))
@@ -118,7 +119,8 @@ def prefill_program(params, config: LlavaNextConfig, input_ids, pixel_values, so
     return prefill(params, config, input_ids, pixel_values, sources, attention_mask, cache, dtype)
 
 
-@partial(jax.jit, static_argnames=("config", "dtype", "new_bucket"), donate_argnames=("cache",))
+@partial(xla_cpu.jit, cpu_options=xla_cpu.DECODE, static_argnames=("config", "dtype", "new_bucket"),
+         donate_argnames=("cache",))
 def decode_program(params, config: LlavaNextConfig, logits, cache, kv_valid, options: dict[str, jax.Array], dtype,
                    new_bucket: int):
     """The compiled decode loop, one `lax.while_loop`; returns (new tokens `[B, new_bucket]`, cache).

@@ -97,24 +97,19 @@ def shard_bytes(shape: tuple[int, ...], spec: P, mesh: Mesh | Mapping[str, int],
 
 
 def cache_spec(config, mesh: Mesh | Mapping[str, int], batch: int) -> P:
-    """The layout `generate` gives each KV-cache array `[B*K, S, H]` today (config: a `TextConfig`).
+    """The layout `generate` gives each KV-cache array `[B, K, S, H]` (config: a `TextConfig`).
 
-    The cache is created inside the compiled prefill with no sharding constraint, so XLA's partitioner
-    derives its layout from the k/v projections: rows over "data" when the batch divides (as
-    `batch_sharding`), kv heads over "model" when the projections are split by whole heads. The two
-    meet in the one merged `B*K` axis, which can be tiled over both only while each "data" shard holds
-    a single row: with two or more rows per shard the cache is replicated over "model". This is what
-    the compiled prefill does (tests/test_sharding.py compares it); docs/scaling.md has the cost and fix.
+    The cache is created inside the compiled prefill and XLA's partitioner derives its layout from
+    the k/v projections and the inputs: rows over "data" when the batch divides (as
+    `batch_sharding`), kv heads over "model" when the projections are split by whole heads
+    (tests/test_sharding.py compares this with the compiled prefill).
     """
     sizes = axis_sizes(mesh)
     K, H = config.num_key_value_heads, config.head_dim
     over_data = sizes["data"] > 1 and batch % sizes["data"] == 0
-    rows = batch // sizes["data"] if over_data else batch
     kv_proj = spec_for("language_model/layers/0/self_attn/k_proj/kernel", (config.hidden_size, K * H), sizes)
-    whole_heads = kv_proj[1] == "model" and K % sizes["model"] == 0
-    over_model = sizes["model"] > 1 and whole_heads and rows == 1
-    axes = tuple(name for name, on in (("data", over_data), ("model", over_model)) if on)
-    return P(axes if len(axes) > 1 else (axes[0] if axes else None), None, None)
+    over_model = sizes["model"] > 1 and kv_proj[1] == "model" and K % sizes["model"] == 0
+    return P("data" if over_data else None, "model" if over_model else None, None, None)
 
 
 @functools.lru_cache(maxsize=16)
@@ -151,6 +146,6 @@ def memory_per_device(config, mesh: Mesh | Mapping[str, int], batch: int, length
     weights = sum(shard_bytes(shape, spec_for(path, shape, mesh), mesh, itemsize)
                   for path, shape in _param_shapes(config))
     t = config.text
-    cache_shape = (batch * t.num_key_value_heads, length, t.head_dim)
+    cache_shape = (batch, t.num_key_value_heads, length, t.head_dim)
     per_array = shard_bytes(cache_shape, cache_spec(t, mesh, batch), mesh, itemsize)
     return DeviceMemory(weights=weights, kv_cache=2 * t.num_hidden_layers * per_array)

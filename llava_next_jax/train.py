@@ -10,7 +10,6 @@ divided by the number of such terms (HF shifts the labels left and pads them wit
 from __future__ import annotations
 
 import dataclasses
-import functools
 from functools import partial
 from typing import Any
 
@@ -18,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from . import lora as lora_lib
+from . import xla_cpu
 from .config import LlavaNextConfig
 from .modeling import llava_next
 
@@ -35,31 +35,6 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.
 
 STATIC = ("config", "dtype", "remat", "lora")
 
-# XLA:CPU's YNNPACK dot fusions ran the backward pass's transposed matmuls at half the speed of XLA's
-# own dot emitter (mid-size train step 41 s -> 22 s; docs/benchmarks.md); generation is unaffected.
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
-def _jit(fn, **jit_kwargs):
-    """`jax.jit(fn)` compiled with CPU_COMPILER_OPTIONS on CPU. The backend is looked up at the first
-    call, not at import, so importing this module never starts one (`jax.distributed.initialize`
-    must come first on a multi-host run)."""
-    jitted = {}
-
-    def get():
-        if not jitted:
-            options = CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
-            jitted["fn"] = jax.jit(fn, compiler_options=options, **jit_kwargs)
-        return jitted["fn"]
-
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        return get()(*args, **kwargs)
-    call.lower = lambda *args, **kwargs: get().lower(*args, **kwargs)
-    call._cache_size = lambda: get()._cache_size()
-    return call
-
-
 def _loss(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask, labels,
           dtype=jnp.float32, remat: bool = False, lora: lora_lib.LoraConfig | None = None) -> jax.Array:
     """Mean cross-entropy (scalar float32); the inputs as `llava_next.forward` takes them, plus labels `[B, T]`.
@@ -75,10 +50,10 @@ def _loss(params, config: LlavaNextConfig, input_ids, pixel_values, sources, att
     return total / jnp.maximum(count, 1)
 
 
-loss_fn = _jit(_loss, static_argnames=STATIC)
+loss_fn = xla_cpu.jit(_loss, xla_cpu.TRAINING, static_argnames=STATIC)
 """The jitted loss: `loss_fn(params, config, input_ids, pixel_values, sources, attention_mask, labels,
 dtype=float32, remat=False, lora=None)` (see `_loss`)."""
-loss_and_grad = _jit(jax.value_and_grad(_loss), static_argnames=STATIC)
+loss_and_grad = xla_cpu.jit(jax.value_and_grad(_loss), xla_cpu.TRAINING, static_argnames=STATIC)
 """(loss, gradient pytree shaped like params) of `loss_fn`."""
 
 
@@ -154,7 +129,8 @@ def make_optimizer(params, learning_rate: float = 1e-4, warmup_steps: int = 0, t
     return Optimizer(settings, optimizer)
 
 
-@partial(_jit, static_argnames=("config", "optimizer") + STATIC[1:], donate_argnames=("state",))
+@partial(xla_cpu.jit, cpu_options=xla_cpu.TRAINING, static_argnames=("config", "optimizer") + STATIC[1:],
+         donate_argnames=("state",))
 def train_step(state: dict, batch: dict, config: LlavaNextConfig, optimizer, dtype=jnp.float32,
                remat: bool = False, lora: lora_lib.LoraConfig | None = None):
     """One optimiser step: state {"params", "opt_state", "step", "rng"} -> (new state, {"loss"}).

@@ -78,9 +78,8 @@ SCRIPT = textwrap.dedent("""
         assert abs(model.loss(**batch) - ref_loss) <= 1e-5 * abs(ref_loss)
         print(f"mesh {data}x{model_axis}: max |delta logits| {diff:.2e}, tokens equal")
 
-    # The kv heads (2) split over "model" on 4 x 2 and 2 x 2 meshes only at one row per "data" shard
-    # (sharding.cache_spec): batch 4 on 4 x 2 puts the cache over both axes, batch 1 over "model";
-    # batch 4 on 2 x 2 (two rows per shard) replicates it over "model".
+    # The kv heads (2) split over "model" on 4 x 2 and 2 x 2 meshes (sharding.cache_spec): batch 4 puts
+    # the cache over both axes (one row per "data" shard on 4 x 2, two on 2 x 2), batch 1 over "model".
     for mesh in [sharding.make_mesh(data=4, model=2), sharding.make_mesh(data=2, model=2, devices=jax.devices()[:4])]:
         model = LlavaNext.from_pretrained(work + "/out", mesh=mesh)
         assert (check_memory(model, mesh, batch) == ref_tokens).all()

@@ -71,31 +71,60 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 QUERY_BLOCK = 128
 
 
+def _group(q, K):
+    """q `[B, Tq, N, H]` -> `[B, K, G*Tq, H]`: the query heads of each kv head (GQA) side by side."""
+    B, Tq, N, H = q.shape
+    return q.reshape(B, Tq, K, N // K, H).transpose(0, 2, 3, 1, 4).reshape(B, K, N // K * Tq, H)
+
+
+def _ungroup(out, Tq):
+    """The inverse of `_group`: `[B, K, G*Tq, H]` -> `[B, Tq, N, H]`."""
+    B, K, GT, H = out.shape
+    return out.reshape(B, K, GT // Tq, Tq, H).transpose(0, 3, 1, 2, 4).reshape(B, Tq, -1, H)
+
+
 def _attend(q, k, v, mask, scale):
-    """Softmax attention, q `[B, Tq, N, H]`, k/v `[B*K, Sk, H]`, mask `[B, Tq, Sk]` -> `[B, Tq, N, H]`.
+    """Softmax attention, q `[B, Tq, N, H]`, k/v `[B, K, Sk, H]`, mask `[B, Tq, Sk]` -> `[B, Tq, N, H]`.
 
     Query heads are grouped by their kv head (GQA) into one `[G*Tq, H] x [H, Sk]` matmul per (row,
     kv head). Logits, softmax weights and their sums are float32; the division by the sum happens
     after the value matmul, on `[.., H]` instead of `[.., Sk]` (one pass less over the weights).
-    A row that may see nothing gets a uniform (finite) average. k and v are used in their stored
-    layout: reshaping them made XLA:CPU copy the KV cache.
+    A row that may see nothing gets a uniform (finite) average.
     """
     B, Tq, N, H = q.shape
-    K, Sk = k.shape[0] // B, k.shape[1]
-    G = N // K
-    grouped = q.reshape(B, Tq, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B * K, G * Tq, H)
-    logits = jnp.einsum("nmh,nsh->nms", grouped, k, preferred_element_type=jnp.float32)
-    logits = jnp.where(mask[:, None, None], logits.reshape(B, K, G, Tq, Sk) * scale, jnp.finfo(jnp.float32).min)
+    K, Sk = k.shape[1], k.shape[2]
+    logits = jnp.einsum("bkmh,bksh->bkms", _group(q, K), k, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask[:, None, None], logits.reshape(B, K, N // K, Tq, Sk) * scale, jnp.finfo(jnp.float32).min)
     weights = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
     total = weights.sum(axis=-1, keepdims=True)                                   # [B, K, G, Tq, 1]
-    out = jnp.einsum("nms,nsh->nmh", weights.astype(v.dtype).reshape(B * K, G * Tq, Sk), v,
+    out = jnp.einsum("bkms,bksh->bkmh", weights.astype(v.dtype).reshape(B, K, -1, Sk), v,
                      preferred_element_type=jnp.float32)
-    out = (out.reshape(B, K, G, Tq, H) / total).astype(q.dtype)
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, Tq, N, H)
+    out = (out.reshape(B, K, N // K, Tq, H) / total).reshape(B, K, -1, H).astype(q.dtype)
+    return _ungroup(out, Tq)
+
+
+def _attend_one(q, k_cache, v_cache, k_new, v_new, mask, scale):
+    """One query per row, q `[B, 1, N, H]`, over the cache as it was (k/v `[B, K, S, H]`, mask `[B, S]`,
+    the slot being written excluded) plus this token's own key/value (`[B, K, 1, H]`): one softmax
+    over both. Reading the cache before this step's write lets XLA update it in place afterwards,
+    with no copy of it per step.
+    """
+    B, _, N, H = q.shape
+    K = k_cache.shape[1]
+    grouped = _group(q, K)                                                        # [B, K, G, H]
+    cached = jnp.einsum("bkgh,bksh->bkgs", grouped, k_cache, preferred_element_type=jnp.float32) * scale
+    cached = jnp.where(mask[:, None, None], cached, jnp.finfo(jnp.float32).min)
+    own = jnp.einsum("bkgh,bkth->bkgt", grouped, k_new, preferred_element_type=jnp.float32) * scale
+    top = jnp.maximum(cached.max(axis=-1, keepdims=True), own)
+    w_cached, w_own = jnp.exp(cached - top), jnp.exp(own - top)
+    out = jnp.einsum("bkgs,bksh->bkgh", w_cached.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
+    out = out + w_own * v_new.astype(jnp.float32)                                 # [B, K, G, H]
+    out = (out / (w_cached.sum(axis=-1, keepdims=True) + w_own)).astype(q.dtype)
+    return _ungroup(out, 1)
 
 
 def attention(q, k, v, mask, scale, causal_prefix: bool):
-    """Attention over q `[B, T, N, H]`, k/v `[B*K, S, H]` with mask `[B, T, S]`.
+    """Attention over q `[B, T, N, H]`, k/v `[B, K, S, H]` with mask `[B, T, S]`.
 
     causal_prefix: the queries sit in slots [0, T) (a forward pass or a prefill), so query block
     [i, i+b) can only see keys [0, i+b): each block attends to that prefix alone, which skips about
@@ -107,7 +136,7 @@ def attention(q, k, v, mask, scale, causal_prefix: bool):
     blocks = []
     for start in range(0, T, QUERY_BLOCK):
         end = min(start + QUERY_BLOCK, T)
-        blocks.append(_attend(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end], scale))
+        blocks.append(_attend(q[:, start:end], k[:, :, :end], v[:, :, :end], mask[:, start:end, :end], scale))
     return jnp.concatenate(blocks, axis=1)
 
 
@@ -120,9 +149,11 @@ class Attention(nn.Module):
         """x `[B, T, D]`, mask bool `[B, T, S]` -> (out `[B, T, D]`, cache).
 
         Without a cache, keys are this call's own T positions (S = T). With this layer's `cache`
-        (k, v each `[B*K, S, H]`: kv-head major, so a head's keys are contiguous for the decode
-        matmuls), this call's keys and values are written in place at slots `[slot, slot+T)` and
-        attention runs over the whole cache; `mask` says which slots each query may see.
+        (k, v each `[B, K, S, H]`: a head's keys contiguous for the decode matmuls; on a mesh rows
+        split over "data" and kv heads over "model"), this call's keys and values are written in
+        place at slots `[slot, slot+T)`; `mask` says which slots each query may see. A prefill
+        (slot 0) attends to its own keys, a one-token decode step to the cache before the write plus
+        its own key (`_attend_one`), anything else to the written cache.
         """
         c = self.config
         dense = lambda features, bias, name: nn.Dense(features, use_bias=bias, dtype=self.dtype,
@@ -132,15 +163,23 @@ class Attention(nn.Module):
         k = dense(c.num_key_value_heads * c.head_dim, c.qkv_bias, "k_proj")(x)
         v = dense(c.num_key_value_heads * c.head_dim, c.qkv_bias, "v_proj")(x)
         heads = lambda t: t.reshape(B, T, -1, c.head_dim)                                  # [B, T, heads, H]
-        kv_major = lambda t: t.transpose(0, 2, 1, 3).reshape(-1, T, c.head_dim)            # [B*K, T, H]
+        kv_major = lambda t: t.transpose(0, 2, 1, 3)                                       # [B, K, T, H]
         q = apply_rope(heads(q), cos, sin)
         k = kv_major(apply_rope(heads(k), cos, sin))
         v = kv_major(heads(v))
-        if cache is not None:  # [B*K, S, H], no size-1 axis at batch 1 (which made XLA:CPU copy it)
-            write = lambda full, new: jax.lax.dynamic_update_slice(full, new.astype(full.dtype), (0, slot, 0))
-            k, v = cache = (write(cache[0], k), write(cache[1], v))
-        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, c.head_dim ** -0.5,
-                        causal_prefix=cache is None or (isinstance(slot, int) and slot == 0))
+        scale = c.head_dim ** -0.5
+        prefill = isinstance(slot, int) and slot == 0
+        if cache is None or prefill:
+            out = attention(q, k, v, mask[:, :, :T], scale, causal_prefix=True)
+        elif T == 1:
+            own_slot = jnp.arange(mask.shape[-1]) == slot
+            out = _attend_one(q, cache[0].astype(q.dtype), cache[1].astype(q.dtype), k, v,
+                              mask[:, 0] & ~own_slot, scale)
+        if cache is not None:
+            write = lambda full, new: jax.lax.dynamic_update_slice(full, new.astype(full.dtype), (0, 0, slot, 0))
+            cache = (write(cache[0], k), write(cache[1], v))
+            if not prefill and T > 1:
+                out = attention(q, cache[0].astype(q.dtype), cache[1].astype(q.dtype), mask, scale, False)
         return dense(c.hidden_size, c.o_bias, "o_proj")(out.reshape(B, T, -1)), cache
 
 
@@ -188,8 +227,8 @@ def _window_mask(mask, q_index, kv_index, window: int):
 
 
 def init_cache(config: TextConfig, batch: int, length: int, dtype=jnp.float32) -> list[tuple[jax.Array, jax.Array]]:
-    """An empty KV cache: one (k, v) pair `[B*K, S, H]` per layer (row b's head k at b*K + k)."""
-    shape = (batch * config.num_key_value_heads, length, config.head_dim)
+    """An empty KV cache: one (k, v) pair `[B, K, S, H]` per layer."""
+    shape = (batch, config.num_key_value_heads, length, config.head_dim)
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_hidden_layers)]
 
 

@@ -1,0 +1,41 @@
+"""`jax.jit` with XLA:CPU compiler options that our programs measured faster with.
+
+    TRAINING: YNNPACK dot fusions off. They ran the backward pass's transposed matmuls at half the
+              speed of XLA's own dot emitter (mid-size train step 41 s -> 22 s, docs/benchmarks.md).
+    DECODE:   region analysis in copy insertion. Without it XLA copied every `[B, K, S, H]` KV-cache
+              array on every decode step (read by attention, then updated in place); with it the
+              cache is updated in place with no copy (docs/benchmarks.md).
+
+The options apply on the CPU backend only, looked up at the first call rather than at import, so
+importing the library never starts a backend (`jax.distributed.initialize` must come first on a
+multi-host run).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+TRAINING = {"xla_cpu_experimental_ynn_fusion_type": ""}
+DECODE = {"xla_cpu_copy_insertion_use_region_analysis": True}
+
+
+def jit(fn, cpu_options: dict, **jit_kwargs):
+    """`jax.jit(fn, **jit_kwargs)`, compiled with `cpu_options` when the default backend is CPU.
+
+    The result is called like the jitted function and has its `lower` and `_cache_size`."""
+    jitted = {}
+
+    def get():
+        if not jitted:
+            options = cpu_options if jax.default_backend() == "cpu" else None
+            jitted["fn"] = jax.jit(fn, compiler_options=options, **jit_kwargs)
+        return jitted["fn"]
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return get()(*args, **kwargs)
+    call.lower = lambda *args, **kwargs: get().lower(*args, **kwargs)
+    call._cache_size = lambda: get()._cache_size()
+    return call
