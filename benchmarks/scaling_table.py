@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/scaling_table.py [--length 4096] [--batch 1 8] [--write-docs]
 
 Every figure is `sharding.memory_per_device` on `presets.config(name)`: weights by the tensor-parallel
-rules table, KV cache as `generate` lays it out today (`sharding.cache_spec`). Nothing is allocated,
+rules table, KV cache as `generate` lays it out (`sharding.cache_spec`). Nothing is allocated,
 so it runs on any machine. --write-docs replaces the generated block of docs/scaling.md.
 """
 
@@ -101,7 +101,7 @@ def render(dtype: str, batches: list[int], length: int, headroom: float) -> str:
         *weights_table(dtype),
         "",
         f"Recipes: KV cache at {length} cache slots (prompt bucket + new-token bucket) as `generate` lays it "
-        f"out today (`sharding.cache_spec`: replicated over \"model\" whenever a \"data\" shard holds 2+ rows). "
+        f"out (`sharding.cache_spec`: rows over \"data\", kv heads over \"model\"). "
         f"\"fits\": weights + KV cache <= {1 - headroom:.0%} of HBM, the rest left to activations, XLA's "
         "workspace and the runtime (an allowance, not a measurement). \"most rows that fit\": the largest "
         f"batch, a multiple of the data size, that fits at {length} slots.",
