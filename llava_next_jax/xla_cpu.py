@@ -18,7 +18,7 @@ import functools
 import jax
 
 TRAINING = {"xla_cpu_experimental_ynn_fusion_type": ""}
-DECODE = {"xla_cpu_copy_insertion_use_region_analysis": True}
+DECODE = {"xla_cpu_copy_insertion_use_region_analysis": True, **TRAINING}
 
 
 def jit(fn, cpu_options: dict, **jit_kwargs):
