@@ -12,7 +12,8 @@ decode tokens/s (new tokens x rows / decode seconds), first-call seconds (compil
 ratios ours/HF, and peak RSS of this process (both frameworks; see --skip-hf for ours alone).
 Ours: the prefill and decode programs are timed apart. HF: prefill = `generate` of one token;
 decode = the spacing of token arrivals through a streamer in a full `generate`. Medians over
---repeats, after one warm-up call.
+--repeats, after one warm-up call; ours and HF take turns within each repeat, so that load from
+other work on a shared machine falls on both.
 """
 
 from __future__ import annotations
@@ -76,16 +77,16 @@ def seconds(fn):
     return time.perf_counter() - start
 
 
-def median_seconds(fn, repeats):
-    return statistics.median(seconds(fn) for _ in range(repeats))
+def ours(model, inputs, new_tokens):
+    """(first call s, prefill timer, decode timer): the prefill and decode programs timed apart.
 
-
-def bench_ours(model, inputs, new_tokens, repeats):
-    """(first call s, prefill s, decode tok/s), timing the prefill and decode programs apart."""
+    The prefill timer returns seconds; the decode timer runs a fresh prefill (untimed, its cache is
+    donated to the decode loop) and returns decode tokens/s."""
     import jax
     from llava_next_jax import generate
     args = model.generation_inputs(**inputs, max_new_tokens=new_tokens, eos_token_id=[])
     new_bucket, options = args.pop("new_bucket"), args.pop("options")
+    rows = inputs["input_ids"].shape[0]
 
     def prefill():
         return jax.block_until_ready(generate.prefill_program(model.params, model.config, **args,
@@ -95,14 +96,12 @@ def bench_ours(model, inputs, new_tokens, repeats):
         logits, cache, kv_valid = state
         return jax.block_until_ready(generate.decode_program(model.params, model.config, logits, cache, kv_valid,
                                                              options, args["dtype"], new_bucket)[0])
-    first = seconds(lambda: decode(prefill()))
-    prefill_s = median_seconds(prefill, repeats)
-    decode_s = []
-    for _ in range(repeats):
+
+    def decode_rate():
         state = prefill()
-        decode_s.append(seconds(lambda: decode(state)))
-    rows = inputs["input_ids"].shape[0]
-    return first, prefill_s, new_tokens * rows / statistics.median(decode_s)
+        return new_tokens * rows / seconds(lambda: decode(state))
+    first = seconds(lambda: decode(prefill()))
+    return first, lambda: seconds(prefill), decode_rate
 
 
 class _TokenTimes:
@@ -118,26 +117,37 @@ class _TokenTimes:
         pass
 
 
-def bench_hf(model, inputs, new_tokens, repeats, dtype):
-    """(first call s, prefill s, decode tok/s): prefill = generate of one token; decode from token times."""
+def hf(model, inputs, new_tokens, dtype):
+    """(first call s, prefill timer, decode timer): prefill = `generate` of one token; decode
+    tokens/s from the spacing of token arrivals through a streamer in a full `generate`."""
     import torch
     args = {k: torch.from_numpy(v) for k, v in inputs.items()}
     args["pixel_values"] = args["pixel_values"].to(getattr(torch, dtype))
+    rows = inputs["input_ids"].shape[0]
 
     def run(n, streamer=None):
         with torch.no_grad():
             return model.generate(**args, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
                                   streamer=streamer)
-    first = seconds(lambda: run(new_tokens))
-    prefill_s = median_seconds(lambda: run(1), repeats)
-    rates = []
-    for _ in range(repeats):
+
+    def decode_rate():
         times = _TokenTimes()
         run(new_tokens, times)
         new = times.times[1:]  # arrival of new tokens 1..n; token 1 comes from the prefill
-        rates.append((len(new) - 1) / (new[-1] - new[0]))
-    rows = inputs["input_ids"].shape[0]
-    return first, prefill_s, statistics.median(rates) * rows
+        return (len(new) - 1) / (new[-1] - new[0]) * rows
+    first = seconds(lambda: run(new_tokens))
+    return first, lambda: seconds(lambda: run(1)), decode_rate
+
+
+def interleaved(runners, repeats):
+    """Medians of (prefill s, decode tok/s) per runner, the runners taking turns in each repeat so that
+    a change in the machine's load falls on both sides alike."""
+    samples = [([], []) for _ in runners]
+    for _ in range(repeats):
+        for (_, prefill, decode), (p, d) in zip(runners, samples):
+            p.append(prefill())
+            d.append(decode())
+    return [(statistics.median(p), statistics.median(d)) for p, d in samples]
 
 
 def main():
@@ -154,23 +164,27 @@ def main():
     from llava_next_jax import LlavaNext
     from llava_next_jax.convert_cli import convert_checkpoint
     work = tempfile.mkdtemp(prefix="llava_gen_bench_")
-    hf = build_checkpoint(args.shape, args.dtype, os.path.join(work, "hf"))
+    hf_model = build_checkpoint(args.shape, args.dtype, os.path.join(work, "hf"))
     convert_checkpoint(os.path.join(work, "hf"), os.path.join(work, "out"), log=lambda *_: None)
-    ours = LlavaNext.from_pretrained(os.path.join(work, "out"))
+    ours_model = LlavaNext.from_pretrained(os.path.join(work, "out"))
     if args.skip_hf:
-        del hf
+        del hf_model
     print(f"# {args.shape}, {args.dtype}, {jax.devices()[0].device_kind}, new tokens {args.new_tokens}")
     print("| batch | prompt tokens | | prefill s | decode tok/s | first call s |")
     print("|---|---|---|---|---|---|")
     for batch in args.batch:
-        inputs = make_inputs(hf.config if not args.skip_hf else _config(work), batch)
+        inputs = make_inputs(hf_model.config if not args.skip_hf else _config(work), batch)
         T = inputs["input_ids"].shape[1]
-        o = bench_ours(ours, inputs, args.new_tokens, args.repeats)
-        print(f"| {batch} | {T} | ours | {o[1]:.2f} | {o[2]:.1f} | {o[0]:.1f} |", flush=True)
+        runners = [ours(ours_model, inputs, args.new_tokens)]
         if not args.skip_hf:
-            h = bench_hf(hf, inputs, args.new_tokens, args.repeats, args.dtype)
-            print(f"| {batch} | {T} | HF | {h[1]:.2f} | {h[2]:.1f} | {h[0]:.1f} |")
-            print(f"| {batch} | {T} | ours/HF speed | {h[1] / o[1]:.2f}x | {o[2] / h[2]:.2f}x | |", flush=True)
+            runners.append(hf(hf_model, inputs, args.new_tokens, args.dtype))
+        results = interleaved(runners, args.repeats)
+        for name, (first, _, _), (prefill_s, rate) in zip(["ours", "HF"], runners, results):
+            print(f"| {batch} | {T} | {name} | {prefill_s:.2f} | {rate:.1f} | {first:.1f} |", flush=True)
+        if not args.skip_hf:
+            (o_prefill, o_rate), (h_prefill, h_rate) = results
+            print(f"| {batch} | {T} | ours/HF speed | {h_prefill / o_prefill:.2f}x | {o_rate / h_rate:.2f}x | |",
+                  flush=True)
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB "
           f"({'ours only' if args.skip_hf else 'both frameworks in one process'})")
 
