@@ -21,16 +21,10 @@ from PIL import Image
 
 import tiny_models as tm
 from llava_next_jax import anyres, data, train
-from llava_next_jax.processor import LlavaNextProcessor
-from tiny_tokenizers import tokenizer_info, write_processor_files
+from tiny_tokenizers import processor_pairs, tokenizer_info, write_processor_files
 
 GEOMETRY = dict(image_size=56, patch_size=14, pinpoints=tm.TINY_PINPOINTS)   # the tiny models' geometry
 IGNORE = train.IGNORE
-
-
-def hf_processor(directory):
-    pil = transformers.LlavaNextImageProcessorPil.from_pretrained(directory)
-    return transformers.LlavaNextProcessor.from_pretrained(directory, image_processor=pil)
 
 
 def hf_checkpoint(directory, family: str = "mistral", seed: int = 0):
@@ -69,13 +63,7 @@ def dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pair(dirs):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = LlavaNextProcessor.from_pretrained(dirs[name]), hf_processor(dirs[name])
-        return cache[name]
-    return get
+    return processor_pairs(dirs)
 
 
 # --- one conversation ------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from PIL import Image
 
 from llava_next_jax import anyres
 from llava_next_jax.processor import BUILTIN_TEMPLATES, LlavaNextProcessor
-from tiny_tokenizers import FAMILIES, write_processor_files
+from tiny_tokenizers import FAMILIES, hf_processor, processor_pairs, write_processor_files
 
 import transformers  # noqa: E402  (test dependency: the reference implementation)
 
@@ -22,11 +22,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ONE_LEVEL = 1 / 255 / min(CLIP_STD)        # one 8-bit level in normalised units
 TINY = dict(image_size=28, patch_size=14, pinpoints=[[28, 56], [56, 28], [56, 56]])
 WORST = {}                                 # worst pixel diff seen per test (printed with -s)
-
-
-def hf_processor(directory):
-    pil = transformers.LlavaNextImageProcessorPil.from_pretrained(directory)
-    return transformers.LlavaNextProcessor.from_pretrained(directory, image_processor=pil)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -48,13 +43,7 @@ def dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pair(dirs):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = LlavaNextProcessor.from_pretrained(dirs[name]), hf_processor(dirs[name])
-        return cache[name]
-    return get
+    return processor_pairs(dirs)
 
 
 # --- images of every mode users meet ----------------------------------------------------------------

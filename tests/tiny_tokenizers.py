@@ -221,3 +221,20 @@ def write_processor_files(directory: str | os.PathLike, family: str = "mistral",
         (directory / "preprocessor_config.json").write_text(json.dumps(config.pop("image_processor"), indent=2))
         (directory / "processor_config.json").write_text(json.dumps(config, indent=2))
     return directory
+
+
+def hf_processor(directory):
+    """HF's processor for `directory`, with the PIL image processor (the one our pixels match)."""
+    import transformers
+    pil = transformers.LlavaNextImageProcessorPil.from_pretrained(directory)
+    return transformers.LlavaNextProcessor.from_pretrained(directory, image_processor=pil)
+
+
+def processor_pairs(dirs: dict):
+    """`get(name)` -> (our processor, HF's) for the directory `dirs[name]`, each loaded once."""
+    from llava_next_jax.processor import LlavaNextProcessor
+
+    @functools.cache
+    def get(name):
+        return LlavaNextProcessor.from_pretrained(dirs[name]), hf_processor(dirs[name])
+    return get
