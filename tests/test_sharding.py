@@ -1,5 +1,5 @@
-"""Sharded runs on 8 forced CPU devices equal the single-device run, and hold on each device the bytes
-`sharding.memory_per_device` says (in a subprocess: the device count must be set before jax starts)."""
+"""Sharded runs on 8 forced CPU devices equal the single-device run (forward, generate, loss and
+training steps), and hold on each device the bytes `sharding.memory_per_device` says (in a subprocess: the device count must be set before jax starts)."""
 
 import os
 import subprocess
@@ -84,6 +84,39 @@ SCRIPT = textwrap.dedent("""
         model = LlavaNext.from_pretrained(work + "/out", mesh=mesh)
         assert (check_memory(model, mesh, batch) == ref_tokens).all()
         check_memory(model, mesh, {k: v[:1] for k, v in batch.items()})
+
+    # Training: AdamW steps on a 2 x 4 mesh equal the single-device steps, and the params and the
+    # optimizer's moments stay split as the rules table says.
+    from llava_next_jax import train
+    def train_two_steps(model):
+        ids, pixels, sources, mask = model._inputs(batch["input_ids"], batch["pixel_values"], batch["image_sizes"],
+                                                   batch["attention_mask"])
+        labels = np.where(mask == 1, ids, train.IGNORE)
+        inputs = dict(zip(("input_ids", "pixel_values", "sources", "attention_mask", "labels"),
+                          model._place(ids, pixels, sources, mask, labels)))
+        optimizer = train.make_optimizer(model.params, learning_rate=1e-4, total_steps=10)
+        state, losses = train.init_state(model.params, optimizer), []
+        for _ in range(2):
+            state, out = train.train_step(state, inputs, model.config, optimizer)
+            losses.append(float(out["loss"]))
+        return state, losses
+    ref_state, ref_losses = train_two_steps(LlavaNext.from_pretrained(work + "/out"))
+    mesh = sharding.make_mesh(data=2, model=4)
+    model = LlavaNext.from_pretrained(work + "/out", mesh=mesh)
+    before = jax.tree.map(lambda a: a.sharding, model.params)
+    state, losses = train_two_steps(model)
+    assert np.allclose(losses, ref_losses, rtol=1e-5, atol=0), (losses, ref_losses)
+    param_diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                     for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref_state["params"])))
+    assert param_diff <= 2e-5, param_diff
+    for a, sharding_before in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(before)):
+        assert a.sharding.is_equivalent_to(sharding_before, a.ndim), (a.sharding, sharding_before)
+    moments = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state["opt_state"])
+               if "['layers']['0']['mlp']['gate_proj']['kernel']" in jax.tree_util.keystr(path)}
+    assert len(moments) == 2, list(moments)  # AdamW's mu and nu
+    for leaf in moments.values():
+        assert leaf.sharding.shard_shape(leaf.shape) == (64, 96 // 4), leaf.sharding
+    print(f"train 2x4: losses {losses} vs {ref_losses}, max |delta params| {param_diff:.1e}, steps equal")
 """)
 
 
@@ -94,3 +127,4 @@ def test_meshes_equal_single_device():
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("tokens equal") == 3, result.stdout
     assert result.stdout.count("bytes per device") == 7, result.stdout
+    assert result.stdout.count("steps equal") == 1, result.stdout
