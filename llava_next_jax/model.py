@@ -139,15 +139,25 @@ class LlavaNext:
         """The gradient of `loss` with respect to every parameter: a pytree shaped like `self.params`."""
         return self._loss_and_grad(input_ids, pixel_values, image_sizes, attention_mask, labels, True)
 
-    def _loss_and_grad(self, input_ids, pixel_values, image_sizes, attention_mask, labels, with_grad: bool):
+    def train_batch(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, labels=None) -> dict:
+        """The batch `train.train_step` / `train.loss_fn` take: input_ids, pixel_values, sources (None
+        without images), attention_mask, labels, checked and placed on the mesh.
+
+        Inputs as in `forward`; labels `[B, T]` int (default: input_ids, with pads masked out).
+        """
         from . import train
         ids, pixels, sources, mask = self._inputs(input_ids, pixel_values, image_sizes, attention_mask)
         labels = np.where(mask == 1, ids, train.IGNORE) if labels is None else np.asarray(labels)
         if labels.shape != ids.shape:
             raise ValueError(f"labels shape {labels.shape} differs from input_ids shape {ids.shape}")
-        ids, pixels, sources, mask, labels = self._place(ids, pixels, sources, mask, labels)
-        args = (self.params, self.config, ids, pixels, sources if pixels is not None else None, mask, labels,
-                self.dtype)
+        placed = self._place(ids, pixels, sources if pixels is not None else None, mask, labels)
+        return dict(zip(("input_ids", "pixel_values", "sources", "attention_mask", "labels"), placed))
+
+    def _loss_and_grad(self, input_ids, pixel_values, image_sizes, attention_mask, labels, with_grad: bool):
+        from . import train
+        batch = self.train_batch(input_ids, pixel_values, image_sizes, attention_mask, labels)
+        args = (self.params, self.config, batch["input_ids"], batch["pixel_values"], batch["sources"],
+                batch["attention_mask"], batch["labels"], self.dtype)
         return train.loss_and_grad(*args)[1] if with_grad else train.loss_fn(*args)
 
     def generate(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, max_new_tokens=32,

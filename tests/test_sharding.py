@@ -1,5 +1,6 @@
 """Sharded runs on 8 forced CPU devices equal the single-device run (forward, generate, loss and
-training steps), and hold on each device the bytes `sharding.memory_per_device` says (in a subprocess: the device count must be set before jax starts)."""
+training steps), and hold on each device the bytes `sharding.memory_per_device` says (in a
+subprocess: the device count must be set before jax starts)."""
 
 import os
 import subprocess
@@ -89,11 +90,7 @@ SCRIPT = textwrap.dedent("""
     # optimizer's moments stay split as the rules table says.
     from llava_next_jax import train
     def train_two_steps(model):
-        ids, pixels, sources, mask = model._inputs(batch["input_ids"], batch["pixel_values"], batch["image_sizes"],
-                                                   batch["attention_mask"])
-        labels = np.where(mask == 1, ids, train.IGNORE)
-        inputs = dict(zip(("input_ids", "pixel_values", "sources", "attention_mask", "labels"),
-                          model._place(ids, pixels, sources, mask, labels)))
+        inputs = model.train_batch(**batch)
         optimizer = train.make_optimizer(model.params, learning_rate=1e-4, total_steps=10)
         state, losses = train.init_state(model.params, optimizer), []
         for _ in range(2):

@@ -25,9 +25,8 @@ def right_padded(hf, seed):
 
 def step_inputs(model, batch, labels):
     """The batch as `train.train_step` takes it."""
-    ids, pixels, sources, mask = model._inputs(batch["input_ids"], batch["pixel_values"], batch["image_sizes"],
-                                               batch["attention_mask"])
-    return dict(input_ids=ids, pixel_values=pixels, sources=sources, attention_mask=mask, labels=labels)
+    return model.train_batch(batch["input_ids"], batch["pixel_values"], batch["image_sizes"], batch["attention_mask"],
+                             labels)
 
 
 def leaf(tree, *path):
@@ -84,8 +83,7 @@ def test_overfit_two_captions_then_generate_them(tmp_path):
     mask = np.concatenate([prompt["attention_mask"], np.ones_like(captions)], axis=1)
     labels = np.full_like(ids, train.IGNORE)
     labels[:, -captions.shape[1]:] = captions
-    _, pixels, sources, mask = model._inputs(ids, prompt["pixel_values"], prompt["image_sizes"], mask)
-    batch = dict(input_ids=ids, pixel_values=pixels, sources=sources, attention_mask=mask, labels=labels)
+    batch = model.train_batch(ids, prompt["pixel_values"], prompt["image_sizes"], mask, labels)
 
     optimizer = train.make_optimizer(model.params, learning_rate=3e-3, warmup_steps=5, total_steps=80)
     frozen = np.asarray(model.params["vision_tower"]["layers"]["0"]["mlp"]["fc1"]["kernel"]).copy()
