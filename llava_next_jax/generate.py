@@ -92,8 +92,8 @@ def prefill(params, config: LlavaNextConfig, input_ids, pixel_values, sources, a
     mask = decoder.attention_mask(q_index, kv_index, kv_valid)
     hidden, cache = decoder.decode_hidden(params["language_model"], config.text, x,
                                           llava_next.positions_from_mask(attention_mask), mask, q_index, kv_index,
-                                          cache, 0, dtype)
-    return decoder.lm_logits(params, hidden[:, -1:], config.tie_word_embeddings)[:, 0], cache, kv_valid
+                                          cache, 0, dtype, last_only=True)
+    return decoder.lm_logits(params, hidden, config.tie_word_embeddings)[:, 0], cache, kv_valid
 
 
 def decode_step(params, config: LlavaNextConfig, tokens, positions, slot, kv_valid, cache, dtype):

@@ -68,7 +68,10 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
-QUERY_BLOCK = 128
+# Queries per block of `attention`: QUERY_BLOCK, or fewer in a batch so that one block's rows x
+# queries stay near BATCH_QUERY_BLOCK (a block's logits then fit in this CPU's caches; measured at
+# batch 1 and 4, docs/benchmarks.md), but never fewer than MIN_QUERY_BLOCK.
+QUERY_BLOCK, BATCH_QUERY_BLOCK, MIN_QUERY_BLOCK = 128, 256, 32
 
 
 def _group(q, K):
@@ -123,20 +126,36 @@ def _attend_one(q, k_cache, v_cache, k_new, v_new, mask, scale):
     return _ungroup(out, 1)
 
 
+def _after(x: jax.Array, earlier: jax.Array) -> jax.Array:
+    """x, unchanged, but computed only once `earlier` (`[B, T, N, H]`, like x) is: a data dependency.
+
+    XLA:CPU runs independent operations side by side; for the query blocks of `attention` that
+    meant several blocks' logits competing for the same cores and caches, each block about twice
+    as slow as alone (docs/benchmarks.md). Adding zero times a finite number from the previous
+    block's output (one value per row and head, so it stays on the row's and head's device on a
+    mesh) orders the blocks at the cost of one add over the query block.
+    """
+    last = earlier[:, :1, :, :1].astype(x.dtype)
+    return x + jnp.where(jnp.isfinite(last), last, 0) * 0
+
+
 def attention(q, k, v, mask, scale, causal_prefix: bool):
     """Attention over q `[B, T, N, H]`, k/v `[B, K, S, H]` with mask `[B, T, S]`.
 
-    causal_prefix: the queries sit in slots [0, T) (a forward pass or a prefill), so query block
+    causal_prefix: the queries sit in slots [0, T) (a forward pass or a prefill), so a query block
     [i, i+b) can only see keys [0, i+b): each block attends to that prefix alone, which skips about
-    half the work and keeps the logits of one block small enough to stay in cache.
+    half the work, and blocks run one after another (`_after`) so that one block's logits
+    (`[B, K, G*b, i+b]`) stay in cache.
     """
-    T = q.shape[1]
-    if not causal_prefix or T <= QUERY_BLOCK:
+    B, T = q.shape[:2]
+    block = min(QUERY_BLOCK, max(BATCH_QUERY_BLOCK // B, MIN_QUERY_BLOCK))
+    if not causal_prefix or T <= block:
         return _attend(q, k, v, mask, scale)
     blocks = []
-    for start in range(0, T, QUERY_BLOCK):
-        end = min(start + QUERY_BLOCK, T)
-        blocks.append(_attend(q[:, start:end], k[:, :, :end], v[:, :, :end], mask[:, start:end, :end], scale))
+    for start in range(0, T, block):
+        end = min(start + block, T)
+        q_block = q[:, start:end] if not blocks else _after(q[:, start:end], blocks[-1])
+        blocks.append(_attend(q_block, k[:, :, :end], v[:, :, :end], mask[:, start:end, :end], scale))
     return jnp.concatenate(blocks, axis=1)
 
 
@@ -145,31 +164,32 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache=None, slot=None):
-        """x `[B, T, D]`, mask bool `[B, T, S]` -> (out `[B, T, D]`, cache).
+    def __call__(self, x, cos, sin, mask, cache=None, slot=None, last_only=False):
+        """x `[B, T, D]`, mask bool `[B, T, S]` -> (out `[B, T, D]`, or `[B, 1, D]` with last_only; cache).
 
         Without a cache, keys are this call's own T positions (S = T). With this layer's `cache`
         (keys `[B, K, H, S]`, values `[B, K, S, H]`: `init_cache`), this call's keys and values are
         written in place at slots `[slot, slot+T)`; `mask` says which slots each query may see. A prefill
         (slot 0) attends to its own keys, a one-token decode step to the cache before the write plus
-        its own key (`_attend_one`), anything else to the written cache.
+        its own key (`_attend_one`), anything else to the written cache. last_only: keys and values
+        for all T positions, the query and output for the last one alone (a prefill's last layer).
         """
         c = self.config
         dense = lambda features, bias, name: nn.Dense(features, use_bias=bias, dtype=self.dtype,
                                                       param_dtype=self.dtype, name=name)
         B, T, _ = x.shape
-        q = dense(c.num_attention_heads * c.head_dim, c.qkv_bias, "q_proj")(x)
+        q = dense(c.num_attention_heads * c.head_dim, c.qkv_bias, "q_proj")(x[:, -1:] if last_only else x)
         k = dense(c.num_key_value_heads * c.head_dim, c.qkv_bias, "k_proj")(x)
         v = dense(c.num_key_value_heads * c.head_dim, c.qkv_bias, "v_proj")(x)
-        heads = lambda t: t.reshape(B, T, -1, c.head_dim)                                  # [B, T, heads, H]
+        heads = lambda t: t.reshape(B, t.shape[1], -1, c.head_dim)                         # [B, T, heads, H]
         kv_major = lambda t: t.transpose(0, 2, 1, 3)                                       # [B, K, T, H]
-        q = apply_rope(heads(q), cos, sin)
+        q = apply_rope(heads(q), cos[:, -1:], sin[:, -1:]) if last_only else apply_rope(heads(q), cos, sin)
         k = kv_major(apply_rope(heads(k), cos, sin))
         v = kv_major(heads(v))
         scale = c.head_dim ** -0.5
         prefill = isinstance(slot, int) and slot == 0
         if cache is None or prefill:
-            out = attention(q, k, v, mask[:, :, :T], scale, causal_prefix=True)
+            out = attention(q, k, v, mask[:, -q.shape[1]:, :T], scale, causal_prefix=not last_only)
         elif T == 1:
             own_slot = jnp.arange(mask.shape[-1]) == slot
             out = _attend_one(q, cache[0].astype(q.dtype), cache[1].astype(q.dtype), k, v,
@@ -180,7 +200,7 @@ class Attention(nn.Module):
             if not prefill and T > 1:
                 out = attention(q, cache[0].swapaxes(2, 3).astype(q.dtype), cache[1].astype(q.dtype), mask, scale,
                                 False)
-        return dense(c.hidden_size, c.o_bias, "o_proj")(out.reshape(B, T, -1)), cache
+        return dense(c.hidden_size, c.o_bias, "o_proj")(out.reshape(B, q.shape[1], -1)), cache
 
 
 class MLP(nn.Module):
@@ -202,11 +222,11 @@ class DecoderLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache=None, slot=None):
+    def __call__(self, x, cos, sin, mask, cache=None, slot=None, last_only=False):
         c = self.config
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x)
-        h, cache = Attention(c, self.dtype, name="self_attn")(h, cos, sin, mask, cache, slot)
-        x = x + h
+        h, cache = Attention(c, self.dtype, name="self_attn")(h, cos, sin, mask, cache, slot, last_only)
+        x = (x[:, -1:] if last_only else x) + h
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
         return x + MLP(c, self.dtype, name="mlp")(h), cache
 
@@ -241,7 +261,7 @@ def init_cache(config: TextConfig, batch: int, length: int, dtype=jnp.float32) -
 
 def decode_hidden(params: Params, config: TextConfig, embeds: jax.Array, positions: jax.Array,
                   mask: jax.Array, q_index: jax.Array, kv_index: jax.Array, cache: list | None = None,
-                  slot=None, dtype=jnp.float32, remat: bool = False):
+                  slot=None, dtype=jnp.float32, remat: bool = False, last_only: bool = False):
     """Runs every decoder layer over embeds `[B, T, D]`, then the final norm.
 
     positions `[B, T]` (RoPE), mask `[B, T, S]`, q_index `[B, T]` / kv_index `[S]` (sequence slots,
@@ -255,19 +275,27 @@ def decode_hidden(params: Params, config: TextConfig, embeds: jax.Array, positio
     remat: keep only each layer's input for the backward pass and recompute the rest
     (`jax.checkpoint` per layer): activation memory of one layer instead of all, for about one more
     forward pass of compute. Only for training (no cache).
+
+    last_only: the last layer computes its output at the last position alone (hidden `[B, 1, D]`),
+    while every layer still writes all T keys and values: what a prefill needs, for one layer's
+    query, attention and MLP work less.
     """
     cos, sin = rope_tables(positions, rope_inv_freq(config.rope, config.head_dim))
     layer = DecoderLayer(config, dtype)
-    run_layer = lambda p, x, mask, kv: layer.apply({"params": p}, x, cos, sin, mask, kv, slot)
+
+    def run_layer(p, x, mask, kv, last=False):
+        return layer.apply({"params": p}, x, cos, sin, mask, kv, slot, last)
     if remat:
         if cache is not None:
             raise ValueError("remat is for training (no KV cache)")
-        run_layer = jax.checkpoint(run_layer)
+        run_layer = jax.checkpoint(run_layer, static_argnums=(4,))
+    n_layers = len(config.sliding_windows)
     x, new_cache = embeds.astype(dtype), []
     for i, window in enumerate(config.sliding_windows):
         layer_mask = _window_mask(mask, q_index, kv_index, window) if window else mask
         with jax.named_scope(f"layer_{i}"):
-            x, kv = run_layer(params["layers"][str(i)], x, layer_mask, None if cache is None else cache[i])
+            x, kv = run_layer(params["layers"][str(i)], x, layer_mask, None if cache is None else cache[i],
+                              last_only and i == n_layers - 1)
         new_cache.append(kv)
     x = RMSNorm(config.rms_norm_eps, dtype).apply({"params": params["norm"]}, x)
     return x, None if cache is None else new_cache
