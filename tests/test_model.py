@@ -97,3 +97,24 @@ def test_image_token_count_mismatch_is_an_error(tmp_path):
         model.forward(batch["input_ids"], attention_mask=batch["attention_mask"])
     with pytest.raises(ValueError, match="image_sizes must be"):
         model.forward(batch["input_ids"], batch["pixel_values"], None)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_blocked_causal_attention_equals_torch_sdpa(batch):
+    """The prefill's query blocks (their size depends on the batch) against one PyTorch SDPA call, with
+    left padding and GQA, on every query that may see a key."""
+    import jax.numpy as jnp
+    from llava_next_jax.modeling import decoder
+    T, N, K, H = 300, 8, 2, 16
+    rng = np.random.default_rng(batch)
+    q, (k, v) = rng.standard_normal((batch, T, N, H)), rng.standard_normal((2, batch, K, T, H))
+    pads = rng.integers(0, 40, batch)
+    valid = np.arange(T)[None, :] >= pads[:, None]
+    mask = decoder.attention_mask(jnp.broadcast_to(jnp.arange(T), (batch, T)), jnp.arange(T), jnp.asarray(valid))
+    ours = decoder.attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), mask, H ** -0.5, causal_prefix=True)
+    t = lambda a: torch.from_numpy(a).float()
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        t(q).transpose(1, 2), t(k).repeat_interleave(N // K, 1), t(v).repeat_interleave(N // K, 1),
+        attn_mask=torch.from_numpy(np.asarray(mask))[:, None]).transpose(1, 2).numpy()
+    rows = np.broadcast_to(valid[:, :, None, None], ref.shape)
+    assert_close(ours, ref, rows, 1e-5)
