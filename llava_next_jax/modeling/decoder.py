@@ -178,18 +178,19 @@ class Attention(nn.Module):
         dense = lambda features, bias, name: nn.Dense(features, use_bias=bias, dtype=self.dtype,
                                                       param_dtype=self.dtype, name=name)
         B, T, _ = x.shape
-        q = dense(c.num_attention_heads * c.head_dim, c.qkv_bias, "q_proj")(x[:, -1:] if last_only else x)
+        queries = slice(-1, None) if last_only else slice(None)                            # query positions
+        q = dense(c.num_attention_heads * c.head_dim, c.qkv_bias, "q_proj")(x[:, queries])
         k = dense(c.num_key_value_heads * c.head_dim, c.qkv_bias, "k_proj")(x)
         v = dense(c.num_key_value_heads * c.head_dim, c.qkv_bias, "v_proj")(x)
         heads = lambda t: t.reshape(B, t.shape[1], -1, c.head_dim)                         # [B, T, heads, H]
         kv_major = lambda t: t.transpose(0, 2, 1, 3)                                       # [B, K, T, H]
-        q = apply_rope(heads(q), cos[:, -1:], sin[:, -1:]) if last_only else apply_rope(heads(q), cos, sin)
+        q = apply_rope(heads(q), cos[:, queries], sin[:, queries])
         k = kv_major(apply_rope(heads(k), cos, sin))
         v = kv_major(heads(v))
         scale = c.head_dim ** -0.5
         prefill = isinstance(slot, int) and slot == 0
         if cache is None or prefill:
-            out = attention(q, k, v, mask[:, -q.shape[1]:, :T], scale, causal_prefix=not last_only)
+            out = attention(q, k, v, mask[:, queries, :T], scale, causal_prefix=not last_only)
         elif T == 1:
             own_slot = jnp.arange(mask.shape[-1]) == slot
             out = _attend_one(q, cache[0].astype(q.dtype), cache[1].astype(q.dtype), k, v,
