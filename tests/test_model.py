@@ -99,7 +99,7 @@ def test_image_token_count_mismatch_is_an_error(tmp_path):
         model.forward(batch["input_ids"], batch["pixel_values"], None)
 
 
-@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("batch", [1, 3])
 def test_blocked_causal_attention_equals_torch_sdpa(batch):
     """The prefill's query blocks (their size depends on the batch) against one PyTorch SDPA call, with
     left padding and GQA, on every query that may see a key."""

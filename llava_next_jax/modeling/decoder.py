@@ -68,10 +68,10 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
-# Queries per block of `attention`: QUERY_BLOCK, or fewer in a batch so that one block's rows x
-# queries stay near BATCH_QUERY_BLOCK (a block's logits then fit in this CPU's caches; measured at
-# batch 1 and 4, docs/benchmarks.md), but never fewer than MIN_QUERY_BLOCK.
-QUERY_BLOCK, BATCH_QUERY_BLOCK, MIN_QUERY_BLOCK = 128, 256, 32
+# Queries per block of `attention` for one row, and for batches of two or more rows: the fastest
+# measured on a 2-core CPU (one layer of 2432 slots; docs/benchmarks.md): 128 at batch 1 (64: same,
+# 256: 1.4x slower); 64 at batches 2, 4 and 8 (128: 1.1-1.2x slower; 32 at batch 4 and 8: 1.1-1.2x).
+QUERY_BLOCK, BATCH_QUERY_BLOCK = 128, 64
 
 
 def _group(q, K):
@@ -148,7 +148,7 @@ def attention(q, k, v, mask, scale, causal_prefix: bool):
     (`[B, K, G*b, i+b]`) stay in cache.
     """
     B, T = q.shape[:2]
-    block = min(QUERY_BLOCK, max(BATCH_QUERY_BLOCK // B, MIN_QUERY_BLOCK))
+    block = QUERY_BLOCK if B == 1 else BATCH_QUERY_BLOCK
     if not causal_prefix or T <= block:
         return _attend(q, k, v, mask, scale)
     blocks = []
