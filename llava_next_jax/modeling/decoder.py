@@ -126,6 +126,11 @@ def _attend_one(q, k_cache, v_cache, k_new, v_new, mask, scale):
     return _ungroup(out, 1)
 
 
+def _query_positions(last_only: bool) -> slice:
+    """The positions a layer computes its output at: all, or the last alone (a prefill's last layer)."""
+    return slice(-1, None) if last_only else slice(None)
+
+
 def _after(x: jax.Array, earlier: jax.Array) -> jax.Array:
     """x, unchanged, but computed only once `earlier` (`[B, T, N, H]`, like x) is: a data dependency.
 
@@ -178,7 +183,7 @@ class Attention(nn.Module):
         dense = lambda features, bias, name: nn.Dense(features, use_bias=bias, dtype=self.dtype,
                                                       param_dtype=self.dtype, name=name)
         B, T, _ = x.shape
-        queries = slice(-1, None) if last_only else slice(None)                            # query positions
+        queries = _query_positions(last_only)
         q = dense(c.num_attention_heads * c.head_dim, c.qkv_bias, "q_proj")(x[:, queries])
         k = dense(c.num_key_value_heads * c.head_dim, c.qkv_bias, "k_proj")(x)
         v = dense(c.num_key_value_heads * c.head_dim, c.qkv_bias, "v_proj")(x)
@@ -227,7 +232,7 @@ class DecoderLayer(nn.Module):
         c = self.config
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x)
         h, cache = Attention(c, self.dtype, name="self_attn")(h, cos, sin, mask, cache, slot, last_only)
-        x = (x[:, -1:] if last_only else x) + h
+        x = x[:, _query_positions(last_only)] + h
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
         return x + MLP(c, self.dtype, name="mlp")(h), cache
 
