@@ -118,3 +118,26 @@ def test_blocked_causal_attention_equals_torch_sdpa(batch):
         attn_mask=torch.from_numpy(np.asarray(mask))[:, None]).transpose(1, 2).numpy()
     rows = np.broadcast_to(valid[:, :, None, None], ref.shape)
     assert_close(ours, ref, rows, 1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1024), (1, 2, 1024), (3, 1, 1024)])
+def test_dense_row_blocks_equal_torch_linear(shape):
+    """The decoder's Dense, split into row blocks of its kernel for a one-row input on the CPU, against
+    torch's Linear on the same weights (the kernel is `[in, out]`, torch's weight its transpose)."""
+    import jax
+    import jax.numpy as jnp
+    from llava_next_jax import xla_cpu
+    from llava_next_jax.modeling import decoder
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    kernel, bias = rng.standard_normal((1024, 2048)).astype(np.float32), rng.standard_normal(2048).astype(np.float32)
+    rows = int(np.prod(shape[:-1]))
+    split = rows == 1 and jax.default_backend() == "cpu"
+    assert xla_cpu.matvec_blocks(rows, jnp.asarray(kernel)) == (8 if split else 1)
+    ours = decoder.Dense(2048, True).apply({"params": {"kernel": kernel, "bias": bias}}, jnp.asarray(x))
+    linear = torch.nn.Linear(1024, 2048)
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(kernel.T.copy()))
+        linear.bias.copy_(torch.from_numpy(bias))
+        ref = linear(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-5, atol=1e-4)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import xla_cpu
 from ..config import RopeConfig, TextConfig
 
 Params = dict[str, Any]
@@ -32,6 +33,29 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return scale * x32.astype(x.dtype)
+
+
+class Dense(nn.Module):
+    """`nn.Dense` with its parameters (`kernel [in, out]`, optional `bias`) and its result, computed as
+    partial products over row blocks of the kernel where `xla_cpu.matvec_blocks` says that is faster
+    (a one-row input on the CPU: a batch-1 decode step); partial sums in float32."""
+    features: int
+    use_bias: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype) if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        blocks = xla_cpu.matvec_blocks(int(np.prod(x.shape[:-1])), kernel)
+        if blocks == 1:
+            y = x @ kernel
+        else:
+            parts = jnp.einsum("...ci,cio->...co", x.reshape(*x.shape[:-1], blocks, -1),
+                               kernel.reshape(blocks, -1, self.features), preferred_element_type=jnp.float32)
+            y = parts.sum(axis=-2).astype(x.dtype)
+        return y if bias is None else y + bias
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
@@ -180,8 +204,7 @@ class Attention(nn.Module):
         for all T positions, the query and output for the last one alone (a prefill's last layer).
         """
         c = self.config
-        dense = lambda features, bias, name: nn.Dense(features, use_bias=bias, dtype=self.dtype,
-                                                      param_dtype=self.dtype, name=name)
+        dense = lambda features, bias, name: Dense(features, bias, self.dtype, name=name)
         B, T, _ = x.shape
         queries = _query_positions(last_only)
         q = dense(c.num_attention_heads * c.head_dim, c.qkv_bias, "q_proj")(x[:, queries])
@@ -216,8 +239,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        dense = lambda features, name: nn.Dense(features, use_bias=c.mlp_bias, dtype=self.dtype,
-                                                param_dtype=self.dtype, name=name)
+        dense = lambda features, name: Dense(features, c.mlp_bias, self.dtype, name=name)
         gate = dense(c.intermediate_size, "gate_proj")(x)
         up = dense(c.intermediate_size, "up_proj")(x)
         return dense(c.hidden_size, "down_proj")(nn.silu(gate) * up)
