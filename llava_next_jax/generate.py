@@ -84,7 +84,7 @@ def prefill(params, config: LlavaNextConfig, input_ids, pixel_values, sources, a
     Returns (logits of the last slot `[B, V]` float32, cache, kv_valid `[B, S]`).
     """
     B, T = input_ids.shape
-    S = cache[0][1].shape[2]
+    S = cache[0][1].shape[-1]
     x = llava_next.embed_inputs(params, config, input_ids, pixel_values, sources, dtype)
     kv_valid = jnp.concatenate([attention_mask.astype(bool), jnp.ones((B, S - T), bool)], axis=1)
     q_index = jnp.broadcast_to(jnp.arange(T), (B, T))

@@ -97,8 +97,8 @@ def shard_bytes(shape: tuple[int, ...], spec: P, mesh: Mesh | Mapping[str, int],
 
 
 def cache_spec(config, mesh: Mesh | Mapping[str, int], batch: int) -> P:
-    """The layout `generate` gives each KV-cache array (config: a `TextConfig`): keys `[B, K, H, S]`,
-    values `[B, K, S, H]` (`decoder.init_cache`), split the same way over their first two axes.
+    """The layout `generate` gives each KV-cache array (config: a `TextConfig`): keys and values
+    `[B, K, H, S]` (`decoder.init_cache`), split over their first two axes.
 
     The cache is created inside the compiled prefill and XLA's partitioner derives its layout from
     the k/v projections and the inputs: rows over "data" when the batch divides (as

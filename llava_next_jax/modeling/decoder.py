@@ -131,23 +131,35 @@ def _attend(q, k, v, mask, scale):
 
 
 def _attend_one(q, k_cache, v_cache, k_new, v_new, mask, scale):
-    """One query per row, q `[B, 1, N, H]`, over the cache as it was (keys `[B, K, H, S]`, values
-    `[B, K, S, H]`, mask `[B, S]`, the slot being written excluded) plus this token's own key/value
-    (`[B, K, 1, H]`): one softmax over both. Reading the cache before this step's write lets XLA
-    update it in place afterwards, with no copy of it per step.
+    """One query per row, q `[B, 1, N, H]`, over the cache as it was (keys and values `[B, K, H, S]`,
+    mask `[B, S]`, the slot being written excluded) plus this token's own key/value (`[B, K, 1, H]`):
+    one softmax over both. Reading the cache before this step's write lets XLA update it in place
+    afterwards, with no copy of it per step.
     """
     B, _, N, H = q.shape
     K = k_cache.shape[1]
     grouped = _group(q, K)                                                        # [B, K, G, H]
-    cached = jnp.einsum("bkgh,bkhs->bkgs", grouped, k_cache, preferred_element_type=jnp.float32) * scale
+    split = xla_cpu.split_query_heads(N // K)
+    cached = _group_matmul("bkgh,bkhs->bkgs", grouped, k_cache, split) * scale
     cached = jnp.where(mask[:, None, None], cached, jnp.finfo(jnp.float32).min)
     own = jnp.einsum("bkgh,bkth->bkgt", grouped, k_new, preferred_element_type=jnp.float32) * scale
     top = jnp.maximum(cached.max(axis=-1, keepdims=True), own)
     w_cached, w_own = jnp.exp(cached - top), jnp.exp(own - top)
-    out = jnp.einsum("bkgs,bksh->bkgh", w_cached.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
+    out = _group_matmul("bkgs,bkhs->bkgh", w_cached.astype(v_cache.dtype), v_cache, split)
     out = out + w_own * v_new.astype(jnp.float32)                                 # [B, K, G, H]
     out = (out / (w_cached.sum(axis=-1, keepdims=True) + w_own)).astype(q.dtype)
     return _ungroup(out, 1)
+
+
+def _group_matmul(spec: str, grouped: jax.Array, cache: jax.Array, split: bool) -> jax.Array:
+    """`einsum(spec)` of `grouped` `[B, K, G, X]` (a kv head's G query heads) with a `cache` array
+    `[B, K, ...]`, in float32: one batched matmul, or with `split` one matrix-vector product per query
+    head of the group, stacked on axis 2."""
+    if not split:
+        return jnp.einsum(spec, grouped, cache, preferred_element_type=jnp.float32)
+    one = spec.replace("g", "")
+    return jnp.stack([jnp.einsum(one, grouped[:, :, g], cache, preferred_element_type=jnp.float32)
+                      for g in range(grouped.shape[2])], axis=2)
 
 
 def _query_positions(last_only: bool) -> slice:
@@ -197,7 +209,7 @@ class Attention(nn.Module):
         """x `[B, T, D]`, mask bool `[B, T, S]` -> (out `[B, T, D]`, or `[B, 1, D]` with last_only; cache).
 
         Without a cache, keys are this call's own T positions (S = T). With this layer's `cache`
-        (keys `[B, K, H, S]`, values `[B, K, S, H]`: `init_cache`), this call's keys and values are
+        (keys and values `[B, K, H, S]`: `init_cache`), this call's keys and values are
         written in place at slots `[slot, slot+T)`; `mask` says which slots each query may see. A prefill
         (slot 0) attends to its own keys, a one-token decode step to the cache before the write plus
         its own key (`_attend_one`), anything else to the written cache. last_only: keys and values
@@ -225,10 +237,9 @@ class Attention(nn.Module):
                               mask[:, 0] & ~own_slot, scale)
         if cache is not None:
             write = lambda full, new, at: jax.lax.dynamic_update_slice(full, new.astype(full.dtype), at)
-            cache = (write(cache[0], k.swapaxes(2, 3), (0, 0, 0, slot)), write(cache[1], v, (0, 0, slot, 0)))
+            cache = tuple(write(full, new.swapaxes(2, 3), (0, 0, 0, slot)) for full, new in zip(cache, (k, v)))
             if not prefill and T > 1:
-                out = attention(q, cache[0].swapaxes(2, 3).astype(q.dtype), cache[1].astype(q.dtype), mask, scale,
-                                False)
+                out = attention(q, *(c.swapaxes(2, 3).astype(q.dtype) for c in cache), mask, scale, False)
         return dense(c.hidden_size, c.o_bias, "o_proj")(out.reshape(B, q.shape[1], -1)), cache
 
 
@@ -275,16 +286,17 @@ def _window_mask(mask, q_index, kv_index, window: int):
 
 
 def init_cache(config: TextConfig, batch: int, length: int, dtype=jnp.float32) -> list[tuple[jax.Array, jax.Array]]:
-    """An empty KV cache: per layer, keys `[B, K, H, S]` and values `[B, K, S, H]`.
+    """An empty KV cache: per layer, keys and values `[B, K, H, S]`.
 
     Both are kv-head major, so one row's head is a contiguous block (on a mesh rows split over
-    "data" and kv heads over "model"). Keys put the slots last: a decode step's query logits are
-    then `[G, H] x [H, S]` per head, a matmul that streams the cache along its contiguous axis
-    (about twice as fast on XLA:CPU as `[G, H] x [S, H]^T` at batch 4, docs/benchmarks.md).
+    "data" and kv heads over "model"), with the slots last: a decode step's query logits are then
+    `[G, H] x [H, S]` per head and its output `[G, S] x [H, S]^T`, each streaming the cache along
+    its contiguous axis (on XLA:CPU as G matrix-vector products, `xla_cpu.split_query_heads`;
+    docs/benchmarks.md).
     """
     K, H = config.num_key_value_heads, config.head_dim
     zeros = lambda *shape: jnp.zeros(shape, dtype)
-    return [(zeros(batch, K, H, length), zeros(batch, K, length, H)) for _ in range(config.num_hidden_layers)]
+    return [(zeros(batch, K, H, length), zeros(batch, K, H, length)) for _ in range(config.num_hidden_layers)]
 
 
 def decode_hidden(params: Params, config: TextConfig, embeds: jax.Array, positions: jax.Array,
