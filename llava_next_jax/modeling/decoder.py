@@ -239,7 +239,7 @@ class Attention(nn.Module):
             write = lambda full, new, at: jax.lax.dynamic_update_slice(full, new.astype(full.dtype), at)
             cache = tuple(write(full, new.swapaxes(2, 3), (0, 0, 0, slot)) for full, new in zip(cache, (k, v)))
             if not prefill and T > 1:
-                out = attention(q, *(c.swapaxes(2, 3).astype(q.dtype) for c in cache), mask, scale, False)
+                out = attention(q, *(a.swapaxes(2, 3).astype(q.dtype) for a in cache), mask, scale, False)
         return dense(c.hidden_size, c.o_bias, "o_proj")(out.reshape(B, q.shape[1], -1)), cache
 
 
