@@ -1,15 +1,19 @@
 """Generation speed: ours (JAX, XLA) beside HF transformers (PyTorch eager), same weights, same inputs.
 
     .venv/bin/python benchmarks/generate_vs_hf.py [--shape mid|7b] [--dtype float32|bfloat16]
-        [--batch 1 4] [--new-tokens 64] [--repeats 3] [--skip-hf]
+        [--batch 1 4] [--image-size 480 640] [--new-tokens 64] [--repeats 3] [--skip-hf]
 
 `mid`: 336px tiles, CLIP 4 x 256, decoder 8 x 1024 (GQA 16/4, ffn 4096), vocab 32064, one 480x640
 image per row (~2.4k prompt tokens). `7b`: full CLIP-L and Mistral-7B sizes (for a GPU; bf16).
-Random weights: built by transformers, saved, converted by our converter, so both run the same numbers.
+Random weights: drawn by transformers, carried into our params by the converter's name and layout
+rules, so both run the same numbers. On a machine where PyTorch sees CUDA and JAX a GPU, both run there.
 
-Prints, per batch size: prefill seconds (prompt + image through to the first token's logits),
-decode tokens/s (new tokens x rows / decode seconds), first-call seconds (compile included), the
-ratios ours/HF, and peak RSS of this process (both frameworks; see --skip-hf for ours alone).
+Prints, per batch size: prefill seconds (prompt + image through to the first token's logits: the
+time to the first token), decode tokens/s (new tokens x rows / decode seconds), first-call seconds
+(compile included), the ratios ours/HF; then the decode roofline (on a GPU: the bytes a step reads over
+the bandwidth of an elementwise pass measured there) with our share of it, whether the greedy tokens
+agree, and peak memory (RSS of this process, both frameworks; see --skip-hf for ours alone; on a GPU
+each framework's peak device memory).
 Ours: the prefill and decode programs are timed apart. HF: prefill = `generate` of one token;
 decode = the spacing of token arrivals through a streamer in a full `generate`. Medians over
 --repeats, after one warm-up call; ours and HF take turns within each repeat, so that load from
@@ -23,7 +27,6 @@ import os
 import resource
 import statistics
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -43,24 +46,49 @@ SHAPES = {
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
-def build_checkpoint(shape: str, dtype: str, path: str):
+def build_models(shape: str, dtype: str, device: str):
+    """(HF model on `device`, our LlavaNext): random weights drawn by transformers (in `dtype`, on the
+    device), carried into our params tree by the converter's own name and layout rules
+    (`convert.target_of`), tensor by tensor and device to device (a 7B checkpoint is not written
+    to disk and read back)."""
+    import jax
     import torch
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+    from llava_next_jax import LlavaNext, checkpoint, convert
+    from llava_next_jax.config import LlavaNextConfig as OurConfig
     spec = SHAPES[shape]
     config = LlavaNextConfig(
         vision_config=dict(model_type="clip_vision_model", image_size=336, patch_size=14, **spec["vision"]),
         text_config=spec["text"], image_token_index=32000, image_grid_pinpoints=PINPOINTS)
     torch.manual_seed(0)
-    torch_dtype = getattr(torch, dtype)
-    with torch.device("cpu"):
-        model = LlavaNextForConditionalGeneration(config).to(torch_dtype).eval()
-    model.save_pretrained(path)
-    return model
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            model = LlavaNextForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    ours_config = OurConfig.from_dict(config.to_dict())
+    shapes = convert.expected_shapes(ours_config)
+    params = {}
+    for key, tensor in model.state_dict().items():
+        target = convert.target_of(key)
+        if target is None or target.path not in shapes:
+            continue  # a recomputed buffer, or a tied head
+        probe = np.empty(tuple(range(1, tensor.ndim + 1)), np.int8)   # the layout change as a permutation
+        order = [probe.shape.index(n) for n in target.layout(probe).shape]
+        moved = tensor.detach().permute(*order).contiguous()
+        if moved.is_cuda:
+            params[target.path] = jax.numpy.array(jax.dlpack.from_dlpack(moved), copy=True)
+        else:
+            params[target.path] = jax.numpy.asarray(moved.view(torch.int16).numpy().view(convert.DTYPES[dtype])
+                                                    if moved.dtype == torch.bfloat16 else moved.numpy())
+        assert params[target.path].shape == shapes[target.path], key
+    missing = sorted("/".join(p) for p in set(shapes) - set(params))
+    assert not missing, missing
+    return model, LlavaNext(ours_config, checkpoint.nest(params))
 
 
-def make_inputs(config, batch: int, prompt_text: int = 40, image_size=(480, 640), seed=0):
-    from llava_next_jax.config import LlavaNextConfig
-    ours = LlavaNextConfig.from_dict(config.to_dict())
+def make_inputs(ours, batch: int, image_size, prompt_text: int = 40, seed=0):
     from llava_next_jax import anyres
     rng = np.random.default_rng(seed)
     n_image = anyres.num_image_tokens(image_size, ours.geometry)
@@ -78,10 +106,11 @@ def seconds(fn):
 
 
 def ours(model, inputs, new_tokens):
-    """(first call s, prefill timer, decode timer): the prefill and decode programs timed apart.
+    """(first call s, prefill timer, decode timer, tokens, bytes a decode step reads): the prefill and
+    decode programs timed apart.
 
     The prefill timer returns seconds; the decode timer runs a fresh prefill (untimed, its cache is
-    donated to the decode loop) and returns decode tokens/s."""
+    donated to the decode loop) and returns decode tokens/s. `tokens()`: the greedy new tokens `[B, n]`."""
     import jax
     from llava_next_jax import generate
     args = model.generation_inputs(**inputs, max_new_tokens=new_tokens, eos_token_id=[])
@@ -100,8 +129,14 @@ def ours(model, inputs, new_tokens):
     def decode_rate():
         state = prefill()
         return new_tokens * rows / seconds(lambda: decode(state))
+    state = prefill()
+    cache_bytes = sum(a.nbytes for kv in state[1] for a in kv)
+    weights = {k: v for k, v in model.params["language_model"].items() if k != "embed_tokens"}
+    step_bytes = cache_bytes + sum(a.nbytes for a in jax.tree.leaves([weights, model.params.get("lm_head", {})]))
+    del state
     first = seconds(lambda: decode(prefill()))
-    return first, lambda: seconds(prefill), decode_rate
+    return first, lambda: seconds(prefill), decode_rate, lambda: np.asarray(decode(prefill()))[:, :new_tokens], \
+        step_bytes
 
 
 class _TokenTimes:
@@ -118,17 +153,22 @@ class _TokenTimes:
 
 
 def hf(model, inputs, new_tokens, dtype):
-    """(first call s, prefill timer, decode timer): prefill = `generate` of one token; decode
-    tokens/s from the spacing of token arrivals through a streamer in a full `generate`."""
+    """(first call s, prefill timer, decode timer, tokens): prefill = `generate` of one token; decode
+    tokens/s from the spacing of token arrivals through a streamer in a full `generate` (each
+    arrival is a token copied to the host, so device work is finished by then)."""
     import torch
-    args = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    device = model.device
+    args = {k: torch.from_numpy(v).to(device) for k, v in inputs.items()}
     args["pixel_values"] = args["pixel_values"].to(getattr(torch, dtype))
-    rows = inputs["input_ids"].shape[0]
+    rows, T = inputs["input_ids"].shape
 
     def run(n, streamer=None):
         with torch.no_grad():
-            return model.generate(**args, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
-                                  streamer=streamer)
+            out = model.generate(**args, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                                 streamer=streamer)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
 
     def decode_rate():
         times = _TokenTimes()
@@ -136,7 +176,7 @@ def hf(model, inputs, new_tokens, dtype):
         new = times.times[1:]  # arrival of new tokens 1..n; token 1 comes from the prefill
         return (len(new) - 1) / (new[-1] - new[0]) * rows
     first = seconds(lambda: run(new_tokens))
-    return first, lambda: seconds(lambda: run(1)), decode_rate
+    return first, lambda: seconds(lambda: run(1)), decode_rate, lambda: run(new_tokens)[:, T:].cpu().numpy()
 
 
 def interleaved(runners, repeats):
@@ -144,10 +184,29 @@ def interleaved(runners, repeats):
     a change in the machine's load falls on both sides alike."""
     samples = [([], []) for _ in runners]
     for _ in range(repeats):
-        for (_, prefill, decode), (p, d) in zip(runners, samples):
+        for (_, prefill, decode, *_), (p, d) in zip(runners, samples):
             p.append(prefill())
             d.append(decode())
     return [(statistics.median(p), statistics.median(d)) for p, d in samples]
+
+
+def copy_bandwidth(gib: float) -> float:
+    """Bytes/s of a jitted elementwise pass over a `gib` GiB float32 array (bytes read + written):
+    the memory-bandwidth ceiling a decode step is held to."""
+    import jax
+    import jax.numpy as jnp
+    x = jnp.ones((int(gib * 2**30) // 4,), jnp.float32)
+    double = jax.jit(lambda a: a * 2)
+    jax.block_until_ready(double(x))
+    times = [seconds(lambda: jax.block_until_ready(double(x))) for _ in range(10)]
+    return 2 * x.nbytes / statistics.median(times)
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> str:
+    """How far two greedy token arrays `[B, n]` agree: rows equal, and the first differing step."""
+    differ = [int(np.argmax(x != y)) for x, y in zip(a, b) if (x != y).any()]
+    return f"{len(a) - len(differ)}/{len(a)} rows equal" + (f", first difference at step {min(differ)}"
+                                                            if differ else "")
 
 
 def main():
@@ -155,43 +214,51 @@ def main():
     parser.add_argument("--shape", choices=sorted(SHAPES), default="mid")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--image-size", type=int, nargs=2, default=[480, 640], metavar=("HEIGHT", "WIDTH"))
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-hf", action="store_true")
     args = parser.parse_args()
 
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with PyTorch
     import jax
-    from llava_next_jax import LlavaNext
-    from llava_next_jax.convert_cli import convert_checkpoint
-    work = tempfile.mkdtemp(prefix="llava_gen_bench_")
-    hf_model = build_checkpoint(args.shape, args.dtype, os.path.join(work, "hf"))
-    convert_checkpoint(os.path.join(work, "hf"), os.path.join(work, "out"), log=lambda *_: None)
-    ours_model = LlavaNext.from_pretrained(os.path.join(work, "out"))
+    import torch
+    device = "cuda" if torch.cuda.is_available() and jax.default_backend() == "gpu" else "cpu"
+    start = time.perf_counter()
+    hf_model, ours_model = build_models(args.shape, args.dtype, device)
+    print(f"# {args.shape}, {args.dtype}, {jax.devices()[0].device_kind}, image {args.image_size[0]}x"
+          f"{args.image_size[1]}, new tokens {args.new_tokens} (models built in {time.perf_counter() - start:.0f} s)")
     if args.skip_hf:
         del hf_model
-    print(f"# {args.shape}, {args.dtype}, {jax.devices()[0].device_kind}, new tokens {args.new_tokens}")
+    bandwidth = copy_bandwidth(4) if device == "cuda" else None
     print("| batch | prompt tokens | | prefill s | decode tok/s | first call s |")
     print("|---|---|---|---|---|---|")
     for batch in args.batch:
-        inputs = make_inputs(hf_model.config if not args.skip_hf else _config(work), batch)
+        inputs = make_inputs(ours_model.config, batch, tuple(args.image_size))
         T = inputs["input_ids"].shape[1]
         runners = [ours(ours_model, inputs, args.new_tokens)]
         if not args.skip_hf:
             runners.append(hf(hf_model, inputs, args.new_tokens, args.dtype))
         results = interleaved(runners, args.repeats)
-        for name, (first, _, _), (prefill_s, rate) in zip(["ours", "HF"], runners, results):
-            print(f"| {batch} | {T} | {name} | {prefill_s:.2f} | {rate:.1f} | {first:.1f} |", flush=True)
+        for name, (first, *_), (prefill_s, rate) in zip(["ours", "HF"], runners, results):
+            print(f"| {batch} | {T} | {name} | {prefill_s:.3f} | {rate:.1f} | {first:.1f} |", flush=True)
         if not args.skip_hf:
             (o_prefill, o_rate), (h_prefill, h_rate) = results
             print(f"| {batch} | {T} | ours/HF speed | {h_prefill / o_prefill:.2f}x | {o_rate / h_rate:.2f}x | |",
                   flush=True)
+            print(f"batch {batch}: greedy tokens ours vs HF: {agreement(runners[0][3](), runners[1][3]())}")
+        if device == "cuda":  # on a CPU an elementwise pass is far from the memory's bandwidth
+            step_bytes = runners[0][4]
+            roofline = bandwidth / step_bytes * batch
+            print(f"batch {batch}: a decode step reads {step_bytes / 1e9:.2f} GB (decoder weights, lm_head, the "
+                  f"whole cache); at the measured {bandwidth / 1e9:.0f} GB/s the roofline is {roofline:.1f} tok/s: "
+                  f"ours {results[0][1] / roofline:.0%} of it", flush=True)
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB "
           f"({'ours only' if args.skip_hf else 'both frameworks in one process'})")
-
-
-def _config(work):
-    from transformers import LlavaNextConfig
-    return LlavaNextConfig.from_pretrained(os.path.join(work, "hf"))
+    if device == "cuda":
+        stats = jax.devices()[0].memory_stats() or {}
+        print(f"peak GPU memory: ours {stats.get('peak_bytes_in_use', 0) / 2**30:.1f} GiB, "
+              f"HF {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ D hidden, N query heads, K kv heads, H head dim.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -180,17 +181,48 @@ def _after(x: jax.Array, earlier: jax.Array) -> jax.Array:
     return x + jnp.where(jnp.isfinite(last), last, 0) * 0
 
 
-def attention(q, k, v, mask, scale, causal_prefix: bool):
+def attention_implementation(dtype, head_dim: int) -> str:
+    """How `attention` computes a prefill: "blocks" (causal query blocks, the CPU's fastest), "cudnn"
+    (`jax.nn.dot_product_attention`'s cuDNN flash attention: a GPU, bf16/fp16, head dim a multiple of
+    8 up to 128) or "xla" (one `_attend` over all queries: anything else).
+
+    The environment variable LLAVA_NEXT_ATTENTION (blocks, cudnn or xla), read when a program is
+    traced, overrides the choice, e.g. `xla` where a cuDNN build rejects a shape.
+    """
+    chosen = os.environ.get("LLAVA_NEXT_ATTENTION", "")
+    if chosen:
+        if chosen not in ("blocks", "cudnn", "xla"):
+            raise ValueError(f"LLAVA_NEXT_ATTENTION={chosen!r}; expected blocks, cudnn or xla")
+        return chosen
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return "blocks"
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if backend == "gpu" and half and head_dim % 8 == 0 and head_dim <= 128 else "xla"
+
+
+def _attend_cudnn(q, k, v, mask, scale):
+    """`_attend` through cuDNN's fused flash attention (causal tiles skipped; `mask` as a bias)."""
+    out = jax.nn.dot_product_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask=mask[:, None], scale=scale,
+                                       is_causal=True, implementation="cudnn")
+    return out.astype(q.dtype)
+
+
+def attention(q, k, v, mask, scale, causal_prefix: bool, fused: bool = False):
     """Attention over q `[B, T, N, H]`, k/v `[B, K, S, H]` with mask `[B, T, S]`.
 
-    causal_prefix: the queries sit in slots [0, T) (a forward pass or a prefill), so a query block
-    [i, i+b) can only see keys [0, i+b): each block attends to that prefix alone, which skips about
-    half the work, and blocks run one after another (`_after`) so that one block's logits
-    (`[B, K, G*b, i+b]`) stay in cache.
+    causal_prefix: the queries sit in slots [0, T) (a forward pass or a prefill). On the CPU
+    (`attention_implementation`) a query block [i, i+b) can then only see keys [0, i+b): each block
+    attends to that prefix alone, which skips about half the work, and blocks run one after another
+    (`_after`) so that one block's logits (`[B, K, G*b, i+b]`) stay in cache. fused (a prefill, no
+    gradient taken): on a GPU in half precision cuDNN's flash attention, which skips the same half.
     """
     B, T = q.shape[:2]
     block = QUERY_BLOCK if B == 1 else BATCH_QUERY_BLOCK
-    if not causal_prefix or T <= block:
+    implementation = attention_implementation(q.dtype, q.shape[-1]) if causal_prefix else "xla"
+    if implementation == "cudnn" and fused:
+        return _attend_cudnn(q, k, v, mask, scale)
+    if implementation == "xla" or T <= block:
         return _attend(q, k, v, mask, scale)
     blocks = []
     for start in range(0, T, block):
@@ -230,7 +262,7 @@ class Attention(nn.Module):
         scale = c.head_dim ** -0.5
         prefill = isinstance(slot, int) and slot == 0
         if cache is None or prefill:
-            out = attention(q, k, v, mask[:, queries, :T], scale, causal_prefix=not last_only)
+            out = attention(q, k, v, mask[:, queries, :T], scale, causal_prefix=not last_only, fused=prefill)
         elif T == 1:
             own_slot = jnp.arange(mask.shape[-1]) == slot
             out = _attend_one(q, cache[0].astype(q.dtype), cache[1].astype(q.dtype), k, v,
