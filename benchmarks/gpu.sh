@@ -18,5 +18,5 @@ generate() {
         --image-size 672 672 --new-tokens 128 --repeats 3 2>&1 | tee -a "$out/generate_7b.md"
 }
 generate 300 || { echo "# again with LLAVA_NEXT_ATTENTION=xla" | tee -a "$out/generate_7b.md" \
-    && LLAVA_NEXT_ATTENTION=xla generate 200; }
+    && export LLAVA_NEXT_ATTENTION=xla && generate 200; }
 timeout 90 python3 benchmarks/prefill_attention.py 2>&1 | tee "$out/attention.md"
