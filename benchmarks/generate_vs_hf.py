@@ -199,7 +199,9 @@ def copy_bandwidth(gib: float) -> float:
     double = jax.jit(lambda a: a * 2)
     jax.block_until_ready(double(x))
     times = [seconds(lambda: jax.block_until_ready(double(x))) for _ in range(10)]
-    return 2 * x.nbytes / statistics.median(times)
+    nbytes = x.nbytes
+    del x
+    return 2 * nbytes / statistics.median(times)
 
 
 def agreement(a: np.ndarray, b: np.ndarray) -> str:
@@ -224,13 +226,15 @@ def main():
     import jax
     import torch
     device = "cuda" if torch.cuda.is_available() and jax.default_backend() == "gpu" else "cpu"
+    # Measured before the models exist, so that the probe's arrays (freed after it) stay under the
+    # peak device memory the models reach.
+    bandwidth = copy_bandwidth(2) if device == "cuda" else None
     start = time.perf_counter()
     hf_model, ours_model = build_models(args.shape, args.dtype, device)
     print(f"# {args.shape}, {args.dtype}, {jax.devices()[0].device_kind}, image {args.image_size[0]}x"
           f"{args.image_size[1]}, new tokens {args.new_tokens} (models built in {time.perf_counter() - start:.0f} s)")
     if args.skip_hf:
         del hf_model
-    bandwidth = copy_bandwidth(4) if device == "cuda" else None
     print("| batch | prompt tokens | | prefill s | decode tok/s | first call s |")
     print("|---|---|---|---|---|---|")
     for batch in args.batch:

@@ -99,25 +99,40 @@ def test_image_token_count_mismatch_is_an_error(tmp_path):
         model.forward(batch["input_ids"], batch["pixel_values"], None)
 
 
+@pytest.mark.parametrize("implementation", ["blocks", "xla"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_blocked_causal_attention_equals_torch_sdpa(batch):
-    """The prefill's query blocks (their size depends on the batch) against one PyTorch SDPA call, with
-    left padding and GQA, on every query that may see a key."""
+def test_blocked_causal_attention_equals_torch_sdpa(batch, implementation, monkeypatch):
+    """The prefill's attention, as query blocks (their size depends on the batch) and as one product
+    (`LLAVA_NEXT_ATTENTION=xla`, what a TPU runs), against one PyTorch SDPA call, with left padding and
+    GQA, on every query that may see a key. (cuDNN's path needs a GPU: benchmarks/prefill_attention.py.)"""
     import jax.numpy as jnp
     from llava_next_jax.modeling import decoder
+    monkeypatch.setenv("LLAVA_NEXT_ATTENTION", implementation)
     T, N, K, H = 300, 8, 2, 16
     rng = np.random.default_rng(batch)
     q, (k, v) = rng.standard_normal((batch, T, N, H)), rng.standard_normal((2, batch, K, T, H))
     pads = rng.integers(0, 40, batch)
     valid = np.arange(T)[None, :] >= pads[:, None]
     mask = decoder.attention_mask(jnp.broadcast_to(jnp.arange(T), (batch, T)), jnp.arange(T), jnp.asarray(valid))
-    ours = decoder.attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), mask, H ** -0.5, causal_prefix=True)
+    ours = decoder.attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), mask, H ** -0.5, causal_prefix=True,
+                             fused=True)
     t = lambda a: torch.from_numpy(a).float()
     ref = torch.nn.functional.scaled_dot_product_attention(
         t(q).transpose(1, 2), t(k).repeat_interleave(N // K, 1), t(v).repeat_interleave(N // K, 1),
         attn_mask=torch.from_numpy(np.asarray(mask))[:, None]).transpose(1, 2).numpy()
     rows = np.broadcast_to(valid[:, :, None, None], ref.shape)
     assert_close(ours, ref, rows, 1e-5)
+
+
+def test_attention_implementation_choice(monkeypatch):
+    """The CPU runs query blocks in any dtype; the override is checked and names the bad value."""
+    import jax.numpy as jnp
+    from llava_next_jax.modeling import decoder
+    monkeypatch.delenv("LLAVA_NEXT_ATTENTION", raising=False)
+    assert decoder.attention_implementation(jnp.bfloat16, 128) == "blocks"
+    monkeypatch.setenv("LLAVA_NEXT_ATTENTION", "flash")
+    with pytest.raises(ValueError, match="LLAVA_NEXT_ATTENTION='flash'"):
+        decoder.attention_implementation(jnp.float32, 128)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1024), (1, 2, 1024), (3, 1, 1024)])
