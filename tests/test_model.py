@@ -103,7 +103,7 @@ def test_image_token_count_mismatch_is_an_error(tmp_path):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_blocked_causal_attention_equals_torch_sdpa(batch, implementation, monkeypatch):
     """The prefill's attention, as query blocks (their size depends on the batch) and as one product
-    (`LLAVA_NEXT_ATTENTION=xla`, what a TPU runs), against one PyTorch SDPA call, with left padding and
+    (`LLAVA_NEXT_ATTENTION=xla`), against one PyTorch SDPA call, with left padding and
     GQA, on every query that may see a key. (cuDNN's path needs a GPU: benchmarks/prefill_attention.py.)"""
     import jax.numpy as jnp
     from llava_next_jax.modeling import decoder

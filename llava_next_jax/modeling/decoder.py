@@ -182,9 +182,11 @@ def _after(x: jax.Array, earlier: jax.Array) -> jax.Array:
 
 
 def attention_implementation(dtype, head_dim: int) -> str:
-    """How `attention` computes a prefill: "blocks" (causal query blocks, the CPU's fastest), "cudnn"
-    (`jax.nn.dot_product_attention`'s cuDNN flash attention: a GPU, bf16/fp16, head dim a multiple of
-    8 up to 128) or "xla" (one `_attend` over all queries: anything else).
+    """How `attention` computes causal attention over a prompt: "cudnn" on a GPU in bf16/fp16 with a
+    head dim that is a multiple of 8 up to 128 (cuDNN's flash attention through
+    `jax.nn.dot_product_attention`, for a prefill; passes whose gradient may be taken run the blocks),
+    else "blocks" (causal query blocks: about half the work of one product, and half the softmax
+    weights a backward pass keeps). "xla", one `_attend` over all queries, only when asked for.
 
     The environment variable LLAVA_NEXT_ATTENTION (blocks, cudnn or xla), read when a program is
     traced, overrides the choice, e.g. `xla` where a cuDNN build rejects a shape.
@@ -194,11 +196,9 @@ def attention_implementation(dtype, head_dim: int) -> str:
         if chosen not in ("blocks", "cudnn", "xla"):
             raise ValueError(f"LLAVA_NEXT_ATTENTION={chosen!r}; expected blocks, cudnn or xla")
         return chosen
-    backend = jax.default_backend()
-    if backend == "cpu":
-        return "blocks"
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if backend == "gpu" and half and head_dim % 8 == 0 and head_dim <= 128 else "xla"
+    gpu = jax.default_backend() == "gpu"
+    return "cudnn" if gpu and half and head_dim % 8 == 0 and head_dim <= 128 else "blocks"
 
 
 def _attend_cudnn(q, k, v, mask, scale):
@@ -211,11 +211,11 @@ def _attend_cudnn(q, k, v, mask, scale):
 def attention(q, k, v, mask, scale, causal_prefix: bool, fused: bool = False):
     """Attention over q `[B, T, N, H]`, k/v `[B, K, S, H]` with mask `[B, T, S]`.
 
-    causal_prefix: the queries sit in slots [0, T) (a forward pass or a prefill). On the CPU
-    (`attention_implementation`) a query block [i, i+b) can then only see keys [0, i+b): each block
-    attends to that prefix alone, which skips about half the work, and blocks run one after another
-    (`_after`) so that one block's logits (`[B, K, G*b, i+b]`) stay in cache. fused (a prefill, no
-    gradient taken): on a GPU in half precision cuDNN's flash attention, which skips the same half.
+    causal_prefix: the queries sit in slots [0, T) (a forward pass or a prefill), so a query block
+    [i, i+b) can only see keys [0, i+b): each block attends to that prefix alone, which skips about
+    half the work, and blocks run one after another (`_after`) so that on a CPU one block's logits
+    (`[B, K, G*b, i+b]`) stay in cache. fused (a prefill, no gradient taken): on a GPU in half
+    precision, cuDNN's flash attention instead (`attention_implementation`), which skips the same half.
     """
     B, T = q.shape[:2]
     block = QUERY_BLOCK if B == 1 else BATCH_QUERY_BLOCK
