@@ -125,11 +125,20 @@ def test_blocked_causal_attention_equals_torch_sdpa(batch, implementation, monke
 
 
 def test_attention_implementation_choice(monkeypatch):
-    """The CPU runs query blocks in any dtype; the override is checked and names the bad value."""
+    """cuDNN only for half precision on an NVIDIA GPU that has its flash attention (compute capability
+    8.0 on); query blocks elsewhere; the override is checked and names the bad value."""
+    import jax
     import jax.numpy as jnp
     from llava_next_jax.modeling import decoder
     monkeypatch.delenv("LLAVA_NEXT_ATTENTION", raising=False)
-    assert decoder.attention_implementation(jnp.bfloat16, 128) == "blocks"
+    assert decoder.attention_implementation(jnp.bfloat16, 128) == "blocks"   # this machine: a CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    for capability, dtype, head_dim, expected in [("9.0", jnp.bfloat16, 128, "cudnn"), ("8.0", jnp.float16, 64, "cudnn"),
+                                                  ("9.0", jnp.float32, 128, "blocks"), ("9.0", jnp.bfloat16, 256, "blocks"),
+                                                  ("7.5", jnp.bfloat16, 128, "blocks"), ("gfx90a", jnp.bfloat16, 128, "blocks")]:
+        monkeypatch.setattr(jax, "devices", lambda c=capability: [type("Device", (), {"compute_capability": c})()])
+        assert decoder.attention_implementation(dtype, head_dim) == expected, (capability, dtype, head_dim)
+    monkeypatch.undo()
     monkeypatch.setenv("LLAVA_NEXT_ATTENTION", "flash")
     with pytest.raises(ValueError, match="LLAVA_NEXT_ATTENTION='flash'"):
         decoder.attention_implementation(jnp.float32, 128)

@@ -182,8 +182,8 @@ def _after(x: jax.Array, earlier: jax.Array) -> jax.Array:
 
 
 def attention_implementation(dtype, head_dim: int) -> str:
-    """How `attention` computes causal attention over a prompt: "cudnn" on a GPU in bf16/fp16 with a
-    head dim that is a multiple of 8 up to 128 (cuDNN's flash attention through
+    """How `attention` computes causal attention over a prompt: "cudnn" on an NVIDIA GPU of compute
+    capability 8.0 or later, in bf16/fp16, with a head dim that is a multiple of 8 up to 128 (cuDNN's flash attention through
     `jax.nn.dot_product_attention`, for a prefill; passes whose gradient may be taken run the blocks),
     else "blocks" (causal query blocks: about half the work of one product, and half the softmax
     weights a backward pass keeps). "xla", one `_attend` over all queries, only when asked for.
@@ -197,8 +197,16 @@ def attention_implementation(dtype, head_dim: int) -> str:
             raise ValueError(f"LLAVA_NEXT_ATTENTION={chosen!r}; expected blocks, cudnn or xla")
         return chosen
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    gpu = jax.default_backend() == "gpu"
-    return "cudnn" if gpu and half and head_dim % 8 == 0 and head_dim <= 128 else "blocks"
+    return "cudnn" if _flash_gpu() and half and head_dim % 8 == 0 and head_dim <= 128 else "blocks"
+
+
+def _flash_gpu() -> bool:
+    """An NVIDIA GPU with cuDNN's flash attention: compute capability 8.0 (Ampere) or later. A ROCm
+    GPU reports no such number."""
+    if jax.default_backend() != "gpu":
+        return False
+    major = str(getattr(jax.devices()[0], "compute_capability", "")).split(".")[0]
+    return major.isdigit() and int(major) >= 8
 
 
 def _attend_cudnn(q, k, v, mask, scale):
