@@ -144,6 +144,29 @@ def test_attention_implementation_choice(monkeypatch):
         decoder.attention_implementation(jnp.float32, 128)
 
 
+@pytest.mark.parametrize("backend,expected", [("cpu", "DEFAULT"), ("gpu", "HIGHEST"), ("tpu", "HIGHEST")])
+def test_float32_matmuls_are_full_float32_on_accelerators(backend, expected, monkeypatch):
+    """Every float32 matmul and convolution of a forward pass (vision tower, projector, decoder,
+    lm_head) is lowered with HIGHEST precision where JAX would otherwise let a GPU use TF32 or a TPU
+    bf16 passes (HF's PyTorch computes them in float32); the CPU's lowering is left as it was."""
+    import jax
+    import jax.numpy as jnp
+    from llava_next_jax.config import LlavaNextConfig
+    from llava_next_jax.modeling import llava_next
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    config = LlavaNextConfig.from_dict(tm.hf_config("mistral").to_dict())
+    params = jax.eval_shape(lambda: llava_next.init_params(config, jax.random.key(0)))
+    ids = jnp.zeros((1, 8), jnp.int32)
+    # New functions, so that nothing comes from the trace cache of another backend's parametrization.
+    forward = jax.jit(lambda p, ids, mask: llava_next.forward.__wrapped__(p, config, ids, None, None, mask))
+    images = jax.jit(lambda p, pixels: llava_next.image_embeddings(p, config, pixels, jnp.float32))
+    text = forward.lower(params, ids, jnp.ones((1, 8), jnp.int32)).as_text()
+    text += images.lower(params, jnp.zeros((1, 5, 3, 56, 56))).as_text()
+    products = [line for line in text.splitlines() if "dot_general" in line or "convolution" in line]
+    assert len(products) > 30
+    assert all(f"precision = [{expected}, {expected}]" in line for line in products), products[0]
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 1024), (1, 2, 1024), (3, 1, 1024)])
 def test_dense_row_blocks_equal_torch_linear(shape):
     """The decoder's Dense, split into row blocks of its kernel for a one-row input on the CPU, against

@@ -9,6 +9,7 @@ D hidden, N query heads, K kv heads, H head dim.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -21,6 +22,20 @@ from .. import xla_cpu
 from ..config import RopeConfig, TextConfig
 
 Params = dict[str, Any]
+
+
+def full_float32(fn):
+    """`fn` with its float32 matmuls computed in full float32 on GPUs and TPUs too, as PyTorch computes
+    HF's (JAX's default lets a GPU round their inputs to TF32 and a TPU to bf16 passes); matmuls of
+    bf16/fp16 inputs are unaffected. On a CPU float32 matmuls are exact already and nothing changes.
+    Decided when `fn` is traced."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        if jax.default_backend() == "cpu":
+            return fn(*args, **kwargs)
+        with jax.default_matmul_precision("float32"):
+            return fn(*args, **kwargs)
+    return wrapped
 
 
 class RMSNorm(nn.Module):
@@ -339,6 +354,7 @@ def init_cache(config: TextConfig, batch: int, length: int, dtype=jnp.float32) -
     return [(zeros(batch, K, H, length), zeros(batch, K, H, length)) for _ in range(config.num_hidden_layers)]
 
 
+@full_float32
 def decode_hidden(params: Params, config: TextConfig, embeds: jax.Array, positions: jax.Array,
                   mask: jax.Array, q_index: jax.Array, kv_index: jax.Array, cache: list | None = None,
                   slot=None, dtype=jnp.float32, remat: bool = False, last_only: bool = False):
@@ -381,6 +397,7 @@ def decode_hidden(params: Params, config: TextConfig, embeds: jax.Array, positio
     return x, None if cache is None else new_cache
 
 
+@full_float32
 def lm_logits(params: Params, hidden: jax.Array, tied: bool) -> jax.Array:
     """Hidden `[B, T, D]` -> float32 logits `[B, T, V]` through lm_head (or the tied embedding)."""
     if tied:

@@ -54,6 +54,7 @@ def init_params(config: LlavaNextConfig, key: jax.Array, dtype=jnp.float32) -> P
     return params
 
 
+@decoder.full_float32
 def image_embeddings(params: Params, config: LlavaNextConfig, pixel_values: jax.Array, dtype) -> jax.Array:
     """pixel_values `[B_img, P, C, S, S]` -> feature table `[B_img * P * n*n + 1, D]`, newline last.
 
