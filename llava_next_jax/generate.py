@@ -78,6 +78,7 @@ def select_tokens(logits: jax.Array, keys: jax.Array, do_sample, temperature, to
 
 # --- prefill and decode --------------------------------------------------------------------------
 
+@decoder.full_float32
 def prefill(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask, cache, dtype):
     """Runs the prompt `[B, T]` through the model, filling cache slots [0, T).
 
@@ -96,6 +97,7 @@ def prefill(params, config: LlavaNextConfig, input_ids, pixel_values, sources, a
     return decoder.lm_logits(params, hidden, config.tie_word_embeddings)[:, 0], cache, kv_valid
 
 
+@decoder.full_float32
 def decode_step(params, config: LlavaNextConfig, tokens, positions, slot, kv_valid, cache, dtype):
     """One new token per row: tokens, positions `[B]`, written at cache `slot`. Returns (logits `[B, V]`, cache)."""
     B = tokens.shape[0]

@@ -144,26 +144,38 @@ def test_attention_implementation_choice(monkeypatch):
         decoder.attention_implementation(jnp.float32, 128)
 
 
-@pytest.mark.parametrize("backend,expected", [("cpu", "DEFAULT"), ("gpu", "HIGHEST"), ("tpu", "HIGHEST")])
-def test_float32_matmuls_are_full_float32_on_accelerators(backend, expected, monkeypatch):
-    """Every float32 matmul and convolution of a forward pass (vision tower, projector, decoder,
-    lm_head) is lowered with HIGHEST precision where JAX would otherwise let a GPU use TF32 or a TPU
-    bf16 passes (HF's PyTorch computes them in float32); the CPU's lowering is left as it was."""
+@pytest.mark.parametrize("backend,dtype,expected", [("cpu", "float32", "DEFAULT"), ("gpu", "float32", "HIGHEST"),
+                                                     ("tpu", "float32", "HIGHEST"), ("gpu", "bfloat16", "DEFAULT")])
+def test_float32_matmuls_are_full_float32_on_accelerators(backend, dtype, expected, monkeypatch):
+    """With float32 compute every matmul of a forward pass with an image (the vision tower from its
+    patch embedding on, projector, decoder, lm_head), of a prefill and of a decode step is lowered with HIGHEST precision where JAX would otherwise let a GPU
+    use TF32 or a TPU bf16 passes (HF's PyTorch computes them in float32); bf16 compute and the CPU's
+    lowering are left as they were."""
     import jax
     import jax.numpy as jnp
+    from llava_next_jax import generate
     from llava_next_jax.config import LlavaNextConfig
-    from llava_next_jax.modeling import llava_next
+    from llava_next_jax.modeling import decoder, llava_next
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    config = LlavaNextConfig.from_dict(tm.hf_config("mistral").to_dict())
-    params = jax.eval_shape(lambda: llava_next.init_params(config, jax.random.key(0)))
-    ids = jnp.zeros((1, 8), jnp.int32)
-    # New functions, so that nothing comes from the trace cache of another backend's parametrization.
-    forward = jax.jit(lambda p, ids, mask: llava_next.forward.__wrapped__(p, config, ids, None, None, mask))
-    images = jax.jit(lambda p, pixels: llava_next.image_embeddings(p, config, pixels, jnp.float32))
-    text = forward.lower(params, ids, jnp.ones((1, 8), jnp.int32)).as_text()
-    text += images.lower(params, jnp.zeros((1, 5, 3, 56, 56))).as_text()
+    hf_config = tm.hf_config("mistral")
+    config = LlavaNextConfig.from_dict(hf_config.to_dict())
+    params = jax.eval_shape(lambda: llava_next.init_params(config, jax.random.key(0), jnp.dtype(dtype)))
+    batch = tm.make_batch(hf_config, [(3, [(100, 60)], 2)])
+    ids, pixels, sources, mask = LlavaNext(config, params)._inputs(
+        batch["input_ids"], batch["pixel_values"], batch["image_sizes"], batch["attention_mask"])
+    # A new function, so that nothing comes from the trace cache of another parametrization.
+    forward = jax.jit(lambda p, *a: llava_next.forward.__wrapped__(p, config, *a, dtype=jnp.dtype(dtype)))
+    text = forward.lower(params, ids, pixels.astype(dtype), sources, mask).as_text()
+    B, T = ids.shape   # and the two halves of generation, over a cache of T + 8 slots
+    cache = jax.eval_shape(lambda: decoder.init_cache(config.text, B, T + 8, jnp.dtype(dtype)))
+    prefill = jax.jit(lambda p, c, *a: generate.prefill(p, config, *a, c, jnp.dtype(dtype)))
+    text += prefill.lower(params, cache, ids, pixels.astype(dtype), sources, mask).as_text()
+    step = jax.jit(lambda p, c, valid: generate.decode_step(p, config, jnp.zeros(B, jnp.int32), jnp.full(B, T), T,
+                                                             valid, c, jnp.dtype(dtype)))
+    text += step.lower(params, cache, jnp.ones((B, T + 8), bool)).as_text()
     products = [line for line in text.splitlines() if "dot_general" in line or "convolution" in line]
-    assert len(products) > 30
+    patches = [line for line in products if "14x14x3x32x" in line]   # the patch embedding's [p, p, C, Dv]
+    assert len(products) > 30 and patches
     assert all(f"precision = [{expected}, {expected}]" in line for line in products), products[0]
 
 

@@ -10,6 +10,7 @@ D hidden, N query heads, K kv heads, H head dim.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from typing import Any
 
@@ -25,13 +26,17 @@ Params = dict[str, Any]
 
 
 def full_float32(fn):
-    """`fn` with its float32 matmuls computed in full float32 on GPUs and TPUs too, as PyTorch computes
-    HF's (JAX's default lets a GPU round their inputs to TF32 and a TPU to bf16 passes); matmuls of
-    bf16/fp16 inputs are unaffected. On a CPU float32 matmuls are exact already and nothing changes.
-    Decided when `fn` is traced."""
+    """`fn`, whose `dtype` argument is the compute dtype, with its matmuls computed in full float32 on
+    GPUs and TPUs when that dtype is float32, as PyTorch computes HF's (JAX alone lets a GPU round
+    float32 inputs to TF32 and a TPU to bf16 passes). bf16/fp16 compute and the CPU (exact float32
+    already) are left as they are. Decided when `fn` is traced."""
+    signature = inspect.signature(fn)
+
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        if jax.default_backend() == "cpu":
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        if jax.default_backend() == "cpu" or jnp.dtype(bound.arguments["dtype"]) != jnp.float32:
             return fn(*args, **kwargs)
         with jax.default_matmul_precision("float32"):
             return fn(*args, **kwargs)
@@ -354,7 +359,6 @@ def init_cache(config: TextConfig, batch: int, length: int, dtype=jnp.float32) -
     return [(zeros(batch, K, H, length), zeros(batch, K, H, length)) for _ in range(config.num_hidden_layers)]
 
 
-@full_float32
 def decode_hidden(params: Params, config: TextConfig, embeds: jax.Array, positions: jax.Array,
                   mask: jax.Array, q_index: jax.Array, kv_index: jax.Array, cache: list | None = None,
                   slot=None, dtype=jnp.float32, remat: bool = False, last_only: bool = False):
@@ -397,7 +401,6 @@ def decode_hidden(params: Params, config: TextConfig, embeds: jax.Array, positio
     return x, None if cache is None else new_cache
 
 
-@full_float32
 def lm_logits(params: Params, hidden: jax.Array, tied: bool) -> jax.Array:
     """Hidden `[B, T, D]` -> float32 logits `[B, T, V]` through lm_head (or the tied embedding)."""
     if tied:

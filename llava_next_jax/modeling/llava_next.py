@@ -54,7 +54,6 @@ def init_params(config: LlavaNextConfig, key: jax.Array, dtype=jnp.float32) -> P
     return params
 
 
-@decoder.full_float32
 def image_embeddings(params: Params, config: LlavaNextConfig, pixel_values: jax.Array, dtype) -> jax.Array:
     """pixel_values `[B_img, P, C, S, S]` -> feature table `[B_img * P * n*n + 1, D]`, newline last.
 
@@ -87,6 +86,7 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
 
 
 @partial(jax.jit, static_argnames=("config", "dtype", "remat"))
+@decoder.full_float32
 def forward(params: Params, config: LlavaNextConfig, input_ids: jax.Array, pixel_values: jax.Array | None,
             sources: jax.Array | None, attention_mask: jax.Array, dtype=jnp.float32, remat: bool = False) -> jax.Array:
     """Logits `[B, T, V]` (float32) for a full sequence, no cache.
