@@ -148,9 +148,9 @@ def test_attention_implementation_choice(monkeypatch):
                                                      ("tpu", "float32", "HIGHEST"), ("gpu", "bfloat16", "DEFAULT")])
 def test_float32_matmuls_are_full_float32_on_accelerators(backend, dtype, expected, monkeypatch):
     """With float32 compute every matmul of a forward pass with an image (the vision tower from its
-    patch embedding on, projector, decoder, lm_head), of a prefill and of a decode step is lowered with HIGHEST precision where JAX would otherwise let a GPU
-    use TF32 or a TPU bf16 passes (HF's PyTorch computes them in float32); bf16 compute and the CPU's
-    lowering are left as they were."""
+    patch embedding on, projector, decoder, lm_head), of a prefill and of a decode step is lowered
+    with HIGHEST precision where JAX would otherwise let a GPU use TF32 or a TPU bf16 passes (HF's
+    PyTorch computes them in float32); bf16 compute and the CPU's lowering are left as they were."""
     import jax
     import jax.numpy as jnp
     from llava_next_jax import generate

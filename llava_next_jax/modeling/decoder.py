@@ -203,10 +203,11 @@ def _after(x: jax.Array, earlier: jax.Array) -> jax.Array:
 
 def attention_implementation(dtype, head_dim: int) -> str:
     """How `attention` computes causal attention over a prompt: "cudnn" on an NVIDIA GPU of compute
-    capability 8.0 or later, in bf16/fp16, with a head dim that is a multiple of 8 up to 128 (cuDNN's flash attention through
-    `jax.nn.dot_product_attention`, for a prefill; passes whose gradient may be taken run the blocks),
-    else "blocks" (causal query blocks: about half the work of one product, and half the softmax
-    weights a backward pass keeps). "xla", one `_attend` over all queries, only when asked for.
+    capability 8.0 or later, in bf16/fp16, with a head dim that is a multiple of 8 up to 128 (cuDNN's
+    flash attention through `jax.nn.dot_product_attention`, for a prefill; passes whose gradient may
+    be taken run the blocks), else "blocks" (causal query blocks: about half the work of one product,
+    and half the softmax weights a backward pass keeps). "xla", one `_attend` over all queries, only
+    when asked for.
 
     The environment variable LLAVA_NEXT_ATTENTION (blocks, cudnn or xla), read when a program is
     traced, overrides the choice, e.g. `xla` where a cuDNN build rejects a shape.
