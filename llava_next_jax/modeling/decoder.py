@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import xla_cpu
+from .. import cpu_kernels, xla_cpu
 from ..config import RopeConfig, TextConfig
 
 Params = dict[str, Any]
@@ -56,10 +56,25 @@ class RMSNorm(nn.Module):
         return scale * x32.astype(x.dtype)
 
 
+def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`x [..., in] @ kernel [in, out]`, run the fastest way measured for its shape on this backend.
+
+    On the CPU (docs/benchmarks.md): 2 to 8 float32 rows (a decode step of a batch) on the native
+    kernel of `cpu_kernels`; one float32 row as partial products over row blocks of the kernel where
+    `xla_cpu.matvec_blocks` says so (partial sums in float32). Anything else: XLA's matmul."""
+    rows = int(np.prod(x.shape[:-1]))
+    if cpu_kernels.applies(rows, x.dtype, kernel):
+        return cpu_kernels.fewrow_matmul(x.reshape(rows, -1), kernel).reshape(*x.shape[:-1], -1)
+    blocks = xla_cpu.matvec_blocks(rows, kernel)
+    if blocks == 1:
+        return x @ kernel
+    parts = jnp.einsum("...ci,cio->...co", x.reshape(*x.shape[:-1], blocks, -1),
+                       kernel.reshape(blocks, -1, kernel.shape[-1]), preferred_element_type=jnp.float32)
+    return parts.sum(axis=-2).astype(x.dtype)
+
+
 class Dense(nn.Module):
-    """`nn.Dense` with its parameters (`kernel [in, out]`, optional `bias`) and its result, computed as
-    partial products over row blocks of the kernel where `xla_cpu.matvec_blocks` says that is faster
-    (a one-row input on the CPU: a batch-1 decode step); partial sums in float32."""
+    """`nn.Dense` with its parameters (`kernel [in, out]`, optional `bias`), the product by `matmul`."""
     features: int
     use_bias: bool
     dtype: Any = jnp.float32
@@ -69,13 +84,7 @@ class Dense(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype) if self.use_bias else None
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        blocks = xla_cpu.matvec_blocks(int(np.prod(x.shape[:-1])), kernel)
-        if blocks == 1:
-            y = x @ kernel
-        else:
-            parts = jnp.einsum("...ci,cio->...co", x.reshape(*x.shape[:-1], blocks, -1),
-                               kernel.reshape(blocks, -1, self.features), preferred_element_type=jnp.float32)
-            y = parts.sum(axis=-2).astype(x.dtype)
+        y = matmul(x, kernel)
         return y if bias is None else y + bias
 
 
@@ -407,8 +416,7 @@ def lm_logits(params: Params, hidden: jax.Array, tied: bool) -> jax.Array:
     if tied:
         w = params["language_model"]["embed_tokens"]["embedding"]
         return jnp.einsum("btd,vd->btv", hidden, w.astype(hidden.dtype)).astype(jnp.float32)
-    w = params["lm_head"]["kernel"]
-    return jnp.einsum("btd,dv->btv", hidden, w.astype(hidden.dtype)).astype(jnp.float32)
+    return matmul(hidden, params["lm_head"]["kernel"].astype(hidden.dtype)).astype(jnp.float32)
 
 
 def init_layer_params(config: TextConfig, key: jax.Array, dtype=jnp.float32) -> Params:

@@ -1,0 +1,106 @@
+"""A native kernel for XLA:CPU: the few-row float32 matmul of a decode step (`cpu_kernels.cc`).
+
+XLA:CPU multiplies a few rows (a decode step of batch 2-8) by a weight kernel as a general matmul
+that packs the kernel first, at about half the speed at which the kernel can be streamed; the
+native kernel streams it once (docs/benchmarks.md). It is compiled on first use with the machine's
+C++ compiler (`$CXX`, else `g++`) against the XLA FFI headers that jaxlib ships, cached under
+`$LLAVA_NEXT_CACHE` (default `~/.cache/llava_next_jax`) by a hash of the source, jaxlib's version,
+the compiler and the CPU, and registered with `jax.ffi`. Where it cannot be built (no compiler),
+a warning says why once and products stay XLA's. `LLAVA_NEXT_CPU_KERNELS=0` turns it off.
+
+Used by `modeling.decoder.matmul` for float32 products of 2 to 8 rows on a single-device CPU
+backend (a mesh keeps XLA's products, which its partitioner knows how to split).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+TARGET = "llava_next_fewrow_matmul"
+MAX_ROWS = 8
+_log = logging.getLogger(__name__)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build() -> Path:
+    """The shared library's path, compiling it first if this source/jaxlib/compiler/CPU has none."""
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set $CXX)")
+    include = jax.ffi.include_dir()
+    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", f"-I{include}"]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), jax.lib.__version__, compiler, " ".join(flags),
+                                     _cpu_name()]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("LLAVA_NEXT_CACHE", Path.home() / ".cache" / "llava_next_jax"))
+    library = cache / f"cpu_kernels-{key}.so"
+    if library.exists():
+        return library
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        built = Path(tmp) / library.name
+        run = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True,
+                             timeout=300)
+        if run.returncode:
+            raise RuntimeError(f"{compiler} {SOURCE} failed:\n{run.stderr[-2000:]}")
+        os.replace(built, library)  # atomic: concurrent processes each build, one file wins
+    return library
+
+
+def available() -> bool:
+    """Whether the kernel is built and registered (builds it on the first call), unless
+    `LLAVA_NEXT_CPU_KERNELS=0` (read when a program is traced)."""
+    return os.environ.get("LLAVA_NEXT_CPU_KERNELS", "1") != "0" and _load()
+
+
+@functools.cache
+def _load() -> bool:
+    try:
+        library = ctypes.cdll.LoadLibrary(str(_build()))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.FewRowMatmul), platform="cpu")
+    except Exception as error:  # noqa: BLE001 - any failure means XLA's products, said once
+        _log.warning("llava_next_jax: the native CPU decode kernel is unavailable, XLA's products are used "
+                     "(decode of batch 2-8 runs slower): %s", error)
+        return False
+    return True
+
+
+def applies(rows: int, x_dtype, kernel: jax.Array) -> bool:
+    """Whether a `[rows, in] x kernel [in, out]` product runs on the native kernel."""
+    return (2 <= rows <= MAX_ROWS and x_dtype == jnp.float32 and kernel.dtype == jnp.float32
+            and kernel.ndim == 2 and jax.default_backend() == "cpu" and jax.device_count() == 1
+            and available())
+
+
+@jax.custom_jvp
+def fewrow_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`x [R, K] @ kernel [K, N]` in float32 on the native kernel (R <= 8); differentiable."""
+    out = jax.ShapeDtypeStruct((x.shape[0], kernel.shape[1]), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out)(x, kernel)
+
+
+@fewrow_matmul.defjvp
+def _fewrow_matmul_jvp(primals, tangents):
+    (x, kernel), (dx, dkernel) = primals, tangents
+    return fewrow_matmul(x, kernel), dx @ kernel + x @ dkernel
