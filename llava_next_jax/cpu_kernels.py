@@ -35,13 +35,12 @@ _log = logging.getLogger(__name__)
 
 
 def _cpu_name() -> str:
+    """The CPU's model and instruction-set flags (the library is built for this CPU: -march=native)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(dict.fromkeys(line for line in lines if line.startswith(("model name", "flags"))))
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return f"{platform.machine()} {platform.processor()}"
 
 
 def _build() -> Path:
