@@ -1,15 +1,17 @@
-"""A native kernel for XLA:CPU: the few-row float32 matmul of a decode step (`cpu_kernels.cc`).
+"""A native kernel for XLA:CPU: the few-row matmul of a decode step (`cpu_kernels.cc`).
 
-XLA:CPU multiplies a few rows (a decode step of batch 2-8) by a weight kernel as a general matmul
-that packs the kernel first, at about half the speed at which the kernel can be streamed; the
-native kernel streams it once (docs/benchmarks.md). It is compiled on first use with the machine's
+XLA:CPU multiplies a few rows (a decode step of batch 2-8) by a float32 weight kernel as a general
+matmul that packs the kernel first, and any number of rows by a bfloat16 kernel after converting
+the kernel to float32 in memory: both at about half the speed at which the kernel can be streamed.
+The native kernel streams it once, widening bfloat16 weights to float32 in registers (float32 sums,
+as XLA's product; docs/benchmarks.md). It is compiled on first use with the machine's
 C++ compiler (`$CXX`, else `g++`) against the XLA FFI headers that jaxlib ships, cached under
 `$LLAVA_NEXT_CACHE` (default `~/.cache/llava_next_jax`) by a hash of the source, jaxlib's version,
 the compiler and the CPU, and registered with `jax.ffi`. Where it cannot be built (no compiler),
 a warning says why once and products stay XLA's. `LLAVA_NEXT_CPU_KERNELS=0` turns it off.
 
-Used by `modeling.decoder.matmul` for float32 products of 2 to 8 rows on a single-device CPU
-backend (a mesh keeps XLA's products, which its partitioner knows how to split).
+Used by `modeling.decoder.matmul` for products of 2 to 8 float32 rows, or 1 to 8 bfloat16 rows, on a
+single-device CPU backend (a mesh keeps XLA's products, which its partitioner knows how to split).
 """
 
 from __future__ import annotations
@@ -85,18 +87,25 @@ def _load() -> bool:
     return True
 
 
+# Fewest rows per kernel dtype: one float32 row stays on XLA's row-blocked products (as fast).
+MIN_ROWS = {jnp.dtype(jnp.float32): 2, jnp.dtype(jnp.bfloat16): 1}
+
+
 def applies(rows: int, x_dtype, kernel: jax.Array) -> bool:
     """Whether a `[rows, in] x kernel [in, out]` product runs on the native kernel."""
-    return (2 <= rows <= MAX_ROWS and x_dtype == jnp.float32 and kernel.dtype == jnp.float32
-            and kernel.ndim == 2 and jax.default_backend() == "cpu" and jax.device_count() == 1
-            and available())
+    least = MIN_ROWS.get(jnp.dtype(kernel.dtype))
+    return (least is not None and least <= rows <= MAX_ROWS and x_dtype == kernel.dtype and kernel.ndim == 2
+            and jax.default_backend() == "cpu" and jax.device_count() == 1 and available())
 
 
 @jax.custom_jvp
 def fewrow_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """`x [R, K] @ kernel [K, N]` in float32 on the native kernel (R <= 8); differentiable."""
+    """`x [R, K] @ kernel [K, N]` on the native kernel (R <= 8; float32 or bfloat16, both the same):
+    float32 sums, the result in their dtype; differentiable."""
+    if not _load():
+        raise RuntimeError("the native CPU kernel is unavailable (see the warning above)")
     out = jax.ShapeDtypeStruct((x.shape[0], kernel.shape[1]), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out)(x, kernel)
+    return jax.ffi.ffi_call(TARGET, out)(x.astype(jnp.float32), kernel).astype(x.dtype)
 
 
 @fewrow_matmul.defjvp

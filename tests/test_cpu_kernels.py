@@ -19,21 +19,26 @@ def test_kernel_is_built_here():
     assert cpu_kernels.available(), "the native CPU kernel did not build: is g++ (or $CXX) installed?"
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("rows", range(1, 10))
 @pytest.mark.parametrize("K,N", [(7, 5), (130, 67), (1030, 2051)])
-def test_matmul_equals_torch_and_uses_the_kernel_for_2_to_8_rows(rows, K, N):
-    """`decoder.matmul` of `[rows, 1, K]` by `[K, N]` against torch (K not a multiple of the kernel's
-    4-row step, N not of a vector width; 130 and 1030 are split over threads), and the lowered program
-    calls the kernel exactly for 2 to 8 rows."""
+def test_matmul_equals_torch_and_uses_the_kernel_for_few_rows(rows, K, N, dtype):
+    """`decoder.matmul` of `[rows, 1, K]` by `[K, N]` against torch in float64 on the same (for bf16:
+    bf16-rounded) values (K not a multiple of the kernel's 4-row step, N not of a vector width; 130
+    and 1030 are split over threads), and the lowered program calls the kernel for 2 to 8 float32
+    rows and 1 to 8 bfloat16 rows. bf16 results are float32 sums rounded once: within a bf16 step."""
     rng = np.random.default_rng(rows * K)
-    x = rng.standard_normal((rows, 1, K)).astype(np.float32)
-    kernel = rng.standard_normal((K, N)).astype(np.float32)
+    x = jnp.asarray(rng.standard_normal((rows, 1, K)), dtype)
+    kernel = jnp.asarray(rng.standard_normal((K, N)), dtype)
     fn = jax.jit(decoder.matmul)
-    ours = np.asarray(fn(jnp.asarray(x), jnp.asarray(kernel)))
-    ref = (torch.from_numpy(x).double() @ torch.from_numpy(kernel).double()).numpy()
-    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * np.sqrt(K))
-    native = cpu_kernels.TARGET in fn.lower(jnp.asarray(x), jnp.asarray(kernel)).as_text()
-    assert native == (2 <= rows <= 8)
+    ours = fn(x, kernel)
+    assert ours.dtype == x.dtype
+    as64 = lambda a: torch.from_numpy(np.asarray(a, np.float64))
+    ref = (as64(x) @ as64(kernel)).numpy()
+    rtol = 1e-5 if dtype == "float32" else 2 ** -8
+    np.testing.assert_allclose(np.asarray(ours, np.float64), ref, rtol=rtol, atol=1e-5 * np.sqrt(K))
+    native = cpu_kernels.TARGET in fn.lower(x, kernel).as_text()
+    assert native == ((2 if dtype == "float32" else 1) <= rows <= 8)
 
 
 def test_gradient_equals_torch():
@@ -68,3 +73,36 @@ def test_switched_off_and_unbuildable(monkeypatch, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="llava_next_jax.cpu_kernels"):
         assert cpu_kernels._load.__wrapped__() is False
     assert "native CPU decode kernel is unavailable" in caplog.text and "cpu_kernels.cc failed" in caplog.text
+
+
+def test_bfloat16_decode_step_close_to_hf_bfloat16(tmp_path):
+    """A bf16 decode step of a batch of 3 (its products on the kernel) against HF in bf16 and float32 on
+    the prompt plus that token: finite, and off HF's bf16 logits by no more than bf16 rounding moves
+    HF's own (as `test_model.test_bfloat16_close_to_hf_bfloat16` holds the forward pass)."""
+    import tiny_models as tm
+    from llava_next_jax import LlavaNext, generate
+    from llava_next_jax.convert_cli import main as convert
+    hf = tm.build_model("mistral")
+    tm.save_checkpoint(hf, str(tmp_path / "hf"))
+    convert([str(tmp_path / "hf"), str(tmp_path / "out"), "--dtype", "bfloat16"])
+    model = LlavaNext.from_pretrained(str(tmp_path / "out"))
+    batch = tm.make_batch(hf.config, [(3, [(480, 640)], 4), (5, [(88, 55)], 2), (9, [], 3)], seed=2)
+    ids, pixels, sources, mask = model._inputs(batch["input_ids"], batch["pixel_values"], batch["image_sizes"],
+                                               batch["attention_mask"])
+    (B, T), bf16 = ids.shape, jnp.bfloat16
+    cache = decoder.init_cache(model.config.text, B, T + 1, bf16)
+    _, cache, valid = generate.prefill(model.params, model.config, ids, jnp.asarray(pixels, bf16), sources, mask,
+                                       cache, bf16)
+    tokens = np.random.default_rng(0).integers(10, hf.config.text_config.vocab_size, B).astype(np.int32)
+    step = jax.jit(lambda p, c, v, t, pos: generate.decode_step(p, model.config, t, pos, T, v, c, bf16))
+    args = (model.params, cache, valid, tokens, mask.sum(1).astype(np.int32))
+    assert cpu_kernels.TARGET in step.lower(*args).as_text()
+    ours = np.asarray(step(*args)[0])
+    longer = dict(batch, input_ids=np.concatenate([ids, tokens[:, None]], 1),
+                  attention_mask=np.concatenate([mask, np.ones((B, 1), mask.dtype)], 1))
+    ref32 = tm.hf_logits(hf, longer)[:, -1]
+    ref16 = tm.hf_logits(hf.to(torch.bfloat16), longer, torch.bfloat16)[:, -1]
+    assert np.isfinite(ours).all()
+    hf_drift = np.abs(ref16 - ref32).max()
+    assert np.abs(ours - ref16).max() <= 2 * hf_drift + 0.05
+    assert np.abs(ours - ref32).max() <= 2 * hf_drift + 0.05
