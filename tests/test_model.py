@@ -119,7 +119,7 @@ def test_blocked_causal_attention_equals_torch_sdpa(batch, implementation, monke
     t = lambda a: torch.from_numpy(a).float()
     ref = torch.nn.functional.scaled_dot_product_attention(
         t(q).transpose(1, 2), t(k).repeat_interleave(N // K, 1), t(v).repeat_interleave(N // K, 1),
-        attn_mask=torch.from_numpy(np.asarray(mask))[:, None]).transpose(1, 2).numpy()
+        attn_mask=torch.from_numpy(np.array(mask))[:, None]).transpose(1, 2).numpy()
     rows = np.broadcast_to(valid[:, :, None, None], ref.shape)
     assert_close(ours, ref, rows, 1e-5)
 

@@ -303,7 +303,7 @@ class Attention(nn.Module):
             out = attention(q, k, v, mask[:, queries, :T], scale, causal_prefix=not last_only, fused=prefill)
         elif T == 1:
             own_slot = jnp.arange(mask.shape[-1]) == slot
-            out = _attend_one(q, cache[0].astype(q.dtype), cache[1].astype(q.dtype), k, v,
+            out = _attend_one(q, cache[0], cache[1], k, v,
                               mask[:, 0] & ~own_slot, scale)
         if cache is not None:
             write = lambda full, new, at: jax.lax.dynamic_update_slice(full, new.astype(full.dtype), at)
@@ -355,8 +355,20 @@ def _window_mask(mask, q_index, kv_index, window: int):
     return mask & (kv_index[None, None, :] > q_index[:, :, None] - window)
 
 
+def cache_dtype(dtype) -> jnp.dtype:
+    """The KV cache's dtype for compute `dtype`: float32 on the CPU, `dtype` elsewhere.
+
+    XLA:CPU's bf16 products stream the cache at a quarter of the speed of float32 ones (a decode
+    step's attention over 2.5k slots, mid-size model: 2.4 against 0.5 ms a layer at batch 1). The
+    keys and values are computed in `dtype` and stored exactly in float32, so the numbers are the
+    same; the cache takes twice the memory.
+    """
+    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else dtype)
+
+
 def init_cache(config: TextConfig, batch: int, length: int, dtype=jnp.float32) -> list[tuple[jax.Array, jax.Array]]:
-    """An empty KV cache: per layer, keys and values `[B, K, H, S]`.
+    """An empty KV cache for compute `dtype` (stored as `cache_dtype(dtype)`): per layer, keys and values
+    `[B, K, H, S]`.
 
     Both are kv-head major, so one row's head is a contiguous block (on a mesh rows split over
     "data" and kv heads over "model"), with the slots last: a decode step's query logits are then
@@ -365,7 +377,7 @@ def init_cache(config: TextConfig, batch: int, length: int, dtype=jnp.float32) -
     docs/benchmarks.md).
     """
     K, H = config.num_key_value_heads, config.head_dim
-    zeros = lambda *shape: jnp.zeros(shape, dtype)
+    zeros = lambda *shape: jnp.zeros(shape, cache_dtype(dtype))
     return [(zeros(batch, K, H, length), zeros(batch, K, H, length)) for _ in range(config.num_hidden_layers)]
 
 
