@@ -3,10 +3,10 @@
 //
 // XLA:CPU runs such a product as a general matmul that packs the kernel before multiplying, and a
 // bfloat16 kernel it first converts to float32 in memory; a decode step is all streaming of
-// weights, and both cost about half the speed of it. Here the
-// kernel is read once, in order: the K rows are split into one contiguous range per thread, each
-// range's rows are streamed four at a time into a partial y[R, N] (small enough to stay in cache),
-// and the partials are summed. Built and loaded by llava_next_jax/cpu_kernels.py; the loops are
+// weights, and both cost about half the speed of it. Here the kernel is read once, in order, as
+// tasks for XLA's thread pool: the K rows in two halves (each read front to back, four rows at a
+// time, into a partial y[R, N] small enough to stay in cache; the two partials summed at the end),
+// and with more than two threads the N columns in ranges of at least kMinColumns as well. Built and loaded by llava_next_jax/cpu_kernels.py; the loops are
 // plain C++ that the compiler vectorises (-O3 -march=native).
 #include <algorithm>
 #include <atomic>
@@ -23,6 +23,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int kMaxRows = 8;
+constexpr int64_t kMinColumns = 256;  // a task reads runs of at least 1 KiB (float32) per weight row
 
 inline float Widen(float v) { return v; }
 inline float Widen(uint16_t bf16) {  // bfloat16 is the high half of a float32
@@ -32,12 +33,12 @@ inline float Widen(uint16_t bf16) {  // bfloat16 is the high half of a float32
   return v;
 }
 
-// y[R, N] = x[:, k0:k1] @ w[k0:k1, :]; `x` is [R, K] with row stride K.
+// y[:, n0:n1] = x[:, k0:k1] @ w[k0:k1, n0:n1]; x is [R, K], w [K, N] and y [R, N], row-major.
 template <int R, typename W>
 void Partial(const float* __restrict x, const void* weights, float* __restrict y, int64_t K,
-             int64_t N, int64_t k0, int64_t k1) {
+             int64_t N, int64_t k0, int64_t k1, int64_t n0, int64_t n1) {
   const W* __restrict w = static_cast<const W*>(weights);
-  std::fill(y, y + R * N, 0.0f);
+  for (int r = 0; r < R; ++r) std::fill(y + r * N + n0, y + r * N + n1, 0.0f);
   int64_t k = k0;
   for (; k + 4 <= k1; k += 4) {
     const W* __restrict w0 = w + k * N;
@@ -51,7 +52,7 @@ void Partial(const float* __restrict x, const void* weights, float* __restrict y
       c[r] = x[r * K + k + 2];
       d[r] = x[r * K + k + 3];
     }
-    for (int64_t n = 0; n < N; ++n) {
+    for (int64_t n = n0; n < n1; ++n) {
       const float u = Widen(w0[n]), v = Widen(w1[n]), s = Widen(w2[n]), t = Widen(w3[n]);
       for (int r = 0; r < R; ++r) y[r * N + n] += (a[r] * u + b[r] * v) + (c[r] * s + d[r] * t);
     }
@@ -60,40 +61,46 @@ void Partial(const float* __restrict x, const void* weights, float* __restrict y
     const W* __restrict w0 = w + k * N;
     for (int r = 0; r < R; ++r) {
       const float a = x[r * K + k];
-      for (int64_t n = 0; n < N; ++n) y[r * N + n] += a * Widen(w0[n]);
+      for (int64_t n = n0; n < n1; ++n) y[r * N + n] += a * Widen(w0[n]);
     }
   }
 }
 
-using PartialFn = void (*)(const float*, const void*, float*, int64_t, int64_t, int64_t, int64_t);
+using PartialFn = void (*)(const float*, const void*, float*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                          int64_t);
 template <typename W>
 constexpr PartialFn kPartials[kMaxRows] = {Partial<1, W>, Partial<2, W>, Partial<3, W>, Partial<4, W>,
                                            Partial<5, W>, Partial<6, W>, Partial<7, W>, Partial<8, W>};
 
-// One call's work: `parts` contiguous ranges of K, claimed by whichever thread comes first (the
-// caller included, so the call finishes even when every pool thread is busy elsewhere).
+// One call's work: `k_parts` (1 or 2) ranges of K times `n_parts` ranges of N, claimed by whichever
+// thread comes first (the caller included, so the call finishes even when every pool thread is busy).
 struct Job {
   PartialFn partial;
   const float* x;
   const void* w;
   float* y;
-  int64_t rows, K, N, parts;
-  std::vector<float> scratch;  // partials of ranges 1.., [parts - 1, rows, N]
+  int64_t rows, K, N, k_parts, n_parts;
+  std::vector<float> second;  // the second K range's partial, [rows, N]
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 
+  int64_t tasks() const { return k_parts * n_parts; }
+
   void Work() {
-    for (int64_t p; (p = next.fetch_add(1)) < parts;) {
-      int64_t k0 = K * p / parts / 4 * 4, k1 = p + 1 == parts ? K : K * (p + 1) / parts / 4 * 4;
-      float* out = p == 0 ? y : scratch.data() + (p - 1) * rows * N;
-      partial(x, w, out, K, N, k0, k1);
+    const int64_t half = K / 2 / 4 * 4;
+    for (int64_t t; (t = next.fetch_add(1)) < tasks();) {
+      const int64_t kp = t / n_parts, np = t % n_parts;
+      const int64_t k0 = kp == 0 ? 0 : half, k1 = kp + 1 == k_parts ? K : half;
+      const int64_t n0 = N * np / n_parts, n1 = N * (np + 1) / n_parts;
+      partial(x, w, kp == 0 ? y : second.data(), K, N, k0, k1, n0, n1);
       done.fetch_add(1, std::memory_order_release);
     }
   }
 };
 
+// `tasks`: into how many pieces to split the product (0: one per thread of XLA's pool).
 ffi::Error FewRowMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
-                            ffi::ResultBuffer<ffi::F32> y) {
+                            ffi::ResultBuffer<ffi::F32> y, int64_t tasks) {
   auto xd = x.dimensions(), wd = w.dimensions();
   const bool bf16 = w.element_type() == ffi::DataType::BF16;
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || xd[0] < 1 || xd[0] > kMaxRows)
@@ -101,8 +108,10 @@ ffi::Error FewRowMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   if (!bf16 && w.element_type() != ffi::DataType::F32)
     return ffi::Error::InvalidArgument("llava_next_fewrow_matmul: w must be float32 or bfloat16");
   const int64_t rows = xd[0], K = xd[1], N = wd[1];
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), K / 64));
+  if (tasks <= 0) tasks = pool.num_threads();
   auto job = std::make_shared<Job>();
+  job->k_parts = tasks >= 2 && K >= 128 ? 2 : 1;
+  job->n_parts = std::max<int64_t>(1, std::min(tasks / job->k_parts, N / kMinColumns));
   job->partial = (bf16 ? kPartials<uint16_t> : kPartials<float>)[rows - 1];
   job->x = x.typed_data();
   job->w = w.untyped_data();
@@ -110,16 +119,12 @@ ffi::Error FewRowMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   job->rows = rows;
   job->K = K;
   job->N = N;
-  job->parts = parts;
-  job->scratch.resize((parts - 1) * rows * N);
-  for (int64_t i = 1; i < parts; ++i) pool.Schedule([job] { job->Work(); });
+  if (job->k_parts == 2) job->second.resize(rows * N);
+  for (int64_t i = 1; i < job->tasks(); ++i) pool.Schedule([job] { job->Work(); });
   job->Work();
-  while (job->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
+  while (job->done.load(std::memory_order_acquire) < job->tasks()) std::this_thread::yield();
   float* out = job->y;
-  for (int64_t p = 1; p < parts; ++p) {
-    const float* part = job->scratch.data() + (p - 1) * rows * N;
-    for (int64_t i = 0; i < rows * N; ++i) out[i] += part[i];
-  }
+  for (size_t i = 0; i < job->second.size(); ++i) out[i] += job->second[i];
   return ffi::Error::Success();
 }
 
@@ -130,4 +135,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FewRowMatmul, FewRowMatmulImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("tasks"));

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 TARGET = "llava_next_fewrow_matmul"
@@ -98,17 +99,18 @@ def applies(rows: int, x_dtype, kernel: jax.Array) -> bool:
             and jax.default_backend() == "cpu" and jax.device_count() == 1 and available())
 
 
-@jax.custom_jvp
-def fewrow_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def fewrow_matmul(x: jax.Array, kernel: jax.Array, tasks: int = 0) -> jax.Array:
     """`x [R, K] @ kernel [K, N]` on the native kernel (R <= 8; float32 or bfloat16, both the same):
-    float32 sums, the result in their dtype; differentiable."""
+    float32 sums, the result in their dtype; differentiable. `tasks`: into how many pieces to split
+    it (0: one per thread of XLA's CPU pool; more than there are threads is allowed, for tests)."""
     if not _load():
         raise RuntimeError("the native CPU kernel is unavailable (see the warning above)")
     out = jax.ShapeDtypeStruct((x.shape[0], kernel.shape[1]), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out)(x.astype(jnp.float32), kernel).astype(x.dtype)
+    return jax.ffi.ffi_call(TARGET, out)(x.astype(jnp.float32), kernel, tasks=np.int64(tasks)).astype(x.dtype)
 
 
 @fewrow_matmul.defjvp
-def _fewrow_matmul_jvp(primals, tangents):
+def _fewrow_matmul_jvp(tasks, primals, tangents):
     (x, kernel), (dx, dkernel) = primals, tangents
-    return fewrow_matmul(x, kernel), dx @ kernel + x @ dkernel
+    return fewrow_matmul(x, kernel, tasks), dx @ kernel + x @ dkernel

@@ -41,6 +41,21 @@ def test_matmul_equals_torch_and_uses_the_kernel_for_few_rows(rows, K, N, dtype)
     assert native == ((2 if dtype == "float32" else 1) <= rows <= 8)
 
 
+@pytest.mark.parametrize("tasks", [1, 2, 3, 5, 16])
+@pytest.mark.parametrize("K", [100, 1030])
+def test_any_split_equals_torch(tasks, K):
+    """The product split into `tasks` pieces (the rows of the kernel in halves from K = 128, its 2051
+    columns in up to 8 ranges), as a many-core machine splits it, against torch: float32 and bf16."""
+    rng = np.random.default_rng(tasks)
+    for dtype, rtol in (("float32", 1e-5), ("bfloat16", 2 ** -8)):
+        x = jnp.asarray(rng.standard_normal((4, K)), dtype)
+        kernel = jnp.asarray(rng.standard_normal((K, 2051)), dtype)
+        ours = jax.jit(cpu_kernels.fewrow_matmul, static_argnums=2)(x, kernel, tasks)
+        as64 = lambda a: torch.from_numpy(np.asarray(a, np.float64))
+        np.testing.assert_allclose(np.asarray(ours, np.float64), (as64(x) @ as64(kernel)).numpy(), rtol=rtol,
+                                   atol=1e-5 * np.sqrt(K))
+
+
 def test_gradient_equals_torch():
     """The kernel is differentiable (its JVP is XLA's product): gradients of a 3-row product."""
     rng = np.random.default_rng(1)
