@@ -6,8 +6,9 @@
 // weights, and both cost about half the speed of it. Here the kernel is read once, in order, as
 // tasks for XLA's thread pool: the K rows in two halves (each read front to back, four rows at a
 // time, into a partial y[R, N] small enough to stay in cache; the two partials summed at the end),
-// and with more than two threads the N columns in ranges of at least kMinColumns as well. Built and loaded by llava_next_jax/cpu_kernels.py; the loops are
-// plain C++ that the compiler vectorises (-O3 -march=native).
+// and with more than two threads the N columns in ranges of at least kMinColumns as well. Built
+// and loaded by llava_next_jax/cpu_kernels.py; the loops are plain C++ that the compiler vectorises
+// (-O3 -march=native).
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
