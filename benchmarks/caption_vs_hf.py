@@ -66,7 +66,7 @@ def photo_like(n: int, seed: int = 0):
 def build(work: str):
     """(our model, HF model, HF processor) on the mid shape with the tiny mistral processor files."""
     import torch
-    from generate_vs_hf import build_checkpoint
+    from generate_vs_hf import hf_model
     from tiny_tokenizers import tokenizer_info, write_processor_files
     from transformers import LlavaNextForConditionalGeneration
     from transformers import LlavaNextProcessor as HFProcessor
@@ -74,7 +74,7 @@ def build(work: str):
     from llava_next_jax.convert_cli import convert_checkpoint
     hf_dir, out_dir = os.path.join(work, "hf"), os.path.join(work, "out")
     info = tokenizer_info("mistral")
-    hf = build_checkpoint("mid", "float32", hf_dir)
+    hf = hf_model("mid", "float32", "cpu")
     assert hf.config.text_config.vocab_size >= info["vocab_size"]
     with torch.no_grad():
         hf.lm_head.weight[info["vocab_size"]:] = 0

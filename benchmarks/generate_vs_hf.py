@@ -46,16 +46,10 @@ SHAPES = {
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
-def build_models(shape: str, dtype: str, device: str):
-    """(HF model on `device`, our LlavaNext): random weights drawn by transformers (in `dtype`, on the
-    device), carried into our params tree by the converter's own name and layout rules
-    (`convert.target_of`), tensor by tensor and device to device (a 7B checkpoint is not written
-    to disk and read back)."""
-    import jax
+def hf_model(shape: str, dtype: str, device: str):
+    """HF's model of `shape` with random weights drawn by transformers (seed 0), in `dtype` on `device`."""
     import torch
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
-    from llava_next_jax import LlavaNext, checkpoint, convert
-    from llava_next_jax.config import LlavaNextConfig as OurConfig
     spec = SHAPES[shape]
     config = LlavaNextConfig(
         vision_config=dict(model_type="clip_vision_model", image_size=336, patch_size=14, **spec["vision"]),
@@ -64,10 +58,22 @@ def build_models(shape: str, dtype: str, device: str):
     torch.set_default_dtype(getattr(torch, dtype))
     try:
         with torch.device(device):
-            model = LlavaNextForConditionalGeneration(config).eval()
+            return LlavaNextForConditionalGeneration(config).eval()
     finally:
         torch.set_default_dtype(torch.float32)
-    ours_config = OurConfig.from_dict(config.to_dict())
+
+
+def build_models(shape: str, dtype: str, device: str):
+    """(HF model on `device`, our LlavaNext): random weights drawn by transformers (in `dtype`, on the
+    device), carried into our params tree by the converter's own name and layout rules
+    (`convert.target_of`), tensor by tensor and device to device (a 7B checkpoint is not written
+    to disk and read back)."""
+    import jax
+    import torch
+    from llava_next_jax import LlavaNext, checkpoint, convert
+    from llava_next_jax.config import LlavaNextConfig as OurConfig
+    model = hf_model(shape, dtype, device)
+    ours_config = OurConfig.from_dict(model.config.to_dict())
     shapes = convert.expected_shapes(ours_config)
     params = {}
     for key, tensor in model.state_dict().items():
