@@ -129,7 +129,107 @@ ffi::Error FewRowMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   return ffi::Error::Success();
 }
 
+// y[R, N] = x[R, K] @ w[N, K]^T: each output a dot product along contiguous rows, 8 running sums
+// per row of x (the compiler keeps them in one vector register each), two rows of w at a time.
+template <int R>
+void DotsTransposed(const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t K,
+                    int64_t N) {
+  const int64_t K8 = K / 8 * 8;
+  auto finish = [&](const float (&acc)[R][8], const float* __restrict wn, int64_t n) {
+    for (int r = 0; r < R; ++r) {
+      float sum = 0.0f;
+      for (int j = 0; j < 8; ++j) sum += acc[r][j];
+      for (int64_t k = K8; k < K; ++k) sum += x[r * K + k] * wn[k];
+      y[r * N + n] = sum;
+    }
+  };
+  int64_t n = 0;
+  for (; n + 2 <= N; n += 2) {
+    const float* __restrict w0 = w + n * K;
+    const float* __restrict w1 = w0 + K;
+    float a[R][8] = {}, b[R][8] = {};
+    for (int64_t k = 0; k < K8; k += 8)
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < 8; ++j) {
+          a[r][j] += x[r * K + k + j] * w0[k + j];
+          b[r][j] += x[r * K + k + j] * w1[k + j];
+        }
+    finish(a, w0, n);
+    finish(b, w1, n + 1);
+  }
+  for (; n < N; ++n) {
+    const float* __restrict w0 = w + n * K;
+    float a[R][8] = {};
+    for (int64_t k = 0; k < K8; k += 8)
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < 8; ++j) a[r][j] += x[r * K + k + j] * w0[k + j];
+    finish(a, w0, n);
+  }
+}
+
+template <int R>
+void HeadProduct(const float* x, const float* w, float* y, int64_t K, int64_t N, bool transposed) {
+  if (transposed) {
+    DotsTransposed<R>(x, w, y, K, N);
+  } else {
+    Partial<R, float>(x, w, y, K, N, 0, K, 0, N);
+  }
+}
+
+using HeadFn = void (*)(const float*, const float*, float*, int64_t, int64_t, bool);
+constexpr HeadFn kHeads[kMaxRows] = {HeadProduct<1>, HeadProduct<2>, HeadProduct<3>, HeadProduct<4>,
+                                     HeadProduct<5>, HeadProduct<6>, HeadProduct<7>, HeadProduct<8>};
+
+// A decode step's attention products, one per (row, kv head) pair p: y[p] = x[p] @ w[p] (w [P, K, N],
+// the query logits over the keys) or x[p] @ w[p]^T (w [P, N, K], the output from the values), x
+// [P, R, K] with R <= 8 (a kv head's query heads). Pairs are tasks on XLA's pool, claimed as above.
+ffi::Error HeadMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                          ffi::ResultBuffer<ffi::F32> y, bool transposed) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 3 || wd.size() != 3 || xd[0] != wd[0] || xd[1] < 1 || xd[1] > kMaxRows ||
+      xd[2] != wd[transposed ? 2 : 1])
+    return ffi::Error::InvalidArgument("llava_next_head_matmul: want x [P, R <= 8, K] and w [P, K, N] "
+                                       "(transposed: [P, N, K])");
+  struct Heads {
+    HeadFn fn;
+    const float *x, *w;
+    float* y;
+    int64_t pairs, R, K, N;
+    bool transposed;
+    std::atomic<int64_t> next{0}, done{0};
+    void Work() {
+      for (int64_t p; (p = next.fetch_add(1)) < pairs;) {
+        fn(x + p * R * K, w + p * K * N, y + p * R * N, K, N, transposed);
+        done.fetch_add(1, std::memory_order_release);
+      }
+    }
+  };
+  auto job = std::make_shared<Heads>();
+  job->R = xd[1];
+  job->K = xd[2];
+  job->N = transposed ? wd[1] : wd[2];
+  job->fn = kHeads[job->R - 1];
+  job->x = x.typed_data();
+  job->w = w.typed_data();
+  job->y = y->typed_data();
+  job->pairs = xd[0];
+  job->transposed = transposed;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), job->pairs) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job] { job->Work(); });
+  job->Work();
+  while (job->done.load(std::memory_order_acquire) < job->pairs) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HeadMatmul, HeadMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transposed"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FewRowMatmul, FewRowMatmulImpl,
                               ffi::Ffi::Bind()

@@ -56,6 +56,35 @@ def test_any_split_equals_torch(tasks, K):
                                    atol=1e-5 * np.sqrt(K))
 
 
+@pytest.mark.parametrize("group", range(1, 9))
+@pytest.mark.parametrize("H,S", [(64, 2497), (13, 9)])
+def test_head_matmul_equals_torch(group, H, S):
+    """A decode step's two attention products per (row, kv head) pair, `q [G, H] @ keys [H, S]` and
+    `weights [G, S] @ values [H, S]^T`, against torch (S and H not multiples of the kernel's 8 running
+    sums, an odd count of value rows)."""
+    rng = np.random.default_rng(group * S)
+    q, probs = rng.standard_normal((6, group, H)), rng.random((6, group, S))
+    keys, values = rng.standard_normal((2, 6, H, S))
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    t = lambda a: torch.from_numpy(np.asarray(np.asarray(a, np.float32), np.float64))
+    logits = cpu_kernels.head_matmul(f32(q), f32(keys), False)
+    np.testing.assert_allclose(np.asarray(logits), (t(q) @ t(keys)).numpy(), rtol=1e-5, atol=1e-5 * np.sqrt(H))
+    out = cpu_kernels.head_matmul(f32(probs), f32(values), True)
+    np.testing.assert_allclose(np.asarray(out), (t(probs) @ t(values).transpose(1, 2)).numpy(), rtol=1e-5,
+                               atol=1e-5 * np.sqrt(S))
+
+
+def test_decode_attention_uses_head_matmul():
+    """The decode step's attention over a float32 cache lowers to the head kernel (twice: keys and values);
+    its values are held to PyTorch's SDPA by `test_model.test_decode_attention_equals_torch_sdpa`."""
+    B, K, G, H, S = 2, 2, 4, 16, 50
+    q = jnp.ones((B, 1, K * G, H))
+    cache, new = jnp.ones((B, K, H, S)), jnp.ones((B, K, 1, H))
+    text = jax.jit(decoder._attend_one, static_argnums=6).lower(q, cache, cache, new, new, jnp.ones((B, S), bool),
+                                                               0.25).as_text()
+    assert text.count(cpu_kernels.HEADS_TARGET) == 2
+
+
 def test_gradient_equals_torch():
     """The kernel is differentiable (its JVP is XLA's product): gradients of a 3-row product."""
     rng = np.random.default_rng(1)

@@ -183,8 +183,16 @@ def _attend_one(q, k_cache, v_cache, k_new, v_new, mask, scale):
 
 def _group_matmul(spec: str, grouped: jax.Array, cache: jax.Array, split: bool) -> jax.Array:
     """`einsum(spec)` of `grouped` `[B, K, G, X]` (a kv head's G query heads) with a `cache` array
-    `[B, K, ...]`, in float32: one batched matmul, or with `split` one matrix-vector product per query
-    head of the group, stacked on axis 2."""
+    `[B, K, H, S]`, in float32: on the CPU with a float32 cache the native `cpu_kernels.head_matmul`
+    (one task per row and kv head); else one batched matmul, or with `split` one matrix-vector
+    product per query head of the group, stacked on axis 2."""
+    B, K, G, X = grouped.shape
+    if cache.dtype == jnp.float32 and cpu_kernels.heads_apply(G):
+        transposed = spec == "bkgs,bkhs->bkgh"     # the output from the values; else the keys' logits
+        assert transposed or spec == "bkgh,bkhs->bkgs", spec
+        out = cpu_kernels.head_matmul(grouped.reshape(B * K, G, X), cache.reshape(B * K, *cache.shape[2:]),
+                                      transposed)
+        return out.reshape(B, K, G, -1)
     if not split:
         return jnp.einsum(spec, grouped, cache, preferred_element_type=jnp.float32)
     one = spec.replace("g", "")
