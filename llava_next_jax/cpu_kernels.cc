@@ -73,33 +73,29 @@ template <typename W>
 constexpr PartialFn kPartials[kMaxRows] = {Partial<1, W>, Partial<2, W>, Partial<3, W>, Partial<4, W>,
                                            Partial<5, W>, Partial<6, W>, Partial<7, W>, Partial<8, W>};
 
-// One call's work: `k_parts` (1 or 2) ranges of K times `n_parts` ranges of N, claimed by whichever
-// thread comes first (the caller included, so the call finishes even when every pool thread is busy).
-struct Job {
-  PartialFn partial;
-  const float* x;
-  const void* w;
-  float* y;
-  int64_t rows, K, N, k_parts, n_parts;
-  std::vector<float> second;  // the second K range's partial, [rows, N]
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  int64_t tasks() const { return k_parts * n_parts; }
-
-  void Work() {
-    const int64_t half = K / 2 / 4 * 4;
-    for (int64_t t; (t = next.fetch_add(1)) < tasks();) {
-      const int64_t kp = t / n_parts, np = t % n_parts;
-      const int64_t k0 = kp == 0 ? 0 : half, k1 = kp + 1 == k_parts ? K : half;
-      const int64_t n0 = N * np / n_parts, n1 = N * (np + 1) / n_parts;
-      partial(x, w, kp == 0 ? y : second.data(), K, N, k0, k1, n0, n1);
-      done.fetch_add(1, std::memory_order_release);
+// Runs fn(0), ..., fn(count - 1) as tasks, with `helpers` of them handed to XLA's pool: each is
+// claimed by whichever thread comes first, the caller included, so the call finishes even when
+// every pool thread is busy elsewhere. Returns when all have run. A helper the pool starts late
+// finds nothing left to claim and touches none of fn's data.
+template <typename Fn>
+void RunTasks(ffi::ThreadPool& pool, int64_t count, int64_t helpers, Fn fn) {
+  struct Counters {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto counters = std::make_shared<Counters>();
+  auto work = [counters, count, fn] {
+    for (int64_t t; (t = counters->next.fetch_add(1)) < count;) {
+      fn(t);
+      counters->done.fetch_add(1, std::memory_order_release);
     }
-  }
-};
+  };
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));  // a copy per task
+  work();
+  while (counters->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+}
 
-// `tasks`: into how many pieces to split the product (0: one per thread of XLA's pool).
+// `tasks`: into how many pieces to split the product (0: one per thread of XLA's pool): `k_parts`
+// (1 or 2) ranges of K times `n_parts` ranges of N.
 ffi::Error FewRowMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
                             ffi::ResultBuffer<ffi::F32> y, int64_t tasks) {
   auto xd = x.dimensions(), wd = w.dimensions();
@@ -110,22 +106,20 @@ ffi::Error FewRowMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
     return ffi::Error::InvalidArgument("llava_next_fewrow_matmul: w must be float32 or bfloat16");
   const int64_t rows = xd[0], K = xd[1], N = wd[1];
   if (tasks <= 0) tasks = pool.num_threads();
-  auto job = std::make_shared<Job>();
-  job->k_parts = tasks >= 2 && K >= 128 ? 2 : 1;
-  job->n_parts = std::max<int64_t>(1, std::min(tasks / job->k_parts, N / kMinColumns));
-  job->partial = (bf16 ? kPartials<uint16_t> : kPartials<float>)[rows - 1];
-  job->x = x.typed_data();
-  job->w = w.untyped_data();
-  job->y = y->typed_data();
-  job->rows = rows;
-  job->K = K;
-  job->N = N;
-  if (job->k_parts == 2) job->second.resize(rows * N);
-  for (int64_t i = 1; i < job->tasks(); ++i) pool.Schedule([job] { job->Work(); });
-  job->Work();
-  while (job->done.load(std::memory_order_acquire) < job->tasks()) std::this_thread::yield();
-  float* out = job->y;
-  for (size_t i = 0; i < job->second.size(); ++i) out[i] += job->second[i];
+  const int64_t k_parts = tasks >= 2 && K >= 128 ? 2 : 1;
+  const int64_t n_parts = std::max<int64_t>(1, std::min(tasks / k_parts, N / kMinColumns));
+  const int64_t half = K / 2 / 4 * 4;
+  std::vector<float> second(k_parts == 2 ? rows * N : 0);  // the second K range's partial, [rows, N]
+  const PartialFn partial = (bf16 ? kPartials<uint16_t> : kPartials<float>)[rows - 1];
+  const float* xs = x.typed_data();
+  const void* ws = w.untyped_data();
+  float *out = y->typed_data(), *other = second.data();
+  RunTasks(pool, k_parts * n_parts, k_parts * n_parts - 1, [=](int64_t t) {
+    const int64_t kp = t / n_parts, np = t % n_parts;
+    partial(xs, ws, kp == 0 ? out : other, K, N, kp == 0 ? 0 : half, kp + 1 == k_parts ? K : half,
+            N * np / n_parts, N * (np + 1) / n_parts);
+  });
+  for (size_t i = 0; i < second.size(); ++i) out[i] += second[i];
   return ffi::Error::Success();
 }
 
@@ -182,7 +176,7 @@ constexpr HeadFn kHeads[kMaxRows] = {HeadProduct<1>, HeadProduct<2>, HeadProduct
 
 // A decode step's attention products, one per (row, kv head) pair p: y[p] = x[p] @ w[p] (w [P, K, N],
 // the query logits over the keys) or x[p] @ w[p]^T (w [P, N, K], the output from the values), x
-// [P, R, K] with R <= 8 (a kv head's query heads). Pairs are tasks on XLA's pool, claimed as above.
+// [P, R, K] with R <= 8 (a kv head's query heads). Each pair is a task.
 ffi::Error HeadMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                           ffi::ResultBuffer<ffi::F32> y, bool transposed) {
   auto xd = x.dimensions(), wd = w.dimensions();
@@ -190,34 +184,13 @@ ffi::Error HeadMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
       xd[2] != wd[transposed ? 2 : 1])
     return ffi::Error::InvalidArgument("llava_next_head_matmul: want x [P, R <= 8, K] and w [P, K, N] "
                                        "(transposed: [P, N, K])");
-  struct Heads {
-    HeadFn fn;
-    const float *x, *w;
-    float* y;
-    int64_t pairs, R, K, N;
-    bool transposed;
-    std::atomic<int64_t> next{0}, done{0};
-    void Work() {
-      for (int64_t p; (p = next.fetch_add(1)) < pairs;) {
-        fn(x + p * R * K, w + p * K * N, y + p * R * N, K, N, transposed);
-        done.fetch_add(1, std::memory_order_release);
-      }
-    }
-  };
-  auto job = std::make_shared<Heads>();
-  job->R = xd[1];
-  job->K = xd[2];
-  job->N = transposed ? wd[1] : wd[2];
-  job->fn = kHeads[job->R - 1];
-  job->x = x.typed_data();
-  job->w = w.typed_data();
-  job->y = y->typed_data();
-  job->pairs = xd[0];
-  job->transposed = transposed;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), job->pairs) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job] { job->Work(); });
-  job->Work();
-  while (job->done.load(std::memory_order_acquire) < job->pairs) std::this_thread::yield();
+  const int64_t pairs = xd[0], R = xd[1], K = xd[2], N = transposed ? wd[1] : wd[2];
+  const HeadFn product = kHeads[R - 1];
+  const float *xs = x.typed_data(), *ws = w.typed_data();
+  float* out = y->typed_data();
+  RunTasks(pool, pairs, std::min<int64_t>(pool.num_threads(), pairs) - 1, [=](int64_t p) {
+    product(xs + p * R * K, ws + p * K * N, out + p * R * N, K, N, transposed);
+  });
   return ffi::Error::Success();
 }
 

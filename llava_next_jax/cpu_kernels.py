@@ -87,9 +87,19 @@ def _load() -> bool:
         jax.ffi.register_ffi_target(HEADS_TARGET, jax.ffi.pycapsule(library.HeadMatmul), platform="cpu")
     except Exception as error:  # noqa: BLE001 - any failure means XLA's products, said once
         _log.warning("llava_next_jax: the native CPU decode kernel is unavailable, XLA's products are used "
-                     "(decode of batch 2-8 runs slower): %s", error)
+                     "(decode on the CPU runs slower): %s", error)
         return False
     return True
+
+
+def _usable() -> bool:
+    """A single-device CPU backend with the kernels built (a mesh keeps XLA's products)."""
+    return jax.default_backend() == "cpu" and jax.device_count() == 1 and available()
+
+
+def _require():
+    if not _load():
+        raise RuntimeError("the native CPU kernel is unavailable (see the warning above)")
 
 
 # Fewest rows per kernel dtype: one float32 row stays on XLA's row-blocked products (as fast).
@@ -100,7 +110,7 @@ def applies(rows: int, x_dtype, kernel: jax.Array) -> bool:
     """Whether a `[rows, in] x kernel [in, out]` product runs on the native kernel."""
     least = MIN_ROWS.get(jnp.dtype(kernel.dtype))
     return (least is not None and least <= rows <= MAX_ROWS and x_dtype == kernel.dtype and kernel.ndim == 2
-            and jax.default_backend() == "cpu" and jax.device_count() == 1 and available())
+            and _usable())
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -108,8 +118,7 @@ def fewrow_matmul(x: jax.Array, kernel: jax.Array, tasks: int = 0) -> jax.Array:
     """`x [R, K] @ kernel [K, N]` on the native kernel (R <= 8; float32 or bfloat16, both the same):
     float32 sums, the result in their dtype; differentiable. `tasks`: into how many pieces to split
     it (0: one per thread of XLA's CPU pool; more than there are threads is allowed, for tests)."""
-    if not _load():
-        raise RuntimeError("the native CPU kernel is unavailable (see the warning above)")
+    _require()
     out = jax.ShapeDtypeStruct((x.shape[0], kernel.shape[1]), jnp.float32)
     return jax.ffi.ffi_call(TARGET, out)(x.astype(jnp.float32), kernel, tasks=np.int64(tasks)).astype(x.dtype)
 
@@ -122,15 +131,14 @@ def _fewrow_matmul_jvp(tasks, primals, tangents):
 
 def heads_apply(group: int) -> bool:
     """Whether a decode step's attention products (`group` query heads per kv head) run on `head_matmul`."""
-    return 1 <= group <= MAX_ROWS and jax.default_backend() == "cpu" and jax.device_count() == 1 and available()
+    return 1 <= group <= MAX_ROWS and _usable()
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def head_matmul(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
     """Per pair p, float32: `x[p] [R, K] @ w[p] [K, N]`, or with `transposed` `x[p] @ w[p].T` for w
     `[P, N, K]`; R <= 8. Differentiable (XLA's einsum as the JVP)."""
-    if not _load():
-        raise RuntimeError("the native CPU kernel is unavailable (see the warning above)")
+    _require()
     N = w.shape[1] if transposed else w.shape[2]
     out = jax.ShapeDtypeStruct((x.shape[0], x.shape[1], N), jnp.float32)
     return jax.ffi.ffi_call(HEADS_TARGET, out)(x.astype(jnp.float32), w.astype(jnp.float32),

@@ -59,9 +59,10 @@ class RMSNorm(nn.Module):
 def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """`x [..., in] @ kernel [in, out]`, run the fastest way measured for its shape on this backend.
 
-    On the CPU (docs/benchmarks.md): 2 to 8 float32 rows (a decode step of a batch) on the native
-    kernel of `cpu_kernels`; one float32 row as partial products over row blocks of the kernel where
-    `xla_cpu.matvec_blocks` says so (partial sums in float32). Anything else: XLA's matmul."""
+    On the CPU (docs/benchmarks.md): 2 to 8 float32 rows or 1 to 8 bfloat16 rows (a decode step) on
+    the native kernel of `cpu_kernels` (`cpu_kernels.applies`); one float32 row as partial products
+    over row blocks of the kernel where `xla_cpu.matvec_blocks` says so (partial sums in float32).
+    Anything else: XLA's matmul."""
     rows = int(np.prod(x.shape[:-1]))
     if cpu_kernels.applies(rows, x.dtype, kernel):
         return cpu_kernels.fewrow_matmul(x.reshape(rows, -1), kernel).reshape(*x.shape[:-1], -1)
