@@ -46,14 +46,20 @@ SHAPES = {
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
+def hf_config(shape: str):
+    """HF's `LlavaNextConfig` of `shape`."""
+    from transformers import LlavaNextConfig
+    spec = SHAPES[shape]
+    return LlavaNextConfig(
+        vision_config=dict(model_type="clip_vision_model", image_size=336, patch_size=14, **spec["vision"]),
+        text_config=spec["text"], image_token_index=32000, image_grid_pinpoints=PINPOINTS)
+
+
 def hf_model(shape: str, dtype: str, device: str):
     """HF's model of `shape` with random weights drawn by transformers (seed 0), in `dtype` on `device`."""
     import torch
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
-    spec = SHAPES[shape]
-    config = LlavaNextConfig(
-        vision_config=dict(model_type="clip_vision_model", image_size=336, patch_size=14, **spec["vision"]),
-        text_config=spec["text"], image_token_index=32000, image_grid_pinpoints=PINPOINTS)
+    from transformers import LlavaNextForConditionalGeneration
+    config = hf_config(shape)
     torch.manual_seed(0)
     torch.set_default_dtype(getattr(torch, dtype))
     try:

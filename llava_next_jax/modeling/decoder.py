@@ -64,6 +64,10 @@ def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     over row blocks of the kernel where `xla_cpu.matvec_blocks` says so (partial sums in float32).
     Anything else: XLA's matmul."""
     rows = int(np.prod(x.shape[:-1]))
+    floor = int(os.environ.get("LLAVA_NEXT_GPU_MIN_ROWS", "0"))  # EXPERIMENT
+    if jax.default_backend() == "gpu" and rows < floor:
+        flat = jnp.pad(x.reshape(rows, -1), ((0, floor - rows), (0, 0)))
+        return (flat @ kernel)[:rows].reshape(*x.shape[:-1], -1)
     if cpu_kernels.applies(rows, x.dtype, kernel):
         return cpu_kernels.fewrow_matmul(x.reshape(rows, -1), kernel).reshape(*x.shape[:-1], -1)
     blocks = xla_cpu.matvec_blocks(rows, kernel)
@@ -194,6 +198,11 @@ def _group_matmul(spec: str, grouped: jax.Array, cache: jax.Array, split: bool) 
         out = cpu_kernels.head_matmul(grouped.reshape(B * K, G, X), cache.reshape(B * K, *cache.shape[2:]),
                                       transposed)
         return out.reshape(B, K, G, -1)
+    if os.environ.get("LLAVA_NEXT_GPU_HEADS") == "reduce":  # EXPERIMENT
+        g32, c32 = grouped.astype(jnp.float32), cache.astype(jnp.float32)
+        if spec == "bkgh,bkhs->bkgs":
+            return (g32[..., None] * c32[:, :, None]).sum(axis=3)
+        return (g32[:, :, :, None, :] * c32[:, :, None]).sum(axis=-1)
     if not split:
         return jnp.einsum(spec, grouped, cache, preferred_element_type=jnp.float32)
     one = spec.replace("g", "")
