@@ -8,8 +8,8 @@ step) and a KV cache of prompt + new-tokens slots filled with random numbers, th
 decode loop (`generate.decode_program`, greedy) at batch 1: tokens/s, and the share of the memory
 roofline (bytes a step reads over the bandwidth of a jitted elementwise pass measured here).
 
---variants: decode under the environment switches of `VARIANTS` (read when the program is traced),
-one after another in this process. --micro: the step's parts alone: one-row to eight-row products of
+--variants: decode with the `decoder` module constants of `VARIANTS` (read when the program is
+traced), one after another in this process; rows1 is XLA's one-row products, rows2 the default. --micro: the step's parts alone: one-row to eight-row products of
 each weight shape (GB/s of weights), and one layer's decode attention over the cache. --profile:
 a trace (Perfetto JSON) of 16 decode steps, copied to OUT_DIR/NAME.trace.json.gz, with the GPU's
 busy time and its largest kernels printed.
@@ -34,12 +34,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from generate_vs_hf import copy_bandwidth, hf_config, seconds  # noqa: E402
 
-VARIANTS = {
-    "base": {},
-    "rows2": {"LLAVA_NEXT_GPU_MIN_ROWS": "2"},
-    "rows4": {"LLAVA_NEXT_GPU_MIN_ROWS": "4"},
-    "reduce": {"LLAVA_NEXT_GPU_HEADS": "reduce"},
-    "rows4+reduce": {"LLAVA_NEXT_GPU_MIN_ROWS": "4", "LLAVA_NEXT_GPU_HEADS": "reduce"},
+VARIANTS = {  # overrides of `decoder` module constants, read when the decode program is traced
+    "rows1": {"GPU_MIN_ROWS": 1},
+    "rows2": {"GPU_MIN_ROWS": 2},
+    "rows4": {"GPU_MIN_ROWS": 4},
 }
 
 
@@ -113,7 +111,7 @@ def products(dtype, shapes=WEIGHT_SHAPES, total_bytes=512e6, repeats=10):
 
 def attention_layers(config, dtype, prompt, new_tokens, layers=32, repeats=10):
     """Microseconds per layer of a batch-1 decode step's attention (`decoder._attend_one`) over
-    `layers` distinct caches, for each value of LLAVA_NEXT_GPU_HEADS."""
+    `layers` distinct caches."""
     import jax
     import jax.numpy as jnp
     from llava_next_jax.modeling import decoder
@@ -125,15 +123,11 @@ def attention_layers(config, dtype, prompt, new_tokens, layers=32, repeats=10):
     q = jax.random.normal(key, (1, 1, N, H), dtype)
     new = jax.random.normal(key, (1, K, 1, H), dtype)
     mask = jnp.arange(S)[None] < prompt
-    for heads in ("einsum", "reduce"):
-        os.environ["LLAVA_NEXT_GPU_HEADS"] = heads
-        fn = jax.jit(lambda q, caches: [decoder._attend_one(q, k, v, new, new, mask, H ** -0.5) for k, v in caches])
-        out = jax.block_until_ready(fn(q, caches))
-        t = statistics.median(seconds(lambda: jax.block_until_ready(fn(q, caches))) for _ in range(repeats))
-        gbs = sum(k.nbytes + v.nbytes for k, v in caches) / t / 1e9
-        print(f"decode attention, {heads}: {t / layers * 1e6:.1f} us a layer ({gbs:.0f} GB/s of cache); "
-              f"first layer's output norm {float(jnp.linalg.norm(out[0].astype(jnp.float32))):.4f}", flush=True)
-    os.environ.pop("LLAVA_NEXT_GPU_HEADS")
+    fn = jax.jit(lambda q, caches: [decoder._attend_one(q, k, v, new, new, mask, H ** -0.5) for k, v in caches])
+    jax.block_until_ready(fn(q, caches))
+    t = statistics.median(seconds(lambda: jax.block_until_ready(fn(q, caches))) for _ in range(repeats))
+    gbs = sum(k.nbytes + v.nbytes for k, v in caches) / t / 1e9
+    print(f"decode attention: {t / layers * 1e6:.1f} us a layer ({gbs:.0f} GB/s of cache)", flush=True)
 
 
 def summarize_trace(path: str, top: int = 25):
@@ -191,7 +185,7 @@ def main():
     parser.add_argument("--prompt", type=int, default=3072)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--variants", nargs="*", default=["base"], choices=sorted(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=["rows2"], choices=sorted(VARIANTS))
     parser.add_argument("--micro", action="store_true")
     parser.add_argument("--profile", metavar="OUT_DIR")
     parser.add_argument("--label", default="base")
@@ -215,10 +209,11 @@ def main():
     print(f"a step reads {step_bytes / 1e9:.2f} GB: roofline {roofline:.1f} tok/s at the measured bandwidth")
     print("| variant | decode tok/s | of roofline | ms a step | first call s |")
     print("|---|---|---|---|---|")
+    from llava_next_jax.modeling import decoder
+    defaults = {k: getattr(decoder, k) for k in set().union(*VARIANTS.values())}
     for name in args.variants:
-        for k in set().union(*VARIANTS.values()):
-            os.environ.pop(k, None)
-        os.environ.update(VARIANTS[name])
+        for k, v in {**defaults, **VARIANTS[name]}.items():
+            setattr(decoder, k, v)
         jax.clear_caches()
         first = run(args.new_tokens)
         t = statistics.median(run(args.new_tokens) for _ in range(args.repeats))

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The decode study of docs/benchmarks.md on a GPU machine whose python3 has jax (CUDA) and transformers:
 #   benchmarks/gpu_decode.sh [OUT_DIR]
-# Three processes (XLA flags are read once a process): XLA's defaults with the parts timed apart, a
-# profile and the decode variants; command buffers for the whole loop (WHILE, CONDITIONAL); cuBLAS for
-# every product (no Triton GEMMs). Writes OUT_DIR/decode.md, the traces and the decode loop's HLO.
+# XLA's defaults with the parts timed apart, a profile and the decode variants; then the loop with
+# command buffers for the whole loop (WHILE, CONDITIONAL) and with cuBLAS for every product (no Triton
+# GEMMs), each its own process (XLA flags are read once a process). Writes OUT_DIR/decode.md, the
+# traces and the decode loop's HLO.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 out=${1:-.}
@@ -17,9 +18,9 @@ study() {
         | tee -a "$out/decode.md"
 }
 study 260 "--xla_dump_to=/tmp/hlo --xla_dump_hlo_module_re=.*decode_program.*" \
-    --micro --variants base rows4 reduce rows4+reduce --profile "$out" --label base
+    --micro --variants rows2 rows1 rows4 --profile "$out" --label base
 study 120 "--xla_gpu_enable_command_buffer=$buffers,WHILE,CONDITIONAL" \
-    --variants base rows4 --profile "$out" --label while
-study 100 "--xla_gpu_enable_triton_gemm=false" --variants base rows4 --label cublas
+    --variants rows2 rows1 --profile "$out" --label while
+study 100 "--xla_gpu_enable_triton_gemm=false" --variants rows2 rows1 --label cublas
 (cd /tmp/hlo && tar czf "$out/hlo.tar.gz" $(ls | grep -e "after_optimizations.txt" -e thunk | head -20))
 ls -la "$out"

@@ -202,6 +202,28 @@ def test_dense_row_blocks_equal_torch_linear(shape):
     np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 64), (1, 2, 64), (3, 1, 64)])
+def test_gpu_one_row_products_are_padded(shape, monkeypatch):
+    """On a GPU (the backend faked: the lowering is what is checked), a one-row product is padded to
+    `decoder.GPU_MIN_ROWS` rows and sliced back, so that XLA keeps it a matmul; two or more rows are
+    left alone. The padded product equals torch's on the same values."""
+    import jax
+    import jax.numpy as jnp
+    from llava_next_jax.modeling import decoder
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    rng = np.random.default_rng(1)
+    x, kernel = rng.standard_normal(shape).astype(np.float32), rng.standard_normal((64, 96)).astype(np.float32)
+    fn = jax.jit(lambda a, b: decoder.matmul(a, b))
+    dots = [line for line in fn.lower(x, kernel).as_text().splitlines() if "dot_general" in line]
+    rows = int(np.prod(shape[:-1]))
+    operand = f"{decoder.GPU_MIN_ROWS}x64" if rows == 1 else "x".join(map(str, shape))
+    assert len(dots) == 1 and f"(tensor<{operand}xf32>, tensor<64x96xf32>)" in dots[0], dots
+    ours = fn(x, kernel)
+    assert ours.shape == (*shape[:-1], 96)
+    ref = (torch.from_numpy(x).double() @ torch.from_numpy(kernel).double()).numpy()
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_decode_attention_equals_torch_sdpa(group):
     """A decode step's attention over a cache with masked slots plus its own key (groups of 1 and 4 run

@@ -56,18 +56,25 @@ class RMSNorm(nn.Module):
         return scale * x32.astype(x.dtype)
 
 
+# Rows a product has at least on a GPU (fewer are padded with zeros). XLA's GPU compiler rewrites a
+# one-row product whose kernel is small enough (a batch-1 decode step's k/v projections, [4096, 1024])
+# into an elementwise multiply that writes a kernel-sized array of bf16 products to memory, then sums
+# it: 32 us a layer on an H100 where the matmul takes ~6, 0.9 ms of a 6.8 ms 7B decode step
+# (docs/benchmarks.md). A product of two or more rows stays a matmul.
+GPU_MIN_ROWS = 2
+
+
 def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """`x [..., in] @ kernel [in, out]`, run the fastest way measured for its shape on this backend.
 
-    On the CPU (docs/benchmarks.md): 2 to 8 float32 rows or 1 to 8 bfloat16 rows (a decode step) on
-    the native kernel of `cpu_kernels` (`cpu_kernels.applies`); one float32 row as partial products
-    over row blocks of the kernel where `xla_cpu.matvec_blocks` says so (partial sums in float32).
-    Anything else: XLA's matmul."""
+    On a GPU, one row padded to `GPU_MIN_ROWS`. On the CPU (docs/benchmarks.md): 2 to 8 float32 rows
+    or 1 to 8 bfloat16 rows (a decode step) on the native kernel of `cpu_kernels`
+    (`cpu_kernels.applies`); one float32 row as partial products over row blocks of the kernel where
+    `xla_cpu.matvec_blocks` says so (partial sums in float32). Anything else: XLA's matmul."""
     rows = int(np.prod(x.shape[:-1]))
-    floor = int(os.environ.get("LLAVA_NEXT_GPU_MIN_ROWS", "0"))  # EXPERIMENT
-    if jax.default_backend() == "gpu" and rows < floor:
-        flat = jnp.pad(x.reshape(rows, -1), ((0, floor - rows), (0, 0)))
-        return (flat @ kernel)[:rows].reshape(*x.shape[:-1], -1)
+    if rows < GPU_MIN_ROWS and jax.default_backend() == "gpu":
+        padded = jnp.pad(x.reshape(rows, -1), ((0, GPU_MIN_ROWS - rows), (0, 0)))
+        return (padded @ kernel)[:rows].reshape(*x.shape[:-1], -1)
     if cpu_kernels.applies(rows, x.dtype, kernel):
         return cpu_kernels.fewrow_matmul(x.reshape(rows, -1), kernel).reshape(*x.shape[:-1], -1)
     blocks = xla_cpu.matvec_blocks(rows, kernel)
@@ -198,11 +205,6 @@ def _group_matmul(spec: str, grouped: jax.Array, cache: jax.Array, split: bool) 
         out = cpu_kernels.head_matmul(grouped.reshape(B * K, G, X), cache.reshape(B * K, *cache.shape[2:]),
                                       transposed)
         return out.reshape(B, K, G, -1)
-    if os.environ.get("LLAVA_NEXT_GPU_HEADS") == "reduce":  # EXPERIMENT
-        g32, c32 = grouped.astype(jnp.float32), cache.astype(jnp.float32)
-        if spec == "bkgh,bkhs->bkgs":
-            return (g32[..., None] * c32[:, :, None]).sum(axis=3)
-        return (g32[:, :, :, None, :] * c32[:, :, None]).sum(axis=-1)
     if not split:
         return jnp.einsum(spec, grouped, cache, preferred_element_type=jnp.float32)
     one = spec.replace("g", "")
