@@ -41,6 +41,17 @@ VARIANTS = {  # overrides of `decoder` module constants, read when the decode pr
 }
 
 
+def read_bandwidth(gib: float) -> float:
+    """Bytes/s of a jitted sum over a `gib` GiB bf16 array (bytes read): reads alone, as a decode step's."""
+    import jax
+    import jax.numpy as jnp
+    x = jax.random.normal(jax.random.key(0), (int(gib * 2**30) // 2,), jnp.bfloat16)
+    total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+    jax.block_until_ready(total(x))
+    t = statistics.median(seconds(lambda: jax.block_until_ready(total(x))) for _ in range(10))
+    return x.nbytes / t
+
+
 def random_params(config, dtype, seed=0):
     """Random language-model and lm_head params (normal, std 0.02; norms near 1) on the default device."""
     import jax
@@ -195,9 +206,10 @@ def main():
     import jax.numpy as jnp
     from llava_next_jax.config import LlavaNextConfig
     dtype = jnp.dtype(args.dtype)
-    bandwidth = copy_bandwidth(2)
+    bandwidth, read = copy_bandwidth(2), read_bandwidth(2)
     print(f"# {args.label}: {jax.devices()[0].device_kind}, jax {jax.__version__}, {args.shape} {args.dtype}, "
-          f"cache {args.prompt}+{args.new_tokens} slots; copy bandwidth {bandwidth / 1e9:.0f} GB/s; "
+          f"cache {args.prompt}+{args.new_tokens} slots; copy bandwidth {bandwidth / 1e9:.0f} GB/s, "
+          f"read bandwidth {read / 1e9:.0f} GB/s; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
     config = LlavaNextConfig.from_dict(hf_config(args.shape).to_dict())
     if args.micro:
@@ -206,7 +218,8 @@ def main():
     params = random_params(config, dtype)
     run, step_bytes = decode_runner(params, config, 1, args.prompt, args.new_tokens, dtype)
     roofline = bandwidth / step_bytes
-    print(f"a step reads {step_bytes / 1e9:.2f} GB: roofline {roofline:.1f} tok/s at the measured bandwidth")
+    print(f"a step reads {step_bytes / 1e9:.2f} GB: roofline {roofline:.1f} tok/s at the copy bandwidth, "
+          f"{read / step_bytes:.1f} at the read bandwidth")
     print("| variant | decode tok/s | of roofline | ms a step | first call s |")
     print("|---|---|---|---|---|")
     from llava_next_jax.modeling import decoder
