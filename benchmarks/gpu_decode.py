@@ -9,8 +9,7 @@ decode loop (`generate.decode_program`, greedy) at batch 1: tokens/s, and the sh
 roofline (bytes a step reads over the bandwidth of a jitted elementwise pass measured here).
 
 --variants: decode with the `decoder` module constants of `VARIANTS` (read when the program is
-traced) and environment, one after another in this process: rows1 is XLA's one-row products (no
-padding), xla-attention XLA's attention products instead of the GPU kernel. --micro: the step's parts alone: one-row to eight-row products of
+traced), one after another in this process; rows1 is XLA's one-row products, rows2 the default. --micro: the step's parts alone: one-row to eight-row products of
 each weight shape (GB/s of weights), and one layer's decode attention over the cache. --profile:
 a trace (Perfetto JSON) of 16 decode steps, copied to OUT_DIR/NAME.trace.json.gz, with the GPU's
 busy time and its largest kernels printed.
@@ -35,11 +34,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from generate_vs_hf import copy_bandwidth, hf_config, seconds  # noqa: E402
 
-VARIANTS = {  # (overrides of `decoder` module constants, environment), read when the program is traced
-    "default": ({}, {}),
-    "rows1": ({"GPU_MIN_ROWS": 1}, {}),
-    "rows4": ({"GPU_MIN_ROWS": 4}, {}),
-    "xla-attention": ({}, {"LLAVA_NEXT_ATTENTION": "xla"}),
+VARIANTS = {  # overrides of `decoder` module constants, read when the decode program is traced
+    "rows1": {"GPU_MIN_ROWS": 1},
+    "rows2": {"GPU_MIN_ROWS": 2},
+    "rows4": {"GPU_MIN_ROWS": 4},
 }
 
 
@@ -124,8 +122,7 @@ def products(dtype, shapes=WEIGHT_SHAPES, total_bytes=512e6, repeats=10):
 
 def attention_layers(config, dtype, prompt, new_tokens, layers=32, repeats=10):
     """Microseconds per layer of a batch-1 decode step's attention (`decoder._attend_one`) over
-    `layers` distinct caches, through the GPU kernel (where it applies) and through XLA's products,
-    and the largest difference between their outputs."""
+    `layers` distinct caches."""
     import jax
     import jax.numpy as jnp
     from llava_next_jax.modeling import decoder
@@ -137,22 +134,11 @@ def attention_layers(config, dtype, prompt, new_tokens, layers=32, repeats=10):
     q = jax.random.normal(key, (1, 1, N, H), dtype)
     new = jax.random.normal(key, (1, K, 1, H), dtype)
     mask = jnp.arange(S)[None] < prompt
-    outputs = {}
-    for attention in ("kernel", "xla"):
-        os.environ.pop("LLAVA_NEXT_ATTENTION", None)
-        if attention == "xla":
-            os.environ["LLAVA_NEXT_ATTENTION"] = "xla"
-        fn = jax.jit(lambda q, caches: [decoder._attend_one(q, k, v, new, new, mask, H ** -0.5) for k, v in caches])
-        outputs[attention] = jax.block_until_ready(fn(q, caches))
-        t = statistics.median(seconds(lambda: jax.block_until_ready(fn(q, caches))) for _ in range(repeats))
-        gbs = sum(k.nbytes + v.nbytes for k, v in caches) / t / 1e9
-        print(f"decode attention ({attention}): {t / layers * 1e6:.1f} us a layer ({gbs:.0f} GB/s of cache)",
-              flush=True)
-    os.environ.pop("LLAVA_NEXT_ATTENTION", None)
-    differences = [float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max())
-                   for a, b in zip(outputs["kernel"], outputs["xla"])]
-    print(f"decode attention: largest difference kernel - xla {max(differences):.2e} (bf16 outputs of about "
-          f"{float(jnp.abs(outputs['xla'][0].astype(jnp.float32)).max()):.2f})", flush=True)
+    fn = jax.jit(lambda q, caches: [decoder._attend_one(q, k, v, new, new, mask, H ** -0.5) for k, v in caches])
+    jax.block_until_ready(fn(q, caches))
+    t = statistics.median(seconds(lambda: jax.block_until_ready(fn(q, caches))) for _ in range(repeats))
+    gbs = sum(k.nbytes + v.nbytes for k, v in caches) / t / 1e9
+    print(f"decode attention: {t / layers * 1e6:.1f} us a layer ({gbs:.0f} GB/s of cache)", flush=True)
 
 
 def summarize_trace(path: str, top: int = 25):
@@ -210,9 +196,8 @@ def main():
     parser.add_argument("--prompt", type=int, default=3072)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--variants", nargs="*", default=["default"], choices=sorted(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=["rows2"], choices=sorted(VARIANTS))
     parser.add_argument("--micro", action="store_true")
-    parser.add_argument("--attention", action="store_true", help="of --micro, the attention part alone")
     parser.add_argument("--profile", metavar="OUT_DIR")
     parser.add_argument("--label", default="base")
     args = parser.parse_args()
@@ -229,7 +214,6 @@ def main():
     config = LlavaNextConfig.from_dict(hf_config(args.shape).to_dict())
     if args.micro:
         products(dtype)
-    if args.micro or args.attention:
         attention_layers(config, dtype, args.prompt, args.new_tokens)
     params = random_params(config, dtype)
     run, step_bytes = decode_runner(params, config, 1, args.prompt, args.new_tokens, dtype)
@@ -239,14 +223,10 @@ def main():
     print("| variant | decode tok/s | of roofline | ms a step | first call s |")
     print("|---|---|---|---|---|")
     from llava_next_jax.modeling import decoder
-    defaults = {k: getattr(decoder, k) for constants, _ in VARIANTS.values() for k in constants}
+    defaults = {k: getattr(decoder, k) for k in set().union(*VARIANTS.values())}
     for name in args.variants:
-        constants, env = VARIANTS[name]
-        for k, v in {**defaults, **constants}.items():
+        for k, v in {**defaults, **VARIANTS[name]}.items():
             setattr(decoder, k, v)
-        for k in {k for _, e in VARIANTS.values() for k in e}:
-            os.environ.pop(k, None)
-        os.environ.update(env)
         jax.clear_caches()
         first = run(args.new_tokens)
         t = statistics.median(run(args.new_tokens) for _ in range(args.repeats))

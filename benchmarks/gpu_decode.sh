@@ -18,9 +18,9 @@ study() {
         | tee -a "$out/decode.md"
 }
 study 260 "--xla_dump_to=/tmp/hlo --xla_dump_hlo_module_re=.*decode_program.*" \
-    --micro --variants default rows1 xla-attention --profile "$out" --label base
+    --micro --variants rows2 rows1 rows4 --profile "$out" --label base
 study 120 "--xla_gpu_enable_command_buffer=$buffers,WHILE,CONDITIONAL" \
-    --variants default rows1 --profile "$out" --label while
-study 100 "--xla_gpu_enable_triton_gemm=false" --variants default rows1 --label cublas
+    --variants rows2 rows1 --profile "$out" --label while
+study 100 "--xla_gpu_enable_triton_gemm=false" --variants rows2 rows1 --label cublas
 (cd /tmp/hlo && tar czf "$out/hlo.tar.gz" $(ls | grep -e "after_optimizations.txt" -e thunk | head -20))
 ls -la "$out"

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import cpu_kernels, gpu_kernels, xla_cpu
+from .. import cpu_kernels, xla_cpu
 from ..config import RopeConfig, TextConfig
 
 Params = dict[str, Any]
@@ -176,16 +176,11 @@ def _attend_one(q, k_cache, v_cache, k_new, v_new, mask, scale):
     """One query per row, q `[B, 1, N, H]`, over the cache as it was (keys and values `[B, K, H, S]`,
     mask `[B, S]`, the slot being written excluded) plus this token's own key/value (`[B, K, 1, H]`):
     one softmax over both. Reading the cache before this step's write lets XLA update it in place
-    afterwards, with no copy of it per step. On a single NVIDIA GPU with a half-precision cache, the
-    Pallas kernel of `gpu_kernels` (unless LLAVA_NEXT_ATTENTION=xla).
+    afterwards, with no copy of it per step.
     """
     B, _, N, H = q.shape
     K = k_cache.shape[1]
     grouped = _group(q, K)                                                        # [B, K, G, H]
-    if (os.environ.get("LLAVA_NEXT_ATTENTION") != "xla"
-            and gpu_kernels.applies(N // K, H, k_cache.shape[-1], k_cache.dtype)):
-        out = gpu_kernels.decode_attention(grouped, k_cache, v_cache, k_new, v_new, mask, scale)
-        return _ungroup(out.astype(q.dtype), 1)
     split = xla_cpu.split_query_heads(N // K)
     cached = _group_matmul("bkgh,bkhs->bkgs", grouped, k_cache, split) * scale
     cached = jnp.where(mask[:, None, None], cached, jnp.finfo(jnp.float32).min)
@@ -244,8 +239,7 @@ def attention_implementation(dtype, head_dim: int) -> str:
     when asked for.
 
     The environment variable LLAVA_NEXT_ATTENTION (blocks, cudnn or xla), read when a program is
-    traced, overrides the choice, e.g. `xla` where a cuDNN build rejects a shape; `xla` also keeps a
-    decode step's attention on XLA's products instead of the GPU kernel (`_attend_one`).
+    traced, overrides the choice, e.g. `xla` where a cuDNN build rejects a shape.
     """
     chosen = os.environ.get("LLAVA_NEXT_ATTENTION", "")
     if chosen:
@@ -253,7 +247,16 @@ def attention_implementation(dtype, head_dim: int) -> str:
             raise ValueError(f"LLAVA_NEXT_ATTENTION={chosen!r}; expected blocks, cudnn or xla")
         return chosen
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if gpu_kernels.nvidia_gpu() and half and head_dim % 8 == 0 and head_dim <= 128 else "blocks"
+    return "cudnn" if _flash_gpu() and half and head_dim % 8 == 0 and head_dim <= 128 else "blocks"
+
+
+def _flash_gpu() -> bool:
+    """An NVIDIA GPU with cuDNN's flash attention: compute capability 8.0 (Ampere) or later. A ROCm
+    GPU reports no such number."""
+    if jax.default_backend() != "gpu":
+        return False
+    major = str(getattr(jax.devices()[0], "compute_capability", "")).split(".")[0]
+    return major.isdigit() and int(major) >= 8
 
 
 def _attend_cudnn(q, k, v, mask, scale):
