@@ -1,7 +1,7 @@
 """Where a decode step's time goes on a GPU, ours alone, 7B-shaped bf16 random weights (no HF, no prefill).
 
     python3 benchmarks/gpu_decode.py [--shape 7b] [--dtype bfloat16] [--prompt 3072] [--new-tokens 128]
-        [--repeats 3] [--variants base ...] [--micro] [--profile OUT_DIR] [--label NAME]
+        [--repeats 3] [--variants rows2 rows1 rows4] [--micro] [--profile OUT_DIR] [--label NAME]
 
 Builds the decoder's params (language model and lm_head; the vision tower plays no part in a decode
 step) and a KV cache of prompt + new-tokens slots filled with random numbers, then times the compiled
@@ -9,10 +9,11 @@ decode loop (`generate.decode_program`, greedy) at batch 1: tokens/s, and the sh
 roofline (bytes a step reads over the bandwidth of a jitted elementwise pass measured here).
 
 --variants: decode with the `decoder` module constants of `VARIANTS` (read when the program is
-traced), one after another in this process; rows1 is XLA's one-row products, rows2 the default. --micro: the step's parts alone: one-row to eight-row products of
-each weight shape (GB/s of weights), and one layer's decode attention over the cache. --profile:
-a trace (Perfetto JSON) of 16 decode steps, copied to OUT_DIR/NAME.trace.json.gz, with the GPU's
-busy time and its largest kernels printed.
+traced), one after another in this process; rows1 is XLA's one-row products, rows2 the default.
+--micro: the step's parts alone: one-row to eight-row products of each weight shape (GB/s of
+weights, each call's dispatch included: compare rows with rows, not with the loop), and one layer's
+decode attention over the cache. --profile: a trace (Perfetto JSON) of 16 decode steps, copied to
+OUT_DIR/NAME.trace.json.gz, with the GPU's busy time and its largest kernels printed.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import tempfile
 import time
 from collections import defaultdict
 
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from generate_vs_hf import copy_bandwidth, hf_config, seconds  # noqa: E402
