@@ -30,7 +30,6 @@ import tempfile
 import time
 from collections import defaultdict
 
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from generate_vs_hf import copy_bandwidth, hf_config, seconds  # noqa: E402
 
