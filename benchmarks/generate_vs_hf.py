@@ -117,6 +117,18 @@ def seconds(fn):
     return time.perf_counter() - start
 
 
+def decode_step_bytes(params, config, rows: int, cache_length: int, dtype) -> int:
+    """Bytes a decode step reads: the decoder's weights and the lm_head (not the embedding table, of
+    which it reads one row), and the whole cache of `rows` x `cache_length` slots (from shapes alone:
+    building one here would run a prefill outside the first call's time)."""
+    import jax
+    from llava_next_jax.modeling import decoder
+    cache = jax.eval_shape(lambda: decoder.init_cache(config.text, rows, cache_length, dtype))
+    weights = {k: v for k, v in params["language_model"].items() if k != "embed_tokens"}
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache)) + sum(
+        a.nbytes for a in jax.tree.leaves([weights, params.get("lm_head", {})]))
+
+
 def ours(model, inputs, new_tokens):
     """(first call s, prefill timer, decode timer, tokens, bytes a decode step reads): the prefill and
     decode programs timed apart.
@@ -125,7 +137,6 @@ def ours(model, inputs, new_tokens):
     donated to the decode loop) and returns decode tokens/s. `tokens()`: the greedy new tokens `[B, n]`."""
     import jax
     from llava_next_jax import generate
-    from llava_next_jax.modeling import decoder
     args = model.generation_inputs(**inputs, max_new_tokens=new_tokens, eos_token_id=[])
     new_bucket, options = args.pop("new_bucket"), args.pop("options")
     rows = inputs["input_ids"].shape[0]
@@ -143,11 +154,7 @@ def ours(model, inputs, new_tokens):
     def decode_rate():
         state = prefill()
         return new_tokens * rows / seconds(lambda: decode(state))
-    # From shapes alone: running a prefill here would compile it outside the first call's time.
-    cache = jax.eval_shape(lambda: decoder.init_cache(model.config.text, rows, cache_length, args["dtype"]))
-    weights = {k: v for k, v in model.params["language_model"].items() if k != "embed_tokens"}
-    step_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache)) + sum(
-        a.nbytes for a in jax.tree.leaves([weights, model.params.get("lm_head", {})]))
+    step_bytes = decode_step_bytes(model.params, model.config, rows, cache_length, args["dtype"])
     first = seconds(lambda: decode(prefill()))
     return first, lambda: seconds(prefill), decode_rate, lambda: np.asarray(decode(prefill()))[:, :new_tokens], \
         step_bytes

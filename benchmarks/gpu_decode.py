@@ -31,7 +31,7 @@ import time
 from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from generate_vs_hf import copy_bandwidth, hf_config, seconds  # noqa: E402
+from generate_vs_hf import copy_bandwidth, decode_step_bytes, hf_config, seconds  # noqa: E402
 
 VARIANTS = {  # overrides of `decoder` module constants, read when the decode program is traced
     "rows1": {"GPU_MIN_ROWS": 1},
@@ -83,10 +83,7 @@ def decode_runner(params, config, batch, prompt, new_tokens, dtype):
         jax.block_until_ready(generate.decode_program(params, config, logits, cache, kv_valid, options, dtype,
                                                       new_tokens))
         return time.perf_counter() - start
-    cache_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(
-        jax.eval_shape(lambda: decoder.init_cache(config.text, batch, S, dtype))))
-    weights = [v for k, v in params["language_model"].items() if k != "embed_tokens"] + [params.get("lm_head", {})]
-    return run, cache_bytes + sum(a.nbytes for a in jax.tree.leaves(weights))
+    return run, decode_step_bytes(params, config, batch, S, dtype)
 
 
 WEIGHT_SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096), (4096, 1024), (4096, 32064)]
