@@ -96,7 +96,7 @@ def main():
     big = [jnp.asarray(a, dtype) for a in inputs(rng, 1, T, N, K, H, pad=0)[:3]]
     big_mask = jnp.asarray(np.tril(np.ones((T, T), bool))[None])
     usable = []
-    for implementation in ["blocks", "xla"] + (["cudnn"] if gpu else []):
+    for implementation in ["blocks", "xla"] + (["cudnn"] if gpu else ["native"]):
         try:
             fn = ours(implementation, scale)
             error = check(fn(*(jnp.asarray(a, dtype) for a in (q, k, v)), jnp.asarray(mask)))

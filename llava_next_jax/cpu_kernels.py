@@ -33,9 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_kernels.cc", "cpu_attention.cc"))
 TARGET = "llava_next_fewrow_matmul"
 HEADS_TARGET = "llava_next_head_matmul"
+FLASH_TARGET = "llava_next_flash_attention"
 MAX_ROWS = 8
 _log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def _build() -> Path:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set $CXX)")
     include = jax.ffi.include_dir()
     flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", f"-I{include}"]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), jax.lib.__version__, compiler, " ".join(flags),
+    key = hashlib.sha256("\0".join([*(source.read_text() for source in SOURCES), jax.lib.__version__, compiler, " ".join(flags),
                                      _cpu_name()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("LLAVA_NEXT_CACHE", Path.home() / ".cache" / "llava_next_jax"))
     library = cache / f"cpu_kernels-{key}.so"
@@ -65,10 +66,10 @@ def _build() -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         built = Path(tmp) / library.name
-        run = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True,
+        run = subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(built)], capture_output=True, text=True,
                              timeout=300)
         if run.returncode:
-            raise RuntimeError(f"{compiler} {SOURCE} failed:\n{run.stderr[-2000:]}")
+            raise RuntimeError(f"{compiler} {' '.join(map(str, SOURCES))} failed:\n{run.stderr[-2000:]}")
         os.replace(built, library)  # atomic: concurrent processes each build, one file wins
     return library
 
@@ -85,9 +86,10 @@ def _load() -> bool:
         library = ctypes.cdll.LoadLibrary(str(_build()))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.FewRowMatmul), platform="cpu")
         jax.ffi.register_ffi_target(HEADS_TARGET, jax.ffi.pycapsule(library.HeadMatmul), platform="cpu")
+        jax.ffi.register_ffi_target(FLASH_TARGET, jax.ffi.pycapsule(library.FlashAttention), platform="cpu")
     except Exception as error:  # noqa: BLE001 - any failure means XLA's products, said once
-        _log.warning("llava_next_jax: the native CPU decode kernel is unavailable, XLA's products are used "
-                     "(decode on the CPU runs slower): %s", error)
+        _log.warning("llava_next_jax: the native CPU kernels are unavailable, XLA's operations are used "
+                     "(decode and prefill on the CPU run slower): %s", error)
         return False
     return True
 
@@ -151,3 +153,19 @@ def _head_matmul_jvp(transposed, primals, tangents):
     spec = "prk,pnk->prn" if transposed else "prk,pkn->prn"
     f32 = lambda a: a.astype(jnp.float32)
     return head_matmul(x, w, transposed), jnp.einsum(spec, f32(dx), f32(w)) + jnp.einsum(spec, f32(x), f32(dw))
+
+
+def flash_applies() -> bool:
+    """Whether a prefill's attention runs on `flash_attention` (a single-device CPU, kernels built)."""
+    return _usable()
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """Softmax attention of q `[B, T, N, H]` over k/v `[B, K, S, H]` (GQA: N a multiple of K) where the
+    bool mask `[B, T, S]` allows, in one pass over tiles (`cpu_attention.cc`): float32 throughout, the
+    result in q's dtype. A query that may see no key gets zeros. Not differentiable (a prefill's)."""
+    _require()
+    f32 = lambda a: a.astype(jnp.float32)
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    return jax.ffi.ffi_call(FLASH_TARGET, out)(f32(q), f32(k), f32(v), mask.astype(jnp.bool_),
+                                               scale=np.float32(scale)).astype(q.dtype)

@@ -1,5 +1,6 @@
-"""The native few-row matmul of a CPU decode step (`cpu_kernels`) against PyTorch, where the decoder
-uses it, and what happens when it cannot be built."""
+"""The native CPU kernels (`cpu_kernels`: the few-row matmul and attention products of a decode step,
+a prefill's attention) against PyTorch, where the decoder uses them, and what happens when they
+cannot be built."""
 
 import logging
 
@@ -85,6 +86,49 @@ def test_decode_attention_uses_head_matmul():
     assert text.count(cpu_kernels.HEADS_TARGET) == 2
 
 
+@pytest.mark.parametrize("B,T,N,K,H", [(1, 300, 16, 4, 64), (3, 77, 6, 6, 24), (2, 130, 7, 1, 128), (1, 5, 2, 1, 16)])
+@pytest.mark.parametrize("window", [0, 40])
+def test_flash_attention_equals_torch_sdpa(B, T, N, K, H, window):
+    """A prefill's attention on the kernel against PyTorch's SDPA in float64 with the same bool mask:
+    causal, the later rows left-padded (so some queries see nothing: zeros), with and without a
+    sliding window; GQA groups of 4, 1 and 7; T not a multiple of the kernel's 64-key tiles, head dims
+    not multiples of its 16-float register tiles; float32 inputs, and bf16 ones (computed in float32)."""
+    rng = np.random.default_rng(T * H + window)
+    q, k, v = rng.standard_normal((B, T, N, H)), *rng.standard_normal((2, B, K, T, H))
+    valid = np.arange(T)[None, :] >= (np.arange(B) * T // 4)[:, None]
+    slots = jnp.arange(T)
+    mask = decoder.attention_mask(jnp.broadcast_to(slots, (B, T)), slots, jnp.asarray(valid))
+    if window:
+        mask = decoder._window_mask(mask, jnp.broadcast_to(slots, (B, T)), slots, window)
+    mask = np.array(mask)
+    sees = mask.any(-1)[..., None, None]                                             # [B, T, 1, 1]
+    for dtype, rtol in (("float32", 1e-5), ("bfloat16", 0)):
+        x = [jnp.asarray(a, dtype) for a in (q, k, v)]
+        ours = jax.jit(cpu_kernels.flash_attention, static_argnums=4)(*x, jnp.asarray(mask), H ** -0.5)
+        assert ours.dtype == jnp.dtype(dtype)
+        t = lambda a: torch.from_numpy(np.asarray(np.asarray(a, np.float32), np.float64))
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            t(x[0]).transpose(1, 2), t(x[1]).repeat_interleave(N // K, 1), t(x[2]).repeat_interleave(N // K, 1),
+            attn_mask=torch.from_numpy(mask)[:, None]).transpose(1, 2).numpy()
+        ref = np.where(sees, ref, 0.0)
+        tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else dict(rtol=2 ** -8, atol=2 ** -8)
+        np.testing.assert_allclose(np.asarray(ours, np.float64), ref, **tolerance)
+    assert sees.all() == (B == 1) and (np.asarray(ours)[~sees[..., 0, 0]] == 0).all()
+
+
+def test_prefill_attention_uses_flash_attention(monkeypatch):
+    """A prefill (`fused`) lowers to the attention kernel on this CPU; a pass whose gradient may be
+    taken keeps the query blocks, as does `LLAVA_NEXT_ATTENTION=blocks`."""
+    monkeypatch.delenv("LLAVA_NEXT_ATTENTION", raising=False)
+    q, kv, mask = jnp.ones((1, 200, 4, 16)), jnp.ones((1, 2, 200, 16)), jnp.tril(jnp.ones((1, 200, 200), bool))
+    lowered = lambda fused: jax.jit(lambda *a: decoder.attention(*a, 0.25, causal_prefix=True, fused=fused)).lower(
+        q, kv, kv, mask).as_text()
+    assert cpu_kernels.FLASH_TARGET in lowered(True)
+    assert cpu_kernels.FLASH_TARGET not in lowered(False)
+    monkeypatch.setenv("LLAVA_NEXT_ATTENTION", "blocks")
+    assert cpu_kernels.FLASH_TARGET not in lowered(True)
+
+
 def test_gradient_equals_torch():
     """The kernel is differentiable (its JVP is XLA's product): gradients of a 3-row product."""
     rng = np.random.default_rng(1)
@@ -111,12 +155,12 @@ def test_switched_off_and_unbuildable(monkeypatch, tmp_path, caplog):
     with pytest.raises(RuntimeError, match="no-such-compiler"):
         cpu_kernels._build()
     monkeypatch.setenv("CXX", "false")   # exists, fails
-    with pytest.raises(RuntimeError, match="false .*cpu_kernels.cc failed"):
+    with pytest.raises(RuntimeError, match="false .*cpu_kernels.cc .*cpu_attention.cc failed"):
         cpu_kernels._build()
     assert not list(tmp_path.glob("*.so"))
     with caplog.at_level(logging.WARNING, logger="llava_next_jax.cpu_kernels"):
         assert cpu_kernels._load.__wrapped__() is False
-    assert "native CPU decode kernel is unavailable" in caplog.text and "cpu_kernels.cc failed" in caplog.text
+    assert "native CPU kernels are unavailable" in caplog.text and "cpu_attention.cc failed" in caplog.text
 
 
 def test_bfloat16_decode_step_close_to_hf_bfloat16(tmp_path):

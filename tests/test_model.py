@@ -99,11 +99,11 @@ def test_image_token_count_mismatch_is_an_error(tmp_path):
         model.forward(batch["input_ids"], batch["pixel_values"], None)
 
 
-@pytest.mark.parametrize("implementation", ["blocks", "xla"])
+@pytest.mark.parametrize("implementation", ["blocks", "xla", "native"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_blocked_causal_attention_equals_torch_sdpa(batch, implementation, monkeypatch):
-    """The prefill's attention, as query blocks (their size depends on the batch) and as one product
-    (`LLAVA_NEXT_ATTENTION=xla`), against one PyTorch SDPA call, with left padding and
+    """The prefill's attention, as query blocks (their size depends on the batch), as one product
+    (`LLAVA_NEXT_ATTENTION=xla`) and on the CPU kernel, against one PyTorch SDPA call, with left padding and
     GQA, on every query that may see a key. (cuDNN's path needs a GPU: benchmarks/prefill_attention.py.)"""
     import jax.numpy as jnp
     from llava_next_jax.modeling import decoder
@@ -126,12 +126,16 @@ def test_blocked_causal_attention_equals_torch_sdpa(batch, implementation, monke
 
 def test_attention_implementation_choice(monkeypatch):
     """cuDNN only for half precision on an NVIDIA GPU that has its flash attention (compute capability
-    8.0 on); query blocks elsewhere; the override is checked and names the bad value."""
+    8.0 on); the native kernel on this CPU, query blocks on other GPUs or where the kernels are off; the
+    override is checked and names the bad value."""
     import jax
     import jax.numpy as jnp
     from llava_next_jax.modeling import decoder
     monkeypatch.delenv("LLAVA_NEXT_ATTENTION", raising=False)
-    assert decoder.attention_implementation(jnp.bfloat16, 128) == "blocks"   # this machine: a CPU
+    assert decoder.attention_implementation(jnp.bfloat16, 128) == "native"   # this machine: a CPU
+    monkeypatch.setenv("LLAVA_NEXT_CPU_KERNELS", "0")
+    assert decoder.attention_implementation(jnp.float32, 64) == "blocks"
+    monkeypatch.delenv("LLAVA_NEXT_CPU_KERNELS")
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     for capability, dtype, head_dim, expected in [("9.0", jnp.bfloat16, 128, "cudnn"), ("8.0", jnp.float16, 64, "cudnn"),
                                                   ("9.0", jnp.float32, 128, "blocks"), ("9.0", jnp.bfloat16, 256, "blocks"),

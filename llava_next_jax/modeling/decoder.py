@@ -230,24 +230,30 @@ def _after(x: jax.Array, earlier: jax.Array) -> jax.Array:
     return x + jnp.where(jnp.isfinite(last), last, 0) * 0
 
 
+ATTENTION_IMPLEMENTATIONS = ("blocks", "cudnn", "native", "xla")
+
+
 def attention_implementation(dtype, head_dim: int) -> str:
     """How `attention` computes causal attention over a prompt: "cudnn" on an NVIDIA GPU of compute
     capability 8.0 or later, in bf16/fp16, with a head dim that is a multiple of 8 up to 128 (cuDNN's
-    flash attention through `jax.nn.dot_product_attention`, for a prefill; passes whose gradient may
-    be taken run the blocks), else "blocks" (causal query blocks: about half the work of one product,
-    and half the softmax weights a backward pass keeps). "xla", one `_attend` over all queries, only
-    when asked for.
+    flash attention through `jax.nn.dot_product_attention`); "native" on a single-device CPU with the
+    native kernels built (`cpu_kernels.flash_attention`: tiles of logits kept in the core's caches);
+    both for a prefill only, where passes whose gradient may be taken run the blocks. Else "blocks"
+    (causal query blocks: about half the work of one product, and half the softmax weights a backward
+    pass keeps). "xla", one `_attend` over all queries, only when asked for.
 
-    The environment variable LLAVA_NEXT_ATTENTION (blocks, cudnn or xla), read when a program is
-    traced, overrides the choice, e.g. `xla` where a cuDNN build rejects a shape.
+    The environment variable LLAVA_NEXT_ATTENTION (blocks, cudnn, native or xla), read when a program
+    is traced, overrides the choice, e.g. `xla` where a cuDNN build rejects a shape.
     """
     chosen = os.environ.get("LLAVA_NEXT_ATTENTION", "")
     if chosen:
-        if chosen not in ("blocks", "cudnn", "xla"):
-            raise ValueError(f"LLAVA_NEXT_ATTENTION={chosen!r}; expected blocks, cudnn or xla")
+        if chosen not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"LLAVA_NEXT_ATTENTION={chosen!r}; expected one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
         return chosen
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if _flash_gpu() and half and head_dim % 8 == 0 and head_dim <= 128 else "blocks"
+    if _flash_gpu() and half and head_dim % 8 == 0 and head_dim <= 128:
+        return "cudnn"
+    return "native" if cpu_kernels.flash_applies() else "blocks"
 
 
 def _flash_gpu() -> bool:
@@ -280,6 +286,8 @@ def attention(q, k, v, mask, scale, causal_prefix: bool, fused: bool = False):
     implementation = attention_implementation(q.dtype, q.shape[-1]) if causal_prefix else "xla"
     if implementation == "cudnn" and fused:
         return _attend_cudnn(q, k, v, mask, scale)
+    if implementation == "native" and fused:
+        return cpu_kernels.flash_attention(q, k, v, mask, scale)
     if implementation == "xla" or T <= block:
         return _attend(q, k, v, mask, scale)
     blocks = []

@@ -1,0 +1,300 @@
+// Prefill attention for XLA:CPU in one pass over tiles (flash attention): out[b, t, n] = softmax over
+// the keys s that mask[b, t, s] allows of scale * q[b, t, n] . k[b, n / G, s], times v[b, n / G, s].
+//
+// XLA:CPU computes attention as separate operations: the logits of a block of queries are written to
+// memory, read back for their maximum, again for the exponentials, and again by the product with the
+// values. Here a task takes the G query heads of one kv head at a block of positions (kRows rows in
+// all), walks the key tiles its mask reaches (tiles the mask hides entirely, e.g. above the causal
+// diagonal, are skipped) and keeps the tile's logits, the running maxima and sums (online softmax)
+// and the output in the core's caches. Products run on register tiles of kMicroRows x 16 floats.
+// Tasks go to XLA's thread pool, most work first. The vector code is GCC/Clang vector extensions, so
+// it builds on any CPU the compiler targets (-march=native). Built and loaded by
+// llava_next_jax/cpu_kernels.py with cpu_kernels.cc.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float V8 __attribute__((vector_size(32)));
+typedef int32_t I8 __attribute__((vector_size(32)));
+
+constexpr int64_t kTile = 64;      // keys per tile
+constexpr int64_t kRows = 128;     // query rows per task (positions x query heads of a kv head)
+constexpr int kMicroRows = 6;      // rows of a register tile (x 16 columns: 12 accumulators)
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline V8 Load(const float* p) {
+  V8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void Store(float* p, V8 v) { std::memcpy(p, &v, sizeof v); }
+inline V8 Splat(float x) { return V8{x, x, x, x, x, x, x, x}; }
+inline V8 Select(I8 keep, V8 x) { return (V8)((I8)x & keep); }  // x where keep, else 0
+inline V8 Max(V8 a, V8 b) {
+  const I8 greater = a > b;
+  return (V8)(((I8)a & greater) | ((I8)b & ~greater));
+}
+
+// e^x for x <= 0 in each lane (2^f on [-0.5, 0.5] by Cephes' exp2f polynomial, relative error ~2e-7);
+// 0 at or below -87 (e^-87 ~ 1.6e-38), -inf included: whatever such a lane computes is masked off.
+inline V8 Exp(V8 x) {
+  const I8 keep = x > Splat(-87.0f);
+  const V8 magic = Splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+  const V8 shifted = x * Splat(1.44269504088896341f) + magic;
+  const V8 n = shifted - magic;
+  const V8 f = x * Splat(1.44269504088896341f) - n;
+  V8 p = Splat(1.535336188319500e-4f);
+  p = p * f + Splat(1.339887440266574e-3f);
+  p = p * f + Splat(9.618437357674640e-3f);
+  p = p * f + Splat(5.550332471162809e-2f);
+  p = p * f + Splat(2.402264791363012e-1f);
+  p = p * f + Splat(6.931472028550421e-1f);
+  p = p * f + Splat(1.0f);
+  const I8 power = ((I8)shifted << 23) + (127 << 23);  // 2^n as float bits: shifted's low bits hold n
+  return Select(keep, p * (V8)power);
+}
+
+inline float HorizontalMax(V8 v) {
+  float m = v[0];
+  for (int i = 1; i < 8; ++i) m = std::max(m, v[i]);
+  return m;
+}
+inline float HorizontalSum(V8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
+
+// The logits of a register tile: x[r, 0:16] = q[r, :depth] . keys[:depth, 0:16] (+ bias[r][0:16] where
+// bias is given), r < kMicroRows, with most[r] = max(most[r], x[r, 0:16]). keys rows are kTile apart,
+// q rows q_stride, x rows kTile.
+inline void LogitsTile(const float* __restrict q, int64_t q_stride, const float* __restrict keys, int64_t depth,
+                       const float* const* bias, float* __restrict x, V8* most) {
+  V8 acc[kMicroRows][2] = {};
+  for (int64_t i = 0; i < depth; ++i) {
+    const V8 k0 = Load(keys + i * kTile), k1 = Load(keys + i * kTile + 8);
+    for (int r = 0; r < kMicroRows; ++r) {
+      const V8 a = Splat(q[r * q_stride + i]);
+      acc[r][0] += a * k0;
+      acc[r][1] += a * k1;
+    }
+  }
+  for (int r = 0; r < kMicroRows; ++r) {
+    if (bias) {
+      acc[r][0] += Load(bias[r]);
+      acc[r][1] += Load(bias[r] + 8);
+    }
+    Store(x + r * kTile, acc[r][0]);
+    Store(x + r * kTile + 8, acc[r][1]);
+    most[r] = Max(most[r], Max(acc[r][0], acc[r][1]));
+  }
+}
+
+// The output of a register tile: o[r, 0:16] += sum over j < depth of w[r, j] * values[j, 0:16],
+// r < kMicroRows; w rows kTile apart, values and o rows `stride`.
+inline void OutputTile(const float* __restrict w, const float* __restrict values, int64_t depth, int64_t stride,
+                       float* __restrict o) {
+  V8 acc[kMicroRows][2];
+  for (int r = 0; r < kMicroRows; ++r) {
+    acc[r][0] = Load(o + r * stride);
+    acc[r][1] = Load(o + r * stride + 8);
+  }
+  for (int64_t j = 0; j < depth; ++j) {
+    const V8 v0 = Load(values + j * stride), v1 = Load(values + j * stride + 8);
+    for (int r = 0; r < kMicroRows; ++r) {
+      const V8 a = Splat(w[r * kTile + j]);
+      acc[r][0] += a * v0;
+      acc[r][1] += a * v1;
+    }
+  }
+  for (int r = 0; r < kMicroRows; ++r) {
+    Store(o + r * stride, acc[r][0]);
+    Store(o + r * stride + 8, acc[r][1]);
+  }
+}
+
+struct Shapes {
+  int64_t B, T, N, H, K, S, G;
+  int64_t positions;  // query positions per task: kRows / G, at least 1
+  int64_t H16;        // H rounded up to a multiple of 16 (packed tiles are zero beyond H)
+  int64_t tiles;      // key tiles: ceil(S / kTile)
+};
+
+// Keys and values of one (row, kv head, tile), packed: keys transposed [H16, kTile], values [kTile, H16],
+// zero beyond the tile's keys and beyond H.
+void PackTile(const Shapes& s, const float* k, const float* v, int64_t pair, int64_t tile, float* keys,
+              float* values) {
+  const int64_t s0 = tile * kTile, width = std::min(kTile, s.S - s0);
+  const float* kp = k + (pair * s.S + s0) * s.H;
+  const float* vp = v + (pair * s.S + s0) * s.H;
+  std::fill(keys, keys + s.H16 * kTile, 0.0f);
+  std::fill(values, values + kTile * s.H16, 0.0f);
+  for (int64_t j = 0; j < width; ++j)
+    for (int64_t d = 0; d < s.H; ++d) {
+      keys[d * kTile + j] = kp[j * s.H + d];
+      values[j * s.H16 + d] = vp[j * s.H + d];
+    }
+}
+
+// any |= some of the n mask bytes at m (each 0 or 1) are 1; all &= every one is.
+inline void Scan(const bool* m, int64_t n, bool& any, bool& all) {
+  constexpr uint64_t kOnes = 0x0101010101010101ull;
+  uint64_t ored = 0, anded = kOnes;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    uint64_t word;
+    std::memcpy(&word, m + j, sizeof word);
+    ored |= word;
+    anded &= word;
+  }
+  for (; j < n; ++j) {
+    ored |= m[j];
+    if (!m[j]) anded = 0;
+  }
+  any |= ored != 0;
+  all &= anded == kOnes;
+}
+
+// One task: query positions [t0, t1) of row b, the G query heads of kv head kh. Row r of the task is
+// position t0 + r / G, query head kh * G + r % G; rows go through each key tile kMicroRows at a time
+// (logits, online softmax, output), so that their logits never leave the core's first-level cache.
+void AttendBlock(const Shapes& s, const float* q, const bool* mask, const float* packed, float scale, int64_t b,
+                 int64_t kh, int64_t t0, int64_t t1, float* out) {
+  const int64_t G = s.G, H = s.H, H16 = s.H16;
+  const int64_t rows = (t1 - t0) * G;
+  const int64_t padded_rows = (rows + kMicroRows - 1) / kMicroRows * kMicroRows;
+  const int64_t tile_floats = 2 * H16 * kTile;
+  // Queries times scale (zero beyond H and beyond the task's rows); outputs before the division by
+  // the weights' sum; each row's largest logit so far and its weights' sum.
+  std::vector<float> queries(padded_rows * H16, 0.0f), acc(padded_rows * H16, 0.0f);
+  std::vector<float> bias((t1 - t0) * kTile), top(padded_rows, kNegInf), total(padded_rows, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = q + (((b * s.T + t0 + r / G) * s.N) + kh * G + r % G) * H;
+    for (int64_t d = 0; d < H; ++d) queries[r * H16 + d] = row[d] * scale;
+  }
+  alignas(32) float x[kMicroRows * kTile];
+  for (int64_t tile = 0; tile < s.tiles; ++tile) {
+    const int64_t s0 = tile * kTile, width = std::min(kTile, s.S - s0);
+    bool any = false, all = width == kTile;
+    for (int64_t t = t0; t < t1; ++t) Scan(mask + (b * s.T + t) * s.S + s0, width, any, all);
+    if (!any) continue;  // nothing here is visible to any of the task's queries
+    if (!all)
+      for (int64_t t = t0; t < t1; ++t) {
+        const bool* m = mask + (b * s.T + t) * s.S + s0;
+        float* row_bias = &bias[(t - t0) * kTile];
+        for (int64_t j = 0; j < kTile; ++j) row_bias[j] = j < width && m[j] ? 0.0f : kNegInf;
+      }
+    const float* keys = packed + ((b * s.K + kh) * s.tiles + tile) * tile_floats;
+    const float* values = keys + H16 * kTile;
+    for (int64_t r0 = 0; r0 < padded_rows; r0 += kMicroRows) {
+      const float* row_bias[kMicroRows];
+      for (int r = 0; r < kMicroRows; ++r) row_bias[r] = &bias[std::min(r0 + r, rows - 1) / G * kTile];
+      V8 most[kMicroRows];
+      for (int r = 0; r < kMicroRows; ++r) most[r] = Splat(kNegInf);
+      for (int64_t j = 0; j < kTile; j += 16) {
+        const float* bias_at[kMicroRows];
+        for (int r = 0; r < kMicroRows; ++r) bias_at[r] = row_bias[r] + j;
+        LogitsTile(&queries[r0 * H16], H16, keys + j, H, all ? nullptr : bias_at, x + j, most);
+      }
+      for (int r = 0; r < kMicroRows; ++r) {
+        float* xr = x + r * kTile;
+        const float new_top = std::max(top[r0 + r], HorizontalMax(most[r]));
+        if (new_top == kNegInf) {  // nothing visible to this row yet: no weights
+          std::fill(xr, xr + kTile, 0.0f);
+          continue;
+        }
+        V8 sum{};
+        for (int64_t j = 0; j < kTile; j += 8) {
+          const V8 w = Exp(Load(xr + j) - Splat(new_top));
+          Store(xr + j, w);
+          sum += w;
+        }
+        const float rescale = std::exp(top[r0 + r] - new_top);  // 0 for the row's first visible tile
+        total[r0 + r] = total[r0 + r] * rescale + HorizontalSum(sum);
+        top[r0 + r] = new_top;
+        if (rescale != 1.0f) {
+          float* o = &acc[(r0 + r) * H16];
+          for (int64_t d = 0; d < H16; d += 8) Store(o + d, Load(o + d) * Splat(rescale));
+        }
+      }
+      for (int64_t d = 0; d < H16; d += 16) OutputTile(x, values + d, width, H16, &acc[r0 * H16 + d]);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {  // a row that sees no key gets zeros
+    const float inverse = total[r] > 0.0f ? 1.0f / total[r] : 0.0f;
+    float* o = out + (((b * s.T + t0 + r / G) * s.N) + kh * G + r % G) * H;
+    for (int64_t d = 0; d < H; ++d) o[d] = acc[r * H16 + d] * inverse;
+  }
+}
+
+// Same as cpu_kernels.cc's: fn(0..count-1) as tasks claimed by the caller and `helpers` pool threads.
+template <typename Fn>
+void RunTasks(ffi::ThreadPool& pool, int64_t count, int64_t helpers, Fn fn) {
+  struct Counters {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto counters = std::make_shared<Counters>();
+  auto work = [counters, count, fn] {
+    for (int64_t t; (t = counters->next.fetch_add(1)) < count;) {
+      fn(t);
+      counters->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
+  work();
+  while (counters->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+}
+
+// q [B, T, N, H], k and v [B, K, S, H], mask [B, T, S] -> out [B, T, N, H]; N a multiple of K.
+ffi::Error FlashAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                              ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask,
+                              ffi::ResultBuffer<ffi::F32> out, float scale) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || md.size() != 3 || kd[0] != qd[0] ||
+      kd[3] != qd[3] || kd[1] < 1 || qd[2] % kd[1] != 0 || vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[2] ||
+      vd[3] != kd[3] || md[0] != qd[0] || md[1] != qd[1] || md[2] != kd[2])
+    return ffi::Error::InvalidArgument("llava_next_flash_attention: want q [B, T, N, H], k and v [B, K, S, H] "
+                                       "(N a multiple of K), mask [B, T, S]");
+  Shapes s{qd[0], qd[1], qd[2], qd[3], kd[1], kd[2], qd[2] / kd[1], 1, 0, 0};
+  s.positions = std::max<int64_t>(1, kRows / s.G);
+  s.H16 = (s.H + 15) / 16 * 16;
+  s.tiles = (s.S + kTile - 1) / kTile;
+  const int64_t pairs = s.B * s.K, tile_floats = 2 * s.H16 * kTile;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  std::unique_ptr<float[]> packed(new float[pairs * s.tiles * tile_floats]);
+  const float *qs = q.typed_data(), *ks = k.typed_data(), *vs = v.typed_data();
+  const bool* ms = mask.typed_data();
+  float* os = out->typed_data();
+  float* pk = packed.get();
+  RunTasks(pool, pairs * s.tiles, std::min(threads, pairs * s.tiles) - 1, [=](int64_t i) {
+    float* keys = pk + i * tile_floats;
+    PackTile(s, ks, vs, i / s.tiles, i % s.tiles, keys, keys + s.H16 * kTile);
+  });
+  const int64_t blocks = (s.T + s.positions - 1) / s.positions;
+  RunTasks(pool, pairs * blocks, std::min(threads, pairs * blocks) - 1, [=](int64_t i) {
+    const int64_t block = blocks - 1 - i / pairs, pair = i % pairs;  // later positions (more keys) first
+    const int64_t t0 = block * s.positions;
+    AttendBlock(s, qs, ms, pk, scale, pair / s.K, pair % s.K, t0, std::min(s.T, t0 + s.positions), os);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashAttention, FlashAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
