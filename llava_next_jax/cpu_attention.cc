@@ -17,6 +17,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <numeric>
 #include <thread>
 #include <vector>
 
@@ -176,6 +177,7 @@ void AttendBlock(const Shapes& s, const float* q, const bool* mask, const float*
   // the weights' sum; each row's largest logit so far and its weights' sum.
   std::vector<float> queries(padded_rows * H16, 0.0f), acc(padded_rows * H16, 0.0f);
   std::vector<float> bias((t1 - t0) * kTile), top(padded_rows, kNegInf), total(padded_rows, 0.0f);
+  std::vector<int64_t> extent(t1 - t0);  // per position: its visible keys of the tile lie in [0, extent)
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = q + (((b * s.T + t0 + r / G) * s.N) + kh * G + r % G) * H;
     for (int64_t d = 0; d < H; ++d) queries[r * H16 + d] = row[d] * scale;
@@ -186,20 +188,32 @@ void AttendBlock(const Shapes& s, const float* q, const bool* mask, const float*
     bool any = false, all = width == kTile;
     for (int64_t t = t0; t < t1; ++t) Scan(mask + (b * s.T + t) * s.S + s0, width, any, all);
     if (!any) continue;  // nothing here is visible to any of the task's queries
+    std::fill(extent.begin(), extent.end(), width);
     if (!all)
       for (int64_t t = t0; t < t1; ++t) {
         const bool* m = mask + (b * s.T + t) * s.S + s0;
         float* row_bias = &bias[(t - t0) * kTile];
         for (int64_t j = 0; j < kTile; ++j) row_bias[j] = j < width && m[j] ? 0.0f : kNegInf;
+        int64_t& e = extent[t - t0];
+        while (e > 0 && !m[e - 1]) --e;
       }
     const float* keys = packed + ((b * s.K + kh) * s.tiles + tile) * tile_floats;
     const float* values = keys + H16 * kTile;
     for (int64_t r0 = 0; r0 < padded_rows; r0 += kMicroRows) {
+      // Padded rows (zero queries) take the last row's mask; the keys any of the rows sees lie in
+      // [0, depth): columns from `used` on are neither multiplied nor weighted (above a causal diagonal).
       const float* row_bias[kMicroRows];
-      for (int r = 0; r < kMicroRows; ++r) row_bias[r] = &bias[std::min(r0 + r, rows - 1) / G * kTile];
+      int64_t depth = 0;
+      for (int r = 0; r < kMicroRows; ++r) {
+        const int64_t position = std::min(r0 + r, rows - 1) / G;
+        row_bias[r] = &bias[position * kTile];
+        depth = std::max(depth, extent[position]);
+      }
+      if (depth == 0) continue;
+      const int64_t used = (depth + 15) / 16 * 16;
       V8 most[kMicroRows];
       for (int r = 0; r < kMicroRows; ++r) most[r] = Splat(kNegInf);
-      for (int64_t j = 0; j < kTile; j += 16) {
+      for (int64_t j = 0; j < used; j += 16) {
         const float* bias_at[kMicroRows];
         for (int r = 0; r < kMicroRows; ++r) bias_at[r] = row_bias[r] + j;
         LogitsTile(&queries[r0 * H16], H16, keys + j, H, all ? nullptr : bias_at, x + j, most);
@@ -208,11 +222,11 @@ void AttendBlock(const Shapes& s, const float* q, const bool* mask, const float*
         float* xr = x + r * kTile;
         const float new_top = std::max(top[r0 + r], HorizontalMax(most[r]));
         if (new_top == kNegInf) {  // nothing visible to this row yet: no weights
-          std::fill(xr, xr + kTile, 0.0f);
+          std::fill(xr, xr + used, 0.0f);
           continue;
         }
         V8 sum{};
-        for (int64_t j = 0; j < kTile; j += 8) {
+        for (int64_t j = 0; j < used; j += 8) {
           const V8 w = Exp(Load(xr + j) - Splat(new_top));
           Store(xr + j, w);
           sum += w;
@@ -225,7 +239,7 @@ void AttendBlock(const Shapes& s, const float* q, const bool* mask, const float*
           for (int64_t d = 0; d < H16; d += 8) Store(o + d, Load(o + d) * Splat(rescale));
         }
       }
-      for (int64_t d = 0; d < H16; d += 16) OutputTile(x, values + d, width, H16, &acc[r0 * H16 + d]);
+      for (int64_t d = 0; d < H16; d += 16) OutputTile(x, values + d, depth, H16, &acc[r0 * H16 + d]);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {  // a row that sees no key gets zeros
@@ -264,7 +278,10 @@ ffi::Error FlashAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
     return ffi::Error::InvalidArgument("llava_next_flash_attention: want q [B, T, N, H], k and v [B, K, S, H] "
                                        "(N a multiple of K), mask [B, T, S]");
   Shapes s{qd[0], qd[1], qd[2], qd[3], kd[1], kd[2], qd[2] / kd[1], 1, 0, 0};
-  s.positions = std::max<int64_t>(1, kRows / s.G);
+  // Positions per task: about kRows / G, a multiple of kMicroRows / gcd(G, kMicroRows) so that the
+  // task's rows fill whole register tiles.
+  const int64_t step = kMicroRows / std::gcd<int64_t>(s.G, kMicroRows);
+  s.positions = std::max<int64_t>(1, (kRows / s.G + step - 1) / step) * step;
   s.H16 = (s.H + 15) / 16 * 16;
   s.tiles = (s.S + kTile - 1) / kTile;
   const int64_t pairs = s.B * s.K, tile_floats = 2 * s.H16 * kTile;
