@@ -1,19 +1,23 @@
-"""A native kernel for XLA:CPU: the few-row matmul of a decode step (`cpu_kernels.cc`).
+"""Native kernels for XLA:CPU: the few-row matmul and attention products of a decode step
+(`cpu_kernels.cc`) and a prefill's attention (`cpu_attention.cc`).
 
 XLA:CPU multiplies a few rows (a decode step of batch 2-8) by a float32 weight kernel as a general
 matmul that packs the kernel first, and any number of rows by a bfloat16 kernel after converting
 the kernel to float32 in memory: both at about half the speed at which the kernel can be streamed.
 The native kernel streams it once, widening bfloat16 weights to float32 in registers (float32 sums,
-as XLA's product; docs/benchmarks.md). It is compiled on first use with the machine's
-C++ compiler (`$CXX`, else `g++`) against the XLA FFI headers that jaxlib ships, cached under
-`$LLAVA_NEXT_CACHE` (default `~/.cache/llava_next_jax`) by a hash of the source, jaxlib's version,
-the compiler and the CPU, and registered with `jax.ffi`. Where it cannot be built (no compiler),
-a warning says why once and products stay XLA's. `LLAVA_NEXT_CPU_KERNELS=0` turns it off.
+as XLA's product; docs/benchmarks.md). Both sources are compiled into one library on first use with
+the machine's C++ compiler (`$CXX`, else `g++`) against the XLA FFI headers that jaxlib ships, cached
+under `$LLAVA_NEXT_CACHE` (default `~/.cache/llava_next_jax`) by a hash of the sources, jaxlib's
+version, the compiler and the CPU, and registered with `jax.ffi`. Where it cannot be built (no
+compiler), a warning says why once and XLA's operations are used. `LLAVA_NEXT_CPU_KERNELS=0` turns
+the kernels off.
 
 Used by `modeling.decoder.matmul` for products of 2 to 8 float32 rows, or 1 to 8 bfloat16 rows, on a
 single-device CPU backend (a mesh keeps XLA's products, which its partitioner knows how to split).
 `head_matmul` runs a decode step's two attention products over a float32 cache, one (row, kv head)
 pair per task, where XLA:CPU's batched few-row products read the cache at about half the speed.
+`flash_attention` runs a prefill's attention in one pass over tiles of keys (online softmax), where
+XLA:CPU writes each block's logits to memory and reads them back three times.
 """
 
 from __future__ import annotations
