@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from generate_vs_hf import ROOT, build_checkpoint, make_inputs  # noqa: E402
+from generate_vs_hf import ROOT, hf_model, make_inputs  # noqa: E402
 
 sys.path.insert(0, ROOT)
 
@@ -116,12 +116,16 @@ def main():
 
     import torch
     from transformers import LlavaNextForConditionalGeneration
+    from llava_next_jax.config import LlavaNextConfig as OurConfig
     torch.set_num_threads(os.cpu_count())
     with tempfile.TemporaryDirectory() as tmp:
         path = args.checkpoint or tmp
-        hf = (LlavaNextForConditionalGeneration.from_pretrained(path) if args.checkpoint
-              else build_checkpoint(args.shape, "float32", path))
-        inputs = make_inputs(hf.config, args.batch)
+        if args.checkpoint:
+            hf = LlavaNextForConditionalGeneration.from_pretrained(path)
+        else:
+            hf = hf_model(args.shape, "float32", "cpu")
+            hf.save_pretrained(path)
+        inputs = make_inputs(OurConfig.from_dict(hf.config.to_dict()), args.batch, (480, 640))
         labels = labels_for(inputs, hf.config.image_token_id)
         tokens = inputs["input_ids"].size
         if args.only:
