@@ -249,6 +249,9 @@ def attention_implementation(dtype, head_dim: int) -> str:
     if chosen:
         if chosen not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"LLAVA_NEXT_ATTENTION={chosen!r}; expected one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+        if chosen == "native" and not cpu_kernels.flash_applies():
+            raise ValueError("LLAVA_NEXT_ATTENTION=native needs a single-device CPU backend with the native "
+                             "kernels built (see cpu_kernels)")
         return chosen
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if _flash_gpu() and half and head_dim % 8 == 0 and head_dim <= 128:
@@ -263,6 +266,27 @@ def _flash_gpu() -> bool:
         return False
     major = str(getattr(jax.devices()[0], "compute_capability", "")).split(".")[0]
     return major.isdigit() and int(major) >= 8
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def native_attention(q, k, v, mask, scale):
+    """`_attend` on the CPU kernel (`cpu_kernels.flash_attention`), differentiable: the backward pass
+    recomputes `_attend` with XLA and takes its gradient. (A query that sees no key: zeros forward,
+    where `_attend` averages; such rows are padding, whose outputs nothing reads.)"""
+    return cpu_kernels.flash_attention(q, k, v, mask, scale)
+
+
+def _native_attention_forward(q, k, v, mask, scale):
+    return native_attention(q, k, v, mask, scale), (q, k, v, mask)
+
+
+def _native_attention_backward(scale, residuals, cotangent):
+    q, k, v, mask = residuals
+    _, pullback = jax.vjp(lambda q, k, v: _attend(q, k, v, mask, scale), q, k, v)
+    return (*pullback(cotangent), None)
+
+
+native_attention.defvjp(_native_attention_forward, _native_attention_backward)
 
 
 def _attend_cudnn(q, k, v, mask, scale):
@@ -287,7 +311,7 @@ def attention(q, k, v, mask, scale, causal_prefix: bool, fused: bool = False):
     if implementation == "cudnn" and fused:
         return _attend_cudnn(q, k, v, mask, scale)
     if implementation == "native" and fused:
-        return cpu_kernels.flash_attention(q, k, v, mask, scale)
+        return native_attention(q, k, v, mask, scale)
     if implementation == "xla" or T <= block:
         return _attend(q, k, v, mask, scale)
     blocks = []

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ..config import VisionConfig
+from . import decoder
 
 Params = dict[str, Any]
 
@@ -34,7 +35,11 @@ class SelfAttention(nn.Module):
         dense = lambda name: nn.Dense(c.hidden_size, dtype=self.dtype, param_dtype=self.dtype, name=name)
         q, k, v = (dense(name)(x).reshape(N, T, c.num_attention_heads, c.head_dim)
                    for name in ("q_proj", "k_proj", "v_proj"))
-        out = jax.nn.dot_product_attention(q, k, v, scale=c.head_dim ** -0.5)
+        scale = c.head_dim ** -0.5
+        if decoder.attention_implementation(self.dtype, c.head_dim) == "native":   # the CPU kernel
+            out = decoder.native_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), jnp.ones((N, T, T), bool), scale)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, scale=scale)
         return dense("out_proj")(out.reshape(N, T, -1))
 
 
