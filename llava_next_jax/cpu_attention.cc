@@ -11,21 +11,22 @@
 // it builds on any CPU the compiler targets (-march=native). Built and loaded by
 // llava_next_jax/cpu_kernels.py with cpu_kernels.cc.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <memory>
 #include <numeric>
-#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "cpu_tasks.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using llava_next::RunTasks;
 
 typedef float V8 __attribute__((vector_size(32)));
 typedef int32_t I8 __attribute__((vector_size(32)));
@@ -247,24 +248,6 @@ void AttendBlock(const Shapes& s, const float* q, const bool* mask, const float*
     float* o = out + (((b * s.T + t0 + r / G) * s.N) + kh * G + r % G) * H;
     for (int64_t d = 0; d < H; ++d) o[d] = acc[r * H16 + d] * inverse;
   }
-}
-
-// Same as cpu_kernels.cc's: fn(0..count-1) as tasks claimed by the caller and `helpers` pool threads.
-template <typename Fn>
-void RunTasks(ffi::ThreadPool& pool, int64_t count, int64_t helpers, Fn fn) {
-  struct Counters {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto counters = std::make_shared<Counters>();
-  auto work = [counters, count, fn] {
-    for (int64_t t; (t = counters->next.fetch_add(1)) < count;) {
-      fn(t);
-      counters->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
-  work();
-  while (counters->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
 }
 
 // q [B, T, N, H], k and v [B, K, S, H], mask [B, T, S] -> out [B, T, N, H]; N a multiple of K.

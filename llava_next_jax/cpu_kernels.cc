@@ -10,18 +10,18 @@
 // and loaded by llava_next_jax/cpu_kernels.py; the loops are plain C++ that the compiler vectorises
 // (-O3 -march=native).
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "cpu_tasks.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using llava_next::RunTasks;
 
 constexpr int kMaxRows = 8;
 constexpr int64_t kMinColumns = 256;  // a task reads runs of at least 1 KiB (float32) per weight row
@@ -72,27 +72,6 @@ using PartialFn = void (*)(const float*, const void*, float*, int64_t, int64_t, 
 template <typename W>
 constexpr PartialFn kPartials[kMaxRows] = {Partial<1, W>, Partial<2, W>, Partial<3, W>, Partial<4, W>,
                                            Partial<5, W>, Partial<6, W>, Partial<7, W>, Partial<8, W>};
-
-// Runs fn(0), ..., fn(count - 1) as tasks, with `helpers` of them handed to XLA's pool: each is
-// claimed by whichever thread comes first, the caller included, so the call finishes even when
-// every pool thread is busy elsewhere. Returns when all have run. A helper the pool starts late
-// finds nothing left to claim and touches none of fn's data.
-template <typename Fn>
-void RunTasks(ffi::ThreadPool& pool, int64_t count, int64_t helpers, Fn fn) {
-  struct Counters {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto counters = std::make_shared<Counters>();
-  auto work = [counters, count, fn] {
-    for (int64_t t; (t = counters->next.fetch_add(1)) < count;) {
-      fn(t);
-      counters->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));  // a copy per task
-  work();
-  while (counters->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
-}
 
 // `tasks`: into how many pieces to split the product (0: one per thread of XLA's pool): `k_parts`
 // (1 or 2) ranges of K times `n_parts` ranges of N.

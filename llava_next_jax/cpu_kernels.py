@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_kernels.cc", "cpu_attention.cc"))
+HEADERS = (Path(__file__).with_name("cpu_tasks.h"),)
 TARGET = "llava_next_fewrow_matmul"
 HEADS_TARGET = "llava_next_head_matmul"
 FLASH_TARGET = "llava_next_flash_attention"
@@ -61,7 +62,7 @@ def _build() -> Path:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set $CXX)")
     include = jax.ffi.include_dir()
     flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", f"-I{include}"]
-    key = hashlib.sha256("\0".join([*(source.read_text() for source in SOURCES), jax.lib.__version__, compiler, " ".join(flags),
+    key = hashlib.sha256("\0".join([*(source.read_text() for source in SOURCES + HEADERS), jax.lib.__version__, compiler, " ".join(flags),
                                      _cpu_name()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("LLAVA_NEXT_CACHE", Path.home() / ".cache" / "llava_next_jax"))
     library = cache / f"cpu_kernels-{key}.so"
