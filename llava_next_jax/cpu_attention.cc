@@ -75,20 +75,28 @@ inline float HorizontalMax(V8 v) {
 }
 inline float HorizontalSum(V8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 
+// A register tile of kMicroRows x 16 floats: acc[r] += sum over i < depth of a[r * a_stride + i] *
+// b[i * b_stride + 0:16] (12 accumulators; each a[...] broadcast, each b row two vector loads).
+typedef V8 Tile[kMicroRows][2];
+inline void Accumulate(Tile& acc, const float* __restrict a, int64_t a_stride, const float* __restrict b,
+                       int64_t b_stride, int64_t depth) {
+  for (int64_t i = 0; i < depth; ++i) {
+    const V8 b0 = Load(b + i * b_stride), b1 = Load(b + i * b_stride + 8);
+    for (int r = 0; r < kMicroRows; ++r) {
+      const V8 x = Splat(a[r * a_stride + i]);
+      acc[r][0] += x * b0;
+      acc[r][1] += x * b1;
+    }
+  }
+}
+
 // The logits of a register tile: x[r, 0:16] = q[r, :depth] . keys[:depth, 0:16] (+ bias[r][0:16] where
 // bias is given), r < kMicroRows, with most[r] = max(most[r], x[r, 0:16]). keys rows are kTile apart,
 // q rows q_stride, x rows kTile.
-inline void LogitsTile(const float* __restrict q, int64_t q_stride, const float* __restrict keys, int64_t depth,
-                       const float* const* bias, float* __restrict x, V8* most) {
-  V8 acc[kMicroRows][2] = {};
-  for (int64_t i = 0; i < depth; ++i) {
-    const V8 k0 = Load(keys + i * kTile), k1 = Load(keys + i * kTile + 8);
-    for (int r = 0; r < kMicroRows; ++r) {
-      const V8 a = Splat(q[r * q_stride + i]);
-      acc[r][0] += a * k0;
-      acc[r][1] += a * k1;
-    }
-  }
+inline void LogitsTile(const float* q, int64_t q_stride, const float* keys, int64_t depth, const float* const* bias,
+                       float* __restrict x, V8* most) {
+  Tile acc = {};
+  Accumulate(acc, q, q_stride, keys, kTile, depth);
   for (int r = 0; r < kMicroRows; ++r) {
     if (bias) {
       acc[r][0] += Load(bias[r]);
@@ -102,21 +110,13 @@ inline void LogitsTile(const float* __restrict q, int64_t q_stride, const float*
 
 // The output of a register tile: o[r, 0:16] += sum over j < depth of w[r, j] * values[j, 0:16],
 // r < kMicroRows; w rows kTile apart, values and o rows `stride`.
-inline void OutputTile(const float* __restrict w, const float* __restrict values, int64_t depth, int64_t stride,
-                       float* __restrict o) {
-  V8 acc[kMicroRows][2];
+inline void OutputTile(const float* w, const float* values, int64_t depth, int64_t stride, float* __restrict o) {
+  Tile acc;
   for (int r = 0; r < kMicroRows; ++r) {
     acc[r][0] = Load(o + r * stride);
     acc[r][1] = Load(o + r * stride + 8);
   }
-  for (int64_t j = 0; j < depth; ++j) {
-    const V8 v0 = Load(values + j * stride), v1 = Load(values + j * stride + 8);
-    for (int r = 0; r < kMicroRows; ++r) {
-      const V8 a = Splat(w[r * kTile + j]);
-      acc[r][0] += a * v0;
-      acc[r][1] += a * v1;
-    }
-  }
+  Accumulate(acc, w, kTile, values, stride, depth);
   for (int r = 0; r < kMicroRows; ++r) {
     Store(o + r * stride, acc[r][0]);
     Store(o + r * stride + 8, acc[r][1]);
