@@ -135,6 +135,10 @@ def test_attention_implementation_choice(monkeypatch):
     assert decoder.attention_implementation(jnp.bfloat16, 128) == "native"   # this machine: a CPU
     monkeypatch.setenv("LLAVA_NEXT_CPU_KERNELS", "0")
     assert decoder.attention_implementation(jnp.float32, 64) == "blocks"
+    monkeypatch.setenv("LLAVA_NEXT_ATTENTION", "native")
+    with pytest.raises(ValueError, match="LLAVA_NEXT_ATTENTION=native needs a single-device CPU"):
+        decoder.attention_implementation(jnp.float32, 64)
+    monkeypatch.delenv("LLAVA_NEXT_ATTENTION")
     monkeypatch.delenv("LLAVA_NEXT_CPU_KERNELS")
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     for capability, dtype, head_dim, expected in [("9.0", jnp.bfloat16, 128, "cudnn"), ("8.0", jnp.float16, 64, "cudnn"),

@@ -238,7 +238,8 @@ def attention_implementation(dtype, head_dim: int) -> str:
     capability 8.0 or later, in bf16/fp16, with a head dim that is a multiple of 8 up to 128 (cuDNN's
     flash attention through `jax.nn.dot_product_attention`); "native" on a single-device CPU with the
     native kernels built (`cpu_kernels.flash_attention`: tiles of logits kept in the core's caches);
-    both for a prefill only, where passes whose gradient may be taken run the blocks. Else "blocks"
+    both for a prefill only, where passes whose gradient may be taken run the blocks (the vision
+    tower's unmasked attention takes "native" in every pass: `native_attention`). Else "blocks"
     (causal query blocks: about half the work of one product, and half the softmax weights a backward
     pass keeps). "xla", one `_attend` over all queries, only when asked for.
 
