@@ -49,7 +49,7 @@ def torch_sdpa(q, k, v, device: str, dtype: str):
     """A call of PyTorch's causal SDPA (GQA) on copies of q `[B, T, N, H]`, k/v `[B, K, T, H]`."""
     import torch
     import torch.nn.functional as F
-    q, k, v = (torch.from_numpy(np.asarray(a, np.float32)).to(device, getattr(torch, dtype)) for a in (q, k, v))
+    q, k, v = (torch.from_numpy(np.array(a, np.float32)).to(device, getattr(torch, dtype)) for a in (q, k, v))
     q = q.transpose(1, 2)
     return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 

@@ -30,6 +30,7 @@ using llava_next::RunTasks;
 
 typedef float V8 __attribute__((vector_size(32)));
 typedef int32_t I8 __attribute__((vector_size(32)));
+typedef uint32_t U8 __attribute__((vector_size(32)));
 
 constexpr int64_t kTile = 64;      // keys per tile
 constexpr int64_t kRows = 128;     // query rows per task (positions x query heads of a kv head)
@@ -64,7 +65,7 @@ inline V8 Exp(V8 x) {
   p = p * f + Splat(2.402264791363012e-1f);
   p = p * f + Splat(6.931472028550421e-1f);
   p = p * f + Splat(1.0f);
-  const I8 power = ((I8)shifted << 23) + (127 << 23);  // 2^n as float bits: shifted's low bits hold n
+  const U8 power = ((U8)shifted << 23) + (127u << 23);  // 2^n as float bits: shifted's low bits hold n
   return Select(keep, p * (V8)power);
 }
 
