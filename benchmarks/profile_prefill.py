@@ -1,0 +1,78 @@
+"""Where our prefill's time goes: one compiled prefill of the generation benchmark's model and inputs,
+traced with `jax.profiler`, its operations summed by the JAX operation they came from.
+
+    .venv/bin/python benchmarks/profile_prefill.py [--shape mid] [--dtype float32] [--batch 1] [--top 30]
+        [--keep]
+
+XLA's optimised program is dumped (XLA_FLAGS, set here before JAX starts) to map each traced fusion
+or custom call to the `op_name` JAX gave it; layer numbers are folded (`layer_*/...`), so a line is
+that operation summed over every layer. Operations that XLA:CPU runs side by side (the MLP's gate and
+up products) overlap in time, so the column can add up to more than the prefill's wall time. The
+trace and the dumped programs are deleted at the end unless --keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections import defaultdict
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def op_names(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> its JAX op_name, program prefix dropped and layer numbers folded."""
+    names = {}
+    for match in re.finditer(r"^\s+%([\w.\-]+) = .*?op_name=\"([^\"]*)\"", hlo_text, re.M):
+        name = re.sub(r"^jit\([\w]+\)/", "", match.group(2).split(";")[0])
+        names[match.group(1)] = re.sub(r"(vision_)?layer_\d+", r"\1layer_*", name)
+    return names
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="mid", choices=["mid", "7b"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--image-size", type=int, nargs=2, default=[480, 640], metavar=("HEIGHT", "WIDTH"))
+    parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--keep", action="store_true", help="keep the trace and the dumped programs")
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="profile_prefill_")
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={work}/hlo --xla_dump_hlo_as_text"
+    import jax
+    import generate_vs_hf as bench
+    hf, model = bench.build_models(args.shape, args.dtype, "cpu")
+    del hf
+    inputs = bench.make_inputs(model.config, args.batch, tuple(args.image_size))
+    _, prefill, *_ = bench.ours(model, inputs, 16)
+    seconds = [prefill() for _ in range(2)]
+    with jax.profiler.trace(f"{work}/trace", create_perfetto_trace=True):
+        seconds.append(prefill())
+    trace = json.load(gzip.open(glob.glob(f"{work}/trace/**/perfetto_trace.json.gz", recursive=True)[0], "rt"))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    hlo = glob.glob(f"{work}/hlo/*jit_prefill_program.cpu_after_optimizations.txt")
+    names = op_names(open(hlo[0]).read())
+    total = defaultdict(float)
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e and e["name"] in names:
+            total[names[e["name"]]] += e["dur"] / 1e3
+    print(f"# {args.shape}, {args.dtype}, batch {args.batch}: prefill {', '.join(f'{s:.2f}' for s in seconds)} s "
+          f"(the last traced)" + (f"; files in {work}" if args.keep else ""))
+    print("| operation (summed over layers) | ms |")
+    print("|---|---|")
+    for name, ms in sorted(total.items(), key=lambda kv: -kv[1])[:args.top]:
+        print(f"| {name} | {ms:.1f} |")
+    if not args.keep:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
