@@ -117,29 +117,30 @@ def test_flash_attention_equals_torch_sdpa(B, T, N, K, H, window):
 
 
 def test_prefill_attention_uses_flash_attention(monkeypatch):
-    """A prefill (`fused`) lowers to the attention kernel on this CPU; a pass whose gradient may be
-    taken keeps the query blocks, as does `LLAVA_NEXT_ATTENTION=blocks`."""
+    """A prefill (`fused`) and a pass whose gradient may be taken lower to the attention kernel on this
+    CPU; `LLAVA_NEXT_ATTENTION=blocks` keeps the query blocks."""
     monkeypatch.delenv("LLAVA_NEXT_ATTENTION", raising=False)
     q, kv, mask = jnp.ones((1, 200, 4, 16)), jnp.ones((1, 2, 200, 16)), jnp.tril(jnp.ones((1, 200, 200), bool))
     lowered = lambda fused: jax.jit(lambda *a: decoder.attention(*a, 0.25, causal_prefix=True, fused=fused)).lower(
         q, kv, kv, mask).as_text()
-    assert cpu_kernels.FLASH_TARGET in lowered(True)
-    assert cpu_kernels.FLASH_TARGET not in lowered(False)
+    assert cpu_kernels.FLASH_TARGET in lowered(True) and cpu_kernels.FLASH_TARGET in lowered(False)
     monkeypatch.setenv("LLAVA_NEXT_ATTENTION", "blocks")
     assert cpu_kernels.FLASH_TARGET not in lowered(True)
 
 
-def test_attention_gradient_equals_torch():
-    """`decoder.native_attention` (the kernel forward, XLA's recomputation backward) is differentiable:
-    gradients of q, k and v under left padding and GQA against PyTorch SDPA's in float64."""
-    B, T, N, K, H = 2, 70, 4, 2, 16
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_gradient_equals_torch(causal):
+    """`decoder.native_attention` (the kernel forward, XLA's recomputation backward: one `_attend`, or
+    with `causal` the query blocks, three of 64 here) is differentiable: gradients of q, k and v under
+    left padding and GQA against PyTorch SDPA's in float64."""
+    B, T, N, K, H = 2, 150, 4, 2, 16
     rng = np.random.default_rng(3)
     q, k, v, up = rng.standard_normal((B, T, N, H)), *rng.standard_normal((2, B, K, T, H)), rng.standard_normal(
         (B, T, N, H))
     valid = np.arange(T)[None, :] >= np.array([0, 9])[:, None]
     mask = np.tril(np.ones((T, T), bool))[None] & valid[:, None, :]
     weight = up * valid[:, :, None, None]          # the padding rows' outputs are read by nothing
-    loss = lambda q, k, v: jnp.sum(decoder.native_attention(q, k, v, jnp.asarray(mask), H ** -0.5) * weight)
+    loss = lambda q, k, v: jnp.sum(decoder.native_attention(q, k, v, jnp.asarray(mask), H ** -0.5, causal) * weight)
     assert cpu_kernels.FLASH_TARGET in jax.jit(loss).lower(q, k, v).as_text()
     ours = jax.grad(loss, argnums=(0, 1, 2))(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)))
     tq, tk, tv = (torch.from_numpy(a).requires_grad_() for a in (q, k, v))

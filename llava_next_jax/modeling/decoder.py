@@ -236,12 +236,12 @@ ATTENTION_IMPLEMENTATIONS = ("blocks", "cudnn", "native", "xla")
 def attention_implementation(dtype, head_dim: int) -> str:
     """How `attention` computes causal attention over a prompt: "cudnn" on an NVIDIA GPU of compute
     capability 8.0 or later, in bf16/fp16, with a head dim that is a multiple of 8 up to 128 (cuDNN's
-    flash attention through `jax.nn.dot_product_attention`); "native" on a single-device CPU with the
-    native kernels built (`cpu_kernels.flash_attention`: tiles of logits kept in the core's caches);
-    both for a prefill only, where passes whose gradient may be taken run the blocks (the vision
-    tower's unmasked attention takes "native" in every pass: `native_attention`). Else "blocks"
-    (causal query blocks: about half the work of one product, and half the softmax weights a backward
-    pass keeps). "xla", one `_attend` over all queries, only when asked for.
+    flash attention through `jax.nn.dot_product_attention`), for a prefill only (passes whose gradient
+    may be taken run the blocks); "native" on a single-device CPU with the native kernels built
+    (`cpu_kernels.flash_attention`: tiles of logits kept in the core's caches), for every pass, the
+    vision tower's too (`native_attention`: its gradient recomputes the attention with XLA). Else
+    "blocks" (causal query blocks: about half the work of one product, and half the softmax weights a
+    backward pass keeps). "xla", one `_attend` over all queries, only when asked for.
 
     The environment variable LLAVA_NEXT_ATTENTION (blocks, cudnn, native or xla), read when a program
     is traced, overrides the choice, e.g. `xla` where a cuDNN build rejects a shape.
@@ -269,21 +269,24 @@ def _flash_gpu() -> bool:
     return major.isdigit() and int(major) >= 8
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def native_attention(q, k, v, mask, scale):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def native_attention(q, k, v, mask, scale, causal: bool):
     """`_attend` on the CPU kernel (`cpu_kernels.flash_attention`), differentiable: the backward pass
-    recomputes `_attend` with XLA and takes its gradient. (A query that sees no key: zeros forward,
-    where `_attend` averages; such rows are padding, whose outputs nothing reads.)"""
+    recomputes the attention with XLA (`_attend_blocks` where `causal`, queries in slots [0, T); else
+    `_attend`) and takes its gradient, so a training pass keeps no softmax weights between its forward
+    and backward passes. (A query that sees no key: zeros forward, where `_attend` averages; such rows
+    are padding, whose outputs nothing reads.)"""
     return cpu_kernels.flash_attention(q, k, v, mask, scale)
 
 
-def _native_attention_forward(q, k, v, mask, scale):
-    return native_attention(q, k, v, mask, scale), (q, k, v, mask)
+def _native_attention_forward(q, k, v, mask, scale, causal):
+    return native_attention(q, k, v, mask, scale, causal), (q, k, v, mask)
 
 
-def _native_attention_backward(scale, residuals, cotangent):
+def _native_attention_backward(scale, causal, residuals, cotangent):
     q, k, v, mask = residuals
-    _, pullback = jax.vjp(lambda q, k, v: _attend(q, k, v, mask, scale), q, k, v)
+    reference = _attend_blocks if causal else _attend
+    _, pullback = jax.vjp(lambda q, k, v: reference(q, k, v, mask, scale), q, k, v)
     return (*pullback(cotangent), None)
 
 
@@ -297,23 +300,13 @@ def _attend_cudnn(q, k, v, mask, scale):
     return out.astype(q.dtype)
 
 
-def attention(q, k, v, mask, scale, causal_prefix: bool, fused: bool = False):
-    """Attention over q `[B, T, N, H]`, k/v `[B, K, S, H]` with mask `[B, T, S]`.
-
-    causal_prefix: the queries sit in slots [0, T) (a forward pass or a prefill), so a query block
-    [i, i+b) can only see keys [0, i+b): each block attends to that prefix alone, which skips about
-    half the work, and blocks run one after another (`_after`) so that on a CPU one block's logits
-    (`[B, K, G*b, i+b]`) stay in cache. fused (a prefill, no gradient taken): on a GPU in half
-    precision, cuDNN's flash attention instead (`attention_implementation`), which skips the same half.
-    """
+def _attend_blocks(q, k, v, mask, scale):
+    """`_attend` over causal query blocks (queries in slots [0, T)): a block [i, i+b) can only see keys
+    [0, i+b), so each attends to that prefix alone, which skips about half the work, and blocks run one
+    after another (`_after`) so that on a CPU one block's logits (`[B, K, G*b, i+b]`) stay in cache."""
     B, T = q.shape[:2]
     block = QUERY_BLOCK if B == 1 else BATCH_QUERY_BLOCK
-    implementation = attention_implementation(q.dtype, q.shape[-1]) if causal_prefix else "xla"
-    if implementation == "cudnn" and fused:
-        return _attend_cudnn(q, k, v, mask, scale)
-    if implementation == "native" and fused:
-        return native_attention(q, k, v, mask, scale)
-    if implementation == "xla" or T <= block:
+    if T <= block:
         return _attend(q, k, v, mask, scale)
     blocks = []
     for start in range(0, T, block):
@@ -321,6 +314,25 @@ def attention(q, k, v, mask, scale, causal_prefix: bool, fused: bool = False):
         q_block = q[:, start:end] if not blocks else _after(q[:, start:end], blocks[-1])
         blocks.append(_attend(q_block, k[:, :, :end], v[:, :, :end], mask[:, start:end, :end], scale))
     return jnp.concatenate(blocks, axis=1)
+
+
+def attention(q, k, v, mask, scale, causal_prefix: bool, fused: bool = False):
+    """Attention over q `[B, T, N, H]`, k/v `[B, K, S, H]` with mask `[B, T, S]`, as
+    `attention_implementation` chooses.
+
+    causal_prefix: the queries sit in slots [0, T) (a forward pass or a prefill): the native CPU kernel
+    (its gradient recomputes the query blocks), else query blocks (`_attend_blocks`). fused (a prefill,
+    no gradient taken): on a GPU in half precision, cuDNN's flash attention, which skips the same half.
+    Otherwise one `_attend`.
+    """
+    implementation = attention_implementation(q.dtype, q.shape[-1]) if causal_prefix else "xla"
+    if implementation == "cudnn" and fused:
+        return _attend_cudnn(q, k, v, mask, scale)
+    if implementation == "native":
+        return native_attention(q, k, v, mask, scale, True)
+    if implementation == "xla":
+        return _attend(q, k, v, mask, scale)
+    return _attend_blocks(q, k, v, mask, scale)
 
 
 class Attention(nn.Module):
