@@ -72,6 +72,24 @@ def test_loss_and_gradients_equal_pytorch(mistral):
         assert np.linalg.norm(np.asarray(g) - ref) <= 1e-3 * np.linalg.norm(ref), hf_name
 
 
+@pytest.mark.parametrize("implementation", ["native", "blocks"])
+def test_left_padded_loss_equals_pytorch(mistral, implementation, monkeypatch):
+    """Left-padded rows (as `generate` pads): the first real token of a short row is predicted from the
+    last pad, whose query sees no key; its attention gives zeros, as HF's, so the loss equals HF's on
+    the CPU kernel and on the query blocks (which once averaged there: 8e-5 off)."""
+    hf, path = mistral
+    monkeypatch.setenv("LLAVA_NEXT_ATTENTION", implementation)
+    jax.clear_caches()                 # the implementation is read when a program is traced
+    batch = tm.make_batch(hf.config, [(3, [(480, 640)], 6), (5, [(88, 55)], 20)], seed=8)
+    assert (batch["attention_mask"][:, 0] == 0).any()
+    labels = np.where(batch["attention_mask"] == 1, batch["input_ids"], -100)
+    with torch.no_grad():
+        ref = hf(**{k: torch.from_numpy(v) for k, v in batch.items()}, labels=torch.from_numpy(labels)).loss.item()
+    ours = LlavaNext.from_pretrained(path).loss(**batch)
+    jax.clear_caches()
+    assert abs(ours - ref) <= 1e-5 * abs(ref)
+
+
 def test_overfit_two_captions_then_generate_them(tmp_path):
     """projector+decoder training drives the loss below 0.1; greedy decoding then says the captions."""
     hf = tm.build_model("vicuna", seed=9)

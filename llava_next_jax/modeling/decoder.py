@@ -158,7 +158,8 @@ def _attend(q, k, v, mask, scale):
     Query heads are grouped by their kv head (GQA) into one `[G*Tq, H] x [H, Sk]` matmul per (row,
     kv head). Logits, softmax weights and their sums are float32; the division by the sum happens
     after the value matmul, on `[.., H]` instead of `[.., Sk]` (one pass less over the weights).
-    A row that may see nothing gets a uniform (finite) average.
+    A query that may see nothing (a left pad) gets zeros, as in HF's SDPA path: its output still
+    reaches the loss, whose first real token of a left-padded row is predicted from the last pad.
     """
     B, Tq, N, H = q.shape
     K, Sk = k.shape[1], k.shape[2]
@@ -169,7 +170,7 @@ def _attend(q, k, v, mask, scale):
     out = jnp.einsum("bkms,bksh->bkmh", weights.astype(v.dtype).reshape(B, K, -1, Sk), v,
                      preferred_element_type=jnp.float32)
     out = (out.reshape(B, K, N // K, Tq, H) / total).reshape(B, K, -1, H).astype(q.dtype)
-    return _ungroup(out, Tq)
+    return jnp.where(mask.any(axis=-1)[:, :, None, None], _ungroup(out, Tq), 0)
 
 
 def _attend_one(q, k_cache, v_cache, k_new, v_new, mask, scale):
@@ -274,8 +275,7 @@ def native_attention(q, k, v, mask, scale, causal: bool):
     """`_attend` on the CPU kernel (`cpu_kernels.flash_attention`), differentiable: the backward pass
     recomputes the attention with XLA (`_attend_blocks` where `causal`, queries in slots [0, T); else
     `_attend`) and takes its gradient, so a training pass keeps no softmax weights between its forward
-    and backward passes. (A query that sees no key: zeros forward, where `_attend` averages; such rows
-    are padding, whose outputs nothing reads.)"""
+    and backward passes. A query that sees no key gets zeros, as from `_attend`."""
     return cpu_kernels.flash_attention(q, k, v, mask, scale)
 
 
@@ -410,7 +410,7 @@ def attention_mask(q_index: jax.Array, kv_index: jax.Array, kv_valid: jax.Array)
 
     q_index `[B, T]` / kv_index `[S]` are sequence slots (not RoPE positions): with left padding,
     slot 0 of a short row is a pad, masked out through `kv_valid [B, S]`. A pad query may see
-    nothing at all; attention then returns a harmless average and its logits are ignored.
+    nothing at all; attention then returns zeros for it (`_attend`), as HF's does.
     """
     return (kv_index[None, None, :] <= q_index[:, :, None]) & kv_valid[:, None, :]
 
