@@ -269,18 +269,17 @@ ffi::Error FlashAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   s.H16 = (s.H + 15) / 16 * 16;
   s.tiles = (s.S + kTile - 1) / kTile;
   const int64_t pairs = s.B * s.K, tile_floats = 2 * s.H16 * kTile;
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   std::unique_ptr<float[]> packed(new float[pairs * s.tiles * tile_floats]);
   const float *qs = q.typed_data(), *ks = k.typed_data(), *vs = v.typed_data();
   const bool* ms = mask.typed_data();
   float* os = out->typed_data();
   float* pk = packed.get();
-  RunTasks(pool, pairs * s.tiles, std::min(threads, pairs * s.tiles) - 1, [=](int64_t i) {
+  RunTasks(pool, pairs * s.tiles, [=](int64_t i) {
     float* keys = pk + i * tile_floats;
     PackTile(s, ks, vs, i / s.tiles, i % s.tiles, keys, keys + s.H16 * kTile);
   });
   const int64_t blocks = (s.T + s.positions - 1) / s.positions;
-  RunTasks(pool, pairs * blocks, std::min(threads, pairs * blocks) - 1, [=](int64_t i) {
+  RunTasks(pool, pairs * blocks, [=](int64_t i) {
     const int64_t block = blocks - 1 - i / pairs, pair = i % pairs;  // later positions (more keys) first
     const int64_t t0 = block * s.positions;
     AttendBlock(s, qs, ms, pk, scale, pair / s.K, pair % s.K, t0, std::min(s.T, t0 + s.positions), os);

@@ -93,7 +93,7 @@ ffi::Error FewRowMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   const float* xs = x.typed_data();
   const void* ws = w.untyped_data();
   float *out = y->typed_data(), *other = second.data();
-  RunTasks(pool, k_parts * n_parts, k_parts * n_parts - 1, [=](int64_t t) {
+  RunTasks(pool, k_parts * n_parts, [=](int64_t t) {
     const int64_t kp = t / n_parts, np = t % n_parts;
     partial(xs, ws, kp == 0 ? out : other, K, N, kp == 0 ? 0 : half, kp + 1 == k_parts ? K : half,
             N * np / n_parts, N * (np + 1) / n_parts);
@@ -167,7 +167,7 @@ ffi::Error HeadMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const HeadFn product = kHeads[R - 1];
   const float *xs = x.typed_data(), *ws = w.typed_data();
   float* out = y->typed_data();
-  RunTasks(pool, pairs, std::min<int64_t>(pool.num_threads(), pairs) - 1, [=](int64_t p) {
+  RunTasks(pool, pairs, [=](int64_t p) {
     product(xs + p * R * K, ws + p * K * N, out + p * R * N, K, N, transposed);
   });
   return ffi::Error::Success();

@@ -1,6 +1,7 @@
 // Tasks on XLA:CPU's thread pool, shared by the native kernels (cpu_kernels.cc, cpu_attention.cc).
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -10,12 +11,14 @@
 
 namespace llava_next {
 
-// Runs fn(0), ..., fn(count - 1) as tasks, with `helpers` of them handed to XLA's pool: each is
-// claimed by whichever thread comes first, the caller included, so the call finishes even when
-// every pool thread is busy elsewhere. Returns when all have run. A helper the pool starts late
-// finds nothing left to claim and touches none of fn's data.
+// Runs fn(0), ..., fn(count - 1) as tasks on the caller and up to one helper per thread of XLA's
+// pool (never more helpers than tasks beyond the caller's): each task is claimed by whichever thread
+// comes first, the caller included, so the call finishes even when every pool thread is busy
+// elsewhere. Returns when all have run. A helper the pool starts late finds nothing left to claim and
+// touches none of fn's data.
 template <typename Fn>
-void RunTasks(xla::ffi::ThreadPool& pool, int64_t count, int64_t helpers, Fn fn) {
+void RunTasks(xla::ffi::ThreadPool& pool, int64_t count, Fn fn) {
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
   struct Counters {
     std::atomic<int64_t> next{0}, done{0};
   };
