@@ -1,4 +1,5 @@
-// Prefill attention for XLA:CPU in one pass over tiles (flash attention): out[b, t, n] = softmax over
+// Attention over a prompt for XLA:CPU (the forward pass of a prefill, a forward or training pass, the
+// vision tower) in one pass over tiles (flash attention): out[b, t, n] = softmax over
 // the keys s that mask[b, t, s] allows of scale * q[b, t, n] . k[b, n / G, s], times v[b, n / G, s].
 //
 // XLA:CPU computes attention as separate operations: the logits of a block of queries are written to

@@ -16,8 +16,9 @@ Used by `modeling.decoder.matmul` for products of 2 to 8 float32 rows, or 1 to 8
 single-device CPU backend (a mesh keeps XLA's products, which its partitioner knows how to split).
 `head_matmul` runs a decode step's two attention products over a float32 cache, one (row, kv head)
 pair per task, where XLA:CPU's batched few-row products read the cache at about half the speed.
-`flash_attention` runs a prefill's attention in one pass over tiles of keys (online softmax), where
-XLA:CPU writes each block's logits to memory and reads them back three times.
+`flash_attention` runs the forward pass of attention over a prompt (`modeling.decoder.native_attention`
+makes it differentiable) in one pass over tiles of keys (online softmax), where XLA:CPU writes each
+block's logits to memory and reads them back three times.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def _build() -> Path:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set $CXX)")
     include = jax.ffi.include_dir()
     flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", f"-I{include}"]
-    key = hashlib.sha256("\0".join([*(source.read_text() for source in SOURCES + HEADERS), jax.lib.__version__, compiler, " ".join(flags),
+    texts = [source.read_text() for source in SOURCES + HEADERS]
+    key = hashlib.sha256("\0".join([*texts, jax.lib.__version__, compiler, " ".join(flags),
                                      _cpu_name()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("LLAVA_NEXT_CACHE", Path.home() / ".cache" / "llava_next_jax"))
     library = cache / f"cpu_kernels-{key}.so"
@@ -161,14 +163,15 @@ def _head_matmul_jvp(transposed, primals, tangents):
 
 
 def flash_applies() -> bool:
-    """Whether a prefill's attention runs on `flash_attention` (a single-device CPU, kernels built)."""
+    """Whether attention over a prompt runs on `flash_attention` (a single-device CPU, kernels built)."""
     return _usable()
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
     """Softmax attention of q `[B, T, N, H]` over k/v `[B, K, S, H]` (GQA: N a multiple of K) where the
     bool mask `[B, T, S]` allows, in one pass over tiles (`cpu_attention.cc`): float32 throughout, the
-    result in q's dtype. A query that may see no key gets zeros. Not differentiable (a prefill's)."""
+    result in q's dtype. A query that may see no key gets zeros. Not differentiable itself:
+    `modeling.decoder.native_attention` gives it a gradient."""
     _require()
     f32 = lambda a: a.astype(jnp.float32)
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
