@@ -1,15 +1,18 @@
 """Where a decode step's time goes on a GPU, ours alone, 7B-shaped bf16 random weights (no HF, no prefill).
 
     python3 benchmarks/gpu_decode.py [--shape 7b] [--dtype bfloat16] [--prompt 3072] [--new-tokens 128]
-        [--repeats 3] [--variants rows2 rows1 rows4] [--micro] [--profile OUT_DIR] [--label NAME]
+        [--repeats 3] [--variants rows2 rows1 rows4] [--attention] [--micro] [--profile OUT_DIR] [--label NAME]
 
 Builds the decoder's params (language model and lm_head; the vision tower plays no part in a decode
 step) and a KV cache of prompt + new-tokens slots filled with random numbers, then times the compiled
 decode loop (`generate.decode_program`, greedy) at batch 1: tokens/s, and the share of the memory
 roofline (bytes a step reads over the bandwidth of a jitted elementwise pass measured here).
 
---variants: decode with the `decoder` module constants of `VARIANTS` (read when the program is
-traced), one after another in this process; rows1 is XLA's one-row products, rows2 the default.
+--variants: decode with the `decoder` / `generate` module names of `VARIANTS` (read when the program
+is traced), one after another in this process; rows1 is XLA's one-row products, rows2 the default;
+splitN the values product of the decode attention in N parts along the cache (split1 the default);
+greedy the loop without its sampling branch.
+--attention: one layer's decode attention alone, for each variant.
 --micro: the step's parts alone: one-row to eight-row products of each weight shape (GB/s of
 weights, each call's dispatch included: compare rows with rows, not with the loop), and one layer's
 decode attention over the cache. --profile: a trace (Perfetto JSON) of 16 decode steps, copied to
@@ -33,10 +36,19 @@ from collections import defaultdict
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from generate_vs_hf import copy_bandwidth, decode_step_bytes, hf_config, seconds  # noqa: E402
 
-VARIANTS = {  # overrides of `decoder` module constants, read when the decode program is traced
-    "rows1": {"GPU_MIN_ROWS": 1},
-    "rows2": {"GPU_MIN_ROWS": 2},
-    "rows4": {"GPU_MIN_ROWS": 4},
+def greedy_only(logits, keys, do_sample, temperature, top_k, top_p):
+    """`generate.select_tokens` without the sampling branch (its `lax.cond`): what a greedy-only program
+    would run."""
+    import jax.numpy as jnp
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+VARIANTS = {  # overrides of `decoder` / `generate` module names, read when the decode program is traced
+    "rows1": {"decoder.GPU_MIN_ROWS": 1},
+    "rows2": {"decoder.GPU_MIN_ROWS": 2},
+    "rows4": {"decoder.GPU_MIN_ROWS": 4},
+    **{f"split{n}": {"decoder.GPU_DECODE_SPLITS": n} for n in (1, 4, 8, 16, 32)},
+    "greedy": {"generate.select_tokens": greedy_only},
 }
 
 
@@ -134,7 +146,11 @@ def attention_layers(config, dtype, prompt, new_tokens, layers=32, repeats=10):
     jax.block_until_ready(fn(q, caches))
     t = statistics.median(seconds(lambda: jax.block_until_ready(fn(q, caches))) for _ in range(repeats))
     gbs = sum(k.nbytes + v.nbytes for k, v in caches) / t / 1e9
-    print(f"decode attention: {t / layers * 1e6:.1f} us a layer ({gbs:.0f} GB/s of cache)", flush=True)
+    k, v = caches[0]
+    whole = jax.jit(lambda q, k, v: decoder._attend_one(q, k, v, new, new, mask, H ** -0.5, 1))(q, k, v)
+    error = float(jnp.max(jnp.abs(fn(q, caches[:1])[0].astype(jnp.float32) - whole.astype(jnp.float32))))
+    print(f"decode attention: {t / layers * 1e6:.1f} us a layer ({gbs:.0f} GB/s of cache); largest difference "
+          f"from the unsplit values product {error:.2g}", flush=True)
 
 
 def summarize_trace(path: str, top: int = 25):
@@ -194,6 +210,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variants", nargs="*", default=["rows2"], choices=sorted(VARIANTS))
     parser.add_argument("--micro", action="store_true")
+    parser.add_argument("--attention", action="store_true")
     parser.add_argument("--profile", metavar="OUT_DIR")
     parser.add_argument("--label", default="base")
     args = parser.parse_args()
@@ -218,12 +235,18 @@ def main():
           f"{read / step_bytes:.1f} at the read bandwidth")
     print("| variant | decode tok/s | of roofline | ms a step | first call s |")
     print("|---|---|---|---|---|")
+    from llava_next_jax import generate
     from llava_next_jax.modeling import decoder
-    defaults = {k: getattr(decoder, k) for k in set().union(*VARIANTS.values())}
+    modules = {"decoder": decoder, "generate": generate}
+    names = [name.split(".") for name in set().union(*VARIANTS.values())]
+    defaults = {f"{m}.{k}": getattr(modules[m], k) for m, k in names}
     for name in args.variants:
         for k, v in {**defaults, **VARIANTS[name]}.items():
-            setattr(decoder, k, v)
+            setattr(modules[k.split(".")[0]], k.split(".")[1], v)
         jax.clear_caches()
+        if args.attention:
+            print(f"{name}: ", end="")
+            attention_layers(config, dtype, args.prompt, args.new_tokens)
         first = run(args.new_tokens)
         t = statistics.median(run(args.new_tokens) for _ in range(args.repeats))
         rate = args.new_tokens / t
