@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import os
 from typing import Any
 
@@ -63,10 +62,6 @@ class RMSNorm(nn.Module):
 # it: 32 us a layer on an H100 where the matmul takes ~6, 0.9 ms of a 6.8 ms 7B decode step
 # (docs/benchmarks.md). A product of two or more rows stays a matmul.
 GPU_MIN_ROWS = 2
-
-# Parts a decode step's values product (`_attend_one`) is split into along the cache on a GPU, summed
-# after (split-K): one kv head's product is [G, S] x [S, H], too little output to fill the GPU alone.
-GPU_DECODE_SPLITS = 1
 
 
 def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -178,12 +173,11 @@ def _attend(q, k, v, mask, scale):
     return jnp.where(mask.any(axis=-1)[:, :, None, None], _ungroup(out, Tq), 0)
 
 
-def _attend_one(q, k_cache, v_cache, k_new, v_new, mask, scale, splits=None):
+def _attend_one(q, k_cache, v_cache, k_new, v_new, mask, scale):
     """One query per row, q `[B, 1, N, H]`, over the cache as it was (keys and values `[B, K, H, S]`,
     mask `[B, S]`, the slot being written excluded) plus this token's own key/value (`[B, K, 1, H]`):
     one softmax over both. Reading the cache before this step's write lets XLA update it in place
-    afterwards, with no copy of it per step. splits: the values product's parts along the cache
-    (`GPU_DECODE_SPLITS` on a GPU, 1 elsewhere, when not given).
+    afterwards, with no copy of it per step.
     """
     B, _, N, H = q.shape
     K = k_cache.shape[1]
@@ -194,23 +188,10 @@ def _attend_one(q, k_cache, v_cache, k_new, v_new, mask, scale, splits=None):
     own = jnp.einsum("bkgh,bkth->bkgt", grouped, k_new, preferred_element_type=jnp.float32) * scale
     top = jnp.maximum(cached.max(axis=-1, keepdims=True), own)
     w_cached, w_own = jnp.exp(cached - top), jnp.exp(own - top)
-    out = _values(w_cached.astype(v_cache.dtype), v_cache, split, splits)
+    out = _group_matmul("bkgs,bkhs->bkgh", w_cached.astype(v_cache.dtype), v_cache, split)
     out = out + w_own * v_new.astype(jnp.float32)                                 # [B, K, G, H]
     out = (out / (w_cached.sum(axis=-1, keepdims=True) + w_own)).astype(q.dtype)
     return _ungroup(out, 1)
-
-
-def _values(weights: jax.Array, v_cache: jax.Array, split: bool, splits: int | None) -> jax.Array:
-    """`einsum("bkgs,bkhs->bkgh")` in float32 of softmax weights `[B, K, G, S]` and values `[B, K, H, S]`:
-    by `_group_matmul`, or on a GPU in `GPU_DECODE_SPLITS` parts along S (a divisor of S), summed."""
-    B, K, G, S = weights.shape
-    if splits is None:
-        splits = math.gcd(S, GPU_DECODE_SPLITS) if jax.default_backend() == "gpu" else 1
-    if splits == 1:
-        return _group_matmul("bkgs,bkhs->bkgh", weights, v_cache, split)
-    parts = jnp.einsum("bkgcs,bkhcs->bkcgh", weights.reshape(B, K, G, splits, -1),
-                       v_cache.reshape(B, K, v_cache.shape[2], splits, -1), preferred_element_type=jnp.float32)
-    return parts.sum(axis=2)
 
 
 def _group_matmul(spec: str, grouped: jax.Array, cache: jax.Array, split: bool) -> jax.Array:
