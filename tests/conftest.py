@@ -7,6 +7,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                  
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # llava_next_jax from the checkout
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_compilation_cache_in_home():
+    """The caption script run in the test process keeps no compiled programs in ~/.cache (subprocesses
+    get a session cache through `JAX_COMPILATION_CACHE_DIR`, tests/test_caption.py)."""
+    from llava_next_jax import caption
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(caption, "DEFAULT_COMPILATION_CACHE", "none")
+        yield
+
+
 @pytest.fixture(scope="session")
 def demo_home(tmp_path_factory):
     """A session directory for the demo model (built once) and subprocesses' shared XLA cache."""

@@ -206,6 +206,25 @@ def test_greedy_captions_do_not_depend_on_batch_size(env, demo_dir, tmp_path):
     assert captions[1] == captions[4]
 
 
+def test_a_second_run_loads_its_programs_from_the_compilation_cache(env, demo_dir, tmp_path):
+    """--compilation-cache DIR: the first run stores its compiled programs there, a second run of the
+    same shapes stores nothing new (every program a hit) and writes the same captions."""
+    paths = write_images(tmp_path / "imgs", MIXED_SIZES[:3])
+    cache = tmp_path / "programs"
+    quiet = {k: v for k, v in env.items() if not k.startswith("JAX_PERSISTENT") and k != "JAX_COMPILATION_CACHE_DIR"}
+    entries, rows = [], []
+    for run in range(2):
+        out = tmp_path / f"run{run}.jsonl"
+        run_caption(quiet, "--images", *paths, "--output", out, "--batch-size", 2, "--max-new-tokens", 6,
+                    "--compilation-cache", cache, check_rc=0)
+        entries.append(sorted(name for name in os.listdir(cache) if name.endswith("-cache")))
+        rows.append([(r["image"], r["caption"]) for r in load_jsonl(out)])
+    assert any(name.startswith("jit_prefill_program") for name in entries[0]), entries[0]
+    assert any(name.startswith("jit_decode_program") for name in entries[0]), entries[0]
+    assert entries[1] == entries[0]
+    assert rows[1] == rows[0] and len(rows[0]) == 3
+
+
 def test_sampling_is_reproducible_and_follows_the_seed(demo_dir, tmp_path):
     """In process (caption.main): same --seed -> same captions, whatever the batching; another seed -> others."""
     paths = write_images(tmp_path / "imgs", MIXED_SIZES[:4])
