@@ -536,13 +536,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compilation-cache", default=None, metavar="DIR",
                    help="keep XLA's compiled programs in DIR, so that a later run with the same shapes compiles "
                         "nothing; 'none': off (default: JAX's own setting, $JAX_COMPILATION_CACHE_DIR, if any, "
-                        f"else {DEFAULT_COMPILATION_CACHE.replace(os.path.expanduser('~'), '~')})")
+                        f"else {DEFAULT_COMPILATION_CACHE.replace(os.path.expanduser('~'), '~')}/cpu-HASH, a folder per CPU "
+                        "model)")
     return p
 
 
 def use_compilation_cache(path: str | None) -> None:
     """JAX's persistent compilation cache in `path` for the programs compiled from now on; 'none': off;
-    None: JAX's own setting if there is one, else `DEFAULT_COMPILATION_CACHE`.
+    None: JAX's own setting if there is one, else `DEFAULT_COMPILATION_CACHE`/cpu-HASH of this machine's
+    CPU model and instruction sets (the programs compiled for the CPU are built for them).
 
     JAX keys an entry by the program, its compile options, the JAX version and the device, so a change
     to any of them compiles afresh. Every program is kept, however fast its compile (JAX's default
@@ -551,6 +553,9 @@ def use_compilation_cache(path: str | None) -> None:
     import jax
     if path is None:
         path = jax.config.jax_compilation_cache_dir or DEFAULT_COMPILATION_CACHE
+        if path == DEFAULT_COMPILATION_CACHE and path != "none":
+            from .cpu_kernels import cpu_name   # JAX's key names no CPU model: a folder per model, for a home
+            path = os.path.join(path, "cpu-" + hashlib.sha256(cpu_name().encode()).hexdigest()[:12])  # shared
     jax.config.update("jax_compilation_cache_dir", None if path == "none" else os.path.abspath(path))
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

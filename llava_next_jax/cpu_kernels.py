@@ -47,7 +47,7 @@ MAX_ROWS = 8
 _log = logging.getLogger(__name__)
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     """The CPU's model and instruction-set flags (the library is built for this CPU: -march=native)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -65,7 +65,7 @@ def _build() -> Path:
     flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", f"-I{include}"]
     texts = [source.read_text() for source in SOURCES + HEADERS]
     key = hashlib.sha256("\0".join([*texts, jax.lib.__version__, compiler, " ".join(flags),
-                                     _cpu_name()]).encode()).hexdigest()[:16]
+                                     cpu_name()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("LLAVA_NEXT_CACHE", Path.home() / ".cache" / "llava_next_jax"))
     library = cache / f"cpu_kernels-{key}.so"
     if library.exists():
