@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 
 from . import lora as lora_lib
-from . import xla_cpu
 from .config import LlavaNextConfig
 from .modeling import llava_next
 
@@ -50,10 +49,10 @@ def _loss(params, config: LlavaNextConfig, input_ids, pixel_values, sources, att
     return total / jnp.maximum(count, 1)
 
 
-loss_fn = xla_cpu.jit(_loss, xla_cpu.TRAINING, static_argnames=STATIC)
+loss_fn = jax.jit(_loss, static_argnames=STATIC)
 """The jitted loss: `loss_fn(params, config, input_ids, pixel_values, sources, attention_mask, labels,
 dtype=float32, remat=False, lora=None)` (see `_loss`)."""
-loss_and_grad = xla_cpu.jit(jax.value_and_grad(_loss), xla_cpu.TRAINING, static_argnames=STATIC)
+loss_and_grad = jax.jit(jax.value_and_grad(_loss), static_argnames=STATIC)
 """(loss, gradient pytree shaped like params) of `loss_fn`."""
 
 
@@ -129,7 +128,7 @@ def make_optimizer(params, learning_rate: float = 1e-4, warmup_steps: int = 0, t
     return Optimizer(settings, optimizer)
 
 
-@partial(xla_cpu.jit, cpu_options=xla_cpu.TRAINING, static_argnames=("config", "optimizer") + STATIC[1:],
+@partial(jax.jit, static_argnames=("config", "optimizer") + STATIC[1:],
          donate_argnames=("state",))
 def train_step(state: dict, batch: dict, config: LlavaNextConfig, optimizer, dtype=jnp.float32,
                remat: bool = False, lora: lora_lib.LoraConfig | None = None):

@@ -1,12 +1,12 @@
 """`jax.jit` with XLA:CPU compiler options that our programs measured faster with.
 
-    TRAINING: YNNPACK dot fusions off. They ran the backward pass's transposed matmuls at half the
-              speed of XLA's own dot emitter (mid-size train step 41 s -> 22 s, docs/benchmarks.md).
     DECODE:   region analysis in copy insertion. Without it XLA copied every KV-cache array on every
               decode step (read by attention, then updated in place); with it the cache is updated
               in place with no copy. And YNNPACK dot fusions off: XLA's own emitter ran the decode
               step's few-row matmuls faster (batch-4 decode 47 -> 66 tok/s together with the
               slots-last key layout, docs/benchmarks.md).
+
+Other programs (prefill, training) keep XLA's defaults, YNNPACK included.
 
 `matvec_blocks` says how to split a one-row product with a small float32 kernel: XLA:CPU streams
 such a kernel up to 1.4x faster as a batch of products over row blocks of it (batch-1 decode).
@@ -24,8 +24,7 @@ import functools
 
 import jax
 
-TRAINING = {"xla_cpu_experimental_ynn_fusion_type": ""}
-DECODE = {"xla_cpu_copy_insertion_use_region_analysis": True, **TRAINING}
+DECODE = {"xla_cpu_copy_insertion_use_region_analysis": True, "xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def jit(fn, cpu_options: dict, **jit_kwargs):

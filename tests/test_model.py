@@ -232,6 +232,27 @@ def test_gpu_one_row_products_are_padded(shape, monkeypatch):
     np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_cpu_product_gradients_equal_torch_and_take_the_kernel_gradient_as_a_plain_product():
+    """On the CPU a product's kernel gradient is `x.T @ g` with `x.T` written out (an optimization barrier
+    between them), where XLA would contract both operands' rows; both gradients equal torch's."""
+    import jax
+    import jax.numpy as jnp
+    from llava_next_jax.modeling import decoder
+    rng = np.random.default_rng(2)
+    x, kernel = rng.standard_normal((2, 40, 64)).astype(np.float32), rng.standard_normal((64, 96)).astype(np.float32)
+    weights = rng.standard_normal((2, 40, 96)).astype(np.float32)
+    loss = lambda a, b: jnp.sum(decoder.matmul(a, b) * weights)
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    text = grad.lower(x, kernel).as_text()
+    barriers = [line for line in text.splitlines() if "optimization_barrier" in line]
+    assert len(barriers) == 1 and "tensor<64x80xf32>" in barriers[0], barriers      # x.T, [in, rows]
+    dx, dk = grad(x, kernel)
+    tx, tk = (torch.from_numpy(a).double().requires_grad_() for a in (x, kernel))
+    ((tx @ tk) * torch.from_numpy(weights).double()).sum().backward()
+    np.testing.assert_allclose(np.asarray(dx), tx.grad.numpy(), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dk), tk.grad.numpy(), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_decode_attention_equals_torch_sdpa(group):
     """A decode step's attention over a cache with masked slots plus its own key (groups of 1 and 4 run
