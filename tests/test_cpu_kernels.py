@@ -130,9 +130,10 @@ def test_prefill_attention_uses_flash_attention(monkeypatch):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_gradient_equals_torch(causal):
-    """`decoder.native_attention` (the kernel forward, XLA's recomputation backward: one `_attend`, or
-    with `causal` the query blocks, three of 64 here) is differentiable: gradients of q, k and v under
-    left padding and GQA against PyTorch SDPA's in float64."""
+    """`decoder.native_attention` (the kernel forward; the backward `_attention_gradients`, three query
+    blocks of 64 here, over every key or with `causal` the keys up to the block's end) is
+    differentiable: gradients of q, k and v under left padding and GQA against PyTorch SDPA's in
+    float64."""
     B, T, N, K, H = 2, 150, 4, 2, 16
     rng = np.random.default_rng(3)
     q, k, v, up = rng.standard_normal((B, T, N, H)), *rng.standard_normal((2, B, K, T, H)), rng.standard_normal(
