@@ -1,8 +1,9 @@
 """Where our prefill's time goes: one compiled prefill of the generation benchmark's model and inputs,
-traced with `jax.profiler`, its operations summed by the JAX operation they came from.
+traced with `jax.profiler`, its operations summed by the JAX operation they came from. With --train,
+one step of the fine-tuning benchmark (`train_vs_torch.py`: projector + decoder, float32) instead.
 
     .venv/bin/python benchmarks/profile_prefill.py [--shape mid] [--dtype float32] [--batch 1] [--top 30]
-        [--keep]
+        [--train] [--keep]
 
 XLA's optimised program is dumped (XLA_FLAGS, set here before JAX starts) to map each traced fusion
 or custom call to the `op_name` JAX gave it; layer numbers are folded (`layer_*/...`), so a line is
@@ -43,6 +44,7 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--image-size", type=int, nargs=2, default=[480, 640], metavar=("HEIGHT", "WIDTH"))
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--train", action="store_true", help="a fine-tuning step instead of a prefill")
     parser.add_argument("--keep", action="store_true", help="keep the trace and the dumped programs")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="profile_prefill_")
@@ -50,21 +52,31 @@ def main():
     import jax
     import generate_vs_hf as bench
     hf, model = bench.build_models(args.shape, args.dtype, "cpu")
-    del hf
     inputs = bench.make_inputs(model.config, args.batch, tuple(args.image_size))
-    _, prefill, *_ = bench.ours(model, inputs, 16)
-    seconds = [prefill() for _ in range(2)]
+    if args.train:
+        import train_vs_torch
+        hf.save_pretrained(f"{work}/checkpoint")
+        labels = train_vs_torch.labels_for(inputs, hf.config.image_token_id)
+        del hf, model
+        _, step = train_vs_torch.ours_step(f"{work}/checkpoint", inputs, labels, "projector+decoder", False)
+        program, run = "jit_train_step", lambda: bench.seconds(step)
+    else:
+        del hf
+        _, prefill, *_ = bench.ours(model, inputs, 16)
+        program, run = "jit_prefill_program", prefill
+    seconds = [run() for _ in range(2)]
     with jax.profiler.trace(f"{work}/trace", create_perfetto_trace=True):
-        seconds.append(prefill())
+        seconds.append(run())
     trace = json.load(gzip.open(glob.glob(f"{work}/trace/**/perfetto_trace.json.gz", recursive=True)[0], "rt"))
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    hlo = glob.glob(f"{work}/hlo/*jit_prefill_program.cpu_after_optimizations.txt")
+    hlo = glob.glob(f"{work}/hlo/*{program}.cpu_after_optimizations.txt")
     names = op_names(open(hlo[0]).read())
     total = defaultdict(float)
     for e in events:
         if e.get("ph") == "X" and "dur" in e and e["name"] in names:
             total[names[e["name"]]] += e["dur"] / 1e3
-    print(f"# {args.shape}, {args.dtype}, batch {args.batch}: prefill {', '.join(f'{s:.2f}' for s in seconds)} s "
+    what = "fine-tuning step" if args.train else "prefill"
+    print(f"# {args.shape}, {args.dtype}, batch {args.batch}: {what} {', '.join(f'{s:.2f}' for s in seconds)} s "
           f"(the last traced)" + (f"; files in {work}" if args.keep else ""))
     print("| operation (summed over layers) | ms |")
     print("|---|---|")
