@@ -18,6 +18,7 @@
 #include <limits>
 #include <memory>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -133,18 +134,25 @@ struct Shapes {
 };
 
 // Keys and values of one (row, kv head, tile), packed: keys transposed [H16, kTile], values [kTile, H16],
-// zero beyond the tile's keys and beyond H.
+// zero beyond the tile's keys and beyond H. The backward pass also packs the keys [kTile, H16] and the
+// values transposed [H16, kTile] after them.
 void PackTile(const Shapes& s, const float* k, const float* v, int64_t pair, int64_t tile, float* keys,
-              float* values) {
+              float* values, bool backward = false) {
   const int64_t s0 = tile * kTile, width = std::min(kTile, s.S - s0);
   const float* kp = k + (pair * s.S + s0) * s.H;
   const float* vp = v + (pair * s.S + s0) * s.H;
+  float* key_rows = values + kTile * s.H16;
+  float* values_t = key_rows + kTile * s.H16;
   std::fill(keys, keys + s.H16 * kTile, 0.0f);
-  std::fill(values, values + kTile * s.H16, 0.0f);
+  std::fill(values, values + kTile * s.H16 * (backward ? 3 : 1), 0.0f);
   for (int64_t j = 0; j < width; ++j)
     for (int64_t d = 0; d < s.H; ++d) {
       keys[d * kTile + j] = kp[j * s.H + d];
       values[j * s.H16 + d] = vp[j * s.H + d];
+      if (backward) {
+        key_rows[j * s.H16 + d] = kp[j * s.H + d];
+        values_t[d * kTile + j] = vp[j * s.H + d];
+      }
     }
 }
 
@@ -171,7 +179,7 @@ inline void Scan(const bool* m, int64_t n, bool& any, bool& all) {
 // position t0 + r / G, query head kh * G + r % G; rows go through each key tile kMicroRows at a time
 // (logits, online softmax, output), so that their logits never leave the core's first-level cache.
 void AttendBlock(const Shapes& s, const float* q, const bool* mask, const float* packed, float scale, int64_t b,
-                 int64_t kh, int64_t t0, int64_t t1, float* out) {
+                 int64_t kh, int64_t t0, int64_t t1, float* out, float* lse) {
   const int64_t G = s.G, H = s.H, H16 = s.H16;
   const int64_t rows = (t1 - t0) * G;
   const int64_t padded_rows = (rows + kMicroRows - 1) / kMicroRows * kMicroRows;
@@ -245,35 +253,46 @@ void AttendBlock(const Shapes& s, const float* q, const bool* mask, const float*
       for (int64_t d = 0; d < H16; d += 16) OutputTile(x, values + d, depth, H16, &acc[r0 * H16 + d]);
     }
   }
-  for (int64_t r = 0; r < rows; ++r) {  // a row that sees no key gets zeros
+  for (int64_t r = 0; r < rows; ++r) {  // a row that sees no key gets zeros (and a log-sum-exp of +inf)
     const float inverse = total[r] > 0.0f ? 1.0f / total[r] : 0.0f;
-    float* o = out + (((b * s.T + t0 + r / G) * s.N) + kh * G + r % G) * H;
-    for (int64_t d = 0; d < H; ++d) o[d] = acc[r * H16 + d] * inverse;
+    const int64_t index = ((b * s.T + t0 + r / G) * s.N) + kh * G + r % G;
+    for (int64_t d = 0; d < H; ++d) out[index * H + d] = acc[r * H16 + d] * inverse;
+    lse[index] = total[r] > 0.0f ? top[r] + std::log(total[r]) : -kNegInf;
   }
 }
 
-// q [B, T, N, H], k and v [B, K, S, H], mask [B, T, S] -> out [B, T, N, H]; N a multiple of K.
-ffi::Error FlashAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                              ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask,
-                              ffi::ResultBuffer<ffi::F32> out, float scale) {
-  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
+// Checks q [B, T, N, H], k and v [B, K, S, H] (N a multiple of K), mask [B, T, S] and fills s.
+bool ReadShapes(ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd, ffi::Span<const int64_t> vd,
+                ffi::Span<const int64_t> md, Shapes& s) {
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || md.size() != 3 || kd[0] != qd[0] ||
       kd[3] != qd[3] || kd[1] < 1 || qd[2] % kd[1] != 0 || vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[2] ||
       vd[3] != kd[3] || md[0] != qd[0] || md[1] != qd[1] || md[2] != kd[2])
-    return ffi::Error::InvalidArgument("llava_next_flash_attention: want q [B, T, N, H], k and v [B, K, S, H] "
-                                       "(N a multiple of K), mask [B, T, S]");
-  Shapes s{qd[0], qd[1], qd[2], qd[3], kd[1], kd[2], qd[2] / kd[1], 1, 0, 0};
+    return false;
+  s = Shapes{qd[0], qd[1], qd[2], qd[3], kd[1], kd[2], qd[2] / kd[1], 1, 0, 0};
   // Positions per task: about kRows / G, a multiple of kMicroRows / gcd(G, kMicroRows) so that the
   // task's rows fill whole register tiles.
   const int64_t step = kMicroRows / std::gcd<int64_t>(s.G, kMicroRows);
   s.positions = std::max<int64_t>(1, (kRows / s.G + step - 1) / step) * step;
   s.H16 = (s.H + 15) / 16 * 16;
   s.tiles = (s.S + kTile - 1) / kTile;
+  return true;
+}
+
+constexpr const char* kShapeError = "want q [B, T, N, H], k and v [B, K, S, H] (N a multiple of K), mask [B, T, S]";
+
+// q [B, T, N, H], k and v [B, K, S, H], mask [B, T, S] -> out [B, T, N, H] and each query's log-sum-exp
+// of its scaled logits, lse [B, T, N] (+inf where it sees no key); N a multiple of K.
+ffi::Error FlashAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                              ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask,
+                              ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, float scale) {
+  Shapes s;
+  if (!ReadShapes(q.dimensions(), k.dimensions(), v.dimensions(), mask.dimensions(), s))
+    return ffi::Error::InvalidArgument(std::string("llava_next_flash_attention: ") + kShapeError);
   const int64_t pairs = s.B * s.K, tile_floats = 2 * s.H16 * kTile;
   std::unique_ptr<float[]> packed(new float[pairs * s.tiles * tile_floats]);
   const float *qs = q.typed_data(), *ks = k.typed_data(), *vs = v.typed_data();
   const bool* ms = mask.typed_data();
-  float* os = out->typed_data();
+  float *os = out->typed_data(), *ls = lse->typed_data();
   float* pk = packed.get();
   RunTasks(pool, pairs * s.tiles, [=](int64_t i) {
     float* keys = pk + i * tile_floats;
@@ -283,7 +302,238 @@ ffi::Error FlashAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   RunTasks(pool, pairs * blocks, [=](int64_t i) {
     const int64_t block = blocks - 1 - i / pairs, pair = i % pairs;  // later positions (more keys) first
     const int64_t t0 = block * s.positions;
-    AttendBlock(s, qs, ms, pk, scale, pair / s.K, pair % s.K, t0, std::min(s.T, t0 + s.positions), os);
+    AttendBlock(s, qs, ms, pk, scale, pair / s.K, pair % s.K, t0, std::min(s.T, t0 + s.positions), os, ls);
+  });
+  return ffi::Error::Success();
+}
+
+// --- backward -------------------------------------------------------------------------------------
+//
+// With P the softmax weights (recomputed from the forward pass's log-sum-exp), D = rowsum(dO * O) and
+// dS = P * (dO . v - D): dq = scale * dS k, dk = scale * dS^T q, dv = P^T dO. One set of tasks per
+// (row, kv head, block of query positions) takes dq, as the forward pass's tasks; another per (row, kv
+// head, key tile) takes that tile's dk and dv over the query rows that see it, kChunk rows at a time.
+
+constexpr int64_t kChunk = 48;                                         // query rows per dk/dv product
+constexpr int64_t kTileRows = (kTile + kMicroRows - 1) / kMicroRows * kMicroRows;  // 66: whole tiles
+
+// A (row, kv head)'s query rows r = t * G + g (position t, query head kh * G + g), packed [rows, H16]:
+// the queries times scale, the output gradients; with each row's log-sum-exp and D. Rows from T * G
+// to `padded` are zero with a log-sum-exp of +inf (no weights).
+struct Rows {
+  int64_t padded;
+  float *q, *dout, *lse, *delta;
+};
+
+void PackRows(const Shapes& s, const float* q, const float* dout, const float* lse, const float* delta,
+              float scale, int64_t pair, const Rows& rows) {
+  const int64_t b = pair / s.K, kh = pair % s.K, real = s.T * s.G;
+  std::fill(rows.q, rows.q + rows.padded * s.H16, 0.0f);
+  std::fill(rows.dout, rows.dout + rows.padded * s.H16, 0.0f);
+  std::fill(rows.lse, rows.lse + rows.padded, -kNegInf);
+  std::fill(rows.delta, rows.delta + rows.padded, 0.0f);
+  for (int64_t r = 0; r < real; ++r) {
+    const int64_t index = (b * s.T + r / s.G) * s.N + kh * s.G + r % s.G;
+    for (int64_t d = 0; d < s.H; ++d) {
+      rows.q[r * s.H16 + d] = q[index * s.H + d] * scale;
+      rows.dout[r * s.H16 + d] = dout[index * s.H + d];
+    }
+    rows.lse[r] = lse[index];
+    rows.delta[r] = delta[index];
+  }
+}
+
+// Rows [r0, r0 + kMicroRows) at one key tile, columns [0, used): x = P, y = dS (columns from used to
+// kTile zero). bias: each row's mask bias for the tile, or null where the tile is all visible.
+void GradientTile(const Shapes& s, const Rows& rows, int64_t r0, const float* packed_tile, const float* const* bias,
+                  int64_t used, float* __restrict x, float* __restrict y) {
+  const float* keys_t = packed_tile;
+  const float* values_t = packed_tile + s.H16 * kTile + 2 * kTile * s.H16;
+  V8 most[kMicroRows] = {};  // unused
+  for (int64_t j = 0; j < used; j += 16) {
+    const float* bias_at[kMicroRows];
+    if (bias)
+      for (int r = 0; r < kMicroRows; ++r) bias_at[r] = bias[r] + j;
+    LogitsTile(rows.q + r0 * s.H16, s.H16, keys_t + j, s.H, bias ? bias_at : nullptr, x + j, most);
+    LogitsTile(rows.dout + r0 * s.H16, s.H16, values_t + j, s.H, nullptr, y + j, most);
+  }
+  for (int r = 0; r < kMicroRows; ++r) {
+    const V8 lse = Splat(rows.lse[r0 + r]), delta = Splat(rows.delta[r0 + r]);
+    float *xr = x + r * kTile, *yr = y + r * kTile;
+    for (int64_t j = 0; j < used; j += 8) {
+      const V8 p = Exp(Load(xr + j) - lse);
+      Store(xr + j, p);
+      Store(yr + j, p * (Load(yr + j) - delta));
+    }
+    std::fill(xr + used, xr + kTile, 0.0f);
+    std::fill(yr + used, yr + kTile, 0.0f);
+  }
+}
+
+// Mask bias and visible extent of positions [t0, t1) at one tile, as AttendBlock takes them; returns
+// whether any key of the tile is visible to them (all: every one is, to every position).
+bool TileMask(const Shapes& s, const bool* mask, int64_t b, int64_t t0, int64_t t1, int64_t tile, float* bias,
+              int64_t* extent, bool& all) {
+  const int64_t s0 = tile * kTile, width = std::min(kTile, s.S - s0);
+  bool any = false;
+  all = width == kTile;
+  for (int64_t t = t0; t < t1; ++t) Scan(mask + (b * s.T + t) * s.S + s0, width, any, all);
+  if (!any) return false;
+  std::fill(extent, extent + (t1 - t0), width);
+  if (!all)
+    for (int64_t t = t0; t < t1; ++t) {
+      const bool* m = mask + (b * s.T + t) * s.S + s0;
+      float* row_bias = bias + (t - t0) * kTile;
+      for (int64_t j = 0; j < kTile; ++j) row_bias[j] = j < width && m[j] ? 0.0f : kNegInf;
+      int64_t& e = extent[t - t0];
+      while (e > 0 && !m[e - 1]) --e;
+    }
+  return true;
+}
+
+// Rows [r0, r0 + kMicroRows) of positions starting at t0: their bias rows and the depth of keys any
+// of them sees (rows past the last real one take its mask).
+int64_t RowGroup(const Shapes& s, int64_t r0, int64_t t0, int64_t last_row, const float* bias,
+                 const int64_t* extent, const float** row_bias) {
+  int64_t depth = 0;
+  for (int r = 0; r < kMicroRows; ++r) {
+    const int64_t position = std::min(r0 + r, last_row) / s.G - t0;
+    row_bias[r] = bias + position * kTile;
+    depth = std::max(depth, extent[position]);
+  }
+  return depth;
+}
+
+// dq of positions [t0, t1) of row b, kv head kh.
+void QueryGradients(const Shapes& s, const Rows& rows, const bool* mask, const float* packed, float scale,
+                    int64_t b, int64_t kh, int64_t t0, int64_t t1, float* dq) {
+  const int64_t G = s.G, H16 = s.H16, first = t0 * G, last = t1 * G;   // rows [first, last)
+  const int64_t count = (last - first + kMicroRows - 1) / kMicroRows * kMicroRows;
+  const int64_t tile_floats = 4 * H16 * kTile;
+  std::vector<float> acc(count * H16, 0.0f), bias((t1 - t0) * kTile);
+  std::vector<int64_t> extent(t1 - t0);
+  alignas(32) float x[kMicroRows * kTile], y[kMicroRows * kTile];
+  for (int64_t tile = 0; tile < s.tiles; ++tile) {
+    bool all;
+    if (!TileMask(s, mask, b, t0, t1, tile, bias.data(), extent.data(), all)) continue;
+    const float* packed_tile = packed + ((b * s.K + kh) * s.tiles + tile) * tile_floats;
+    const float* key_rows = packed_tile + 2 * H16 * kTile;
+    for (int64_t r0 = first; r0 < first + count; r0 += kMicroRows) {
+      const float* row_bias[kMicroRows];
+      const int64_t depth = RowGroup(s, r0, t0, last - 1, bias.data(), extent.data(), row_bias);
+      if (depth == 0) continue;
+      const int64_t used = (depth + 15) / 16 * 16;
+      GradientTile(s, rows, r0, packed_tile, all ? nullptr : row_bias, used, x, y);
+      for (int64_t d = 0; d < H16; d += 16) OutputTile(y, key_rows + d, depth, H16, &acc[(r0 - first) * H16 + d]);
+    }
+  }
+  for (int64_t r = first; r < last; ++r) {
+    float* out = dq + ((b * s.T + r / G) * s.N + kh * G + r % G) * s.H;
+    for (int64_t d = 0; d < s.H; ++d) out[d] = acc[(r - first) * H16 + d] * scale;
+  }
+}
+
+// acc[j, :] += sum over i < depth of a[j, i] * b[i, :] for the kTileRows x H16 accumulator acc; a rows
+// kChunk apart, b rows H16.
+void AccumulateTile(const Shapes& s, const float* a, const float* b, int64_t depth, float* acc) {
+  for (int64_t j0 = 0; j0 < kTileRows; j0 += kMicroRows)
+    for (int64_t d = 0; d < s.H16; d += 16) {
+      Tile t;
+      for (int r = 0; r < kMicroRows; ++r) {
+        t[r][0] = Load(acc + (j0 + r) * s.H16 + d);
+        t[r][1] = Load(acc + (j0 + r) * s.H16 + d + 8);
+      }
+      Accumulate(t, a + j0 * kChunk, kChunk, b + d, s.H16, depth);
+      for (int r = 0; r < kMicroRows; ++r) {
+        Store(acc + (j0 + r) * s.H16 + d, t[r][0]);
+        Store(acc + (j0 + r) * s.H16 + d + 8, t[r][1]);
+      }
+    }
+}
+
+// dk and dv of key tile `tile` of row b, kv head kh, over every query row that sees it.
+void KeyGradients(const Shapes& s, const Rows& rows, const bool* mask, const float* packed, int64_t b, int64_t kh,
+                  int64_t tile, float* dk, float* dv) {
+  const int64_t G = s.G, H16 = s.H16, real = s.T * G;
+  const float* packed_tile = packed + ((b * s.K + kh) * s.tiles + tile) * 4 * H16 * kTile;
+  std::vector<float> dk_acc(kTileRows * H16, 0.0f), dv_acc(kTileRows * H16, 0.0f);
+  std::vector<float> p(kChunk * kTile), ds(kChunk * kTile);
+  std::vector<float> p_t(kTileRows * kChunk, 0.0f), ds_t(kTileRows * kChunk, 0.0f);
+  const int64_t max_positions = kChunk / G + 2;
+  std::vector<float> bias(max_positions * kTile);
+  std::vector<int64_t> extent(max_positions);
+  for (int64_t c0 = 0; c0 < real; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, real - c0), t0 = c0 / G, t1 = (c0 + n - 1) / G + 1;
+    bool all;
+    if (!TileMask(s, mask, b, t0, t1, tile, bias.data(), extent.data(), all)) continue;
+    for (int64_t r0 = c0; r0 < c0 + n; r0 += kMicroRows) {
+      const float* row_bias[kMicroRows];
+      const int64_t depth = RowGroup(s, r0, t0, c0 + n - 1, bias.data(), extent.data(), row_bias);
+      float *x = &p[(r0 - c0) * kTile], *y = &ds[(r0 - c0) * kTile];
+      if (depth == 0) {
+        std::fill(x, x + kMicroRows * kTile, 0.0f);
+        std::fill(y, y + kMicroRows * kTile, 0.0f);
+        continue;
+      }
+      GradientTile(s, rows, r0, packed_tile, all ? nullptr : row_bias, (depth + 15) / 16 * 16, x, y);
+    }
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < kTile; ++j) {
+        p_t[j * kChunk + i] = p[i * kTile + j];
+        ds_t[j * kChunk + i] = ds[i * kTile + j];
+      }
+    AccumulateTile(s, p_t.data(), rows.dout + c0 * H16, n, dv_acc.data());
+    AccumulateTile(s, ds_t.data(), rows.q + c0 * H16, n, dk_acc.data());
+  }
+  const int64_t s0 = tile * kTile, width = std::min(kTile, s.S - s0);
+  for (int64_t j = 0; j < width; ++j)
+    for (int64_t d = 0; d < s.H; ++d) {
+      const int64_t at = ((b * s.K + kh) * s.S + s0 + j) * s.H + d;
+      dk[at] = dk_acc[j * H16 + d];
+      dv[at] = dv_acc[j * H16 + d];
+    }
+}
+
+// The gradients of FlashAttention: q, k, v, mask as it took them, dout [B, T, N, H], lse [B, T, N] (its
+// second result), delta [B, T, N] = rowsum(dout * out) -> dq [B, T, N, H], dk and dv [B, K, S, H].
+ffi::Error FlashAttentionBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                                      ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask,
+                                      ffi::Buffer<ffi::F32> dout, ffi::Buffer<ffi::F32> lse,
+                                      ffi::Buffer<ffi::F32> delta, ffi::ResultBuffer<ffi::F32> dq,
+                                      ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv, float scale) {
+  Shapes s;
+  if (!ReadShapes(q.dimensions(), k.dimensions(), v.dimensions(), mask.dimensions(), s))
+    return ffi::Error::InvalidArgument(std::string("llava_next_flash_attention_backward: ") + kShapeError);
+  const int64_t pairs = s.B * s.K, tile_floats = 4 * s.H16 * kTile;
+  const int64_t padded = (s.T * s.G + kChunk - 1) / kChunk * kChunk + kMicroRows;
+  const int64_t row_floats = padded * (2 * s.H16 + 2);
+  std::unique_ptr<float[]> packed(new float[pairs * s.tiles * tile_floats]);
+  std::unique_ptr<float[]> packed_rows(new float[pairs * row_floats]);
+  const float *qs = q.typed_data(), *ks = k.typed_data(), *vs = v.typed_data(), *dos = dout.typed_data();
+  const float *ls = lse.typed_data(), *ds = delta.typed_data();
+  const bool* ms = mask.typed_data();
+  float *pk = packed.get(), *pr = packed_rows.get();
+  auto rows_of = [=](int64_t pair) {
+    float* base = pr + pair * row_floats;
+    return Rows{padded, base, base + padded * s.H16, base + 2 * padded * s.H16, base + 2 * padded * s.H16 + padded};
+  };
+  RunTasks(pool, pairs * s.tiles + pairs, [=](int64_t i) {
+    if (i < pairs) return PackRows(s, qs, dos, ls, ds, scale, i, rows_of(i));
+    const int64_t t = i - pairs;
+    float* keys = pk + t * tile_floats;
+    PackTile(s, ks, vs, t / s.tiles, t % s.tiles, keys, keys + s.H16 * kTile, true);
+  });
+  float *dqs = dq->typed_data(), *dks = dk->typed_data(), *dvs = dv->typed_data();
+  const int64_t blocks = (s.T + s.positions - 1) / s.positions;
+  RunTasks(pool, pairs * blocks + pairs * s.tiles, [=](int64_t i) {
+    if (i < pairs * blocks) {
+      const int64_t block = blocks - 1 - i / pairs, pair = i % pairs;
+      const int64_t t0 = block * s.positions;
+      return QueryGradients(s, rows_of(pair), ms, pk, scale, pair / s.K, pair % s.K, t0,
+                            std::min(s.T, t0 + s.positions), dqs);
+    }
+    const int64_t t = i - pairs * blocks, pair = t % pairs, tile = t / pairs;
+    KeyGradients(s, rows_of(pair), ms, pk, pair / s.K, pair % s.K, tile, dks, dvs);
   });
   return ffi::Error::Success();
 }
@@ -297,5 +547,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashAttention, FlashAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashAttentionBackward, FlashAttentionBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale"));

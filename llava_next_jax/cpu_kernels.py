@@ -43,6 +43,7 @@ HEADERS = (Path(__file__).with_name("cpu_tasks.h"),)
 TARGET = "llava_next_fewrow_matmul"
 HEADS_TARGET = "llava_next_head_matmul"
 FLASH_TARGET = "llava_next_flash_attention"
+FLASH_BACKWARD_TARGET = "llava_next_flash_attention_backward"
 MAX_ROWS = 8
 _log = logging.getLogger(__name__)
 
@@ -94,6 +95,8 @@ def _load() -> bool:
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.FewRowMatmul), platform="cpu")
         jax.ffi.register_ffi_target(HEADS_TARGET, jax.ffi.pycapsule(library.HeadMatmul), platform="cpu")
         jax.ffi.register_ffi_target(FLASH_TARGET, jax.ffi.pycapsule(library.FlashAttention), platform="cpu")
+        jax.ffi.register_ffi_target(FLASH_BACKWARD_TARGET, jax.ffi.pycapsule(library.FlashAttentionBackward),
+                                    platform="cpu")
     except Exception as error:  # noqa: BLE001 - any failure means XLA's products, said once
         _log.warning("llava_next_jax: the native CPU kernels are unavailable, XLA's operations are used "
                      "(decode and prefill on the CPU run slower): %s", error)
@@ -167,13 +170,30 @@ def flash_applies() -> bool:
     return _usable()
 
 
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+                    with_lse: bool = False):
     """Softmax attention of q `[B, T, N, H]` over k/v `[B, K, S, H]` (GQA: N a multiple of K) where the
     bool mask `[B, T, S]` allows, in one pass over tiles (`cpu_attention.cc`): float32 throughout, the
-    result in q's dtype. A query that may see no key gets zeros. Not differentiable itself:
-    `modeling.decoder.native_attention` gives it a gradient."""
+    result in q's dtype. A query that may see no key gets zeros. with_lse: also each query's
+    log-sum-exp of its scaled logits `[B, T, N]` float32 (+inf where it sees no key), what
+    `flash_attention_backward` takes. Not differentiable itself: `modeling.decoder.native_attention`
+    gives it a gradient."""
     _require()
     f32 = lambda a: a.astype(jnp.float32)
-    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    return jax.ffi.ffi_call(FLASH_TARGET, out)(f32(q), f32(k), f32(v), mask.astype(jnp.bool_),
-                                               scale=np.float32(scale)).astype(q.dtype)
+    out = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(q.shape[:3], jnp.float32))
+    out, lse = jax.ffi.ffi_call(FLASH_TARGET, out)(f32(q), f32(k), f32(v), mask.astype(jnp.bool_),
+                                                   scale=np.float32(scale))
+    return (out.astype(q.dtype), lse) if with_lse else out.astype(q.dtype)
+
+
+def flash_attention_backward(q, k, v, mask, scale: float, out, lse, d_out):
+    """(dq, dk, dv) of `flash_attention(q, k, v, mask, scale)` = out (with its `lse`) given d_out, in one
+    pass over tiles for dq and one for dk and dv (`cpu_attention.cc`), float32 throughout, each in its
+    input's dtype."""
+    _require()
+    f32 = lambda a: a.astype(jnp.float32)
+    delta = jnp.sum(f32(d_out) * f32(out), axis=-1)
+    shapes = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (q, k, v))
+    grads = jax.ffi.ffi_call(FLASH_BACKWARD_TARGET, shapes)(
+        f32(q), f32(k), f32(v), mask.astype(jnp.bool_), f32(d_out), lse, delta, scale=np.float32(scale))
+    return tuple(g.astype(a.dtype) for g, a in zip(grads, (q, k, v)))

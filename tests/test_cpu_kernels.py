@@ -116,6 +116,39 @@ def test_flash_attention_equals_torch_sdpa(B, T, N, K, H, window):
     assert sees.all() == (B == 1) and (np.asarray(ours)[~sees[..., 0, 0]] == 0).all()
 
 
+@pytest.mark.parametrize("B,T,N,K,H", [(1, 300, 16, 4, 64), (3, 77, 6, 6, 24), (2, 130, 7, 1, 128), (1, 5, 2, 1, 16)])
+@pytest.mark.parametrize("window", [0, 40])
+def test_flash_attention_backward_equals_torch(B, T, N, K, H, window):
+    """The backward kernel (and the forward's log-sum-exp it takes) against PyTorch in float64, the masks
+    of the forward test: dq, dk and dv of a weighted sum of the outputs; a query that sees nothing gets
+    no gradient and a log-sum-exp of +inf."""
+    rng = np.random.default_rng(T * H + window + 1)
+    q, k, v = rng.standard_normal((B, T, N, H)), *rng.standard_normal((2, B, K, T, H))
+    valid = np.arange(T)[None, :] >= (np.arange(B) * T // 4)[:, None]
+    slots = jnp.arange(T)
+    mask = decoder.attention_mask(jnp.broadcast_to(slots, (B, T)), slots, jnp.asarray(valid))
+    if window:
+        mask = decoder._window_mask(mask, jnp.broadcast_to(slots, (B, T)), slots, window)
+    mask = np.array(mask)
+    sees = mask.any(-1)                                                              # [B, T]
+    up = rng.standard_normal((B, T, N, H))
+    x = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
+    out, lse = cpu_kernels.flash_attention(*x, jnp.asarray(mask), H ** -0.5, with_lse=True)
+    grads = cpu_kernels.flash_attention_backward(*x, jnp.asarray(mask), H ** -0.5, out, lse,
+                                                 jnp.asarray(up, jnp.float32))
+    tq, tk, tv = (torch.from_numpy(a).requires_grad_() for a in (q, k, v))
+    keys, values = tk.repeat_interleave(N // K, 1), tv.repeat_interleave(N // K, 1)
+    seen = torch.from_numpy(mask | np.eye(T, dtype=bool))[:, None]          # a query seeing nothing: no NaN
+    ref = torch.nn.functional.scaled_dot_product_attention(tq.transpose(1, 2), keys, values, attn_mask=seen)
+    torch.sum(ref.transpose(1, 2) * torch.from_numpy(up * sees[..., None, None])).backward()
+    for ours, t in zip(grads, (tq, tk, tv)):
+        np.testing.assert_allclose(np.asarray(ours), t.grad.numpy(), rtol=1e-4, atol=1e-5)
+    logits = (tq.detach().transpose(1, 2) @ keys.detach().transpose(2, 3)) * H ** -0.5
+    ref_lse = torch.logsumexp(logits.masked_fill(~torch.from_numpy(mask)[:, None], -torch.inf), -1).transpose(1, 2)
+    np.testing.assert_allclose(np.asarray(lse)[sees], ref_lse.numpy()[sees], rtol=1e-5, atol=1e-5)
+    assert (np.asarray(lse)[~sees] == np.inf).all() and sees.all() == (B == 1)
+
+
 def test_prefill_attention_uses_flash_attention(monkeypatch):
     """A prefill (`fused`) and a pass whose gradient may be taken lower to the attention kernel on this
     CPU; `LLAVA_NEXT_ATTENTION=blocks` keeps the query blocks."""
@@ -130,19 +163,19 @@ def test_prefill_attention_uses_flash_attention(monkeypatch):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_gradient_equals_torch(causal):
-    """`decoder.native_attention` (the kernel forward; the backward `_attention_gradients`, three query
-    blocks of 64 here, over every key or with `causal` the keys up to the block's end) is
-    differentiable: gradients of q, k and v under left padding and GQA against PyTorch SDPA's in
-    float64."""
+    """`decoder.native_attention` (the forward and backward kernels) is differentiable: gradients of q, k
+    and v under left padding and GQA, causal or not, against PyTorch SDPA's in float64, and its
+    gradient pass lowers to the backward kernel."""
     B, T, N, K, H = 2, 150, 4, 2, 16
     rng = np.random.default_rng(3)
     q, k, v, up = rng.standard_normal((B, T, N, H)), *rng.standard_normal((2, B, K, T, H)), rng.standard_normal(
         (B, T, N, H))
     valid = np.arange(T)[None, :] >= np.array([0, 9])[:, None]
-    mask = np.tril(np.ones((T, T), bool))[None] & valid[:, None, :]
+    mask = (np.tril(np.ones((T, T), bool)) if causal else np.ones((T, T), bool))[None] & valid[:, None, :]
     weight = up * valid[:, :, None, None]          # the padding rows' outputs are read by nothing
-    loss = lambda q, k, v: jnp.sum(decoder.native_attention(q, k, v, jnp.asarray(mask), H ** -0.5, causal) * weight)
+    loss = lambda q, k, v: jnp.sum(decoder.native_attention(q, k, v, jnp.asarray(mask), H ** -0.5) * weight)
     assert cpu_kernels.FLASH_TARGET in jax.jit(loss).lower(q, k, v).as_text()
+    assert cpu_kernels.FLASH_BACKWARD_TARGET in jax.jit(jax.grad(loss)).lower(q, k, v).as_text()
     ours = jax.grad(loss, argnums=(0, 1, 2))(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)))
     tq, tk, tv = (torch.from_numpy(a).requires_grad_() for a in (q, k, v))
     out = torch.nn.functional.scaled_dot_product_attention(

@@ -297,59 +297,23 @@ def _flash_gpu() -> bool:
     return major.isdigit() and int(major) >= 8
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def native_attention(q, k, v, mask, scale, causal: bool):
-    """`_attend` on the CPU kernel (`cpu_kernels.flash_attention`), differentiable: the backward pass
-    (`_attention_gradients`) recomputes the softmax weights with XLA, one query block at a time, so a
-    training pass keeps no softmax weights between its forward and backward passes. `causal`: queries
-    in slots [0, T), so a block's gradients involve only the keys up to its last query. A query that
-    sees no key gets zeros, as from `_attend`."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def native_attention(q, k, v, mask, scale):
+    """`_attend` on the CPU kernel (`cpu_kernels.flash_attention`), differentiable by the backward kernel
+    (`cpu_kernels.flash_attention_backward`, from the forward pass's log-sum-exp), so a training pass
+    keeps no softmax weights between its forward and backward passes. A query that sees no key gets
+    zeros, as from `_attend`."""
     return cpu_kernels.flash_attention(q, k, v, mask, scale)
 
 
-def _native_attention_forward(q, k, v, mask, scale, causal):
-    out = native_attention(q, k, v, mask, scale, causal)
-    return out, (q, k, v, mask, out)
+def _native_attention_forward(q, k, v, mask, scale):
+    out, lse = cpu_kernels.flash_attention(q, k, v, mask, scale, with_lse=True)
+    return out, (q, k, v, mask, out, lse)
 
 
-def _native_attention_backward(scale, causal, residuals, cotangent):
-    return (*_attention_gradients(*residuals, cotangent, scale, causal), None)
-
-
-def _attention_gradients(q, k, v, mask, out, d_out, scale, causal: bool):
-    """(dq, dk, dv) of `_attend(q, k, v, mask, scale)` = `out`, given d_out, over query blocks.
-
-    A block recomputes its softmax weights P ([B, K, G*b, keys]) and, with D = rowsum(d_out * out),
-    takes dv = P^T d_out, dS = P * (d_out v^T - D), dq = scale dS k, dk = scale dS^T q; dk and dv
-    are summed over the blocks in place. Differentiating the query blocks instead wrote each block's
-    dk and dv padded to the full length and added them all (a pass over [B, K, S, H] per block)."""
-    B, T, N, H = q.shape
-    K, S = k.shape[1], k.shape[2]
-    G, f32 = N // K, jnp.float32
-    block = QUERY_BLOCK if B == 1 else BATCH_QUERY_BLOCK
-    delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)          # [B, T, N, 1]
-    dk, dv, dq_blocks = jnp.zeros((B, K, H, S), f32), jnp.zeros((B, K, H, S), f32), []   # transposed
-    for start in range(0, T, block):
-        end = min(start + block, T)
-        keys = end if causal else S
-        q_block = q[:, start:end] if not dq_blocks else _after(q[:, start:end], dq_blocks[-1])
-        grouped, d_grouped = _group(q_block, K).astype(f32), _group(d_out[:, start:end], K).astype(f32)
-        k_part, v_part = k[:, :, :keys].astype(f32), v[:, :, :keys].astype(f32)
-        visible = mask[:, start:end, :keys]
-        logits = jnp.einsum("bkmh,bksh->bkms", grouped, k_part).reshape(B, K, G, end - start, keys) * scale
-        logits = jnp.where(visible[:, None, None], logits, jnp.finfo(f32).min)
-        weights = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
-        weights = weights / weights.sum(axis=-1, keepdims=True)
-        weights = jnp.where(visible.any(axis=-1)[:, None, None, :, None], weights, 0)   # sees nothing: no gradient
-        weights = weights.reshape(B, K, -1, keys)
-        d_rows = jax.lax.optimization_barrier(d_grouped.swapaxes(2, 3))                    # [B, K, H, G*b]
-        dv = dv.at[:, :, :, :keys].add(jnp.einsum("bkhm,bkms->bkhs", d_rows, weights))
-        d_logits = weights * (jnp.einsum("bkmh,bksh->bkms", d_grouped, v_part) - _group(delta[:, start:end], K))
-        dq_blocks.append(_ungroup(jnp.einsum("bkms,bksh->bkmh", d_logits, k_part) * scale, end - start))
-        rows = jax.lax.optimization_barrier(grouped.swapaxes(2, 3))
-        dk = dk.at[:, :, :, :keys].add(jnp.einsum("bkhm,bkms->bkhs", rows, d_logits) * scale)
-    dq = jnp.concatenate(dq_blocks, axis=1)
-    return dq.astype(q.dtype), dk.swapaxes(2, 3).astype(k.dtype), dv.swapaxes(2, 3).astype(v.dtype)
+def _native_attention_backward(scale, residuals, cotangent):
+    q, k, v, mask, out, lse = residuals
+    return (*cpu_kernels.flash_attention_backward(q, k, v, mask, scale, out, lse, cotangent), None)
 
 
 native_attention.defvjp(_native_attention_forward, _native_attention_backward)
@@ -391,7 +355,7 @@ def attention(q, k, v, mask, scale, causal_prefix: bool, fused: bool = False):
     if implementation == "cudnn" and fused:
         return _attend_cudnn(q, k, v, mask, scale)
     if implementation == "native":
-        return native_attention(q, k, v, mask, scale, True)
+        return native_attention(q, k, v, mask, scale)
     if implementation == "xla":
         return _attend(q, k, v, mask, scale)
     return _attend_blocks(q, k, v, mask, scale)

@@ -37,8 +37,7 @@ class SelfAttention(nn.Module):
                    for name in ("q_proj", "k_proj", "v_proj"))
         scale = c.head_dim ** -0.5
         if decoder.attention_implementation(self.dtype, c.head_dim) == "native":   # the CPU kernel
-            out = decoder.native_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), jnp.ones((N, T, T), bool), scale,
-                                           False)
+            out = decoder.native_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), jnp.ones((N, T, T), bool), scale)
         else:
             out = jax.nn.dot_product_attention(q, k, v, scale=scale)
         return dense("out_proj")(out.reshape(N, T, -1))
