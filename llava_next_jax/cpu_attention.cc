@@ -310,9 +310,9 @@ ffi::Error FlashAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
 // --- backward -------------------------------------------------------------------------------------
 //
 // With P the softmax weights (recomputed from the forward pass's log-sum-exp), D = rowsum(dO * O) and
-// dS = P * (dO . v - D): dq = scale * dS k, dk = scale * dS^T q, dv = P^T dO. One set of tasks per
-// (row, kv head, block of query positions) takes dq, as the forward pass's tasks; another per (row, kv
-// head, key tile) takes that tile's dk and dv over the query rows that see it, kChunk rows at a time.
+// dS = P * (dO . v - D): dq = scale * dS k, dk = scale * dS^T q, dv = P^T dO. A task takes key tiles of
+// one (row, kv head): each tile's dk and dv over the query rows that see it, kChunk rows at a time, and
+// its share of those rows' dq.
 
 constexpr int64_t kChunk = 48;                                         // query rows per dk/dv product
 constexpr int64_t kTileRows = (kTile + kMicroRows - 1) / kMicroRows * kMicroRows;  // 66: whole tiles
@@ -404,35 +404,6 @@ int64_t RowGroup(const Shapes& s, int64_t r0, int64_t t0, int64_t last_row, cons
   return depth;
 }
 
-// dq of positions [t0, t1) of row b, kv head kh.
-void QueryGradients(const Shapes& s, const Rows& rows, const bool* mask, const float* packed, float scale,
-                    int64_t b, int64_t kh, int64_t t0, int64_t t1, float* dq) {
-  const int64_t G = s.G, H16 = s.H16, first = t0 * G, last = t1 * G;   // rows [first, last)
-  const int64_t count = (last - first + kMicroRows - 1) / kMicroRows * kMicroRows;
-  const int64_t tile_floats = 4 * H16 * kTile;
-  std::vector<float> acc(count * H16, 0.0f), bias((t1 - t0) * kTile);
-  std::vector<int64_t> extent(t1 - t0);
-  alignas(32) float x[kMicroRows * kTile], y[kMicroRows * kTile];
-  for (int64_t tile = 0; tile < s.tiles; ++tile) {
-    bool all;
-    if (!TileMask(s, mask, b, t0, t1, tile, bias.data(), extent.data(), all)) continue;
-    const float* packed_tile = packed + ((b * s.K + kh) * s.tiles + tile) * tile_floats;
-    const float* key_rows = packed_tile + 2 * H16 * kTile;
-    for (int64_t r0 = first; r0 < first + count; r0 += kMicroRows) {
-      const float* row_bias[kMicroRows];
-      const int64_t depth = RowGroup(s, r0, t0, last - 1, bias.data(), extent.data(), row_bias);
-      if (depth == 0) continue;
-      const int64_t used = (depth + 15) / 16 * 16;
-      GradientTile(s, rows, r0, packed_tile, all ? nullptr : row_bias, used, x, y);
-      for (int64_t d = 0; d < H16; d += 16) OutputTile(y, key_rows + d, depth, H16, &acc[(r0 - first) * H16 + d]);
-    }
-  }
-  for (int64_t r = first; r < last; ++r) {
-    float* out = dq + ((b * s.T + r / G) * s.N + kh * G + r % G) * s.H;
-    for (int64_t d = 0; d < s.H; ++d) out[d] = acc[(r - first) * H16 + d] * scale;
-  }
-}
-
 // acc[j, :] += sum over i < depth of a[j, i] * b[i, :] for the kTileRows x H16 accumulator acc; a rows
 // kChunk apart, b rows H16.
 void AccumulateTile(const Shapes& s, const float* a, const float* b, int64_t depth, float* acc) {
@@ -451,11 +422,13 @@ void AccumulateTile(const Shapes& s, const float* a, const float* b, int64_t dep
     }
 }
 
-// dk and dv of key tile `tile` of row b, kv head kh, over every query row that sees it.
+// dk and dv of key tile `tile` of row b, kv head kh, over every query row that sees it, and that tile's
+// share of those rows' dq / scale added to dq_part ([rows, H16], the rows as packed).
 void KeyGradients(const Shapes& s, const Rows& rows, const bool* mask, const float* packed, int64_t b, int64_t kh,
-                  int64_t tile, float* dk, float* dv) {
+                  int64_t tile, float* dk, float* dv, float* dq_part) {
   const int64_t G = s.G, H16 = s.H16, real = s.T * G;
   const float* packed_tile = packed + ((b * s.K + kh) * s.tiles + tile) * 4 * H16 * kTile;
+  const float* key_rows = packed_tile + 2 * H16 * kTile;
   std::vector<float> dk_acc(kTileRows * H16, 0.0f), dv_acc(kTileRows * H16, 0.0f);
   std::vector<float> p(kChunk * kTile), ds(kChunk * kTile);
   std::vector<float> p_t(kTileRows * kChunk, 0.0f), ds_t(kTileRows * kChunk, 0.0f);
@@ -476,6 +449,7 @@ void KeyGradients(const Shapes& s, const Rows& rows, const bool* mask, const flo
         continue;
       }
       GradientTile(s, rows, r0, packed_tile, all ? nullptr : row_bias, (depth + 15) / 16 * 16, x, y);
+      for (int64_t d = 0; d < H16; d += 16) OutputTile(y, key_rows + d, depth, H16, dq_part + r0 * H16 + d);
     }
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < kTile; ++j) {
@@ -523,17 +497,29 @@ ffi::Error FlashAttentionBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
     float* keys = pk + t * tile_floats;
     PackTile(s, ks, vs, t / s.tiles, t % s.tiles, keys, keys + s.H16 * kTile, true);
   });
-  float *dqs = dq->typed_data(), *dks = dk->typed_data(), *dvs = dv->typed_data();
-  const int64_t blocks = (s.T + s.positions - 1) / s.positions;
-  RunTasks(pool, pairs * blocks + pairs * s.tiles, [=](int64_t i) {
-    if (i < pairs * blocks) {
-      const int64_t block = blocks - 1 - i / pairs, pair = i % pairs;
-      const int64_t t0 = block * s.positions;
-      return QueryGradients(s, rows_of(pair), ms, pk, scale, pair / s.K, pair % s.K, t0,
-                            std::min(s.T, t0 + s.positions), dqs);
+  // The key tiles of a (row, kv head) go to `groups` tasks (tiles g, g + groups, ...), each adding its
+  // tiles' shares of dq to a buffer of its own; the shares are summed after.
+  const int64_t groups = std::clamp<int64_t>((2 * pool.num_threads() + pairs - 1) / pairs, 1, s.tiles);
+  const int64_t part_floats = padded * s.H16;
+  std::unique_ptr<float[]> parts(new float[pairs * groups * part_floats]);
+  float *dqs = dq->typed_data(), *dks = dk->typed_data(), *dvs = dv->typed_data(), *ps = parts.get();
+  RunTasks(pool, pairs * groups, [=](int64_t i) {
+    const int64_t pair = i % pairs, group = i / pairs;
+    float* part = ps + i * part_floats;
+    std::fill(part, part + part_floats, 0.0f);
+    for (int64_t tile = group; tile < s.tiles; tile += groups)
+      KeyGradients(s, rows_of(pair), ms, pk, pair / s.K, pair % s.K, tile, dks, dvs, part);
+  });
+  RunTasks(pool, pairs, [=](int64_t pair) {
+    const int64_t b = pair / s.K, kh = pair % s.K;
+    for (int64_t r = 0; r < s.T * s.G; ++r) {
+      float* out = dqs + ((b * s.T + r / s.G) * s.N + kh * s.G + r % s.G) * s.H;
+      for (int64_t d = 0; d < s.H; ++d) {
+        float sum = 0.0f;
+        for (int64_t g = 0; g < groups; ++g) sum += ps[(g * pairs + pair) * part_floats + r * s.H16 + d];
+        out[d] = sum * scale;
+      }
     }
-    const int64_t t = i - pairs * blocks, pair = t % pairs, tile = t / pairs;
-    KeyGradients(s, rows_of(pair), ms, pk, pair / s.K, pair % s.K, tile, dks, dvs);
   });
   return ffi::Error::Success();
 }
