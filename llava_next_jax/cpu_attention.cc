@@ -8,7 +8,9 @@
 // all), walks the key tiles its mask reaches (tiles the mask hides entirely, e.g. above the causal
 // diagonal, are skipped) and keeps the tile's logits, the running maxima and sums (online softmax)
 // and the output in the core's caches. Products run on register tiles of kMicroRows x 16 floats.
-// Tasks go to XLA's thread pool, most work first. The vector code is GCC/Clang vector extensions, so
+// Tasks go to XLA's thread pool, most work first. The forward pass also gives each query's log-sum-exp,
+// from which the backward pass (below) recomputes the weights tile by tile for dq, dk and dv, so a
+// training pass keeps no softmax weights either. The vector code is GCC/Clang vector extensions, so
 // it builds on any CPU the compiler targets (-march=native). Built and loaded by
 // llava_next_jax/cpu_kernels.py with cpu_kernels.cc.
 #include <algorithm>
@@ -526,28 +528,24 @@ ffi::Error FlashAttentionBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
 
 }  // namespace
 
+// The arguments both handlers start with: XLA's thread pool, q, k, v (float32) and the bool mask.
+inline auto AttentionArguments() {
+  using F32 = ffi::Buffer<ffi::F32>;
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<ffi::Buffer<ffi::PRED>>();
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashAttention, FlashAttentionImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                              AttentionArguments()
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // lse
                                   .Attr<float>("scale"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashAttentionBackward, FlashAttentionBackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                              AttentionArguments()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // dout
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // delta
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dv
                                   .Attr<float>("scale"));

@@ -86,7 +86,21 @@ def test_decode_attention_uses_head_matmul():
     assert text.count(cpu_kernels.HEADS_TARGET) == 2
 
 
-@pytest.mark.parametrize("B,T,N,K,H", [(1, 300, 16, 4, 64), (3, 77, 6, 6, 24), (2, 130, 7, 1, 128), (1, 5, 2, 1, 16)])
+ATTENTION_CASES = [(1, 300, 16, 4, 64), (3, 77, 6, 6, 24), (2, 130, 7, 1, 128), (1, 5, 2, 1, 16)]
+
+
+def prefill_mask(B, T, window):
+    """A prefill's bool mask `[B, T, T]`: causal, row b left-padded by b * T // 4 (its first queries see
+    nothing), with a sliding window where given."""
+    valid = np.arange(T)[None, :] >= (np.arange(B) * T // 4)[:, None]
+    slots = jnp.arange(T)
+    mask = decoder.attention_mask(jnp.broadcast_to(slots, (B, T)), slots, jnp.asarray(valid))
+    if window:
+        mask = decoder._window_mask(mask, jnp.broadcast_to(slots, (B, T)), slots, window)
+    return np.array(mask)
+
+
+@pytest.mark.parametrize("B,T,N,K,H", ATTENTION_CASES)
 @pytest.mark.parametrize("window", [0, 40])
 def test_flash_attention_equals_torch_sdpa(B, T, N, K, H, window):
     """A prefill's attention on the kernel against PyTorch's SDPA in float64 with the same bool mask:
@@ -95,12 +109,7 @@ def test_flash_attention_equals_torch_sdpa(B, T, N, K, H, window):
     not multiples of its 16-float register tiles; float32 inputs, and bf16 ones (computed in float32)."""
     rng = np.random.default_rng(T * H + window)
     q, k, v = rng.standard_normal((B, T, N, H)), *rng.standard_normal((2, B, K, T, H))
-    valid = np.arange(T)[None, :] >= (np.arange(B) * T // 4)[:, None]
-    slots = jnp.arange(T)
-    mask = decoder.attention_mask(jnp.broadcast_to(slots, (B, T)), slots, jnp.asarray(valid))
-    if window:
-        mask = decoder._window_mask(mask, jnp.broadcast_to(slots, (B, T)), slots, window)
-    mask = np.array(mask)
+    mask = prefill_mask(B, T, window)
     sees = mask.any(-1)[..., None, None]                                             # [B, T, 1, 1]
     for dtype, rtol in (("float32", 1e-5), ("bfloat16", 0)):
         x = [jnp.asarray(a, dtype) for a in (q, k, v)]
@@ -116,7 +125,7 @@ def test_flash_attention_equals_torch_sdpa(B, T, N, K, H, window):
     assert sees.all() == (B == 1) and (np.asarray(ours)[~sees[..., 0, 0]] == 0).all()
 
 
-@pytest.mark.parametrize("B,T,N,K,H", [(1, 300, 16, 4, 64), (3, 77, 6, 6, 24), (2, 130, 7, 1, 128), (1, 5, 2, 1, 16)])
+@pytest.mark.parametrize("B,T,N,K,H", ATTENTION_CASES)
 @pytest.mark.parametrize("window", [0, 40])
 def test_flash_attention_backward_equals_torch(B, T, N, K, H, window):
     """The backward kernel (and the forward's log-sum-exp it takes) against PyTorch in float64, the masks
@@ -124,12 +133,7 @@ def test_flash_attention_backward_equals_torch(B, T, N, K, H, window):
     no gradient and a log-sum-exp of +inf."""
     rng = np.random.default_rng(T * H + window + 1)
     q, k, v = rng.standard_normal((B, T, N, H)), *rng.standard_normal((2, B, K, T, H))
-    valid = np.arange(T)[None, :] >= (np.arange(B) * T // 4)[:, None]
-    slots = jnp.arange(T)
-    mask = decoder.attention_mask(jnp.broadcast_to(slots, (B, T)), slots, jnp.asarray(valid))
-    if window:
-        mask = decoder._window_mask(mask, jnp.broadcast_to(slots, (B, T)), slots, window)
-    mask = np.array(mask)
+    mask = prefill_mask(B, T, window)
     sees = mask.any(-1)                                                              # [B, T]
     up = rng.standard_normal((B, T, N, H))
     x = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
