@@ -347,7 +347,7 @@ def attention(q, k, v, mask, scale, causal_prefix: bool, fused: bool = False):
     `attention_implementation` chooses.
 
     causal_prefix: the queries sit in slots [0, T) (a forward pass or a prefill): the native CPU kernel
-    (its gradient recomputes the query blocks), else query blocks (`_attend_blocks`). fused (a prefill,
+    (its gradient the backward kernel), else query blocks (`_attend_blocks`). fused (a prefill,
     no gradient taken): on a GPU in half precision, cuDNN's flash attention, which skips the same half.
     Otherwise one `_attend`.
     """
