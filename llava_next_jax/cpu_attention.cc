@@ -177,6 +177,47 @@ inline void Scan(const bool* m, int64_t n, bool& any, bool& all) {
   all &= anded == kOnes;
 }
 
+// The index of query row r of (row b, kv head kh) in q [B, T, N, ...]: position r / G, head kh * G + r % G.
+inline int64_t QueryIndex(const Shapes& s, int64_t b, int64_t kh, int64_t r) {
+  return (b * s.T + r / s.G) * s.N + kh * s.G + r % s.G;
+}
+
+// Positions [t0, t1) of row b at one key tile: whether any of its keys is visible to them (the return
+// value), whether all are to all (`all`), each position's extent (its visible keys lie in [0, extent))
+// and, unless all, its mask bias (0 or -inf a key, kTile floats a position).
+bool TileMask(const Shapes& s, const bool* mask, int64_t b, int64_t t0, int64_t t1, int64_t tile, float* bias,
+              int64_t* extent, bool& all) {
+  const int64_t s0 = tile * kTile, width = std::min(kTile, s.S - s0);
+  bool any = false;
+  all = width == kTile;
+  for (int64_t t = t0; t < t1; ++t) Scan(mask + (b * s.T + t) * s.S + s0, width, any, all);
+  if (!any) return false;
+  std::fill(extent, extent + (t1 - t0), width);
+  if (!all)
+    for (int64_t t = t0; t < t1; ++t) {
+      const bool* m = mask + (b * s.T + t) * s.S + s0;
+      float* row_bias = bias + (t - t0) * kTile;
+      for (int64_t j = 0; j < kTile; ++j) row_bias[j] = j < width && m[j] ? 0.0f : kNegInf;
+      int64_t& e = extent[t - t0];
+      while (e > 0 && !m[e - 1]) --e;
+    }
+  return true;
+}
+
+// Rows [r0, r0 + kMicroRows) of a (row, kv head) (row r: position r / G), with TileMask's bias and
+// extent from position t0 on: each row's bias and the depth of keys any of them sees. Rows past
+// last_row (padding) take its mask.
+int64_t RowGroup(const Shapes& s, int64_t r0, int64_t t0, int64_t last_row, const float* bias,
+                 const int64_t* extent, const float** row_bias) {
+  int64_t depth = 0;
+  for (int r = 0; r < kMicroRows; ++r) {
+    const int64_t position = std::min(r0 + r, last_row) / s.G - t0;
+    row_bias[r] = bias + position * kTile;
+    depth = std::max(depth, extent[position]);
+  }
+  return depth;
+}
+
 // One task: query positions [t0, t1) of row b, the G query heads of kv head kh. Row r of the task is
 // position t0 + r / G, query head kh * G + r % G; rows go through each key tile kMicroRows at a time
 // (logits, online softmax, output), so that their logits never leave the core's first-level cache.
@@ -192,36 +233,20 @@ void AttendBlock(const Shapes& s, const float* q, const bool* mask, const float*
   std::vector<float> bias((t1 - t0) * kTile), top(padded_rows, kNegInf), total(padded_rows, 0.0f);
   std::vector<int64_t> extent(t1 - t0);  // per position: its visible keys of the tile lie in [0, extent)
   for (int64_t r = 0; r < rows; ++r) {
-    const float* row = q + (((b * s.T + t0 + r / G) * s.N) + kh * G + r % G) * H;
+    const float* row = q + QueryIndex(s, b, kh, t0 * G + r) * H;
     for (int64_t d = 0; d < H; ++d) queries[r * H16 + d] = row[d] * scale;
   }
   alignas(32) float x[kMicroRows * kTile];
   for (int64_t tile = 0; tile < s.tiles; ++tile) {
-    const int64_t s0 = tile * kTile, width = std::min(kTile, s.S - s0);
-    bool any = false, all = width == kTile;
-    for (int64_t t = t0; t < t1; ++t) Scan(mask + (b * s.T + t) * s.S + s0, width, any, all);
-    if (!any) continue;  // nothing here is visible to any of the task's queries
-    std::fill(extent.begin(), extent.end(), width);
-    if (!all)
-      for (int64_t t = t0; t < t1; ++t) {
-        const bool* m = mask + (b * s.T + t) * s.S + s0;
-        float* row_bias = &bias[(t - t0) * kTile];
-        for (int64_t j = 0; j < kTile; ++j) row_bias[j] = j < width && m[j] ? 0.0f : kNegInf;
-        int64_t& e = extent[t - t0];
-        while (e > 0 && !m[e - 1]) --e;
-      }
+    bool all;  // nothing here visible to any of the task's queries: skipped
+    if (!TileMask(s, mask, b, t0, t1, tile, bias.data(), extent.data(), all)) continue;
     const float* keys = packed + ((b * s.K + kh) * s.tiles + tile) * tile_floats;
     const float* values = keys + H16 * kTile;
     for (int64_t r0 = 0; r0 < padded_rows; r0 += kMicroRows) {
       // Padded rows (zero queries) take the last row's mask; the keys any of the rows sees lie in
       // [0, depth): columns from `used` on are neither multiplied nor weighted (above a causal diagonal).
       const float* row_bias[kMicroRows];
-      int64_t depth = 0;
-      for (int r = 0; r < kMicroRows; ++r) {
-        const int64_t position = std::min(r0 + r, rows - 1) / G;
-        row_bias[r] = &bias[position * kTile];
-        depth = std::max(depth, extent[position]);
-      }
+      const int64_t depth = RowGroup(s, t0 * G + r0, t0, t0 * G + rows - 1, bias.data(), extent.data(), row_bias);
       if (depth == 0) continue;
       const int64_t used = (depth + 15) / 16 * 16;
       V8 most[kMicroRows];
@@ -257,7 +282,7 @@ void AttendBlock(const Shapes& s, const float* q, const bool* mask, const float*
   }
   for (int64_t r = 0; r < rows; ++r) {  // a row that sees no key gets zeros (and a log-sum-exp of +inf)
     const float inverse = total[r] > 0.0f ? 1.0f / total[r] : 0.0f;
-    const int64_t index = ((b * s.T + t0 + r / G) * s.N) + kh * G + r % G;
+    const int64_t index = QueryIndex(s, b, kh, t0 * G + r);
     for (int64_t d = 0; d < H; ++d) out[index * H + d] = acc[r * H16 + d] * inverse;
     lse[index] = total[r] > 0.0f ? top[r] + std::log(total[r]) : -kNegInf;
   }
@@ -335,7 +360,7 @@ void PackRows(const Shapes& s, const float* q, const float* dout, const float* l
   std::fill(rows.lse, rows.lse + rows.padded, -kNegInf);
   std::fill(rows.delta, rows.delta + rows.padded, 0.0f);
   for (int64_t r = 0; r < real; ++r) {
-    const int64_t index = (b * s.T + r / s.G) * s.N + kh * s.G + r % s.G;
+    const int64_t index = QueryIndex(s, b, kh, r);
     for (int64_t d = 0; d < s.H; ++d) {
       rows.q[r * s.H16 + d] = q[index * s.H + d] * scale;
       rows.dout[r * s.H16 + d] = dout[index * s.H + d];
@@ -370,40 +395,6 @@ void GradientTile(const Shapes& s, const Rows& rows, int64_t r0, const float* pa
     std::fill(xr + used, xr + kTile, 0.0f);
     std::fill(yr + used, yr + kTile, 0.0f);
   }
-}
-
-// Mask bias and visible extent of positions [t0, t1) at one tile, as AttendBlock takes them; returns
-// whether any key of the tile is visible to them (all: every one is, to every position).
-bool TileMask(const Shapes& s, const bool* mask, int64_t b, int64_t t0, int64_t t1, int64_t tile, float* bias,
-              int64_t* extent, bool& all) {
-  const int64_t s0 = tile * kTile, width = std::min(kTile, s.S - s0);
-  bool any = false;
-  all = width == kTile;
-  for (int64_t t = t0; t < t1; ++t) Scan(mask + (b * s.T + t) * s.S + s0, width, any, all);
-  if (!any) return false;
-  std::fill(extent, extent + (t1 - t0), width);
-  if (!all)
-    for (int64_t t = t0; t < t1; ++t) {
-      const bool* m = mask + (b * s.T + t) * s.S + s0;
-      float* row_bias = bias + (t - t0) * kTile;
-      for (int64_t j = 0; j < kTile; ++j) row_bias[j] = j < width && m[j] ? 0.0f : kNegInf;
-      int64_t& e = extent[t - t0];
-      while (e > 0 && !m[e - 1]) --e;
-    }
-  return true;
-}
-
-// Rows [r0, r0 + kMicroRows) of positions starting at t0: their bias rows and the depth of keys any
-// of them sees (rows past the last real one take its mask).
-int64_t RowGroup(const Shapes& s, int64_t r0, int64_t t0, int64_t last_row, const float* bias,
-                 const int64_t* extent, const float** row_bias) {
-  int64_t depth = 0;
-  for (int r = 0; r < kMicroRows; ++r) {
-    const int64_t position = std::min(r0 + r, last_row) / s.G - t0;
-    row_bias[r] = bias + position * kTile;
-    depth = std::max(depth, extent[position]);
-  }
-  return depth;
 }
 
 // acc[j, :] += sum over i < depth of a[j, i] * b[i, :] for the kTileRows x H16 accumulator acc; a rows
@@ -515,7 +506,7 @@ ffi::Error FlashAttentionBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   RunTasks(pool, pairs, [=](int64_t pair) {
     const int64_t b = pair / s.K, kh = pair % s.K;
     for (int64_t r = 0; r < s.T * s.G; ++r) {
-      float* out = dqs + ((b * s.T + r / s.G) * s.N + kh * s.G + r % s.G) * s.H;
+      float* out = dqs + QueryIndex(s, b, kh, r) * s.H;
       for (int64_t d = 0; d < s.H; ++d) {
         float sum = 0.0f;
         for (int64_t g = 0; g < groups; ++g) sum += ps[(g * pairs + pair) * part_floats + r * s.H16 + d];
