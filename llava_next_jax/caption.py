@@ -499,7 +499,12 @@ def run(captioner: Captioner, batches: list[list[Item]], writer: RowWriter, prog
 
 # --- command line --------------------------------------------------------------------------------
 
-DEFAULT_COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "llava_next_jax", "xla")
+def default_compilation_cache() -> str:
+    """~/.cache/llava_next_jax/xla/cpu-HASH of this machine's CPU model and instruction sets: JAX's cache
+    key names no CPU model, and programs compiled for one CPU must not load on another sharing a home."""
+    from .cpu_kernels import cpu_name
+    return os.path.join(os.path.expanduser("~"), ".cache", "llava_next_jax", "xla",
+                        "cpu-" + hashlib.sha256(cpu_name().encode()).hexdigest()[:12])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -536,15 +541,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compilation-cache", default=None, metavar="DIR",
                    help="keep XLA's compiled programs in DIR, so that a later run with the same shapes compiles "
                         "nothing; 'none': off (default: JAX's own setting, $JAX_COMPILATION_CACHE_DIR, if any, "
-                        f"else {DEFAULT_COMPILATION_CACHE.replace(os.path.expanduser('~'), '~')}/cpu-HASH, a folder per CPU "
-                        "model)")
+                        "else ~/.cache/llava_next_jax/xla/cpu-HASH, a folder per CPU model)")
     return p
 
 
 def use_compilation_cache(path: str | None) -> None:
     """JAX's persistent compilation cache in `path` for the programs compiled from now on; 'none': off;
-    None: JAX's own setting if there is one, else `DEFAULT_COMPILATION_CACHE`/cpu-HASH of this machine's
-    CPU model and instruction sets (the programs compiled for the CPU are built for them).
+    None: JAX's own setting if there is one, else `default_compilation_cache()`.
 
     JAX keys an entry by the program, its compile options, the JAX version and the device, so a change
     to any of them compiles afresh. Every program is kept, however fast its compile (JAX's default
@@ -552,10 +555,7 @@ def use_compilation_cache(path: str | None) -> None:
     set): the demo spends a quarter of its run compiling programs of less than a second."""
     import jax
     if path is None:
-        path = jax.config.jax_compilation_cache_dir or DEFAULT_COMPILATION_CACHE
-        if path == DEFAULT_COMPILATION_CACHE and path != "none":
-            from .cpu_kernels import cpu_name   # JAX's key names no CPU model: a folder per model, for a home
-            path = os.path.join(path, "cpu-" + hashlib.sha256(cpu_name().encode()).hexdigest()[:12])  # shared
+        path = jax.config.jax_compilation_cache_dir or default_compilation_cache()
     jax.config.update("jax_compilation_cache_dir", None if path == "none" else os.path.abspath(path))
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -1,5 +1,5 @@
 """Native kernels for XLA:CPU: the few-row matmul and attention products of a decode step
-(`cpu_kernels.cc`) and a prefill's attention (`cpu_attention.cc`).
+(`cpu_kernels.cc`) and attention over a prompt with its gradient (`cpu_attention.cc`).
 
 XLA:CPU multiplies a few rows (a decode step of batch 2-8) by a float32 weight kernel as a general
 matmul that packs the kernel first, and any number of rows by a bfloat16 kernel after converting
@@ -16,9 +16,9 @@ Used by `modeling.decoder.matmul` for products of 2 to 8 float32 rows, or 1 to 8
 single-device CPU backend (a mesh keeps XLA's products, which its partitioner knows how to split).
 `head_matmul` runs a decode step's two attention products over a float32 cache, one (row, kv head)
 pair per task, where XLA:CPU's batched few-row products read the cache at about half the speed.
-`flash_attention` runs the forward pass of attention over a prompt (`modeling.decoder.native_attention`
-makes it differentiable) in one pass over tiles of keys (online softmax), where XLA:CPU writes each
-block's logits to memory and reads them back three times.
+`flash_attention` runs attention over a prompt in one pass over tiles of keys (online softmax), where
+XLA:CPU writes each block's logits to memory and reads them back three times; `flash_attention_backward`
+its gradient from the forward pass's log-sum-exp (`modeling.decoder.native_attention` pairs them).
 """
 
 from __future__ import annotations
@@ -188,8 +188,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, s
 
 def flash_attention_backward(q, k, v, mask, scale: float, out, lse, d_out):
     """(dq, dk, dv) of `flash_attention(q, k, v, mask, scale)` = out (with its `lse`) given d_out, in one
-    pass over tiles for dq and one for dk and dv (`cpu_attention.cc`), float32 throughout, each in its
-    input's dtype."""
+    pass over the key tiles (`cpu_attention.cc`), float32 throughout, each in its input's dtype."""
     _require()
     f32 = lambda a: a.astype(jnp.float32)
     delta = jnp.sum(f32(d_out) * f32(out), axis=-1)

@@ -13,7 +13,7 @@ def no_compilation_cache_in_home():
     get a session cache through `JAX_COMPILATION_CACHE_DIR`, tests/test_caption.py)."""
     from llava_next_jax import caption
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(caption, "DEFAULT_COMPILATION_CACHE", "none")
+        patch.setattr(caption, "default_compilation_cache", lambda: "none")
         yield
 
 

@@ -267,7 +267,7 @@ def attention_implementation(dtype, head_dim: int) -> str:
     flash attention through `jax.nn.dot_product_attention`), for a prefill only (passes whose gradient
     may be taken run the blocks); "native" on a single-device CPU with the native kernels built
     (`cpu_kernels.flash_attention`: tiles of logits kept in the core's caches), for every pass, the
-    vision tower's too (`native_attention`: its gradient recomputes the attention with XLA). Else
+    vision tower's too (`native_attention`: its gradient on the backward kernel). Else
     "blocks" (causal query blocks: about half the work of one product, and half the softmax weights a
     backward pass keeps). "xla", one `_attend` over all queries, only when asked for.
 
