@@ -1,9 +1,13 @@
 """Fine-tuning data: LLaVA conversation rows -> (input_ids, labels) -> bucketed, right-padded batches.
 
-Rows are LLaVA's format, one JSON object a line:
+Rows are LLaVA's format, in a JSONL file (one object a line) or, as LLaVA's released training files
+(llava_v1_5_mix665k.json), one JSON array of them, pretty-printed or not:
 
     {"image": "coco/000001.jpg", "conversations": [{"from": "human", "value": "<image>\\nWhat is it?"},
                                                    {"from": "gpt", "value": "A cat."}, ...]}
+
+A row is named by its 1-based line in a JSONL file and by its 1-based item index in an array ("line 9",
+"item 9"): in `Skipped` records, in warnings and in a batch's `lines`.
 
 "image" is optional (text-only rows); roles are human/user, gpt/assistant and an optional leading system
 turn; turns alternate human, gpt, ... and end with a gpt answer. The `<image>` placeholder (one per row,
@@ -41,8 +45,11 @@ from __future__ import annotations
 import collections
 import json
 import math
+import mmap
 import os
+import re
 import warnings
+from array import array
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
 
@@ -67,12 +74,14 @@ class TooLong(ValueError):
 
 
 class Skipped(NamedTuple):
-    """A row left out of the data: its 1-based line number in the JSONL file and why."""
+    """A row left out of the data and why. `line` is its 1-based line in a JSONL file, or with
+    unit="item" its 1-based item index in a JSON array; str() says which ("item 9: ...")."""
     line: int
     reason: str
+    unit: str = "line"
 
     def __str__(self) -> str:
-        return f"line {self.line}: {self.reason}"
+        return f"{self.unit} {self.line}: {self.reason}"
 
 
 # --- one conversation ------------------------------------------------------------------------------
@@ -219,7 +228,75 @@ def build_example(processor, conversations: list[dict], image=None, max_length: 
     return {"input_ids": input_ids, "labels": labels, "image_size": size, "pixel_values": pixel_values}
 
 
-# --- a JSONL file of conversations ----------------------------------------------------------------
+# --- a file of conversations ----------------------------------------------------------------------
+
+_JSON_STRING = rb'"[^"\\]*(?:\\.[^"\\]*)*"'   # escapes included: brackets and \" inside it are skipped
+_NEXT_BRACKET = re.compile(rb'[^][{}"]*(?:%s[^][{}"]*)*([][{}"]|\Z)' % _JSON_STRING, re.DOTALL)
+"""Skips whole strings and anything else up to the next bracket (group 1), a quote that opens no complete
+string (an unterminated one), or the end of the text."""
+_SCALAR = re.compile(rb'%s|[^,:" \t\n\r]+' % _JSON_STRING, re.DOTALL)
+"""A string or bare literal (number, true, null, or garbage) between the array's top-level brackets."""
+_WHITESPACE = re.compile(rb"[ \t\n\r]*")
+
+
+def array_items(text, path: str | os.PathLike = "") -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends), int64 `[N]`: the byte range `[start, end)` of each item of the JSON array `text`
+    (bytes or an mmap of a whole file), found in one pass without parsing the items.
+
+    Only the array's own structure is checked (matched brackets, one comma between items, nothing after
+    the closing ']'); an item's text is left to `json.loads`, as an item can still be bad JSON inside (a
+    missing colon), which makes it one bad row rather than a bad file. ValueError, naming `path` and the
+    byte offset, for an array that is truncated, unbalanced or has an unterminated string.
+    """
+    def broken(what: str, offset: int):
+        return ValueError(f"{path}: not a valid JSON array: {what} at byte {offset}")
+
+    def check_gap(upto: int, expected: bytes):   # what lies between items: whitespace, commas, colons
+        gap = text[previous:upto].strip(b" \t\n\r")
+        if gap != expected:
+            found = repr(gap.decode())
+            raise broken(f"expected one ',' between items, found {found}" if expected else f"unexpected {found}",
+                         _WHITESPACE.match(text, previous).end())
+
+    begin = _WHITESPACE.match(text).end()
+    if text[begin:begin + 1] != b"[":
+        raise broken("expected '['", begin)
+    starts, ends = array("q"), array("q")
+    stack, previous = [ord("[")], begin + 1   # the open brackets; where the last item (or the '[') ended
+    for match in _NEXT_BRACKET.finditer(text, begin + 1):
+        start = match.start(1)
+        if len(stack) == 1:   # what was skipped is at the top level: items that are strings or literals
+            for scalar in _SCALAR.finditer(text, previous, start):
+                check_gap(scalar.start(), b"," if starts else b"")
+                previous = scalar.end()
+                starts.append(scalar.start())
+                ends.append(previous)
+        if start == len(text):
+            break
+        byte = text[start]
+        if byte == ord('"'):
+            raise broken("unterminated string", start)
+        if byte in b"[{":
+            if len(stack) == 1:
+                check_gap(start, b"," if starts else b"")
+                starts.append(start)
+            stack.append(byte)
+            continue
+        opened = stack.pop()
+        if byte != opened + 2:   # ord("[") + 2 == ord("]"), ord("{") + 2 == ord("}")
+            raise broken(f"{chr(byte)!r} closes a {chr(opened)!r}", start)
+        if len(stack) == 1:   # an item's closing bracket
+            previous = start + 1
+            ends.append(previous)
+        elif not stack:   # the array's own ']'
+            check_gap(start, b"")
+            rest = _WHITESPACE.match(text, start + 1).end()
+            if rest != len(text):
+                raise broken("text after the array's closing ']'", rest)
+            return np.frombuffer(starts, np.int64), np.frombuffer(ends, np.int64)
+    unclosed = f" (item {len(starts)}, from byte {starts[-1]}, is not closed)" if len(starts) > len(ends) else ""
+    raise broken(f"the file ends inside the array{unclosed}", len(text))
+
 
 def length_buckets_for(max_length: int, step: int = 128) -> tuple[int, ...]:
     """The default padded lengths: every multiple of `step` below max_length, then max_length."""
@@ -227,13 +304,20 @@ def length_buckets_for(max_length: int, step: int = 128) -> tuple[int, ...]:
 
 
 class ConversationData:
-    """A JSONL file of LLaVA conversations as an infinite, deterministic sequence of training batches.
+    """A file of LLaVA conversations as an infinite, deterministic sequence of training batches.
+
+    The file is JSONL (one row a line) or, when its first non-space byte is '[', one JSON array of rows
+    (LLaVA's released .json files). An array is not loaded whole (a 1 GB file would take many GB as
+    Python objects): `array_items` finds each item's byte range and an item is parsed when it is
+    checked and again when it is batched. `unit` is "line" (JSONL: rows are named by their 1-based
+    line) or "item" (an array: by their 1-based item index); `lines` holds those numbers.
 
     Every row is checked once, here (JSON, keys, turns, the image file and its header size, the length
-    after image expansion), so `skipped` lists every bad row, as `Skipped(line, reason)` (printed
-    "line 9: 3120 tokens after image expansion > max_length 2048"), before training starts. Images are
-    decoded when their batch is built. Relative image paths are read under `image_root` (default: the
-    JSONL file's directory).
+    after image expansion), so `skipped` lists every bad row, as `Skipped(line, reason, unit)` (printed
+    "line 9: 3120 tokens after image expansion > max_length 2048", or "item 9: ..."), before training
+    starts. A broken array (truncated, unbalanced, trailing text) is a ValueError naming the byte offset.
+    Images are decoded when their batch is built. Relative image paths are read under `image_root`
+    (default: the data file's directory).
 
     Bucketing: epoch e = index // len(self) uses `numpy.random.default_rng([seed, e])` to
       1. shuffle the good rows (file order when shuffle=False),
@@ -254,7 +338,8 @@ class ConversationData:
                      Real images fill slots 0..n-1 in row order, the rest are zeros that no token reads
                      (text-only rows, empty rows). None when the file has no image rows at all.
       image_sizes    int32 `[B, 2]`   (h, w) of each slot's image, (0, 0) for an empty slot
-      lines          int32 `[B]`      each row's line in the file, -1 for a filler row
+      lines          int32 `[B]`      each row's line in the file (its item index in an array), -1 for a
+                                      filler row
     Every array's shape depends only on B and L, so the whole dict can go to `train_step` and batches
     never recompile within a bucket. In `sources`, the newline vector is the row after all B*P tiles'
     features (where `image_embeddings` puts it).
@@ -262,8 +347,9 @@ class ConversationData:
 
     An image that passed the header check but fails to decode later (or decodes to another size)
     does not stop training: its row becomes an empty row (all padding, nothing learned; `lines` still
-    names it) in that batch, a RuntimeWarning names the file line and the reason, and `failed` records
-    it. Turn the warning into an error (`warnings.simplefilter("error", RuntimeWarning)`) to stop instead.
+    names it) in that batch, a RuntimeWarning names the row's line (or item) and the reason, and `failed`
+    records it. Turn the warning into an error (`warnings.simplefilter("error", RuntimeWarning)`) to stop
+    instead.
     """
 
     def __init__(self, path: str | os.PathLike, processor, config, image_root: str | os.PathLike | None = None,
@@ -290,36 +376,28 @@ class ConversationData:
         self.length_buckets: tuple[int, ...] = tuple(int(b) for b in buckets)
         self.skipped: list[Skipped] = []
         self.failed: list[Skipped] = []   # rows whose image failed to decode when batched (see the docstring)
-        lines, offsets, lengths, with_image = [], [], [], []
+        lines, spans, lengths, with_image = [], array("q"), [], []   # spans: start, end, start, end, ...
         with open(self.path, "rb") as f:
-            offset = 0
-            for number, raw in enumerate(f, start=1):
-                start, offset = offset, offset + len(raw)
-                if not raw.strip():
-                    continue
+            self.unit = "item" if _first_byte(f) == b"[" else "line"
+            for number, start, raw in (self._items(f) if self.unit == "item" else self._lines(f)):
                 try:
                     row = self._parse(raw)
                     image = self._image_file(row)
                     size = None if image is None else self._header_size(image, row["image"])
                     ids, _ = encode_conversation(processor, row["conversations"], size, self.max_length)
                 except _ROW_ERRORS as e:
-                    self.skipped.append(Skipped(number, str(e)))
+                    self.skipped.append(Skipped(number, str(e), self.unit))
                     continue
                 lines.append(number)
-                offsets.append(start)
+                spans.extend((start, start + len(raw)))
                 lengths.append(len(ids))
                 with_image.append(image is not None)
         if not lines:
             reasons = "".join(f"; {s}" for s in self.skipped[:3])
-            with open(self.path, "rb") as f:
-                array = f.read(4096).lstrip().startswith(b"[")
-            hint = (" (this looks like one JSON array, as LLaVA's released .json files are: write one object a line, "
-                    "e.g. `python -c \"import json,sys; [print(json.dumps(r)) for r in json.load(open(sys.argv[1]))]\" "
-                    "in.json > out.jsonl`)") if array else ""
-            raise ValueError(f"{self.path}: no usable rows ({len(self.skipped)} skipped{reasons}){hint}")
-        self.lines = np.asarray(lines, dtype=np.int64)        # line number of each good row
+            raise ValueError(f"{self.path}: no usable rows ({len(self.skipped)} skipped{reasons})")
+        self.lines = np.asarray(lines, dtype=np.int64)        # line (or item) number of each good row
         self.lengths = np.asarray(lengths, dtype=np.int64)    # its token count after image expansion
-        self._offsets = np.asarray(offsets, dtype=np.int64)
+        self._spans = np.frombuffer(spans, np.int64).reshape(-1, 2)   # its bytes [start, end) in the file
         self.has_images = any(with_image)
         self._plans: dict[int, list[np.ndarray]] = {}
 
@@ -334,13 +412,32 @@ class ConversationData:
     # -- rows --------------------------------------------------------------------------------------
 
     @staticmethod
-    def _parse(raw: bytes) -> dict:
+    def _lines(f) -> Iterator[tuple[int, int, bytes]]:
+        """(line number, byte offset, bytes) of each non-blank line of a JSONL file."""
+        offset = 0
+        for number, raw in enumerate(f, start=1):
+            if raw.strip():
+                yield number, offset, raw
+            offset += len(raw)
+
+    def _items(self, f) -> Iterator[tuple[int, int, bytes]]:
+        """(item index, byte offset, bytes) of each item of a JSON-array file (`array_items`)."""
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as text:
+            starts, ends = array_items(text, self.path)
+            for number, (start, end) in enumerate(zip(starts, ends), start=1):
+                yield number, int(start), text[start:end]
+
+    def _parse(self, raw: bytes) -> dict:
+        """A row's bytes (a JSONL line or an array item) -> its object, checked to hold "conversations"."""
         try:
             row = json.loads(raw.rstrip(b"\r\n").decode("utf-8"))
         except UnicodeDecodeError as e:
             raise ValueError(f"not UTF-8 text ({e})") from None
-        except json.JSONDecodeError as e:   # its own "line 1" would confuse: say the column only
-            raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+        except json.JSONDecodeError as e:   # its own "line 1" would confuse: say where in the row
+            where = f"column {e.colno}" if e.lineno == 1 else f"line {e.lineno} column {e.colno}"
+            if self.unit == "item":
+                where += " of the item"
+            raise ValueError(f"not valid JSON ({e.msg} at {where})") from None
         if not isinstance(row, dict):
             raise ValueError(f"expected a JSON object, got {type(row).__name__}")
         if "conversations" not in row:
@@ -377,9 +474,10 @@ class ConversationData:
 
     def example(self, row: int) -> dict:
         """`build_example` of the row-th good row (its image decoded now)."""
+        start, end = self._spans[row].tolist()
         with open(self.path, "rb") as f:
-            f.seek(int(self._offsets[row]))
-            data = self._parse(f.readline())
+            f.seek(start)
+            data = self._parse(f.read(end - start))
         image = self._image_file(data)
         example = build_example(self.processor, data["conversations"], image, self.max_length)
         if len(example["input_ids"]) != self.lengths[row]:
@@ -437,7 +535,7 @@ class ConversationData:
             try:
                 example = self.example(row)
             except _ROW_ERRORS as e:
-                self._fail(Skipped(int(self.lines[row]), str(e)), index)
+                self._fail(Skipped(int(self.lines[row]), str(e), self.unit), index)
                 continue
             T = len(example["input_ids"])
             input_ids[slot, :T], labels[slot, :T], attention_mask[slot, :T] = example["input_ids"], example["labels"], 1
@@ -475,6 +573,15 @@ class ConversationData:
         if record not in self.failed:
             self.failed.append(record)
         warnings.warn(f"{self.path} {record}; the row is left empty in batch {index}", RuntimeWarning, stacklevel=3)
+
+
+def _first_byte(f) -> bytes:
+    """The first byte of the file that is not whitespace (b"" for none); the file is left at its start."""
+    while chunk := f.read(1 << 16):
+        if chunk := chunk.lstrip():
+            break
+    f.seek(0)
+    return chunk[:1]
 
 
 def _short(value, limit: int = 80) -> str:

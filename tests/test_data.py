@@ -444,11 +444,10 @@ def test_text_only_file_has_no_pixels(pair, config, models, tmp_path):
 
 
 def test_loader_setting_errors(pair, config, jsonl, tmp_path):
-    array = tmp_path / "llava.json"   # LLaVA's released files are one JSON array
-    array.write_text(json.dumps([{"image": "a.png", "conversations": turns(("Q", "A"), image=True)}] * 2, indent=1))
-    with pytest.raises(ValueError, match=r"llava\.json: no usable rows \(\d+ skipped; line 1: not valid JSON.*"
-                                         r"looks like one JSON array"):
-        make_loader(pair, config, array)
+    empty = tmp_path / "empty.json"
+    empty.write_text(" [ ]\n")
+    with pytest.raises(ValueError, match=r"empty\.json: no usable rows \(0 skipped\)$"):
+        make_loader(pair, config, empty)
     for key, value, message in [("batch_size", 0, "batch_size must be an int >= 1; got 0"),
                                 ("seed", -1, "seed must be an int >= 0; got -1"),
                                 ("max_length", 2.5, "max_length must be an int >= 1; got 2.5")]:
@@ -458,3 +457,117 @@ def test_loader_setting_errors(pair, config, jsonl, tmp_path):
     assert other.image_token_id != config.image_token_id
     with pytest.raises(ValueError, match=f"image token {other.image_token_id}.*image token {config.image_token_id}"):
         data.ConversationData(jsonl["path"], other, config)
+
+
+# --- LLaVA's JSON-array files ----------------------------------------------------------------------
+
+ARRAY_TEXTS = [   # strings hiding brackets, quotes and backslashes; scalars; nesting; raw UTF-8; odd spacing
+    '[]', ' \n[\n]\n', '[1, -2.5e3, true, null, "x", ""]', '[{"a": "]}[{\\"\\\\"}, {"b": [[], {}, [{"c": "\\\\"}]]}]',
+    '[\n  {\n    "k": "café ☕ \\u00e9"\n  },\n  [\n    1,\n    "]"\n  ]\n]\n',
+    '[{"a":{"b":{"c":[1,{"d":"}"}]}}},"\\\\\\""]',
+]
+
+
+@pytest.mark.parametrize("text", ARRAY_TEXTS)
+def test_array_items_are_the_items_json_reads(text):
+    raw = text.encode()
+    starts, ends = data.array_items(raw)
+    assert starts.dtype == ends.dtype == np.int64
+    assert [json.loads(raw[a:b]) for a, b in zip(starts, ends)] == json.loads(raw)
+
+
+def array_rows(directory):
+    """Rows for the array tests, their images saved in `directory`: an image row, a text-only row, unicode,
+    and answers holding brackets, braces, escaped quotes and backslashes."""
+    rng = np.random.default_rng(7)
+    for name, (h, w) in {"p.png": (30, 70), "q.png": (80, 50)}.items():
+        rgb_image(rng, h, w).save(directory / name)
+    return [
+        {"image": "p.png", "conversations": turns(("What is it?", "A car [red] {fast}."), image=True)},
+        {"conversations": turns(("Say hello.", "hello world"))},
+        {"id": "u", "conversations": turns(("Où?", "Au café ☕, 東京 🙂."),
+                                           ("Quoted?", 'He said "hi" \\ then ]}'))},
+        {"image": "q.png", "conversations": turns(("Code?", 'x = {"a": [1, 2]}; print("\\\\n")'), image=True)},
+        {"conversations": [{"from": "system", "value": "Be {kind}."}] + turns(("Hi.", "Hello there."))},
+        {"conversations": turns(("Count.", "one two three four five"), ("More.", "1 2 3"))},
+        {"image": "p.png", "conversations": turns(("Again?", "The same car, again ]]]."), image=True)},
+    ]
+
+
+def test_json_array_file_batches_equal_jsonl(pair, config, tmp_path):
+    """The same rows as JSONL, as a pretty-printed array (raw UTF-8) and as a one-line array (escaped):
+    the same lengths and the same arrays in every batch of an epoch, rows named by item number."""
+    rows = array_rows(tmp_path)
+    files = {"train.jsonl": "".join(json.dumps(r) + "\n" for r in rows),
+             "indented.json": json.dumps(rows, indent=2, ensure_ascii=False),
+             "one_line.json": json.dumps(rows)}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    reference = make_loader(pair, config, tmp_path / "train.jsonl")
+    assert reference.unit == "line" and not reference.skipped and reference.lines.tolist() == [1, 2, 3, 4, 5, 6, 7]
+    assert reference.has_images
+    expected = [reference.batch(i) for i in range(len(reference) + 1)]   # an epoch, and the next one's first
+    for name in ("indented.json", "one_line.json"):
+        loaded = make_loader(pair, config, tmp_path / name)
+        assert loaded.unit == "item" and not loaded.skipped, name
+        np.testing.assert_array_equal(loaded.lines, reference.lines)
+        np.testing.assert_array_equal(loaded.lengths, reference.lengths)
+        for index, want in enumerate(expected):
+            got = loaded.batch(index)
+            assert got.keys() == want.keys()
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key], err_msg=f"{name} batch {index} {key}")
+
+
+def test_json_array_bad_items_are_skipped_by_item_number(pair, config, tmp_path):
+    """Each bad item is skipped with the reason the same row gets as a JSONL line, named "item N"."""
+    good = array_rows(tmp_path)
+    items = [json.dumps(good[0]),                                                         # 1
+             "3",                                                                         # 2 not an object
+             '"x"',                                                                       # 3
+             json.dumps({"image": "p.png", "conversation": good[0]["conversations"]}),    # 4 no conversations
+             json.dumps({"image": "gone.png", "conversations": good[0]["conversations"]}),  # 5 no image file
+             '{"conversations" []}',                                                      # 6 no colon
+             json.dumps(good[1])]                                                         # 7
+    (tmp_path / "rows.jsonl").write_text("\n".join(items) + "\n")
+    (tmp_path / "rows.json").write_text("[\n  " + ",\n  ".join(items) + "\n]\n")
+    as_lines, as_items = (make_loader(pair, config, tmp_path / name) for name in ("rows.jsonl", "rows.json"))
+    assert [s.line for s in as_items.skipped] == [s.line for s in as_lines.skipped] == [2, 3, 4, 5, 6]
+    for line, item in zip(as_lines.skipped, as_items.skipped):   # a JSON error's column is the item's
+        assert item.unit == "item" and line.unit == "line"
+        bad_json = line.reason.startswith("not valid JSON")
+        assert item.reason == (line.reason[:-1] + " of the item)" if bad_json else line.reason)
+        assert str(item) == f"item {item.line}: {item.reason}"
+    reasons = [s.reason for s in as_items.skipped]
+    assert reasons[:2] == ["expected a JSON object, got int", "expected a JSON object, got str"]
+    assert reasons[2].startswith("no 'conversations' key") and reasons[3].startswith("image 'gone.png' not found")
+    assert reasons[4] == f"not valid JSON ({_json_error(items[5])} of the item)"
+    assert as_items.lines.tolist() == [1, 7]
+    np.testing.assert_array_equal(as_items.lengths, as_lines.lengths)
+
+    multiline = '{\n    "conversations" []\n  }'   # a pretty-printed item: the line within it too
+    (tmp_path / "multiline.json").write_text(f"[\n  {multiline},\n  {items[0]}\n]")
+    with pytest.raises(json.JSONDecodeError) as error:
+        json.loads(multiline)
+    skipped = make_loader(pair, config, tmp_path / "multiline.json").skipped
+    e = error.value
+    assert [str(s) for s in skipped] == [f"item 1: not valid JSON ({e.msg} at line {e.lineno} column {e.colno} "
+                                         f"of the item)"]
+
+
+def test_broken_json_array_names_the_file_and_byte(pair, config, tmp_path):
+    rows = array_rows(tmp_path)
+    text = json.dumps(rows, indent=2)
+    cut = text.index('"hello world"') + 5
+    broken = {"truncated": (text[:cut], None),                   # inside a string: it never ends
+              "truncated_item": (text[:text.index('"Say hello."')], None),
+              "garbage": (text + "\n]", len(text) + 1),
+              "unbalanced": (text[:-1] + "}]", len(text) - 1),
+              "no_comma": (text.replace("},\n  {", "}\n  {", 1), None)}
+    for name, (content, offset) in broken.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(content)
+        with pytest.raises(ValueError, match=rf"{name}\.json: not a valid JSON array: .* at byte \d+$") as caught:
+            make_loader(pair, config, path)
+        if offset is not None:
+            assert str(caught.value).endswith(f" at byte {offset}"), (name, caught.value)
