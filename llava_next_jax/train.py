@@ -88,10 +88,12 @@ def trainable_mask(params, which: str = "projector+decoder"):
 
 
 def learning_rate_schedule(learning_rate: float, warmup_steps: int, total_steps: int):
-    """Linear warmup from 0 over `warmup_steps` updates, then cosine decay to 0 at `total_steps`."""
+    """Linear warmup from 0 over `warmup_steps` updates, then cosine decay to 0 at `total_steps`: the
+    learning rate of update i is transformers' `get_cosine_schedule_with_warmup`'s."""
     import optax
-    return optax.warmup_cosine_decay_schedule(0.0 if warmup_steps else learning_rate, learning_rate,
-                                              max(warmup_steps, 1), max(total_steps, warmup_steps + 1))
+    if warmup_steps == 0:
+        return optax.cosine_decay_schedule(learning_rate, max(total_steps, 1))
+    return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -90,6 +90,21 @@ def test_left_padded_loss_equals_pytorch(mistral, implementation, monkeypatch):
     assert abs(ours - ref) <= 1e-5 * abs(ref)
 
 
+@pytest.mark.parametrize("warmup, total", [(0, 1), (0, 6), (2, 10), (3, 3)])
+def test_learning_rate_schedule_equals_transformers(warmup, total):
+    """Update i's learning rate is HF's cosine schedule with warmup (a one-update run too)."""
+    from transformers import get_cosine_schedule_with_warmup
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+    hf = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+    theirs = []
+    for _ in range(total):
+        theirs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        hf.step()
+    ours = [float(train.learning_rate_schedule(2e-3, warmup, total)(i)) for i in range(total)]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-12)   # float32
+
+
 def test_overfit_two_captions_then_generate_them(tmp_path):
     """projector+decoder training drives the loss below 0.1; greedy decoding then says the captions."""
     hf = tm.build_model("vicuna", seed=9)
