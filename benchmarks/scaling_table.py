@@ -91,6 +91,24 @@ def recipes_table(dtype: str, batches: list[int], length: int, headroom: float) 
     return lines
 
 
+TRAIN_MESHES = [((1, 8), False), ((2, 4), False), ((2, 4), True), ((8, 1), True), ((2, 8), True), ((4, 8), True)]
+"""(data, model) meshes of the fine-tuning table, and whether they use FSDP."""
+
+
+def training_table() -> list[str]:
+    """Full fine-tuning state per device: float32 params, gradient and AdamW's two moments (16 bytes a
+    parameter), laid out as the params are (`fsdp`: also over "data")."""
+    name_of = lambda mesh, fsdp: f"{mesh[0]} x {mesh[1]}{' fsdp' if fsdp else ''}"
+    lines = ["| checkpoint | " + " | ".join(name_of(m, f) for m, f in TRAIN_MESHES) + " |",
+             "|---|" + "---|" * len(TRAIN_MESHES)]
+    for name in presets.RELEASES:
+        config = presets.config(name)
+        cells = [gib(4 * sharding.memory_per_device(config, {"data": d, "model": m}, 1, 1, "float32", fsdp).weights)
+                 for (d, m), fsdp in TRAIN_MESHES]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render(dtype: str, batches: list[int], length: int, headroom: float) -> str:
     return "\n".join([
         f"All figures in GiB per device, {dtype}; from `sharding.memory_per_device` on `presets.config(name)`.",
@@ -107,6 +125,13 @@ def render(dtype: str, batches: list[int], length: int, headroom: float) -> str:
         f"batch, a multiple of the data size, that fits at {length} slots.",
         "",
         *recipes_table(dtype, batches, length, headroom),
+        "",
+        "Full fine-tuning (`--trainable all`, float32 master weights): params, their gradient and AdamW's two "
+        "moments, 16 bytes a parameter, per device by mesh (`--mesh DATA,MODEL`, `--fsdp`). Activations are "
+        "not counted (`--remat` keeps one decoder layer's); `projector+decoder` saves the vision tower's "
+        "moments (~0.3B parameters).",
+        "",
+        *training_table(),
     ])
 
 

@@ -1,21 +1,24 @@
-"""Fine-tuning from a JSONL of LLaVA conversations, resumable after a kill, exported for inference.
+"""Fine-tuning from LLaVA conversations (JSONL, or LLaVA's JSON arrays), resumable after a kill, exported.
 
     python scripts/finetune.py --model DIR --data train.jsonl --output RUN_DIR [--image-root DIR]
                                [--steps 1000] [--batch-size 4] [--accumulate 1] [--max-length 2048]
                                [--learning-rate 2e-5] [--warmup-steps 30] [--weight-decay 0] [--max-grad-norm 1]
                                [--trainable projector+decoder] [--lora-rank 8 --lora-alpha 16 --lora-targets ...]
-                               [--dtype float32|bfloat16] [--remat] [--mesh DATA,MODEL]
+                               [--dtype float32|bfloat16] [--remat] [--mesh DATA,MODEL [--fsdp]]
                                [--save-every 100] [--keep 3] [--seed 0] [--export-hf DIR]
     (also installed as `llava-next-finetune`)
 
 --trainable: projector (LLaVA's stage 1), projector+decoder (stage 2; the vision tower stays frozen),
 all, lora (adapters on the decoder, `--lora-targets`), lora+projector. --dtype is the compute dtype;
 the master weights and the optimizer state are float32 either way. --steps counts optimizer updates;
-with --accumulate N each update averages N micro-batches of --batch-size rows.
+with --accumulate N each update averages N micro-batches of --batch-size rows. --fsdp also splits the
+params and the optimizer state over the mesh's "data" axis (`sharding.spec_for`): a device holds
+1/(DATA x MODEL) of them instead of 1/MODEL. A run may be resumed with or without it.
 
 RUN_DIR holds
     run.json           the settings of the run (a resume must use the same ones)
-    skipped.jsonl      the data rows left out and why (`data.ConversationData.skipped`)
+    skipped.jsonl      the data rows left out and why (`data.ConversationData.skipped`): {"line": N, "reason"}
+                       for a JSONL file, {"item": N, "reason"} for a JSON array
     checkpoints/STEP/  Orbax checkpoints of the whole train state: params (or base + adapters),
                        optimizer state, micro-step, rng; written atomically every --save-every updates,
                        the last --keep kept. The data position is the micro-step: micro-batch i is
@@ -58,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .train import TRAINABLE
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="converted or HF LLaVA-NeXT checkpoint directory")
-    p.add_argument("--data", required=True, help="JSONL of {'image', 'conversations'} rows (LLaVA format)")
+    p.add_argument("--data", required=True, help="LLaVA {'image', 'conversations'} rows: JSONL, or a JSON array")
     p.add_argument("--output", required=True, help="run directory (checkpoints, metrics, export)")
-    p.add_argument("--image-root", default=None, help="relative image paths are under this (default: the JSONL's dir)")
+    p.add_argument("--image-root", default=None, help="relative image paths are under this (default: the data file's dir)")
     p.add_argument("--steps", type=int, default=1000, help="optimizer updates in the whole run")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--accumulate", type=int, default=1, help="micro-batches per update")
@@ -76,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     p.add_argument("--remat", action="store_true", help="recompute each decoder layer in the backward pass")
     p.add_argument("--mesh", default=None, help="DATA,MODEL device mesh (sharding.make_mesh); default one device")
+    p.add_argument("--fsdp", action="store_true", help="also split params and optimizer state over DATA")
     p.add_argument("--save-every", type=int, default=100, help="updates between checkpoints")
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     p.add_argument("--seed", type=int, default=0, help="data order and LoRA initialisation")
@@ -98,6 +102,8 @@ def _check_flags(args) -> None:
     for flag, path, want in (("--model", args.model, os.path.isdir), ("--data", args.data, os.path.isfile)):
         if not want(path):
             raise UsageError(f"{flag} {path}: no such {'directory' if want is os.path.isdir else 'file'}")
+    if args.fsdp and args.mesh is None:
+        raise UsageError("--fsdp splits the params over the mesh's DATA axis; give --mesh DATA,MODEL too")
 
 
 def _mesh(spec: str | None):
@@ -128,7 +134,7 @@ class Run:
         self._check_resume_settings()
 
         mesh = _mesh(args.mesh)
-        self.model = LlavaNext.from_pretrained(args.model, dtype="float32", mesh=mesh)
+        self.model = LlavaNext.from_pretrained(args.model, dtype="float32", mesh=mesh, fsdp=args.fsdp)
         processor = self.model.get_processor()
         try:
             self.data = data.ConversationData(args.data, processor, self.model.config, image_root=args.image_root,
@@ -136,11 +142,11 @@ class Run:
         except ValueError as e:
             raise UsageError(str(e)) from None
         with open(os.path.join(self.dir, "skipped.jsonl"), "w") as f:
-            for line, reason in self.data.skipped:
-                f.write(json.dumps({"line": line, "reason": reason}) + "\n")
+            for record in self.data.skipped:
+                f.write(json.dumps({record.unit: record.line, "reason": record.reason}) + "\n")
         if self.data.skipped:
             log(f"{args.data}: skipped {len(self.data.skipped)} rows (listed in {self.dir}/skipped.jsonl); "
-                f"first: line {self.data.skipped[0][0]}: {self.data.skipped[0][1]}")
+                f"first: {self.data.skipped[0]}")
 
         self.lora = None
         params = self.model.params
@@ -183,10 +189,16 @@ class Run:
         """Loads the newest checkpoint into the state; returns its micro-step (0 without one)."""
         import jax
         import orbax.checkpoint as ocp
+        from jax.sharding import NamedSharding, PartitionSpec
         step = self.manager.latest_step()
         if step is None:
             return 0
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state)
+        mesh = self.model.mesh
+        def target(leaf):   # the leaf's layout; on a mesh, leaves made on one device (counters) replicated
+            if mesh is None or isinstance(leaf.sharding, NamedSharding):
+                return ocp.utils.to_shape_dtype_struct(leaf)
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+        abstract = jax.tree.map(target, self.state)
         self.state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
         self.log(f"resumed from {self.dir}/checkpoints/{step} (update {step // self.args.accumulate} of "
                  f"{self.args.steps})")

@@ -38,7 +38,7 @@ class LlavaNext:
         self._processor = None
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype: str | Any | None = None, mesh=None) -> "LlavaNext":
+    def from_pretrained(cls, path: str, dtype: str | Any | None = None, mesh=None, fsdp: bool = False) -> "LlavaNext":
         """Loads a directory written by `scripts/convert_torch_weights.py`, or an HF checkpoint directory.
 
         dtype: "float32", "bfloat16", "float16" (or a numpy/jax dtype). None: bfloat16 on GPU/TPU
@@ -48,6 +48,8 @@ class LlavaNext:
         over "data"; results equal one device's. The mesh may span several processes
         (`distributed.initialize`, docs/multihost.md): each then reads only the parts of each tensor
         its own devices hold, and every process must make the same calls with the same inputs.
+        fsdp: on a mesh, also split every weight over "data" (`sharding.spec_for`): for training, where
+        the optimizer state follows the params' layout; inference is faster without (it gathers weights).
         """
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: not a directory (expected a converted or HF LLaVA-NeXT checkpoint)")
@@ -57,8 +59,10 @@ class LlavaNext:
         dtype = None if dtype is None else jnp.dtype(dtype)
         if mesh is not None and tuple(mesh.axis_names) != sharding.AXES:
             raise ValueError(f"mesh axes are {tuple(mesh.axis_names)}; expected {sharding.AXES} (sharding.make_mesh)")
+        if fsdp and mesh is None:
+            raise ValueError("fsdp=True splits the weights over a mesh's \"data\" axis; pass a mesh too")
         if checkpoint.is_converted(path):
-            shardings = None if mesh is None else sharding.param_shardings(checkpoint.saved_shapes(path), mesh)
+            shardings = None if mesh is None else sharding.param_shardings(checkpoint.saved_shapes(path), mesh, fsdp)
             params = checkpoint.load_params(path, dtype, shardings)
         else:
             tensors = convert.iter_tensors(path, config, None if dtype is None else dtype.name)
@@ -66,7 +70,7 @@ class LlavaNext:
                 params = checkpoint.nest({p: jnp.asarray(a) for p, a in tensors})
             else:  # one tensor at a time, straight into its sharding (each process keeps its devices' part)
                 params = checkpoint.nest({p: distributed.put(a, NamedSharding(mesh, sharding.spec_for(
-                    "/".join(p), a.shape, mesh))) for p, a in tensors})
+                    "/".join(p), a.shape, mesh, fsdp))) for p, a in tensors})
         generation_config = None
         if os.path.isfile(os.path.join(path, "generation_config.json")):
             with open(os.path.join(path, "generation_config.json")) as f:

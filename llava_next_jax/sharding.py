@@ -11,6 +11,14 @@ say, per parameter, which kernel axis goes over "model" (Flax kernels are `[in, 
 An axis that does not divide by the mesh's "model" size stays whole (replicated). XLA (GSPMD) inserts
 the collectives, so the model code itself is the same on one device and on a mesh.
 
+With `fsdp=True` (fully sharded data parallel, for training) each parameter is also split over
+"data": along its largest axis that the rules leave whole and that divides by the "data" size (the
+input axis of a column-parallel kernel, the output axis of a row-parallel one, a norm's only axis).
+A device then holds 1/(data x model) of the weights, and the optimizer state, which takes the params'
+layout, shrinks with them; XLA gathers each weight over "data" where a product needs it and
+reduce-scatters its gradient. Inference should keep the default: a decode step would gather every
+weight again.
+
 `memory_per_device` sizes a config on a mesh from these same rules (weights), and from `cache_spec`
 (the KV cache as `generate` lays it out); docs/scaling.md tables it for the released checkpoints.
 """
@@ -62,21 +70,27 @@ def axis_sizes(mesh: Mesh | Mapping[str, int]) -> dict[str, int]:
     return sizes
 
 
-def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh | Mapping[str, int]) -> P:
-    """The partition spec of one parameter; axes that do not divide evenly are left whole."""
+def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh | Mapping[str, int], fsdp: bool = False) -> P:
+    """The partition spec of one parameter; axes that do not divide evenly are left whole. fsdp: also
+    split the largest whole axis that divides by the "data" size over "data" (module docstring)."""
     for pattern, spec in RULES:
         if pattern.fullmatch(path):
             break
     sizes = axis_sizes(mesh)
+    spec = tuple(spec) + (None,) * (len(shape) - len(spec))
     axes = [name if name is None or shape[i] % sizes[name] == 0 else None for i, name in enumerate(spec)]
+    if fsdp and sizes["data"] > 1:
+        free = [i for i, name in enumerate(axes) if name is None and shape[i] % sizes["data"] == 0]
+        if free:
+            axes[max(free, key=lambda i: shape[i])] = "data"
     return P(*axes)
 
 
-def param_shardings(shapes: Any, mesh: Mesh) -> Any:
-    """NamedShardings for a params tree (of arrays or ShapeDtypeStructs), per `RULES`."""
+def param_shardings(shapes: Any, mesh: Mesh, fsdp: bool = False) -> Any:
+    """NamedShardings for a params tree (of arrays or ShapeDtypeStructs), per `RULES` (and fsdp)."""
     def one(path, leaf):
         name = "/".join(k.key for k in path)
-        return NamedSharding(mesh, spec_for(name, tuple(leaf.shape), mesh))
+        return NamedSharding(mesh, spec_for(name, tuple(leaf.shape), mesh, fsdp))
     return jax.tree_util.tree_map_with_path(one, shapes)
 
 
@@ -134,17 +148,17 @@ class DeviceMemory:
 
 
 def memory_per_device(config, mesh: Mesh | Mapping[str, int], batch: int, length: int,
-                      dtype="bfloat16") -> DeviceMemory:
+                      dtype="bfloat16", fsdp: bool = False) -> DeviceMemory:
     """Weights and KV-cache bytes on the most loaded device of `mesh` (a Mesh or `{"data": d, "model": m}`).
 
     config: a `LlavaNextConfig`; batch: rows per `generate` call; length: cache slots (the prompt
     bucket plus the new-token bucket); dtype: of params and cache (`from_pretrained`'s, bfloat16 on
-    GPU/TPU). Weights follow `RULES` over the abstract params of `init_params` (no memory allocated);
-    the cache follows `cache_spec`. Every device holds equal shards, so "most loaded" is any of them.
+    GPU/TPU). Weights follow `RULES` (and fsdp, as `spec_for`) over the abstract params of
+    `init_params` (no memory allocated); the cache follows `cache_spec`. Every device holds equal shards, so "most loaded" is any of them.
     Activations and XLA's workspace are not counted.
     """
     itemsize = jnp.dtype(dtype).itemsize
-    weights = sum(shard_bytes(shape, spec_for(path, shape, mesh), mesh, itemsize)
+    weights = sum(shard_bytes(shape, spec_for(path, shape, mesh, fsdp), mesh, itemsize)
                   for path, shape in _param_shapes(config))
     t = config.text
     cache_shape = (batch, t.num_key_value_heads, length, t.head_dim)

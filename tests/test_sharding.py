@@ -1,6 +1,6 @@
 """Sharded runs on 8 forced CPU devices equal the single-device run (forward, generate, loss and
-training steps), and hold on each device the bytes `sharding.memory_per_device` says (in a
-subprocess: the device count must be set before jax starts)."""
+training steps, with and without FSDP, and the fine-tuning job), and hold on each device the bytes
+`sharding.memory_per_device` says (in a subprocess: the device count must be set before jax starts)."""
 
 import os
 import subprocess
@@ -114,14 +114,81 @@ SCRIPT = textwrap.dedent("""
     for leaf in moments.values():
         assert leaf.sharding.shard_shape(leaf.shape) == (64, 96 // 4), leaf.sharding
     print(f"train 2x4: losses {losses} vs {ref_losses}, max |delta params| {param_diff:.1e}, steps equal")
+
+    # FSDP: every weight also split over "data"; a device holds what memory_per_device(fsdp=True) says,
+    # less than without; forward and training steps equal the single device's; the params and every
+    # moment of AdamW keep the FSDP layout through the steps.
+    def check_layout(tree, shardings, what):
+        by_path = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            key = jax.tree_util.keystr(path)
+            owners = [k for k in by_path if key.endswith(k)]
+            assert leaf.ndim == 0 or len(owners) == 1, (what, key, owners)
+            if leaf.ndim:
+                assert leaf.sharding.is_equivalent_to(by_path[owners[0]], leaf.ndim), (
+                    what, key, leaf.sharding.spec, by_path[owners[0]].spec)
+    for data, model_axis in [(2, 4), (8, 1)]:
+        mesh = sharding.make_mesh(data=data, model=model_axis)
+        model = LlavaNext.from_pretrained(work + "/out", mesh=mesh, fsdp=True)
+        fsdp = sharding.memory_per_device(model.config, mesh, 1, 1, model.dtype, fsdp=True)
+        plain = sharding.memory_per_device(model.config, mesh, 1, 1, model.dtype)
+        assert bytes_per_device(jax.tree.leaves(model.params)) == fsdp.weights < plain.weights, (fsdp, plain)
+        gate = model.params["language_model"]["layers"]["0"]["mlp"]["gate_proj"]["kernel"]
+        assert gate.sharding.shard_shape(gate.shape) == (64 // data, 96 // model_axis), gate.sharding
+        logits = np.asarray(model.forward(**batch))
+        diff = np.abs(logits - ref_logits)[batch["attention_mask"] == 1].max()
+        assert diff <= 1e-5, (data, model_axis, diff)
+        layout = jax.tree.map(lambda a: a.sharding, model.params)
+        state, losses = train_two_steps(model)
+        assert np.allclose(losses, ref_losses, rtol=1e-5, atol=0), (losses, ref_losses)
+        param_diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                         for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref_state["params"])))
+        assert param_diff <= 2e-5, param_diff
+        check_layout(state["params"], layout, "params")
+        check_layout(state["opt_state"], layout, "optimizer state")
+        print(f"fsdp {data}x{model_axis}: {fsdp.weights} weight bytes on each device (without fsdp {plain.weights}), "
+              f"max |delta logits| {diff:.1e}, |delta params| {param_diff:.1e}, fsdp steps equal")
+
+    # The fine-tuning job: a 2-update run on a 2 x 4 mesh, stopped after one update and resumed with
+    # --fsdp, exports the params of the run on one device.
+    import json, shutil
+    from llava_next_jax import checkpoint, demo, finetune
+    data_dir = tempfile.mkdtemp()
+    rows = []
+    for image, answer in zip(sorted(demo.example_images_dir().iterdir())[:2], ["a red car", "a small dog"]):
+        shutil.copy(image, data_dir)
+        rows.append({"image": image.name, "conversations": [
+            {"from": "human", "value": "<image>\\nDescribe the image."}, {"from": "gpt", "value": answer}]})
+    with open(data_dir + "/train.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\\n" for r in rows)
+    def job(out, *extra):
+        return ["--model", sys.argv[2], "--data", data_dir + "/train.jsonl", "--output", work + out, "--steps", "2",
+                "--batch-size", "2", "--learning-rate", "1e-3", *extra]
+    exported = lambda out: checkpoint.flatten(checkpoint.load_params(work + out + "/export"))
+    assert finetune.main(job("/single"), log=lambda *_: None) == 0
+    assert finetune.main(job("/refused", "--fsdp"), log=lambda *_: None) == finetune.USAGE   # --fsdp needs --mesh
+    stops = iter([False, True])   # stop before the second update: a checkpoint at step 1, in the 2 x 4 layout
+    stopped = finetune.Run(finetune.build_parser().parse_args(job("/run", "--mesh", "2,4")), log=lambda *_: None)
+    assert not stopped.train(lambda: next(stops)) and stopped.manager.latest_step() == 1
+    assert finetune.main(job("/run", "--mesh", "2,4", "--fsdp"), log=lambda *_: None) == 0
+    single, resumed = exported("/single"), exported("/run")
+    initial = checkpoint.flatten(checkpoint.load_params(sys.argv[2]))
+    moved = max(float(np.abs(single[k] - initial[k]).max()) for k in single)
+    export_diff = max(float(np.abs(single[k] - resumed[k]).max()) for k in single)
+    # Adam moves a weight by up to the learning rate (1e-3) an update, whatever its gradient's size, so
+    # gradients that differ in rounding move weights by a small part of it.
+    assert moved > 1e-3 and export_diff <= 5e-5, (moved, export_diff)
+    print(f"finetune 2x4 resumed with --fsdp: max |delta params| {export_diff:.1e}, job equal")
 """)
 
 
-def test_meshes_equal_single_device():
+def test_meshes_equal_single_device(demo_dir):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", SCRIPT, ROOT], capture_output=True, text=True, env=env,
-                            timeout=600)
+    result = subprocess.run([sys.executable, "-c", SCRIPT, ROOT, demo_dir], capture_output=True, text=True, env=env,
+                            timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("tokens equal") == 3, result.stdout
     assert result.stdout.count("bytes per device") == 7, result.stdout
-    assert result.stdout.count("steps equal") == 1, result.stdout
+    assert result.stdout.count("steps equal") == 3, result.stdout
+    assert result.stdout.count("fsdp steps equal") == 2, result.stdout
+    assert result.stdout.count("job equal") == 1, result.stdout
