@@ -8,7 +8,8 @@ The native kernel streams it once, widening bfloat16 weights to float32 in regis
 as XLA's product; docs/benchmarks.md). Both sources are compiled into one library on first use with
 the machine's C++ compiler (`$CXX`, else `g++`) against the XLA FFI headers that jaxlib ships, cached
 under `$LLAVA_NEXT_CACHE` (default `~/.cache/llava_next_jax`) by a hash of the sources, jaxlib's
-version, the compiler and the CPU, and registered with `jax.ffi`. Where it cannot be built (no
+version, the compiler and the CPU (builds unused for `STALE_DAYS` are removed when a new one is made),
+and registered with `jax.ffi`. Where it cannot be built (no
 compiler), a warning says why once and XLA's operations are used. `LLAVA_NEXT_CPU_KERNELS=0` turns
 the kernels off.
 
@@ -70,6 +71,7 @@ def _build() -> Path:
     cache = Path(os.environ.get("LLAVA_NEXT_CACHE", Path.home() / ".cache" / "llava_next_jax"))
     library = cache / f"cpu_kernels-{key}.so"
     if library.exists():
+        os.utime(library)   # in use: kept by `_prune`
         return library
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
@@ -79,7 +81,26 @@ def _build() -> Path:
         if run.returncode:
             raise RuntimeError(f"{compiler} {' '.join(map(str, SOURCES))} failed:\n{run.stderr[-2000:]}")
         os.replace(built, library)  # atomic: concurrent processes each build, one file wins
+    _prune(cache)
     return library
+
+
+STALE_DAYS = 30
+
+
+def _prune(cache: Path, days: float = STALE_DAYS) -> list[Path]:
+    """Removes the builds in `cache` that no process has loaded for `days` (each source or jaxlib
+    version leaves one behind; a build in use is touched on each load). Returns what it removed."""
+    import time
+    removed, cutoff = [], time.time() - days * 86400
+    for old in cache.glob("cpu_kernels-*.so"):
+        try:
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
+                removed.append(old)
+        except OSError:   # gone already, or not ours to remove
+            pass
+    return removed
 
 
 def available() -> bool:

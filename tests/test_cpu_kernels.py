@@ -3,6 +3,8 @@ a prefill's attention) against PyTorch, where the decoder uses them, and what ha
 cannot be built."""
 
 import logging
+import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -222,6 +224,27 @@ def test_switched_off_and_unbuildable(monkeypatch, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="llava_next_jax.cpu_kernels"):
         assert cpu_kernels._load.__wrapped__() is False
     assert "native CPU kernels are unavailable" in caplog.text and "cpu_attention.cc failed" in caplog.text
+
+
+def test_builds_unused_for_a_month_are_removed(monkeypatch, tmp_path):
+    """A new build removes the builds no process has loaded for STALE_DAYS; loading one keeps it."""
+    compiler = tmp_path / "fake-cxx"   # writes the -o file: a build without compiling
+    compiler.write_text('#!/bin/sh\nwhile [ "$1" != "-o" ]; do shift; done\necho built > "$2"\n')
+    compiler.chmod(0o755)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setenv("LLAVA_NEXT_CACHE", str(cache))
+    month, now = (cpu_kernels.STALE_DAYS + 1) * 86400, time.time()
+    stale, recent = cache / "cpu_kernels-stale.so", cache / "cpu_kernels-recent.so"
+    for path, age in ((stale, month), (recent, 86400)):
+        path.write_text("old")
+        os.utime(path, (now - age, now - age))
+    library = cpu_kernels._build()
+    assert library.read_text() == "built\n" and not stale.exists() and recent.exists()
+    os.utime(library, (now - month, now - month))
+    assert cpu_kernels._build() == library    # loaded again: touched, so not stale
+    assert cpu_kernels._prune(cache) == [] and library.exists()
 
 
 def test_bfloat16_decode_step_close_to_hf_bfloat16(tmp_path):
