@@ -121,28 +121,29 @@ def prefill_program(params, config: LlavaNextConfig, input_ids, pixel_values, so
     return prefill(params, config, input_ids, pixel_values, sources, attention_mask, cache, dtype)
 
 
-@partial(xla_cpu.jit, cpu_options=xla_cpu.DECODE, static_argnames=("config", "dtype", "new_bucket"),
-         donate_argnames=("cache",))
-def decode_program(params, config: LlavaNextConfig, logits, cache, kv_valid, options: dict[str, jax.Array], dtype,
-                   new_bucket: int):
-    """The compiled decode loop, one `lax.while_loop`; returns (new tokens `[B, new_bucket]`, cache).
+def start_state(logits, pad_id, new_bucket: int) -> dict[str, jax.Array]:
+    """The decode loop's state before its first step: step 0, no tokens yet (all pad), the prefill's
+    last-slot logits `[B, V]`, no row done."""
+    B = logits.shape[0]
+    return {"step": jnp.int32(0), "tokens": jnp.full((B, new_bucket), pad_id, jnp.int32), "logits": logits,
+            "done": jnp.zeros((B,), bool)}
 
-    logits `[B, V]`: the prefill's last slot. The cache (donated, updated in place) has
-    `T + new_bucket` slots, the prompt in the first T. options (all traced, so changing them
-    compiles nothing): max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
-    seeds `[B]`, row_streams `[B]`, stop_ids `[MAX_STOP_IDS]` (-1 = unused), pad_id. Row r samples
-    with `fold_in(key(seeds[r]), row_streams[r])`, then the step.
-    """
+
+def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options: dict[str, jax.Array], dtype,
+                new_bucket: int, stop_at):
+    """Steps the decode loop from `state` (`start_state`'s keys) while `step < stop_at` (and
+    max_new_tokens) and some row is not done; returns (state, cache). One `lax.while_loop`."""
     B, S = kv_valid.shape
     T = S - new_bucket
     next_position = jnp.sum(kv_valid[:, :T], axis=1).astype(jnp.int32)  # first new token's RoPE position
     row_keys = jax.vmap(lambda seed, stream: jax.random.fold_in(jax.random.key(seed), stream))(
         options["seeds"], options["row_streams"])
     stop_ids = options["stop_ids"]
+    last = jnp.minimum(stop_at, options["max_new_tokens"])
 
     def cond(state):
         step, _, _, _, done = state
-        return (step < options["max_new_tokens"]) & ~jnp.all(done)
+        return (step < last) & ~jnp.all(done)
 
     def body(state):
         step, tokens, logits, cache, done = state
@@ -158,10 +159,41 @@ def decode_program(params, config: LlavaNextConfig, logits, cache, kv_valid, opt
         logits, cache = decode_step(params, config, token, next_position + step, T + step, kv_valid, cache, dtype)
         return step + 1, tokens, logits, cache, done
 
-    tokens = jnp.full((B, new_bucket), options["pad_id"], jnp.int32)
-    state = (jnp.int32(0), tokens, logits, cache, jnp.zeros((B,), bool))
-    _, tokens, _, cache, _ = jax.lax.while_loop(cond, body, state)
-    return tokens, cache  # returning the cache lets XLA reuse the donated buffers in place
+    carry = (state["step"], state["tokens"], state["logits"], cache, state["done"])
+    step, tokens, logits, cache, done = jax.lax.while_loop(cond, body, carry)
+    return {"step": step, "tokens": tokens, "logits": logits, "done": done}, cache
+
+
+@partial(xla_cpu.jit, cpu_options=xla_cpu.DECODE, static_argnames=("config", "dtype", "new_bucket"),
+         donate_argnames=("cache",))
+def decode_program(params, config: LlavaNextConfig, logits, cache, kv_valid, options: dict[str, jax.Array], dtype,
+                   new_bucket: int):
+    """The compiled decode loop, one `lax.while_loop`; returns (new tokens `[B, new_bucket]`, cache).
+
+    logits `[B, V]`: the prefill's last slot. The cache (donated, updated in place) has
+    `T + new_bucket` slots, the prompt in the first T. options (all traced, so changing them
+    compiles nothing): max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
+    seeds `[B]`, row_streams `[B]`, stop_ids `[MAX_STOP_IDS]` (-1 = unused), pad_id. Row r samples
+    with `fold_in(key(seeds[r]), row_streams[r])`, then the step.
+    """
+    state = start_state(logits, options["pad_id"], new_bucket)
+    state, cache = decode_loop(params, config, state, cache, kv_valid, options, dtype, new_bucket,
+                               options["max_new_tokens"])
+    return state["tokens"], cache  # returning the cache lets XLA reuse the donated buffers in place
+
+
+start_program = jax.jit(start_state, static_argnames=("new_bucket",))
+"""`start_state` compiled (its arrays then sit where the logits do, on one device or a mesh)."""
+
+
+@partial(xla_cpu.jit, cpu_options=xla_cpu.DECODE, static_argnames=("config", "dtype", "new_bucket"),
+         donate_argnames=("state", "cache"))
+def decode_chunk_program(params, config: LlavaNextConfig, state, cache, kv_valid, options: dict[str, jax.Array],
+                         dtype, new_bucket: int, stop_at):
+    """`decode_program` in pieces, for streaming: continues `state` (from `start_program` or the last
+    call) up to step `stop_at` (traced: any value compiles nothing) and returns (state, cache). Calls
+    that together reach max_new_tokens produce `decode_program`'s tokens."""
+    return decode_loop(params, config, state, cache, kv_valid, options, dtype, new_bucket, stop_at)
 
 
 def generate_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask,
@@ -172,9 +204,33 @@ def generate_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, so
     return decode_program(params, config, logits, cache, kv_valid, options, dtype, new_bucket)[0]
 
 
+def stream_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask,
+                  options: dict[str, jax.Array], dtype, new_bucket: int, chunk: int = 1, fetch=np.asarray):
+    """`generate_tokens` as it goes: yields new tokens `[B, n]` every `chunk` steps (n <= chunk; pad
+    after a row's stop id) until every row is done or max_new_tokens is reached. Concatenated, they are
+    `generate_tokens`' tokens up to that step. fetch: device array -> numpy (`distributed.fetch` on a
+    multi-process mesh)."""
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
+    logits, cache, kv_valid = prefill_program(params, config, input_ids, pixel_values, sources, attention_mask,
+                                              dtype, input_ids.shape[1] + new_bucket)
+    state = start_program(logits, options["pad_id"], new_bucket)
+    end, yielded = int(options["max_new_tokens"]), 0
+    while yielded < end:
+        stop_at = min(yielded + int(chunk), end)
+        state, cache = decode_chunk_program(params, config, state, cache, kv_valid, options, dtype, new_bucket,
+                                            np.int32(stop_at))
+        step = int(fetch(state["step"]))
+        yield fetch(state["tokens"])[:, yielded:step]
+        if fetch(state["done"]).all():   # every row has stopped
+            return
+        yielded = step
+
+
 def compiled_programs() -> int:
-    """How many generation programs have been compiled so far (prefill + decode)."""
-    return prefill_program._cache_size() + decode_program._cache_size()
+    """How many generation programs have been compiled so far (prefill + decode, streaming's too)."""
+    return (prefill_program._cache_size() + decode_program._cache_size() + start_program._cache_size()
+            + decode_chunk_program._cache_size())
 
 
 def pad_prompt(input_ids: np.ndarray, attention_mask: np.ndarray, sources: np.ndarray, length: int, pad_id: int):

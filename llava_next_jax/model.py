@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -185,6 +185,21 @@ class LlavaNext:
                                       pad_token_id)
         return distributed.fetch(generate.generate_tokens(self.params, self.config, **args))[:, :max_new_tokens]
 
+    def generate_stream(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
+                        max_new_tokens=32, chunk: int = 1, **generation) -> Iterator[np.ndarray]:
+        """`generate` as it goes: yields the new tokens `[B, n]` (int32, n <= chunk) of every `chunk`
+        decode steps, until every row has stopped or max_new_tokens is reached. Concatenated along
+        axis 1 they are `generate`'s tokens (which pads the steps after the last row stopped).
+
+        Arguments as `generate` (**generation: min_new_tokens, do_sample, temperature, top_k, top_p,
+        seed, eos_token_id, pad_token_id). Between chunks the loop returns to Python, which costs
+        about a dispatch a chunk; the programs are `generate`'s prefill and a resumable decode loop,
+        compiled once per bucket as `generate`'s (a new chunk size compiles nothing).
+        """
+        args = self.generation_inputs(input_ids, pixel_values, image_sizes, attention_mask, max_new_tokens,
+                                      **generation)
+        yield from generate.stream_tokens(self.params, self.config, **args, chunk=chunk, fetch=distributed.fetch)
+
     def generation_inputs(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
                           max_new_tokens=32, min_new_tokens=0, do_sample=False, temperature=1.0, top_k=0,
                           top_p=1.0, seed=0, eos_token_id=None, pad_token_id=None) -> dict[str, Any]:
@@ -284,6 +299,33 @@ class LlavaNext:
         text, add_special = chat_prompt(proc, question, history)
         inputs = proc(images=[image], text=[text], add_special_tokens=add_special)
         return decode_new_tokens(proc, self.generate(**inputs, max_new_tokens=max_new_tokens, **generation))[0]
+
+    def chat_stream(self, image, question: str, history=None, processor=None, max_new_tokens: int = 128,
+                    **generation) -> Iterator[str]:
+        """`chat`'s answer in pieces as it is generated; the pieces join to `chat`'s answer.
+
+        A piece ends before the last space decoded so far, so the word being written (which may still
+        change: a multi-byte character split over tokens, a space the tokenizer folds into punctuation)
+        comes with the next piece; the rest comes when generation ends. Arguments as `chat`;
+        `chunk` (default 1) sets how many tokens are decoded between pieces (`generate_stream`).
+        """
+        from .prompting import chat_prompt, decode_new_tokens
+        proc = self.get_processor(processor)
+        text, add_special = chat_prompt(proc, question, history)
+        inputs = proc(images=[image], text=[text], add_special_tokens=add_special)
+        tokens, sent = np.zeros((1, 0), np.int32), ""
+        for new in self.generate_stream(**inputs, max_new_tokens=max_new_tokens, **generation):
+            tokens = np.concatenate([tokens, new], axis=1)
+            answer = decode_new_tokens(proc, tokens)[0]
+            ready = answer[:max(answer.rfind(" "), 0)].rstrip()
+            if len(ready) > len(sent) and ready.startswith(sent):
+                yield ready[len(sent):]
+                sent = ready
+        answer = decode_new_tokens(proc, tokens)[0]
+        if not answer.startswith(sent):   # a tokenizer whose decoding of a prefix is not a prefix
+            raise RuntimeError(f"streamed {sent!r}, but the whole answer decodes to {answer!r}")
+        if len(answer) > len(sent):
+            yield answer[len(sent):]
 
 
 def _left_align(ids: np.ndarray, mask: np.ndarray, sources: np.ndarray):

@@ -104,6 +104,15 @@ def test_chat_equals_caption_for_the_same_question(model, images, captions):
     assert model.chat(images[3], DEFAULT_CAPTION_PROMPT, max_new_tokens=NEW) == captions[3]
 
 
+@pytest.mark.parametrize("generation", [{}, {"do_sample": True, "temperature": 2.0, "seed": 2}])
+def test_chat_stream_pieces_join_to_the_answer(model, images, generation):
+    answer = model.chat(images[1], "What is here?", max_new_tokens=24, **generation)
+    for chunk in (1, 5):
+        pieces = list(model.chat_stream(images[1], "What is here?", max_new_tokens=24, chunk=chunk, **generation))
+        assert len(pieces) > 1 and all(pieces), pieces
+        assert "".join(pieces) == answer
+
+
 def test_chat_history_adds_turns(model, processor, images):
     spy = Spy(processor)
     first = model.chat(images[0], "What is there?", processor=spy, max_new_tokens=NEW)

@@ -44,6 +44,31 @@ def test_greedy_equals_hf_and_stops_like_hf(family):
                                                  pad_token_id=0), ref)
 
 
+def test_stream_equals_hf_and_generate(family):
+    """Streamed chunks, joined, are HF's greedy tokens (stopping rows included) and generate's sampled
+    ones; the stream ends when every row has stopped; another chunk size compiles nothing."""
+    hf, model = family
+    batch = tm.make_batch(hf.config, ROWS, seed=5)
+    ref = hf_generate(hf, batch, eos_token_id=[])
+    stops = [int(ref[0, 4]), int(ref[1, 7]), int(ref[2, 2])]
+    ref = hf_generate(hf, batch, eos_token_id=stops)
+    last = max(int(np.argmax(np.isin(row, stops))) for row in ref) + 1   # the step after which all have stopped
+    for chunk in (1, 7):
+        pieces = list(model.generate_stream(**batch, max_new_tokens=NEW, eos_token_id=stops, pad_token_id=0,
+                                            chunk=chunk))
+        assert all(p.shape[1] <= chunk for p in pieces) and len(pieces) == -(-last // chunk), [p.shape for p in pieces]
+        joined = np.concatenate(pieces, axis=1)
+        np.testing.assert_array_equal(joined, ref[:, :last])
+        assert (ref[:, last:] == 0).all()
+        if chunk == 1:
+            compiled = compiled_programs()
+    assert compiled_programs() == compiled
+    sampled = model.generate(**batch, max_new_tokens=NEW, eos_token_id=[], do_sample=True, temperature=1.5, seed=3)
+    streamed = model.generate_stream(**batch, max_new_tokens=NEW, eos_token_id=[], do_sample=True, temperature=1.5,
+                                     seed=3, chunk=6)
+    np.testing.assert_array_equal(np.concatenate(list(streamed), axis=1), sampled)
+
+
 def test_row_alone_equals_row_in_mixed_batch(family):
     hf, model = family
     batch = tm.make_batch(hf.config, ROWS, seed=6)
