@@ -9,10 +9,18 @@ Rows are LLaVA's format, in a JSONL file (one object a line) or, as LLaVA's rele
 A row is named by its 1-based line in a JSONL file and by its 1-based item index in an array ("line 9",
 "item 9"): in `Skipped` records, in warnings and in a batch's `lines`.
 
-"image" is optional (text-only rows); roles are human/user, gpt/assistant and an optional leading system
-turn; turns alternate human, gpt, ... and end with a gpt answer. The `<image>` placeholder (one per row,
-in a human turn) becomes an image content block, which the released chat templates write first in the
-turn (as LLaVA's own preprocessing moves it to the front).
+"image" is optional (text-only rows), one file path, or a non-empty list of them (LLaVA's multi-image
+rows, e.g. LLaVA-NeXT-Interleave's data): `"image": ["a.jpg", "b.jpg"]`. Roles are human/user,
+gpt/assistant and an optional leading system turn; turns alternate human, gpt, ... and end with a gpt
+answer. Each image has one `<image>` placeholder in a human turn, in the same order: the i-th
+placeholder of the conversation (turn by turn, left to right) is the i-th image. A placeholder becomes
+an image content block, first in its turn, which is where the released chat templates write image
+blocks (LLaVA's own preprocessing moves a row's single placeholder to the front too). Several
+placeholders in one turn become that many blocks, first in the turn and in order; the released
+templates write them as "<image>\\n<image>\\n" before the text. So the turn "Image 1: <image> Image 2:
+<image> Which is wider?" is trained as "<image>\\n<image>\\nImage 1:  Image 2:  Which is wider?": the
+text keeps its words, not where each image stood in it (LLaVA-NeXT's own code leaves several
+placeholders in place; HF's templates write every image block before the turn's text).
 
 Labels: only assistant answers are trained. The conversation is rendered with the processor's chat
 template (the checkpoint's, or the built-in one for its family), and each answer's span is found by
@@ -33,9 +41,9 @@ IGNORE. Labelled per family: mistral " answer</s>" (after "[/INST]"), chatml "an
 at all (llava-hf's vicuna template writes "ASSISTANT: answer ") gets the tokenizer's eos inserted after
 the answer ("ASSISTANT: answer</s> "), as LLaVA's own vicuna format does.
 
-Image tokens are expanded in the token ids (the `<image>` token repeated `anyres.num_image_tokens`
-times), which gives the ids HF's processor gets by expanding the text: `<image>` is an added token, so
-the text around it tokenizes the same either way.
+Image tokens are expanded in the token ids (the i-th `<image>` token repeated `anyres.num_image_tokens`
+times for the i-th image's size), which gives the ids HF's processor gets by expanding the text:
+`<image>` is an added token, so the text around it tokenizes the same either way.
 
 Batches (`ConversationData`): see its docstring for the bucketing rule and the batch layout.
 """
@@ -89,18 +97,18 @@ class Skipped(NamedTuple):
 def conversation_messages(conversations: list[dict], image_placeholder: str = IMAGE_PLACEHOLDER) -> list[dict]:
     """LLaVA turns `[{"from", "value"}, ...]` -> HF chat messages `[{"role", "content": [blocks]}, ...]`.
 
-    Content is always a list of blocks (what the released templates expect): a human turn holding the
-    placeholder gets `{"type": "image"}` first, then its text with the placeholder removed and stripped
-    (LLaVA's own preprocessing); other turns' text is kept verbatim. ValueError, naming the turn, for
-    anything else: unknown roles, a system turn after the first, turns that do not alternate human/gpt,
-    a conversation that does not end with a gpt answer, empty answers, more than one placeholder, or a
+    Content is always a list of blocks (what the released templates expect): a human turn holding N
+    placeholders gets N `{"type": "image"}` blocks first, then its text with the placeholders removed and
+    stripped (LLaVA's own preprocessing, for one); other turns' text is kept verbatim. ValueError, naming
+    the turn, for anything else: unknown roles, a system turn after the first, turns that do not
+    alternate human/gpt, a conversation that does not end with a gpt answer, empty answers, or a
     placeholder outside a human turn.
     """
     if not isinstance(conversations, list):
         raise ValueError(f"'conversations' must be a list of turns, got {type(conversations).__name__}")
     if not conversations:
         raise ValueError("'conversations' is empty")
-    messages, images = [], 0
+    messages = []
     for i, turn in enumerate(conversations):
         if not isinstance(turn, dict) or not {"from", "value"} <= turn.keys():
             raise ValueError(f"turn {i}: expected an object with 'from' and 'value', got {_short(turn)}")
@@ -116,11 +124,8 @@ def conversation_messages(conversations: list[dict], image_placeholder: str = IM
             raise ValueError(f"turn {i}: a {who!r} turn after {'the start' if previous is None else previous}; "
                              f"turns must alternate human, gpt, ... after an optional first system turn")
         count = value.count(image_placeholder)
-        images += count
         if count and role != "user":
             raise ValueError(f"turn {i} ({who}): {image_placeholder} may only appear in a human turn")
-        if images > 1:
-            raise ValueError(f"turn {i}: a second {image_placeholder} placeholder; a row holds at most one image")
         if role == "assistant" and not value.strip():
             raise ValueError(f"turn {i} ({who}): empty answer")
         text = value.replace(image_placeholder, "").strip() if count else value
@@ -171,21 +176,29 @@ def training_text(processor, messages: list[dict]) -> tuple[str, list[tuple[int,
     return "".join(pieces), targets
 
 
-def encode_conversation(processor, conversations: list[dict], image_size: Sequence[int] | None = None,
+def encode_conversation(processor, conversations: list[dict], image_sizes: Sequence | None = None,
                         max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids, labels), int32 `[T]`, for LLaVA turns and an image of `image_size` (h, w), or None.
+    """(input_ids, labels), int32 `[T]`, for LLaVA turns and their images' sizes.
 
-    The image token is repeated `anyres.num_image_tokens(image_size)` times. labels are input_ids on the
-    answer tokens (`training_text`'s targets) and IGNORE elsewhere. The BOS is added unless the
-    template writes it (HF's rule). TooLong when T > max_length; ValueError when the placeholder count
-    does not match the image (none without an image, one with).
+    image_sizes: one image's (h, w), a list of (h, w) in placeholder order, or None (or []) for none.
+    The i-th image token of the rendered text is repeated `anyres.num_image_tokens(image_sizes[i])`
+    times. labels are input_ids on the answer tokens (`training_text`'s targets) and IGNORE elsewhere.
+    The BOS is added unless the template writes it (HF's rule). TooLong when T > max_length; ValueError
+    when the number of placeholders is not the number of images.
     """
+    sizes = np.asarray([] if image_sizes is None else image_sizes, dtype=np.int64)
+    if sizes.ndim == 1 and len(sizes) == 2:
+        sizes = sizes[None]
+    elif sizes.size == 0:
+        sizes = sizes.reshape(0, 2)
+    elif sizes.ndim != 2 or sizes.shape[1] != 2:
+        raise ValueError(f"image_sizes must be one (h, w) or a list of them; got {_short(image_sizes)}")
     messages = conversation_messages(conversations)
     placeholders = sum(c["type"] == "image" for m in messages for c in m["content"])
-    if placeholders != (image_size is not None):
-        raise ValueError(f"the row has an image but no {IMAGE_PLACEHOLDER} placeholder in a human turn"
-                         if image_size is not None else
-                         f"a human turn holds {IMAGE_PLACEHOLDER} but the row has no image")
+    if placeholders != len(sizes):
+        plural = lambda n: "" if n == 1 else "s"   # noqa: E731
+        raise ValueError(f"the row has {len(sizes)} image{plural(len(sizes))} but {placeholders} {IMAGE_PLACEHOLDER} "
+                         f"placeholder{plural(placeholders)} in its human turns; each image needs one, in order")
     text, targets = training_text(processor, messages)
     bos = processor.special_tokens.get("bos_token")
     encoding = processor.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
@@ -202,8 +215,9 @@ def encode_conversation(processor, conversations: list[dict], image_size: Sequen
     if int(is_image.sum()) != placeholders:
         raise ValueError(f"the rendered conversation holds {int(is_image.sum())} image tokens "
                          f"({processor.image_token!r}); expected {placeholders} (is it written in the text?)")
-    if image_size is not None:
-        repeats = np.where(is_image, anyres.num_image_tokens(image_size, processor.geometry), 1)
+    if len(sizes):   # the image tokens are in placeholder order: the i-th gets the i-th image's count
+        repeats = np.ones(len(ids), dtype=np.int64)
+        repeats[is_image] = [anyres.num_image_tokens(size, processor.geometry) for size in sizes]
         ids, labels = np.repeat(ids, repeats), np.repeat(labels, repeats)
     if max_length is not None and len(ids) > max_length:
         raise TooLong(len(ids), max_length)
@@ -213,19 +227,24 @@ def encode_conversation(processor, conversations: list[dict], image_size: Sequen
 def build_example(processor, conversations: list[dict], image=None, max_length: int | None = None) -> dict:
     """One training example as numpy arrays.
 
-    image: a path, PIL image or uint8 array (read as the processor reads it, EXIF rules included), or None.
-    Returns input_ids int32 `[T]` (image tokens expanded for this image's size), labels int32 `[T]`
-    (IGNORE except the answers and their end tokens), image_size (h, w) or None, pixel_values float32
-    `[P, C, S, S]` (P: this image's tiles) or None. TooLong (a ValueError) names the length and the limit.
+    image: a path, PIL image or uint8 array (read as the processor reads it, EXIF rules included), a list
+    of them in placeholder order, or None. Returns
+      input_ids     int32 `[T]`, each image's tokens expanded for its size
+      labels        int32 `[T]`, IGNORE except the answers and their end tokens
+      image_sizes   [(h, w), ...], one per image ([] without)
+      pixel_values  [float32 `[P_i, C, S, S]`, ...], one per image, P_i its own tiles ([] without)
+    TooLong (a ValueError) names the length and the limit.
     """
     from .processor import to_rgb_image
-    rgb = None if image is None else to_rgb_image(image, processor.apply_exif_orientation)
-    size = None if rgb is None else (rgb.height, rgb.width)
-    input_ids, labels = encode_conversation(processor, conversations, size, max_length)
-    pixel_values = None
-    if rgb is not None:
-        pixel_values = processor.preprocess_images([rgb], apply_exif_orientation=False)[0][0]
-    return {"input_ids": input_ids, "labels": labels, "image_size": size, "pixel_values": pixel_values}
+    images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+    rgb = [to_rgb_image(item, processor.apply_exif_orientation) for item in images]
+    sizes = [(item.height, item.width) for item in rgb]
+    input_ids, labels = encode_conversation(processor, conversations, sizes, max_length)
+    pixel_values = []
+    if rgb:   # padded to the most tiles among them: keep each image's own
+        padded = processor.preprocess_images(rgb, apply_exif_orientation=False)[0]
+        pixel_values = [tiles[:anyres.num_tiles(size, processor.geometry)] for tiles, size in zip(padded, sizes)]
+    return {"input_ids": input_ids, "labels": labels, "image_sizes": sizes, "pixel_values": pixel_values}
 
 
 # --- a file of conversations ----------------------------------------------------------------------
@@ -312,12 +331,12 @@ class ConversationData:
     checked and again when it is batched. `unit` is "line" (JSONL: rows are named by their 1-based
     line) or "item" (an array: by their 1-based item index); `lines` holds those numbers.
 
-    Every row is checked once, here (JSON, keys, turns, the image file and its header size, the length
-    after image expansion), so `skipped` lists every bad row, as `Skipped(line, reason, unit)` (printed
-    "line 9: 3120 tokens after image expansion > max_length 2048", or "item 9: ..."), before training
-    starts. A broken array (truncated, unbalanced, trailing text) is a ValueError naming the byte offset.
-    Images are decoded when their batch is built. Relative image paths are read under `image_root`
-    (default: the data file's directory).
+    Every row is checked once, here (JSON, keys, turns, the number of images, each image file and its
+    header size, the length after image expansion), so `skipped` lists every bad row, as
+    `Skipped(line, reason, unit)` (printed "line 9: 3120 tokens after image expansion > max_length
+    2048", or "item 9: ..."), before training starts. A broken array (truncated, unbalanced, trailing
+    text) is a ValueError naming the byte offset. Images are decoded when their batch is built.
+    Relative image paths are read under `image_root` (default: the data file's directory).
 
     Bucketing: epoch e = index // len(self) uses `numpy.random.default_rng([seed, e])` to
       1. shuffle the good rows (file order when shuffle=False),
@@ -329,20 +348,27 @@ class ConversationData:
     the right to L, the smallest of `length_buckets` (default: multiples of 128, then max_length) that
     holds its longest row: the train step compiles at most len(length_buckets) shapes.
 
-    `batch(index)` returns numpy arrays ready for `train.train_step`:
+    Images per row: a row may hold up to `max_images` images (`"image": [...]`, see the module
+    docstring); a row with more is skipped ("3 images > max_images 2").
+
+    `batch(index)` returns numpy arrays ready for `train.train_step`, with M = max_images:
       input_ids      int32 `[B, L]`   pad id (the tokenizer's pad, else its eos, else 0) after each row
       attention_mask int32 `[B, L]`   1 on real tokens
       labels         int32 `[B, L]`   IGNORE on pads, prompts, image tokens
-      sources        int32 `[B, L]`   `anyres.token_sources` for the batch's images (B image slots)
-      pixel_values   float32 `[B, P, C, S, S]`, P = the geometry's max_tiles: one image slot per row.
-                     Real images fill slots 0..n-1 in row order, the rest are zeros that no token reads
-                     (text-only rows, empty rows). None when the file has no image rows at all.
-      image_sizes    int32 `[B, 2]`   (h, w) of each slot's image, (0, 0) for an empty slot
+      sources        int32 `[B, L]`   `anyres.token_sources` for the batch's images (B*M image slots)
+      pixel_values   float32 `[B*M, P, C, S, S]`, P = the geometry's max_tiles: M image slots per row.
+                     Real images fill slots 0..n-1 in row order, and within a row in placeholder order
+                     (the order their tokens come in input_ids); the rest are zeros that no token reads
+                     (text-only rows, rows with fewer than M images, empty rows). None when the file
+                     has no image rows at all.
+      image_sizes    int32 `[B*M, 2]` (h, w) of each slot's image, (0, 0) for an empty slot
       lines          int32 `[B]`      each row's line in the file (its item index in an array), -1 for a
                                       filler row
-    Every array's shape depends only on B and L, so the whole dict can go to `train_step` and batches
-    never recompile within a bucket. In `sources`, the newline vector is the row after all B*P tiles'
-    features (where `image_embeddings` puts it).
+    Every array's shape depends only on B, M and L, so the whole dict can go to `train_step` and
+    batches never recompile within a bucket. In `sources`, the newline vector is the row after all
+    B*M*P tiles' features (where `image_embeddings` puts it). The vision tower runs on every slot,
+    empty or not: max_images multiplies its work (and pixel_values' memory) per batch, so keep it at
+    the most images a row of the file needs.
     `iterate(start)` yields (index, batch(index)) from `start` on, building the next batches on a thread.
 
     An image that passed the header check but fails to decode later (or decodes to another size)
@@ -354,9 +380,9 @@ class ConversationData:
 
     def __init__(self, path: str | os.PathLike, processor, config, image_root: str | os.PathLike | None = None,
                  max_length: int = 2048, batch_size: int = 4, seed: int = 0, shuffle: bool = True,
-                 length_buckets: Sequence[int] | None = None, sort_window: int = 8):
+                 length_buckets: Sequence[int] | None = None, sort_window: int = 8, max_images: int = 1):
         for name, value, least in (("max_length", max_length, 1), ("batch_size", batch_size, 1),
-                                   ("sort_window", sort_window, 1), ("seed", seed, 0)):
+                                   ("sort_window", sort_window, 1), ("seed", seed, 0), ("max_images", max_images, 1)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
                 raise ValueError(f"{name} must be an int >= {least}; got {value!r}")
         if processor.geometry != config.geometry or processor.image_token_id != config.image_token_id:
@@ -372,7 +398,7 @@ class ConversationData:
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.processor, self.config = processor, config
         self.max_length, self.batch_size, self.seed, self.shuffle = int(max_length), int(batch_size), int(seed), shuffle
-        self.sort_window = int(sort_window)
+        self.sort_window, self.max_images = int(sort_window), int(max_images)
         self.length_buckets: tuple[int, ...] = tuple(int(b) for b in buckets)
         self.skipped: list[Skipped] = []
         self.failed: list[Skipped] = []   # rows whose image failed to decode when batched (see the docstring)
@@ -382,16 +408,16 @@ class ConversationData:
             for number, start, raw in (self._items(f) if self.unit == "item" else self._lines(f)):
                 try:
                     row = self._parse(raw)
-                    image = self._image_file(row)
-                    size = None if image is None else self._header_size(image, row["image"])
-                    ids, _ = encode_conversation(processor, row["conversations"], size, self.max_length)
+                    images = self._image_files(row)
+                    sizes = [self._header_size(path, name) for name, path in images]
+                    ids, _ = encode_conversation(processor, row["conversations"], sizes, self.max_length)
                 except _ROW_ERRORS as e:
                     self.skipped.append(Skipped(number, str(e), self.unit))
                     continue
                 lines.append(number)
                 spans.extend((start, start + len(raw)))
                 lengths.append(len(ids))
-                with_image.append(image is not None)
+                with_image.append(bool(images))
         if not lines:
             reasons = "".join(f"; {s}" for s in self.skipped[:3])
             raise ValueError(f"{self.path}: no usable rows ({len(self.skipped)} skipped{reasons})")
@@ -444,17 +470,24 @@ class ConversationData:
             raise ValueError(f"no 'conversations' key (keys: {sorted(row)})")
         return row
 
-    def _image_file(self, row: dict) -> Path | None:
-        name = row.get("image")
-        if name is None:
-            return None
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"'image' must be a file path string, got {_short(name)}")
-        path = self.image_root / name
-        if not path.is_file():
-            where = "" if Path(name).is_absolute() else f" under {self.image_root}"
-            raise ValueError(f"image {name!r} not found{where}")
-        return path
+    def _image_files(self, row: dict) -> list[tuple[str, Path]]:
+        """(name, path) of the row's images in placeholder order; "image" is absent (none), a file path, or
+        a non-empty list of them."""
+        names = row.get("image")
+        if names is None:
+            return []
+        if isinstance(names, str):
+            names = [names]
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"'image' must be a file path string or a non-empty list of them, "
+                             f"got {_short(row['image'])}")
+        if len(names) > self.max_images:
+            raise ValueError(f"{len(names)} images > max_images {self.max_images}")
+        for name in names:
+            if not (self.image_root / name).is_file():
+                where = "" if Path(name).is_absolute() else f" under {self.image_root}"
+                raise ValueError(f"image {name!r} not found{where}")
+        return [(name, self.image_root / name) for name in names]
 
     def _header_size(self, path: Path, name: str) -> tuple[int, int]:
         """(h, w) as the processor will decode it (EXIF rotation per its setting), from the header only."""
@@ -478,12 +511,12 @@ class ConversationData:
         with open(self.path, "rb") as f:
             f.seek(start)
             data = self._parse(f.read(end - start))
-        image = self._image_file(data)
-        example = build_example(self.processor, data["conversations"], image, self.max_length)
+        images = [path for _, path in self._image_files(data)]
+        example = build_example(self.processor, data["conversations"], images, self.max_length)
         if len(example["input_ids"]) != self.lengths[row]:
             raise ValueError(f"{len(example['input_ids'])} tokens now but {self.lengths[row]} when the file was "
-                             f"checked (the image decodes to {example['image_size']}, not its header's size, or the "
-                             f"file changed)")
+                             f"checked (the images decode to {example['image_sizes']}, not their headers' sizes, "
+                             f"or the file changed)")
         return example
 
     # -- batches -----------------------------------------------------------------------------------
@@ -517,6 +550,7 @@ class ConversationData:
         epoch, step = divmod(int(index), len(self))
         rows = self.epoch_batches(epoch)[step]
         B, L, P = self.batch_size, self.bucket(int(self.lengths[rows].max())), self.config.geometry.max_tiles
+        slots = B * self.max_images
         pad = self.processor.pad_token_id
         if pad is None:
             pad = self.processor.tokenizer.token_to_id(self.processor.special_tokens.get("eos_token", "")) or 0
@@ -524,11 +558,11 @@ class ConversationData:
         attention_mask = np.zeros((B, L), dtype=np.int32)
         labels = np.full((B, L), IGNORE, dtype=np.int32)
         lines = np.full((B,), -1, dtype=np.int32)
-        image_sizes = np.zeros((B, 2), dtype=np.int32)
+        image_sizes = np.zeros((slots, 2), dtype=np.int32)
         pixel_values = None
         if self.has_images:
             S, C = self.config.vision.image_size, self.config.vision.num_channels
-            pixel_values = np.zeros((B, P, C, S, S), dtype=np.float32)
+            pixel_values = np.zeros((slots, P, C, S, S), dtype=np.float32)
         n_images = 0
         for slot, row in enumerate(rows):
             lines[slot] = self.lines[row]
@@ -539,14 +573,13 @@ class ConversationData:
                 continue
             T = len(example["input_ids"])
             input_ids[slot, :T], labels[slot, :T], attention_mask[slot, :T] = example["input_ids"], example["labels"], 1
-            if example["pixel_values"] is not None:
-                tiles = example["pixel_values"]
+            for tiles, size in zip(example["pixel_values"], example["image_sizes"]):   # placeholder order
                 pixel_values[n_images, :len(tiles)] = tiles
-                image_sizes[n_images] = example["image_size"]
+                image_sizes[n_images] = size
                 n_images += 1
         sizes = image_sizes[:n_images] if n_images else None
         sources = anyres.token_sources(input_ids, self.config.image_token_id, sizes, self.config.geometry, P,
-                                       image_slots=B)
+                                       image_slots=slots)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "sources": sources,
                 "pixel_values": pixel_values, "image_sizes": image_sizes, "lines": lines}
 

@@ -1,7 +1,7 @@
 """Fine-tuning from LLaVA conversations (JSONL, or LLaVA's JSON arrays), resumable after a kill, exported.
 
     python scripts/finetune.py --model DIR --data train.jsonl --output RUN_DIR [--image-root DIR]
-                               [--steps 1000] [--batch-size 4] [--accumulate 1] [--max-length 2048]
+                               [--steps 1000] [--batch-size 4] [--accumulate 1] [--max-length 2048] [--max-images 1]
                                [--learning-rate 2e-5] [--warmup-steps 30] [--weight-decay 0] [--max-grad-norm 1]
                                [--trainable projector+decoder] [--lora-rank 8 --lora-alpha 16 --lora-targets ...]
                                [--dtype float32|bfloat16] [--remat] [--mesh DATA,MODEL [--fsdp]]
@@ -13,7 +13,10 @@ all, lora (adapters on the decoder, `--lora-targets`), lora+projector. --dtype i
 the master weights and the optimizer state are float32 either way. --steps counts optimizer updates;
 with --accumulate N each update averages N micro-batches of --batch-size rows. --fsdp also splits the
 params and the optimizer state over the mesh's "data" axis (`sharding.spec_for`): a device holds
-1/(DATA x MODEL) of them instead of 1/MODEL. A run may be resumed with or without it.
+1/(DATA x MODEL) of them instead of 1/MODEL. A run may be resumed with or without it. --max-images N
+lets a data row hold up to N images (`"image": [...]`, one <image> per image); rows with more are skipped.
+Every batch then has batch-size x N image slots and the vision tower runs on all of them, so N
+multiplies its work: keep it at the most a row needs.
 
 RUN_DIR holds
     run.json           the settings of the run (a resume must use the same ones)
@@ -47,9 +50,10 @@ import time
 USAGE, INTERRUPTED = 2, 130
 # Settings that change the result: a resume must repeat them. (--steps, --save-every, --keep and the
 # export paths may change between runs.)
-RESUME_KEYS = ("model", "data", "image_root", "batch_size", "accumulate", "max_length", "learning_rate",
-               "warmup_steps", "weight_decay", "max_grad_norm", "trainable", "lora_rank", "lora_alpha",
-               "lora_targets", "dtype", "remat", "mesh", "seed")
+# A key missing from an older run's run.json reads as its flag's default: adding a key keeps old runs resumable.
+RESUME_KEYS = ("model", "data", "image_root", "batch_size", "accumulate", "max_length", "max_images",
+               "learning_rate", "warmup_steps", "weight_decay", "max_grad_norm", "trainable", "lora_rank",
+               "lora_alpha", "lora_targets", "dtype", "remat", "mesh", "seed")
 
 
 class UsageError(Exception):
@@ -68,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--accumulate", type=int, default=1, help="micro-batches per update")
     p.add_argument("--max-length", type=int, default=2048, help="tokens per row after image expansion")
+    p.add_argument("--max-images", type=int, default=1,
+                   help="images a row may hold (rows with more are skipped); the vision tower runs on "
+                        "batch-size x N image slots a batch")
     p.add_argument("--learning-rate", type=float, default=2e-5)
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -96,7 +103,7 @@ def _settings(args) -> dict:
 
 
 def _check_flags(args) -> None:
-    for name in ("steps", "batch_size", "accumulate", "max_length", "save_every", "keep"):
+    for name in ("steps", "batch_size", "accumulate", "max_length", "max_images", "save_every", "keep"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
     for flag, path, want in (("--model", args.model, os.path.isdir), ("--data", args.data, os.path.isfile)):
@@ -138,7 +145,8 @@ class Run:
         processor = self.model.get_processor()
         try:
             self.data = data.ConversationData(args.data, processor, self.model.config, image_root=args.image_root,
-                                              max_length=args.max_length, batch_size=args.batch_size, seed=args.seed)
+                                              max_length=args.max_length, batch_size=args.batch_size, seed=args.seed,
+                                              max_images=args.max_images)
         except ValueError as e:
             raise UsageError(str(e)) from None
         with open(os.path.join(self.dir, "skipped.jsonl"), "w") as f:
@@ -172,7 +180,9 @@ class Run:
         if os.path.isfile(path):
             with open(path) as f:
                 saved = json.load(f)
-            changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+            parser = build_parser()
+            saved = {k: saved[k] if k in saved else parser.get_default(k) for k in settings}
+            changed = {k: (saved[k], v) for k, v in settings.items() if saved[k] != v}
             if changed:
                 described = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
                 raise UsageError(f"{self.dir} is a run with other settings ({described}); resume with the same "

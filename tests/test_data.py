@@ -131,10 +131,10 @@ def test_example_equals_hf_processor_and_labels_are_the_answers(pair, family):
     theirs = hf(images=[image], text=[text], return_tensors="np")
     np.testing.assert_array_equal(example["input_ids"], theirs["input_ids"][0])
     assert example["input_ids"].dtype == np.int32 and example["labels"].dtype == np.int32
-    assert example["image_size"] == (30, 70)
+    assert example["image_sizes"] == [(30, 70)] and len(example["pixel_values"]) == 1
     tiles = int(theirs["pixel_values"].shape[1])
-    np.testing.assert_allclose(example["pixel_values"], theirs["pixel_values"][0], atol=1e-5)
-    assert example["pixel_values"].shape[0] == tiles
+    np.testing.assert_allclose(example["pixel_values"][0], theirs["pixel_values"][0], atol=1e-5)
+    assert example["pixel_values"][0].shape[0] == tiles
 
     labels = example["labels"]
     learned = labels != IGNORE
@@ -153,7 +153,7 @@ def test_text_only_example(pair, family):
                             "about the city.<|im_end|>\n<|im_start|>assistant\n  It is big.  <|im_end|>\n"}[family]
     example = data.build_example(ours, conv)
     np.testing.assert_array_equal(example["input_ids"], hf(text=[text], return_tensors="np")["input_ids"][0])
-    assert example["image_size"] is None and example["pixel_values"] is None
+    assert example["image_sizes"] == [] and example["pixel_values"] == []
     end = {"mistral": "</s>", "chatml-qwen2": "<|im_end|>"}[family]
     assert [hf.tokenizer.decode(r) for r in labelled_runs(example["labels"])] == [conv[1]["value"] + end]  # verbatim
 
@@ -178,7 +178,6 @@ def test_too_long_says_how_long(pair):
     ([{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}, {"from": "human", "value": "c"}],
      r"turn 2: the conversation ends with a 'human' turn"),
     ([{"from": "human", "value": "a"}, {"from": "gpt", "value": "<image> b"}], r"turn 1 \(gpt\): <image> may only"),
-    ([{"from": "human", "value": "<image> <image>"}, {"from": "gpt", "value": "b"}], r"turn 0: a second <image>"),
     ([{"from": "human", "value": "a"}, {"from": "gpt", "value": " "}], r"turn 1 \(gpt\): empty answer"),
     ([{"from": "human", "text": "a"}], r"turn 0: expected an object with 'from' and 'value'"),
     ([{"from": "human", "value": 3}], r"turn 0 \(human\): 'value' must be a string, got int"),
@@ -192,10 +191,79 @@ def test_bad_conversations(conv, message):
 def test_placeholder_must_match_the_image(pair):
     ours, _ = pair("mistral")
     conv = [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "A."}]
-    with pytest.raises(ValueError, match="has an image but no <image> placeholder"):
-        data.build_example(ours, conv, np.zeros((9, 9, 3), np.uint8))
-    with pytest.raises(ValueError, match="holds <image> but the row has no image"):
+    image = np.zeros((9, 9, 3), np.uint8)
+    with pytest.raises(ValueError, match="^the row has 1 image but 0 <image> placeholders in its human turns; "
+                                         "each image needs one, in order$"):
+        data.build_example(ours, conv, image)
+    with pytest.raises(ValueError, match="^the row has 0 images but 1 <image> placeholder in"):
         data.build_example(ours, [{"from": "human", "value": "<image>What?"}, conv[1]])
+    two = [{"from": "human", "value": "<image>What?"}, {"from": "gpt", "value": "A."},
+           {"from": "human", "value": "And <image>?"}, {"from": "gpt", "value": "B."}]
+    with pytest.raises(ValueError, match="^the row has 3 images but 2 <image> placeholders in"):
+        data.build_example(ours, two, [image] * 3)
+    with pytest.raises(ValueError, match="^the row has 1 image but 2 <image> placeholders in"):
+        data.encode_conversation(ours, two, (9, 9))
+
+
+# Three images: two placeholders in the first human turn (mid-text), one at the end of the second.
+MULTI_CONVERSATION = [
+    {"from": "human", "value": "Image 1: <image> Image 2: <image> Which is wider?"},
+    {"from": "gpt", "value": "The first."},
+    {"from": "human", "value": "And this one? <image>"},
+    {"from": "gpt", "value": "Wider still."},
+]
+MULTI_ANSWERS = ["The first.", "Wider still."]
+MULTI_MESSAGES = [  # written by hand: each turn's image blocks first, in placeholder order
+    {"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                 {"type": "text", "text": "Image 1:  Image 2:  Which is wider?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "The first."}]},
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this one?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "Wider still."}]},
+]
+MULTI_TEXTS = {
+    "mistral": ("[INST] <image>\n<image>\nImage 1:  Image 2:  Which is wider? [/INST] The first.</s> "
+                "[INST] <image>\nAnd this one? [/INST] Wider still.</s> ", "</s>"),
+    "chatml-qwen2": ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\n<image>\n"
+                     "Image 1:  Image 2:  Which is wider?<|im_end|>\n<|im_start|>assistant\nThe first.<|im_end|>\n"
+                     "<|im_start|>user\n<image>\nAnd this one?<|im_end|>\n<|im_start|>assistant\nWider still."
+                     "<|im_end|>\n", "<|im_end|>"),
+}
+
+
+@pytest.mark.parametrize("family", list(MULTI_TEXTS))
+def test_multi_image_example_equals_hf_processor(pair, family):
+    """Images of three sizes with three token counts (52, 56, 42) and tile counts (3, 3, 4): our ids equal
+    HF's processor expanding each <image> of the text for the image in that position, so each image's
+    tokens are where HF puts them; each image's tiles equal HF's; labels are the answers."""
+    ours, hf = pair(family)
+    text, end = MULTI_TEXTS[family]
+    assert data.conversation_messages(MULTI_CONVERSATION) == MULTI_MESSAGES
+    assert hf.apply_chat_template(MULTI_MESSAGES, tokenize=False, chat_template=ours.chat_template) == text
+    assert data.training_text(ours, MULTI_MESSAGES)[0] == text
+
+    rng = np.random.default_rng(4)
+    sizes = [(30, 70), (90, 40), (20, 160)]
+    images = [rgb_image(rng, h, w) for h, w in sizes]
+    assert len({anyres.num_image_tokens(s, ours.geometry) for s in sizes}) == 3
+    example = data.build_example(ours, MULTI_CONVERSATION, images)
+    theirs = hf(images=images, text=[text], return_tensors="np")
+    np.testing.assert_array_equal(example["input_ids"], theirs["input_ids"][0])
+    swapped = data.build_example(ours, MULTI_CONVERSATION, [images[1], images[0], images[2]])["input_ids"]
+    assert not np.array_equal(swapped, example["input_ids"])   # the order is visible in the ids
+    assert example["image_sizes"] == sizes
+    np.testing.assert_array_equal(theirs["image_sizes"], sizes)
+    assert len(example["pixel_values"]) == 3
+    for i, tiles in enumerate(example["pixel_values"]):   # HF pads every image to the most tiles (4)
+        assert tiles.dtype == np.float32 and tiles.shape[0] == anyres.num_tiles(sizes[i], ours.geometry)
+        np.testing.assert_allclose(tiles, theirs["pixel_values"][i, :len(tiles)], atol=1e-5)
+        assert not theirs["pixel_values"][i, len(tiles):].any()
+
+    labels = example["labels"]
+    learned = labels != IGNORE
+    np.testing.assert_array_equal(labels[learned], example["input_ids"][learned])
+    assert [hf.tokenizer.decode(run) for run in labelled_runs(labels)] == [a + end for a in MULTI_ANSWERS]
+    ids, _ = data.encode_conversation(ours, MULTI_CONVERSATION, sizes)   # sizes alone give the same ids
+    np.testing.assert_array_equal(ids, example["input_ids"])
 
 
 # --- the loader ------------------------------------------------------------------------------------
@@ -351,15 +419,14 @@ def test_batches_right_padded_bucketed_every_row_once(pair, config, jsonl):
                     T = len(example["input_ids"])
                     np.testing.assert_array_equal(ids[row, :T], example["input_ids"])
                     np.testing.assert_array_equal(labels[row, :T], example["labels"])
-                    if image is not None:
-                        images.append(example)
+                    assert len(example["image_sizes"]) == (image is not None)
+                    images += zip(example["pixel_values"], example["image_sizes"])
                 # images fill the first slots in row order; sources as anyres gives them, newline after B*P tiles
-                for slot, example in enumerate(images):
-                    tiles = example["pixel_values"]
+                for slot, (tiles, size) in enumerate(images):
                     np.testing.assert_array_equal(batch["pixel_values"][slot, :len(tiles)], tiles)
-                    assert tuple(batch["image_sizes"][slot]) == example["image_size"]
+                    assert tuple(batch["image_sizes"][slot]) == size
                 assert not batch["pixel_values"][len(images):].any() and not batch["image_sizes"][len(images):].any()
-                sizes = [e["image_size"] for e in images]
+                sizes = [size for _, size in images]
                 expected = anyres.token_sources(ids, config.image_token_id, sizes or None, config.geometry, P)
                 expected[expected == len(images) * P * per_tile] = 3 * P * per_tile
                 np.testing.assert_array_equal(sources, expected)
@@ -441,6 +508,138 @@ def test_text_only_file_has_no_pixels(pair, config, models, tmp_path):
     assert not batch["image_sizes"].any() and batch["lines"].tolist() == [1, -1, -1]
     ours, theirs = our_loss(model, batch), hf_loss(hf, batch)
     assert abs(ours - theirs) <= 1e-5 * abs(theirs)
+
+
+def multi_image_rows(directory):
+    """Rows with 0, 1 and 2 images (a list of one, the same file twice, placeholders in one turn and in
+    two), a 3-image row, and bad image lists, their images saved in `directory`; and the bad rows'
+    expected reasons with max_images=2."""
+    rng = np.random.default_rng(9)
+    for name, (h, w) in {"a.png": (30, 70), "b.png": (90, 40), "c.png": (56, 56), "d.png": (20, 160)}.items():
+        rgb_image(rng, h, w).save(directory / name)
+    one_turn = [{"from": "human", "value": "<image>\n<image>\nWhich is wider?"}, {"from": "gpt", "value": "The first."}]
+    two_turns = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A tall one."},
+                 {"from": "human", "value": "And this? <image>"}, {"from": "gpt", "value": "A wide one."}]
+    three = [{"from": "human", "value": "<image><image><image>Three?"}, {"from": "gpt", "value": "Yes."}]
+    rows = [
+        {"image": ["a.png", "b.png"], "conversations": one_turn},                                # 1
+        {"conversations": turns(("Say hello.", "hello world"))},                                 # 2
+        {"image": ["c.png"], "conversations": turns(("Square?", "Yes."), image=True)},           # 3
+        {"image": ["a.png", "b.png", "c.png"], "conversations": three},                          # 4
+        {"image": "d.png", "conversations": turns(("Wide?", "Very wide."), image=True)},         # 5
+        {"image": ["b.png", "d.png"], "conversations": two_turns},                               # 6
+        {"image": ["a.png", "b.png"], "conversations": turns(("Both?", "No."), image=True)},    # 7
+        {"image": [], "conversations": turns(("None?", "No."))},                                 # 8
+        {"image": ["a.png", "gone.png"], "conversations": one_turn},                             # 9
+        {"conversations": turns(("Count.", "one two three four five"), ("More.", "1 2 3"))},     # 10
+        {"image": ["d.png", "d.png"], "conversations": one_turn},                                # 11
+    ]
+    skipped = [(4, "3 images > max_images 2"),
+               (7, "the row has 2 images but 1 <image> placeholder in its human turns; each image needs one, in order"),
+               (8, "'image' must be a file path string or a non-empty list of them, got []"),
+               (9, f"image 'gone.png' not found under {directory}")]
+    return rows, skipped
+
+
+def test_multi_image_rows_fill_image_slots_in_order(pair, config, tmp_path):
+    """max_images=2: B*2 image slots a batch; every batch's arrays equal its rows built one by one with
+    build_example (the HF-checked path), images in row order then placeholder order, zeros after, and
+    sources as anyres gives them for those images (newline after all B*2*P tiles)."""
+    ours, _ = pair("mistral")
+    rows, skipped = multi_image_rows(tmp_path)
+    path = tmp_path / "multi.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = data.ConversationData(path, ours, config, max_length=200, batch_size=3, sort_window=2, max_images=2)
+    assert [(s.line, s.reason) for s in loaded.skipped] == skipped
+    assert loaded.lines.tolist() == [1, 2, 3, 5, 6, 10, 11] and len(loaded) == 3
+    P, per_tile, slots = config.geometry.max_tiles, config.geometry.patches_per_side ** 2, 3 * 2
+    counts = set()
+    for epoch in range(2):
+        seen = []
+        for index in range(epoch * len(loaded), (epoch + 1) * len(loaded)):
+            batch = loaded.batch(index)
+            ids, labels = batch["input_ids"], batch["labels"]
+            assert batch["pixel_values"].shape == (slots, P, 3, 56, 56) and batch["image_sizes"].shape == (slots, 2)
+            images = []
+            for row, line in enumerate(batch["lines"]):
+                if line < 0:
+                    assert not batch["attention_mask"][row].any()
+                    continue
+                seen.append(int(line))
+                names = rows[line - 1].get("image", [])
+                names = [names] if isinstance(names, str) else names
+                example = data.build_example(ours, rows[line - 1]["conversations"], [tmp_path / n for n in names])
+                T = len(example["input_ids"])
+                assert batch["attention_mask"][row].sum() == T
+                np.testing.assert_array_equal(ids[row, :T], example["input_ids"])
+                np.testing.assert_array_equal(labels[row, :T], example["labels"])
+                assert len(example["image_sizes"]) == len(names)
+                images += zip(example["pixel_values"], example["image_sizes"])
+            counts.add(len(images))
+            for slot, (tiles, size) in enumerate(images):
+                np.testing.assert_array_equal(batch["pixel_values"][slot, :len(tiles)], tiles)
+                assert not batch["pixel_values"][slot, len(tiles):].any()
+                assert tuple(batch["image_sizes"][slot]) == size
+            assert not batch["pixel_values"][len(images):].any() and not batch["image_sizes"][len(images):].any()
+            expected = anyres.token_sources(ids, config.image_token_id, [s for _, s in images] or None,
+                                            config.geometry, P)
+            expected[expected == len(images) * P * per_tile] = slots * P * per_tile
+            np.testing.assert_array_equal(batch["sources"], expected)
+        assert sorted(seen) == loaded.lines.tolist()
+    assert max(counts) > 3   # some batch holds more images than rows
+
+    three = data.ConversationData(path, ours, config, max_length=200, batch_size=3, max_images=3)
+    assert [s.line for s in three.skipped] == [7, 8, 9]   # the 3-image row fits max_images=3
+    assert three.batch(0)["pixel_values"].shape[0] == 9
+    with pytest.raises(ValueError, match="max_images must be an int >= 1; got 0"):
+        data.ConversationData(path, ours, config, max_images=0)
+
+
+def test_multi_image_batch_loss_equals_hf(pair, config, models, tmp_path):
+    """A 2-image row: HF's processor gives the ids and pixels our loader gives, and HF's loss on its own
+    inputs (with our labels, checked above to be the answers) equals ours on the loader's batch; then a
+    batch of 2-, 1- and 0-image rows (3 of 6 slots real) equals HF's loss on the same arrays."""
+    hf, model = models
+    ours, hf_processor = pair("mistral")
+    rng = np.random.default_rng(6)
+    images = {"w.png": rgb_image(rng, 30, 70), "t.png": rgb_image(rng, 90, 40), "s.png": rgb_image(rng, 20, 160)}
+    for name, image in images.items():
+        image.save(tmp_path / name)
+    rows = [{"image": ["w.png", "t.png"], "conversations": [{"from": "human", "value": "<image>\n<image>\nWhich is "
+                                                                                        "wider?"},
+                                                             {"from": "gpt", "value": "The first one."}]},
+            {"image": "s.png", "conversations": turns(("Wide?", "Very wide."), image=True)},
+            {"conversations": turns(("Say hello.", "hello world"))}]
+    path = tmp_path / "multi.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = dict(max_length=256, max_images=2, shuffle=False, sort_window=1, length_buckets=[256])
+
+    batch = data.ConversationData(path, ours, config, batch_size=1, **settings).batch(0)
+    assert batch["lines"].tolist() == [1]
+    text = "[INST] <image>\n<image>\nWhich is wider? [/INST] The first one.</s> "
+    theirs = hf_processor(images=[images["w.png"], images["t.png"]], text=[text], return_tensors="np")
+    T = theirs["input_ids"].shape[1]
+    np.testing.assert_array_equal(batch["input_ids"][0, :T], theirs["input_ids"][0])
+    assert batch["attention_mask"].sum() == T and batch["image_sizes"].tolist() == [[30, 70], [90, 40]]
+    for i in range(2):
+        tiles = anyres.num_tiles(tuple(batch["image_sizes"][i]), config.geometry)
+        np.testing.assert_allclose(batch["pixel_values"][i, :tiles], theirs["pixel_values"][i, :tiles], atol=1e-5)
+    labels = batch["labels"][:, :T]
+    assert [hf_processor.tokenizer.decode(r) for r in labelled_runs(labels[0])] == ["The first one.</s>"]
+    with torch.no_grad():
+        reference = hf(input_ids=torch.from_numpy(theirs["input_ids"].astype(np.int64)),
+                       attention_mask=torch.from_numpy(theirs["attention_mask"].astype(np.int64)),
+                       pixel_values=torch.from_numpy(theirs["pixel_values"]),
+                       image_sizes=torch.from_numpy(theirs["image_sizes"].astype(np.int64)),
+                       labels=torch.from_numpy(labels.astype(np.int64))).loss.item()
+    ours_loss = our_loss(model, batch)
+    assert abs(ours_loss - reference) <= 1e-5 * abs(reference), (ours_loss, reference)
+
+    mixed = data.ConversationData(path, ours, config, batch_size=3, **settings).batch(0)
+    assert mixed["lines"].tolist() == [3, 2, 1] and mixed["pixel_values"].shape[0] == 6   # sorted by length
+    assert mixed["image_sizes"].tolist() == [[20, 160], [30, 70], [90, 40], [0, 0], [0, 0], [0, 0]]
+    ours_loss, reference = our_loss(model, mixed), hf_loss(hf, mixed)
+    assert abs(ours_loss - reference) <= 1e-5 * abs(reference), (ours_loss, reference)
 
 
 def test_loader_setting_errors(pair, config, jsonl, tmp_path):

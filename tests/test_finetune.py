@@ -100,6 +100,28 @@ def test_resume_with_other_settings_is_refused(demo_dir, dataset, tmp_path):
     assert "--batch-size must be >= 1" in messages[-1]
 
 
+def test_run_json_without_a_newer_key_resumes_with_its_default(tmp_path):
+    """A run.json written before --max-images existed lacks the key: it reads as the default (1), so the run
+    resumes with the same flags and is refused with another value. (Only the settings check runs here.)"""
+    out = tmp_path / "run"
+    out.mkdir()
+    argv = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.jsonl"), "--output", str(out)]
+    old = finetune._settings(finetune.build_parser().parse_args(argv))
+    del old["max_images"]
+    (out / "run.json").write_text(json.dumps(old))
+
+    def check(*extra):
+        run = finetune.Run.__new__(finetune.Run)   # no model or data: only _check_resume_settings
+        run.args, run.dir = finetune.build_parser().parse_args(argv + list(extra)), str(out)
+        run._check_resume_settings()
+
+    check()
+    check("--max-images", "1")
+    with pytest.raises(finetune.UsageError, match="max_images: 1 then, 2 now"):
+        check("--max-images", "2")
+    assert json.loads((out / "run.json").read_text()) == old   # left as it was
+
+
 def test_lora_run_exports_for_llavanext_and_transformers(demo_dir, dataset, tmp_path):
     import torch
     from transformers import LlavaNextForConditionalGeneration
