@@ -149,7 +149,7 @@ def ours(model, inputs, new_tokens):
     def decode(state):
         logits, cache, kv_valid = state
         return jax.block_until_ready(generate.decode_program(model.params, model.config, logits, cache, kv_valid,
-                                                             options, args["dtype"], new_bucket)[0])
+                                                             options, args["dtype"], new_bucket)[0]["tokens"])
 
     def decode_rate():
         state = prefill()

@@ -37,8 +37,10 @@ from generate_vs_hf import copy_bandwidth, decode_step_bytes, hf_config, seconds
 def greedy_only(logits, keys, do_sample, temperature, top_k, top_p):
     """`generate.select_tokens` without the sampling branch (its `lax.cond`): what a greedy-only program
     would run."""
+    import jax
     import jax.numpy as jnp
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return tokens, jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
 
 
 VARIANTS = {  # overrides of `decoder` / `generate` module names, read when the decode program is traced

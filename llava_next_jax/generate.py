@@ -65,14 +65,24 @@ def _top_p_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
     return jnp.where((top_p < 1.0) & remove, -jnp.inf, logits)
 
 
-def select_tokens(logits: jax.Array, keys: jax.Array, do_sample, temperature, top_k, top_p) -> jax.Array:
-    """Next tokens `[B]` from float32 logits `[B, V]`: argmax, or temperature -> top-k -> top-p -> sample."""
+def select_tokens(logits: jax.Array, keys: jax.Array, do_sample, temperature, top_k, top_p):
+    """(next tokens `[B]` int32, their log-probabilities `[B]` float32) from float32 logits `[B, V]`:
+    argmax, or temperature -> top-k -> top-p -> sample. A log-probability is under the distribution the
+    token was chosen from (the filtered one when sampling), as HF's `compute_transition_scores(...,
+    normalize_logits=True)` gives it."""
+    def chosen(logits, tokens):
+        return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
+
     def sample(logits):
         logits = logits / jnp.maximum(temperature, 1e-6)
         logits = _top_p_filter(_top_k_filter(logits, top_k), top_p)
-        return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+        tokens = jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+        return tokens, chosen(logits, tokens)
 
-    greedy = lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    def greedy(logits):
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return tokens, chosen(logits, tokens)
+
     return jax.lax.cond(do_sample & (temperature > 0), sample, greedy, logits)
 
 
@@ -122,11 +132,11 @@ def prefill_program(params, config: LlavaNextConfig, input_ids, pixel_values, so
 
 
 def start_state(logits, pad_id, new_bucket: int) -> dict[str, jax.Array]:
-    """The decode loop's state before its first step: step 0, no tokens yet (all pad), the prefill's
-    last-slot logits `[B, V]`, no row done."""
+    """The decode loop's state before its first step: step 0, no tokens yet (all pad, log-probabilities
+    0), the prefill's last-slot logits `[B, V]`, no row done."""
     B = logits.shape[0]
-    return {"step": jnp.int32(0), "tokens": jnp.full((B, new_bucket), pad_id, jnp.int32), "logits": logits,
-            "done": jnp.zeros((B,), bool)}
+    return {"step": jnp.int32(0), "tokens": jnp.full((B, new_bucket), pad_id, jnp.int32),
+            "logprobs": jnp.zeros((B, new_bucket), jnp.float32), "logits": logits, "done": jnp.zeros((B,), bool)}
 
 
 def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options: dict[str, jax.Array], dtype,
@@ -141,34 +151,34 @@ def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options
     stop_ids = options["stop_ids"]
     last = jnp.minimum(stop_at, options["max_new_tokens"])
 
-    def cond(state):
-        step, _, _, _, done = state
-        return (step < last) & ~jnp.all(done)
+    def cond(carry):
+        state, _ = carry
+        return (state["step"] < last) & ~jnp.all(state["done"])
 
-    def body(state):
-        step, tokens, logits, cache, done = state
+    def body(carry):
+        state, cache = carry
+        step, logits, done = state["step"], state["logits"], state["done"]
         too_early = step < options["min_new_tokens"]
         is_stop_id = (jnp.arange(logits.shape[-1])[:, None] == stop_ids[None, :]).any(-1)
         logits = jnp.where(too_early & is_stop_id, -jnp.inf, logits)
         keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
-        token = select_tokens(logits, keys, options["do_sample"], options["temperature"], options["top_k"],
-                              options["top_p"])
-        token = jnp.where(done, options["pad_id"], token)
-        tokens = tokens.at[:, step].set(token)
-        done = done | (token[:, None] == stop_ids[None, :]).any(-1)
+        token, logprob = select_tokens(logits, keys, options["do_sample"], options["temperature"], options["top_k"],
+                                       options["top_p"])
+        token, logprob = jnp.where(done, options["pad_id"], token), jnp.where(done, 0.0, logprob)
         logits, cache = decode_step(params, config, token, next_position + step, T + step, kv_valid, cache, dtype)
-        return step + 1, tokens, logits, cache, done
+        return {"step": step + 1, "tokens": state["tokens"].at[:, step].set(token),
+                "logprobs": state["logprobs"].at[:, step].set(logprob), "logits": logits,
+                "done": done | (token[:, None] == stop_ids[None, :]).any(-1)}, cache
 
-    carry = (state["step"], state["tokens"], state["logits"], cache, state["done"])
-    step, tokens, logits, cache, done = jax.lax.while_loop(cond, body, carry)
-    return {"step": step, "tokens": tokens, "logits": logits, "done": done}, cache
+    return jax.lax.while_loop(cond, body, (state, cache))
 
 
 @partial(xla_cpu.jit, cpu_options=xla_cpu.DECODE, static_argnames=("config", "dtype", "new_bucket"),
          donate_argnames=("cache",))
 def decode_program(params, config: LlavaNextConfig, logits, cache, kv_valid, options: dict[str, jax.Array], dtype,
                    new_bucket: int):
-    """The compiled decode loop, one `lax.while_loop`; returns (new tokens `[B, new_bucket]`, cache).
+    """The compiled decode loop, one `lax.while_loop`; returns (state, cache): state["tokens"] the new
+    tokens `[B, new_bucket]`, state["logprobs"] theirs (`select_tokens`; 0 after a row stopped).
 
     logits `[B, V]`: the prefill's last slot. The cache (donated, updated in place) has
     `T + new_bucket` slots, the prompt in the first T. options (all traced, so changing them
@@ -177,9 +187,8 @@ def decode_program(params, config: LlavaNextConfig, logits, cache, kv_valid, opt
     with `fold_in(key(seeds[r]), row_streams[r])`, then the step.
     """
     state = start_state(logits, options["pad_id"], new_bucket)
-    state, cache = decode_loop(params, config, state, cache, kv_valid, options, dtype, new_bucket,
-                               options["max_new_tokens"])
-    return state["tokens"], cache  # returning the cache lets XLA reuse the donated buffers in place
+    # returning the cache lets XLA reuse the donated buffers in place
+    return decode_loop(params, config, state, cache, kv_valid, options, dtype, new_bucket, options["max_new_tokens"])
 
 
 start_program = jax.jit(start_state, static_argnames=("new_bucket",))
@@ -197,19 +206,21 @@ def decode_chunk_program(params, config: LlavaNextConfig, state, cache, kv_valid
 
 
 def generate_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask,
-                    options: dict[str, jax.Array], dtype, new_bucket: int) -> jax.Array:
-    """Prefill then decode: new tokens `[B, new_bucket]` (pad after a row stops). Two compiled programs."""
+                    options: dict[str, jax.Array], dtype, new_bucket: int) -> tuple[jax.Array, jax.Array]:
+    """Prefill then decode: (new tokens `[B, new_bucket]`, pad after a row stops; their log-probabilities,
+    0 after a row stops). Two compiled programs."""
     logits, cache, kv_valid = prefill_program(params, config, input_ids, pixel_values, sources, attention_mask,
                                               dtype, input_ids.shape[1] + new_bucket)
-    return decode_program(params, config, logits, cache, kv_valid, options, dtype, new_bucket)[0]
+    state, _ = decode_program(params, config, logits, cache, kv_valid, options, dtype, new_bucket)
+    return state["tokens"], state["logprobs"]
 
 
 def stream_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask,
                   options: dict[str, jax.Array], dtype, new_bucket: int, chunk: int = 1, fetch=np.asarray):
-    """`generate_tokens` as it goes: yields new tokens `[B, n]` every `chunk` steps (n <= chunk; pad
-    after a row's stop id) until every row is done or max_new_tokens is reached. Concatenated, they are
-    `generate_tokens`' tokens up to that step. fetch: device array -> numpy (`distributed.fetch` on a
-    multi-process mesh)."""
+    """`generate_tokens` as it goes: yields (new tokens `[B, n]`, their log-probabilities `[B, n]`) every
+    `chunk` steps (n <= chunk; pad after a row's stop id) until every row is done or max_new_tokens is
+    reached. Concatenated, they are `generate_tokens`' up to that step. fetch: device array -> numpy
+    (`distributed.fetch` on a multi-process mesh)."""
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
     logits, cache, kv_valid = prefill_program(params, config, input_ids, pixel_values, sources, attention_mask,
@@ -221,7 +232,7 @@ def stream_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sour
         state, cache = decode_chunk_program(params, config, state, cache, kv_valid, options, dtype, new_bucket,
                                             np.int32(stop_at))
         step = int(fetch(state["step"]))
-        yield fetch(state["tokens"])[:, yielded:step]
+        yield fetch(state["tokens"])[:, yielded:step], fetch(state["logprobs"])[:, yielded:step]
         if fetch(state["done"]).all():   # every row has stopped
             return
         yielded = step

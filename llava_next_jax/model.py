@@ -166,8 +166,11 @@ class LlavaNext:
 
     def generate(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, max_new_tokens=32,
                  min_new_tokens=0, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=0,
-                 eos_token_id=None, pad_token_id=None) -> np.ndarray:
-        """New tokens `[B, max_new_tokens]` (int32); after a row emits a stop id, the pad id.
+                 eos_token_id=None, pad_token_id=None, return_logprobs=False):
+        """New tokens `[B, max_new_tokens]` (int32); after a row emits a stop id, the pad id. With
+        `return_logprobs`, (tokens, logprobs): float32 `[B, max_new_tokens]`, each token's log-probability
+        under the distribution it was chosen from (temperature, top-k and top-p applied when sampling;
+        HF's `compute_transition_scores(..., normalize_logits=True)`), 0 after a row stopped.
 
         Inputs as in `forward` (left padding expected; right-padded rows are moved left). Greedy unless
         `do_sample`; sampling applies temperature, then top_k (0 = off), then top_p (1.0 = off). `seed`:
@@ -183,13 +186,16 @@ class LlavaNext:
         args = self.generation_inputs(input_ids, pixel_values, image_sizes, attention_mask, max_new_tokens,
                                       min_new_tokens, do_sample, temperature, top_k, top_p, seed, eos_token_id,
                                       pad_token_id)
-        return distributed.fetch(generate.generate_tokens(self.params, self.config, **args))[:, :max_new_tokens]
+        tokens, logprobs = (distributed.fetch(a)[:, :max_new_tokens]
+                            for a in generate.generate_tokens(self.params, self.config, **args))
+        return (tokens, logprobs) if return_logprobs else tokens
 
     def generate_stream(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
-                        max_new_tokens=32, chunk: int = 1, **generation) -> Iterator[np.ndarray]:
+                        max_new_tokens=32, chunk: int = 1, return_logprobs=False, **generation) -> Iterator:
         """`generate` as it goes: yields the new tokens `[B, n]` (int32, n <= chunk) of every `chunk`
         decode steps, until every row has stopped or max_new_tokens is reached. Concatenated along
         axis 1 they are `generate`'s tokens (which pads the steps after the last row stopped).
+        return_logprobs: yields (tokens, logprobs) pairs instead, as `generate` returns them.
 
         Arguments as `generate` (**generation: min_new_tokens, do_sample, temperature, top_k, top_p,
         seed, eos_token_id, pad_token_id). Between chunks the loop returns to Python, which costs
@@ -198,7 +204,9 @@ class LlavaNext:
         """
         args = self.generation_inputs(input_ids, pixel_values, image_sizes, attention_mask, max_new_tokens,
                                       **generation)
-        yield from generate.stream_tokens(self.params, self.config, **args, chunk=chunk, fetch=distributed.fetch)
+        for tokens, logprobs in generate.stream_tokens(self.params, self.config, **args, chunk=chunk,
+                                                       fetch=distributed.fetch):
+            yield (tokens, logprobs) if return_logprobs else tokens
 
     def generation_inputs(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
                           max_new_tokens=32, min_new_tokens=0, do_sample=False, temperature=1.0, top_k=0,

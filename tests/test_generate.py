@@ -44,6 +44,43 @@ def test_greedy_equals_hf_and_stops_like_hf(family):
                                                  pad_token_id=0), ref)
 
 
+def test_logprobs_equal_hf_scores(family):
+    """Greedy: HF's `compute_transition_scores(normalize_logits=True)` (min_new_tokens and stop ids in
+    play). Sampled: the log-probability of each drawn token under HF's warpers (temperature, top-k,
+    top-p) applied to HF's logits for the prompt plus our tokens."""
+    hf, model = family
+    batch = tm.make_batch(hf.config, ROWS, seed=5)
+    T = batch["input_ids"].shape[1]
+    first = hf_generate(hf, batch, eos_token_id=[])
+    stops = [int(first[0, 4]), int(first[1, 7])]
+    args = {k: torch.from_numpy(v) for k, v in batch.items()}
+    with torch.no_grad():
+        out = hf.generate(**args, do_sample=False, max_new_tokens=NEW, pad_token_id=0, eos_token_id=stops,
+                          min_new_tokens=3, output_scores=True, return_dict_in_generate=True)
+        theirs = hf.compute_transition_scores(out.sequences, out.scores, normalize_logits=True).numpy()
+    tokens, logprobs = model.generate(**batch, max_new_tokens=NEW, eos_token_id=stops, min_new_tokens=3,
+                                      pad_token_id=0, return_logprobs=True)
+    n = theirs.shape[1]
+    np.testing.assert_array_equal(tokens[:, :n], out.sequences[:, T:].numpy())
+    stopped = np.cumsum(np.isin(tokens, stops), axis=1) - np.isin(tokens, stops) > 0   # steps after a stop id
+    np.testing.assert_allclose(logprobs[:, :n][~stopped[:, :n]], theirs[~stopped[:, :n]], rtol=1e-4, atol=1e-4)
+    assert (logprobs[stopped] == 0).all() and stopped.any()
+
+    warp = dict(temperature=0.7, top_k=5, top_p=0.9)
+    tokens, logprobs = model.generate(**batch, max_new_tokens=NEW, eos_token_id=[], do_sample=True, seed=4,
+                                      return_logprobs=True, **warp)
+    mask = np.concatenate([batch["attention_mask"], np.ones_like(tokens)], axis=1)
+    with torch.no_grad():
+        logits = hf(input_ids=torch.from_numpy(np.concatenate([batch["input_ids"], tokens], axis=1)),
+                    attention_mask=torch.from_numpy(mask),
+                    position_ids=torch.from_numpy(np.clip(np.cumsum(mask, axis=1) - 1, 0, None)),
+                    pixel_values=args["pixel_values"], image_sizes=args["image_sizes"]).logits[:, T - 1:-1]
+    probs = _hf_filtered(logits.reshape(-1, logits.shape[-1]).numpy(), warp["top_k"], warp["top_p"],
+                         warp["temperature"])
+    expected = np.log(probs[np.arange(tokens.size), tokens.reshape(-1)]).reshape(tokens.shape)
+    np.testing.assert_allclose(logprobs, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_stream_equals_hf_and_generate(family):
     """Streamed chunks, joined, are HF's greedy tokens (stopping rows included) and generate's sampled
     ones; the stream ends when every row has stopped; another chunk size compiles nothing."""
@@ -132,7 +169,10 @@ def test_sampling_frequencies_match_reference_distribution(top_k, top_p, tempera
     expected = _hf_filtered(logits, top_k, top_p, temperature)
     draws = 40000
     keys = jax.random.split(jax.random.key(0), draws * 2).reshape(draws, 2)
-    tokens = np.asarray(jax.jit(jax.vmap(lambda k: select_tokens(logits, k, True, temperature, top_k, top_p)))(keys))
+    tokens, logprobs = map(np.asarray, jax.jit(jax.vmap(
+        lambda k: select_tokens(logits, k, True, temperature, top_k, top_p)))(keys))
+    # each draw's log-probability is that of its token under the filtered distribution
+    np.testing.assert_allclose(np.exp(logprobs[:, 1]), expected[1][tokens[:, 1]], rtol=1e-5)
     for row in range(2):
         counts = np.bincount(tokens[:, row], minlength=12) / draws
         assert set(np.flatnonzero(counts)) <= set(np.flatnonzero(expected[row] > 0))

@@ -32,9 +32,9 @@ SCRIPT = textwrap.dedent("""
         logits, cache, kv_valid = generate.prefill_program(model.params, model.config, ids, args["pixel_values"],
                                                            args["sources"], args["attention_mask"], dtype,
                                                            ids.shape[1] + new_bucket)
-        tokens, cache = generate.decode_program(model.params, model.config, logits, cache, kv_valid,
-                                                args["options"], dtype, new_bucket)
-        return np.asarray(tokens)[:, :12], cache, kv_valid.shape
+        state, cache = generate.decode_program(model.params, model.config, logits, cache, kv_valid,
+                                               args["options"], dtype, new_bucket)
+        return np.asarray(state["tokens"])[:, :12], cache, kv_valid.shape
 
     def check_memory(model, mesh, batch):  # devices hold what sharding.memory_per_device says
         tokens, cache, (B, S) = generate_keeping_cache(model, batch)
