@@ -10,7 +10,7 @@ roofline (bytes a step reads over the bandwidth of a jitted elementwise pass mea
 
 --variants: decode with the `decoder` / `generate` module names of `VARIANTS` (read when the program
 is traced), one after another in this process; rows1 is XLA's one-row products, rows2 the default;
-greedy the loop without its sampling branch.
+greedy the loop without its sampling branch, nologprobs without the tokens' log-probabilities.
 --micro: the step's parts alone: one-row to eight-row products of each weight shape (GB/s of
 weights, each call's dispatch included: compare rows with rows, not with the loop), and one layer's
 decode attention over the cache. --profile: a trace (Perfetto JSON) of 16 decode steps, copied to
@@ -43,11 +43,28 @@ def greedy_only(logits, keys, do_sample, temperature, top_k, top_p):
     return tokens, jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
 
 
+def without_logprobs(logits, keys, do_sample, temperature, top_k, top_p):
+    """`generate.select_tokens` without the chosen tokens' log-probabilities (zeros instead): what
+    keeping them costs."""
+    import jax
+    import jax.numpy as jnp
+    from llava_next_jax import generate
+
+    def sample(logits):
+        logits = logits / jnp.maximum(temperature, 1e-6)
+        logits = generate._top_p_filter(generate._top_k_filter(logits, top_k), top_p)
+        return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+    tokens = jax.lax.cond(do_sample & (temperature > 0), sample,
+                          lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32), logits)
+    return tokens, jnp.zeros(tokens.shape, jnp.float32)
+
+
 VARIANTS = {  # overrides of `decoder` / `generate` module names, read when the decode program is traced
     "rows1": {"decoder.GPU_MIN_ROWS": 1},
     "rows2": {"decoder.GPU_MIN_ROWS": 2},
     "rows4": {"decoder.GPU_MIN_ROWS": 4},
     "greedy": {"generate.select_tokens": greedy_only},
+    "nologprobs": {"generate.select_tokens": without_logprobs},
 }
 
 
