@@ -271,6 +271,7 @@ class LlavaNext:
         ValueError from the processor for an unreadable image (nothing is captioned then).
         """
         from .prompting import DEFAULT_CAPTION_PROMPT, chat_prompt, decode_new_tokens
+        _text_only(generation, "caption")
         if isinstance(images, np.ndarray) and images.ndim == 4:
             images = list(images)
         elif not isinstance(images, (list, tuple)):
@@ -303,6 +304,7 @@ class LlavaNext:
             that `a1 = chat(img, q1)` started. processor, max_new_tokens, **generation: as `caption`.
         """
         from .prompting import chat_prompt, decode_new_tokens
+        _text_only(generation, "chat")
         proc = self.get_processor(processor)
         text, add_special = chat_prompt(proc, question, history)
         inputs = proc(images=[image], text=[text], add_special_tokens=add_special)
@@ -318,6 +320,7 @@ class LlavaNext:
         `chunk` (default 1) sets how many tokens are decoded between pieces (`generate_stream`).
         """
         from .prompting import chat_prompt, decode_new_tokens
+        _text_only(generation, "chat_stream")
         proc = self.get_processor(processor)
         text, add_special = chat_prompt(proc, question, history)
         inputs = proc(images=[image], text=[text], add_special_tokens=add_special)
@@ -334,6 +337,13 @@ class LlavaNext:
             raise RuntimeError(f"streamed {sent!r}, but the whole answer decodes to {answer!r}")
         if len(answer) > len(sent):
             yield answer[len(sent):]
+
+
+def _text_only(generation: dict, call: str) -> None:
+    """The string-returning calls take `generate`'s sampling settings, not its output options."""
+    if "return_logprobs" in generation:
+        raise TypeError(f"{call} returns text; for log-probabilities call generate(..., return_logprobs=True) "
+                        f"with the processor's inputs")
 
 
 def _left_align(ids: np.ndarray, mask: np.ndarray, sources: np.ndarray):

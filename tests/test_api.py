@@ -134,6 +134,11 @@ def test_errors(model, demo_dir, images, processor):
         model.caption(images[:1], prompt="two <image> here", max_new_tokens=NEW)
     with pytest.raises(ValueError, match="batch_size"):
         model.caption(images[:1], batch_size=0)
+    for call in (lambda: model.chat(images[0], "hi", return_logprobs=True),
+                 lambda: next(model.chat_stream(images[0], "hi", return_logprobs=True)),
+                 lambda: model.caption(images[:1], return_logprobs=True)):
+        with pytest.raises(TypeError, match="return_logprobs=True"):
+            call()
     with pytest.raises(TypeError, match="question, answer"):
         model.chat(images[0], "hi", history=["not a pair"])
     with pytest.raises(TypeError, match="uint8"):
