@@ -86,8 +86,8 @@ SCRIPT = textwrap.dedent("""
         assert (check_memory(model, mesh, batch) == ref_tokens).all()
         check_memory(model, mesh, {k: v[:1] for k, v in batch.items()})
 
-    # Training: AdamW steps on a 2 x 4 mesh equal the single-device steps, and the params and the
-    # optimizer's moments stay split as the rules table says.
+    # Training: AdamW steps on a mesh equal the single-device steps, and the params and every moment of
+    # AdamW keep the params' layout through them.
     from llava_next_jax import train
     def train_two_steps(model):
         inputs = model.train_batch(**batch)
@@ -98,27 +98,8 @@ SCRIPT = textwrap.dedent("""
             losses.append(float(out["loss"]))
         return state, losses
     ref_state, ref_losses = train_two_steps(LlavaNext.from_pretrained(work + "/out"))
-    mesh = sharding.make_mesh(data=2, model=4)
-    model = LlavaNext.from_pretrained(work + "/out", mesh=mesh)
-    before = jax.tree.map(lambda a: a.sharding, model.params)
-    state, losses = train_two_steps(model)
-    assert np.allclose(losses, ref_losses, rtol=1e-5, atol=0), (losses, ref_losses)
-    param_diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-                     for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref_state["params"])))
-    assert param_diff <= 2e-5, param_diff
-    for a, sharding_before in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(before)):
-        assert a.sharding.is_equivalent_to(sharding_before, a.ndim), (a.sharding, sharding_before)
-    moments = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state["opt_state"])
-               if "['layers']['0']['mlp']['gate_proj']['kernel']" in jax.tree_util.keystr(path)}
-    assert len(moments) == 2, list(moments)  # AdamW's mu and nu
-    for leaf in moments.values():
-        assert leaf.sharding.shard_shape(leaf.shape) == (64, 96 // 4), leaf.sharding
-    print(f"train 2x4: losses {losses} vs {ref_losses}, max |delta params| {param_diff:.1e}, steps equal")
 
-    # FSDP: every weight also split over "data"; a device holds what memory_per_device(fsdp=True) says,
-    # less than without; forward and training steps equal the single device's; the params and every
-    # moment of AdamW keep the FSDP layout through the steps.
-    def check_layout(tree, shardings, what):
+    def check_layout(tree, shardings, what):   # each leaf laid out as the param whose path ends its own
         by_path = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
             key = jax.tree_util.keystr(path)
@@ -127,6 +108,27 @@ SCRIPT = textwrap.dedent("""
             if leaf.ndim:
                 assert leaf.sharding.is_equivalent_to(by_path[owners[0]], leaf.ndim), (
                     what, key, leaf.sharding.spec, by_path[owners[0]].spec)
+
+    def train_like_one_device(model):
+        layout = jax.tree.map(lambda a: a.sharding, model.params)
+        state, losses = train_two_steps(model)
+        assert np.allclose(losses, ref_losses, rtol=1e-5, atol=0), (losses, ref_losses)
+        param_diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                         for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref_state["params"])))
+        assert param_diff <= 2e-5, param_diff
+        check_layout(state["params"], layout, "params")
+        check_layout(state["opt_state"], layout, "optimizer state")
+        return state, param_diff
+
+    mesh = sharding.make_mesh(data=2, model=4)
+    state, param_diff = train_like_one_device(LlavaNext.from_pretrained(work + "/out", mesh=mesh))
+    moments = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state["opt_state"])
+               if "['layers']['0']['mlp']['gate_proj']['kernel']" in jax.tree_util.keystr(path)]
+    assert len(moments) == 2 and all(m.sharding.shard_shape(m.shape) == (64, 96 // 4) for m in moments)  # mu, nu
+    print(f"train 2x4: max |delta params| {param_diff:.1e}, steps equal")
+
+    # FSDP: every weight also split over "data"; a device holds what memory_per_device(fsdp=True) says,
+    # less than without; forward and training steps equal the single device's, in the FSDP layout.
     for data, model_axis in [(2, 4), (8, 1)]:
         mesh = sharding.make_mesh(data=data, model=model_axis)
         model = LlavaNext.from_pretrained(work + "/out", mesh=mesh, fsdp=True)
@@ -138,14 +140,7 @@ SCRIPT = textwrap.dedent("""
         logits = np.asarray(model.forward(**batch))
         diff = np.abs(logits - ref_logits)[batch["attention_mask"] == 1].max()
         assert diff <= 1e-5, (data, model_axis, diff)
-        layout = jax.tree.map(lambda a: a.sharding, model.params)
-        state, losses = train_two_steps(model)
-        assert np.allclose(losses, ref_losses, rtol=1e-5, atol=0), (losses, ref_losses)
-        param_diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-                         for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref_state["params"])))
-        assert param_diff <= 2e-5, param_diff
-        check_layout(state["params"], layout, "params")
-        check_layout(state["opt_state"], layout, "optimizer state")
+        _, param_diff = train_like_one_device(model)
         print(f"fsdp {data}x{model_axis}: {fsdp.weights} weight bytes on each device (without fsdp {plain.weights}), "
               f"max |delta logits| {diff:.1e}, |delta params| {param_diff:.1e}, fsdp steps equal")
 
