@@ -2,7 +2,7 @@
 
     python scripts/caption.py --images DIR_OR_FILES... --output captions.jsonl [--model DIR]
                               [--prompt TEXT] [--batch-size 8] [--max-new-tokens 64]
-                              [--do-sample --temperature T --top-k K --top-p P] [--seed N]
+                              [--do-sample --temperature T --top-k K --top-p P] [--seed N] [--scores]
                               [--process-index I --process-count N]
     python scripts/caption.py merge --output captions.jsonl [--process-count N]
     (also installed as `llava-next-caption`)
@@ -13,7 +13,9 @@ paths are relative to the list file). Without --model the built-in random-weight
 (meaningless captions; see llava_next_jax/demo.py).
 
 Output rows, `{"image": path, "caption": text}` or `{"image": path, "error": message}`, are appended
-and fsync'd batch by batch: a kill loses at most the batch in flight. Re-running with the same
+and fsync'd batch by batch (with --scores a caption row also holds "logprob", the sum of its generated
+tokens' log-probabilities, the stop token included, and "tokens", how many: for ranking or filtering
+captions by the model's confidence, e.g. by logprob / tokens): a kill loses at most the batch in flight. Re-running with the same
 --output resumes: a trailing partial line (killed mid-write) is cut off, inputs already recorded
 (caption or error) are skipped.
 
@@ -426,7 +428,7 @@ class Captioner:
     """Holds the model, processor and generation settings; `prepare` runs on the host, `caption` on the device."""
 
     def __init__(self, model, processor, prompt: str, max_new_tokens: int, do_sample=False, temperature=1.0,
-                 top_k=0, top_p=1.0, seed=0):
+                 top_k=0, top_p=1.0, seed=0, scores=False):
         self.model, self.processor = model, processor
         try:
             self.prompt, self.add_special_tokens = chat_prompt(processor, prompt)
@@ -434,7 +436,7 @@ class Captioner:
             raise UsageError(str(e).replace("in the prompt", "in --prompt")) from None
         self.gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                         top_p=top_p)
-        self.seed = seed
+        self.seed, self.scores = seed, scores
 
     def prepare(self, batch: list[Item]) -> Prepared:
         """Decodes and preprocesses a batch (thread-safe; runs ahead of the device)."""
@@ -473,10 +475,16 @@ class Captioner:
         if prepared.inputs is None:
             return rows
         seeds = np.array([image_seed(self.seed, it.path) for it in prepared.items], np.uint32)
-        tokens = self.model.generate(**prepared.inputs, **self.gen, seed=seeds)
+        tokens, logprobs = self.model.generate(**prepared.inputs, **self.gen, seed=seeds, return_logprobs=True)
         texts = decode_new_tokens(self.processor, tokens)
-        rows += [{"image": it.path, "caption": text} for it, text in zip(prepared.items, texts)]
-        return rows
+        found = [{"image": it.path, "caption": text} for it, text in zip(prepared.items, texts)]
+        if self.scores:   # the steps up to each row's first stop id, that one included
+            stop = np.isin(tokens, self.model.eos_token_ids)
+            generated = np.cumsum(stop, axis=1) - stop == 0
+            for row, row_logprobs, row_generated in zip(found, logprobs, generated):
+                row.update(logprob=round(float(row_logprobs[row_generated].sum()), 4),
+                           tokens=int(row_generated.sum()))
+        return rows + found
 
 
 def run(captioner: Captioner, batches: list[list[Item]], writer: RowWriter, progress) -> list[dict]:
@@ -528,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
     p.add_argument("--seed", type=int, default=0,
                    help="with --do-sample: each image's seed derives from this and its path")
+    p.add_argument("--scores", action="store_true",
+                   help="add each caption's summed token log-probability ('logprob') and token count ('tokens')")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="compute dtype (default: as stored)")
     p.add_argument("--process-index", type=int, default=None, metavar="I",
@@ -672,7 +682,7 @@ def main(argv=None) -> int:
         model, processor, model_dir = (None, None, args.model) if not pending else _load(args.model, args.dtype, log)
         if pending:
             captioner = Captioner(model, processor, args.prompt, args.max_new_tokens, args.do_sample,
-                                  args.temperature, args.top_k, args.top_p, args.seed)
+                                  args.temperature, args.top_k, args.top_p, args.seed, args.scores)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

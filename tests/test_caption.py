@@ -240,6 +240,41 @@ def test_sampling_is_reproducible_and_follows_the_seed(demo_dir, tmp_path):
     assert captions[0] != captions[2]
 
 
+def test_scores_are_the_captions_token_log_probabilities(demo_dir, tmp_path):
+    """--scores: each row's logprob and tokens are those of `generate(return_logprobs=True)` for its image
+    alone, over the tokens up to its stop id (the caption those tokens decode to)."""
+    from llava_next_jax import LlavaNext
+    from llava_next_jax.prompting import chat_prompt, decode_new_tokens
+    paths = write_images(tmp_path / "imgs", MIXED_SIZES[:3])
+    out = tmp_path / "scored.jsonl"
+    assert caption.main(["--model", demo_dir, "--images", *paths, "--output", str(out), "--batch-size", "3",
+                         "--max-new-tokens", "16", "--scores", "--no-progress"]) == 0
+    rows = load_jsonl(out)
+    model = LlavaNext.from_pretrained(demo_dir)
+    processor = model.get_processor()
+    prompt, add_special = chat_prompt(processor, caption.DEFAULT_PROMPT)
+    for row in rows:
+        inputs = processor(images=[row["image"]], text=[prompt], add_special_tokens=add_special)
+        tokens, logprobs = model.generate(**inputs, max_new_tokens=16, return_logprobs=True)
+        n = row["tokens"]
+        assert 1 <= n <= 16 and (n == 16 or tokens[0, n - 1] in model.eos_token_ids)
+        assert not np.isin(tokens[0, :n - 1], model.eos_token_ids).any()
+        assert decode_new_tokens(processor, tokens[:, :n])[0] == row["caption"]
+        assert abs(row["logprob"] - float(logprobs[0, :n].sum())) <= 1e-3, (row, logprobs[0, :n].sum())
+        assert row["logprob"] < 0
+    assert len(rows) == 3
+    # A stop id met mid-caption (the demo model never emits its eos): the score ends with that token.
+    captioner = caption.Captioner(model, processor, caption.DEFAULT_PROMPT, 16, scores=True)
+    batches, _ = caption.plan_batches([rows[0]["image"]], processor.geometry, 1)
+    inputs = processor(images=[rows[0]["image"]], text=[prompt], add_special_tokens=add_special)
+    tokens, logprobs = model.generate(**inputs, max_new_tokens=16, return_logprobs=True)
+    model.eos_token_ids = (int(tokens[0, 5]),)
+    n = int(np.argmax(tokens[0] == tokens[0, 5])) + 1
+    (row,) = captioner.caption(captioner.prepare(batches[0]))
+    assert row["tokens"] == n and abs(row["logprob"] - float(logprobs[0, :n].sum())) <= 1e-3, (row, n)
+    assert row["caption"] == decode_new_tokens(processor, tokens[:, :n])[0]
+
+
 # --- pieces, in process --------------------------------------------------------------------------
 
 def test_collect_inputs_lists_dirs_and_dedupes(tmp_path):
