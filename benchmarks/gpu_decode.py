@@ -31,6 +31,8 @@ import tempfile
 import time
 from collections import defaultdict
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from generate_vs_hf import copy_bandwidth, decode_step_bytes, hf_config, seconds  # noqa: E402
 
@@ -105,7 +107,8 @@ def decode_runner(params, config, batch, prompt, new_tokens, dtype):
     kv_valid = jnp.ones((batch, S), bool)
 
     def run(steps):
-        options = generate.options(batch, steps, 0, False, 1.0, 0, 1.0, 0, (), 0)
+        options = generate.options(batch, steps, 0, False, 1.0, 0, 1.0, 0, (), 0,
+                                   prompt_ids=np.zeros((batch, 1), np.int32), vocab_size=config.text.vocab_size)
         cache = jax.block_until_ready(fill(jax.random.key(steps)))
         start = time.perf_counter()
         jax.block_until_ready(generate.decode_program(params, config, logits, cache, kv_valid, options, dtype,

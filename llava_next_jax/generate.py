@@ -131,12 +131,19 @@ def prefill_program(params, config: LlavaNextConfig, input_ids, pixel_values, so
     return prefill(params, config, input_ids, pixel_values, sources, attention_mask, cache, dtype)
 
 
-def start_state(logits, pad_id, new_bucket: int) -> dict[str, jax.Array]:
+def start_state(logits, options: dict[str, jax.Array], new_bucket: int) -> dict[str, jax.Array]:
     """The decode loop's state before its first step: step 0, no tokens yet (all pad, log-probabilities
-    0), the prefill's last-slot logits `[B, V]`, no row done."""
+    0), the prefill's last-slot logits `[B, V]`, no row done, the prompts' tokens seen."""
     B = logits.shape[0]
-    return {"step": jnp.int32(0), "tokens": jnp.full((B, new_bucket), pad_id, jnp.int32),
-            "logprobs": jnp.zeros((B, new_bucket), jnp.float32), "logits": logits, "done": jnp.zeros((B,), bool)}
+    return {"step": jnp.int32(0), "tokens": jnp.full((B, new_bucket), options["pad_id"], jnp.int32),
+            "logprobs": jnp.zeros((B, new_bucket), jnp.float32), "logits": logits, "done": jnp.zeros((B,), bool),
+            "seen": jnp.asarray(options["seen"], bool)}
+
+
+def penalize_repeats(logits: jax.Array, seen: jax.Array, penalty) -> jax.Array:
+    """HF's repetition penalty: the logits of tokens already seen divided by `penalty` when positive,
+    multiplied when negative (1.0 changes nothing). `[B, V]`."""
+    return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
 def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options: dict[str, jax.Array], dtype,
@@ -157,7 +164,8 @@ def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options
 
     def body(carry):
         state, cache = carry
-        step, logits, done = state["step"], state["logits"], state["done"]
+        step, done = state["step"], state["done"]
+        logits = penalize_repeats(state["logits"], state["seen"], options["repetition_penalty"])
         too_early = step < options["min_new_tokens"]
         is_stop_id = (jnp.arange(logits.shape[-1])[:, None] == stop_ids[None, :]).any(-1)
         logits = jnp.where(too_early & is_stop_id, -jnp.inf, logits)
@@ -168,7 +176,8 @@ def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options
         logits, cache = decode_step(params, config, token, next_position + step, T + step, kv_valid, cache, dtype)
         return {"step": step + 1, "tokens": state["tokens"].at[:, step].set(token),
                 "logprobs": state["logprobs"].at[:, step].set(logprob), "logits": logits,
-                "done": done | (token[:, None] == stop_ids[None, :]).any(-1)}, cache
+                "done": done | (token[:, None] == stop_ids[None, :]).any(-1),
+                "seen": state["seen"].at[jnp.arange(B), token].set(True)}, cache
 
     return jax.lax.while_loop(cond, body, (state, cache))
 
@@ -183,10 +192,11 @@ def decode_program(params, config: LlavaNextConfig, logits, cache, kv_valid, opt
     logits `[B, V]`: the prefill's last slot. The cache (donated, updated in place) has
     `T + new_bucket` slots, the prompt in the first T. options (all traced, so changing them
     compiles nothing): max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
-    seeds `[B]`, row_streams `[B]`, stop_ids `[MAX_STOP_IDS]` (-1 = unused), pad_id. Row r samples
+    seeds `[B]`, row_streams `[B]`, stop_ids `[MAX_STOP_IDS]` (-1 = unused), pad_id,
+    repetition_penalty, seen `[B, V]` (`options`). Row r samples
     with `fold_in(key(seeds[r]), row_streams[r])`, then the step.
     """
-    state = start_state(logits, options["pad_id"], new_bucket)
+    state = start_state(logits, options, new_bucket)
     # returning the cache lets XLA reuse the donated buffers in place
     return decode_loop(params, config, state, cache, kv_valid, options, dtype, new_bucket, options["max_new_tokens"])
 
@@ -225,7 +235,7 @@ def stream_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sour
         raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
     logits, cache, kv_valid = prefill_program(params, config, input_ids, pixel_values, sources, attention_mask,
                                               dtype, input_ids.shape[1] + new_bucket)
-    state = start_program(logits, options["pad_id"], new_bucket)
+    state = start_program(logits, options, new_bucket)
     end, yielded = int(options["max_new_tokens"]), 0
     while yielded < end:
         stop_at = min(yielded + int(chunk), end)
@@ -253,8 +263,14 @@ def pad_prompt(input_ids: np.ndarray, attention_mask: np.ndarray, sources: np.nd
 
 
 def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
-            top_p: float, seed: Any, stop_ids: tuple[int, ...], pad_id: int) -> dict[str, np.ndarray]:
-    """The traced generation options, checked, as fixed-shape arrays."""
+            top_p: float, seed: Any, stop_ids: tuple[int, ...], pad_id: int, *, prompt_ids: np.ndarray,
+            vocab_size: int, prompt_mask: np.ndarray | None = None,
+            repetition_penalty: float = 1.0) -> dict[str, np.ndarray]:
+    """The traced generation options, checked, as fixed-shape arrays.
+
+    prompt_ids `[B, T]` and their attention mask: the prompts' tokens from each row's first real one on
+    (HF's repetition penalty leaves out a row's left padding) are marked in `seen [B, vocab_size]`,
+    the tokens `repetition_penalty` applies to (1.0: none)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
     if not 0 <= min_new_tokens <= max_new_tokens:
@@ -263,6 +279,15 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, t
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
     if len(stop_ids) > MAX_STOP_IDS:
         raise ValueError(f"at most {MAX_STOP_IDS} eos_token_id values; got {len(stop_ids)}")
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1.0: off); got {repetition_penalty}")
+    prompt_ids = np.asarray(prompt_ids)
+    if prompt_ids.ndim != 2 or prompt_ids.shape[0] != B or prompt_ids.size and not (
+            0 <= prompt_ids.min() and prompt_ids.max() < vocab_size):
+        raise ValueError(f"prompt_ids must be [{B}, T] token ids below {vocab_size}; got shape {prompt_ids.shape}")
+    started = np.ones(prompt_ids.shape, bool) if prompt_mask is None else np.cumsum(prompt_mask, axis=1) > 0
+    seen = np.zeros((B, vocab_size), bool)
+    seen[np.nonzero(started)[0], prompt_ids[started]] = True
     # One seed for the batch: row r draws from stream r. One seed per row: each row's draws depend on
     # its own seed alone, wherever it sits in the batch.
     per_row = np.ndim(seed) > 0
@@ -273,4 +298,5 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, t
     return dict(max_new_tokens=np.int32(max_new_tokens), min_new_tokens=np.int32(min_new_tokens),
                 do_sample=np.bool_(do_sample), temperature=np.float32(temperature), top_k=np.int32(top_k),
                 top_p=np.float32(top_p), seeds=seeds, row_streams=row_streams, pad_id=np.int32(pad_id),
-                stop_ids=np.array(list(stop_ids) + [-1] * (MAX_STOP_IDS - len(stop_ids)), np.int32))
+                stop_ids=np.array(list(stop_ids) + [-1] * (MAX_STOP_IDS - len(stop_ids)), np.int32),
+                repetition_penalty=np.float32(repetition_penalty), seen=seen)

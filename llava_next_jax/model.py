@@ -166,7 +166,7 @@ class LlavaNext:
 
     def generate(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, max_new_tokens=32,
                  min_new_tokens=0, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=0,
-                 eos_token_id=None, pad_token_id=None, return_logprobs=False):
+                 eos_token_id=None, pad_token_id=None, repetition_penalty=1.0, return_logprobs=False):
         """New tokens `[B, max_new_tokens]` (int32); after a row emits a stop id, the pad id. With
         `return_logprobs`, (tokens, logprobs): float32 `[B, max_new_tokens]`, each token's log-probability
         under the distribution it was chosen from (temperature, top-k and top-p applied when sampling;
@@ -176,7 +176,9 @@ class LlavaNext:
         `do_sample`; sampling applies temperature, then top_k (0 = off), then top_p (1.0 = off). `seed`:
         one int (row r's draws depend on (seed, r) only) or one per row (a row's draws depend on its own
         seed only, so it samples the same wherever it sits in a batch).
-        eos_token_id: int or list (default: the checkpoint's generation config).
+        eos_token_id: int or list (default: the checkpoint's generation config). repetition_penalty: HF's
+        (> 1 discourages every token of the prompt, from its first real token on as HF counts them, and
+        of the output so far; 1.0 off).
 
         Compiled programs: a prefill and a decode loop per (batch size, prompt bucket, new-token
         bucket, images or not); prompt lengths round up to `generate.PROMPT_BUCKETS`, max_new_tokens
@@ -185,7 +187,7 @@ class LlavaNext:
         """
         args = self.generation_inputs(input_ids, pixel_values, image_sizes, attention_mask, max_new_tokens,
                                       min_new_tokens, do_sample, temperature, top_k, top_p, seed, eos_token_id,
-                                      pad_token_id)
+                                      pad_token_id, repetition_penalty)
         tokens, logprobs = (distributed.fetch(a)[:, :max_new_tokens]
                             for a in generate.generate_tokens(self.params, self.config, **args))
         return (tokens, logprobs) if return_logprobs else tokens
@@ -210,11 +212,13 @@ class LlavaNext:
 
     def generation_inputs(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
                           max_new_tokens=32, min_new_tokens=0, do_sample=False, temperature=1.0, top_k=0,
-                          top_p=1.0, seed=0, eos_token_id=None, pad_token_id=None) -> dict[str, Any]:
+                          top_p=1.0, seed=0, eos_token_id=None, pad_token_id=None,
+                          repetition_penalty=1.0) -> dict[str, Any]:
         """The bucketed, padded arguments `generate.generate_tokens` takes (see `generate`)."""
         ids, pixels, sources, mask = self._inputs(input_ids, pixel_values, image_sizes, attention_mask,
                                                   tiles=self.config.geometry.max_tiles,
                                                   images_multiple=np.asarray(input_ids).shape[0])
+        user_mask = mask   # as given, before aligning and bucketing: the repetition penalty's prompt
         ids, mask, sources = _left_align(ids, mask, sources)
         stop_ids = self.eos_token_ids if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
         pad_id = self.pad_token_id if pad_token_id is None else int(pad_token_id)
@@ -222,7 +226,8 @@ class LlavaNext:
         ids, mask, sources = generate.pad_prompt(ids, mask, sources, generate.bucket(T, generate.PROMPT_BUCKETS),
                                                  pad_id)
         opts = generate.options(B, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, seed,
-                                stop_ids, pad_id)
+                                stop_ids, pad_id, prompt_ids=np.asarray(input_ids), prompt_mask=user_mask,
+                                vocab_size=self.config.text.vocab_size, repetition_penalty=repetition_penalty)
         ids, mask, sources, pixels = self._place(ids, mask, sources, pixels)
         return dict(input_ids=ids, pixel_values=pixels, sources=None if pixels is None else sources,
                     attention_mask=mask, options=opts, dtype=self.dtype,

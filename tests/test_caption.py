@@ -240,9 +240,10 @@ def test_sampling_is_reproducible_and_follows_the_seed(demo_dir, tmp_path):
     assert captions[0] != captions[2]
 
 
-def test_scores_are_the_captions_token_log_probabilities(demo_dir, tmp_path):
+def test_scores_and_repetition_penalty_reach_generate(demo_dir, tmp_path):
     """--scores: each row's logprob and tokens are those of `generate(return_logprobs=True)` for its image
-    alone, over the tokens up to its stop id (the caption those tokens decode to)."""
+    alone, over the tokens up to its stop id (the caption those tokens decode to); --repetition-penalty:
+    the captions of `generate(repetition_penalty=...)` (checked against HF in test_generate)."""
     from llava_next_jax import LlavaNext
     from llava_next_jax.prompting import chat_prompt, decode_new_tokens
     paths = write_images(tmp_path / "imgs", MIXED_SIZES[:3])
@@ -263,6 +264,15 @@ def test_scores_are_the_captions_token_log_probabilities(demo_dir, tmp_path):
         assert abs(row["logprob"] - float(logprobs[0, :n].sum())) <= 1e-3, (row, logprobs[0, :n].sum())
         assert row["logprob"] < 0
     assert len(rows) == 3
+    # --repetition-penalty reaches generate: the captions are generate's with that penalty.
+    penalized = tmp_path / "penalized.jsonl"
+    assert caption.main(["--model", demo_dir, "--images", *paths, "--output", str(penalized), "--batch-size", "3",
+                         "--max-new-tokens", "16", "--repetition-penalty", "1.3", "--no-progress"]) == 0
+    for row in load_jsonl(penalized):
+        inputs = processor(images=[row["image"]], text=[prompt], add_special_tokens=add_special)
+        tokens = model.generate(**inputs, max_new_tokens=16, repetition_penalty=1.3)
+        assert decode_new_tokens(processor, tokens)[0] == row["caption"]
+    assert [r["caption"] for r in load_jsonl(penalized)] != [r["caption"] for r in rows]
     # A stop id met mid-caption (the demo model never emits its eos): the score ends with that token.
     captioner = caption.Captioner(model, processor, caption.DEFAULT_PROMPT, 16, scores=True)
     batches, _ = caption.plan_batches([rows[0]["image"]], processor.geometry, 1)

@@ -81,6 +81,26 @@ def test_logprobs_equal_hf_scores(family):
     np.testing.assert_allclose(logprobs, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_repetition_penalty_equals_hf(family):
+    """Greedy with HF's repetition penalty (prompt tokens, pads included, and the output so far), and
+    the sampled distribution it leaves: the tokens HF picks, and our log-probabilities its scores."""
+    hf, model = family
+    batch = tm.make_batch(hf.config, ROWS, seed=5)
+    T = batch["input_ids"].shape[1]
+    args = {k: torch.from_numpy(v) for k, v in batch.items()}
+    plain = model.generate(**batch, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0)
+    for penalty in (1.5, 0.7):
+        with torch.no_grad():
+            out = hf.generate(**args, do_sample=False, max_new_tokens=NEW, pad_token_id=0, eos_token_id=[],
+                              repetition_penalty=penalty, output_scores=True, return_dict_in_generate=True)
+            theirs = hf.compute_transition_scores(out.sequences, out.scores, normalize_logits=True).numpy()
+        tokens, logprobs = model.generate(**batch, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0,
+                                          repetition_penalty=penalty, return_logprobs=True)
+        np.testing.assert_array_equal(tokens, out.sequences[:, T:].numpy())
+        np.testing.assert_allclose(logprobs, theirs, rtol=1e-4, atol=1e-4)
+        assert (tokens != plain).any(), penalty   # the penalty changed something
+
+
 def test_stream_equals_hf_and_generate(family):
     """Streamed chunks, joined, are HF's greedy tokens (stopping rows included) and generate's sampled
     ones; the stream ends when every row has stopped; another chunk size compiles nothing."""
