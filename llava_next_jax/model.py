@@ -302,18 +302,27 @@ class LlavaNext:
 
     def chat(self, image, question: str, history=None, processor=None, max_new_tokens: int = 128,
              **generation) -> str:
-        """The answer (str) to `question` about `image` (a PIL image, path or uint8 array).
+        """The answer (str) to `question` about `image` (a PIL image, path or uint8 array, or a list of
+        them: several images in one prompt, in order).
 
-        history: earlier turns as a list of (question, answer) string pairs, oldest first; the image
-            goes in the first user turn, so `chat(img, q2, history=[(q1, a1)])` continues the chat
+        history: earlier turns as a list of (question, answer) string pairs, oldest first; the images
+            go in the first user turn, so `chat(img, q2, history=[(q1, a1)])` continues the chat
             that `a1 = chat(img, q1)` started. processor, max_new_tokens, **generation: as `caption`.
         """
-        from .prompting import chat_prompt, decode_new_tokens
+        from .prompting import decode_new_tokens
         _text_only(generation, "chat")
-        proc = self.get_processor(processor)
-        text, add_special = chat_prompt(proc, question, history)
-        inputs = proc(images=[image], text=[text], add_special_tokens=add_special)
+        proc, inputs = self._chat_inputs(image, question, history, processor)
         return decode_new_tokens(proc, self.generate(**inputs, max_new_tokens=max_new_tokens, **generation))[0]
+
+    def _chat_inputs(self, image, question: str, history, processor):
+        """(processor, its inputs) for `chat`: one image or a list of them in the first user turn."""
+        from .prompting import chat_prompt
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        if not images:
+            raise ValueError("chat needs at least one image")
+        proc = self.get_processor(processor)
+        text, add_special = chat_prompt(proc, question, history, len(images))
+        return proc, proc(images=images, text=[text], add_special_tokens=add_special)
 
     def chat_stream(self, image, question: str, history=None, processor=None, max_new_tokens: int = 128,
                     **generation) -> Iterator[str]:
@@ -324,11 +333,9 @@ class LlavaNext:
         comes with the next piece; the rest comes when generation ends. Arguments as `chat`;
         `chunk` (default 1) sets how many tokens are decoded between pieces (`generate_stream`).
         """
-        from .prompting import chat_prompt, decode_new_tokens
+        from .prompting import decode_new_tokens
         _text_only(generation, "chat_stream")
-        proc = self.get_processor(processor)
-        text, add_special = chat_prompt(proc, question, history)
-        inputs = proc(images=[image], text=[text], add_special_tokens=add_special)
+        proc, inputs = self._chat_inputs(image, question, history, processor)
         tokens, sent = np.zeros((1, 0), np.int32), ""
         for new in self.generate_stream(**inputs, max_new_tokens=max_new_tokens, **generation):
             tokens = np.concatenate([tokens, new], axis=1)

@@ -41,11 +41,11 @@ def images(tmp_path_factory):
 
 
 def by_hand(model, processor, image, question, history=(), new=NEW):
-    """The answer through the processor's own chat-template tokenization, one image, no batching."""
-    messages = []
+    """The answer through the processor's own chat-template tokenization, one image (or a list), no batching."""
+    messages, images = [], image if isinstance(image, list) else [image]
     for i, (q, a) in enumerate([*history, (question, None)]):
-        messages.append({"role": "user", "content": ([{"type": "image", "image": image}] if i == 0 else [])
-                         + [{"type": "text", "text": q}]})
+        messages.append({"role": "user", "content": ([{"type": "image", "image": im} for im in images] if i == 0
+                                                     else []) + [{"type": "text", "text": q}]})
         if a is not None:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -113,6 +113,21 @@ def test_chat_stream_pieces_join_to_the_answer(model, images, generation):
         assert "".join(pieces) == answer
 
 
+def test_chat_about_several_images(model, processor, images):
+    """A list of images: all in the first user turn, in order (the processor's own rendering of those
+    messages); the order matters; streaming gives the same answer."""
+    spy = Spy(processor)
+    pair = [images[0], images[1]]
+    answer = model.chat(pair, "Which is wider?", processor=spy, max_new_tokens=NEW)
+    assert spy.rendered[-1] == "[INST] <image>\n<image>\nWhich is wider? [/INST]"
+    assert answer == by_hand(model, processor, pair, "Which is wider?")
+    assert model.chat(pair[::-1], "Which is wider?", max_new_tokens=NEW) == by_hand(model, processor, pair[::-1],
+                                                                                   "Which is wider?")
+    assert "".join(model.chat_stream(pair, "Which is wider?", max_new_tokens=NEW)) == answer
+    with pytest.raises(ValueError, match="at least one image"):
+        model.chat([], "hi")
+
+
 def test_chat_history_adds_turns(model, processor, images):
     spy = Spy(processor)
     first = model.chat(images[0], "What is there?", processor=spy, max_new_tokens=NEW)
@@ -130,7 +145,7 @@ def test_errors(model, demo_dir, images, processor):
         bare.caption(images[:1], max_new_tokens=NEW)
     with pytest.raises(ValueError, match="pass processor="):
         bare.chat(images[0], "hi", max_new_tokens=NEW)
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ValueError, match="need exactly 1 "):
         model.caption(images[:1], prompt="two <image> here", max_new_tokens=NEW)
     with pytest.raises(ValueError, match="batch_size"):
         model.caption(images[:1], batch_size=0)
