@@ -200,7 +200,7 @@ class LlavaNext:
         return_logprobs: yields (tokens, logprobs) pairs instead, as `generate` returns them.
 
         Arguments as `generate` (**generation: min_new_tokens, do_sample, temperature, top_k, top_p,
-        seed, eos_token_id, pad_token_id). Between chunks the loop returns to Python, which costs
+        seed, eos_token_id, pad_token_id, repetition_penalty). Between chunks the loop returns to Python, which costs
         about a dispatch a chunk; the programs are `generate`'s prefill and a resumable decode loop,
         compiled once per bucket as `generate`'s (a new chunk size compiles nothing).
         """
