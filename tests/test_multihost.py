@@ -46,6 +46,8 @@ CHILD = textwrap.dedent("""
                                           for row in range(ids.shape[0])[shard.index[0]]}))
         np.save(out + "logits.npy", np.asarray(model.forward(**batch)))
         np.save(out + "tokens.npy", model.generate(**batch, max_new_tokens=NEW_TOKENS, eos_token_id=[]))
+        np.save(out + "streamed.npy", np.concatenate(list(model.generate_stream(
+            **batch, max_new_tokens=NEW_TOKENS, eos_token_id=[], chunk=3)), axis=1))
         np.save(out + "loss.npy", np.asarray(model.loss(**batch)))
         if model_axis == 4:  # from the HF checkpoint: converted in memory, one tensor at a time
             np.save(out + "hf_logits.npy", np.asarray(LlavaNext.from_pretrained(hf_dir, mesh=mesh).forward(**batch)))
@@ -113,6 +115,7 @@ def test_two_processes_equal_one(tmp_path):
             diff = np.abs(out("logits") - ref_logits)[real].max()
             assert diff <= 1e-5, (data, model_axis, pid, diff)
             assert (out("tokens") == ref_tokens).all(), (data, model_axis, pid, out("tokens"), ref_tokens)
+            assert (out("streamed") == ref_tokens).all(), (data, model_axis, pid, out("streamed"), ref_tokens)
             assert abs(out("loss") - ref_loss) <= 1e-5 * abs(ref_loss), (data, model_axis, pid, out("loss"), ref_loss)
             # 1x4: a process holds half of each split weight, a device a quarter. 2x2: a process holds a
             # whole copy, a device half, and the process half the batch.
