@@ -144,6 +144,27 @@ SCRIPT = textwrap.dedent("""
         print(f"fsdp {data}x{model_axis}: {fsdp.weights} weight bytes on each device (without fsdp {plain.weights}), "
               f"max |delta logits| {diff:.1e}, |delta params| {param_diff:.1e}, fsdp steps equal")
 
+    # LoRA on the FSDP layout: adapters (attached after the model is laid out) train as on one device.
+    from llava_next_jax import lora
+    adapters = lora.LoraConfig(4, 8.0, ("q_proj", "v_proj", "down_proj"))
+    def lora_steps(model):
+        inputs = model.train_batch(**batch)
+        params = lora.attach(model.params, adapters, jax.random.key(0))
+        optimizer = train.make_optimizer(params, learning_rate=1e-3, total_steps=10, trainable="lora+projector")
+        state, losses = train.init_state(params, optimizer), []
+        for _ in range(3):
+            state, out = train.train_step(state, inputs, model.config, optimizer, lora=adapters)
+            losses.append(float(out["loss"]))
+        return state, losses
+    ref_lora, ref_lora_losses = lora_steps(LlavaNext.from_pretrained(work + "/out"))
+    mesh = sharding.make_mesh(data=2, model=4)
+    lora_state, lora_losses = lora_steps(LlavaNext.from_pretrained(work + "/out", mesh=mesh, fsdp=True))
+    assert np.allclose(lora_losses, ref_lora_losses, rtol=1e-5, atol=0), (lora_losses, ref_lora_losses)
+    lora_diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                    for a, b in zip(jax.tree.leaves(lora_state["params"]), jax.tree.leaves(ref_lora["params"])))
+    assert lora_diff <= 2e-5 and ref_lora_losses[-1] < ref_lora_losses[0], (lora_diff, ref_lora_losses)
+    print(f"lora fsdp 2x4: losses {lora_losses}, max |delta params| {lora_diff:.1e}, lora steps equal")
+
     # The fine-tuning job: a 2-update run on a 2 x 4 mesh, stopped after one update and resumed with
     # --fsdp, exports the params of the run on one device.
     import json, shutil
@@ -184,6 +205,7 @@ def test_meshes_equal_single_device(demo_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("tokens equal") == 3, result.stdout
     assert result.stdout.count("bytes per device") == 7, result.stdout
-    assert result.stdout.count("steps equal") == 3, result.stdout
+    assert result.stdout.count("steps equal") == 4, result.stdout
     assert result.stdout.count("fsdp steps equal") == 2, result.stdout
+    assert result.stdout.count("lora steps equal") == 1, result.stdout
     assert result.stdout.count("job equal") == 1, result.stdout
