@@ -15,12 +15,11 @@ import argparse
 import json
 import mmap
 import os
-import statistics
 import sys
 import tempfile
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from generate_vs_hf import median_seconds  # noqa: E402  (it puts the repository on sys.path)
 from llava_next_jax.data import array_items  # noqa: E402
 
 
@@ -30,15 +29,6 @@ def rows(n: int) -> list[dict]:
     return [{"id": f"{i:09d}", "image": f"coco/train2017/{i:012d}.jpg",
              "conversations": [{"from": "human", "value": "<image>\nWhat is in the picture?"},
                                {"from": "gpt", "value": answer * (1 + i % 4)}]} for i in range(n)]
-
-
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main():
@@ -60,8 +50,8 @@ def main():
                 with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as text:
                     starts, _ = array_items(text, path)
                 assert len(starts) == args.rows
-            scan_s = timed(scan, args.repeats)
-            load_s = timed(lambda: json.load(open(path, encoding="utf-8")), args.repeats)
+            scan_s = median_seconds(scan, args.repeats)
+            load_s = median_seconds(lambda: json.load(open(path, encoding="utf-8")), args.repeats)
             print(f"| {name} | {size:.1f} | {scan_s:.2f} | {size / scan_s:.1f} | {load_s:.2f} |")
 
 

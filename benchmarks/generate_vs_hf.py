@@ -117,6 +117,11 @@ def seconds(fn):
     return time.perf_counter() - start
 
 
+def median_seconds(fn, repeats: int) -> float:
+    """The median of `repeats` timed calls of fn."""
+    return statistics.median(seconds(fn) for _ in range(repeats))
+
+
 def decode_step_bytes(params, config, rows: int, cache_length: int, dtype) -> int:
     """Bytes a decode step reads: the decoder's weights and the lm_head (not the embedding table, of
     which it reads one row), and the whole cache of `rows` x `cache_length` slots (from shapes alone:

@@ -14,12 +14,11 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from generate_vs_hf import build_models, make_inputs  # noqa: E402
+from generate_vs_hf import build_models, make_inputs, seconds  # noqa: E402
 
 
 def main():
@@ -41,9 +40,7 @@ def main():
     times = {name: [] for name in calls}
     for _ in range(args.repeats):   # take turns, so that load from other work falls on all
         for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(seconds(call))
     base = statistics.median(times["generate"])
     print(f"| call ({args.shape}, batch 1, prefill + {N} tokens) | seconds | against generate |")
     print("|---|---|---|")

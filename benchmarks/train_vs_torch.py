@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from generate_vs_hf import ROOT, hf_model, make_inputs  # noqa: E402
+from generate_vs_hf import ROOT, hf_model, make_inputs, median_seconds  # noqa: E402
 
 sys.path.insert(0, ROOT)
 
@@ -86,15 +85,6 @@ def peak_rss_gib() -> float:
     return kib / 2**20
 
 
-def timed(step, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def child_peak_rss(which, args, path) -> float:
     """Peak RSS (GiB) of a fresh process running two steps of one framework."""
     out = subprocess.run([sys.executable, __file__, "--only", which, "--checkpoint", path, "--batch", str(args.batch),
@@ -140,7 +130,7 @@ def main():
         first, ours = ours_step(path, inputs, labels, args.trainable, args.remat)
         theirs = torch_step(hf, inputs, labels, args.trainable)
         theirs()                                              # warm-up
-        ours_s, torch_s = timed(ours, args.steps), timed(theirs, args.steps)
+        ours_s, torch_s = median_seconds(ours, args.steps), median_seconds(theirs, args.steps)
         rss = {w: child_peak_rss(w, args, path) for w in ("ours", "torch")}
     print(f"shape {args.shape}, batch {args.batch} x {tokens // args.batch} tokens, trainable {args.trainable}"
           f"{', remat' if args.remat else ''}")
