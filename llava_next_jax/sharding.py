@@ -15,9 +15,9 @@ With `fsdp=True` (fully sharded data parallel, for training) each parameter is a
 "data": along its largest axis that the rules leave whole and that divides by the "data" size (the
 input axis of a column-parallel kernel, the output axis of a row-parallel one, a norm's only axis).
 A device then holds 1/(data x model) of the weights, and the optimizer state, which takes the params'
-layout, shrinks with them; XLA gathers each weight over "data" where a product needs it and
-reduce-scatters its gradient. Inference should keep the default: a decode step would gather every
-weight again.
+layout, shrinks with them; XLA's partitioner inserts the collectives (a weight gathered over "data"
+where a product needs it, gradients summed over the rows' devices). Inference should keep the default:
+a decode step would gather every weight again.
 
 `memory_per_device` sizes a config on a mesh from these same rules (weights), and from `cache_spec`
 (the KV cache as `generate` lays it out); docs/scaling.md tables it for the released checkpoints.
