@@ -356,19 +356,19 @@ class ConversationData:
       attention_mask int32 `[B, L]`   1 on real tokens
       labels         int32 `[B, L]`   IGNORE on pads, prompts, image tokens
       sources        int32 `[B, L]`   `anyres.token_sources` for the batch's images (B*M image slots)
-      pixel_values   float32 `[B*M, P, C, S, S]`, P = the geometry's max_tiles: M image slots per row.
-                     Real images fill slots 0..n-1 in row order, and within a row in placeholder order
-                     (the order their tokens come in input_ids); the rest are zeros that no token reads
-                     (text-only rows, rows with fewer than M images, empty rows). None when the file
-                     has no image rows at all.
-      image_sizes    int32 `[B*M, 2]` (h, w) of each slot's image, (0, 0) for an empty slot
+      pixel_values   float32 `[I, P, C, S, S]`, P = the geometry's max_tiles; I = `image_slots(n)` for
+                     the batch's n images: B x ceil(n / B), at least B, at most B*M. Real images fill
+                     slots 0..n-1 in row order, and within a row in placeholder order (the order their
+                     tokens come in input_ids); the rest are zeros that no token reads. None when the
+                     file has no image rows at all.
+      image_sizes    int32 `[I, 2]` (h, w) of each slot's image, (0, 0) for an empty slot
       lines          int32 `[B]`      each row's line in the file (its item index in an array), -1 for a
                                       filler row
-    Every array's shape depends only on B, M and L, so the whole dict can go to `train_step` and
-    batches never recompile within a bucket. In `sources`, the newline vector is the row after all
-    B*M*P tiles' features (where `image_embeddings` puts it). The vision tower runs on every slot,
-    empty or not: max_images multiplies its work (and pixel_values' memory) per batch, so keep it at
-    the most images a row of the file needs.
+    Every array's shape depends only on B, L and I, so the whole dict can go to `train_step`, which
+    compiles at most len(length_buckets) x M shapes. In `sources`, the newline vector is the row after
+    all I*P tiles' features (where `image_embeddings` puts it). The vision tower runs on every slot,
+    empty or not: a batch of rows with one image each (or none) costs B slots whatever M is, and the
+    rows with more images cost only in the batches they fall in.
     `iterate(start)` yields (index, batch(index)) from `start` on, building the next batches on a thread.
 
     An image that passed the header check but fails to decode later (or decodes to another size)
@@ -550,7 +550,7 @@ class ConversationData:
         epoch, step = divmod(int(index), len(self))
         rows = self.epoch_batches(epoch)[step]
         B, L, P = self.batch_size, self.bucket(int(self.lengths[rows].max())), self.config.geometry.max_tiles
-        slots = B * self.max_images
+        slots = B * self.max_images   # filled first, then cut to `image_slots` of the images there are
         pad = self.processor.pad_token_id
         if pad is None:
             pad = self.processor.tokenizer.token_to_id(self.processor.special_tokens.get("eos_token", "")) or 0
@@ -578,10 +578,20 @@ class ConversationData:
                 image_sizes[n_images] = size
                 n_images += 1
         sizes = image_sizes[:n_images] if n_images else None
+        slots = self.image_slots(n_images)
+        if pixel_values is not None:
+            pixel_values = pixel_values[:slots]
         sources = anyres.token_sources(input_ids, self.config.image_token_id, sizes, self.config.geometry, P,
                                        image_slots=slots)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "sources": sources,
-                "pixel_values": pixel_values, "image_sizes": image_sizes, "lines": lines}
+                "pixel_values": pixel_values, "image_sizes": image_sizes[:slots], "lines": lines}
+
+    def image_slots(self, n_images: int) -> int:
+        """Image slots of a batch holding `n_images` images: the next multiple of the batch size, at
+        least one per row and at most max_images per row (so a mesh's "data" axis that divides the
+        batch size also divides them)."""
+        B = self.batch_size
+        return B * min(self.max_images, max(1, -(-n_images // B)))
 
     def iterate(self, start: int = 0, prefetch: int = 2) -> Iterator[tuple[int, dict]]:
         """(index, batch(index)) for index = start, start + 1, ... without end; the next `prefetch` batches

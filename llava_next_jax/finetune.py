@@ -15,8 +15,9 @@ with --accumulate N each update averages N micro-batches of --batch-size rows. -
 params and the optimizer state over the mesh's "data" axis (`sharding.spec_for`): a device holds
 1/(DATA x MODEL) of them instead of 1/MODEL. A run may be resumed with or without it. --max-images N
 lets a data row hold up to N images (`"image": [...]`, one <image> per image); rows with more are skipped.
-Every batch then has batch-size x N image slots and the vision tower runs on all of them, so N
-multiplies its work: keep it at the most a row needs.
+A batch has batch-size image slots per started batch-size of its images (at most batch-size x N), and
+the vision tower runs on all of them: the few rows with many images cost only in the batches they fall
+in, and each slot count is a shape the train step compiles once per length bucket.
 
 RUN_DIR holds
     run.json           the settings of the run (a resume must use the same ones)
@@ -73,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accumulate", type=int, default=1, help="micro-batches per update")
     p.add_argument("--max-length", type=int, default=2048, help="tokens per row after image expansion")
     p.add_argument("--max-images", type=int, default=1,
-                   help="images a row may hold (rows with more are skipped); the vision tower runs on "
-                        "batch-size x N image slots a batch")
+                   help="images a row may hold (rows with more are skipped); a batch has batch-size "
+                        "image slots per started batch-size of its images, at most batch-size x N")
     p.add_argument("--learning-rate", type=float, default=2e-5)
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--weight-decay", type=float, default=0.0)
