@@ -10,7 +10,8 @@ roofline (bytes a step reads over the bandwidth of a jitted elementwise pass mea
 
 --variants: decode with the `decoder` / `generate` module names of `VARIANTS` (read when the program
 is traced), one after another in this process; rows1 is XLA's one-row products, rows2 the default;
-greedy the loop without its sampling branch, nologprobs without the tokens' log-probabilities.
+greedy the loop without its sampling branch, nologprobs without the tokens' log-probabilities,
+nongram without the no-repeat n-gram check (`generate.banned_ngrams`, run at every step, n = 0 too).
 --micro: the step's parts alone: one-row to eight-row products of each weight shape (GB/s of
 weights, each call's dispatch included: compare rows with rows, not with the loop), and one layer's
 decode attention over the cache. --profile: a trace (Perfetto JSON) of 16 decode steps, copied to
@@ -61,12 +62,19 @@ def without_logprobs(logits, keys, do_sample, temperature, top_k, top_p):
     return tokens, jnp.zeros(tokens.shape, jnp.float32)
 
 
+def no_ngram_bans(history, length, n, vocab_size):
+    """`generate.banned_ngrams` banning nothing, without looking: what the no-repeat n-gram check costs."""
+    import jax.numpy as jnp
+    return jnp.zeros((history.shape[0], vocab_size), bool)
+
+
 VARIANTS = {  # overrides of `decoder` / `generate` module names, read when the decode program is traced
     "rows1": {"decoder.GPU_MIN_ROWS": 1},
     "rows2": {"decoder.GPU_MIN_ROWS": 2},
     "rows4": {"decoder.GPU_MIN_ROWS": 4},
     "greedy": {"generate.select_tokens": greedy_only},
     "nologprobs": {"generate.select_tokens": without_logprobs},
+    "nongram": {"generate.banned_ngrams": no_ngram_bans},
 }
 
 
@@ -108,7 +116,8 @@ def decode_runner(params, config, batch, prompt, new_tokens, dtype):
 
     def run(steps):
         options = generate.options(batch, steps, 0, False, 1.0, 0, 1.0, 0, (), 0,
-                                   prompt_ids=np.zeros((batch, 1), np.int32), vocab_size=config.text.vocab_size)
+                                   prompt_ids=np.zeros((batch, 1), np.int32), vocab_size=config.text.vocab_size,
+                                   prompt_bucket=prompt)
         cache = jax.block_until_ready(fill(jax.random.key(steps)))
         start = time.perf_counter()
         jax.block_until_ready(generate.decode_program(params, config, logits, cache, kv_valid, options, dtype,

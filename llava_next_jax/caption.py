@@ -3,7 +3,7 @@
     python scripts/caption.py --images DIR_OR_FILES... --output captions.jsonl [--model DIR]
                               [--prompt TEXT] [--batch-size 8] [--max-new-tokens 64]
                               [--do-sample --temperature T --top-k K --top-p P] [--seed N] [--scores]
-                              [--repetition-penalty R]
+                              [--repetition-penalty R] [--no-repeat-ngram-size N]
                               [--process-index I --process-count N]
     python scripts/caption.py merge --output captions.jsonl [--process-count N]
     (also installed as `llava-next-caption`)
@@ -429,14 +429,14 @@ class Captioner:
     """Holds the model, processor and generation settings; `prepare` runs on the host, `caption` on the device."""
 
     def __init__(self, model, processor, prompt: str, max_new_tokens: int, do_sample=False, temperature=1.0,
-                 top_k=0, top_p=1.0, seed=0, scores=False, repetition_penalty=1.0):
+                 top_k=0, top_p=1.0, seed=0, scores=False, repetition_penalty=1.0, no_repeat_ngram_size=0):
         self.model, self.processor = model, processor
         try:
             self.prompt, self.add_special_tokens = chat_prompt(processor, prompt)
         except ValueError as e:
             raise UsageError(str(e).replace("in the prompt", "in --prompt")) from None
         self.gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                        top_p=top_p, repetition_penalty=repetition_penalty)
+                        top_p=top_p, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
         self.seed, self.scores = seed, scores
 
     def prepare(self, batch: list[Item]) -> Prepared:
@@ -539,6 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --do-sample: each image's seed derives from this and its path")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="HF's repetition penalty (e.g. 1.2 against looping captions; 1.0: off)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N",
+                   help="HF's no_repeat_ngram_size: no N tokens in a row twice, prompt included (0: off)")
     p.add_argument("--scores", action="store_true",
                    help="add each caption's summed token log-probability ('logprob') and token count ('tokens')")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
@@ -612,6 +614,9 @@ def _check_flags(parser: argparse.ArgumentParser, args) -> None:
                      f"{args.top_k}, {args.top_p}")
     if not args.repetition_penalty > 0:
         parser.error(f"--repetition-penalty must be > 0 (1.0: off); got {args.repetition_penalty}")
+    from .generate import MAX_NGRAM
+    if not 0 <= args.no_repeat_ngram_size <= MAX_NGRAM:
+        parser.error(f"--no-repeat-ngram-size must be in [0, {MAX_NGRAM}] (0: off); got {args.no_repeat_ngram_size}")
     if not 0 <= args.seed < 2 ** 63:
         parser.error(f"--seed must be a non-negative integer; got {args.seed}")
     if not 0 <= args.process_index < args.process_count:
@@ -688,7 +693,7 @@ def main(argv=None) -> int:
         if pending:
             captioner = Captioner(model, processor, args.prompt, args.max_new_tokens, args.do_sample,
                                   args.temperature, args.top_k, args.top_p, args.seed, args.scores,
-                                  args.repetition_penalty)
+                                  args.repetition_penalty, args.no_repeat_ngram_size)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

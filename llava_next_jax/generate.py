@@ -35,6 +35,7 @@ from .modeling import decoder, llava_next
 PROMPT_BUCKETS = (64, 128, 256, 384) + tuple(range(512, 4097, 128)) + tuple(range(4608, 8193, 512))
 NEW_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 MAX_STOP_IDS = 8
+MAX_NGRAM = 16   # the largest no_repeat_ngram_size (a runtime value up to this: it compiles nothing)
 
 
 def bucket(n: int, buckets: tuple[int, ...]) -> int:
@@ -146,6 +147,28 @@ def penalize_repeats(logits: jax.Array, seen: jax.Array, penalty) -> jax.Array:
     return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
+def banned_ngrams(history: jax.Array, length, n, vocab_size: int) -> jax.Array:
+    """HF's `no_repeat_ngram_size`: bool `[B, vocab_size]`, True for the tokens that would complete an
+    n-gram a row already holds (n <= 0: none).
+
+    history `[B, S]`: each row's sequence (prompt as given, pads included, then the new tokens) ending
+    at slot `length` (traced) after a prefix of -1s that is no part of it. A window of n slots whose
+    first n-1 tokens equal the sequence's last n-1 bans its last token, as HF's processor does; n is
+    traced (at most MAX_NGRAM), so the comparisons run for every k < MAX_NGRAM - 1 and those past n-1
+    count as equal.
+    """
+    B, S = history.shape
+    padded = jnp.pad(history, ((0, 0), (0, MAX_NGRAM)), constant_values=-1)
+    start = jnp.arange(S)
+    match = (n > 0) & (history >= 0) & (start + n <= length)       # whole window inside the sequence
+    for k in range(MAX_NGRAM - 1):
+        suffix_token = jax.lax.dynamic_index_in_dim(history, length - n + 1 + k, axis=1, keepdims=False)
+        match &= (k >= n - 1) | (padded[:, k:k + S] == suffix_token[:, None])
+    last = jax.lax.dynamic_slice_in_dim(padded, jnp.maximum(n - 1, 0), S, axis=1)   # each window's last token
+    banned = jnp.where(match, last, vocab_size)                   # no match: a column past the vocabulary
+    return jnp.zeros((B, vocab_size), bool).at[jnp.arange(B)[:, None], banned].set(True, mode="drop")
+
+
 def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options: dict[str, jax.Array], dtype,
                 new_bucket: int, stop_at):
     """Steps the decode loop from `state` (`start_state`'s keys) while `step < stop_at` (and
@@ -166,9 +189,12 @@ def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options
         state, cache = carry
         step, done = state["step"], state["done"]
         logits = penalize_repeats(state["logits"], state["seen"], options["repetition_penalty"])
+        history = jnp.concatenate([options["history"], state["tokens"]], axis=1)
+        repeat = banned_ngrams(history, options["history"].shape[1] + step, options["no_repeat_ngram_size"],
+                               logits.shape[-1])
         too_early = step < options["min_new_tokens"]
         is_stop_id = (jnp.arange(logits.shape[-1])[:, None] == stop_ids[None, :]).any(-1)
-        logits = jnp.where(too_early & is_stop_id, -jnp.inf, logits)
+        logits = jnp.where((too_early & is_stop_id) | repeat, -jnp.inf, logits)
         keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
         token, logprob = select_tokens(logits, keys, options["do_sample"], options["temperature"], options["top_k"],
                                        options["top_p"])
@@ -193,7 +219,7 @@ def decode_program(params, config: LlavaNextConfig, logits, cache, kv_valid, opt
     `T + new_bucket` slots, the prompt in the first T. options (all traced, so changing them
     compiles nothing): max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
     seeds `[B]`, row_streams `[B]`, stop_ids `[MAX_STOP_IDS]` (-1 = unused), pad_id,
-    repetition_penalty, seen `[B, V]` (`options`). Row r samples
+    repetition_penalty, seen `[B, V]`, no_repeat_ngram_size, history `[B, T]` (`options`). Row r samples
     with `fold_in(key(seeds[r]), row_streams[r])`, then the step.
     """
     state = start_state(logits, options, new_bucket)
@@ -269,13 +295,15 @@ def pad_prompt(input_ids: np.ndarray, attention_mask: np.ndarray, sources: np.nd
 
 def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
             top_p: float, seed: Any, stop_ids: tuple[int, ...], pad_id: int, *, prompt_ids: np.ndarray,
-            vocab_size: int, prompt_mask: np.ndarray | None = None,
-            repetition_penalty: float = 1.0) -> dict[str, np.ndarray]:
+            vocab_size: int, prompt_mask: np.ndarray | None = None, repetition_penalty: float = 1.0,
+            no_repeat_ngram_size: int = 0, prompt_bucket: int | None = None) -> dict[str, np.ndarray]:
     """The traced generation options, checked, as fixed-shape arrays.
 
-    prompt_ids `[B, T]` and their attention mask: the prompts' tokens from each row's first real one on
-    (HF's repetition penalty leaves out a row's left padding) are marked in `seen [B, vocab_size]`,
-    the tokens `repetition_penalty` applies to (1.0: none)."""
+    prompt_ids `[B, T]` (as the caller gave them, pads included) and their attention mask: the prompts'
+    tokens from each row's first real one on (HF's repetition penalty leaves out a row's left padding)
+    are marked in `seen [B, vocab_size]`, the tokens `repetition_penalty` applies to (1.0: none); the
+    whole prompts, left-filled with -1 to `prompt_bucket` slots (default T), are `history`, where
+    no_repeat_ngram_size (0: off) looks for n-grams, as HF's processor looks in its input_ids."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
     if not 0 <= min_new_tokens <= max_new_tokens:
@@ -286,6 +314,9 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, t
         raise ValueError(f"at most {MAX_STOP_IDS} eos_token_id values; got {len(stop_ids)}")
     if not repetition_penalty > 0:
         raise ValueError(f"repetition_penalty must be > 0 (1.0: off); got {repetition_penalty}")
+    if isinstance(no_repeat_ngram_size, bool) or not isinstance(no_repeat_ngram_size, (int, np.integer)) or not (
+            0 <= no_repeat_ngram_size <= MAX_NGRAM):
+        raise ValueError(f"no_repeat_ngram_size must be an int in [0, {MAX_NGRAM}] (0: off); got {no_repeat_ngram_size!r}")
     prompt_ids = np.asarray(prompt_ids)
     if prompt_ids.ndim != 2 or prompt_ids.shape[0] != B or prompt_ids.size and not (
             0 <= prompt_ids.min() and prompt_ids.max() < vocab_size):
@@ -293,6 +324,11 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, t
     started = np.ones(prompt_ids.shape, bool) if prompt_mask is None else np.cumsum(prompt_mask, axis=1) > 0
     seen = np.zeros((B, vocab_size), bool)
     seen[np.nonzero(started)[0], prompt_ids[started]] = True
+    T = prompt_ids.shape[1]
+    if prompt_bucket is not None and prompt_bucket < T:
+        raise ValueError(f"prompt_bucket {prompt_bucket} < the prompts' {T} tokens")
+    history = np.full((B, T if prompt_bucket is None else prompt_bucket), -1, np.int32)
+    history[:, history.shape[1] - T:] = prompt_ids
     # One seed for the batch: row r draws from stream r. One seed per row: each row's draws depend on
     # its own seed alone, wherever it sits in the batch.
     per_row = np.ndim(seed) > 0
@@ -304,4 +340,5 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, t
                 do_sample=np.bool_(do_sample), temperature=np.float32(temperature), top_k=np.int32(top_k),
                 top_p=np.float32(top_p), seeds=seeds, row_streams=row_streams, pad_id=np.int32(pad_id),
                 stop_ids=np.array(list(stop_ids) + [-1] * (MAX_STOP_IDS - len(stop_ids)), np.int32),
-                repetition_penalty=np.float32(repetition_penalty), seen=seen)
+                repetition_penalty=np.float32(repetition_penalty), seen=seen,
+                no_repeat_ngram_size=np.int32(no_repeat_ngram_size), history=history)

@@ -166,7 +166,8 @@ class LlavaNext:
 
     def generate(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, max_new_tokens=32,
                  min_new_tokens=0, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=0,
-                 eos_token_id=None, pad_token_id=None, repetition_penalty=1.0, return_logprobs=False):
+                 eos_token_id=None, pad_token_id=None, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                 return_logprobs=False):
         """New tokens `[B, max_new_tokens]` (int32); after a row emits a stop id, the pad id. With
         `return_logprobs`, (tokens, logprobs): float32 `[B, max_new_tokens]`, each token's log-probability
         under the distribution it was chosen from (temperature, top-k and top-p applied when sampling;
@@ -178,7 +179,8 @@ class LlavaNext:
         seed only, so it samples the same wherever it sits in a batch).
         eos_token_id: int or list (default: the checkpoint's generation config). repetition_penalty: HF's
         (> 1 discourages every token of the prompt, from its first real token on as HF counts them, and
-        of the output so far; 1.0 off).
+        of the output so far; 1.0 off). no_repeat_ngram_size: HF's (n > 0: no n-gram of the prompt, pads
+        and image tokens as given included, and the output occurs twice; at most `generate.MAX_NGRAM`).
 
         Compiled programs: a prefill and a decode loop per (batch size, prompt bucket, new-token
         bucket, images or not); prompt lengths round up to `generate.PROMPT_BUCKETS`, max_new_tokens
@@ -187,7 +189,7 @@ class LlavaNext:
         """
         args = self.generation_inputs(input_ids, pixel_values, image_sizes, attention_mask, max_new_tokens,
                                       min_new_tokens, do_sample, temperature, top_k, top_p, seed, eos_token_id,
-                                      pad_token_id, repetition_penalty)
+                                      pad_token_id, repetition_penalty, no_repeat_ngram_size)
         tokens, logprobs = (distributed.fetch(a)[:, :max_new_tokens]
                             for a in generate.generate_tokens(self.params, self.config, **args))
         return (tokens, logprobs) if return_logprobs else tokens
@@ -200,7 +202,7 @@ class LlavaNext:
         return_logprobs: yields (tokens, logprobs) pairs instead, as `generate` returns them.
 
         Arguments as `generate` (**generation: min_new_tokens, do_sample, temperature, top_k, top_p,
-        seed, eos_token_id, pad_token_id, repetition_penalty). Between chunks the loop returns to Python, which costs
+        seed, eos_token_id, pad_token_id, repetition_penalty, no_repeat_ngram_size). Between chunks the loop returns to Python, which costs
         a dispatch a chunk (~3 ms for a 7B model on an H100, against a 6 ms step: use chunk >= 8 on a
         GPU; nothing measurable on a CPU); the programs are `generate`'s prefill and a resumable decode loop,
         compiled once per bucket as `generate`'s (a new chunk size compiles nothing).
@@ -214,7 +216,7 @@ class LlavaNext:
     def generation_inputs(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
                           max_new_tokens=32, min_new_tokens=0, do_sample=False, temperature=1.0, top_k=0,
                           top_p=1.0, seed=0, eos_token_id=None, pad_token_id=None,
-                          repetition_penalty=1.0) -> dict[str, Any]:
+                          repetition_penalty=1.0, no_repeat_ngram_size=0) -> dict[str, Any]:
         """The bucketed, padded arguments `generate.generate_tokens` takes (see `generate`)."""
         ids, pixels, sources, mask = self._inputs(input_ids, pixel_values, image_sizes, attention_mask,
                                                   tiles=self.config.geometry.max_tiles,
@@ -228,7 +230,8 @@ class LlavaNext:
                                                  pad_id)
         opts = generate.options(B, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, seed,
                                 stop_ids, pad_id, prompt_ids=np.asarray(input_ids), prompt_mask=user_mask,
-                                vocab_size=self.config.text.vocab_size, repetition_penalty=repetition_penalty)
+                                vocab_size=self.config.text.vocab_size, repetition_penalty=repetition_penalty,
+                                no_repeat_ngram_size=no_repeat_ngram_size, prompt_bucket=ids.shape[1])
         ids, mask, sources, pixels = self._place(ids, mask, sources, pixels)
         return dict(input_ids=ids, pixel_values=pixels, sources=None if pixels is None else sources,
                     attention_mask=mask, options=opts, dtype=self.dtype,

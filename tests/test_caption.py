@@ -152,6 +152,7 @@ def test_usage_errors_exit_2(env, tmp_path):
              (["--images", tmp_path / "missing.png"], "no such file"),
              (["--images", image, "--batch-size", "0"], "--batch-size"),
              (["--images", image, "--top-p", "0"], "top-p"),
+             (["--images", image, "--no-repeat-ngram-size", "17"], "--no-repeat-ngram-size must be in [0, 16]"),
              (["--images", image, "--bogus"], "unrecognized")]
     for args, message in cases:
         proc = run_caption(env, *args, "--output", out)
@@ -240,10 +241,11 @@ def test_sampling_is_reproducible_and_follows_the_seed(demo_dir, tmp_path):
     assert captions[0] != captions[2]
 
 
-def test_scores_and_repetition_penalty_reach_generate(demo_dir, tmp_path):
+def test_scores_repetition_penalty_and_ngrams_reach_generate(demo_dir, tmp_path):
     """--scores: each row's logprob and tokens are those of `generate(return_logprobs=True)` for its image
-    alone, over the tokens up to its stop id (the caption those tokens decode to); --repetition-penalty:
-    the captions of `generate(repetition_penalty=...)` (checked against HF in test_generate)."""
+    alone, over the tokens up to its stop id (the caption those tokens decode to); --repetition-penalty
+    and --no-repeat-ngram-size: the captions of `generate` with them (checked against HF in
+    test_generate)."""
     from llava_next_jax import LlavaNext
     from llava_next_jax.prompting import chat_prompt, decode_new_tokens
     paths = write_images(tmp_path / "imgs", MIXED_SIZES[:3])
@@ -273,6 +275,15 @@ def test_scores_and_repetition_penalty_reach_generate(demo_dir, tmp_path):
         tokens = model.generate(**inputs, max_new_tokens=16, repetition_penalty=1.3)
         assert decode_new_tokens(processor, tokens)[0] == row["caption"]
     assert [r["caption"] for r in load_jsonl(penalized)] != [r["caption"] for r in rows]
+    # --no-repeat-ngram-size likewise (checked against HF in test_generate).
+    banned = tmp_path / "ngram.jsonl"
+    assert caption.main(["--model", demo_dir, "--images", *paths, "--output", str(banned), "--batch-size", "3",
+                         "--max-new-tokens", "16", "--no-repeat-ngram-size", "2", "--no-progress"]) == 0
+    for row in load_jsonl(banned):
+        inputs = processor(images=[row["image"]], text=[prompt], add_special_tokens=add_special)
+        tokens = model.generate(**inputs, max_new_tokens=16, no_repeat_ngram_size=2)
+        assert decode_new_tokens(processor, tokens)[0] == row["caption"]
+    assert [r["caption"] for r in load_jsonl(banned)] != [r["caption"] for r in rows]
     # A stop id met mid-caption (the demo model never emits its eos): the score ends with that token.
     captioner = caption.Captioner(model, processor, caption.DEFAULT_PROMPT, 16, scores=True)
     batches, _ = caption.plan_batches([rows[0]["image"]], processor.geometry, 1)

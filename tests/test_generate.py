@@ -101,6 +101,58 @@ def test_repetition_penalty_equals_hf(family):
         assert (tokens != plain).any(), penalty   # the penalty changed something
 
 
+def test_no_repeat_ngram_equals_hf(family):
+    """HF's no_repeat_ngram_size (n-grams over the prompt as given, pads and image tokens included, and
+    the output), alone and after the repetition penalty: HF's tokens and scores; n compiles nothing."""
+    hf, model = family
+    batch = tm.make_batch(hf.config, ROWS, seed=5)
+    T = batch["input_ids"].shape[1]
+    args = {k: torch.from_numpy(v) for k, v in batch.items()}
+    plain = model.generate(**batch, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0)
+    compiled = compiled_programs()
+    for n, penalty in ((2, 1.0), (3, 1.0), (1, 1.0), (2, 1.3)):
+        with torch.no_grad():
+            out = hf.generate(**args, do_sample=False, max_new_tokens=NEW, pad_token_id=0, eos_token_id=[],
+                              no_repeat_ngram_size=n, repetition_penalty=penalty, output_scores=True,
+                              return_dict_in_generate=True)
+            theirs = hf.compute_transition_scores(out.sequences, out.scores, normalize_logits=True).numpy()
+        tokens, logprobs = model.generate(**batch, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0,
+                                          no_repeat_ngram_size=n, repetition_penalty=penalty, return_logprobs=True)
+        np.testing.assert_array_equal(tokens, out.sequences[:, T:].numpy(), err_msg=f"n={n}")
+        np.testing.assert_allclose(logprobs, theirs, rtol=1e-4, atol=1e-4)
+        assert (tokens != plain).any(), n   # the ban changed something
+    assert compiled_programs() == compiled
+    with pytest.raises(ValueError, match=r"no_repeat_ngram_size must be an int in \[0, 16\] \(0: off\); got 17"):
+        model.generate(**batch, max_new_tokens=NEW, no_repeat_ngram_size=17)
+
+
+def test_banned_ngrams_equal_hf_processor():
+    """`generate.banned_ngrams` against HF's NoRepeatNGramLogitsProcessor on sequences of a 4-token
+    vocabulary (many repeats), every n up to 6 and every length from 0 on, behind prefixes of -1s and
+    before tokens not generated yet (the decode state's pads, here random)."""
+    import jax
+    import jax.numpy as jnp
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+    rng = np.random.default_rng(0)
+    V, S = 4, 24
+    seqs = rng.integers(0, V, (3, S))
+    ban = jax.jit(generate.banned_ngrams, static_argnums=3)
+    checked = 0
+    for n in range(0, 7):
+        for prefix in (0, 5):
+            for length in range(0, S - prefix + 1):
+                history = np.concatenate([np.full((3, prefix), -1), seqs[:, :length],
+                                          rng.integers(0, V, (3, S - prefix - length))], axis=1).astype(np.int32)
+                ours = np.asarray(ban(jnp.asarray(history), prefix + length, n, V))
+                if n == 0 or length == 0:
+                    assert not ours.any()
+                    continue
+                scores = NoRepeatNGramLogitsProcessor(n)(torch.from_numpy(seqs[:, :length]), torch.zeros(3, V))
+                np.testing.assert_array_equal(ours, torch.isinf(scores).numpy(), err_msg=f"n={n} length={length}")
+                checked += int(ours.any())
+    assert checked > 100   # most cases ban something
+
+
 def test_stream_equals_hf_and_generate(family):
     """Streamed chunks, joined, are HF's greedy tokens (stopping rows included) and generate's sampled
     ones; the stream ends when every row has stopped; another chunk size compiles nothing."""
