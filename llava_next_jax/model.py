@@ -99,6 +99,14 @@ class LlavaNext:
         ids = np.asarray(input_ids)
         if ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, length]; got shape {ids.shape}")
+        V = self.config.text.vocab_size
+        if not np.issubdtype(ids.dtype, np.integer) and ids.size:
+            raise ValueError(f"input_ids must be integer token ids; got dtype {ids.dtype}")
+        outside = np.argwhere((ids < 0) | (ids >= V))
+        if len(outside):
+            row, position = outside[0]
+            raise ValueError(f"input_ids must be token ids in [0, {V}); got {ids[row, position]} at row {row}, "
+                             f"position {position} ({len(outside)} such ids)")
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")

@@ -84,7 +84,7 @@ def test_bfloat16_close_to_hf_bfloat16(tmp_path):
     assert np.abs(ours - ref32)[mask].max() <= 2 * hf_drift + 0.05
 
 
-def test_image_token_count_mismatch_is_an_error(tmp_path):
+def test_input_errors_name_the_problem(tmp_path):
     hf = tm.build_model("vicuna")
     tm.save_checkpoint(hf, str(tmp_path / "hf"))
     model = LlavaNext.from_pretrained(str(tmp_path / "hf"))
@@ -97,6 +97,16 @@ def test_image_token_count_mismatch_is_an_error(tmp_path):
         model.forward(batch["input_ids"], attention_mask=batch["attention_mask"])
     with pytest.raises(ValueError, match="image_sizes must be"):
         model.forward(batch["input_ids"], batch["pixel_values"], None)
+    V = hf.config.text_config.vocab_size
+    for bad, value in ((V, V), (-1, -1)):   # an id past the embedding table: HF fails too; no silent clamp
+        ids = batch["input_ids"].copy()
+        ids[0, 2] = bad
+        with pytest.raises(ValueError, match=rf"token ids in \[0, {V}\); got {value} at row 0, position 2 \(1 such"):
+            model.forward(ids, batch["pixel_values"], batch["image_sizes"], batch["attention_mask"])
+        with pytest.raises(ValueError, match=rf"got {value} at row 0, position 2"):
+            model.generate(ids, batch["pixel_values"], batch["image_sizes"], batch["attention_mask"], max_new_tokens=2)
+    with pytest.raises(ValueError, match="integer token ids; got dtype float"):
+        model.forward(batch["input_ids"].astype(np.float32), batch["pixel_values"], batch["image_sizes"])
 
 
 @pytest.mark.parametrize("implementation", ["blocks", "xla", "native"])
