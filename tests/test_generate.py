@@ -162,14 +162,15 @@ def test_stream_equals_hf_and_generate(family):
     stops = [int(ref[0, 4]), int(ref[1, 7]), int(ref[2, 2])]
     ref = hf_generate(hf, batch, eos_token_id=stops)
     last = max(int(np.argmax(np.isin(row, stops))) for row in ref) + 1   # the step after which all have stopped
-    for chunk in (1, 7):
+    for given in (None, 7):   # None: the backend's default (1 on a CPU)
         pieces = list(model.generate_stream(**batch, max_new_tokens=NEW, eos_token_id=stops, pad_token_id=0,
-                                            chunk=chunk))
+                                            chunk=given))
+        chunk = given or generate.default_stream_chunk()
         assert all(p.shape[1] <= chunk for p in pieces) and len(pieces) == -(-last // chunk), [p.shape for p in pieces]
         joined = np.concatenate(pieces, axis=1)
         np.testing.assert_array_equal(joined, ref[:, :last])
         assert (ref[:, last:] == 0).all()
-        if chunk == 1:
+        if given is None:
             compiled = compiled_programs()
     assert compiled_programs() == compiled
     sampled = model.generate(**batch, max_new_tokens=NEW, eos_token_id=[], do_sample=True, temperature=1.5, seed=3)
