@@ -266,24 +266,17 @@ def test_scores_repetition_penalty_and_ngrams_reach_generate(demo_dir, tmp_path)
         assert abs(row["logprob"] - float(logprobs[0, :n].sum())) <= 1e-3, (row, logprobs[0, :n].sum())
         assert row["logprob"] < 0
     assert len(rows) == 3
-    # --repetition-penalty reaches generate: the captions are generate's with that penalty.
-    penalized = tmp_path / "penalized.jsonl"
-    assert caption.main(["--model", demo_dir, "--images", *paths, "--output", str(penalized), "--batch-size", "3",
-                         "--max-new-tokens", "16", "--repetition-penalty", "1.3", "--no-progress"]) == 0
-    for row in load_jsonl(penalized):
-        inputs = processor(images=[row["image"]], text=[prompt], add_special_tokens=add_special)
-        tokens = model.generate(**inputs, max_new_tokens=16, repetition_penalty=1.3)
-        assert decode_new_tokens(processor, tokens)[0] == row["caption"]
-    assert [r["caption"] for r in load_jsonl(penalized)] != [r["caption"] for r in rows]
-    # --no-repeat-ngram-size likewise (checked against HF in test_generate).
-    banned = tmp_path / "ngram.jsonl"
-    assert caption.main(["--model", demo_dir, "--images", *paths, "--output", str(banned), "--batch-size", "3",
-                         "--max-new-tokens", "16", "--no-repeat-ngram-size", "2", "--no-progress"]) == 0
-    for row in load_jsonl(banned):
-        inputs = processor(images=[row["image"]], text=[prompt], add_special_tokens=add_special)
-        tokens = model.generate(**inputs, max_new_tokens=16, no_repeat_ngram_size=2)
-        assert decode_new_tokens(processor, tokens)[0] == row["caption"]
-    assert [r["caption"] for r in load_jsonl(banned)] != [r["caption"] for r in rows]
+    # --repetition-penalty and --no-repeat-ngram-size reach generate: the captions are generate's with them.
+    for flag, value, setting in (("--repetition-penalty", "1.3", dict(repetition_penalty=1.3)),
+                                 ("--no-repeat-ngram-size", "2", dict(no_repeat_ngram_size=2))):
+        out = tmp_path / f"{flag}.jsonl"
+        assert caption.main(["--model", demo_dir, "--images", *paths, "--output", str(out), "--batch-size", "3",
+                             "--max-new-tokens", "16", flag, value, "--no-progress"]) == 0
+        for row in load_jsonl(out):
+            inputs = processor(images=[row["image"]], text=[prompt], add_special_tokens=add_special)
+            tokens = model.generate(**inputs, max_new_tokens=16, **setting)
+            assert decode_new_tokens(processor, tokens)[0] == row["caption"], flag
+        assert [r["caption"] for r in load_jsonl(out)] != [r["caption"] for r in rows], flag
     # A stop id met mid-caption (the demo model never emits its eos): the score ends with that token.
     captioner = caption.Captioner(model, processor, caption.DEFAULT_PROMPT, 16, scores=True)
     batches, _ = caption.plan_batches([rows[0]["image"]], processor.geometry, 1)
