@@ -550,7 +550,6 @@ class ConversationData:
         epoch, step = divmod(int(index), len(self))
         rows = self.epoch_batches(epoch)[step]
         B, L, P = self.batch_size, self.bucket(int(self.lengths[rows].max())), self.config.geometry.max_tiles
-        slots = B * self.max_images   # filled first, then cut to `image_slots` of the images there are
         pad = self.processor.pad_token_id
         if pad is None:
             pad = self.processor.tokenizer.token_to_id(self.processor.special_tokens.get("eos_token", "")) or 0
@@ -558,12 +557,7 @@ class ConversationData:
         attention_mask = np.zeros((B, L), dtype=np.int32)
         labels = np.full((B, L), IGNORE, dtype=np.int32)
         lines = np.full((B,), -1, dtype=np.int32)
-        image_sizes = np.zeros((slots, 2), dtype=np.int32)
-        pixel_values = None
-        if self.has_images:
-            S, C = self.config.vision.image_size, self.config.vision.num_channels
-            pixel_values = np.zeros((slots, P, C, S, S), dtype=np.float32)
-        n_images = 0
+        images = []   # (tiles, size) in row order, then placeholder order within a row
         for slot, row in enumerate(rows):
             lines[slot] = self.lines[row]
             try:
@@ -573,18 +567,20 @@ class ConversationData:
                 continue
             T = len(example["input_ids"])
             input_ids[slot, :T], labels[slot, :T], attention_mask[slot, :T] = example["input_ids"], example["labels"], 1
-            for tiles, size in zip(example["pixel_values"], example["image_sizes"]):   # placeholder order
-                pixel_values[n_images, :len(tiles)] = tiles
-                image_sizes[n_images] = size
-                n_images += 1
-        sizes = image_sizes[:n_images] if n_images else None
-        slots = self.image_slots(n_images)
-        if pixel_values is not None:
-            pixel_values = pixel_values[:slots]
-        sources = anyres.token_sources(input_ids, self.config.image_token_id, sizes, self.config.geometry, P,
-                                       image_slots=slots)
+            images += zip(example["pixel_values"], example["image_sizes"])
+        slots = self.image_slots(len(images))
+        image_sizes = np.zeros((slots, 2), dtype=np.int32)
+        pixel_values = None
+        if self.has_images:
+            S, C = self.config.vision.image_size, self.config.vision.num_channels
+            pixel_values = np.zeros((slots, P, C, S, S), dtype=np.float32)
+        for i, (tiles, size) in enumerate(images):
+            pixel_values[i, :len(tiles)] = tiles
+            image_sizes[i] = size
+        sources = anyres.token_sources(input_ids, self.config.image_token_id, image_sizes[:len(images)] if images
+                                       else None, self.config.geometry, P, image_slots=slots)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "sources": sources,
-                "pixel_values": pixel_values, "image_sizes": image_sizes[:slots], "lines": lines}
+                "pixel_values": pixel_values, "image_sizes": image_sizes, "lines": lines}
 
     def image_slots(self, n_images: int) -> int:
         """Image slots of a batch holding `n_images` images: the next multiple of the batch size, at
