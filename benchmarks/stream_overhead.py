@@ -4,8 +4,8 @@
         [--repeats 3] [--image-size 480 640]
 
 A model of generate_vs_hf.py (random weights; on a GPU where JAX and PyTorch both see one), batch 1,
-one image; each call is the prefill plus the new tokens. A chunk returns to Python between decode steps (one dispatch and a
-fetch of the step and the done flags), so the difference is that overhead. The streamed tokens are
+one image; each call is the prefill plus the new tokens. A chunk returns to Python between decode
+steps (one dispatch and a fetch of the step and the done flags), so the difference is that overhead. The streamed tokens are
 checked to equal generate's first.
 
 --parts: where a chunk's time goes instead: the decode loop's time a step (`generate.decode_program`,
@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from generate_vs_hf import SHAPES, build_models, make_inputs, seconds  # noqa: E402
+from generate_vs_hf import SHAPES, build_models, make_inputs, median_seconds, seconds  # noqa: E402
 
 
 def main():
@@ -104,10 +104,8 @@ def parts(model, inputs, N: int, no_command_buffers: bool):
             times.append(time.perf_counter() - start)
         rows[f"{name}, one step a call, options {where}"] = statistics.median(times[1:])
     keys = ("step", "tokens", "logprobs", "done")
-    rows["fetch a chunk's 4 arrays one by one"] = statistics.median(
-        seconds(lambda: [np.asarray(state[k]) for k in keys]) for _ in range(20))
-    rows["fetch them together (jax.device_get)"] = statistics.median(
-        seconds(lambda: jax.device_get([state[k] for k in keys])) for _ in range(20))
+    rows["fetch a chunk's 4 arrays one by one"] = median_seconds(lambda: [np.asarray(state[k]) for k in keys], 20)
+    rows["fetch them together (jax.device_get)"] = median_seconds(lambda: jax.device_get([state[k] for k in keys]), 20)
     print("| part | ms |")
     print("|---|---|")
     for name, t in rows.items():

@@ -300,6 +300,18 @@ def pad_prompt(input_ids: np.ndarray, attention_mask: np.ndarray, sources: np.nd
     return pad(input_ids, pad_id), pad(attention_mask, 0), pad(sources, TEXT)
 
 
+def check_token_ids(ids: np.ndarray, vocab_size: int, name: str = "input_ids") -> None:
+    """ValueError unless `ids` `[B, T]` are integer token ids in [0, vocab_size), naming the first id
+    outside (an embedding gather would clamp it silently)."""
+    if not np.issubdtype(ids.dtype, np.integer) and ids.size:
+        raise ValueError(f"{name} must be integer token ids; got dtype {ids.dtype}")
+    outside = np.argwhere((ids < 0) | (ids >= vocab_size))
+    if len(outside):
+        row, position = outside[0]
+        raise ValueError(f"{name} must be token ids in [0, {vocab_size}); got {ids[row, position]} at row {row}, "
+                         f"position {position} ({len(outside)} such ids)")
+
+
 def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
             top_p: float, seed: Any, stop_ids: tuple[int, ...], pad_id: int, *, prompt_ids: np.ndarray,
             vocab_size: int, prompt_mask: np.ndarray | None = None, repetition_penalty: float = 1.0,
@@ -325,9 +337,9 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, t
             0 <= no_repeat_ngram_size <= MAX_NGRAM):
         raise ValueError(f"no_repeat_ngram_size must be an int in [0, {MAX_NGRAM}] (0: off); got {no_repeat_ngram_size!r}")
     prompt_ids = np.asarray(prompt_ids)
-    if prompt_ids.ndim != 2 or prompt_ids.shape[0] != B or prompt_ids.size and not (
-            0 <= prompt_ids.min() and prompt_ids.max() < vocab_size):
-        raise ValueError(f"prompt_ids must be [{B}, T] token ids below {vocab_size}; got shape {prompt_ids.shape}")
+    if prompt_ids.ndim != 2 or prompt_ids.shape[0] != B:
+        raise ValueError(f"prompt_ids must be [{B}, T]; got shape {prompt_ids.shape}")
+    check_token_ids(prompt_ids, vocab_size, "prompt_ids")
     started = np.ones(prompt_ids.shape, bool) if prompt_mask is None else np.cumsum(prompt_mask, axis=1) > 0
     seen = np.zeros((B, vocab_size), bool)
     seen[np.nonzero(started)[0], prompt_ids[started]] = True

@@ -99,14 +99,7 @@ class LlavaNext:
         ids = np.asarray(input_ids)
         if ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, length]; got shape {ids.shape}")
-        V = self.config.text.vocab_size
-        if not np.issubdtype(ids.dtype, np.integer) and ids.size:
-            raise ValueError(f"input_ids must be integer token ids; got dtype {ids.dtype}")
-        outside = np.argwhere((ids < 0) | (ids >= V))
-        if len(outside):
-            row, position = outside[0]
-            raise ValueError(f"input_ids must be token ids in [0, {V}); got {ids[row, position]} at row {row}, "
-                             f"position {position} ({len(outside)} such ids)")
+        generate.check_token_ids(ids, self.config.text.vocab_size)
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
@@ -211,10 +204,11 @@ class LlavaNext:
         return_logprobs: yields (tokens, logprobs) pairs instead, as `generate` returns them.
 
         Arguments as `generate` (**generation: min_new_tokens, do_sample, temperature, top_k, top_p,
-        seed, eos_token_id, pad_token_id, repetition_penalty, no_repeat_ngram_size). Between chunks the loop returns to Python, which costs
-        a dispatch a chunk: nothing measurable on a CPU, ~3 ms for a 7B model on an H100 against a 6 ms
-        step. chunk defaults to `default_stream_chunk()`: 1 on a CPU, 8 on an accelerator; the programs are `generate`'s prefill and a resumable decode loop,
-        compiled once per bucket as `generate`'s (a new chunk size compiles nothing).
+        seed, eos_token_id, pad_token_id, repetition_penalty, no_repeat_ngram_size). Between chunks the
+        loop returns to Python, which costs a dispatch a chunk: nothing measurable on a CPU, ~3 ms for a
+        7B model on an H100 against a 6 ms step. chunk defaults to `generate.default_stream_chunk()`: 1
+        on a CPU, 8 on an accelerator. The programs are `generate`'s prefill and a resumable decode
+        loop, compiled once per bucket as `generate`'s (a new chunk size compiles nothing).
         """
         args = self.generation_inputs(input_ids, pixel_values, image_sizes, attention_mask, max_new_tokens,
                                       **generation)
