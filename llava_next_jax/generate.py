@@ -36,6 +36,7 @@ PROMPT_BUCKETS = (64, 128, 256, 384) + tuple(range(512, 4097, 128)) + tuple(rang
 NEW_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 MAX_STOP_IDS = 8
 MAX_NGRAM = 16   # the largest no_repeat_ngram_size (a runtime value up to this: it compiles nothing)
+EARLY_STOPPING = {False: 0, True: 1, "never": 2}   # beam search's early_stopping, as a traced int
 
 
 def bucket(n: int, buckets: tuple[int, ...]) -> int:
@@ -287,8 +288,10 @@ def default_stream_chunk() -> int:
 
 
 def compiled_programs() -> int:
-    """How many generation programs have been compiled so far (prefill + decode, streaming's too)."""
-    return (prefill_program._cache_size() + decode_program._cache_size() + start_program._cache_size()
+    """How many generation programs have been compiled so far (prefill + decode, streaming's and beam
+    search's too)."""
+    from .beam import beam_program
+    return (beam_program._cache_size() + prefill_program._cache_size() + decode_program._cache_size() + start_program._cache_size()
             + decode_chunk_program._cache_size())
 
 
@@ -315,14 +318,16 @@ def check_token_ids(ids: np.ndarray, vocab_size: int, name: str = "input_ids") -
 def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
             top_p: float, seed: Any, stop_ids: tuple[int, ...], pad_id: int, *, prompt_ids: np.ndarray,
             vocab_size: int, prompt_mask: np.ndarray | None = None, repetition_penalty: float = 1.0,
-            no_repeat_ngram_size: int = 0, prompt_bucket: int | None = None) -> dict[str, np.ndarray]:
+            no_repeat_ngram_size: int = 0, prompt_bucket: int | None = None, length_penalty: float = 1.0,
+            early_stopping: bool | str = False) -> dict[str, np.ndarray]:
     """The traced generation options, checked, as fixed-shape arrays.
 
     prompt_ids `[B, T]` (as the caller gave them, pads included) and their attention mask: the prompts'
     tokens from each row's first real one on (HF's repetition penalty leaves out a row's left padding)
     are marked in `seen [B, vocab_size]`, the tokens `repetition_penalty` applies to (1.0: none); the
     whole prompts, left-filled with -1 to `prompt_bucket` slots (default T), are `history`, where
-    no_repeat_ngram_size (0: off) looks for n-grams, as HF's processor looks in its input_ids."""
+    no_repeat_ngram_size (0: off) looks for n-grams, as HF's processor looks in its input_ids.
+    length_penalty and early_stopping (True, False or "never") are beam search's (`beam`), as HF's."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
     if not 0 <= min_new_tokens <= max_new_tokens:
@@ -336,6 +341,11 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, t
     if isinstance(no_repeat_ngram_size, bool) or not isinstance(no_repeat_ngram_size, (int, np.integer)) or not (
             0 <= no_repeat_ngram_size <= MAX_NGRAM):
         raise ValueError(f"no_repeat_ngram_size must be an int in [0, {MAX_NGRAM}] (0: off); got {no_repeat_ngram_size!r}")
+    if not np.isfinite(length_penalty):
+        raise ValueError(f"length_penalty must be a finite number; got {length_penalty!r}")
+    if not any(early_stopping is v or (isinstance(early_stopping, str) and early_stopping == v)
+               for v in (True, False, "never")):
+        raise ValueError(f"early_stopping must be True, False or \"never\"; got {early_stopping!r}")
     prompt_ids = np.asarray(prompt_ids)
     if prompt_ids.ndim != 2 or prompt_ids.shape[0] != B:
         raise ValueError(f"prompt_ids must be [{B}, T]; got shape {prompt_ids.shape}")
@@ -360,4 +370,6 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, t
                 top_p=np.float32(top_p), seeds=seeds, row_streams=row_streams, pad_id=np.int32(pad_id),
                 stop_ids=np.array(list(stop_ids) + [-1] * (MAX_STOP_IDS - len(stop_ids)), np.int32),
                 repetition_penalty=np.float32(repetition_penalty), seen=seen,
-                no_repeat_ngram_size=np.int32(no_repeat_ngram_size), history=history)
+                no_repeat_ngram_size=np.int32(no_repeat_ngram_size), history=history,
+                length_penalty=np.float32(length_penalty),
+                early_stopping=np.int32(EARLY_STOPPING[early_stopping]))

@@ -168,6 +168,7 @@ class LlavaNext:
     def generate(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, max_new_tokens=32,
                  min_new_tokens=0, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=0,
                  eos_token_id=None, pad_token_id=None, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                 num_beams=1, length_penalty=1.0, early_stopping=False, num_return_sequences=1,
                  return_logprobs=False):
         """New tokens `[B, max_new_tokens]` (int32); after a row emits a stop id, the pad id. With
         `return_logprobs`, (tokens, logprobs): float32 `[B, max_new_tokens]`, each token's log-probability
@@ -183,17 +184,42 @@ class LlavaNext:
         of the output so far; 1.0 off). no_repeat_ngram_size: HF's (n > 0: no n-gram of the prompt, pads
         and image tokens as given included, and the output occurs twice; at most `generate.MAX_NGRAM`).
 
+        num_beams > 1: HF's beam search (`beam`; greedy, not sampled), with its length_penalty (a
+        finished hypothesis scores sum of log-probabilities / length**length_penalty) and
+        early_stopping (False: stop when HF's heuristic says no running beam can win; True: as soon
+        as num_beams hypotheses finished; "never": only when none can win at max_new_tokens). Returns
+        the best num_return_sequences (<= num_beams) of each row, rows in order: `[B *
+        num_return_sequences, max_new_tokens]`; with `return_logprobs`, (tokens, scores): float32 `[B
+        * num_return_sequences]`, HF's `sequences_scores`.
+
         Compiled programs: a prefill and a decode loop per (batch size, prompt bucket, new-token
-        bucket, images or not); prompt lengths round up to `generate.PROMPT_BUCKETS`, max_new_tokens
-        to `NEW_TOKEN_BUCKETS`, tiles to the most the pinpoints allow, and the image count to a
-        multiple of the batch size. Sampling settings are runtime values: they compile nothing.
+        bucket, images or not, num_beams); prompt lengths round up to `generate.PROMPT_BUCKETS`,
+        max_new_tokens to `NEW_TOKEN_BUCKETS`, tiles to the most the pinpoints allow, and the image
+        count to a multiple of the batch size. Sampling and beam settings are runtime values: they
+        compile nothing.
         """
         args = self.generation_inputs(input_ids, pixel_values, image_sizes, attention_mask, max_new_tokens,
                                       min_new_tokens, do_sample, temperature, top_k, top_p, seed, eos_token_id,
-                                      pad_token_id, repetition_penalty, no_repeat_ngram_size)
-        tokens, logprobs = (distributed.fetch(a)[:, :max_new_tokens]
-                            for a in generate.generate_tokens(self.params, self.config, **args))
-        return (tokens, logprobs) if return_logprobs else tokens
+                                      pad_token_id, repetition_penalty, no_repeat_ngram_size, length_penalty,
+                                      early_stopping)
+        if isinstance(num_beams, bool) or not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
+            raise ValueError(f"num_beams must be an int >= 1; got {num_beams!r}")
+        if not (isinstance(num_return_sequences, (int, np.integer)) and 1 <= num_return_sequences <= num_beams):
+            raise ValueError(f"num_return_sequences must be an int in [1, num_beams={num_beams}] (beam search "
+                             f"returns its best beams; sampling several per prompt: repeat the rows with "
+                             f"per-row seeds); got {num_return_sequences!r}")
+        if num_beams == 1:
+            tokens, logprobs = (distributed.fetch(a)[:, :max_new_tokens]
+                                for a in generate.generate_tokens(self.params, self.config, **args))
+            return (tokens, logprobs) if return_logprobs else tokens
+        if do_sample:
+            raise ValueError("beam search here is greedy: do_sample=True needs num_beams=1")
+        from .beam import beam_tokens
+        tokens, scores = (distributed.fetch(a) for a in beam_tokens(self.params, self.config, **args,
+                                                                   num_beams=int(num_beams)))
+        tokens = tokens[:, :num_return_sequences, :max_new_tokens].reshape(-1, max_new_tokens)
+        scores = scores[:, :num_return_sequences].reshape(-1)
+        return (tokens, scores) if return_logprobs else tokens
 
     def generate_stream(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
                         max_new_tokens=32, chunk: int | None = None, return_logprobs=False,
@@ -220,7 +246,8 @@ class LlavaNext:
     def generation_inputs(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
                           max_new_tokens=32, min_new_tokens=0, do_sample=False, temperature=1.0, top_k=0,
                           top_p=1.0, seed=0, eos_token_id=None, pad_token_id=None,
-                          repetition_penalty=1.0, no_repeat_ngram_size=0) -> dict[str, Any]:
+                          repetition_penalty=1.0, no_repeat_ngram_size=0, length_penalty=1.0,
+                          early_stopping=False) -> dict[str, Any]:
         """The bucketed, padded arguments `generate.generate_tokens` takes (see `generate`)."""
         ids, pixels, sources, mask = self._inputs(input_ids, pixel_values, image_sizes, attention_mask,
                                                   tiles=self.config.geometry.max_tiles,
@@ -235,7 +262,8 @@ class LlavaNext:
         opts = generate.options(B, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, seed,
                                 stop_ids, pad_id, prompt_ids=np.asarray(input_ids), prompt_mask=user_mask,
                                 vocab_size=self.config.text.vocab_size, repetition_penalty=repetition_penalty,
-                                no_repeat_ngram_size=no_repeat_ngram_size, prompt_bucket=ids.shape[1])
+                                no_repeat_ngram_size=no_repeat_ngram_size, prompt_bucket=ids.shape[1],
+                                length_penalty=length_penalty, early_stopping=early_stopping)
         ids, mask, sources, pixels = self._place(ids, mask, sources, pixels)
         return dict(input_ids=ids, pixel_values=pixels, sources=None if pixels is None else sources,
                     attention_mask=mask, options=opts, dtype=self.dtype,

@@ -153,6 +153,51 @@ def test_banned_ngrams_equal_hf_processor():
     assert checked > 100   # most cases ban something
 
 
+def test_beam_search_equals_hf(family):
+    """num_beams > 1: HF's hypotheses (returned best first, pads after a stop id) and sequences_scores,
+    over early_stopping, length penalties, stop ids taken from the search's own output, min_new_tokens
+    and the repetition / n-gram processors; a row alone gives what it gives in the batch; the beam
+    settings compile nothing past one program per num_beams."""
+    hf, model = family
+    batch = tm.make_batch(hf.config, ROWS, seed=5)
+    T = batch["input_ids"].shape[1]
+    args = {k: torch.from_numpy(v) for k, v in batch.items()}
+    pad = 7   # HF fills beam outputs with pad_token_id only when it is not 0
+    first = model.generate(**batch, max_new_tokens=NEW, pad_token_id=pad, num_beams=3, eos_token_id=[])
+    stops = [int(first[0, 3]), int(first[1, 6]), int(first[2, 2])]
+    cases = [dict(num_beams=3, eos_token_id=[]),
+             dict(num_beams=3, eos_token_id=stops, num_return_sequences=3),
+             dict(num_beams=4, eos_token_id=stops, early_stopping=True, length_penalty=0.5, num_return_sequences=2),
+             dict(num_beams=3, eos_token_id=stops, early_stopping="never", length_penalty=-1.0),
+             dict(num_beams=3, eos_token_id=stops, min_new_tokens=6, repetition_penalty=1.3, no_repeat_ngram_size=2)]
+    stopped_early = 0
+    for kw in cases:
+        with torch.no_grad():
+            out = hf.generate(**args, do_sample=False, max_new_tokens=NEW, pad_token_id=pad, output_scores=True,
+                              return_dict_in_generate=True, **kw)
+        ref = out.sequences[:, T:].numpy()
+        ref = np.pad(ref, ((0, 0), (0, NEW - ref.shape[1])), constant_values=pad)
+        tokens, scores = model.generate(**batch, max_new_tokens=NEW, pad_token_id=pad, return_logprobs=True, **kw)
+        np.testing.assert_array_equal(tokens, ref, err_msg=str(kw))
+        np.testing.assert_allclose(scores, out.sequences_scores.numpy(), rtol=1e-4, atol=1e-4)
+        stopped_early += int((tokens[:, -1] == pad).sum())
+        if kw is cases[0]:
+            compiled = compiled_programs()
+    assert stopped_early >= 4   # the stop ids ended hypotheses before max_new_tokens
+    assert compiled_programs() == compiled + 1   # num_beams=4: one more; the rest compiled nothing
+    alone = tm.make_batch(hf.config, [ROWS[1]], seed=5)
+    ids = batch["input_ids"][1][batch["attention_mask"][1] == 1][None]
+    out = model.generate(ids, batch["pixel_values"][1:2, :alone["pixel_values"].shape[1]], batch["image_sizes"][1:2],
+                         max_new_tokens=NEW, pad_token_id=pad, num_beams=3, eos_token_id=[])
+    np.testing.assert_array_equal(out[0], first[1])
+    with pytest.raises(ValueError, match=r"num_return_sequences must be an int in \[1, num_beams=3\]"):
+        model.generate(**batch, num_beams=3, num_return_sequences=4)
+    with pytest.raises(ValueError, match="do_sample=True needs num_beams=1"):
+        model.generate(**batch, num_beams=3, do_sample=True)
+    with pytest.raises(ValueError, match=r"early_stopping must be True, False or \"never\"; got 'always'"):
+        model.generate(**batch, num_beams=3, early_stopping="always")
+
+
 def test_stream_equals_hf_and_generate(family):
     """Streamed chunks, joined, are HF's greedy tokens (stopping rows included) and generate's sampled
     ones; the stream ends when every row has stopped; another chunk size compiles nothing."""

@@ -1,0 +1,129 @@
+"""Beam search: HF's `generate(num_beams=K)` as one compiled `lax.while_loop` over a static-shape cache.
+
+Each prompt is prefilled once and its cache rows repeated K times (row b*K + k is beam k of prompt b).
+A step, as HF's vectorized beam search takes it: every beam's log-softmax (then the repetition
+penalty, the no-repeat n-gram ban and min_new_tokens on those log-probabilities), plus its running
+score; the best `kept` of the K*V continuations of each prompt; the best K of them that did not just
+stop run on, and those of the first K that stopped (a stop id, or max_new_tokens) join the finished
+hypotheses if they score higher (score / length**length_penalty). The loop ends when no prompt can
+improve (HF's `early_stopping` heuristics), or at max_new_tokens.
+
+The beams of a prompt share its prompt slots, which are equal in all K cache rows, so reordering the
+cache after a step gathers only the new-token slots [T, T+N) (N slots, not the whole cache).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from . import xla_cpu
+from .config import LlavaNextConfig
+from .generate import EARLY_STOPPING, MAX_STOP_IDS, banned_ngrams, decode_step, penalize_repeats, prefill_program
+
+NEG = -1.0e9   # HF's score for "never": added, not set, so a hypothesis keeps its order among its kind
+
+
+def _gather(a: jax.Array, index: jax.Array) -> jax.Array:
+    """`a` `[B, M, ...]` at `index` `[B, J]` along axis 1: `[B, J, ...]`."""
+    return jnp.take_along_axis(a, index.reshape(index.shape + (1,) * (a.ndim - 2)), axis=1)
+
+
+def _reorder_new_slots(cache, rows: jax.Array, first_new: int):
+    """Each layer's keys/values `[B*K, kv, H, S]` with slots [first_new, S) taken from `rows` `[B*K]`."""
+    def take(a):
+        new = jnp.take(a[..., first_new:], rows, axis=0)
+        return jax.lax.dynamic_update_slice_in_dim(a, new, first_new, axis=3)
+    return jax.tree.map(take, cache)
+
+
+def beam_loop(params, config: LlavaNextConfig, logits, cache, kv_valid, options: dict[str, jax.Array], dtype,
+              new_bucket: int, num_beams: int):
+    """Beam search from the prefill's last-slot logits `[B, V]` and cache (B rows, T + new_bucket
+    slots). Returns (tokens `[B, K, new_bucket]`, scores `[B, K]`): the K finished hypotheses of each
+    prompt, best first, pad after a stop id; a score is HF's `sequences_scores` (sum of the tokens'
+    processed log-probabilities / length**length_penalty)."""
+    B, V = logits.shape
+    K, N = num_beams, new_bucket
+    T = kv_valid.shape[1] - N
+    kept = min((1 + MAX_STOP_IDS) * K, K * V)   # HF keeps (1 + stop ids) * K: enough that K can run on
+    beam_rows = lambda tree: jax.tree.map(lambda a: jnp.repeat(a, K, axis=0), tree)
+    cache, kv_valid, logits, history, seen = (beam_rows(a) for a in (cache, kv_valid, logits, options["history"],
+                                                                        options["seen"]))
+    next_position = jnp.sum(kv_valid[:, :T], axis=1).astype(jnp.int32)
+    stop_ids, max_new = options["stop_ids"], options["max_new_tokens"]
+    penalty = options["length_penalty"]
+    stop_when_full = options["early_stopping"] == EARLY_STOPPING[True]    # stop once K hypotheses finished
+    never = options["early_stopping"] == EARLY_STOPPING["never"]         # judge improvement at max length
+    is_stop = lambda tokens: (tokens[..., None] == stop_ids).any(-1)
+    pad = jnp.full((B, K, N), options["pad_id"], jnp.int32)
+    state = {"step": jnp.int32(0), "running": pad, "running_scores": jnp.zeros((B, K)).at[:, 1:].set(NEG),
+             "finished": pad, "scores": jnp.full((B, K), NEG), "is_finished": jnp.zeros((B, K), bool),
+             "improvable": jnp.ones((B,), bool), "all_stopped": jnp.bool_(False), "logits": logits, "seen": seen}
+
+    def cond(carry):
+        s, _ = carry
+        return ((s["step"] < max_new) & s["improvable"].any() & ~(s["is_finished"].all() & stop_when_full)
+                & ~s["all_stopped"])
+
+    def body(carry):
+        s, cache = carry
+        step = s["step"]
+        logp = penalize_repeats(jax.nn.log_softmax(s["logits"], axis=-1), s["seen"], options["repetition_penalty"])
+        banned = banned_ngrams(jnp.concatenate([history, s["running"].reshape(B * K, N)], axis=1), T + step,
+                               options["no_repeat_ngram_size"], V)
+        logp = jnp.where(banned | ((step < options["min_new_tokens"]) & is_stop(jnp.arange(V))), -jnp.inf, logp)
+        total = (logp.reshape(B, K, V) + s["running_scores"][:, :, None]).reshape(B, K * V)
+        cand_scores, index = jax.lax.top_k(total, kept)
+        parent, token = index // V, (index % V).astype(jnp.int32)
+        cand = _gather(s["running"], parent).at[:, :, step].set(token)
+        stopped = is_stop(token) | (step + 1 >= max_new)
+
+        # the best K that did not stop run on
+        running_scores, pick = jax.lax.top_k(cand_scores + stopped * NEG, K)
+        running, parent = _gather(cand, pick), _gather(parent, pick)
+
+        # those of the first K that stopped join the finished hypotheses, if they score higher
+        fresh = stopped & (jnp.arange(kept) < K)
+        final = cand_scores / ((step + 1).astype(jnp.float32) ** penalty)
+        final += (s["is_finished"].all(-1, keepdims=True) & stop_when_full) * NEG
+        final += ~s["improvable"][:, None] * NEG
+        final += ~fresh * NEG
+        scores, best = jax.lax.top_k(jnp.concatenate([s["scores"], final], axis=1), K)
+        finished = _gather(jnp.concatenate([s["finished"], cand], axis=1), best)
+        is_finished = _gather(jnp.concatenate([s["is_finished"], fresh], axis=1), best)
+
+        # could a running beam still beat the worst finished one? (HF's heuristic, lengths as it takes them)
+        length = jnp.where(never & (penalty > 0), max_new, step + 1).astype(jnp.float32)
+        worst = jnp.where(is_finished, scores.min(-1, keepdims=True), NEG)
+        improvable = s["improvable"] & (running_scores[:, :1] / length ** penalty > worst).any(-1)
+
+        rows = (jnp.arange(B)[:, None] * K + parent).reshape(B * K)
+        tokens = running[:, :, step].reshape(B * K)
+        cache = _reorder_new_slots(cache, rows, T)
+        seen = s["seen"][rows].at[jnp.arange(B * K), tokens].set(True)
+        logits, cache = decode_step(params, config, tokens, next_position + step, T + step, kv_valid, cache, dtype)
+        return {"step": step + 1, "running": running, "running_scores": running_scores, "finished": finished,
+                "scores": scores, "is_finished": is_finished, "improvable": improvable,
+                "all_stopped": stopped.all(), "logits": logits, "seen": seen}, cache
+
+    state, _ = jax.lax.while_loop(cond, body, (state, cache))
+    return state["finished"], state["scores"]
+
+
+@partial(xla_cpu.jit, cpu_options=xla_cpu.DECODE, static_argnames=("config", "dtype", "new_bucket", "num_beams"))
+def beam_program(params, config: LlavaNextConfig, logits, cache, kv_valid, options: dict[str, jax.Array], dtype,
+                 new_bucket: int, num_beams: int):
+    """`beam_loop`, compiled: one program per (batch size, prompt bucket, new-token bucket, num_beams);
+    every option (length_penalty and early_stopping too) is traced."""
+    return beam_loop(params, config, logits, cache, kv_valid, options, dtype, new_bucket, num_beams)
+
+
+def beam_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask,
+                options: dict[str, jax.Array], dtype, new_bucket: int, num_beams: int):
+    """Prefill then beam search: (tokens `[B, num_beams, new_bucket]`, scores `[B, num_beams]`), best first."""
+    logits, cache, kv_valid = prefill_program(params, config, input_ids, pixel_values, sources, attention_mask,
+                                              dtype, input_ids.shape[1] + new_bucket)
+    return beam_program(params, config, logits, cache, kv_valid, options, dtype, new_bucket, num_beams)
