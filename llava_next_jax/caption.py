@@ -4,6 +4,7 @@
                               [--prompt TEXT] [--batch-size 8] [--max-new-tokens 64]
                               [--do-sample --temperature T --top-k K --top-p P] [--seed N] [--scores]
                               [--repetition-penalty R] [--no-repeat-ngram-size N]
+                              [--num-beams K [--length-penalty L]]
                               [--process-index I --process-count N]
     python scripts/caption.py merge --output captions.jsonl [--process-count N]
     (also installed as `llava-next-caption`)
@@ -16,9 +17,10 @@ paths are relative to the list file). Without --model the built-in random-weight
 Output rows, `{"image": path, "caption": text}` or `{"image": path, "error": message}`, are appended
 and fsync'd batch by batch (with --scores a caption row also holds "logprob", the sum of its generated
 tokens' log-probabilities, the stop token included, and "tokens", how many: for ranking or filtering
-captions by the model's confidence, e.g. by logprob / tokens): a kill loses at most the batch in flight. Re-running with the same
---output resumes: a trailing partial line (killed mid-write) is cut off, inputs already recorded
-(caption or error) are skipped.
+captions by the model's confidence, e.g. by logprob / tokens; with --num-beams, "logprob" is the
+beam's score times tokens**L, its summed log-probabilities as beam search counts them): a kill loses
+at most the batch in flight. Re-running with the same --output resumes: a trailing partial line
+(killed mid-write) is cut off, inputs already recorded (caption or error) are skipped.
 
 Many processes (hosts): `--process-index I --process-count N` (default: this process's place in an
 already initialised jax.distributed system, else 0 of 1) gives process I the inputs at positions
@@ -429,14 +431,16 @@ class Captioner:
     """Holds the model, processor and generation settings; `prepare` runs on the host, `caption` on the device."""
 
     def __init__(self, model, processor, prompt: str, max_new_tokens: int, do_sample=False, temperature=1.0,
-                 top_k=0, top_p=1.0, seed=0, scores=False, repetition_penalty=1.0, no_repeat_ngram_size=0):
+                 top_k=0, top_p=1.0, seed=0, scores=False, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                 num_beams=1, length_penalty=1.0):
         self.model, self.processor = model, processor
         try:
             self.prompt, self.add_special_tokens = chat_prompt(processor, prompt)
         except ValueError as e:
             raise UsageError(str(e).replace("in the prompt", "in --prompt")) from None
         self.gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                        top_p=top_p, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
+                        top_p=top_p, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                        num_beams=num_beams, length_penalty=length_penalty)
         self.seed, self.scores = seed, scores
 
     def prepare(self, batch: list[Item]) -> Prepared:
@@ -482,9 +486,13 @@ class Captioner:
         if self.scores:   # the steps up to each row's first stop id, that one included
             stop = np.isin(tokens, self.model.eos_token_ids)
             generated = np.cumsum(stop, axis=1) - stop == 0
-            for row, row_logprobs, row_generated in zip(found, logprobs, generated):
-                row.update(logprob=round(float(row_logprobs[row_generated].sum()), 4),
-                           tokens=int(row_generated.sum()))
+            lengths = generated.sum(1)
+            if self.gen["num_beams"] > 1:   # a beam's score is its log-probability / length**length_penalty
+                sums = logprobs * lengths.astype(np.float64) ** self.gen["length_penalty"]
+            else:
+                sums = np.where(generated, logprobs, 0).sum(1)
+            for row, total, n in zip(found, sums, lengths):
+                row.update(logprob=round(float(total), 4), tokens=int(n))
         return rows + found
 
 
@@ -541,6 +549,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HF's repetition penalty (e.g. 1.2 against looping captions; 1.0: off)")
     p.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N",
                    help="HF's no_repeat_ngram_size: no N tokens in a row twice, prompt included (0: off)")
+    p.add_argument("--num-beams", type=int, default=1, metavar="K",
+                   help="beam search over K beams, each image's caption its best (HF's num_beams; 1: off)")
+    p.add_argument("--length-penalty", type=float, default=1.0, metavar="L",
+                   help="beam search: a finished beam scores log-probability / length**L (HF's; > 0 favours "
+                        "longer captions)")
     p.add_argument("--scores", action="store_true",
                    help="add each caption's summed token log-probability ('logprob') and token count ('tokens')")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
@@ -617,6 +630,10 @@ def _check_flags(parser: argparse.ArgumentParser, args) -> None:
     from .generate import MAX_NGRAM
     if not 0 <= args.no_repeat_ngram_size <= MAX_NGRAM:
         parser.error(f"--no-repeat-ngram-size must be in [0, {MAX_NGRAM}] (0: off); got {args.no_repeat_ngram_size}")
+    if args.num_beams < 1 or (args.num_beams > 1 and args.do_sample):
+        parser.error(f"--num-beams must be >= 1, and 1 with --do-sample (beam search is greedy); got {args.num_beams}")
+    if not np.isfinite(args.length_penalty):
+        parser.error(f"--length-penalty must be a finite number; got {args.length_penalty}")
     if not 0 <= args.seed < 2 ** 63:
         parser.error(f"--seed must be a non-negative integer; got {args.seed}")
     if not 0 <= args.process_index < args.process_count:
@@ -693,7 +710,8 @@ def main(argv=None) -> int:
         if pending:
             captioner = Captioner(model, processor, args.prompt, args.max_new_tokens, args.do_sample,
                                   args.temperature, args.top_k, args.top_p, args.seed, args.scores,
-                                  args.repetition_penalty, args.no_repeat_ngram_size)
+                                  args.repetition_penalty, args.no_repeat_ngram_size, args.num_beams,
+                                  args.length_penalty)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -236,6 +236,10 @@ class LlavaNext:
         on a CPU, 8 on an accelerator. The programs are `generate`'s prefill and a resumable decode
         loop, compiled once per bucket as `generate`'s (a new chunk size compiles nothing).
         """
+        if generation.get("num_beams", 1) != 1:
+            raise ValueError(f"streaming decodes one sequence per row; num_beams={generation['num_beams']} needs "
+                             f"generate (a beam's tokens are known only when the search ends)")
+        generation.pop("num_beams", None)
         args = self.generation_inputs(input_ids, pixel_values, image_sizes, attention_mask, max_new_tokens,
                                       **generation)
         chunk = generate.default_stream_chunk() if chunk is None else chunk
@@ -303,7 +307,8 @@ class LlavaNext:
             depend on it; with `do_sample=True` image i is seeded with `seed + i` (`seed` default 0),
             so sampled captions do not depend on it either.
         max_new_tokens, **generation: as `generate` (do_sample, temperature, top_k, top_p, seed,
-            min_new_tokens, eos_token_id, pad_token_id).
+            min_new_tokens, eos_token_id, pad_token_id, repetition_penalty, no_repeat_ngram_size;
+            num_beams, length_penalty, early_stopping: an image's caption is then its best beam).
         Compiles a generate program per (batch size, prompt bucket, ...): the last, smaller chunk
         compiles its own.
 
@@ -389,10 +394,13 @@ class LlavaNext:
 
 
 def _text_only(generation: dict, call: str) -> None:
-    """The string-returning calls take `generate`'s sampling settings, not its output options."""
+    """The string-returning calls take `generate`'s sampling and beam settings, not its output options."""
     if "return_logprobs" in generation:
         raise TypeError(f"{call} returns text; for log-probabilities call generate(..., return_logprobs=True) "
                         f"with the processor's inputs")
+    if "num_return_sequences" in generation:
+        raise TypeError(f"{call} returns one text per prompt (the best beam); for several beams call "
+                        f"generate(..., num_beams=K, num_return_sequences=R) with the processor's inputs")
 
 
 def _left_align(ids: np.ndarray, mask: np.ndarray, sources: np.ndarray):

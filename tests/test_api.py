@@ -40,7 +40,7 @@ def images(tmp_path_factory):
     return [Image.fromarray(arrays[0]), str(path), arrays[2], arrays[3][..., 0], Image.fromarray(arrays[4])]
 
 
-def by_hand(model, processor, image, question, history=(), new=NEW):
+def by_hand(model, processor, image, question, history=(), new=NEW, **generation):
     """The answer through the processor's own chat-template tokenization, one image (or a list), no batching."""
     messages, images = [], image if isinstance(image, list) else [image]
     for i, (q, a) in enumerate([*history, (question, None)]):
@@ -49,7 +49,7 @@ def by_hand(model, processor, image, question, history=(), new=NEW):
         if a is not None:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    tokens = model.generate(**inputs, max_new_tokens=new)
+    tokens = model.generate(**inputs, max_new_tokens=new, **generation)
     return processor.batch_decode(tokens, skip_special_tokens=True)[0].strip()
 
 
@@ -89,6 +89,22 @@ def test_caption_batch_size_does_not_matter(model, images, captions):
     assert model.caption(images, batch_size=1, max_new_tokens=NEW) == captions
     # the processor loaded from the checkpoint is cached on the model
     assert model.get_processor() is model.get_processor()
+
+
+def test_beam_search_captions_and_chat(model, processor, images, captions):
+    """num_beams in caption and chat: each image's best beam, as generate gives it for that image alone
+    (beam search itself is checked against HF in test_generate); streaming and several beams per
+    image are refused with what to call instead."""
+    beams = dict(num_beams=3, length_penalty=0.8)
+    out = model.caption(images, batch_size=5, max_new_tokens=NEW, **beams)
+    assert out == [by_hand(model, processor, image, DEFAULT_CAPTION_PROMPT, **beams) for image in images]
+    assert out != captions   # the search found other captions than greedy decoding
+    assert model.chat(images[1], "What is here?", max_new_tokens=NEW, **beams) == \
+        by_hand(model, processor, images[1], "What is here?", **beams)
+    with pytest.raises(ValueError, match="num_beams=3 needs generate"):
+        next(model.chat_stream(images[0], "hi", num_beams=3))
+    with pytest.raises(TypeError, match="num_return_sequences=R"):
+        model.caption(images[:1], num_beams=3, num_return_sequences=2)
 
 
 def test_caption_prompt_goes_through_chat_template(model, processor, images):

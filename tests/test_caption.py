@@ -153,6 +153,7 @@ def test_usage_errors_exit_2(env, tmp_path):
              (["--images", image, "--batch-size", "0"], "--batch-size"),
              (["--images", image, "--top-p", "0"], "top-p"),
              (["--images", image, "--no-repeat-ngram-size", "17"], "--no-repeat-ngram-size must be in [0, 16]"),
+             (["--images", image, "--num-beams", "3", "--do-sample"], "1 with --do-sample"),
              (["--images", image, "--bogus"], "unrecognized")]
     for args, message in cases:
         proc = run_caption(env, *args, "--output", out)
@@ -267,16 +268,21 @@ def test_scores_repetition_penalty_and_ngrams_reach_generate(demo_dir, tmp_path)
         assert row["logprob"] < 0
     assert len(rows) == 3
     # --repetition-penalty and --no-repeat-ngram-size reach generate: the captions are generate's with them.
-    for flag, value, setting in (("--repetition-penalty", "1.3", dict(repetition_penalty=1.3)),
-                                 ("--no-repeat-ngram-size", "2", dict(no_repeat_ngram_size=2))):
-        out = tmp_path / f"{flag}.jsonl"
+    # --num-beams/--length-penalty: the best beam's caption, and with --scores its score x tokens**L.
+    for flags, setting in ((["--repetition-penalty", "1.3"], dict(repetition_penalty=1.3)),
+                           (["--no-repeat-ngram-size", "2"], dict(no_repeat_ngram_size=2)),
+                           (["--num-beams", "3", "--length-penalty", "0.7", "--scores"],
+                            dict(num_beams=3, length_penalty=0.7))):
+        out = tmp_path / f"{flags[0]}.jsonl"
         assert caption.main(["--model", demo_dir, "--images", *paths, "--output", str(out), "--batch-size", "3",
-                             "--max-new-tokens", "16", flag, value, "--no-progress"]) == 0
+                             "--max-new-tokens", "16", *flags, "--no-progress"]) == 0
         for row in load_jsonl(out):
             inputs = processor(images=[row["image"]], text=[prompt], add_special_tokens=add_special)
-            tokens = model.generate(**inputs, max_new_tokens=16, **setting)
-            assert decode_new_tokens(processor, tokens)[0] == row["caption"], flag
-        assert [r["caption"] for r in load_jsonl(out)] != [r["caption"] for r in rows], flag
+            tokens, scores = model.generate(**inputs, max_new_tokens=16, return_logprobs=True, **setting)
+            assert decode_new_tokens(processor, tokens)[0] == row["caption"], flags
+            if "num_beams" in setting:
+                assert abs(row["logprob"] - float(scores[0]) * row["tokens"] ** 0.7) <= 1e-3, row
+        assert [r["caption"] for r in load_jsonl(out)] != [r["caption"] for r in rows], flags
     # A stop id met mid-caption (the demo model never emits its eos): the score ends with that token.
     captioner = caption.Captioner(model, processor, caption.DEFAULT_PROMPT, 16, scores=True)
     batches, _ = caption.plan_batches([rows[0]["image"]], processor.geometry, 1)
