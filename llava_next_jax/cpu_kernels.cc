@@ -34,28 +34,46 @@ inline float Widen(uint16_t bf16) {  // bfloat16 is the high half of a float32
   return v;
 }
 
-// y[:, n0:n1] = x[:, k0:k1] @ w[k0:k1, n0:n1]; x is [R, K], w [K, N] and y [R, N], row-major.
+// y[:Q, c0:c1] += x[:Q, k:k+4] @ w[k:k+4, c0:c1] for Q <= 4 rows; x is [., K], w [K, N] and y [., N],
+// row-major. The rows' 16 factors, the 4 weights and an accumulator fit the vector registers, so the
+// compiler vectorises the column loop (with more rows it spilled and ran ~8x slower).
+template <int Q, typename W>
+inline void FourRows(const float* __restrict x, const W* __restrict w, float* __restrict y, int64_t K,
+                     int64_t N, int64_t k, int64_t c0, int64_t c1) {
+  const W* __restrict w0 = w + k * N;
+  const W* __restrict w1 = w0 + N;
+  const W* __restrict w2 = w1 + N;
+  const W* __restrict w3 = w2 + N;
+  float a[Q], b[Q], c[Q], d[Q];
+  for (int r = 0; r < Q; ++r) {
+    a[r] = x[r * K + k];
+    b[r] = x[r * K + k + 1];
+    c[r] = x[r * K + k + 2];
+    d[r] = x[r * K + k + 3];
+  }
+  for (int64_t n = c0; n < c1; ++n) {
+    const float u = Widen(w0[n]), v = Widen(w1[n]), s = Widen(w2[n]), t = Widen(w3[n]);
+    for (int r = 0; r < Q; ++r) y[r * N + n] += (a[r] * u + b[r] * v) + (c[r] * s + d[r] * t);
+  }
+}
+
+// y[:, n0:n1] = x[:, k0:k1] @ w[k0:k1, n0:n1]; x is [R, K], w [K, N] and y [R, N], row-major. The
+// weights are read front to back, four rows at a time; more than four rows of x take them in groups
+// of four over column chunks of kChunk, so a chunk read from memory once is re-read from L1.
+constexpr int64_t kChunk = 512;
+
 template <int R, typename W>
 void Partial(const float* __restrict x, const void* weights, float* __restrict y, int64_t K,
              int64_t N, int64_t k0, int64_t k1, int64_t n0, int64_t n1) {
   const W* __restrict w = static_cast<const W*>(weights);
   for (int r = 0; r < R; ++r) std::fill(y + r * N + n0, y + r * N + n1, 0.0f);
+  const int64_t chunk = R <= 4 ? n1 - n0 : kChunk;
   int64_t k = k0;
   for (; k + 4 <= k1; k += 4) {
-    const W* __restrict w0 = w + k * N;
-    const W* __restrict w1 = w0 + N;
-    const W* __restrict w2 = w1 + N;
-    const W* __restrict w3 = w2 + N;
-    float a[R], b[R], c[R], d[R];
-    for (int r = 0; r < R; ++r) {
-      a[r] = x[r * K + k];
-      b[r] = x[r * K + k + 1];
-      c[r] = x[r * K + k + 2];
-      d[r] = x[r * K + k + 3];
-    }
-    for (int64_t n = n0; n < n1; ++n) {
-      const float u = Widen(w0[n]), v = Widen(w1[n]), s = Widen(w2[n]), t = Widen(w3[n]);
-      for (int r = 0; r < R; ++r) y[r * N + n] += (a[r] * u + b[r] * v) + (c[r] * s + d[r] * t);
+    for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
+      const int64_t c1 = std::min(n1, c0 + chunk);
+      FourRows<(R < 4 ? R : 4), W>(x, w, y, K, N, k, c0, c1);
+      if constexpr (R > 4) FourRows<R - 4, W>(x + 4 * K, w, y + 4 * N, K, N, k, c0, c1);
     }
   }
   for (; k < k1; ++k) {
