@@ -57,6 +57,8 @@ SCRIPT = textwrap.dedent("""
     single = LlavaNext.from_pretrained(work + "/out")
     ref_logits = np.asarray(single.forward(**batch))
     ref_tokens = single.generate(**batch, max_new_tokens=12, eos_token_id=[])
+    beams = dict(max_new_tokens=12, eos_token_id=[], num_beams=2, num_return_sequences=2, pad_token_id=7)
+    ref_beams = single.generate(**batch, **beams)
     ref_loss = single.loss(**batch)
     for data, model_axis in [(1, 8), (2, 4), (8, 1)]:
         mesh = sharding.make_mesh(data=data, model=model_axis)
@@ -75,6 +77,8 @@ SCRIPT = textwrap.dedent("""
         assert diff <= 1e-5, (data, model_axis, diff)
         tokens = model.generate(**batch, max_new_tokens=12, eos_token_id=[])
         assert (tokens == ref_tokens).all(), (data, model_axis)
+        if data == 2:   # beam search: the beams' cache rows gathered within each prompt's, over "data" shards
+            assert (model.generate(**batch, **beams) == ref_beams).all()
         assert (check_memory(model, mesh, batch) == ref_tokens).all()  # the same compiled programs
         assert abs(model.loss(**batch) - ref_loss) <= 1e-5 * abs(ref_loss)
         print(f"mesh {data}x{model_axis}: max |delta logits| {diff:.2e}, tokens equal")
