@@ -198,22 +198,22 @@ class LlavaNext:
         count to a multiple of the batch size. Sampling and beam settings are runtime values: they
         compile nothing.
         """
-        args = self.generation_inputs(input_ids, pixel_values, image_sizes, attention_mask, max_new_tokens,
-                                      min_new_tokens, do_sample, temperature, top_k, top_p, seed, eos_token_id,
-                                      pad_token_id, repetition_penalty, no_repeat_ngram_size, length_penalty,
-                                      early_stopping)
         if isinstance(num_beams, bool) or not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
             raise ValueError(f"num_beams must be an int >= 1; got {num_beams!r}")
         if not (isinstance(num_return_sequences, (int, np.integer)) and 1 <= num_return_sequences <= num_beams):
             raise ValueError(f"num_return_sequences must be an int in [1, num_beams={num_beams}] (beam search "
                              f"returns its best beams; sampling several per prompt: repeat the rows with "
                              f"per-row seeds); got {num_return_sequences!r}")
+        if num_beams > 1 and do_sample:
+            raise ValueError("beam search here is greedy: do_sample=True needs num_beams=1")
+        args = self.generation_inputs(input_ids, pixel_values, image_sizes, attention_mask, max_new_tokens,
+                                      min_new_tokens, do_sample, temperature, top_k, top_p, seed, eos_token_id,
+                                      pad_token_id, repetition_penalty, no_repeat_ngram_size, length_penalty,
+                                      early_stopping)
         if num_beams == 1:
             tokens, logprobs = (distributed.fetch(a)[:, :max_new_tokens]
                                 for a in generate.generate_tokens(self.params, self.config, **args))
             return (tokens, logprobs) if return_logprobs else tokens
-        if do_sample:
-            raise ValueError("beam search here is greedy: do_sample=True needs num_beams=1")
         from .beam import beam_tokens
         tokens, scores = (distributed.fetch(a) for a in beam_tokens(self.params, self.config, **args,
                                                                    num_beams=int(num_beams)))
