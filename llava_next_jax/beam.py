@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from . import xla_cpu
 from .config import LlavaNextConfig
-from .generate import EARLY_STOPPING, MAX_STOP_IDS, banned_ngrams, decode_step, penalize_repeats, prefill_program
+from .generate import EARLY_STOPPING, MAX_STOP_IDS, decode_step, is_stop, prefill_program, process_scores
 
 NEG = -1.0e9   # HF's score for "never": added, not set, so a hypothesis keeps its order among its kind
 
@@ -57,7 +57,6 @@ def beam_loop(params, config: LlavaNextConfig, logits, cache, kv_valid, options:
     penalty = options["length_penalty"]
     stop_when_full = options["early_stopping"] == EARLY_STOPPING[True]    # stop once K hypotheses finished
     never = options["early_stopping"] == EARLY_STOPPING["never"]         # judge improvement at max length
-    is_stop = lambda tokens: (tokens[..., None] == stop_ids).any(-1)
     pad = jnp.full((B, K, N), options["pad_id"], jnp.int32)
     state = {"step": jnp.int32(0), "running": pad, "running_scores": jnp.zeros((B, K)).at[:, 1:].set(NEG),
              "finished": pad, "scores": jnp.full((B, K), NEG), "is_finished": jnp.zeros((B, K), bool),
@@ -71,15 +70,13 @@ def beam_loop(params, config: LlavaNextConfig, logits, cache, kv_valid, options:
     def body(carry):
         s, cache = carry
         step = s["step"]
-        logp = penalize_repeats(jax.nn.log_softmax(s["logits"], axis=-1), s["seen"], options["repetition_penalty"])
-        banned = banned_ngrams(jnp.concatenate([history, s["running"].reshape(B * K, N)], axis=1), T + step,
-                               options["no_repeat_ngram_size"], V)
-        logp = jnp.where(banned | ((step < options["min_new_tokens"]) & is_stop(jnp.arange(V))), -jnp.inf, logp)
+        logp = process_scores(jax.nn.log_softmax(s["logits"], axis=-1), s["seen"],
+                              jnp.concatenate([history, s["running"].reshape(B * K, N)], axis=1), step, options)
         total = (logp.reshape(B, K, V) + s["running_scores"][:, :, None]).reshape(B, K * V)
         cand_scores, index = jax.lax.top_k(total, kept)
         parent, token = index // V, (index % V).astype(jnp.int32)
         cand = _gather(s["running"], parent).at[:, :, step].set(token)
-        stopped = is_stop(token) | (step + 1 >= max_new)
+        stopped = is_stop(token, stop_ids) | (step + 1 >= max_new)
 
         # the best K that did not stop run on
         running_scores, pick = jax.lax.top_k(cand_scores + stopped * NEG, K)

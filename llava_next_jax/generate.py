@@ -170,6 +170,23 @@ def banned_ngrams(history: jax.Array, length, n, vocab_size: int) -> jax.Array:
     return jnp.zeros((B, vocab_size), bool).at[jnp.arange(B)[:, None], banned].set(True, mode="drop")
 
 
+def is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
+    """Whether each token is one of `stop_ids` `[MAX_STOP_IDS]` (-1 = unused): bool, `tokens`' shape."""
+    return (tokens[..., None] == stop_ids).any(-1)
+
+
+def process_scores(scores: jax.Array, seen: jax.Array, history: jax.Array, step, options: dict[str, jax.Array]):
+    """HF's logits processors as generation applies them to scores `[B, V]` (the logits, or beam
+    search's log-probabilities) before step `step`: the repetition penalty over `seen`, the no-repeat
+    n-gram ban over `history` `[B, T + N]` (options' prompt history, then the new tokens), and
+    min_new_tokens (stop ids banned while step < min_new_tokens)."""
+    V = scores.shape[-1]
+    scores = penalize_repeats(scores, seen, options["repetition_penalty"])
+    repeat = banned_ngrams(history, options["history"].shape[1] + step, options["no_repeat_ngram_size"], V)
+    too_early = (step < options["min_new_tokens"]) & is_stop(jnp.arange(V), options["stop_ids"])
+    return jnp.where(too_early | repeat, -jnp.inf, scores)
+
+
 def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options: dict[str, jax.Array], dtype,
                 new_bucket: int, stop_at):
     """Steps the decode loop from `state` (`start_state`'s keys) while `step < stop_at` (and
@@ -179,7 +196,6 @@ def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options
     next_position = jnp.sum(kv_valid[:, :T], axis=1).astype(jnp.int32)  # first new token's RoPE position
     row_keys = jax.vmap(lambda seed, stream: jax.random.fold_in(jax.random.key(seed), stream))(
         options["seeds"], options["row_streams"])
-    stop_ids = options["stop_ids"]
     last = jnp.minimum(stop_at, options["max_new_tokens"])
 
     def cond(carry):
@@ -189,13 +205,8 @@ def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options
     def body(carry):
         state, cache = carry
         step, done = state["step"], state["done"]
-        logits = penalize_repeats(state["logits"], state["seen"], options["repetition_penalty"])
-        history = jnp.concatenate([options["history"], state["tokens"]], axis=1)
-        repeat = banned_ngrams(history, options["history"].shape[1] + step, options["no_repeat_ngram_size"],
-                               logits.shape[-1])
-        too_early = step < options["min_new_tokens"]
-        is_stop_id = (jnp.arange(logits.shape[-1])[:, None] == stop_ids[None, :]).any(-1)
-        logits = jnp.where((too_early & is_stop_id) | repeat, -jnp.inf, logits)
+        logits = process_scores(state["logits"], state["seen"],
+                                jnp.concatenate([options["history"], state["tokens"]], axis=1), step, options)
         keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
         token, logprob = select_tokens(logits, keys, options["do_sample"], options["temperature"], options["top_k"],
                                        options["top_p"])
@@ -203,7 +214,7 @@ def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options
         logits, cache = decode_step(params, config, token, next_position + step, T + step, kv_valid, cache, dtype)
         return {"step": step + 1, "tokens": state["tokens"].at[:, step].set(token),
                 "logprobs": state["logprobs"].at[:, step].set(logprob), "logits": logits,
-                "done": done | (token[:, None] == stop_ids[None, :]).any(-1),
+                "done": done | is_stop(token, options["stop_ids"]),
                 "seen": state["seen"].at[jnp.arange(B), token].set(True)}, cache
 
     return jax.lax.while_loop(cond, body, (state, cache))
@@ -291,8 +302,8 @@ def compiled_programs() -> int:
     """How many generation programs have been compiled so far (prefill + decode, streaming's and beam
     search's too)."""
     from .beam import beam_program
-    return (beam_program._cache_size() + prefill_program._cache_size() + decode_program._cache_size() + start_program._cache_size()
-            + decode_chunk_program._cache_size())
+    return (prefill_program._cache_size() + decode_program._cache_size() + start_program._cache_size()
+            + decode_chunk_program._cache_size() + beam_program._cache_size())
 
 
 def pad_prompt(input_ids: np.ndarray, attention_mask: np.ndarray, sources: np.ndarray, length: int, pad_id: int):
