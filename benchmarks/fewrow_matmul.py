@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from generate_vs_hf import median_seconds  # noqa: E402   (it puts the repository on the path too)
 
 SHAPES = ((1024, 4096), (4096, 1024), (1024, 32064))   # MLP up/gate, MLP down, lm_head
 
@@ -38,14 +37,10 @@ def main():
         cells = []
         for rows in args.rows:
             x = jnp.asarray(rng.standard_normal((rows, K)), jnp.float32)
-            jax.block_until_ready(product(x, w))
-            times = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                jax.block_until_ready(product(x, w))
-                times.append(time.perf_counter() - start)
-            ms = statistics.median(times)
-            cells.append(f"{ms * 1e3:.2f} ({w.nbytes / ms / 1e9:.0f})")
+            run = lambda: jax.block_until_ready(product(x, w))
+            run()
+            seconds = median_seconds(run, args.repeats)
+            cells.append(f"{seconds * 1e3:.2f} ({w.nbytes / seconds / 1e9:.0f})")
         print(f"| `[{K}, {N}]` | " + " | ".join(cells) + " |", flush=True)
 
 
