@@ -157,7 +157,7 @@ def products(dtype, shapes=WEIGHT_SHAPES, total_bytes=512e6, repeats=10):
 
 
 def attention_layers(config, dtype, prompt, new_tokens, layers=32, repeats=10):
-    """Microseconds per layer of a batch-1 decode step's attention (`decoder._attend_one`) over
+    """Microseconds per layer of a batch-1 decode step's attention (`decoder._attend_new`) over
     `layers` distinct caches."""
     import jax
     import jax.numpy as jnp
@@ -169,8 +169,8 @@ def attention_layers(config, dtype, prompt, new_tokens, layers=32, repeats=10):
                jax.random.normal(jax.random.fold_in(key, 2 * i + 1), (1, K, H, S), dtype)) for i in range(layers)]
     q = jax.random.normal(key, (1, 1, N, H), dtype)
     new = jax.random.normal(key, (1, K, 1, H), dtype)
-    mask = jnp.arange(S)[None] < prompt
-    fn = jax.jit(lambda q, caches: [decoder._attend_one(q, k, v, new, new, mask, H ** -0.5) for k, v in caches])
+    mask, own = (jnp.arange(S) < prompt)[None, None], jnp.ones((1, 1, 1), bool)
+    fn = jax.jit(lambda q, caches: [decoder._attend_new(q, k, v, new, new, mask, own, H ** -0.5) for k, v in caches])
     jax.block_until_ready(fn(q, caches))
     t = statistics.median(seconds(lambda: jax.block_until_ready(fn(q, caches))) for _ in range(repeats))
     gbs = sum(k.nbytes + v.nbytes for k, v in caches) / t / 1e9

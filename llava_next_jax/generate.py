@@ -36,6 +36,8 @@ PROMPT_BUCKETS = (64, 128, 256, 384) + tuple(range(512, 4097, 128)) + tuple(rang
 NEW_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 MAX_STOP_IDS = 8
 MAX_NGRAM = 16   # the largest no_repeat_ngram_size (a runtime value up to this: it compiles nothing)
+MAX_LOOKUP = 32          # the largest prompt_lookup_num_tokens (each value compiles its own decode loop)
+MAX_LOOKUP_NGRAM = 8     # the largest max_matching_ngram_size (a runtime value: it compiles nothing)
 EARLY_STOPPING = {False: 0, True: 1, "never": 2}   # beam search's early_stopping, as a traced int
 
 
@@ -110,16 +112,23 @@ def prefill(params, config: LlavaNextConfig, input_ids, pixel_values, sources, a
 
 
 @decoder.full_float32
-def decode_step(params, config: LlavaNextConfig, tokens, positions, slot, kv_valid, cache, dtype):
-    """One new token per row: tokens, positions `[B]`, written at cache `slot`. Returns (logits `[B, V]`, cache)."""
-    B = tokens.shape[0]
-    x = params["language_model"]["embed_tokens"]["embedding"][tokens[:, None]].astype(dtype)
-    q_index = jnp.full((B, 1), slot)
+def decode_tokens(params, config: LlavaNextConfig, tokens, positions, slot, kv_valid, cache, dtype):
+    """n new tokens per row: tokens, positions `[B, n]`, written at cache slots [slot, slot + n), each
+    seeing the cache before `slot` and the new tokens up to itself. Returns (logits `[B, n, V]`, cache)."""
+    B, n = tokens.shape
+    x = params["language_model"]["embed_tokens"]["embedding"][tokens].astype(dtype)
+    q_index = jnp.broadcast_to(slot + jnp.arange(n), (B, n))
     kv_index = jnp.arange(kv_valid.shape[1])
     mask = decoder.attention_mask(q_index, kv_index, kv_valid)
-    hidden, cache = decoder.decode_hidden(params["language_model"], config.text, x, positions[:, None], mask,
+    hidden, cache = decoder.decode_hidden(params["language_model"], config.text, x, positions, mask,
                                           q_index, kv_index, cache, slot, dtype)
-    return decoder.lm_logits(params, hidden, config.tie_word_embeddings)[:, 0], cache
+    return decoder.lm_logits(params, hidden, config.tie_word_embeddings), cache
+
+
+def decode_step(params, config: LlavaNextConfig, tokens, positions, slot, kv_valid, cache, dtype):
+    """One new token per row: tokens, positions `[B]`, written at cache `slot`. Returns (logits `[B, V]`, cache)."""
+    logits, cache = decode_tokens(params, config, tokens[:, None], positions[:, None], slot, kv_valid, cache, dtype)
+    return logits[:, 0], cache
 
 
 @partial(jax.jit, static_argnames=("config", "dtype", "cache_length"))
@@ -135,11 +144,12 @@ def prefill_program(params, config: LlavaNextConfig, input_ids, pixel_values, so
 
 def start_state(logits, options: dict[str, jax.Array], new_bucket: int) -> dict[str, jax.Array]:
     """The decode loop's state before its first step: step 0, no tokens yet (all pad, log-probabilities
-    0), the prefill's last-slot logits `[B, V]`, no row done, the prompts' tokens seen."""
+    0), the prefill's last-slot logits `[B, V]`, no row done, the prompts' tokens seen, no pass of the
+    model yet."""
     B = logits.shape[0]
     return {"step": jnp.int32(0), "tokens": jnp.full((B, new_bucket), options["pad_id"], jnp.int32),
             "logprobs": jnp.zeros((B, new_bucket), jnp.float32), "logits": logits, "done": jnp.zeros((B,), bool),
-            "seen": jnp.asarray(options["seen"], bool)}
+            "seen": jnp.asarray(options["seen"], bool), "passes": jnp.int32(0)}
 
 
 def penalize_repeats(logits: jax.Array, seen: jax.Array, penalty) -> jax.Array:
@@ -187,16 +197,54 @@ def process_scores(scores: jax.Array, seen: jax.Array, history: jax.Array, step,
     return jnp.where(too_early | repeat, -jnp.inf, scores)
 
 
+def lookup_drafts(sequence: jax.Array, length, ngram, count: int) -> jax.Array:
+    """Prompt-lookup drafts, found as HF's `PromptLookupCandidateGenerator` finds them: in each row of
+    `sequence` `[B, S]` (the prompt then the new tokens; -1: no token) of `length` slots (traced), the
+    longest n <= `ngram` (traced, at most MAX_LOOKUP_NGRAM) whose last n tokens occur earlier with at
+    least one token after them, and at the earliest such place the up to `count` tokens that follow.
+    Returns int32 `[B, count]`, -1 where a row has no draft token."""
+    B, S = sequence.shape
+    slots = jnp.arange(S)
+    padded = jnp.pad(sequence, ((0, 0), (MAX_LOOKUP_NGRAM, 0)), constant_values=-1)
+    agree, found, end = jnp.ones((B, S), bool), jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32)
+    for r in range(MAX_LOOKUP_NGRAM):       # windows of r + 1 tokens, by the slot e they end at
+        earlier = padded[:, MAX_LOOKUP_NGRAM - r:MAX_LOOKUP_NGRAM - r + S]          # [b, e]: sequence[b, e - r]
+        latest = jax.lax.dynamic_index_in_dim(sequence, length - 1 - r, axis=1, keepdims=False)
+        agree &= (earlier == latest[:, None]) & (earlier >= 0)
+        match = agree & (slots + 1 < length) & (r < ngram) & (r < length)
+        end = jnp.where(match.any(axis=1), jnp.argmax(match, axis=1).astype(jnp.int32), end)
+        found |= match.any(axis=1)
+    follow = end[:, None] + 1 + jnp.arange(count)
+    drafts = jnp.take_along_axis(sequence, jnp.minimum(follow, S - 1), axis=1)
+    return jnp.where(found[:, None] & (follow < length), drafts, -1)
+
+
 def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options: dict[str, jax.Array], dtype,
-                new_bucket: int, stop_at):
+                new_bucket: int, stop_at, lookup: int = 0):
     """Steps the decode loop from `state` (`start_state`'s keys) while `step < stop_at` (and
-    max_new_tokens) and some row is not done; returns (state, cache). One `lax.while_loop`."""
+    max_new_tokens) and some row is not done; returns (state, cache). One `lax.while_loop`.
+
+    lookup > 0 (HF's prompt_lookup_num_tokens): a pass of the model takes the step's token and up to
+    `lookup` tokens drafted after it from the sequence so far (`lookup_drafts`), and the step keeps
+    the drafts each row's model would have chosen itself, the same for all rows (so the batch shares
+    one cache slot), and the next token after them: the tokens and log-probabilities of lookup=0 in
+    fewer passes (the cache holds `lookup` slots more). When some row has no draft, the pass takes
+    the step's token alone."""
     B, S = kv_valid.shape
-    T = S - new_bucket
+    T = S - new_bucket - lookup
     next_position = jnp.sum(kv_valid[:, :T], axis=1).astype(jnp.int32)  # first new token's RoPE position
     row_keys = jax.vmap(lambda seed, stream: jax.random.fold_in(jax.random.key(seed), stream))(
         options["seeds"], options["row_streams"])
     last = jnp.minimum(stop_at, options["max_new_tokens"])
+    rows, pad = jnp.arange(B), options["pad_id"]
+
+    def choose(logits, seen, tokens, step, done):
+        """Step `step`'s token per row (pad where done) and its log-probability, from the logits before it."""
+        scores = process_scores(logits, seen, jnp.concatenate([options["history"], tokens], axis=1), step, options)
+        keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
+        token, logprob = select_tokens(scores, keys, options["do_sample"], options["temperature"], options["top_k"],
+                                       options["top_p"])
+        return jnp.where(done, pad, token), jnp.where(done, 0.0, logprob)
 
     def cond(carry):
         state, _ = carry
@@ -204,39 +252,80 @@ def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options
 
     def body(carry):
         state, cache = carry
-        step, done = state["step"], state["done"]
-        logits = process_scores(state["logits"], state["seen"],
-                                jnp.concatenate([options["history"], state["tokens"]], axis=1), step, options)
-        keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
-        token, logprob = select_tokens(logits, keys, options["do_sample"], options["temperature"], options["top_k"],
-                                       options["top_p"])
-        token, logprob = jnp.where(done, options["pad_id"], token), jnp.where(done, 0.0, logprob)
+        step = state["step"]
+        token, logprob = choose(state["logits"], state["seen"], state["tokens"], step, state["done"])
         logits, cache = decode_step(params, config, token, next_position + step, T + step, kv_valid, cache, dtype)
         return {"step": step + 1, "tokens": state["tokens"].at[:, step].set(token),
                 "logprobs": state["logprobs"].at[:, step].set(logprob), "logits": logits,
-                "done": done | is_stop(token, options["stop_ids"]),
-                "seen": state["seen"].at[jnp.arange(B), token].set(True)}, cache
+                "done": state["done"] | is_stop(token, options["stop_ids"]),
+                "seen": state["seen"].at[rows, token].set(True), "passes": state["passes"] + 1}, cache
 
-    return jax.lax.while_loop(cond, body, (state, cache))
+    def body_lookup(carry):
+        state, cache = carry
+        step, tokens, seen = state["step"], state["tokens"], state["seen"]
+        chosen, logprobs = choose(state["logits"], seen, tokens, step, state["done"])
+        chosen, logprobs, ended = [chosen], [logprobs], [state["done"] | is_stop(chosen, options["stop_ids"])]
+        tokens = tokens.at[:, step].set(chosen[0])
+        drafts = lookup_drafts(jnp.concatenate([options["history"], tokens], axis=1),
+                               options["history"].shape[1] + step + 1, options["lookup_ngram"], lookup)
+        inputs = jnp.concatenate([chosen[0][:, None], jnp.where(drafts >= 0, drafts, pad)], axis=1)
+        positions = (next_position + step)[:, None] + jnp.arange(lookup + 1)
+
+        def run(n, cache):
+            logits, cache = decode_tokens(params, config, inputs[:, :n], positions[:, :n], T + step, kv_valid,
+                                          cache, dtype)
+            return jnp.broadcast_to(logits, (B, lookup + 1, logits.shape[-1])), cache
+        drafted = ((drafts[:, 0] >= 0) | ended[0]).all() & ~ended[0].all()
+        logits, cache = jax.lax.cond(drafted, partial(run, lookup + 1), partial(run, 1), cache)
+        # Each drafted position's token as the model chooses it, given that the drafts before it stand.
+        agreed, kept = jnp.ones((B,), bool), jnp.zeros((B,), jnp.int32)
+        for j in range(1, lookup + 1):
+            seen = seen.at[rows, chosen[-1]].set(True)
+            token, logprob = choose(logits[:, j - 1], seen, tokens, step + j, ended[-1])
+            agreed &= (drafts[:, j - 1] == token) | ended[-1]
+            kept += agreed
+            tokens = tokens.at[:, step + j].set(token, mode="drop")
+            chosen, logprobs, ended = chosen + [token], logprobs + [logprob], ended + [ended[-1] | is_stop(
+                token, options["stop_ids"])]
+        ended = jnp.stack(ended)                                                   # [lookup + 1, B]
+        everyone = ended.all(axis=1)
+        m = jnp.minimum(jnp.min(kept), jnp.where(everyone.any(), jnp.argmax(everyone), lookup))
+        m = jnp.minimum(m, options["max_new_tokens"] - step - 1)           # tokens kept after the first
+        keep = jnp.arange(lookup + 1) <= m
+        at = step + jnp.arange(lookup + 1)
+        seen = state["seen"]
+        for j, token in enumerate(chosen):
+            seen = seen.at[rows, token].set(seen[rows, token] | keep[j])
+        return {"step": step + m + 1,
+                "tokens": state["tokens"].at[:, at].set(jnp.where(keep, jnp.stack(chosen, 1), pad), mode="drop"),
+                "logprobs": state["logprobs"].at[:, at].set(jnp.where(keep, jnp.stack(logprobs, 1), 0.0),
+                                                            mode="drop"),
+                "logits": jax.lax.dynamic_index_in_dim(logits, m, axis=1, keepdims=False),
+                "done": jax.lax.dynamic_index_in_dim(ended, m, axis=0, keepdims=False),
+                "seen": seen, "passes": state["passes"] + 1}, cache
+
+    return jax.lax.while_loop(cond, body_lookup if lookup else body, (state, cache))
 
 
-@partial(xla_cpu.jit, cpu_options=xla_cpu.DECODE, static_argnames=("config", "dtype", "new_bucket"),
+@partial(xla_cpu.jit, cpu_options=xla_cpu.DECODE, static_argnames=("config", "dtype", "new_bucket", "lookup"),
          donate_argnames=("cache",))
 def decode_program(params, config: LlavaNextConfig, logits, cache, kv_valid, options: dict[str, jax.Array], dtype,
-                   new_bucket: int):
+                   new_bucket: int, lookup: int = 0):
     """The compiled decode loop, one `lax.while_loop`; returns (state, cache): state["tokens"] the new
     tokens `[B, new_bucket]`, state["logprobs"] theirs (`select_tokens`; 0 after a row stopped).
 
     logits `[B, V]`: the prefill's last slot. The cache (donated, updated in place) has
-    `T + new_bucket` slots, the prompt in the first T. options (all traced, so changing them
+    `T + new_bucket + lookup` slots, the prompt in the first T. options (all traced, so changing them
     compiles nothing): max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
     seeds `[B]`, row_streams `[B]`, stop_ids `[MAX_STOP_IDS]` (-1 = unused), pad_id,
-    repetition_penalty, seen `[B, V]`, no_repeat_ngram_size, history `[B, T]` (`options`). Row r samples
-    with `fold_in(key(seeds[r]), row_streams[r])`, then the step.
+    repetition_penalty, seen `[B, V]`, no_repeat_ngram_size, history `[B, T]`, lookup_ngram
+    (`options`). Row r samples with `fold_in(key(seeds[r]), row_streams[r])`, then the step.
+    lookup: prompt-lookup drafts per pass (`decode_loop`; 0: none); state["passes"] counts the passes.
     """
     state = start_state(logits, options, new_bucket)
     # returning the cache lets XLA reuse the donated buffers in place
-    return decode_loop(params, config, state, cache, kv_valid, options, dtype, new_bucket, options["max_new_tokens"])
+    return decode_loop(params, config, state, cache, kv_valid, options, dtype, new_bucket, options["max_new_tokens"],
+                       lookup)
 
 
 @partial(jax.jit, static_argnames=("new_bucket",))
@@ -248,42 +337,45 @@ def start_program(logits, options: dict[str, jax.Array], new_bucket: int):
     return start_state(logits, options, new_bucket), options
 
 
-@partial(xla_cpu.jit, cpu_options=xla_cpu.DECODE, static_argnames=("config", "dtype", "new_bucket"),
+@partial(xla_cpu.jit, cpu_options=xla_cpu.DECODE, static_argnames=("config", "dtype", "new_bucket", "lookup"),
          donate_argnames=("state", "cache"))
 def decode_chunk_program(params, config: LlavaNextConfig, state, cache, kv_valid, options: dict[str, jax.Array],
-                         dtype, new_bucket: int, stop_at):
+                         dtype, new_bucket: int, stop_at, lookup: int = 0):
     """`decode_program` in pieces, for streaming: continues `state` (from `start_program` or the last
-    call) up to step `stop_at` (traced: any value compiles nothing) and returns (state, cache). Calls
-    that together reach max_new_tokens produce `decode_program`'s tokens."""
-    return decode_loop(params, config, state, cache, kv_valid, options, dtype, new_bucket, stop_at)
+    call) up to step `stop_at` (traced: any value compiles nothing; with `lookup`, a pass may end up to
+    `lookup` steps past it) and returns (state, cache). Calls that together reach max_new_tokens
+    produce `decode_program`'s tokens."""
+    return decode_loop(params, config, state, cache, kv_valid, options, dtype, new_bucket, stop_at, lookup)
 
 
 def generate_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask,
-                    options: dict[str, jax.Array], dtype, new_bucket: int) -> tuple[jax.Array, jax.Array]:
+                    options: dict[str, jax.Array], dtype, new_bucket: int,
+                    lookup: int = 0) -> tuple[jax.Array, jax.Array]:
     """Prefill then decode: (new tokens `[B, new_bucket]`, pad after a row stops; their log-probabilities,
-    0 after a row stops). Two compiled programs."""
+    0 after a row stops). Two compiled programs. lookup: prompt-lookup drafts per pass (`decode_loop`)."""
     logits, cache, kv_valid = prefill_program(params, config, input_ids, pixel_values, sources, attention_mask,
-                                              dtype, input_ids.shape[1] + new_bucket)
-    state, _ = decode_program(params, config, logits, cache, kv_valid, options, dtype, new_bucket)
+                                              dtype, input_ids.shape[1] + new_bucket + lookup)
+    state, _ = decode_program(params, config, logits, cache, kv_valid, options, dtype, new_bucket, lookup)
     return state["tokens"], state["logprobs"]
 
 
 def stream_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask,
-                  options: dict[str, jax.Array], dtype, new_bucket: int, chunk: int = 1, fetch=np.asarray):
+                  options: dict[str, jax.Array], dtype, new_bucket: int, chunk: int = 1, fetch=np.asarray,
+                  lookup: int = 0):
     """`generate_tokens` as it goes: yields (new tokens `[B, n]`, their log-probabilities `[B, n]`) every
-    `chunk` steps (n <= chunk; pad after a row's stop id) until every row is done or max_new_tokens is
-    reached. Concatenated, they are `generate_tokens`' up to that step. fetch: device array -> numpy
+    `chunk` steps (n <= chunk, or chunk + lookup with prompt-lookup drafts; pad after a row's stop id)
+    until every row is done or max_new_tokens is reached. Concatenated, they are `generate_tokens`' up to that step. fetch: device array -> numpy
     (`distributed.fetch` on a multi-process mesh)."""
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
     logits, cache, kv_valid = prefill_program(params, config, input_ids, pixel_values, sources, attention_mask,
-                                              dtype, input_ids.shape[1] + new_bucket)
+                                              dtype, input_ids.shape[1] + new_bucket + lookup)
     end, yielded = int(options["max_new_tokens"]), 0
     state, options = start_program(logits, options, new_bucket)
     while yielded < end:
         stop_at = min(yielded + int(chunk), end)
         state, cache = decode_chunk_program(params, config, state, cache, kv_valid, options, dtype, new_bucket,
-                                            np.int32(stop_at))
+                                            np.int32(stop_at), lookup)
         step = int(fetch(state["step"]))
         yield fetch(state["tokens"])[:, yielded:step], fetch(state["logprobs"])[:, yielded:step]
         if fetch(state["done"]).all():   # every row has stopped
@@ -330,7 +422,7 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, t
             top_p: float, seed: Any, stop_ids: tuple[int, ...], pad_id: int, *, prompt_ids: np.ndarray,
             vocab_size: int, prompt_mask: np.ndarray | None = None, repetition_penalty: float = 1.0,
             no_repeat_ngram_size: int = 0, prompt_bucket: int | None = None, length_penalty: float = 1.0,
-            early_stopping: bool | str = False) -> dict[str, np.ndarray]:
+            early_stopping: bool | str = False, max_matching_ngram_size: int = 2) -> dict[str, np.ndarray]:
     """The traced generation options, checked, as fixed-shape arrays.
 
     prompt_ids `[B, T]` (as the caller gave them, pads included) and their attention mask: the prompts'
@@ -338,7 +430,8 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, t
     are marked in `seen [B, vocab_size]`, the tokens `repetition_penalty` applies to (1.0: none); the
     whole prompts, left-filled with -1 to `prompt_bucket` slots (default T), are `history`, where
     no_repeat_ngram_size (0: off) looks for n-grams, as HF's processor looks in its input_ids.
-    length_penalty and early_stopping (True, False or "never") are beam search's (`beam`), as HF's."""
+    length_penalty and early_stopping (True, False or "never") are beam search's (`beam`), as HF's;
+    max_matching_ngram_size the longest n-gram prompt lookup matches (`lookup_drafts`), as HF's."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
     if not 0 <= min_new_tokens <= max_new_tokens:
@@ -352,6 +445,10 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, t
     if isinstance(no_repeat_ngram_size, bool) or not isinstance(no_repeat_ngram_size, (int, np.integer)) or not (
             0 <= no_repeat_ngram_size <= MAX_NGRAM):
         raise ValueError(f"no_repeat_ngram_size must be an int in [0, {MAX_NGRAM}] (0: off); got {no_repeat_ngram_size!r}")
+    if isinstance(max_matching_ngram_size, bool) or not isinstance(max_matching_ngram_size, (int, np.integer)) or not (
+            1 <= max_matching_ngram_size <= MAX_LOOKUP_NGRAM):
+        raise ValueError(f"max_matching_ngram_size must be an int in [1, {MAX_LOOKUP_NGRAM}]; "
+                         f"got {max_matching_ngram_size!r}")
     if not np.isfinite(length_penalty):
         raise ValueError(f"length_penalty must be a finite number; got {length_penalty!r}")
     if not any(early_stopping is v or (isinstance(early_stopping, str) and early_stopping == v)
@@ -383,4 +480,5 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, t
                 repetition_penalty=np.float32(repetition_penalty), seen=seen,
                 no_repeat_ngram_size=np.int32(no_repeat_ngram_size), history=history,
                 length_penalty=np.float32(length_penalty),
-                early_stopping=np.int32(EARLY_STOPPING[early_stopping]))
+                early_stopping=np.int32(EARLY_STOPPING[early_stopping]),
+                lookup_ngram=np.int32(max_matching_ngram_size))

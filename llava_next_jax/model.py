@@ -169,7 +169,7 @@ class LlavaNext:
                  min_new_tokens=0, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=0,
                  eos_token_id=None, pad_token_id=None, repetition_penalty=1.0, no_repeat_ngram_size=0,
                  num_beams=1, length_penalty=1.0, early_stopping=False, num_return_sequences=1,
-                 return_logprobs=False):
+                 prompt_lookup_num_tokens=None, max_matching_ngram_size=2, return_logprobs=False):
         """New tokens `[B, max_new_tokens]` (int32); after a row emits a stop id, the pad id. With
         `return_logprobs`, (tokens, logprobs): float32 `[B, max_new_tokens]`, each token's log-probability
         under the distribution it was chosen from (temperature, top-k and top-p applied when sampling;
@@ -192,8 +192,17 @@ class LlavaNext:
         num_return_sequences, max_new_tokens]`; with `return_logprobs`, (tokens, scores): float32 `[B
         * num_return_sequences]`, HF's `sequences_scores`.
 
+        prompt_lookup_num_tokens (HF's prompt lookup decoding; None or 0: off): each pass of the model
+        also takes up to this many tokens drafted from the prompt and the output so far (where the
+        last max_matching_ngram_size or fewer tokens occurred before, what followed them), and keeps
+        those the model would have chosen itself: the same tokens and log-probabilities as without,
+        greedy or sampled, in fewer passes where the output repeats the prompt or itself. The rows of
+        a batch keep as many as the row that keeps fewest (`generate.decode_loop`). At most
+        `generate.MAX_LOOKUP`; on a CPU, up to 7 (passes of batch x (n + 1) <= 8 rows) stay on the
+        native few-row kernels.
+
         Compiled programs: a prefill and a decode loop per (batch size, prompt bucket, new-token
-        bucket, images or not, num_beams); prompt lengths round up to `generate.PROMPT_BUCKETS`,
+        bucket, images or not, num_beams, prompt_lookup_num_tokens); prompt lengths round up to `generate.PROMPT_BUCKETS`,
         max_new_tokens to `NEW_TOKEN_BUCKETS`, tiles to the most the pinpoints allow, and the image
         count to a multiple of the batch size. Sampling and beam settings are runtime values: they
         compile nothing.
@@ -206,15 +215,19 @@ class LlavaNext:
                              f"per-row seeds); got {num_return_sequences!r}")
         if num_beams > 1 and do_sample:
             raise ValueError("beam search here is greedy: do_sample=True needs num_beams=1")
+        if num_beams > 1 and prompt_lookup_num_tokens:
+            raise ValueError(f"prompt_lookup_num_tokens={prompt_lookup_num_tokens} drafts one sequence per row; "
+                             f"beam search (num_beams={num_beams}) takes none")
         args = self.generation_inputs(input_ids, pixel_values, image_sizes, attention_mask, max_new_tokens,
                                       min_new_tokens, do_sample, temperature, top_k, top_p, seed, eos_token_id,
                                       pad_token_id, repetition_penalty, no_repeat_ngram_size, length_penalty,
-                                      early_stopping)
+                                      early_stopping, prompt_lookup_num_tokens, max_matching_ngram_size)
         if num_beams == 1:
             tokens, logprobs = (distributed.fetch(a)[:, :max_new_tokens]
                                 for a in generate.generate_tokens(self.params, self.config, **args))
             return (tokens, logprobs) if return_logprobs else tokens
         from .beam import beam_tokens
+        args.pop("lookup")
         tokens, scores = (distributed.fetch(a) for a in beam_tokens(self.params, self.config, **args,
                                                                    num_beams=int(num_beams)))
         tokens = tokens[:, :num_return_sequences, :max_new_tokens].reshape(-1, max_new_tokens)
@@ -230,7 +243,9 @@ class LlavaNext:
         return_logprobs: yields (tokens, logprobs) pairs instead, as `generate` returns them.
 
         Arguments as `generate` (**generation: min_new_tokens, do_sample, temperature, top_k, top_p,
-        seed, eos_token_id, pad_token_id, repetition_penalty, no_repeat_ngram_size). Between chunks the
+        seed, eos_token_id, pad_token_id, repetition_penalty, no_repeat_ngram_size,
+        prompt_lookup_num_tokens, max_matching_ngram_size: a chunk then holds up to chunk +
+        prompt_lookup_num_tokens tokens). Between chunks the
         loop returns to Python, which costs a dispatch a chunk: nothing measurable on a CPU, ~3 ms for a
         7B model on an H100 against a 6 ms step. chunk defaults to `generate.default_stream_chunk()`: 1
         on a CPU, 8 on an accelerator. The programs are `generate`'s prefill and a resumable decode
@@ -251,8 +266,13 @@ class LlavaNext:
                           max_new_tokens=32, min_new_tokens=0, do_sample=False, temperature=1.0, top_k=0,
                           top_p=1.0, seed=0, eos_token_id=None, pad_token_id=None,
                           repetition_penalty=1.0, no_repeat_ngram_size=0, length_penalty=1.0,
-                          early_stopping=False) -> dict[str, Any]:
+                          early_stopping=False, prompt_lookup_num_tokens=None,
+                          max_matching_ngram_size=2) -> dict[str, Any]:
         """The bucketed, padded arguments `generate.generate_tokens` takes (see `generate`)."""
+        lookup = 0 if prompt_lookup_num_tokens is None else prompt_lookup_num_tokens
+        if isinstance(lookup, bool) or not isinstance(lookup, (int, np.integer)) or not 0 <= lookup <= generate.MAX_LOOKUP:
+            raise ValueError(f"prompt_lookup_num_tokens must be None or an int in [0, {generate.MAX_LOOKUP}] "
+                             f"(0: off); got {prompt_lookup_num_tokens!r}")
         ids, pixels, sources, mask = self._inputs(input_ids, pixel_values, image_sizes, attention_mask,
                                                   tiles=self.config.geometry.max_tiles,
                                                   images_multiple=np.asarray(input_ids).shape[0])
@@ -267,11 +287,12 @@ class LlavaNext:
                                 stop_ids, pad_id, prompt_ids=np.asarray(input_ids), prompt_mask=user_mask,
                                 vocab_size=self.config.text.vocab_size, repetition_penalty=repetition_penalty,
                                 no_repeat_ngram_size=no_repeat_ngram_size, prompt_bucket=ids.shape[1],
-                                length_penalty=length_penalty, early_stopping=early_stopping)
+                                length_penalty=length_penalty, early_stopping=early_stopping,
+                                max_matching_ngram_size=max_matching_ngram_size)
         ids, mask, sources, pixels = self._place(ids, mask, sources, pixels)
         return dict(input_ids=ids, pixel_values=pixels, sources=None if pixels is None else sources,
                     attention_mask=mask, options=opts, dtype=self.dtype,
-                    new_bucket=generate.bucket(max_new_tokens, generate.NEW_TOKEN_BUCKETS))
+                    new_bucket=generate.bucket(max_new_tokens, generate.NEW_TOKEN_BUCKETS), lookup=int(lookup))
 
     # -- high-level calls -------------------------------------------------------------------------
 

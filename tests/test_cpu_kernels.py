@@ -83,8 +83,8 @@ def test_decode_attention_uses_head_matmul():
     B, K, G, H, S = 2, 2, 4, 16, 50
     q = jnp.ones((B, 1, K * G, H))
     cache, new = jnp.ones((B, K, H, S)), jnp.ones((B, K, 1, H))
-    text = jax.jit(decoder._attend_one, static_argnums=6).lower(q, cache, cache, new, new, jnp.ones((B, S), bool),
-                                                               0.25).as_text()
+    text = jax.jit(decoder._attend_new, static_argnums=7).lower(q, cache, cache, new, new, jnp.ones((B, 1, S), bool),
+                                                               jnp.ones((B, 1, 1), bool), 0.25).as_text()
     assert text.count(cpu_kernels.HEADS_TARGET) == 2
 
 

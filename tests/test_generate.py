@@ -196,6 +196,12 @@ def test_beam_search_equals_hf(family):
         model.generate(**batch, num_beams=3, do_sample=True)
     with pytest.raises(ValueError, match=r"early_stopping must be True, False or \"never\"; got 'always'"):
         model.generate(**batch, num_beams=3, early_stopping="always")
+    with pytest.raises(ValueError, match="beam search \\(num_beams=3\\) takes none"):
+        model.generate(**batch, num_beams=3, prompt_lookup_num_tokens=3)
+    with pytest.raises(ValueError, match=r"prompt_lookup_num_tokens must be None or an int in \[0, 32\]"):
+        model.generate(**batch, prompt_lookup_num_tokens=33)
+    with pytest.raises(ValueError, match=r"max_matching_ngram_size must be an int in \[1, 8\]; got 0"):
+        model.generate(**batch, prompt_lookup_num_tokens=3, max_matching_ngram_size=0)
 
 
 def test_stream_equals_hf_and_generate(family):
@@ -222,6 +228,71 @@ def test_stream_equals_hf_and_generate(family):
     streamed = model.generate_stream(**batch, max_new_tokens=NEW, eos_token_id=[], do_sample=True, temperature=1.5,
                                      seed=3, chunk=6)
     np.testing.assert_array_equal(np.concatenate(list(streamed), axis=1), sampled)
+
+
+def _decode_state(model, batch, **generation):
+    """The decode loop's final state (tokens, step, passes) for `generate(**batch, **generation)`."""
+    args = model.generation_inputs(**batch, **generation)
+    lookup = args.pop("lookup")
+    logits, cache, kv_valid = generate.prefill_program(
+        model.params, model.config, args["input_ids"], args["pixel_values"], args["sources"], args["attention_mask"],
+        args["dtype"], args["input_ids"].shape[1] + args["new_bucket"] + lookup)
+    state, _ = generate.decode_program(model.params, model.config, logits, cache, kv_valid, args["options"],
+                                       args["dtype"], args["new_bucket"], lookup)
+    return {k: np.asarray(state[k]) for k in ("tokens", "step", "passes")}
+
+
+def test_prompt_lookup_equals_hf(family):
+    """Prompt lookup decoding: a mixed batch keeps HF's greedy tokens (stop ids, min_new_tokens, the
+    repetition penalty and the n-gram ban in play); a row alone equals HF's own prompt lookup decoding
+    in fewer passes of the model than tokens, streamed too; sampled, the tokens and log-probabilities
+    are generate's without drafts."""
+    hf, model = family
+    batch = tm.make_batch(hf.config, ROWS, seed=5)
+    first = hf_generate(hf, batch, eos_token_id=[])
+    processors = dict(eos_token_id=[int(first[0, 9]), int(first[1, 12])], min_new_tokens=4,
+                      repetition_penalty=1.1, no_repeat_ngram_size=4)
+    ref = hf_generate(hf, batch, **processors)
+    ours = model.generate(**batch, max_new_tokens=NEW, pad_token_id=0, prompt_lookup_num_tokens=3, **processors)
+    np.testing.assert_array_equal(ours, ref)
+
+    one = tm.make_batch(hf.config, ROWS[1:2], seed=5)
+    with torch.no_grad():
+        out = hf.generate(**{k: torch.from_numpy(v) for k, v in one.items()}, do_sample=False, max_new_tokens=NEW,
+                          eos_token_id=[], pad_token_id=0, prompt_lookup_num_tokens=3)
+    state = _decode_state(model, one, max_new_tokens=NEW, eos_token_id=[], prompt_lookup_num_tokens=3)
+    np.testing.assert_array_equal(state["tokens"][:, :NEW], out[:, one["input_ids"].shape[1]:].numpy())
+    assert state["step"] == NEW and state["passes"] < NEW, state
+    streamed = list(model.generate_stream(**one, max_new_tokens=NEW, eos_token_id=[], chunk=2,
+                                          prompt_lookup_num_tokens=3))
+    assert all(p.shape[1] <= 2 + 3 for p in streamed) and len(streamed) < NEW // 2
+    np.testing.assert_array_equal(np.concatenate(streamed, axis=1), state["tokens"][:, :NEW])
+
+    sample = dict(max_new_tokens=NEW, eos_token_id=[], do_sample=True, temperature=0.5, seed=[4, 5, 6],
+                  return_logprobs=True)
+    plain, drafted = model.generate(**batch, **sample), model.generate(**batch, **sample, prompt_lookup_num_tokens=3)
+    np.testing.assert_array_equal(drafted[0], plain[0])
+    np.testing.assert_allclose(drafted[1], plain[1], rtol=1e-5, atol=1e-5)
+
+
+def test_lookup_drafts_equal_hf_candidates():
+    """`lookup_drafts` against HF's `PromptLookupCandidateGenerator` on random sequences of a small
+    vocabulary (so n-grams recur), a -1 prefix (no token) before them and junk after their length."""
+    import jax.numpy as jnp
+    from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+    rng = np.random.default_rng(0)
+    found = 0
+    for trial in range(60):
+        length, ngram, count = int(rng.integers(2, 40)), int(rng.integers(1, 4)), int(rng.integers(1, 6))
+        tokens = rng.integers(0, 5, length)
+        sequence = np.concatenate([np.full(7, -1), tokens, rng.integers(0, 5, 9)])[None]
+        ours = np.asarray(generate.lookup_drafts(jnp.asarray(sequence), 7 + length, ngram, count))[0]
+        hf = PromptLookupCandidateGenerator(num_output_tokens=count, max_matching_ngram_size=ngram, max_length=1000)
+        candidates = hf.get_candidates(torch.from_numpy(tokens)[None])[0][0, length:].numpy()
+        np.testing.assert_array_equal(ours[:len(candidates)], candidates, err_msg=f"trial {trial}")
+        assert (ours[len(candidates):] == -1).all(), (trial, ours, candidates)
+        found += len(candidates) > 0
+    assert 10 < found < 60, found
 
 
 def test_row_alone_equals_row_in_mixed_batch(family):

@@ -263,23 +263,27 @@ def test_cpu_product_gradients_equal_torch_and_take_the_kernel_gradient_as_a_pla
     np.testing.assert_allclose(np.asarray(dk), tk.grad.numpy(), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("group", [1, 4, 8])
-def test_decode_attention_equals_torch_sdpa(group):
-    """A decode step's attention over a cache with masked slots plus its own key (groups of 1 and 4 run
-    one matrix-vector product per query head on the CPU, 8 one matmul) against PyTorch SDPA."""
+@pytest.mark.parametrize("group,T", [(1, 1), (4, 1), (8, 1), (4, 3), (1, 5)])
+def test_decode_attention_equals_torch_sdpa(group, T):
+    """A decode step's attention (T new tokens) over a cache with masked slots plus its own keys, causal
+    among themselves, against PyTorch SDPA. On the CPU: groups of 1 and 4 one matrix-vector product per
+    query head without the native kernels, 8 one matmul; with them, the head kernel in parts of <= 8
+    rows (4 heads x 3 tokens: 12)."""
     import jax.numpy as jnp
     from llava_next_jax.modeling import decoder
     B, K, H, S = 2, 2, 16, 50
     N = K * group
-    rng = np.random.default_rng(group)
-    q = rng.standard_normal((B, 1, N, H)).astype(np.float32)
+    rng = np.random.default_rng(group + 10 * T)
+    q = rng.standard_normal((B, T, N, H)).astype(np.float32)
     k_cache, v_cache = rng.standard_normal((2, B, K, H, S)).astype(np.float32)
-    k_new, v_new = rng.standard_normal((2, B, K, 1, H)).astype(np.float32)
-    mask = rng.random((B, S)) < 0.7
-    ours = decoder._attend_one(*(jnp.asarray(a) for a in (q, k_cache, v_cache, k_new, v_new, mask)), H ** -0.5)
+    k_new, v_new = rng.standard_normal((2, B, K, T, H)).astype(np.float32)
+    mask = rng.random((B, T, S)) < 0.7
+    own = np.broadcast_to(np.tril(np.ones((T, T), bool)), (B, T, T))
+    ours = decoder._attend_new(*(jnp.asarray(a) for a in (q, k_cache, v_cache, k_new, v_new, mask, own)),
+                               H ** -0.5)
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
-    keys = torch.cat([t(k_cache).transpose(2, 3), t(k_new)], 2).repeat_interleave(group, 1)   # [B, N, S+1, H]
+    keys = torch.cat([t(k_cache).transpose(2, 3), t(k_new)], 2).repeat_interleave(group, 1)   # [B, N, S+T, H]
     values = torch.cat([t(v_cache).transpose(2, 3), t(v_new)], 2).repeat_interleave(group, 1)
-    allowed = t(np.concatenate([mask, np.ones((B, 1), bool)], 1))[:, None, None]
+    allowed = t(np.concatenate([mask, own], 2))[:, None]
     ref = torch.nn.functional.scaled_dot_product_attention(t(q).transpose(1, 2), keys, values, attn_mask=allowed)
     np.testing.assert_allclose(np.asarray(ours), ref.transpose(1, 2).numpy(), rtol=1e-5, atol=1e-5)

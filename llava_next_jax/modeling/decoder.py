@@ -200,25 +200,30 @@ def _attend(q, k, v, mask, scale):
     return jnp.where(mask.any(axis=-1)[:, :, None, None], _ungroup(out, Tq), 0)
 
 
-def _attend_one(q, k_cache, v_cache, k_new, v_new, mask, scale):
-    """One query per row, q `[B, 1, N, H]`, over the cache as it was (keys and values `[B, K, H, S]`,
-    mask `[B, S]`, the slot being written excluded) plus this token's own key/value (`[B, K, 1, H]`):
-    one softmax over both. Reading the cache before this step's write lets XLA update it in place
-    afterwards, with no copy of it per step.
+def _attend_new(q, k_cache, v_cache, k_new, v_new, earlier, own, scale):
+    """Decode-step attention for T new queries per row, q `[B, T, N, H]`: over the cache as it was
+    (keys and values `[B, K, H, S]`; `earlier` `[B, T, S]` the slots each query may see there, none of
+    the T being written) plus this step's own keys and values (`[B, K, T, H]`; `own` `[B, T, T]`,
+    causal), one softmax over both. T = 1 is a decode step; T > 1 checks drafted tokens
+    (`generate`'s prompt lookup). Reading the cache before this step's write lets XLA update it in
+    place afterwards, with no copy of it per step.
     """
-    B, _, N, H = q.shape
+    B, T, N, H = q.shape
     K = k_cache.shape[1]
-    grouped = _group(q, K)                                                        # [B, K, G, H]
-    split = xla_cpu.split_query_heads(N // K)
-    cached = _group_matmul("bkgh,bkhs->bkgs", grouped, k_cache, split) * scale
-    cached = jnp.where(mask[:, None, None], cached, jnp.finfo(jnp.float32).min)
-    own = jnp.einsum("bkgh,bkth->bkgt", grouped, k_new, preferred_element_type=jnp.float32) * scale
-    top = jnp.maximum(cached.max(axis=-1, keepdims=True), own)
-    w_cached, w_own = jnp.exp(cached - top), jnp.exp(own - top)
-    out = _group_matmul("bkgs,bkhs->bkgh", w_cached.astype(v_cache.dtype), v_cache, split)
-    out = out + w_own * v_new.astype(jnp.float32)                                 # [B, K, G, H]
-    out = (out / (w_cached.sum(axis=-1, keepdims=True) + w_own)).astype(q.dtype)
-    return _ungroup(out, 1)
+    G = N // K
+    grouped = _group(q, K)                                                        # [B, K, G*T, H]
+    split = xla_cpu.split_query_heads(G * T)
+    low = jnp.finfo(jnp.float32).min
+    cached = _group_matmul("bkgh,bkhs->bkgs", grouped, k_cache, split).reshape(B, K, G, T, -1) * scale
+    cached = jnp.where(earlier[:, None, None], cached, low)
+    mine = jnp.einsum("bkmh,bkth->bkmt", grouped, k_new, preferred_element_type=jnp.float32)
+    mine = jnp.where(own[:, None, None], mine.reshape(B, K, G, T, T) * scale, low)
+    top = jnp.maximum(cached.max(axis=-1, keepdims=True), mine.max(axis=-1, keepdims=True))
+    w_cached, w_mine = jnp.exp(cached - top), jnp.exp(mine - top)
+    total = (w_cached.sum(axis=-1, keepdims=True) + w_mine.sum(axis=-1, keepdims=True)).reshape(B, K, G * T, 1)
+    out = _group_matmul("bkgs,bkhs->bkgh", w_cached.reshape(B, K, G * T, -1).astype(v_cache.dtype), v_cache, split)
+    out = out + jnp.einsum("bkmt,bkth->bkmh", w_mine.reshape(B, K, G * T, T), v_new.astype(jnp.float32))
+    return _ungroup((out / total).astype(q.dtype), T)
 
 
 def _group_matmul(spec: str, grouped: jax.Array, cache: jax.Array, split: bool) -> jax.Array:
@@ -227,11 +232,13 @@ def _group_matmul(spec: str, grouped: jax.Array, cache: jax.Array, split: bool) 
     (one task per row and kv head); else one batched matmul, or with `split` one matrix-vector
     product per query head of the group, stacked on axis 2."""
     B, K, G, X = grouped.shape
-    if cache.dtype == jnp.float32 and cpu_kernels.heads_apply(G):
+    rows = cpu_kernels.MAX_ROWS
+    if cache.dtype == jnp.float32 and cpu_kernels.heads_apply(min(G, rows)):
         transposed = spec == "bkgs,bkhs->bkgh"     # the output from the values; else the keys' logits
         assert transposed or spec == "bkgh,bkhs->bkgs", spec
-        out = cpu_kernels.head_matmul(grouped.reshape(B * K, G, X), cache.reshape(B * K, *cache.shape[2:]),
-                                      transposed)
+        product = lambda part: cpu_kernels.head_matmul(part.reshape(B * K, part.shape[2], X),
+                                                       cache.reshape(B * K, *cache.shape[2:]), transposed)
+        out = jnp.concatenate([product(grouped[:, :, i:i + rows]) for i in range(0, G, rows)], axis=1)
         return out.reshape(B, K, G, -1)
     if not split:
         return jnp.einsum(spec, grouped, cache, preferred_element_type=jnp.float32)
@@ -372,8 +379,8 @@ class Attention(nn.Module):
         Without a cache, keys are this call's own T positions (S = T). With this layer's `cache`
         (keys and values `[B, K, H, S]`: `init_cache`), this call's keys and values are
         written in place at slots `[slot, slot+T)`; `mask` says which slots each query may see. A prefill
-        (slot 0) attends to its own keys, a one-token decode step to the cache before the write plus
-        its own key (`_attend_one`), anything else to the written cache. last_only: keys and values
+        (slot 0) attends to its own keys, a decode step (T new tokens) to the cache before the write
+        plus its own keys (`_attend_new`). last_only: keys and values
         for all T positions, the query and output for the last one alone (a prefill's last layer).
         """
         c = self.config
@@ -392,15 +399,13 @@ class Attention(nn.Module):
         prefill = isinstance(slot, int) and slot == 0
         if cache is None or prefill:
             out = attention(q, k, v, mask[:, queries, :T], scale, causal_prefix=not last_only, fused=prefill)
-        elif T == 1:
-            own_slot = jnp.arange(mask.shape[-1]) == slot
-            out = _attend_one(q, cache[0], cache[1], k, v,
-                              mask[:, 0] & ~own_slot, scale)
+        else:
+            earlier = mask & (jnp.arange(mask.shape[-1]) < slot)
+            own = jax.lax.dynamic_slice_in_dim(mask, slot, T, axis=2)
+            out = _attend_new(q, cache[0], cache[1], k, v, earlier, own, scale)
         if cache is not None:
             write = lambda full, new, at: jax.lax.dynamic_update_slice(full, new.astype(full.dtype), at)
             cache = tuple(write(full, new.swapaxes(2, 3), (0, 0, 0, slot)) for full, new in zip(cache, (k, v)))
-            if not prefill and T > 1:
-                out = attention(q, *(a.swapaxes(2, 3).astype(q.dtype) for a in cache), mask, scale, False)
         return dense(c.hidden_size, c.o_bias, "o_proj")(out.reshape(B, q.shape[1], -1)), cache
 
 
