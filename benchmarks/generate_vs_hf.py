@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/generate_vs_hf.py [--shape mid|7b] [--dtype float32|bfloat16]
         [--batch 1 4] [--image-size 480 640] [--new-tokens 64] [--repeats 3] [--skip-hf]
+        [--prompt-lookup N]
 
 `mid`: 336px tiles, CLIP 4 x 256, decoder 8 x 1024 (GQA 16/4, ffn 4096), vocab 32064, one 480x640
 image per row (~2.4k prompt tokens). `7b`: full CLIP-L and Mistral-7B sizes (for a GPU; bf16).
@@ -18,6 +19,9 @@ Ours: the prefill and decode programs are timed apart. HF: prefill = `generate` 
 decode = the spacing of token arrivals through a streamer in a full `generate`. Medians over
 --repeats, after one warm-up call; ours and HF take turns within each repeat, so that load from
 other work on a shared machine falls on both.
+--prompt-lookup N: both decode with prompt lookup (`generate(prompt_lookup_num_tokens=N)`, HF's
+option of that name; HF's takes batch 1 only, so at other batch sizes ours runs alone), and the
+tokens a pass of our model keeps on average are printed.
 """
 
 from __future__ import annotations
@@ -134,7 +138,7 @@ def decode_step_bytes(params, config, rows: int, cache_length: int, dtype) -> in
         a.nbytes for a in jax.tree.leaves([weights, params.get("lm_head", {})]))
 
 
-def ours(model, inputs, new_tokens):
+def ours(model, inputs, new_tokens, lookup: int = 0):
     """(first call s, prefill timer, decode timer, tokens, bytes a decode step reads): the prefill and
     decode programs timed apart.
 
@@ -142,10 +146,11 @@ def ours(model, inputs, new_tokens):
     donated to the decode loop) and returns decode tokens/s. `tokens()`: the greedy new tokens `[B, n]`."""
     import jax
     from llava_next_jax import generate
-    args = model.generation_inputs(**inputs, max_new_tokens=new_tokens, eos_token_id=[])
-    new_bucket, options = args.pop("new_bucket"), args.pop("options")
+    args = model.generation_inputs(**inputs, max_new_tokens=new_tokens, eos_token_id=[],
+                                   prompt_lookup_num_tokens=lookup)
+    new_bucket, options, lookup = args.pop("new_bucket"), args.pop("options"), args.pop("lookup")
     rows = inputs["input_ids"].shape[0]
-    cache_length = args["input_ids"].shape[1] + new_bucket
+    cache_length = args["input_ids"].shape[1] + new_bucket + lookup
 
     def prefill():
         return jax.block_until_ready(generate.prefill_program(model.params, model.config, **args,
@@ -154,31 +159,37 @@ def ours(model, inputs, new_tokens):
     def decode(state):
         logits, cache, kv_valid = state
         return jax.block_until_ready(generate.decode_program(model.params, model.config, logits, cache, kv_valid,
-                                                             options, args["dtype"], new_bucket)[0]["tokens"])
+                                                             options, args["dtype"], new_bucket, lookup)[0])
 
     def decode_rate():
         state = prefill()
         return new_tokens * rows / seconds(lambda: decode(state))
+
+    def tokens():
+        state = decode(prefill())
+        print(f"ours: {new_tokens} tokens in {int(state['passes'])} passes of the model", flush=True)
+        return np.asarray(state["tokens"])[:, :new_tokens]
     step_bytes = decode_step_bytes(model.params, model.config, rows, cache_length, args["dtype"])
     first = seconds(lambda: decode(prefill()))
-    return first, lambda: seconds(prefill), decode_rate, lambda: np.asarray(decode(prefill()))[:, :new_tokens], \
-        step_bytes
+    return first, lambda: seconds(prefill), decode_rate, tokens, step_bytes
 
 
 class _TokenTimes:
-    """A generate streamer that notes when each new token arrives (the first `put` is the prompt)."""
+    """A generate streamer that notes when new tokens arrive, and how many (the first `put` is the
+    prompt; with prompt lookup a `put` may bring several)."""
 
     def __init__(self):
-        self.times = []
+        self.times, self.counts = [], []
 
     def put(self, value):
         self.times.append(time.perf_counter())
+        self.counts.append(value.shape[-1] if value.ndim > 1 else 1)
 
     def end(self):
         pass
 
 
-def hf(model, inputs, new_tokens, dtype):
+def hf(model, inputs, new_tokens, dtype, lookup: int = 0):
     """(first call s, prefill timer, decode timer, tokens): prefill = `generate` of one token; decode
     tokens/s from the spacing of token arrivals through a streamer in a full `generate` (each
     arrival is a token copied to the host, so device work is finished by then)."""
@@ -191,7 +202,7 @@ def hf(model, inputs, new_tokens, dtype):
     def run(n, streamer=None):
         with torch.no_grad():
             out = model.generate(**args, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
-                                 streamer=streamer)
+                                 streamer=streamer, prompt_lookup_num_tokens=lookup or None)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return out
@@ -199,8 +210,8 @@ def hf(model, inputs, new_tokens, dtype):
     def decode_rate():
         times = _TokenTimes()
         run(new_tokens, times)
-        new = times.times[1:]  # arrival of new tokens 1..n; token 1 comes from the prefill
-        return (len(new) - 1) / (new[-1] - new[0]) * rows
+        # times[1]: the first arrival of new tokens (from the prefill); the rate of the rest after it
+        return sum(times.counts[2:]) / (times.times[-1] - times.times[1]) * rows
     first = seconds(lambda: run(new_tokens))
     return first, lambda: seconds(lambda: run(1)), decode_rate, lambda: run(new_tokens)[:, T:].cpu().numpy()
 
@@ -246,6 +257,7 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--prompt-lookup", type=int, default=0, metavar="N")
     args = parser.parse_args()
 
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with PyTorch
@@ -266,13 +278,16 @@ def main():
     for batch in args.batch:
         inputs = make_inputs(ours_model.config, batch, tuple(args.image_size))
         T = inputs["input_ids"].shape[1]
-        runners = [ours(ours_model, inputs, args.new_tokens)]
-        if not args.skip_hf:
-            runners.append(hf(hf_model, inputs, args.new_tokens, args.dtype))
+        runners = [ours(ours_model, inputs, args.new_tokens, args.prompt_lookup)]
+        with_hf = not args.skip_hf and (batch == 1 or not args.prompt_lookup)
+        if with_hf:
+            runners.append(hf(hf_model, inputs, args.new_tokens, args.dtype, args.prompt_lookup))
         results = interleaved(runners, args.repeats)
         for name, (first, *_), (prefill_s, rate) in zip(["ours", "HF"], runners, results):
             print(f"| {batch} | {T} | {name} | {prefill_s:.3f} | {rate:.1f} | {first:.1f} |", flush=True)
-        if not args.skip_hf:
+        if not with_hf:
+            runners[0][3]()
+        else:
             (o_prefill, o_rate), (h_prefill, h_rate) = results
             print(f"| {batch} | {T} | ours/HF speed | {h_prefill / o_prefill:.2f}x | {o_rate / h_rate:.2f}x | |",
                   flush=True)

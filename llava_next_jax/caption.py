@@ -4,7 +4,7 @@
                               [--prompt TEXT] [--batch-size 8] [--max-new-tokens 64]
                               [--do-sample --temperature T --top-k K --top-p P] [--seed N] [--scores]
                               [--repetition-penalty R] [--no-repeat-ngram-size N]
-                              [--num-beams K [--length-penalty L]]
+                              [--num-beams K [--length-penalty L]] [--prompt-lookup N]
                               [--process-index I --process-count N]
     python scripts/caption.py merge --output captions.jsonl [--process-count N]
     (also installed as `llava-next-caption`)
@@ -432,7 +432,7 @@ class Captioner:
 
     def __init__(self, model, processor, prompt: str, max_new_tokens: int, do_sample=False, temperature=1.0,
                  top_k=0, top_p=1.0, seed=0, scores=False, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                 num_beams=1, length_penalty=1.0):
+                 num_beams=1, length_penalty=1.0, prompt_lookup=0):
         self.model, self.processor = model, processor
         try:
             self.prompt, self.add_special_tokens = chat_prompt(processor, prompt)
@@ -440,7 +440,7 @@ class Captioner:
             raise UsageError(str(e).replace("in the prompt", "in --prompt")) from None
         self.gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                         top_p=top_p, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                        num_beams=num_beams, length_penalty=length_penalty)
+                        num_beams=num_beams, length_penalty=length_penalty, prompt_lookup_num_tokens=prompt_lookup)
         self.seed, self.scores = seed, scores
 
     def prepare(self, batch: list[Item]) -> Prepared:
@@ -554,6 +554,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length-penalty", type=float, default=1.0, metavar="L",
                    help="beam search: a finished beam scores log-probability / length**L (HF's; > 0 favours "
                         "longer captions)")
+    p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                   help="prompt lookup decoding: check up to N tokens drafted from the text so far in each pass "
+                        "of the model (HF's prompt_lookup_num_tokens; the same captions, faster where they "
+                        "repeat themselves; 0: off)")
     p.add_argument("--scores", action="store_true",
                    help="add each caption's summed token log-probability ('logprob') and token count ('tokens')")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
@@ -634,6 +638,10 @@ def _check_flags(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--num-beams must be >= 1, and 1 with --do-sample (beam search is greedy); got {args.num_beams}")
     if not np.isfinite(args.length_penalty):
         parser.error(f"--length-penalty must be a finite number; got {args.length_penalty}")
+    from .generate import MAX_LOOKUP
+    if not 0 <= args.prompt_lookup <= MAX_LOOKUP or (args.prompt_lookup and args.num_beams > 1):
+        parser.error(f"--prompt-lookup must be in [0, {MAX_LOOKUP}] (0: off), and 0 with --num-beams > 1; "
+                     f"got {args.prompt_lookup}")
     if not 0 <= args.seed < 2 ** 63:
         parser.error(f"--seed must be a non-negative integer; got {args.seed}")
     if not 0 <= args.process_index < args.process_count:
@@ -711,7 +719,7 @@ def main(argv=None) -> int:
             captioner = Captioner(model, processor, args.prompt, args.max_new_tokens, args.do_sample,
                                   args.temperature, args.top_k, args.top_p, args.seed, args.scores,
                                   args.repetition_penalty, args.no_repeat_ngram_size, args.num_beams,
-                                  args.length_penalty)
+                                  args.length_penalty, args.prompt_lookup)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -154,6 +154,7 @@ def test_usage_errors_exit_2(env, tmp_path):
              (["--images", image, "--top-p", "0"], "top-p"),
              (["--images", image, "--no-repeat-ngram-size", "17"], "--no-repeat-ngram-size must be in [0, 16]"),
              (["--images", image, "--num-beams", "3", "--do-sample"], "1 with --do-sample"),
+             (["--images", image, "--num-beams", "3", "--prompt-lookup", "2"], "--prompt-lookup must be in [0, 32]"),
              (["--images", image, "--bogus"], "unrecognized")]
     for args, message in cases:
         proc = run_caption(env, *args, "--output", out)
@@ -246,7 +247,7 @@ def test_scores_repetition_penalty_and_ngrams_reach_generate(demo_dir, tmp_path)
     """--scores: each row's logprob and tokens are those of `generate(return_logprobs=True)` for its image
     alone, over the tokens up to its stop id (the caption those tokens decode to); --repetition-penalty
     and --no-repeat-ngram-size: the captions of `generate` with them (checked against HF in
-    test_generate)."""
+    test_generate); --prompt-lookup: the captions and scores without it."""
     from llava_next_jax import LlavaNext
     from llava_next_jax.prompting import chat_prompt, decode_new_tokens
     paths = write_images(tmp_path / "imgs", MIXED_SIZES[:3])
@@ -283,6 +284,13 @@ def test_scores_repetition_penalty_and_ngrams_reach_generate(demo_dir, tmp_path)
             if "num_beams" in setting:
                 assert abs(row["logprob"] - float(scores[0]) * row["tokens"] ** 0.7) <= 1e-3, row
         assert [r["caption"] for r in load_jsonl(out)] != [r["caption"] for r in rows], flags
+    # --prompt-lookup: the same captions and scores as without it.
+    out = tmp_path / "lookup.jsonl"
+    assert caption.main(["--model", demo_dir, "--images", *paths, "--output", str(out), "--batch-size", "3",
+                         "--max-new-tokens", "16", "--scores", "--prompt-lookup", "3", "--no-progress"]) == 0
+    for row, plain in zip(load_jsonl(out), rows):
+        assert row["caption"] == plain["caption"] and row["tokens"] == plain["tokens"], (row, plain)
+        assert abs(row["logprob"] - plain["logprob"]) <= 1e-3, (row, plain)
     # A stop id met mid-caption (the demo model never emits its eos): the score ends with that token.
     captioner = caption.Captioner(model, processor, caption.DEFAULT_PROMPT, 16, scores=True)
     batches, _ = caption.plan_batches([rows[0]["image"]], processor.geometry, 1)
