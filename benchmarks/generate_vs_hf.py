@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/generate_vs_hf.py [--shape mid|7b] [--dtype float32|bfloat16]
         [--batch 1 4] [--image-size 480 640] [--new-tokens 64] [--repeats 3] [--skip-hf]
-        [--prompt-lookup N]
+        [--prompt-lookup N] [--sample]
 
 `mid`: 336px tiles, CLIP 4 x 256, decoder 8 x 1024 (GQA 16/4, ffn 4096), vocab 32064, one 480x640
 image per row (~2.4k prompt tokens). `7b`: full CLIP-L and Mistral-7B sizes (for a GPU; bf16).
@@ -22,6 +22,8 @@ other work on a shared machine falls on both.
 --prompt-lookup N: both decode with prompt lookup (`generate(prompt_lookup_num_tokens=N)`, HF's
 option of that name; HF's takes batch 1 only, so at other batch sizes ours runs alone), and the
 tokens a pass of our model keeps on average are printed.
+--sample: both sample (temperature 1, top_k 50, top_p 0.9) instead of decoding greedily; the tokens
+then differ (each framework draws its own random numbers) and are not compared.
 """
 
 from __future__ import annotations
@@ -138,7 +140,10 @@ def decode_step_bytes(params, config, rows: int, cache_length: int, dtype) -> in
         a.nbytes for a in jax.tree.leaves([weights, params.get("lm_head", {})]))
 
 
-def ours(model, inputs, new_tokens, lookup: int = 0):
+SAMPLING = dict(do_sample=True, temperature=1.0, top_k=50, top_p=0.9)
+
+
+def ours(model, inputs, new_tokens, lookup: int = 0, sample: bool = False):
     """(first call s, prefill timer, decode timer, tokens, bytes a decode step reads): the prefill and
     decode programs timed apart.
 
@@ -147,7 +152,7 @@ def ours(model, inputs, new_tokens, lookup: int = 0):
     import jax
     from llava_next_jax import generate
     args = model.generation_inputs(**inputs, max_new_tokens=new_tokens, eos_token_id=[],
-                                   prompt_lookup_num_tokens=lookup)
+                                   prompt_lookup_num_tokens=lookup, **(SAMPLING if sample else {}))
     new_bucket, options, lookup = args.pop("new_bucket"), args.pop("options"), args.pop("lookup")
     rows = inputs["input_ids"].shape[0]
     cache_length = args["input_ids"].shape[1] + new_bucket + lookup
@@ -189,7 +194,7 @@ class _TokenTimes:
         pass
 
 
-def hf(model, inputs, new_tokens, dtype, lookup: int = 0):
+def hf(model, inputs, new_tokens, dtype, lookup: int = 0, sample: bool = False):
     """(first call s, prefill timer, decode timer, tokens): prefill = `generate` of one token; decode
     tokens/s from the spacing of token arrivals through a streamer in a full `generate` (each
     arrival is a token copied to the host, so device work is finished by then)."""
@@ -201,8 +206,9 @@ def hf(model, inputs, new_tokens, dtype, lookup: int = 0):
 
     def run(n, streamer=None):
         with torch.no_grad():
-            out = model.generate(**args, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
-                                 streamer=streamer, prompt_lookup_num_tokens=lookup or None)
+            out = model.generate(**args, max_new_tokens=n, min_new_tokens=n, pad_token_id=0, streamer=streamer,
+                                 prompt_lookup_num_tokens=lookup or None,
+                                 **(SAMPLING if sample else dict(do_sample=False)))
         if device.type == "cuda":
             torch.cuda.synchronize()
         return out
@@ -258,6 +264,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--prompt-lookup", type=int, default=0, metavar="N")
+    parser.add_argument("--sample", action="store_true")
     args = parser.parse_args()
 
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with PyTorch
@@ -278,20 +285,21 @@ def main():
     for batch in args.batch:
         inputs = make_inputs(ours_model.config, batch, tuple(args.image_size))
         T = inputs["input_ids"].shape[1]
-        runners = [ours(ours_model, inputs, args.new_tokens, args.prompt_lookup)]
+        runners = [ours(ours_model, inputs, args.new_tokens, args.prompt_lookup, args.sample)]
         with_hf = not args.skip_hf and (batch == 1 or not args.prompt_lookup)
         if with_hf:
-            runners.append(hf(hf_model, inputs, args.new_tokens, args.dtype, args.prompt_lookup))
+            runners.append(hf(hf_model, inputs, args.new_tokens, args.dtype, args.prompt_lookup, args.sample))
         results = interleaved(runners, args.repeats)
         for name, (first, *_), (prefill_s, rate) in zip(["ours", "HF"], runners, results):
             print(f"| {batch} | {T} | {name} | {prefill_s:.3f} | {rate:.1f} | {first:.1f} |", flush=True)
-        if not with_hf:
-            runners[0][3]()
-        else:
+        if with_hf:
             (o_prefill, o_rate), (h_prefill, h_rate) = results
             print(f"| {batch} | {T} | ours/HF speed | {h_prefill / o_prefill:.2f}x | {o_rate / h_rate:.2f}x | |",
                   flush=True)
+        if with_hf and not args.sample:
             print(f"batch {batch}: greedy tokens ours vs HF: {agreement(runners[0][3](), runners[1][3]())}")
+        else:
+            runners[0][3]()
         if device == "cuda":  # on a CPU an elementwise pass is far from the memory's bandwidth
             step_bytes = runners[0][4]
             roofline = bandwidth / step_bytes * batch

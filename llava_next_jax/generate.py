@@ -52,21 +52,44 @@ def bucket(n: int, buckets: tuple[int, ...]) -> int:
 
 # --- sampling ------------------------------------------------------------------------------------
 
+def _ordered_bits(logits: jax.Array) -> jax.Array:
+    """uint32 keys in the order of the float32 logits (-inf lowest): flipped sign bit for positives,
+    all bits flipped for negatives. A value threshold found bit by bit over these keys (32 masked
+    passes over the vocabulary) replaces a sort, which XLA:CPU takes ~7 ms a row over 32k logits for."""
+    logits = jnp.where(logits == 0, 0.0, logits.astype(jnp.float32))      # -0.0 as +0.0: equal values, one key
+    bits = jax.lax.bitcast_convert_type(logits, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def _largest_key(keys: jax.Array, fits) -> jax.Array:
+    """Per row, the largest uint32 t with fits(t `[B, 1]`) true (`fits` true for small t, false past some
+    t; 0 where it holds nowhere), built from the top bit down. `[B, 1]`."""
+    def bit(i, t):
+        candidate = t | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+        return jnp.where(fits(candidate), candidate, t)
+    return jax.lax.fori_loop(0, 32, bit, jnp.zeros((keys.shape[0], 1), jnp.uint32))
+
+
 def _top_k_filter(logits: jax.Array, top_k: jax.Array) -> jax.Array:
     """Keeps logits >= the k-th largest (ties kept, as the reference does); k <= 0 keeps all. `[B, V]`."""
-    V = logits.shape[-1]
-    kth = jnp.sort(logits, axis=-1)[:, V - jnp.clip(top_k, 1, V)][:, None]
-    return jnp.where((top_k > 0) & (logits < kth), -jnp.inf, logits)
+    def kept(logits):
+        keys = _ordered_bits(logits)
+        kth = _largest_key(keys, lambda t: (keys >= t).sum(axis=-1, keepdims=True) >= top_k)
+        return jnp.where(keys < kth, -jnp.inf, logits)
+    return jax.lax.cond(top_k > 0, kept, lambda logits: logits, logits)
 
 
 def _top_p_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Drops the least likely tokens whose total probability is <= 1 - top_p; the top token always stays."""
-    order = jnp.argsort(logits, axis=-1)                        # ascending
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-    remove = (cumulative <= 1 - top_p).at[:, -1].set(False)
-    remove = jnp.zeros_like(remove).at[jnp.arange(logits.shape[0])[:, None], order].set(remove)
-    return jnp.where((top_p < 1.0) & remove, -jnp.inf, logits)
+    """Drops the least likely tokens whose total probability is <= 1 - top_p; the top token always stays:
+    those whose probability summed with that of every token below them is <= 1 - top_p. Tokens of
+    equal logits stay or go together (HF's sort order splits such a group at the boundary by position)."""
+    def kept(logits):
+        keys, probs = _ordered_bits(logits), jax.nn.softmax(logits, axis=-1)
+        below = lambda t: jnp.where(keys <= t, probs, 0).sum(axis=-1, keepdims=True)
+        limit = _largest_key(keys, lambda t: below(t) <= 1 - top_p)
+        remove = (keys <= limit) & (below(limit) <= 1 - top_p) & (keys < keys.max(axis=-1, keepdims=True))
+        return jnp.where(remove, -jnp.inf, logits)
+    return jax.lax.cond(top_p < 1.0, kept, lambda logits: logits, logits)
 
 
 def select_tokens(logits: jax.Array, keys: jax.Array, do_sample, temperature, top_k, top_p):

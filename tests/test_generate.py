@@ -349,6 +349,29 @@ def _hf_filtered(logits, top_k, top_p, temperature):
     return torch.softmax(scores, -1).numpy()
 
 
+def test_top_k_top_p_keep_hf_warpers_tokens():
+    """The kept tokens of `_top_k_filter` and `_top_p_filter` (thresholds found bit by bit, no sort) are
+    those HF's TopKLogitsWarper and TopPLogitsWarper keep, over random logits of several scales, with
+    ties (top-k keeps every tie of the k-th value, as HF's does; top-p too, where HF's sort keeps some of
+    a tie group by position, so ties are left out there) and -inf entries."""
+    import jax.numpy as jnp
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 1, (48, 3000)).astype(np.float32) * rng.choice([0.1, 1.0, 8.0], (48, 1)).astype(np.float32)
+    logits[:8] = np.round(logits[:8])           # many ties
+    logits[8:12, ::3] = -np.inf
+    logits[12, :] = -5.0                         # all equal
+    for top_k in (1, 2, 50, 2999, 5000):
+        ours = np.isfinite(np.asarray(generate._top_k_filter(jnp.asarray(logits), jnp.int32(top_k))))
+        ref = np.isfinite(TopKLogitsWarper(top_k)(None, torch.from_numpy(logits)).numpy())
+        np.testing.assert_array_equal(ours, ref, err_msg=f"top_k={top_k}")
+    untied = np.concatenate([logits[8:12], logits[13:]])   # top-p over tied logits keeps them all (below)
+    for top_p in (0.01, 0.3, 0.9, 0.999):
+        ours = np.isfinite(np.asarray(generate._top_p_filter(jnp.asarray(untied), jnp.float32(top_p))))
+        ref = np.isfinite(TopPLogitsWarper(top_p)(None, torch.from_numpy(untied)).numpy())
+        np.testing.assert_array_equal(ours, ref, err_msg=f"top_p={top_p}")
+
+
 @pytest.mark.parametrize("top_k,top_p,temperature", [(3, 1.0, 1.0), (0, 0.7, 1.0), (5, 0.8, 0.7), (0, 1.0, 2.0)])
 def test_sampling_frequencies_match_reference_distribution(top_k, top_p, temperature):
     import jax
