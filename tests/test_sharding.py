@@ -79,6 +79,9 @@ SCRIPT = textwrap.dedent("""
         assert (tokens == ref_tokens).all(), (data, model_axis)
         if data == 2:   # beam search: the beams' cache rows gathered within each prompt's, over "data" shards
             assert (model.generate(**batch, **beams) == ref_beams).all()
+            # prompt lookup: drafts checked in passes of 3 tokens, kept as far as every row agrees
+            assert (model.generate(**batch, max_new_tokens=12, eos_token_id=[], prompt_lookup_num_tokens=2)
+                    == ref_tokens).all()
         assert (check_memory(model, mesh, batch) == ref_tokens).all()  # the same compiled programs
         assert abs(model.loss(**batch) - ref_loss) <= 1e-5 * abs(ref_loss)
         print(f"mesh {data}x{model_axis}: max |delta logits| {diff:.2e}, tokens equal")
