@@ -430,17 +430,23 @@ class Prepared:
 class Captioner:
     """Holds the model, processor and generation settings; `prepare` runs on the host, `caption` on the device."""
 
-    def __init__(self, model, processor, prompt: str, max_new_tokens: int, do_sample=False, temperature=1.0,
-                 top_k=0, top_p=1.0, seed=0, scores=False, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                 num_beams=1, length_penalty=1.0, prompt_lookup=0):
+    def __init__(self, model, processor, prompt: str, max_new_tokens: int, do_sample=None, temperature=None,
+                 top_k=None, top_p=None, seed=0, scores=False, repetition_penalty=None, no_repeat_ngram_size=None,
+                 num_beams=None, length_penalty=None, prompt_lookup=None):
+        """Generation settings left out (None) are the model's `generation_defaults` (the checkpoint's
+        generation config, else HF's defaults), as in `LlavaNext.generate`."""
         self.model, self.processor = model, processor
         try:
             self.prompt, self.add_special_tokens = chat_prompt(processor, prompt)
         except ValueError as e:
             raise UsageError(str(e).replace("in the prompt", "in --prompt")) from None
-        self.gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                        top_p=top_p, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                        num_beams=num_beams, length_penalty=length_penalty, prompt_lookup_num_tokens=prompt_lookup)
+        self.gen = dict(max_new_tokens=max_new_tokens, **model.generation_settings(
+            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, num_beams=num_beams,
+            length_penalty=length_penalty, prompt_lookup_num_tokens=prompt_lookup))
+        if self.gen["num_beams"] > 1 and (self.gen["do_sample"] or self.gen["prompt_lookup_num_tokens"]):
+            raise UsageError(f"num_beams {self.gen['num_beams']} (the model's generation config or --num-beams) "
+                             f"takes neither sampling nor --prompt-lookup")
         self.seed, self.scores = seed, scores
 
     def prepare(self, batch: list[Item]) -> Prepared:
@@ -539,22 +545,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"question asked of each image, through the chat template (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0: off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
+    # Generation settings left out (None) are the checkpoint's generation config's, else HF's defaults.
+    p.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None, help="default 1.0")
+    p.add_argument("--top-k", type=int, default=None, help="0: off; default 50, as HF's")
+    p.add_argument("--top-p", type=float, default=None, help="1.0 (the default): off")
     p.add_argument("--seed", type=int, default=0,
                    help="with --do-sample: each image's seed derives from this and its path")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
+    p.add_argument("--repetition-penalty", type=float, default=None,
                    help="HF's repetition penalty (e.g. 1.2 against looping captions; 1.0: off)")
-    p.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N",
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
                    help="HF's no_repeat_ngram_size: no N tokens in a row twice, prompt included (0: off)")
-    p.add_argument("--num-beams", type=int, default=1, metavar="K",
+    p.add_argument("--num-beams", type=int, default=None, metavar="K",
                    help="beam search over K beams, each image's caption its best (HF's num_beams; 1: off)")
-    p.add_argument("--length-penalty", type=float, default=1.0, metavar="L",
+    p.add_argument("--length-penalty", type=float, default=None, metavar="L",
                    help="beam search: a finished beam scores log-probability / length**L (HF's; > 0 favours "
                         "longer captions)")
-    p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+    p.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
                    help="prompt lookup decoding: check up to N tokens drafted from the text so far in each pass "
                         "of the model (HF's prompt_lookup_num_tokens; the same captions, faster where they "
                         "repeat themselves; 0: off)")
@@ -626,20 +633,21 @@ def _check_flags(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--batch-size must be >= 1; got {args.batch_size}")
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
-    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+    bad = lambda value, ok: value is not None and not ok(value)   # a flag given with a value outside ok
+    if bad(args.temperature, lambda t: t >= 0) or bad(args.top_k, lambda k: k >= 0) or bad(
+            args.top_p, lambda p: 0 < p <= 1):
         parser.error(f"need --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1; got {args.temperature}, "
                      f"{args.top_k}, {args.top_p}")
-    if not args.repetition_penalty > 0:
+    if bad(args.repetition_penalty, lambda r: r > 0):
         parser.error(f"--repetition-penalty must be > 0 (1.0: off); got {args.repetition_penalty}")
-    from .generate import MAX_NGRAM
-    if not 0 <= args.no_repeat_ngram_size <= MAX_NGRAM:
+    from .generate import MAX_LOOKUP, MAX_NGRAM
+    if bad(args.no_repeat_ngram_size, lambda n: 0 <= n <= MAX_NGRAM):
         parser.error(f"--no-repeat-ngram-size must be in [0, {MAX_NGRAM}] (0: off); got {args.no_repeat_ngram_size}")
-    if args.num_beams < 1 or (args.num_beams > 1 and args.do_sample):
+    if bad(args.num_beams, lambda k: k >= 1 and not (k > 1 and args.do_sample)):
         parser.error(f"--num-beams must be >= 1, and 1 with --do-sample (beam search is greedy); got {args.num_beams}")
-    if not np.isfinite(args.length_penalty):
+    if bad(args.length_penalty, np.isfinite):
         parser.error(f"--length-penalty must be a finite number; got {args.length_penalty}")
-    from .generate import MAX_LOOKUP
-    if not 0 <= args.prompt_lookup <= MAX_LOOKUP or (args.prompt_lookup and args.num_beams > 1):
+    if bad(args.prompt_lookup, lambda n: 0 <= n <= MAX_LOOKUP and not (n and (args.num_beams or 1) > 1)):
         parser.error(f"--prompt-lookup must be in [0, {MAX_LOOKUP}] (0: off), and 0 with --num-beams > 1; "
                      f"got {args.prompt_lookup}")
     if not 0 <= args.seed < 2 ** 63:

@@ -13,6 +13,14 @@ from jax.sharding import NamedSharding
 
 from . import anyres, checkpoint, convert, distributed, generate, sharding
 from .config import LlavaNextConfig
+
+# HF's defaults for the generation settings `LlavaNext.generate` takes (GenerationConfig's
+# `_get_default_generation_params`: top_k 50 among them), used where neither the call nor the
+# checkpoint's generation_config.json sets one.
+GENERATION_DEFAULTS: dict[str, Any] = dict(
+    min_new_tokens=0, do_sample=False, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0,
+    no_repeat_ngram_size=0, num_beams=1, length_penalty=1.0, early_stopping=False, num_return_sequences=1,
+    prompt_lookup_num_tokens=None, max_matching_ngram_size=2)
 from .modeling import llava_next
 
 
@@ -34,6 +42,10 @@ class LlavaNext:
             () if eos is None else (int(eos),))
         pad = gen.get("pad_token_id", config.text.pad_token_id)
         self.pad_token_id: int = int(pad if pad is not None else (self.eos_token_ids or (0,))[0])
+        # generate's settings when a call leaves them out (None): the checkpoint's generation config,
+        # else HF's defaults (`GENERATION_DEFAULTS`), as HF's generate resolves them
+        self.generation_defaults: dict[str, Any] = {
+            k: default if gen.get(k) is None else gen[k] for k, default in GENERATION_DEFAULTS.items()}
         self.path: str | None = None      # the directory from_pretrained loaded (where caption/chat find the processor)
         self._processor = None
 
@@ -166,17 +178,19 @@ class LlavaNext:
         return train.loss_and_grad(*args)[1] if with_grad else train.loss_fn(*args)
 
     def generate(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, max_new_tokens=32,
-                 min_new_tokens=0, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=0,
-                 eos_token_id=None, pad_token_id=None, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                 num_beams=1, length_penalty=1.0, early_stopping=False, num_return_sequences=1,
-                 prompt_lookup_num_tokens=None, max_matching_ngram_size=2, return_logprobs=False):
+                 min_new_tokens=None, do_sample=None, temperature=None, top_k=None, top_p=None, seed=0,
+                 eos_token_id=None, pad_token_id=None, repetition_penalty=None, no_repeat_ngram_size=None,
+                 num_beams=None, length_penalty=None, early_stopping=None, num_return_sequences=None,
+                 prompt_lookup_num_tokens=None, max_matching_ngram_size=None, return_logprobs=False):
         """New tokens `[B, max_new_tokens]` (int32); after a row emits a stop id, the pad id. With
         `return_logprobs`, (tokens, logprobs): float32 `[B, max_new_tokens]`, each token's log-probability
         under the distribution it was chosen from (temperature, top-k and top-p applied when sampling;
         HF's `compute_transition_scores(..., normalize_logits=True)`), 0 after a row stopped.
 
-        Inputs as in `forward` (left padding expected; right-padded rows are moved left). Greedy unless
-        `do_sample`; sampling applies temperature, then top_k (0 = off), then top_p (1.0 = off). `seed`:
+        Inputs as in `forward` (left padding expected; right-padded rows are moved left). A setting left
+        out (None) is the checkpoint's generation_config.json's, else HF's default (`GENERATION_DEFAULTS`,
+        `self.generation_defaults`), as HF's `generate` resolves it. Greedy unless `do_sample`; sampling
+        applies temperature, then top_k (0 = off; HF's default 50), then top_p (1.0 = off). `seed`:
         one int (row r's draws depend on (seed, r) only) or one per row (a row's draws depend on its own
         seed only, so it samples the same wherever it sits in a batch).
         eos_token_id: int or list (default: the checkpoint's generation config). repetition_penalty: HF's
@@ -207,6 +221,13 @@ class LlavaNext:
         count to a multiple of the batch size. Sampling and beam settings are runtime values: they
         compile nothing.
         """
+        settings = self.generation_settings(
+            min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, num_beams=num_beams,
+            length_penalty=length_penalty, early_stopping=early_stopping, num_return_sequences=num_return_sequences,
+            prompt_lookup_num_tokens=prompt_lookup_num_tokens, max_matching_ngram_size=max_matching_ngram_size)
+        num_beams, num_return_sequences = settings.pop("num_beams"), settings.pop("num_return_sequences")
+        do_sample, prompt_lookup_num_tokens = settings["do_sample"], settings["prompt_lookup_num_tokens"]
         if isinstance(num_beams, bool) or not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
             raise ValueError(f"num_beams must be an int >= 1; got {num_beams!r}")
         if not (isinstance(num_return_sequences, (int, np.integer)) and 1 <= num_return_sequences <= num_beams):
@@ -218,10 +239,8 @@ class LlavaNext:
         if num_beams > 1 and prompt_lookup_num_tokens:
             raise ValueError(f"prompt_lookup_num_tokens={prompt_lookup_num_tokens} drafts one sequence per row; "
                              f"beam search (num_beams={num_beams}) takes none")
-        args = self.generation_inputs(input_ids, pixel_values, image_sizes, attention_mask, max_new_tokens,
-                                      min_new_tokens, do_sample, temperature, top_k, top_p, seed, eos_token_id,
-                                      pad_token_id, repetition_penalty, no_repeat_ngram_size, length_penalty,
-                                      early_stopping, prompt_lookup_num_tokens, max_matching_ngram_size)
+        args = self.generation_inputs(input_ids, pixel_values, image_sizes, attention_mask, max_new_tokens, seed=seed,
+                                      eos_token_id=eos_token_id, pad_token_id=pad_token_id, **settings)
         if num_beams == 1:
             tokens, logprobs = (distributed.fetch(a)[:, :max_new_tokens]
                                 for a in generate.generate_tokens(self.params, self.config, **args))
@@ -251,10 +270,10 @@ class LlavaNext:
         on a CPU, 8 on an accelerator. The programs are `generate`'s prefill and a resumable decode
         loop, compiled once per bucket as `generate`'s (a new chunk size compiles nothing).
         """
-        if generation.get("num_beams", 1) != 1:
-            raise ValueError(f"streaming decodes one sequence per row; num_beams={generation['num_beams']} needs "
+        num_beams = self.generation_settings(num_beams=generation.pop("num_beams", None))["num_beams"]
+        if num_beams != 1:
+            raise ValueError(f"streaming decodes one sequence per row; num_beams={num_beams} needs "
                              f"generate (a beam's tokens are known only when the search ends)")
-        generation.pop("num_beams", None)
         args = self.generation_inputs(input_ids, pixel_values, image_sizes, attention_mask, max_new_tokens,
                                       **generation)
         chunk = generate.default_stream_chunk() if chunk is None else chunk
@@ -262,13 +281,25 @@ class LlavaNext:
                                                        fetch=distributed.fetch):
             yield (tokens, logprobs) if return_logprobs else tokens
 
+    def generation_settings(self, **given) -> dict[str, Any]:
+        """`given` generation settings with each None replaced by `self.generation_defaults`' value (the
+        checkpoint's generation config, else HF's default)."""
+        return {k: self.generation_defaults[k] if v is None else v for k, v in given.items()}
+
     def generation_inputs(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
-                          max_new_tokens=32, min_new_tokens=0, do_sample=False, temperature=1.0, top_k=0,
-                          top_p=1.0, seed=0, eos_token_id=None, pad_token_id=None,
-                          repetition_penalty=1.0, no_repeat_ngram_size=0, length_penalty=1.0,
-                          early_stopping=False, prompt_lookup_num_tokens=None,
-                          max_matching_ngram_size=2) -> dict[str, Any]:
-        """The bucketed, padded arguments `generate.generate_tokens` takes (see `generate`)."""
+                          max_new_tokens=32, min_new_tokens=None, do_sample=None, temperature=None, top_k=None,
+                          top_p=None, seed=0, eos_token_id=None, pad_token_id=None,
+                          repetition_penalty=None, no_repeat_ngram_size=None, length_penalty=None,
+                          early_stopping=None, prompt_lookup_num_tokens=None,
+                          max_matching_ngram_size=None) -> dict[str, Any]:
+        """The bucketed, padded arguments `generate.generate_tokens` takes (see `generate`; settings left
+        out as there)."""
+        (min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size,
+         length_penalty, early_stopping, prompt_lookup_num_tokens, max_matching_ngram_size) = self.generation_settings(
+            min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+            length_penalty=length_penalty, early_stopping=early_stopping,
+            prompt_lookup_num_tokens=prompt_lookup_num_tokens, max_matching_ngram_size=max_matching_ngram_size).values()
         lookup = 0 if prompt_lookup_num_tokens is None else prompt_lookup_num_tokens
         if isinstance(lookup, bool) or not isinstance(lookup, (int, np.integer)) or not 0 <= lookup <= generate.MAX_LOOKUP:
             raise ValueError(f"prompt_lookup_num_tokens must be None or an int in [0, {generate.MAX_LOOKUP}] "

@@ -337,6 +337,45 @@ def test_sampling_limits_reproducibility_and_row_independence(family):
     np.testing.assert_array_equal(sample(swapped, seed=[5, 7, 6], temperature=1.5), per_row[[0, 2, 1]])
 
 
+def test_settings_left_out_resolve_as_hf(tmp_path):
+    """Settings a call leaves out are the checkpoint's generation config's, else HF's defaults (top_k
+    50 among them), as HF's generate resolves them: the resolved values equal HF's; greedy output with
+    a config's repetition penalty and n-gram size equals HF's; default sampling draws from HF's
+    warpers' distribution with the config's temperature and the default top_k 50."""
+    from llava_next_jax.model import GENERATION_DEFAULTS
+    hf = tm.build_model("vicuna", seed=4)
+    batch = tm.make_batch(hf.config, ROWS[:2], seed=9)
+    settings = {"greedy": dict(repetition_penalty=1.2, no_repeat_ngram_size=3),
+                "sampling": dict(do_sample=True, temperature=1.5)}
+    for name, values in settings.items():
+        for key, value in values.items():
+            setattr(hf.generation_config, key, value)
+        tm.save_checkpoint(hf, str(tmp_path / name))
+        model = LlavaNext.from_pretrained(str(tmp_path / name))
+        resolved, _ = hf._prepare_generation_config(None)
+        for key in sorted(set(GENERATION_DEFAULTS) - {"min_new_tokens", "max_matching_ngram_size"}):
+            assert model.generation_defaults[key] == getattr(resolved, key), (name, key)
+        if name == "greedy":
+            np.testing.assert_array_equal(model.generate(**batch, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0),
+                                          hf_generate(hf, batch, eos_token_id=[]))
+            for key in values:
+                setattr(hf.generation_config, key, None)
+            continue
+        tokens, logprobs = model.generate(**batch, max_new_tokens=NEW, eos_token_id=[], seed=2, return_logprobs=True)
+        mask = np.concatenate([batch["attention_mask"], np.ones_like(tokens)], axis=1)
+        T = batch["input_ids"].shape[1]
+        with torch.no_grad():
+            logits = hf(input_ids=torch.from_numpy(np.concatenate([batch["input_ids"], tokens], axis=1)),
+                        attention_mask=torch.from_numpy(mask),
+                        position_ids=torch.from_numpy(np.clip(np.cumsum(mask, axis=1) - 1, 0, None)),
+                        pixel_values=torch.from_numpy(batch["pixel_values"]),
+                        image_sizes=torch.from_numpy(batch["image_sizes"])).logits[:, T - 1:-1]
+        probs = _hf_filtered(logits.reshape(-1, logits.shape[-1]).numpy(), 50, 1.0, 1.5)
+        expected = np.log(probs[np.arange(tokens.size), tokens.reshape(-1)]).reshape(tokens.shape)
+        np.testing.assert_allclose(logprobs, expected, rtol=1e-4, atol=1e-4)
+        assert ((probs > 0).sum(-1) == 50).all()    # the default top_k is what cuts (160 tokens)
+
+
 def _hf_filtered(logits, top_k, top_p, temperature):
     from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                         TopPLogitsWarper)
