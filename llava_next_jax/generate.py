@@ -285,47 +285,52 @@ def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options
 
     def body_lookup(carry):
         state, cache = carry
-        step, tokens, seen = state["step"], state["tokens"], state["seen"]
-        chosen, logprobs = choose(state["logits"], seen, tokens, step, state["done"])
-        chosen, logprobs, ended = [chosen], [logprobs], [state["done"] | is_stop(chosen, options["stop_ids"])]
-        tokens = tokens.at[:, step].set(chosen[0])
+        step, width = state["step"], lookup + 1
+        first, first_logprob = choose(state["logits"], state["seen"], state["tokens"], step, state["done"])
+        first_ended = state["done"] | is_stop(first, options["stop_ids"])
+        tokens = state["tokens"].at[:, step].set(first)
         drafts = lookup_drafts(jnp.concatenate([options["history"], tokens], axis=1),
                                options["history"].shape[1] + step + 1, options["lookup_ngram"], lookup)
-        inputs = jnp.concatenate([chosen[0][:, None], jnp.where(drafts >= 0, drafts, pad)], axis=1)
-        positions = (next_position + step)[:, None] + jnp.arange(lookup + 1)
+        inputs = jnp.concatenate([first[:, None], jnp.where(drafts >= 0, drafts, pad)], axis=1)
+        positions = (next_position + step)[:, None] + jnp.arange(width)
+        blank = lambda value, dtype: jnp.full((B, width), value, dtype)
 
-        def run(n, cache):
-            logits, cache = decode_tokens(params, config, inputs[:, :n], positions[:, :n], T + step, kv_valid,
+        def alone(cache):   # some row has no draft: the step's token only
+            logits, cache = decode_tokens(params, config, inputs[:, :1], positions[:, :1], T + step, kv_valid,
                                           cache, dtype)
-            return jnp.broadcast_to(logits, (B, lookup + 1, logits.shape[-1])), cache
-        drafted = ((drafts[:, 0] >= 0) | ended[0]).all() & ~ended[0].all()
-        logits, cache = jax.lax.cond(drafted, partial(run, lookup + 1), partial(run, 1), cache)
-        # Each drafted position's token as the model chooses it, given that the drafts before it stand.
-        agreed, kept = jnp.ones((B,), bool), jnp.zeros((B,), jnp.int32)
-        for j in range(1, lookup + 1):
-            seen = seen.at[rows, chosen[-1]].set(True)
-            token, logprob = choose(logits[:, j - 1], seen, tokens, step + j, ended[-1])
-            agreed &= (drafts[:, j - 1] == token) | ended[-1]
-            kept += agreed
-            tokens = tokens.at[:, step + j].set(token, mode="drop")
-            chosen, logprobs, ended = chosen + [token], logprobs + [logprob], ended + [ended[-1] | is_stop(
-                token, options["stop_ids"])]
-        ended = jnp.stack(ended)                                                   # [lookup + 1, B]
-        everyone = ended.all(axis=1)
-        m = jnp.minimum(jnp.min(kept), jnp.where(everyone.any(), jnp.argmax(everyone), lookup))
-        m = jnp.minimum(m, options["max_new_tokens"] - step - 1)           # tokens kept after the first
-        keep = jnp.arange(lookup + 1) <= m
-        at = step + jnp.arange(lookup + 1)
-        seen = state["seen"]
-        for j, token in enumerate(chosen):
-            seen = seen.at[rows, token].set(seen[rows, token] | keep[j])
-        return {"step": step + m + 1,
-                "tokens": state["tokens"].at[:, at].set(jnp.where(keep, jnp.stack(chosen, 1), pad), mode="drop"),
-                "logprobs": state["logprobs"].at[:, at].set(jnp.where(keep, jnp.stack(logprobs, 1), 0.0),
-                                                            mode="drop"),
-                "logits": jax.lax.dynamic_index_in_dim(logits, m, axis=1, keepdims=False),
-                "done": jax.lax.dynamic_index_in_dim(ended, m, axis=0, keepdims=False),
-                "seen": seen, "passes": state["passes"] + 1}, cache
+            return (jnp.int32(0), blank(pad, jnp.int32).at[:, 0].set(first),
+                    blank(0.0, jnp.float32).at[:, 0].set(first_logprob), first_ended, logits[:, 0]), cache
+
+        def checked(cache):  # each drafted position's token as the model chooses it, given the drafts before it
+            logits, cache = decode_tokens(params, config, inputs, positions, T + step, kv_valid, cache, dtype)
+            chosen, logprobs, ended = [first], [first_logprob], [first_ended]
+            seen, history = state["seen"], tokens
+            agreed, kept = jnp.ones((B,), bool), jnp.zeros((B,), jnp.int32)
+            for j in range(1, width):
+                seen = seen.at[rows, chosen[-1]].set(True)
+                token, logprob = choose(logits[:, j - 1], seen, history, step + j, ended[-1])
+                agreed &= (drafts[:, j - 1] == token) | ended[-1]
+                kept += agreed
+                history = history.at[:, step + j].set(token, mode="drop")
+                chosen, logprobs = chosen + [token], logprobs + [logprob]
+                ended.append(ended[-1] | is_stop(token, options["stop_ids"]))
+            ended = jnp.stack(ended)                                               # [width, B]
+            everyone = ended.all(axis=1)
+            m = jnp.minimum(jnp.min(kept), jnp.where(everyone.any(), jnp.argmax(everyone), lookup))
+            m = jnp.minimum(m, options["max_new_tokens"] - step - 1)       # drafts kept after the first token
+            keep = jnp.arange(width) <= m
+            return (m, jnp.where(keep, jnp.stack(chosen, 1), pad), jnp.where(keep, jnp.stack(logprobs, 1), 0.0),
+                    jax.lax.dynamic_index_in_dim(ended, m, axis=0, keepdims=False),
+                    jax.lax.dynamic_index_in_dim(logits, m, axis=1, keepdims=False)), cache
+
+        drafted = ((drafts[:, 0] >= 0) | first_ended).all() & ~first_ended.all()
+        (m, block, block_logprobs, done, logits), cache = jax.lax.cond(drafted, checked, alone, cache)
+        at, seen = step + jnp.arange(width), state["seen"]
+        for j in range(width):
+            seen = seen.at[rows, block[:, j]].set(seen[rows, block[:, j]] | (j <= m))
+        return {"step": step + m + 1, "tokens": state["tokens"].at[:, at].set(block, mode="drop"),
+                "logprobs": state["logprobs"].at[:, at].set(block_logprobs, mode="drop"), "logits": logits,
+                "done": done, "seen": seen, "passes": state["passes"] + 1}, cache
 
     return jax.lax.while_loop(cond, body_lookup if lookup else body, (state, cache))
 
