@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding
 
 from . import anyres, checkpoint, convert, distributed, generate, sharding
 from .config import LlavaNextConfig
+from .modeling import llava_next
 
 # HF's defaults for the generation settings `LlavaNext.generate` takes (GenerationConfig's
 # `_get_default_generation_params`: top_k 50 among them), used where neither the call nor the
@@ -21,7 +22,6 @@ GENERATION_DEFAULTS: dict[str, Any] = dict(
     min_new_tokens=0, do_sample=False, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0,
     no_repeat_ngram_size=0, num_beams=1, length_penalty=1.0, early_stopping=False, num_return_sequences=1,
     prompt_lookup_num_tokens=None, max_matching_ngram_size=2)
-from .modeling import llava_next
 
 
 class LlavaNext:
