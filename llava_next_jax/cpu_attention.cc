@@ -10,9 +10,10 @@
 // and the output in the core's caches. Products run on register tiles of kMicroRows x 16 floats.
 // Tasks go to XLA's thread pool, most work first. The forward pass also gives each query's log-sum-exp,
 // from which the backward pass (below) recomputes the weights tile by tile for dq, dk and dv, so a
-// training pass keeps no softmax weights either. The vector code is GCC/Clang vector extensions, so
-// it builds on any CPU the compiler targets (-march=native). Built and loaded by
-// llava_next_jax/cpu_kernels.py with cpu_kernels.cc.
+// training pass keeps no softmax weights either. A decode step's attention (a few new queries a row
+// over the cache, whose keys are kept slots last) has a kernel of its own at the end. The vector code
+// is GCC/Clang vector extensions, so it builds on any CPU the compiler targets (-march=native). Built
+// and loaded by llava_next_jax/cpu_kernels.py with cpu_kernels.cc.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -24,12 +25,14 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "cpu_products.h"
 #include "cpu_tasks.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using llava_next::Partial;
 using llava_next::RunTasks;
 
 typedef float V8 __attribute__((vector_size(32)));
@@ -517,6 +520,210 @@ ffi::Error FlashAttentionBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   return ffi::Error::Success();
 }
 
+
+// --- decode ---------------------------------------------------------------------------------------
+//
+// A decode step's attention: the T new tokens of each row (one, or a prompt-lookup pass's token and
+// drafts) over the cache as it was, keys and values [B, K, H, S] (slots last, as the cache is kept),
+// where earlier [B, T, S] allows, and over the step's own keys and values [B, K, T, H] where own
+// [B, T, T] allows; one softmax over both. A task takes one (row, kv head) pair: its T * G query rows'
+// logits over the slots any of them sees (a left-padded prompt's padding and the slots not yet
+// written are not read), the weights, and the output, reading the pair's keys and values once each,
+// front to back (cpu_products.h's few-row products).
+
+struct DecodeShapes {
+  int64_t B, T, N, H, K, S, G;
+};
+
+// lanes whose mask byte (0 or 1) is 1: all bits set
+inline I8 Allowed(const bool* m) {
+  uint64_t word;
+  std::memcpy(&word, m, sizeof word);
+  I8 keep;
+  for (int i = 0; i < 8; ++i) keep[i] = -int32_t((word >> (8 * i)) & 1);
+  return keep;
+}
+
+// y[r * y_stride + n] = sum over j < length of x[r * x_stride + j] * w[n * w_stride + j] for r < Q <= 4
+// and n < N: a decode step's output at N value dims from Q rows' weights x, dot products along the
+// slots, kValueRows value rows at a time (Q x kValueRows accumulators of 8 running sums, kept in
+// registers: more rows read at once stream faster).
+#ifdef __AVX512F__
+constexpr int64_t kValueRows = 4;  // 32 vector registers
+#else
+constexpr int64_t kValueRows = 2;  // 16
+#endif
+
+template <int Q>
+void WeightedValues(const float* __restrict x, int64_t x_stride, const float* __restrict w, int64_t w_stride,
+                    int64_t length, int64_t N, float* __restrict y, int64_t y_stride) {
+  const int64_t L8 = length / 8 * 8;
+  const auto finish = [&](const V8 (&acc)[Q], int64_t n) {
+    const float* __restrict wn = w + n * w_stride;
+    for (int r = 0; r < Q; ++r) {
+      float sum = HorizontalSum(acc[r]);
+      for (int64_t j = L8; j < length; ++j) sum += x[r * x_stride + j] * wn[j];
+      y[r * y_stride + n] = sum;
+    }
+  };
+  int64_t n = 0;
+  if constexpr (kValueRows == 4)
+    for (; n + 4 <= N; n += 4) {
+      const float* __restrict w0 = w + n * w_stride;
+      const float* __restrict w1 = w0 + w_stride;
+      const float* __restrict w2 = w1 + w_stride;
+      const float* __restrict w3 = w2 + w_stride;
+      V8 a[Q], b[Q], c[Q], d[Q];
+      for (int r = 0; r < Q; ++r) a[r] = b[r] = c[r] = d[r] = Splat(0.0f);
+      for (int64_t j = 0; j < L8; j += 8) {
+        const V8 u = Load(w0 + j), v = Load(w1 + j), s = Load(w2 + j), t = Load(w3 + j);
+        for (int r = 0; r < Q; ++r) {
+          const V8 p = Load(x + r * x_stride + j);
+          a[r] += p * u;
+          b[r] += p * v;
+          c[r] += p * s;
+          d[r] += p * t;
+        }
+      }
+      finish(a, n);
+      finish(b, n + 1);
+      finish(c, n + 2);
+      finish(d, n + 3);
+    }
+  for (; n + 2 <= N; n += 2) {
+    const float* __restrict w0 = w + n * w_stride;
+    const float* __restrict w1 = w0 + w_stride;
+    V8 a[Q], b[Q];
+    for (int r = 0; r < Q; ++r) a[r] = b[r] = Splat(0.0f);
+    for (int64_t j = 0; j < L8; j += 8) {
+      const V8 u = Load(w0 + j), v = Load(w1 + j);
+      for (int r = 0; r < Q; ++r) {
+        const V8 p = Load(x + r * x_stride + j);
+        a[r] += p * u;
+        b[r] += p * v;
+      }
+    }
+    finish(a, n);
+    finish(b, n + 1);
+  }
+  for (; n < N; ++n) {
+    const float* __restrict w0 = w + n * w_stride;
+    V8 a[Q];
+    for (int r = 0; r < Q; ++r) a[r] = Splat(0.0f);
+    for (int64_t j = 0; j < L8; j += 8)
+      for (int r = 0; r < Q; ++r) a[r] += Load(x + r * x_stride + j) * Load(w0 + j);
+    finish(a, n);
+  }
+}
+
+using WeightedFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t);
+constexpr WeightedFn kWeighted[4] = {WeightedValues<1>, WeightedValues<2>, WeightedValues<3>, WeightedValues<4>};
+
+void DecodePair(const DecodeShapes& s, const float* q, const float* k, const float* v, const float* k_new,
+                const float* v_new, const bool* earlier, const bool* own, float scale, int64_t pair, float* out) {
+  const int64_t b = pair / s.K, kh = pair % s.K, G = s.G, H = s.H, S = s.S, T = s.T, R = T * G;
+  // [lo, hi): the slots any of the pair's queries sees
+  int64_t lo = S, hi = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    const bool* m = earlier + (b * T + t) * S;
+    int64_t first = 0, last = S;
+    while (first < lo && !m[first]) ++first;
+    while (last > std::max(hi, first) && !m[last - 1]) --last;
+    if (first < last) lo = std::min(lo, first), hi = std::max(hi, last);
+  }
+  const int64_t width = std::max<int64_t>(hi - lo, 0);
+  // Row r of the pair is position r / G, query head kh * G + r % G; queries times scale, [R, H].
+  std::vector<float> queries(R * H), own_weights(R * T), acc(R * H), total(R);
+  std::unique_ptr<float[]> logits(new float[R * S]);  // [R, S], written in [lo, hi)
+  const auto index = [&](int64_t r) { return (b * T + r / G) * s.N + kh * G + r % G; };
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t d = 0; d < H; ++d) queries[r * H + d] = q[index(r) * H + d] * scale;
+  const float* keys = k + pair * H * S;
+  const float* values = v + pair * H * S;
+  const float* new_keys = k_new + pair * T * H;
+  const float* new_values = v_new + pair * T * H;
+  if (width > 0) Partial<float>(R, queries.data(), keys, logits.get(), H, S, 0, H, lo, hi);
+  for (int64_t r = 0; r < R; ++r) {  // the weights, in place of the logits; their sum
+    const int64_t t = r / G;
+    const bool* m = earlier + (b * T + t) * S;
+    const bool* mine = own + (b * T + t) * T;
+    float* x = &logits[r * S];
+    float* w = &own_weights[r * T];
+    float top = kNegInf;
+    for (int64_t u = 0; u < T; ++u) {
+      float dot = 0.0f;
+      for (int64_t d = 0; d < H; ++d) dot += queries[r * H + d] * new_keys[u * H + d];
+      w[u] = mine[u] ? dot : kNegInf;
+      top = std::max(top, w[u]);
+    }
+    int64_t j = lo;
+    V8 most = Splat(kNegInf);
+    for (; j + 8 <= hi; j += 8) {
+      const I8 keep = Allowed(m + j);
+      most = Max(most, (V8)(((I8)Load(x + j) & keep) | ((I8)Splat(kNegInf) & ~keep)));
+    }
+    for (; j < hi; ++j)
+      if (m[j]) top = std::max(top, x[j]);
+    top = std::max(top, HorizontalMax(most));
+    if (top == kNegInf) {  // sees nothing: zeros
+      std::fill(x + lo, x + lo + width, 0.0f);
+      std::fill(w, w + T, 0.0f);
+      continue;
+    }
+    V8 sum{};
+    float rest = 0.0f;
+    for (j = lo; j + 8 <= hi; j += 8) {
+      const V8 weights = Select(Allowed(m + j), Exp(Load(x + j) - Splat(top)));
+      Store(x + j, weights);
+      sum += weights;
+    }
+    for (; j < hi; ++j) rest += x[j] = m[j] ? std::exp(x[j] - top) : 0.0f;
+    for (int64_t u = 0; u < T; ++u) rest += w[u] = mine[u] ? std::exp(w[u] - top) : 0.0f;
+    total[r] = HorizontalSum(sum) + rest;
+  }
+  if (width > 0)  // rows in groups of 4 at kValueRows value dims, read from memory once for all groups
+    for (int64_t n = 0; n < H; n += kValueRows)
+      for (int64_t r0 = 0; r0 < R; r0 += 4)
+        kWeighted[std::min<int64_t>(R - r0, 4) - 1](&logits[r0 * S + lo], S, values + n * S + lo, S, width,
+                                                    std::min(H - n, kValueRows), &acc[r0 * H + n], H);
+  for (int64_t r = 0; r < R; ++r) {
+    const float inverse = total[r] > 0.0f ? 1.0f / total[r] : 0.0f;
+    float* o = out + index(r) * H;
+    for (int64_t d = 0; d < H; ++d) {
+      float sum = acc[r * H + d];
+      for (int64_t u = 0; u < T; ++u) sum += own_weights[r * T + u] * new_values[u * H + d];
+      o[d] = sum * inverse;
+    }
+  }
+}
+
+// q [B, T, N, H], k and v [B, K, H, S], k_new and v_new [B, K, T, H], earlier [B, T, S], own [B, T, T]
+// -> out [B, T, N, H]; N a multiple of K.
+ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                               ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> k_new, ffi::Buffer<ffi::F32> v_new,
+                               ffi::Buffer<ffi::PRED> earlier, ffi::Buffer<ffi::PRED> own,
+                               ffi::ResultBuffer<ffi::F32> out, float scale) {
+  auto qd = q.dimensions(), kd = k.dimensions(), nd = k_new.dimensions(), ed = earlier.dimensions(),
+       od = own.dimensions();
+  const auto same = [](ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
+    return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
+  };
+  if (qd.size() != 4 || kd.size() != 4 || nd.size() != 4 || ed.size() != 3 || od.size() != 3 ||
+      !same(kd, v.dimensions()) || !same(nd, v_new.dimensions()) || kd[0] != qd[0] || kd[1] < 1 ||
+      qd[2] % kd[1] != 0 || kd[2] != qd[3] || nd[0] != qd[0] || nd[1] != kd[1] || nd[2] != qd[1] || nd[3] != qd[3] ||
+      ed[0] != qd[0] || ed[1] != qd[1] || ed[2] != kd[3] || od[0] != qd[0] || od[1] != qd[1] || od[2] != qd[1])
+    return ffi::Error::InvalidArgument(
+        "llava_next_decode_attention: want q [B, T, N, H], k and v [B, K, H, S] (N a multiple of K), "
+        "k_new and v_new [B, K, T, H], earlier [B, T, S], own [B, T, T]");
+  const DecodeShapes s{qd[0], qd[1], qd[2], qd[3], kd[1], kd[3], qd[2] / kd[1]};
+  const float *qs = q.typed_data(), *ks = k.typed_data(), *vs = v.typed_data(), *kn = k_new.typed_data(),
+              *vn = v_new.typed_data();
+  const bool *es = earlier.typed_data(), *os = own.typed_data();
+  float* result = out->typed_data();
+  RunTasks(pool, s.B * s.K, [=](int64_t pair) { DecodePair(s, qs, ks, vs, kn, vn, es, os, scale, pair, result); });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // The arguments both handlers start with: XLA's thread pool, q, k, v (float32) and the bool mask.
@@ -539,4 +746,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashAttentionBackward, FlashAttentionBackwardImpl
                                   .Ret<ffi::Buffer<ffi::F32>>()    // dq
                                   .Ret<ffi::Buffer<ffi::F32>>()    // dk
                                   .Ret<ffi::Buffer<ffi::F32>>()    // dv
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DecodeAttention, DecodeAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // k_new
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // v_new
+                                  .Arg<ffi::Buffer<ffi::PRED>>()   // earlier
+                                  .Arg<ffi::Buffer<ffi::PRED>>()   // own
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // out
                                   .Attr<float>("scale"));

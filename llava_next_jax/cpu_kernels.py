@@ -1,5 +1,5 @@
-"""Native kernels for XLA:CPU: the few-row matmul and attention products of a decode step
-(`cpu_kernels.cc`) and attention over a prompt with its gradient (`cpu_attention.cc`).
+"""Native kernels for XLA:CPU: the few-row matmul of a decode step (`cpu_kernels.cc`), and a decode
+step's attention and attention over a prompt with its gradient (`cpu_attention.cc`).
 
 XLA:CPU multiplies a few rows (a decode step of batch 2-8) by a float32 weight kernel as a general
 matmul that packs the kernel first, and any number of rows by a bfloat16 kernel after converting
@@ -15,8 +15,9 @@ the kernels off.
 
 Used by `modeling.decoder.matmul` for products of 2 to 8 float32 rows, or 1 to 8 bfloat16 rows, on a
 single-device CPU backend (a mesh keeps XLA's products, which its partitioner knows how to split).
-`head_matmul` runs a decode step's two attention products over a float32 cache, one (row, kv head)
-pair per task, where XLA:CPU's batched few-row products read the cache at about half the speed.
+`decode_attention` runs a decode step's attention over a float32 cache in one pass per (row, kv head),
+where XLA:CPU wrote the logits and weights to memory between its batched few-row products, which
+read the cache at about half the speed.
 `flash_attention` runs attention over a prompt in one pass over tiles of keys (online softmax), where
 XLA:CPU writes each block's logits to memory and reads them back three times; `flash_attention_backward`
 its gradient from the forward pass's log-sum-exp (`modeling.decoder.native_attention` pairs them).
@@ -40,9 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_kernels.cc", "cpu_attention.cc"))
-HEADERS = (Path(__file__).with_name("cpu_tasks.h"),)
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_products.h", "cpu_tasks.h"))
 TARGET = "llava_next_fewrow_matmul"
-HEADS_TARGET = "llava_next_head_matmul"
+DECODE_TARGET = "llava_next_decode_attention"
 FLASH_TARGET = "llava_next_flash_attention"
 FLASH_BACKWARD_TARGET = "llava_next_flash_attention_backward"
 MAX_ROWS = 8
@@ -114,7 +115,7 @@ def _load() -> bool:
     try:
         library = ctypes.cdll.LoadLibrary(str(_build()))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.FewRowMatmul), platform="cpu")
-        jax.ffi.register_ffi_target(HEADS_TARGET, jax.ffi.pycapsule(library.HeadMatmul), platform="cpu")
+        jax.ffi.register_ffi_target(DECODE_TARGET, jax.ffi.pycapsule(library.DecodeAttention), platform="cpu")
         jax.ffi.register_ffi_target(FLASH_TARGET, jax.ffi.pycapsule(library.FlashAttention), platform="cpu")
         jax.ffi.register_ffi_target(FLASH_BACKWARD_TARGET, jax.ffi.pycapsule(library.FlashAttentionBackward),
                                     platform="cpu")
@@ -162,28 +163,24 @@ def _fewrow_matmul_jvp(tasks, primals, tangents):
     return fewrow_matmul(x, kernel, tasks), dx @ kernel + x @ dkernel
 
 
-def heads_apply(group: int) -> bool:
-    """Whether a decode step's attention products (`group` query heads per kv head) run on `head_matmul`."""
-    return 1 <= group <= MAX_ROWS and _usable()
+def decode_applies(cache_dtype) -> bool:
+    """Whether a decode step's attention over a cache of `cache_dtype` runs on `decode_attention`."""
+    return jnp.dtype(cache_dtype) == jnp.float32 and _usable()
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def head_matmul(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
-    """Per pair p, float32: `x[p] [R, K] @ w[p] [K, N]`, or with `transposed` `x[p] @ w[p].T` for w
-    `[P, N, K]`; R <= 8. Differentiable (XLA's einsum as the JVP)."""
+def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_new: jax.Array, v_new: jax.Array,
+                     earlier: jax.Array, own: jax.Array, scale: float) -> jax.Array:
+    """A decode step's attention (`modeling.decoder._attend_new`'s arguments) in one pass per (row, kv
+    head) over a float32 cache (`cpu_attention.cc`): q `[B, T, N, H]` over the cache's keys and values
+    `[B, K, H, S]` where the bool `earlier` `[B, T, S]` allows and over the step's own `[B, K, T, H]`
+    where `own` `[B, T, T]` allows, one softmax; float32 throughout, the result in q's dtype. A query
+    that sees nothing gets zeros. Not differentiable (no pass takes a gradient through decode)."""
     _require()
-    N = w.shape[1] if transposed else w.shape[2]
-    out = jax.ShapeDtypeStruct((x.shape[0], x.shape[1], N), jnp.float32)
-    return jax.ffi.ffi_call(HEADS_TARGET, out)(x.astype(jnp.float32), w.astype(jnp.float32),
-                                               transposed=bool(transposed))
-
-
-@head_matmul.defjvp
-def _head_matmul_jvp(transposed, primals, tangents):
-    (x, w), (dx, dw) = primals, tangents
-    spec = "prk,pnk->prn" if transposed else "prk,pkn->prn"
     f32 = lambda a: a.astype(jnp.float32)
-    return head_matmul(x, w, transposed), jnp.einsum(spec, f32(dx), f32(w)) + jnp.einsum(spec, f32(x), f32(dw))
+    out = jax.ffi.ffi_call(DECODE_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
+        f32(q), f32(k_cache), f32(v_cache), f32(k_new), f32(v_new), earlier.astype(jnp.bool_), own.astype(jnp.bool_),
+        scale=np.float32(scale))
+    return out.astype(q.dtype)
 
 
 def flash_applies() -> bool:

@@ -1,5 +1,5 @@
-"""The native CPU kernels (`cpu_kernels`: the few-row matmul and attention products of a decode step,
-a prefill's attention) against PyTorch, where the decoder uses them, and what happens when they
+"""The native CPU kernels (`cpu_kernels`: the few-row matmul and the attention of a decode step, a
+prefill's attention) against PyTorch, where the decoder uses them, and what happens when they
 cannot be built."""
 
 import logging
@@ -59,33 +59,52 @@ def test_any_split_equals_torch(tasks, K):
                                    atol=1e-5 * np.sqrt(K))
 
 
-@pytest.mark.parametrize("group", range(1, 9))
+@pytest.mark.parametrize("group", [1, 4, 7, 8])
+@pytest.mark.parametrize("T", [1, 3, 5])
 @pytest.mark.parametrize("H,S", [(64, 2497), (13, 9)])
-def test_head_matmul_equals_torch(group, H, S):
-    """A decode step's two attention products per (row, kv head) pair, `q [G, H] @ keys [H, S]` and
-    `weights [G, S] @ values [H, S]^T`, against torch (S and H not multiples of the kernel's 8 running
-    sums, an odd count of value rows)."""
-    rng = np.random.default_rng(group * S)
-    q, probs = rng.standard_normal((6, group, H)), rng.random((6, group, S))
-    keys, values = rng.standard_normal((2, 6, H, S))
-    f32 = lambda a: jnp.asarray(a, jnp.float32)
+def test_decode_attention_equals_torch_sdpa(group, T, H, S):
+    """A decode step's attention on the kernel (T new tokens a row over the cache plus their own keys)
+    against PyTorch's SDPA in float64: rows left-padded by different amounts with the slots past the
+    step unwritten (the kernel reads only the slots some query sees), random holes, a row that sees
+    none of the cache (its own keys only); S and H not multiples of the kernel's 8-float vectors, the
+    rows (T x group: 1 to 40) not of its groups of 4 and its 4 value dims. bf16 queries and new keys
+    are computed in float32, the result in bf16."""
+    B, K = 4, 2
+    N = K * group
+    rng = np.random.default_rng(group + 10 * T + S)
+    q = rng.standard_normal((B, T, N, H))
+    k_cache, v_cache = rng.standard_normal((2, B, K, H, S)).astype(np.float32)
+    k_new, v_new = rng.standard_normal((2, B, K, T, H))
+    slots = np.arange(S)
+    start, end = np.array([0, S // 3, 1, 0]), np.array([S, S - 2, S // 2, 0])       # row 3: no cache slot
+    earlier = (slots >= start[:, None]) & (slots < end[:, None])
+    earlier = np.repeat(earlier[:, None], T, 1) & (rng.random((B, T, S)) < 0.9)
+    own = np.broadcast_to(np.tril(np.ones((T, T), bool)), (B, T, T))
+    attend = jax.jit(cpu_kernels.decode_attention, static_argnums=7)
     t = lambda a: torch.from_numpy(np.asarray(np.asarray(a, np.float32), np.float64))
-    logits = cpu_kernels.head_matmul(f32(q), f32(keys), False)
-    np.testing.assert_allclose(np.asarray(logits), (t(q) @ t(keys)).numpy(), rtol=1e-5, atol=1e-5 * np.sqrt(H))
-    out = cpu_kernels.head_matmul(f32(probs), f32(values), True)
-    np.testing.assert_allclose(np.asarray(out), (t(probs) @ t(values).transpose(1, 2)).numpy(), rtol=1e-5,
-                               atol=1e-5 * np.sqrt(S))
+    for dtype, tolerance in (("float32", dict(rtol=1e-5, atol=1e-5)), ("bfloat16", dict(rtol=2 ** -8, atol=2 ** -8))):
+        qx, kx, vx = (jnp.asarray(a, dtype) for a in (q, k_new, v_new))
+        ours = attend(qx, jnp.asarray(k_cache), jnp.asarray(v_cache), kx, vx, jnp.asarray(earlier), jnp.asarray(own),
+                      H ** -0.5)
+        assert ours.dtype == jnp.dtype(dtype)
+        keys = torch.cat([t(k_cache).transpose(2, 3), t(kx)], 2).repeat_interleave(group, 1)   # [B, N, S+T, H]
+        values = torch.cat([t(v_cache).transpose(2, 3), t(vx)], 2).repeat_interleave(group, 1)
+        allowed = torch.from_numpy(np.concatenate([earlier, own], 2))[:, None]
+        ref = torch.nn.functional.scaled_dot_product_attention(t(qx).transpose(1, 2), keys, values, attn_mask=allowed)
+        np.testing.assert_allclose(np.asarray(ours, np.float64), ref.transpose(1, 2).numpy(), **tolerance)
 
 
-def test_decode_attention_uses_head_matmul():
-    """The decode step's attention over a float32 cache lowers to the head kernel (twice: keys and values);
-    its values are held to PyTorch's SDPA by `test_model.test_decode_attention_equals_torch_sdpa`."""
+def test_decode_step_attention_is_one_kernel_call():
+    """`decoder._attend_new` over a float32 cache lowers to one call of the decode-attention kernel (its
+    values are also held to PyTorch's SDPA by `test_model.test_decode_attention_equals_torch_sdpa`); a
+    bf16 cache stays on XLA's operations."""
     B, K, G, H, S = 2, 2, 4, 16, 50
-    q = jnp.ones((B, 1, K * G, H))
-    cache, new = jnp.ones((B, K, H, S)), jnp.ones((B, K, 1, H))
-    text = jax.jit(decoder._attend_new, static_argnums=7).lower(q, cache, cache, new, new, jnp.ones((B, 1, S), bool),
-                                                               jnp.ones((B, 1, 1), bool), 0.25).as_text()
-    assert text.count(cpu_kernels.HEADS_TARGET) == 2
+    lower = lambda dtype: jax.jit(decoder._attend_new, static_argnums=7).lower(
+        jnp.ones((B, 1, K * G, H), dtype), jnp.ones((B, K, H, S), dtype), jnp.ones((B, K, H, S), dtype),
+        jnp.ones((B, K, 1, H), dtype), jnp.ones((B, K, 1, H), dtype), jnp.ones((B, 1, S), bool),
+        jnp.ones((B, 1, 1), bool), 0.25).as_text()
+    assert lower(jnp.float32).count(cpu_kernels.DECODE_TARGET) == 1
+    assert cpu_kernels.DECODE_TARGET not in lower(jnp.bfloat16)
 
 
 ATTENTION_CASES = [(1, 300, 16, 4, 64), (3, 77, 6, 6, 24), (2, 130, 7, 1, 128), (1, 5, 2, 1, 16)]

@@ -263,14 +263,20 @@ def test_cpu_product_gradients_equal_torch_and_take_the_kernel_gradient_as_a_pla
     np.testing.assert_allclose(np.asarray(dk), tk.grad.numpy(), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("kernels", ["native", "xla"])
 @pytest.mark.parametrize("group,T", [(1, 1), (4, 1), (8, 1), (4, 3), (1, 5)])
-def test_decode_attention_equals_torch_sdpa(group, T):
+def test_decode_attention_equals_torch_sdpa(group, T, kernels, monkeypatch):
     """A decode step's attention (T new tokens) over a cache with masked slots plus its own keys, causal
-    among themselves, against PyTorch SDPA. On the CPU: groups of 1 and 4 one matrix-vector product per
-    query head without the native kernels, 8 one matmul; with them, the head kernel in parts of <= 8
-    rows (4 heads x 3 tokens: 12)."""
+    among themselves, against PyTorch SDPA: with the native kernels on the CPU, the decode-attention
+    kernel; without them (`LLAVA_NEXT_CPU_KERNELS=0`), XLA's operations: groups of 1 and 4 one
+    matrix-vector product per query head, 8 one matmul."""
+    import jax
     import jax.numpy as jnp
+    from llava_next_jax import cpu_kernels
     from llava_next_jax.modeling import decoder
+    if kernels == "xla":
+        monkeypatch.setenv("LLAVA_NEXT_CPU_KERNELS", "0")
+    assert cpu_kernels.decode_applies(jnp.float32) == (kernels == "native" and jax.default_backend() == "cpu")
     B, K, H, S = 2, 2, 16, 50
     N = K * group
     rng = np.random.default_rng(group + 10 * T)

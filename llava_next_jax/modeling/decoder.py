@@ -206,8 +206,11 @@ def _attend_new(q, k_cache, v_cache, k_new, v_new, earlier, own, scale):
     the T being written) plus this step's own keys and values (`[B, K, T, H]`; `own` `[B, T, T]`,
     causal), one softmax over both. T = 1 is a decode step; T > 1 checks drafted tokens
     (`generate`'s prompt lookup). Reading the cache before this step's write lets XLA update it in
-    place afterwards, with no copy of it per step.
+    place afterwards, with no copy of it per step. On a single-device CPU with a float32 cache, one
+    native kernel call (`cpu_kernels.decode_attention`).
     """
+    if cpu_kernels.decode_applies(k_cache.dtype):
+        return cpu_kernels.decode_attention(q, k_cache, v_cache, k_new, v_new, earlier, own, scale)
     B, T, N, H = q.shape
     K = k_cache.shape[1]
     G = N // K
@@ -228,18 +231,8 @@ def _attend_new(q, k_cache, v_cache, k_new, v_new, earlier, own, scale):
 
 def _group_matmul(spec: str, grouped: jax.Array, cache: jax.Array, split: bool) -> jax.Array:
     """`einsum(spec)` of `grouped` `[B, K, G, X]` (a kv head's G query heads) with a `cache` array
-    `[B, K, H, S]`, in float32: on the CPU with a float32 cache the native `cpu_kernels.head_matmul`
-    (one task per row and kv head); else one batched matmul, or with `split` one matrix-vector
-    product per query head of the group, stacked on axis 2."""
-    B, K, G, X = grouped.shape
-    rows = cpu_kernels.MAX_ROWS
-    if cache.dtype == jnp.float32 and cpu_kernels.heads_apply(min(G, rows)):
-        transposed = spec == "bkgs,bkhs->bkgh"     # the output from the values; else the keys' logits
-        assert transposed or spec == "bkgh,bkhs->bkgs", spec
-        product = lambda part: cpu_kernels.head_matmul(part.reshape(B * K, part.shape[2], X),
-                                                       cache.reshape(B * K, *cache.shape[2:]), transposed)
-        out = jnp.concatenate([product(grouped[:, :, i:i + rows]) for i in range(0, G, rows)], axis=1)
-        return out.reshape(B, K, G, -1)
+    `[B, K, H, S]`, in float32: one batched matmul, or with `split` one matrix-vector product per
+    query head of the group, stacked on axis 2."""
     if not split:
         return jnp.einsum(spec, grouped, cache, preferred_element_type=jnp.float32)
     one = spec.replace("g", "")
