@@ -526,10 +526,12 @@ ffi::Error FlashAttentionBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
 // A decode step's attention: the T new tokens of each row (one, or a prompt-lookup pass's token and
 // drafts) over the cache as it was, keys and values [B, K, H, S] (slots last, as the cache is kept),
 // where earlier [B, T, S] allows, and over the step's own keys and values [B, K, T, H] where own
-// [B, T, T] allows; one softmax over both. A task takes one (row, kv head) pair: its T * G query rows'
-// logits over the slots any of them sees (a left-padded prompt's padding and the slots not yet
-// written are not read), the weights, and the output, reading the pair's keys and values once each,
-// front to back (cpu_products.h's few-row products).
+// [B, T, T] allows; one softmax over both. A task takes a chunk of the slots some query of a (row, kv
+// head) pair sees (a left-padded prompt's padding and the slots not yet written are not read): its
+// T * G query rows' logits there, their weights and the weighted values, reading the chunk's keys
+// and values once each, front to back (cpu_products.h's few-row products for the keys); a second
+// task per pair joins its chunks' partial softmaxes with the step's own keys. Without the kernel,
+// XLA:CPU wrote the logits and the weights to memory between its products over the cache.
 
 struct DecodeShapes {
   int64_t B, T, N, H, K, S, G;
@@ -619,86 +621,124 @@ void WeightedValues(const float* __restrict x, int64_t x_stride, const float* __
 using WeightedFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t);
 constexpr WeightedFn kWeighted[4] = {WeightedValues<1>, WeightedValues<2>, WeightedValues<3>, WeightedValues<4>};
 
-void DecodePair(const DecodeShapes& s, const float* q, const float* k, const float* v, const float* k_new,
-                const float* v_new, const bool* earlier, const bool* own, float scale, int64_t pair, float* out) {
-  const int64_t b = pair / s.K, kh = pair % s.K, G = s.G, H = s.H, S = s.S, T = s.T, R = T * G;
-  // [lo, hi): the slots any of the pair's queries sees
-  int64_t lo = S, hi = 0;
-  for (int64_t t = 0; t < T; ++t) {
-    const bool* m = earlier + (b * T + t) * S;
-    int64_t first = 0, last = S;
+// [lo, hi): the slots some query of row b sees (the left padding and the slots not yet written lie
+// outside); lo = hi = 0 where none.
+void SeenSlots(const DecodeShapes& s, const bool* earlier, int64_t b, int64_t& lo, int64_t& hi) {
+  lo = s.S, hi = 0;
+  for (int64_t t = 0; t < s.T; ++t) {
+    const bool* m = earlier + (b * s.T + t) * s.S;
+    int64_t first = 0, last = s.S;
     while (first < lo && !m[first]) ++first;
     while (last > std::max(hi, first) && !m[last - 1]) --last;
     if (first < last) lo = std::min(lo, first), hi = std::max(hi, last);
   }
-  const int64_t width = std::max<int64_t>(hi - lo, 0);
-  // Row r of the pair is position r / G, query head kh * G + r % G; queries times scale, [R, H].
-  std::vector<float> queries(R * H), own_weights(R * T), acc(R * H), total(R);
-  std::unique_ptr<float[]> logits(new float[R * S]);  // [R, S], written in [lo, hi)
-  const auto index = [&](int64_t r) { return (b * T + r / G) * s.N + kh * G + r % G; };
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t d = 0; d < H; ++d) queries[r * H + d] = q[index(r) * H + d] * scale;
+  if (lo >= hi) lo = hi = 0;
+}
+
+// The pair's query rows (row r: position r / G, query head kh * G + r % G) times scale, [R, H].
+std::vector<float> ScaledQueries(const DecodeShapes& s, const float* q, int64_t pair, float scale) {
+  const int64_t b = pair / s.K, kh = pair % s.K, R = s.T * s.G;
+  std::vector<float> queries(R * s.H);
+  for (int64_t r = 0; r < R; ++r) {
+    const float* row = q + ((b * s.T + r / s.G) * s.N + kh * s.G + r % s.G) * s.H;
+    for (int64_t d = 0; d < s.H; ++d) queries[r * s.H + d] = row[d] * scale;
+  }
+  return queries;
+}
+
+// One task: the slots [c0, c1) of a (row, kv head) pair for its R query rows: each row's largest
+// logit there (top, -inf where it sees none), its weights' sum relative to that (total) and their
+// product with the values (acc [R, H]), for `DecodeCombine` to join with the other chunks'.
+void DecodeChunk(const DecodeShapes& s, const float* q, const float* k, const float* v, const bool* earlier,
+                 float scale, int64_t pair, int64_t c0, int64_t c1, float* top, float* total, float* acc) {
+  const int64_t b = pair / s.K, G = s.G, H = s.H, S = s.S, T = s.T, R = T * G;
+  const std::vector<float> queries = ScaledQueries(s, q, pair, scale);
   const float* keys = k + pair * H * S;
   const float* values = v + pair * H * S;
+  std::unique_ptr<float[]> logits(new float[R * S]);  // [R, S], written in [c0, c1)
+  Partial<float>(R, queries.data(), keys, logits.get(), H, S, 0, H, c0, c1);
+  for (int64_t r = 0; r < R; ++r) {  // the weights, in place of the logits
+    const bool* m = earlier + (b * T + r / G) * S;
+    float* x = &logits[r * S];
+    int64_t j = c0;
+    V8 most = Splat(kNegInf);
+    float largest = kNegInf;
+    for (; j + 8 <= c1; j += 8) {
+      const I8 keep = Allowed(m + j);
+      most = Max(most, (V8)(((I8)Load(x + j) & keep) | ((I8)Splat(kNegInf) & ~keep)));
+    }
+    for (; j < c1; ++j)
+      if (m[j]) largest = std::max(largest, x[j]);
+    top[r] = largest = std::max(largest, HorizontalMax(most));
+    if (largest == kNegInf) largest = 0.0f;  // sees none here: every weight is 0 (masked below)
+    V8 sum{};
+    float rest = 0.0f;
+    for (j = c0; j + 8 <= c1; j += 8) {
+      const V8 weights = Select(Allowed(m + j), Exp(Load(x + j) - Splat(largest)));
+      Store(x + j, weights);
+      sum += weights;
+    }
+    for (; j < c1; ++j) rest += x[j] = m[j] ? std::exp(x[j] - largest) : 0.0f;
+    total[r] = HorizontalSum(sum) + rest;
+  }
+  // rows in groups of 4 at kValueRows value dims, read from memory once for all groups
+  for (int64_t n = 0; n < H; n += kValueRows)
+    for (int64_t r0 = 0; r0 < R; r0 += 4)
+      kWeighted[std::min<int64_t>(R - r0, 4) - 1](&logits[r0 * S + c0], S, values + n * S + c0, S, c1 - c0,
+                                                  std::min(H - n, kValueRows), &acc[r0 * H + n], H);
+}
+
+// A pair's output: its chunks' parts (top, total, acc of `chunks` tasks, `part` floats apart) and the
+// step's own keys and values where own allows, one softmax: out[b, t, n] for its R rows.
+void DecodeCombine(const DecodeShapes& s, const float* q, const float* k_new, const float* v_new, const bool* own,
+                   float scale, int64_t pair, int64_t chunks, const float* parts, int64_t part, float* out) {
+  const int64_t b = pair / s.K, kh = pair % s.K, G = s.G, H = s.H, T = s.T, R = T * G;
+  const std::vector<float> queries = ScaledQueries(s, q, pair, scale);
   const float* new_keys = k_new + pair * T * H;
   const float* new_values = v_new + pair * T * H;
-  if (width > 0) Partial<float>(R, queries.data(), keys, logits.get(), H, S, 0, H, lo, hi);
-  for (int64_t r = 0; r < R; ++r) {  // the weights, in place of the logits; their sum
-    const int64_t t = r / G;
-    const bool* m = earlier + (b * T + t) * S;
-    const bool* mine = own + (b * T + t) * T;
-    float* x = &logits[r * S];
-    float* w = &own_weights[r * T];
+  std::vector<float> own_logits(T), sum(H);
+  for (int64_t r = 0; r < R; ++r) {
+    const bool* mine = own + (b * T + r / G) * T;
     float top = kNegInf;
     for (int64_t u = 0; u < T; ++u) {
       float dot = 0.0f;
       for (int64_t d = 0; d < H; ++d) dot += queries[r * H + d] * new_keys[u * H + d];
-      w[u] = mine[u] ? dot : kNegInf;
-      top = std::max(top, w[u]);
+      own_logits[u] = mine[u] ? dot : kNegInf;
+      top = std::max(top, own_logits[u]);
     }
-    int64_t j = lo;
-    V8 most = Splat(kNegInf);
-    for (; j + 8 <= hi; j += 8) {
-      const I8 keep = Allowed(m + j);
-      most = Max(most, (V8)(((I8)Load(x + j) & keep) | ((I8)Splat(kNegInf) & ~keep)));
-    }
-    for (; j < hi; ++j)
-      if (m[j]) top = std::max(top, x[j]);
-    top = std::max(top, HorizontalMax(most));
+    for (int64_t c = 0; c < chunks; ++c) top = std::max(top, parts[c * part + r]);
+    float* o = out + ((b * T + r / G) * s.N + kh * G + r % G) * H;
     if (top == kNegInf) {  // sees nothing: zeros
-      std::fill(x + lo, x + lo + width, 0.0f);
-      std::fill(w, w + T, 0.0f);
+      std::fill(o, o + H, 0.0f);
       continue;
     }
-    V8 sum{};
-    float rest = 0.0f;
-    for (j = lo; j + 8 <= hi; j += 8) {
-      const V8 weights = Select(Allowed(m + j), Exp(Load(x + j) - Splat(top)));
-      Store(x + j, weights);
-      sum += weights;
+    float total = 0.0f;
+    std::fill(sum.begin(), sum.end(), 0.0f);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* chunk = parts + c * part;
+      if (chunk[r] == kNegInf) continue;
+      const float rescale = std::exp(chunk[r] - top);
+      total += chunk[R + r] * rescale;
+      for (int64_t d = 0; d < H; ++d) sum[d] += chunk[2 * R + r * H + d] * rescale;
     }
-    for (; j < hi; ++j) rest += x[j] = m[j] ? std::exp(x[j] - top) : 0.0f;
-    for (int64_t u = 0; u < T; ++u) rest += w[u] = mine[u] ? std::exp(w[u] - top) : 0.0f;
-    total[r] = HorizontalSum(sum) + rest;
-  }
-  if (width > 0)  // rows in groups of 4 at kValueRows value dims, read from memory once for all groups
-    for (int64_t n = 0; n < H; n += kValueRows)
-      for (int64_t r0 = 0; r0 < R; r0 += 4)
-        kWeighted[std::min<int64_t>(R - r0, 4) - 1](&logits[r0 * S + lo], S, values + n * S + lo, S, width,
-                                                    std::min(H - n, kValueRows), &acc[r0 * H + n], H);
-  for (int64_t r = 0; r < R; ++r) {
-    const float inverse = total[r] > 0.0f ? 1.0f / total[r] : 0.0f;
-    float* o = out + index(r) * H;
-    for (int64_t d = 0; d < H; ++d) {
-      float sum = acc[r * H + d];
-      for (int64_t u = 0; u < T; ++u) sum += own_weights[r * T + u] * new_values[u * H + d];
-      o[d] = sum * inverse;
+    for (int64_t u = 0; u < T; ++u) {
+      if (!mine[u]) continue;
+      const float weight = std::exp(own_logits[u] - top);
+      total += weight;
+      for (int64_t d = 0; d < H; ++d) sum[d] += weight * new_values[u * H + d];
     }
+    for (int64_t d = 0; d < H; ++d) o[d] = sum[d] / total;
   }
 }
 
+// Slots per chunk task at least: a chunk's partial results cost about as much to join as ~this many
+// slots' work.
+constexpr int64_t kMinChunk = 512;
+
 // q [B, T, N, H], k and v [B, K, H, S], k_new and v_new [B, K, T, H], earlier [B, T, S], own [B, T, T]
-// -> out [B, T, N, H]; N a multiple of K.
+// -> out [B, T, N, H]; N a multiple of K. Each pair's seen slots go in chunks to tasks (about four per
+// thread in all, so that a thread of the pool that starts late leaves no thread with a long tail of
+// work), then each pair's chunks are joined with its own keys.
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                                ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> k_new, ffi::Buffer<ffi::F32> v_new,
                                ffi::Buffer<ffi::PRED> earlier, ffi::Buffer<ffi::PRED> own,
@@ -720,7 +760,30 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
               *vn = v_new.typed_data();
   const bool *es = earlier.typed_data(), *os = own.typed_data();
   float* result = out->typed_data();
-  RunTasks(pool, s.B * s.K, [=](int64_t pair) { DecodePair(s, qs, ks, vs, kn, vn, es, os, scale, pair, result); });
+  const int64_t pairs = s.B * s.K, R = s.T * s.G, part = R * (2 + s.H);
+  std::vector<int64_t> lo(s.B), hi(s.B);
+  int64_t widest = 0;
+  for (int64_t b = 0; b < s.B; ++b) {
+    SeenSlots(s, es, b, lo[b], hi[b]);
+    widest = std::max(widest, hi[b] - lo[b]);
+  }
+  const int64_t wanted = (4 * pool.num_threads() + pairs - 1) / pairs;
+  const int64_t chunks = std::max<int64_t>(1, std::min(wanted, widest / kMinChunk));
+  std::unique_ptr<float[]> parts(new float[pairs * chunks * part]);  // per pair, its chunks' parts
+  float* ps = parts.get();
+  const int64_t *los = lo.data(), *his = hi.data();
+  RunTasks(pool, pairs * chunks, [=](int64_t i) {
+    const int64_t pair = i / chunks, c = i % chunks, b = pair / s.K, width = his[b] - los[b];
+    const auto bound = [&](int64_t c) { return c == chunks ? his[b] : los[b] + width * c / chunks / 8 * 8; };
+    const int64_t c0 = bound(c), c1 = bound(c + 1);
+    float* at = ps + i * part;
+    std::fill(at, at + R, kNegInf);         // top: none seen
+    std::fill(at + R, at + part, 0.0f);     // total, acc
+    if (c0 < c1) DecodeChunk(s, qs, ks, vs, es, scale, pair, c0, c1, at, at + R, at + 2 * R);
+  });
+  RunTasks(pool, pairs, [=](int64_t pair) {
+    DecodeCombine(s, qs, kn, vn, os, scale, pair, chunks, ps + pair * chunks * part, part, result);
+  });
   return ffi::Error::Success();
 }
 

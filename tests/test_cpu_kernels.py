@@ -67,8 +67,10 @@ def test_decode_attention_equals_torch_sdpa(group, T, H, S):
     against PyTorch's SDPA in float64: rows left-padded by different amounts with the slots past the
     step unwritten (the kernel reads only the slots some query sees), random holes, a row that sees
     none of the cache (its own keys only); S and H not multiples of the kernel's 8-float vectors, the
-    rows (T x group: 1 to 40) not of its groups of 4 and its 4 value dims. bf16 queries and new keys
-    are computed in float32, the result in bf16."""
+    rows (T x group: 1 to 40) not of its groups of 4 and its 4 value dims. Rows 1 and 2 alone too:
+    fewer (row, kv head) pairs than the kernel wants tasks, so their slots go in chunks (of >= 512)
+    whose partial softmaxes are joined. bf16 queries and new keys are computed in float32, the
+    result in bf16."""
     B, K = 4, 2
     N = K * group
     rng = np.random.default_rng(group + 10 * T + S)
@@ -82,14 +84,15 @@ def test_decode_attention_equals_torch_sdpa(group, T, H, S):
     own = np.broadcast_to(np.tril(np.ones((T, T), bool)), (B, T, T))
     attend = jax.jit(cpu_kernels.decode_attention, static_argnums=7)
     t = lambda a: torch.from_numpy(np.asarray(np.asarray(a, np.float32), np.float64))
-    for dtype, tolerance in (("float32", dict(rtol=1e-5, atol=1e-5)), ("bfloat16", dict(rtol=2 ** -8, atol=2 ** -8))):
-        qx, kx, vx = (jnp.asarray(a, dtype) for a in (q, k_new, v_new))
-        ours = attend(qx, jnp.asarray(k_cache), jnp.asarray(v_cache), kx, vx, jnp.asarray(earlier), jnp.asarray(own),
-                      H ** -0.5)
+    for dtype, rows in (("float32", slice(None)), ("float32", slice(1, 3)), ("bfloat16", slice(None))):
+        tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else dict(rtol=2 ** -8, atol=2 ** -8)
+        qx, kx, vx = (jnp.asarray(a[rows], dtype) for a in (q, k_new, v_new))
+        caches, masks = (jnp.asarray(a[rows]) for a in (k_cache, v_cache)), (jnp.asarray(a[rows]) for a in (earlier, own))
+        ours = attend(qx, *caches, kx, vx, *masks, H ** -0.5)
         assert ours.dtype == jnp.dtype(dtype)
-        keys = torch.cat([t(k_cache).transpose(2, 3), t(kx)], 2).repeat_interleave(group, 1)   # [B, N, S+T, H]
-        values = torch.cat([t(v_cache).transpose(2, 3), t(vx)], 2).repeat_interleave(group, 1)
-        allowed = torch.from_numpy(np.concatenate([earlier, own], 2))[:, None]
+        keys = torch.cat([t(k_cache[rows]).transpose(2, 3), t(kx)], 2).repeat_interleave(group, 1)   # [B, N, S+T, H]
+        values = torch.cat([t(v_cache[rows]).transpose(2, 3), t(vx)], 2).repeat_interleave(group, 1)
+        allowed = torch.from_numpy(np.concatenate([earlier[rows], own[rows]], 2))[:, None]
         ref = torch.nn.functional.scaled_dot_product_attention(t(qx).transpose(1, 2), keys, values, attn_mask=allowed)
         np.testing.assert_allclose(np.asarray(ours, np.float64), ref.transpose(1, 2).numpy(), **tolerance)
 
