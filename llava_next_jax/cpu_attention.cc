@@ -50,6 +50,13 @@ inline V8 Load(const float* p) {
   return v;
 }
 inline void Store(float* p, V8 v) { std::memcpy(p, &v, sizeof v); }
+// 8 bfloat16 values (the high halves of float32s) widened to float32
+inline V8 Load(const uint16_t* p) {
+  typedef uint16_t U16x8 __attribute__((vector_size(16)));
+  U16x8 halves;
+  std::memcpy(&halves, p, sizeof halves);
+  return (V8)(__builtin_convertvector(halves, U8) << 16);
+}
 inline V8 Splat(float x) { return V8{x, x, x, x, x, x, x, x}; }
 inline V8 Select(I8 keep, V8 x) { return (V8)((I8)x & keep); }  // x where keep, else 0
 inline V8 Max(V8 a, V8 b) {
@@ -524,7 +531,8 @@ ffi::Error FlashAttentionBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
 // --- decode ---------------------------------------------------------------------------------------
 //
 // A decode step's attention: the T new tokens of each row (one, or a prompt-lookup pass's token and
-// drafts) over the cache as it was, keys and values [B, K, H, S] (slots last, as the cache is kept),
+// drafts) over the cache as it was, keys and values [B, K, H, S] (slots last, as the cache is kept;
+// float32, or bfloat16 widened as it is read),
 // where earlier [B, T, S] allows, and over the step's own keys and values [B, K, T, H] where own
 // [B, T, T] allows; one softmax over both. A task takes a chunk of the slots some query of a (row, kv
 // head) pair sees (a left-padded prompt's padding and the slots not yet written are not read): its
@@ -556,25 +564,25 @@ constexpr int64_t kValueRows = 4;  // 32 vector registers
 constexpr int64_t kValueRows = 2;  // 16
 #endif
 
-template <int Q>
-void WeightedValues(const float* __restrict x, int64_t x_stride, const float* __restrict w, int64_t w_stride,
+template <int Q, typename C>
+void WeightedValues(const float* __restrict x, int64_t x_stride, const C* __restrict w, int64_t w_stride,
                     int64_t length, int64_t N, float* __restrict y, int64_t y_stride) {
   const int64_t L8 = length / 8 * 8;
   const auto finish = [&](const V8 (&acc)[Q], int64_t n) {
-    const float* __restrict wn = w + n * w_stride;
+    const C* __restrict wn = w + n * w_stride;
     for (int r = 0; r < Q; ++r) {
       float sum = HorizontalSum(acc[r]);
-      for (int64_t j = L8; j < length; ++j) sum += x[r * x_stride + j] * wn[j];
+      for (int64_t j = L8; j < length; ++j) sum += x[r * x_stride + j] * llava_next::Widen(wn[j]);
       y[r * y_stride + n] = sum;
     }
   };
   int64_t n = 0;
   if constexpr (kValueRows == 4)
     for (; n + 4 <= N; n += 4) {
-      const float* __restrict w0 = w + n * w_stride;
-      const float* __restrict w1 = w0 + w_stride;
-      const float* __restrict w2 = w1 + w_stride;
-      const float* __restrict w3 = w2 + w_stride;
+      const C* __restrict w0 = w + n * w_stride;
+      const C* __restrict w1 = w0 + w_stride;
+      const C* __restrict w2 = w1 + w_stride;
+      const C* __restrict w3 = w2 + w_stride;
       V8 a[Q], b[Q], c[Q], d[Q];
       for (int r = 0; r < Q; ++r) a[r] = b[r] = c[r] = d[r] = Splat(0.0f);
       for (int64_t j = 0; j < L8; j += 8) {
@@ -593,8 +601,8 @@ void WeightedValues(const float* __restrict x, int64_t x_stride, const float* __
       finish(d, n + 3);
     }
   for (; n + 2 <= N; n += 2) {
-    const float* __restrict w0 = w + n * w_stride;
-    const float* __restrict w1 = w0 + w_stride;
+    const C* __restrict w0 = w + n * w_stride;
+    const C* __restrict w1 = w0 + w_stride;
     V8 a[Q], b[Q];
     for (int r = 0; r < Q; ++r) a[r] = b[r] = Splat(0.0f);
     for (int64_t j = 0; j < L8; j += 8) {
@@ -609,7 +617,7 @@ void WeightedValues(const float* __restrict x, int64_t x_stride, const float* __
     finish(b, n + 1);
   }
   for (; n < N; ++n) {
-    const float* __restrict w0 = w + n * w_stride;
+    const C* __restrict w0 = w + n * w_stride;
     V8 a[Q];
     for (int r = 0; r < Q; ++r) a[r] = Splat(0.0f);
     for (int64_t j = 0; j < L8; j += 8)
@@ -618,8 +626,11 @@ void WeightedValues(const float* __restrict x, int64_t x_stride, const float* __
   }
 }
 
-using WeightedFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t);
-constexpr WeightedFn kWeighted[4] = {WeightedValues<1>, WeightedValues<2>, WeightedValues<3>, WeightedValues<4>};
+template <typename C>
+using WeightedFn = void (*)(const float*, int64_t, const C*, int64_t, int64_t, int64_t, float*, int64_t);
+template <typename C>
+constexpr WeightedFn<C> kWeighted[4] = {WeightedValues<1, C>, WeightedValues<2, C>, WeightedValues<3, C>,
+                                        WeightedValues<4, C>};
 
 // [lo, hi): the slots some query of row b sees (the left padding and the slots not yet written lie
 // outside); lo = hi = 0 where none.
@@ -649,14 +660,15 @@ std::vector<float> ScaledQueries(const DecodeShapes& s, const float* q, int64_t 
 // One task: the slots [c0, c1) of a (row, kv head) pair for its R query rows: each row's largest
 // logit there (top, -inf where it sees none), its weights' sum relative to that (total) and their
 // product with the values (acc [R, H]), for `DecodeCombine` to join with the other chunks'.
-void DecodeChunk(const DecodeShapes& s, const float* q, const float* k, const float* v, const bool* earlier,
+template <typename C>
+void DecodeChunk(const DecodeShapes& s, const float* q, const C* k, const C* v, const bool* earlier,
                  float scale, int64_t pair, int64_t c0, int64_t c1, float* top, float* total, float* acc) {
   const int64_t b = pair / s.K, G = s.G, H = s.H, S = s.S, T = s.T, R = T * G;
   const std::vector<float> queries = ScaledQueries(s, q, pair, scale);
-  const float* keys = k + pair * H * S;
-  const float* values = v + pair * H * S;
+  const C* keys = k + pair * H * S;
+  const C* values = v + pair * H * S;
   std::unique_ptr<float[]> logits(new float[R * S]);  // [R, S], written in [c0, c1)
-  Partial<float>(R, queries.data(), keys, logits.get(), H, S, 0, H, c0, c1);
+  Partial<C>(R, queries.data(), keys, logits.get(), H, S, 0, H, c0, c1);
   for (int64_t r = 0; r < R; ++r) {  // the weights, in place of the logits
     const bool* m = earlier + (b * T + r / G) * S;
     float* x = &logits[r * S];
@@ -684,7 +696,7 @@ void DecodeChunk(const DecodeShapes& s, const float* q, const float* k, const fl
   // rows in groups of 4 at kValueRows value dims, read from memory once for all groups
   for (int64_t n = 0; n < H; n += kValueRows)
     for (int64_t r0 = 0; r0 < R; r0 += 4)
-      kWeighted[std::min<int64_t>(R - r0, 4) - 1](&logits[r0 * S + c0], S, values + n * S + c0, S, c1 - c0,
+      kWeighted<C>[std::min<int64_t>(R - r0, 4) - 1](&logits[r0 * S + c0], S, values + n * S + c0, S, c1 - c0,
                                                   std::min(H - n, kValueRows), &acc[r0 * H + n], H);
 }
 
@@ -739,8 +751,8 @@ constexpr int64_t kMinChunk = 512;
 // -> out [B, T, N, H]; N a multiple of K. Each pair's seen slots go in chunks to tasks (about four per
 // thread in all, so that a thread of the pool that starts late leaves no thread with a long tail of
 // work), then each pair's chunks are joined with its own keys.
-ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                               ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> k_new, ffi::Buffer<ffi::F32> v_new,
+ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                               ffi::Buffer<ffi::F32> k_new, ffi::Buffer<ffi::F32> v_new,
                                ffi::Buffer<ffi::PRED> earlier, ffi::Buffer<ffi::PRED> own,
                                ffi::ResultBuffer<ffi::F32> out, float scale) {
   auto qd = q.dimensions(), kd = k.dimensions(), nd = k_new.dimensions(), ed = earlier.dimensions(),
@@ -755,9 +767,12 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
     return ffi::Error::InvalidArgument(
         "llava_next_decode_attention: want q [B, T, N, H], k and v [B, K, H, S] (N a multiple of K), "
         "k_new and v_new [B, K, T, H], earlier [B, T, S], own [B, T, T]");
+  const bool bf16 = k.element_type() == ffi::DataType::BF16;
+  if (k.element_type() != v.element_type() || (!bf16 && k.element_type() != ffi::DataType::F32))
+    return ffi::Error::InvalidArgument("llava_next_decode_attention: k and v must both be float32 or bfloat16");
   const DecodeShapes s{qd[0], qd[1], qd[2], qd[3], kd[1], kd[3], qd[2] / kd[1]};
-  const float *qs = q.typed_data(), *ks = k.typed_data(), *vs = v.typed_data(), *kn = k_new.typed_data(),
-              *vn = v_new.typed_data();
+  const float *qs = q.typed_data(), *kn = k_new.typed_data(), *vn = v_new.typed_data();
+  const void *ks = k.untyped_data(), *vs = v.untyped_data();
   const bool *es = earlier.typed_data(), *os = own.typed_data();
   float* result = out->typed_data();
   const int64_t pairs = s.B * s.K, R = s.T * s.G, part = R * (2 + s.H);
@@ -779,7 +794,12 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
     float* at = ps + i * part;
     std::fill(at, at + R, kNegInf);         // top: none seen
     std::fill(at + R, at + part, 0.0f);     // total, acc
-    if (c0 < c1) DecodeChunk(s, qs, ks, vs, es, scale, pair, c0, c1, at, at + R, at + 2 * R);
+    if (c0 < c1 && bf16)
+      DecodeChunk(s, qs, static_cast<const uint16_t*>(ks), static_cast<const uint16_t*>(vs), es, scale, pair, c0, c1,
+                  at, at + R, at + 2 * R);
+    else if (c0 < c1)
+      DecodeChunk(s, qs, static_cast<const float*>(ks), static_cast<const float*>(vs), es, scale, pair, c0, c1, at,
+                  at + R, at + 2 * R);
   });
   RunTasks(pool, pairs, [=](int64_t pair) {
     DecodeCombine(s, qs, kn, vn, os, scale, pair, chunks, ps + pair * chunks * part, part, result);
@@ -815,8 +835,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DecodeAttention, DecodeAttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()    // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // v
+                                  .Arg<ffi::AnyBuffer>()           // k: float32 or bfloat16
+                                  .Arg<ffi::AnyBuffer>()           // v: as k
                                   .Arg<ffi::Buffer<ffi::F32>>()    // k_new
                                   .Arg<ffi::Buffer<ffi::F32>>()    // v_new
                                   .Arg<ffi::Buffer<ffi::PRED>>()   // earlier

@@ -15,9 +15,9 @@ the kernels off.
 
 Used by `modeling.decoder.matmul` for products of 2 to 8 float32 rows, or 1 to 8 bfloat16 rows, on a
 single-device CPU backend (a mesh keeps XLA's products, which its partitioner knows how to split).
-`decode_attention` runs a decode step's attention over a float32 cache in one pass per (row, kv head),
-where XLA:CPU wrote the logits and weights to memory between its batched few-row products, which
-read the cache at about half the speed.
+`decode_attention` runs a decode step's attention over a float32 or bf16 cache in one pass per (row,
+kv head), where XLA:CPU wrote the logits and weights to memory between its batched few-row products,
+which read the cache at about half the speed (a bf16 cache at an eighth).
 `flash_attention` runs attention over a prompt in one pass over tiles of keys (online softmax), where
 XLA:CPU writes each block's logits to memory and reads them back three times; `flash_attention_backward`
 its gradient from the forward pass's log-sum-exp (`modeling.decoder.native_attention` pairs them).
@@ -165,20 +165,24 @@ def _fewrow_matmul_jvp(tasks, primals, tangents):
 
 def decode_applies(cache_dtype) -> bool:
     """Whether a decode step's attention over a cache of `cache_dtype` runs on `decode_attention`."""
-    return jnp.dtype(cache_dtype) == jnp.float32 and _usable()
+    return jnp.dtype(cache_dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)) and _usable()
 
 
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_new: jax.Array, v_new: jax.Array,
                      earlier: jax.Array, own: jax.Array, scale: float) -> jax.Array:
     """A decode step's attention (`modeling.decoder._attend_new`'s arguments) in one pass per (row, kv
-    head) over a float32 cache (`cpu_attention.cc`): q `[B, T, N, H]` over the cache's keys and values
-    `[B, K, H, S]` where the bool `earlier` `[B, T, S]` allows and over the step's own `[B, K, T, H]`
-    where `own` `[B, T, T]` allows, one softmax; float32 throughout, the result in q's dtype. A query
-    that sees nothing gets zeros. Not differentiable (no pass takes a gradient through decode)."""
+    head) over a float32 or bfloat16 cache (`cpu_attention.cc`): q `[B, T, N, H]` over the cache's
+    keys and values `[B, K, H, S]` where the bool `earlier` `[B, T, S]` allows and over the step's own
+    `[B, K, T, H]` where `own` `[B, T, T]` allows, one softmax; computed in float32, the result in q's
+    dtype. A query that sees nothing gets zeros. Not differentiable (no pass takes a gradient through
+    decode)."""
     _require()
     f32 = lambda a: a.astype(jnp.float32)
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"decode_attention: want a float32 or bfloat16 cache, got keys {k_cache.dtype} and "
+                         f"values {v_cache.dtype}")
     out = jax.ffi.ffi_call(DECODE_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
-        f32(q), f32(k_cache), f32(v_cache), f32(k_new), f32(v_new), earlier.astype(jnp.bool_), own.astype(jnp.bool_),
+        f32(q), k_cache, v_cache, f32(k_new), f32(v_new), earlier.astype(jnp.bool_), own.astype(jnp.bool_),
         scale=np.float32(scale))
     return out.astype(q.dtype)
 

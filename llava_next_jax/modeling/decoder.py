@@ -445,14 +445,17 @@ def _window_mask(mask, q_index, kv_index, window: int):
 
 
 def cache_dtype(dtype) -> jnp.dtype:
-    """The KV cache's dtype for compute `dtype`: float32 on the CPU, `dtype` elsewhere.
+    """The KV cache's dtype for compute `dtype`: `dtype`, but float32 on a CPU without the native
+    decode-attention kernel (`cpu_kernels.decode_applies`: a mesh, or kernels off or unbuilt).
 
     XLA:CPU's bf16 products stream the cache at a quarter of the speed of float32 ones (a decode
-    step's attention over 2.5k slots, mid-size model: 2.4 against 0.5 ms a layer at batch 1). The
-    keys and values are computed in `dtype` and stored exactly in float32, so the numbers are the
-    same; the cache takes twice the memory.
+    step's attention over 2.5k slots, mid-size model: 2.4 against 0.5 ms a layer at batch 1), so
+    there the keys and values are computed in `dtype` and stored exactly in float32: the same
+    numbers in twice the memory. The kernel reads a bf16 cache as it is.
     """
-    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else dtype)
+    if jax.default_backend() == "cpu" and not cpu_kernels.decode_applies(dtype):
+        return jnp.dtype(jnp.float32)
+    return jnp.dtype(dtype)
 
 
 def init_cache(config: TextConfig, batch: int, length: int, dtype=jnp.float32) -> list[tuple[jax.Array, jax.Array]]:
