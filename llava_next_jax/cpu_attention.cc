@@ -532,7 +532,7 @@ ffi::Error FlashAttentionBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
 //
 // A decode step's attention: the T new tokens of each row (one, or a prompt-lookup pass's token and
 // drafts) over the cache as it was, keys and values [B, K, H, S] (slots last, as the cache is kept;
-// float32, or bfloat16 widened as it is read),
+// float32, or bfloat16 or its bits as uint16, widened as it is read),
 // where earlier [B, T, S] allows, and over the step's own keys and values [B, K, T, H] where own
 // [B, T, T] allows; one softmax over both. A task takes a chunk of the slots some query of a (row, kv
 // head) pair sees (a left-padded prompt's padding and the slots not yet written are not read): its
@@ -767,9 +767,11 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
     return ffi::Error::InvalidArgument(
         "llava_next_decode_attention: want q [B, T, N, H], k and v [B, K, H, S] (N a multiple of K), "
         "k_new and v_new [B, K, T, H], earlier [B, T, S], own [B, T, T]");
-  const bool bf16 = k.element_type() == ffi::DataType::BF16;
-  if (k.element_type() != v.element_type() || (!bf16 && k.element_type() != ffi::DataType::F32))
-    return ffi::Error::InvalidArgument("llava_next_decode_attention: k and v must both be float32 or bfloat16");
+  const auto type = k.element_type();
+  const bool bf16 = type == ffi::DataType::BF16 || type == ffi::DataType::U16;  // U16: bf16 bits
+  if (type != v.element_type() || (!bf16 && type != ffi::DataType::F32))
+    return ffi::Error::InvalidArgument(
+        "llava_next_decode_attention: k and v must both be float32, bfloat16 or uint16 (bfloat16 bits)");
   const DecodeShapes s{qd[0], qd[1], qd[2], qd[3], kd[1], kd[3], qd[2] / kd[1]};
   const float *qs = q.typed_data(), *kn = k_new.typed_data(), *vn = v_new.typed_data();
   const void *ks = k.untyped_data(), *vs = v.untyped_data();
@@ -835,7 +837,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DecodeAttention, DecodeAttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()    // q
-                                  .Arg<ffi::AnyBuffer>()           // k: float32 or bfloat16
+                                  .Arg<ffi::AnyBuffer>()           // k: float32, bfloat16 or its bits (uint16)
                                   .Arg<ffi::AnyBuffer>()           // v: as k
                                   .Arg<ffi::Buffer<ffi::F32>>()    // k_new
                                   .Arg<ffi::Buffer<ffi::F32>>()    // v_new

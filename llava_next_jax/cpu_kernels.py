@@ -163,24 +163,28 @@ def _fewrow_matmul_jvp(tasks, primals, tangents):
     return fewrow_matmul(x, kernel, tasks), dx @ kernel + x @ dkernel
 
 
+# float32, bfloat16, or bfloat16 bits held as uint16 (`modeling.decoder.cache_dtype`)
+CACHE_DTYPES = tuple(jnp.dtype(t) for t in (jnp.float32, jnp.bfloat16, jnp.uint16))
+
+
 def decode_applies(cache_dtype) -> bool:
     """Whether a decode step's attention over a cache of `cache_dtype` runs on `decode_attention`."""
-    return jnp.dtype(cache_dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)) and _usable()
+    return jnp.dtype(cache_dtype) in CACHE_DTYPES and _usable()
 
 
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_new: jax.Array, v_new: jax.Array,
                      earlier: jax.Array, own: jax.Array, scale: float) -> jax.Array:
     """A decode step's attention (`modeling.decoder._attend_new`'s arguments) in one pass per (row, kv
-    head) over a float32 or bfloat16 cache (`cpu_attention.cc`): q `[B, T, N, H]` over the cache's
-    keys and values `[B, K, H, S]` where the bool `earlier` `[B, T, S]` allows and over the step's own
-    `[B, K, T, H]` where `own` `[B, T, T]` allows, one softmax; computed in float32, the result in q's
-    dtype. A query that sees nothing gets zeros. Not differentiable (no pass takes a gradient through
-    decode)."""
+    head) over a float32 or bfloat16 cache (or bf16 bits as uint16; `cpu_attention.cc`): q
+    `[B, T, N, H]` over the cache's keys and values `[B, K, H, S]` where the bool `earlier` `[B, T, S]`
+    allows and over the step's own `[B, K, T, H]` where `own` `[B, T, T]` allows, one softmax;
+    computed in float32, the result in q's dtype. A query that sees nothing gets zeros. Not
+    differentiable (no pass takes a gradient through decode)."""
     _require()
     f32 = lambda a: a.astype(jnp.float32)
-    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (jnp.float32, jnp.bfloat16):
-        raise ValueError(f"decode_attention: want a float32 or bfloat16 cache, got keys {k_cache.dtype} and "
-                         f"values {v_cache.dtype}")
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in CACHE_DTYPES:
+        raise ValueError(f"decode_attention: want a float32, bfloat16 or uint16 (bf16 bits) cache, got keys "
+                         f"{k_cache.dtype} and values {v_cache.dtype}")
     out = jax.ffi.ffi_call(DECODE_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
         f32(q), k_cache, v_cache, f32(k_new), f32(v_new), earlier.astype(jnp.bool_), own.astype(jnp.bool_),
         scale=np.float32(scale))

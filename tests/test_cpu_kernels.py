@@ -70,7 +70,8 @@ def test_decode_attention_equals_torch_sdpa(group, T, H, S):
     rows (T x group: 1 to 40) not of its groups of 4 and its 4 value dims. Rows 1 and 2 alone too:
     fewer (row, kv head) pairs than the kernel wants tasks, so their slots go in chunks (of >= 512)
     whose partial softmaxes are joined. bf16 queries and new keys are computed in float32, the
-    result in bf16; a bf16 cache is read as it is (each value widened to float32)."""
+    result in bf16; a bf16 cache, or its bits in uint16 as the decoder keeps it, is read as it is
+    (each value widened to float32)."""
     B, K = 4, 2
     N = K * group
     rng = np.random.default_rng(group + 10 * T + S)
@@ -85,12 +86,14 @@ def test_decode_attention_equals_torch_sdpa(group, T, H, S):
     attend = jax.jit(cpu_kernels.decode_attention, static_argnums=7)
     t = lambda a: torch.from_numpy(np.asarray(np.asarray(a, np.float32), np.float64))
     cases = [("float32", "float32", slice(None)), ("float32", "float32", slice(1, 3)),
-             ("bfloat16", "float32", slice(None)), ("bfloat16", "bfloat16", slice(None)), ("bfloat16", "bfloat16", slice(1, 3))]
+             ("bfloat16", "float32", slice(None)), ("bfloat16", "bfloat16", slice(None)), ("bfloat16", "bfloat16", slice(1, 3)),
+             ("bfloat16", "bits", slice(None))]
     for dtype, cache_dtype, rows in cases:
         tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else dict(rtol=2 ** -8, atol=2 ** -8)
         qx, kx, vx = (jnp.asarray(a[rows], dtype) for a in (q, k_new, v_new))
-        kc, vc = (jnp.asarray(a[rows], cache_dtype) for a in (k_cache, v_cache))
-        ours = attend(qx, kc, vc, kx, vx, jnp.asarray(earlier[rows]), jnp.asarray(own[rows]), H ** -0.5)
+        kc, vc = (jnp.asarray(a[rows], "bfloat16" if cache_dtype == "bits" else cache_dtype) for a in (k_cache, v_cache))
+        stored = [decoder.store_in_cache(c, jnp.uint16) if cache_dtype == "bits" else c for c in (kc, vc)]
+        ours = attend(qx, *stored, kx, vx, jnp.asarray(earlier[rows]), jnp.asarray(own[rows]), H ** -0.5)
         assert ours.dtype == jnp.dtype(dtype)
         keys = torch.cat([t(kc).transpose(2, 3), t(kx)], 2).repeat_interleave(group, 1)   # [B, N, S+T, H]
         values = torch.cat([t(vc).transpose(2, 3), t(vx)], 2).repeat_interleave(group, 1)
@@ -102,7 +105,8 @@ def test_decode_attention_equals_torch_sdpa(group, T, H, S):
 def test_decode_step_attention_is_one_kernel_call():
     """`decoder._attend_new` over a float32 or bf16 cache lowers to one call of the decode-attention
     kernel (its values are also held to PyTorch's SDPA by `test_model.test_decode_attention_equals_torch_sdpa`),
-    so the cache on a CPU is kept in the compute dtype; a float16 one stays on XLA's operations."""
+    so with bf16 compute on a CPU the cache keeps bf16 (as its bits in uint16, which XLA:CPU updates
+    in place); a float16 cache stays on XLA's operations (and the decoder keeps it in float32)."""
     B, K, G, H, S = 2, 2, 4, 16, 50
     lower = lambda dtype: jax.jit(decoder._attend_new, static_argnums=7).lower(
         jnp.ones((B, 1, K * G, H), dtype), jnp.ones((B, K, H, S), dtype), jnp.ones((B, K, H, S), dtype),
@@ -111,7 +115,8 @@ def test_decode_step_attention_is_one_kernel_call():
     assert lower(jnp.float32).count(cpu_kernels.DECODE_TARGET) == 1
     assert lower(jnp.bfloat16).count(cpu_kernels.DECODE_TARGET) == 1
     assert cpu_kernels.DECODE_TARGET not in lower(jnp.float16)
-    assert decoder.cache_dtype(jnp.bfloat16) == jnp.bfloat16 and decoder.cache_dtype(jnp.float16) == jnp.float32
+    assert lower(jnp.uint16).count(cpu_kernels.DECODE_TARGET) == 1        # a bf16 cache as the decoder keeps it
+    assert decoder.cache_dtype(jnp.bfloat16) == jnp.uint16 and decoder.cache_dtype(jnp.float16) == jnp.float32
 
 
 ATTENTION_CASES = [(1, 300, 16, 4, 64), (3, 77, 6, 6, 24), (2, 130, 7, 1, 128), (1, 5, 2, 1, 16)]

@@ -211,6 +211,8 @@ def _attend_new(q, k_cache, v_cache, k_new, v_new, earlier, own, scale):
     """
     if cpu_kernels.decode_applies(k_cache.dtype):
         return cpu_kernels.decode_attention(q, k_cache, v_cache, k_new, v_new, earlier, own, scale)
+    if k_cache.dtype == jnp.uint16:   # bf16 bits (`cache_dtype`), the kernels since switched off
+        k_cache, v_cache = (jax.lax.bitcast_convert_type(c, jnp.bfloat16) for c in (k_cache, v_cache))
     B, T, N, H = q.shape
     K = k_cache.shape[1]
     G = N // K
@@ -397,7 +399,7 @@ class Attention(nn.Module):
             own = jax.lax.dynamic_slice_in_dim(mask, slot, T, axis=2)
             out = _attend_new(q, cache[0], cache[1], k, v, earlier, own, scale)
         if cache is not None:
-            write = lambda full, new, at: jax.lax.dynamic_update_slice(full, new.astype(full.dtype), at)
+            write = lambda full, new, at: jax.lax.dynamic_update_slice(full, store_in_cache(new, full.dtype), at)
             cache = tuple(write(full, new.swapaxes(2, 3), (0, 0, 0, slot)) for full, new in zip(cache, (k, v)))
         return dense(c.hidden_size, c.o_bias, "o_proj")(out.reshape(B, q.shape[1], -1)), cache
 
@@ -445,17 +447,29 @@ def _window_mask(mask, q_index, kv_index, window: int):
 
 
 def cache_dtype(dtype) -> jnp.dtype:
-    """The KV cache's dtype for compute `dtype`: `dtype`, but float32 on a CPU without the native
-    decode-attention kernel (`cpu_kernels.decode_applies`: a mesh, or kernels off or unbuilt).
+    """The KV cache's dtype for compute `dtype`: `dtype` on an accelerator. On a CPU float32, except
+    bf16 compute where the native decode-attention kernel runs (`cpu_kernels.decode_applies`: one
+    device, kernels built): there the cache holds the bf16 values' bits as uint16 (`store_in_cache`).
 
-    XLA:CPU's bf16 products stream the cache at a quarter of the speed of float32 ones (a decode
-    step's attention over 2.5k slots, mid-size model: 2.4 against 0.5 ms a layer at batch 1), so
-    there the keys and values are computed in `dtype` and stored exactly in float32: the same
-    numbers in twice the memory. The kernel reads a bf16 cache as it is.
+    XLA:CPU's bf16 attention products stream a cache at a quarter of the speed of float32 ones (a
+    decode step's attention over 2.5k slots, mid-size model: 2.4 against 0.5 ms a layer at batch 1),
+    so without the kernel the keys and values computed in bf16 are stored exactly in float32: the
+    same numbers in twice the memory. The kernel reads bf16 as it is, but XLA:CPU writes a step's
+    slot into a bf16 buffer by converting the whole buffer to float32 and back (~1.5 ms for one
+    layer's 5 MB); into uint16 in place.
     """
-    if jax.default_backend() == "cpu" and not cpu_kernels.decode_applies(dtype):
-        return jnp.dtype(jnp.float32)
-    return jnp.dtype(dtype)
+    if jax.default_backend() != "cpu":
+        return jnp.dtype(dtype)
+    if jnp.dtype(dtype) == jnp.bfloat16 and cpu_kernels.decode_applies(jnp.bfloat16):
+        return jnp.dtype(jnp.uint16)
+    return jnp.dtype(jnp.float32)
+
+
+def store_in_cache(x: jax.Array, dtype) -> jax.Array:
+    """Keys or values `x` as a cache of `dtype` holds them (`cache_dtype`: uint16 holds bf16 bits)."""
+    if jnp.dtype(dtype) == jnp.uint16:
+        return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+    return x.astype(dtype)
 
 
 def init_cache(config: TextConfig, batch: int, length: int, dtype=jnp.float32) -> list[tuple[jax.Array, jax.Array]]:
