@@ -697,7 +697,7 @@ void DecodeChunk(const DecodeShapes& s, const float* q, const C* k, const C* v, 
   for (int64_t n = 0; n < H; n += kValueRows)
     for (int64_t r0 = 0; r0 < R; r0 += 4)
       kWeighted<C>[std::min<int64_t>(R - r0, 4) - 1](&logits[r0 * S + c0], S, values + n * S + c0, S, c1 - c0,
-                                                  std::min(H - n, kValueRows), &acc[r0 * H + n], H);
+                                                     std::min(H - n, kValueRows), &acc[r0 * H + n], H);
 }
 
 // A pair's output: its chunks' parts (top, total, acc of `chunks` tasks, `part` floats apart) and the
