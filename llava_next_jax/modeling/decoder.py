@@ -206,8 +206,8 @@ def _attend_new(q, k_cache, v_cache, k_new, v_new, earlier, own, scale):
     the T being written) plus this step's own keys and values (`[B, K, T, H]`; `own` `[B, T, T]`,
     causal), one softmax over both. T = 1 is a decode step; T > 1 checks drafted tokens
     (`generate`'s prompt lookup). Reading the cache before this step's write lets XLA update it in
-    place afterwards, with no copy of it per step. On a single-device CPU with a float32 cache, one
-    native kernel call (`cpu_kernels.decode_attention`).
+    place afterwards, with no copy of it per step. On a single-device CPU (a float32 cache, or bf16
+    kept as uint16 bits: `cache_dtype`), one native kernel call (`cpu_kernels.decode_attention`).
     """
     if cpu_kernels.decode_applies(k_cache.dtype):
         return cpu_kernels.decode_attention(q, k_cache, v_cache, k_new, v_new, earlier, own, scale)
