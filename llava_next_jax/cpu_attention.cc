@@ -139,7 +139,7 @@ inline void OutputTile(const float* w, const float* values, int64_t depth, int64
 }
 
 struct Shapes {
-  int64_t B, T, N, H, K, S, G;
+  int64_t B, T, N, H, K, S, G;  // the decode kernel (below) uses these alone, with k and v [B, K, H, S]
   int64_t positions;  // query positions per task: kRows / G, at least 1
   int64_t H16;        // H rounded up to a multiple of 16 (packed tiles are zero beyond H)
   int64_t tiles;      // key tiles: ceil(S / kTile)
@@ -541,10 +541,6 @@ ffi::Error FlashAttentionBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
 // task per pair joins its chunks' partial softmaxes with the step's own keys. Without the kernel,
 // XLA:CPU wrote the logits and the weights to memory between its products over the cache.
 
-struct DecodeShapes {
-  int64_t B, T, N, H, K, S, G;
-};
-
 // lanes whose mask byte (0 or 1) is 1: all bits set
 inline I8 Allowed(const bool* m) {
   uint64_t word;
@@ -634,7 +630,7 @@ constexpr WeightedFn<C> kWeighted[4] = {WeightedValues<1, C>, WeightedValues<2, 
 
 // [lo, hi): the slots some query of row b sees (the left padding and the slots not yet written lie
 // outside); lo = hi = 0 where none.
-void SeenSlots(const DecodeShapes& s, const bool* earlier, int64_t b, int64_t& lo, int64_t& hi) {
+void SeenSlots(const Shapes& s, const bool* earlier, int64_t b, int64_t& lo, int64_t& hi) {
   lo = s.S, hi = 0;
   for (int64_t t = 0; t < s.T; ++t) {
     const bool* m = earlier + (b * s.T + t) * s.S;
@@ -646,29 +642,31 @@ void SeenSlots(const DecodeShapes& s, const bool* earlier, int64_t b, int64_t& l
   if (lo >= hi) lo = hi = 0;
 }
 
-// The pair's query rows (row r: position r / G, query head kh * G + r % G) times scale, [R, H].
-std::vector<float> ScaledQueries(const DecodeShapes& s, const float* q, int64_t pair, float scale) {
-  const int64_t b = pair / s.K, kh = pair % s.K, R = s.T * s.G;
-  std::vector<float> queries(R * s.H);
-  for (int64_t r = 0; r < R; ++r) {
-    const float* row = q + ((b * s.T + r / s.G) * s.N + kh * s.G + r % s.G) * s.H;
-    for (int64_t d = 0; d < s.H; ++d) queries[r * s.H + d] = row[d] * scale;
-  }
+// Each pair's query rows (row r: position r / G, query head kh * G + r % G) times scale, [B * K, R, H].
+std::vector<float> ScaledQueries(const Shapes& s, const float* q, float scale) {
+  const int64_t R = s.T * s.G;
+  std::vector<float> queries(s.B * s.K * R * s.H);
+  for (int64_t pair = 0; pair < s.B * s.K; ++pair)
+    for (int64_t r = 0; r < R; ++r) {
+      const float* row = q + QueryIndex(s, pair / s.K, pair % s.K, r) * s.H;
+      float* to = &queries[(pair * R + r) * s.H];
+      for (int64_t d = 0; d < s.H; ++d) to[d] = row[d] * scale;
+    }
   return queries;
 }
 
-// One task: the slots [c0, c1) of a (row, kv head) pair for its R query rows: each row's largest
+// One task: the slots [c0, c1) of a (row, kv head) pair for its R query rows (`queries`, scaled,
+// [R, H]): each row's largest
 // logit there (top, -inf where it sees none), its weights' sum relative to that (total) and their
 // product with the values (acc [R, H]), for `DecodeCombine` to join with the other chunks'.
 template <typename C>
-void DecodeChunk(const DecodeShapes& s, const float* q, const C* k, const C* v, const bool* earlier,
-                 float scale, int64_t pair, int64_t c0, int64_t c1, float* top, float* total, float* acc) {
+void DecodeChunk(const Shapes& s, const float* queries, const C* k, const C* v, const bool* earlier, int64_t pair,
+                 int64_t c0, int64_t c1, float* top, float* total, float* acc) {
   const int64_t b = pair / s.K, G = s.G, H = s.H, S = s.S, T = s.T, R = T * G;
-  const std::vector<float> queries = ScaledQueries(s, q, pair, scale);
   const C* keys = k + pair * H * S;
   const C* values = v + pair * H * S;
   std::unique_ptr<float[]> logits(new float[R * S]);  // [R, S], written in [c0, c1)
-  Partial<C>(R, queries.data(), keys, logits.get(), H, S, 0, H, c0, c1);
+  Partial<C>(R, queries, keys, logits.get(), H, S, 0, H, c0, c1);
   for (int64_t r = 0; r < R; ++r) {  // the weights, in place of the logits
     const bool* m = earlier + (b * T + r / G) * S;
     float* x = &logits[r * S];
@@ -702,10 +700,9 @@ void DecodeChunk(const DecodeShapes& s, const float* q, const C* k, const C* v, 
 
 // A pair's output: its chunks' parts (top, total, acc of `chunks` tasks, `part` floats apart) and the
 // step's own keys and values where own allows, one softmax: out[b, t, n] for its R rows.
-void DecodeCombine(const DecodeShapes& s, const float* q, const float* k_new, const float* v_new, const bool* own,
-                   float scale, int64_t pair, int64_t chunks, const float* parts, int64_t part, float* out) {
+void DecodeCombine(const Shapes& s, const float* queries, const float* k_new, const float* v_new, const bool* own,
+                   int64_t pair, int64_t chunks, const float* parts, int64_t part, float* out) {
   const int64_t b = pair / s.K, kh = pair % s.K, G = s.G, H = s.H, T = s.T, R = T * G;
-  const std::vector<float> queries = ScaledQueries(s, q, pair, scale);
   const float* new_keys = k_new + pair * T * H;
   const float* new_values = v_new + pair * T * H;
   std::vector<float> own_logits(T), sum(H);
@@ -719,7 +716,7 @@ void DecodeCombine(const DecodeShapes& s, const float* q, const float* k_new, co
       top = std::max(top, own_logits[u]);
     }
     for (int64_t c = 0; c < chunks; ++c) top = std::max(top, parts[c * part + r]);
-    float* o = out + ((b * T + r / G) * s.N + kh * G + r % G) * H;
+    float* o = out + QueryIndex(s, b, kh, r) * H;
     if (top == kNegInf) {  // sees nothing: zeros
       std::fill(o, o + H, 0.0f);
       continue;
@@ -772,8 +769,8 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   if (type != v.element_type() || (!bf16 && type != ffi::DataType::F32))
     return ffi::Error::InvalidArgument(
         "llava_next_decode_attention: k and v must both be float32, bfloat16 or uint16 (bfloat16 bits)");
-  const DecodeShapes s{qd[0], qd[1], qd[2], qd[3], kd[1], kd[3], qd[2] / kd[1]};
-  const float *qs = q.typed_data(), *kn = k_new.typed_data(), *vn = v_new.typed_data();
+  const Shapes s{qd[0], qd[1], qd[2], qd[3], kd[1], kd[3], qd[2] / kd[1], 0, 0, 0};  // no prefill tiles
+  const float *kn = k_new.typed_data(), *vn = v_new.typed_data();
   const void *ks = k.untyped_data(), *vs = v.untyped_data();
   const bool *es = earlier.typed_data(), *os = own.typed_data();
   float* result = out->typed_data();
@@ -787,24 +784,27 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   const int64_t wanted = (4 * pool.num_threads() + pairs - 1) / pairs;
   const int64_t chunks = std::max<int64_t>(1, std::min(wanted, widest / kMinChunk));
   std::unique_ptr<float[]> parts(new float[pairs * chunks * part]);  // per pair, its chunks' parts
+  const std::vector<float> queries = ScaledQueries(s, q.typed_data(), scale);  // once, for every task of a pair
   float* ps = parts.get();
+  const float* qs = queries.data();
   const int64_t *los = lo.data(), *his = hi.data();
   RunTasks(pool, pairs * chunks, [=](int64_t i) {
     const int64_t pair = i / chunks, c = i % chunks, b = pair / s.K, width = his[b] - los[b];
     const auto bound = [&](int64_t c) { return c == chunks ? his[b] : los[b] + width * c / chunks / 8 * 8; };
     const int64_t c0 = bound(c), c1 = bound(c + 1);
     float* at = ps + i * part;
+    const float* pq = qs + pair * R * s.H;
     std::fill(at, at + R, kNegInf);         // top: none seen
     std::fill(at + R, at + part, 0.0f);     // total, acc
     if (c0 < c1 && bf16)
-      DecodeChunk(s, qs, static_cast<const uint16_t*>(ks), static_cast<const uint16_t*>(vs), es, scale, pair, c0, c1,
-                  at, at + R, at + 2 * R);
-    else if (c0 < c1)
-      DecodeChunk(s, qs, static_cast<const float*>(ks), static_cast<const float*>(vs), es, scale, pair, c0, c1, at,
+      DecodeChunk(s, pq, static_cast<const uint16_t*>(ks), static_cast<const uint16_t*>(vs), es, pair, c0, c1, at,
                   at + R, at + 2 * R);
+    else if (c0 < c1)
+      DecodeChunk(s, pq, static_cast<const float*>(ks), static_cast<const float*>(vs), es, pair, c0, c1, at, at + R,
+                  at + 2 * R);
   });
   RunTasks(pool, pairs, [=](int64_t pair) {
-    DecodeCombine(s, qs, kn, vn, os, scale, pair, chunks, ps + pair * chunks * part, part, result);
+    DecodeCombine(s, qs + pair * R * s.H, kn, vn, os, pair, chunks, ps + pair * chunks * part, part, result);
   });
   return ffi::Error::Success();
 }
