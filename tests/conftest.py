@@ -7,6 +7,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                  
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # llava_next_jax from the checkout
 
 
+def pytest_collection_finish(session):
+    """Starts the subprocess of a collected test that runs one for minutes (test_sharding's), so that it
+    runs beside the tests before it rather than after them."""
+    for item in session.items:
+        if item.name == "test_meshes_equal_single_device":
+            item.module.start()
+
+
+def pytest_sessionfinish(session):
+    for item in session.items:
+        if item.name == "test_meshes_equal_single_device":
+            item.module.stop()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_compilation_cache_in_home():
     """The caption script run in the test process keeps no compiled programs in ~/.cache (subprocesses

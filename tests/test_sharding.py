@@ -1,16 +1,21 @@
 """Sharded runs on 8 forced CPU devices equal the single-device run (forward, generate, loss and
 training steps, with and without FSDP, and the fine-tuning job), and hold on each device the bytes
-`sharding.memory_per_device` says (in a subprocess: the device count must be set before jax starts)."""
+`sharding.memory_per_device` says (in a subprocess: the device count must be set before jax starts).
+
+The subprocess (~3.5 minutes, most of it XLA compiling on one core) starts when pytest has collected
+the test (`start`, from conftest.py's `pytest_collection_finish`), so on a machine with a second core
+it runs beside the tests collected before it; the test waits for it and checks what it printed."""
 
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent("""
-    import collections, sys, tempfile
+    import collections, os, sys
     import jax, numpy as np
     sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
     import tiny_models as tm
@@ -48,8 +53,11 @@ SCRIPT = textwrap.dedent("""
               f"per device (cache {spec})")
         return tokens
 
+    from llava_next_jax import demo
     hf = tm.build_model("mistral", seed=11)
-    work = tempfile.mkdtemp()
+    work = sys.argv[2]   # an empty directory for the files written here
+    os.environ[demo.ENV_DIR] = work + "/demo"
+    demo_dir = str(demo.demo_model_dir(log=lambda *_: None))
     tm.save_checkpoint(hf, work + "/hf")
     convert_checkpoint(work + "/hf", work + "/out", log=lambda *_: None)
     batch = tm.make_batch(hf.config, [(3, [(480, 640)], 4), (5, [(88, 55)], 2), (9, [(1, 300)], 3),
@@ -176,7 +184,8 @@ SCRIPT = textwrap.dedent("""
     # --fsdp, exports the params of the run on one device.
     import json, shutil
     from llava_next_jax import checkpoint, demo, finetune
-    data_dir = tempfile.mkdtemp()
+    data_dir = work + "/data"
+    os.makedirs(data_dir)
     rows = []
     for image, answer in zip(sorted(demo.example_images_dir().iterdir())[:2], ["a red car", "a small dog"]):
         shutil.copy(image, data_dir)
@@ -185,7 +194,7 @@ SCRIPT = textwrap.dedent("""
     with open(data_dir + "/train.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\\n" for r in rows)
     def job(out, *extra):
-        return ["--model", sys.argv[2], "--data", data_dir + "/train.jsonl", "--output", work + out, "--steps", "2",
+        return ["--model", demo_dir, "--data", data_dir + "/train.jsonl", "--output", work + out, "--steps", "2",
                 "--batch-size", "2", "--learning-rate", "1e-3", *extra]
     exported = lambda out: checkpoint.flatten(checkpoint.load_params(work + out + "/export"))
     assert finetune.main(job("/single"), log=lambda *_: None) == 0
@@ -195,7 +204,7 @@ SCRIPT = textwrap.dedent("""
     assert not stopped.train(lambda: next(stops)) and stopped.manager.latest_step() == 1
     assert finetune.main(job("/run", "--mesh", "2,4", "--fsdp"), log=lambda *_: None) == 0
     single, resumed = exported("/single"), exported("/run")
-    initial = checkpoint.flatten(checkpoint.load_params(sys.argv[2]))
+    initial = checkpoint.flatten(checkpoint.load_params(demo_dir))
     moved = max(float(np.abs(single[k] - initial[k]).max()) for k in single)
     export_diff = max(float(np.abs(single[k] - resumed[k]).max()) for k in single)
     # Adam moves a weight by up to the learning rate (1e-3) an update, whatever its gradient's size, so
@@ -205,14 +214,58 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_meshes_equal_single_device(demo_dir):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", SCRIPT, ROOT, demo_dir], capture_output=True, text=True, env=env,
-                            timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("tokens equal") == 3, result.stdout
-    assert result.stdout.count("bytes per device") == 7, result.stdout
-    assert result.stdout.count("steps equal") == 4, result.stdout
-    assert result.stdout.count("fsdp steps equal") == 2, result.stdout
-    assert result.stdout.count("lora steps equal") == 1, result.stdout
-    assert result.stdout.count("job equal") == 1, result.stdout
+class Run:
+    """The script running in a subprocess, its output going to temporary files."""
+
+    TIMEOUT = 900
+
+    def __init__(self):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+        self.work = tempfile.TemporaryDirectory(prefix="test_sharding-")
+        self.stdout, self.stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.process = subprocess.Popen([sys.executable, "-c", SCRIPT, ROOT, self.work.name], stdout=self.stdout,
+                                        stderr=self.stderr, text=True, env=env)
+
+    def wait(self) -> tuple[int, str, str]:
+        """(return code, stdout, stderr) once it has ended (killed after TIMEOUT seconds in all)."""
+        try:
+            code = self.process.wait(timeout=self.TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            code = self.process.wait()
+        self.work.cleanup()
+        self.stdout.seek(0), self.stderr.seek(0)
+        return code, self.stdout.read(), self.stderr.read()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.work.cleanup()
+
+
+_started: list[Run] = []
+
+
+def start() -> None:
+    """Starts the script ahead of the test (conftest.py's `pytest_collection_finish`)."""
+    if not _started:
+        _started.append(Run())
+
+
+def stop() -> None:
+    """Kills the script if the session ends without the test having waited for it."""
+    while _started:
+        _started.pop().stop()
+
+
+def test_meshes_equal_single_device():
+    run = _started.pop() if _started else Run()
+    code, stdout, stderr = run.wait()
+    assert code == 0, stderr[-3000:]
+    assert stdout.count("tokens equal") == 3, stdout
+    assert stdout.count("bytes per device") == 7, stdout
+    assert stdout.count("steps equal") == 4, stdout
+    assert stdout.count("fsdp steps equal") == 2, stdout
+    assert stdout.count("lora steps equal") == 1, stdout
+    assert stdout.count("job equal") == 1, stdout
