@@ -172,7 +172,8 @@ def ours(model, inputs, new_tokens, lookup: int = 0, sample: bool = False):
 
     def tokens():
         state = decode(prefill())
-        print(f"ours: {new_tokens} tokens in {int(state['passes'])} passes of the model", flush=True)
+        print(f"ours: {new_tokens} tokens in {int(state['passes'])} passes of the model"
+              + (f", {int(state['checked'])} of them checking drafts" if lookup else ""), flush=True)
         return np.asarray(state["tokens"])[:, :new_tokens]
     step_bytes = decode_step_bytes(model.params, model.config, rows, cache_length, args["dtype"])
     first = seconds(lambda: decode(prefill()))

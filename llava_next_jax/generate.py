@@ -38,6 +38,8 @@ MAX_STOP_IDS = 8
 MAX_NGRAM = 16   # the largest no_repeat_ngram_size (a runtime value up to this: it compiles nothing)
 MAX_LOOKUP = 32          # the largest prompt_lookup_num_tokens (each value compiles its own decode loop)
 MAX_LOOKUP_NGRAM = 8     # the largest max_matching_ngram_size (a runtime value: it compiles nothing)
+LOOKUP_MISSES = 3        # prompt lookup's drafted passes in a row that keep no draft before it pauses
+LOOKUP_PAUSE = 16        # the most passes such a pause lasts (`decode_loop`)
 EARLY_STOPPING = {False: 0, True: 1, "never": 2}   # beam search's early_stopping, as a traced int
 
 
@@ -168,11 +170,13 @@ def prefill_program(params, config: LlavaNextConfig, input_ids, pixel_values, so
 def start_state(logits, options: dict[str, jax.Array], new_bucket: int) -> dict[str, jax.Array]:
     """The decode loop's state before its first step: step 0, no tokens yet (all pad, log-probabilities
     0), the prefill's last-slot logits `[B, V]`, no row done, the prompts' tokens seen, no pass of the
-    model yet."""
+    model yet; and prompt lookup's counts (`decode_loop`): passes that checked drafts, drafted passes
+    in a row that kept none, passes left before drafting again."""
     B = logits.shape[0]
     return {"step": jnp.int32(0), "tokens": jnp.full((B, new_bucket), options["pad_id"], jnp.int32),
             "logprobs": jnp.zeros((B, new_bucket), jnp.float32), "logits": logits, "done": jnp.zeros((B,), bool),
-            "seen": jnp.asarray(options["seen"], bool), "passes": jnp.int32(0)}
+            "seen": jnp.asarray(options["seen"], bool), "passes": jnp.int32(0), "checked": jnp.int32(0),
+            "misses": jnp.int32(0), "pause": jnp.int32(0)}
 
 
 def penalize_repeats(logits: jax.Array, seen: jax.Array, penalty) -> jax.Array:
@@ -252,7 +256,10 @@ def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options
     the drafts each row's model would have chosen itself, the same for all rows (so the batch shares
     one cache slot), and the next token after them: the tokens and log-probabilities of lookup=0 in
     fewer passes (the cache holds `lookup` slots more). When some row has no draft, the pass takes
-    the step's token alone."""
+    the step's token alone. So does a pass in a pause: after the k-th drafted pass in a row that kept
+    no draft, k >= LOOKUP_MISSES, the next min(2**(k - LOOKUP_MISSES), LOOKUP_PAUSE) passes draft
+    nothing (a pass that checks drafts costs up to ~1.3x a plain one on a CPU, so output that repeats
+    nothing decodes at about the speed without lookup; the tokens are the same either way)."""
     B, S = kv_valid.shape
     T = S - new_bucket - lookup
     next_position = jnp.sum(kv_valid[:, :T], axis=1).astype(jnp.int32)  # first new token's RoPE position
@@ -278,7 +285,7 @@ def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options
         step = state["step"]
         token, logprob = choose(state["logits"], state["seen"], state["tokens"], step, state["done"])
         logits, cache = decode_step(params, config, token, next_position + step, T + step, kv_valid, cache, dtype)
-        return {"step": step + 1, "tokens": state["tokens"].at[:, step].set(token),
+        return {**state, "step": step + 1, "tokens": state["tokens"].at[:, step].set(token),
                 "logprobs": state["logprobs"].at[:, step].set(logprob), "logits": logits,
                 "done": state["done"] | is_stop(token, options["stop_ids"]),
                 "seen": state["seen"].at[rows, token].set(True), "passes": state["passes"] + 1}, cache
@@ -323,14 +330,20 @@ def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options
                     jax.lax.dynamic_index_in_dim(ended, m, axis=0, keepdims=False),
                     jax.lax.dynamic_index_in_dim(logits, m, axis=1, keepdims=False)), cache
 
-        drafted = ((drafts[:, 0] >= 0) | first_ended).all() & ~first_ended.all()
+        drafted = ((drafts[:, 0] >= 0) | first_ended).all() & ~first_ended.all() & (state["pause"] == 0)
         (m, block, block_logprobs, done, logits), cache = jax.lax.cond(drafted, checked, alone, cache)
         at, seen = step + jnp.arange(width), state["seen"]
         for j in range(width):
             seen = seen.at[rows, block[:, j]].set(seen[rows, block[:, j]] | (j <= m))
+        missed = drafted & (m == 0)
+        misses = jnp.where(drafted, jnp.where(missed, state["misses"] + 1, 0), state["misses"])
+        pause = jnp.where(missed & (misses >= LOOKUP_MISSES),
+                          jnp.minimum(1 << jnp.clip(misses - LOOKUP_MISSES, 0, 30), LOOKUP_PAUSE),
+                          jnp.maximum(state["pause"] - 1, 0))
         return {"step": step + m + 1, "tokens": state["tokens"].at[:, at].set(block, mode="drop"),
                 "logprobs": state["logprobs"].at[:, at].set(block_logprobs, mode="drop"), "logits": logits,
-                "done": done, "seen": seen, "passes": state["passes"] + 1}, cache
+                "done": done, "seen": seen, "passes": state["passes"] + 1,
+                "checked": state["checked"] + drafted, "misses": misses, "pause": pause}, cache
 
     return jax.lax.while_loop(cond, body_lookup if lookup else body, (state, cache))
 

@@ -210,8 +210,10 @@ class LlavaNext:
         also takes up to this many tokens drafted from the prompt and the output so far (where the
         last max_matching_ngram_size or fewer tokens occurred before, what followed them), and keeps
         those the model would have chosen itself: the same tokens and log-probabilities as without,
-        greedy or sampled, in fewer passes where the output repeats the prompt or itself. The rows of
-        a batch keep as many as the row that keeps fewest (`generate.decode_loop`). At most
+        greedy or sampled, in fewer passes where the output repeats the prompt or itself; where drafts
+        keep failing, it pauses drafting for longer and longer (`generate.LOOKUP_MISSES`,
+        `LOOKUP_PAUSE`). The rows of a batch keep as many as the row that keeps fewest
+        (`generate.decode_loop`). At most
         `generate.MAX_LOOKUP`; on a CPU, up to 7 (passes of batch x (n + 1) <= 8 rows) stay on the
         native few-row kernels.
 

@@ -231,7 +231,8 @@ def test_stream_equals_hf_and_generate(family):
 
 
 def _decode_state(model, batch, **generation):
-    """The decode loop's final state (tokens, step, passes) for `generate(**batch, **generation)`."""
+    """The decode loop's final state (tokens, step, passes, passes that checked drafts) for
+    `generate(**batch, **generation)`."""
     args = model.generation_inputs(**batch, **generation)
     lookup = args.pop("lookup")
     logits, cache, kv_valid = generate.prefill_program(
@@ -239,7 +240,7 @@ def _decode_state(model, batch, **generation):
         args["dtype"], args["input_ids"].shape[1] + args["new_bucket"] + lookup)
     state, _ = generate.decode_program(model.params, model.config, logits, cache, kv_valid, args["options"],
                                        args["dtype"], args["new_bucket"], lookup)
-    return {k: np.asarray(state[k]) for k in ("tokens", "step", "passes")}
+    return {k: np.asarray(state[k]) for k in ("tokens", "step", "passes", "checked")}
 
 
 def test_prompt_lookup_equals_hf(family):
@@ -275,6 +276,36 @@ def test_prompt_lookup_equals_hf(family):
     plain, drafted = model.generate(**batch, **sample), model.generate(**batch, **sample, prompt_lookup_num_tokens=3)
     np.testing.assert_array_equal(drafted[0], plain[0])
     np.testing.assert_allclose(drafted[1], plain[1], rtol=1e-5, atol=1e-5)
+
+
+def _most_checks(passes: int) -> int:
+    """The most passes of `passes` that check drafts when none is ever kept: `decode_loop`'s pauses
+    (LOOKUP_MISSES failed passes in a row, then pauses of 1, 2, 4, ... passes, at most LOOKUP_PAUSE)."""
+    misses = pause = checks = 0
+    for _ in range(passes):
+        if pause:
+            pause -= 1
+            continue
+        checks, misses = checks + 1, misses + 1
+        if misses >= generate.LOOKUP_MISSES:
+            pause = min(2 ** (misses - generate.LOOKUP_MISSES), generate.LOOKUP_PAUSE)
+    return checks
+
+
+@pytest.mark.parametrize("family", ["mistral"], indirect=True)
+def test_prompt_lookup_pauses_where_drafts_fail(family):
+    """Sampled from random weights at a high temperature, drafted tokens are almost never what the
+    model draws: prompt lookup then checks drafts in fewer and fewer passes (at most `_most_checks`
+    of them, counted again after each pass that kept a draft) rather than in every pass that found
+    some, with the tokens of a decode without drafts."""
+    hf, model = family
+    one = tm.make_batch(hf.config, ROWS[1:2], seed=5)
+    sample = dict(max_new_tokens=128, eos_token_id=[], do_sample=True, temperature=50.0, top_k=0, seed=9)
+    state = _decode_state(model, one, **sample, prompt_lookup_num_tokens=3)
+    np.testing.assert_array_equal(state["tokens"][:, :128], model.generate(**one, **sample))
+    kept = int(state["step"]) - int(state["passes"])   # drafted tokens kept (a pass takes 1 + its kept ones)
+    assert state["step"] == 128 and kept <= 2, state
+    assert 0 < state["checked"] <= (kept + 1) * _most_checks(int(state["passes"])), state
 
 
 def test_lookup_drafts_equal_hf_candidates():
