@@ -183,7 +183,7 @@ SCRIPT = textwrap.dedent("""
     # The fine-tuning job: a 2-update run on a 2 x 4 mesh, stopped after one update and resumed with
     # --fsdp, exports the params of the run on one device.
     import json, shutil
-    from llava_next_jax import checkpoint, demo, finetune
+    from llava_next_jax import checkpoint, finetune
     data_dir = work + "/data"
     os.makedirs(data_dir)
     rows = []
@@ -227,7 +227,8 @@ class Run:
                                         stderr=self.stderr, text=True, env=env)
 
     def wait(self) -> tuple[int, str, str]:
-        """(return code, stdout, stderr) once it has ended (killed after TIMEOUT seconds in all)."""
+        """(return code, stdout, stderr) once it has ended (killed if that is more than TIMEOUT seconds
+        after this call)."""
         try:
             code = self.process.wait(timeout=self.TIMEOUT)
         except subprocess.TimeoutExpired:
