@@ -7,19 +7,25 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                  
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # llava_next_jax from the checkout
 
 
+EARLY = "test_meshes_equal_single_device"   # test_sharding's: its subprocess runs for minutes
+
+
+def _early_modules(session) -> set:
+    """The modules of the collected EARLY tests (none where collection failed)."""
+    return {item.module for item in getattr(session, "items", []) if item.name == EARLY}
+
+
 def pytest_collection_finish(session):
-    """Starts the subprocess of a collected test that runs one for minutes (test_sharding's), so that it
-    runs beside the tests before it rather than after them."""
-    for item in session.items:
-        if item.name == "test_meshes_equal_single_device":
-            item.module.start()
+    """Starts the subprocess of a collected EARLY test, so that it runs beside the tests before it
+    rather than after them."""
+    for module in _early_modules(session):
+        module.start()
 
 
 def pytest_sessionfinish(session):
     """Kills that subprocess if the session ends before the test waited for it (-x, Ctrl-C)."""
-    for item in getattr(session, "items", []):   # none where collection failed
-        if item.name == "test_meshes_equal_single_device":
-            item.module.stop()
+    for module in _early_modules(session):
+        module.stop()
 
 
 @pytest.fixture(scope="session", autouse=True)
