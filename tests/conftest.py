@@ -7,25 +7,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                  
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # llava_next_jax from the checkout
 
 
-EARLY = "test_meshes_equal_single_device"   # test_sharding's: its subprocess runs for minutes
+# Tests that run subprocesses for minutes (test_sharding's ~3.5, test_multihost's ~1): first in the
+# order, so that under `make test`'s workers (pytest-xdist) one worker starts with them while the
+# others take the rest, instead of one of them starting last and running alone.
+SLOW_FIRST = ("test_meshes_equal_single_device", "test_two_processes_equal_one")
 
 
-def _early_modules(session) -> set:
-    """The modules of the collected EARLY tests (none where collection failed)."""
-    return {item.module for item in getattr(session, "items", []) if item.name == EARLY}
-
-
-def pytest_collection_finish(session):
-    """Starts the subprocess of a collected EARLY test, so that it runs beside the tests before it
-    rather than after them."""
-    for module in _early_modules(session):
-        module.start()
-
-
-def pytest_sessionfinish(session):
-    """Kills that subprocess if the session ends before the test waited for it (-x, Ctrl-C)."""
-    for module in _early_modules(session):
-        module.stop()
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.name not in SLOW_FIRST)   # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,15 +1,11 @@
 """Sharded runs on 8 forced CPU devices equal the single-device run (forward, generate, loss and
 training steps, with and without FSDP, and the fine-tuning job), and hold on each device the bytes
 `sharding.memory_per_device` says (in a subprocess: the device count must be set before jax starts).
-
-The subprocess (~3.5 minutes, most of it XLA compiling on one core) starts when pytest has collected
-the test (`start`, from conftest.py's `pytest_collection_finish`), so on a machine with a second core
-it runs beside the tests collected before it; the test waits for it and checks what it printed."""
+The subprocess takes ~3.5 minutes, most of it XLA compiling on one core: conftest.py runs it first."""
 
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -214,59 +210,14 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-class Run:
-    """The script running in a subprocess, its output going to temporary files."""
-
-    TIMEOUT = 900
-
-    def __init__(self):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-        self.work = tempfile.TemporaryDirectory(prefix="test_sharding-")
-        self.stdout, self.stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-        self.process = subprocess.Popen([sys.executable, "-c", SCRIPT, ROOT, self.work.name], stdout=self.stdout,
-                                        stderr=self.stderr, text=True, env=env)
-
-    def wait(self) -> tuple[int, str, str]:
-        """(return code, stdout, stderr) once it has ended (killed if that is more than TIMEOUT seconds
-        after this call)."""
-        try:
-            code = self.process.wait(timeout=self.TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            code = self.process.wait()
-        self.work.cleanup()
-        self.stdout.seek(0), self.stderr.seek(0)
-        return code, self.stdout.read(), self.stderr.read()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self.work.cleanup()
-
-
-_started: list[Run] = []
-
-
-def start() -> None:
-    """Starts the script ahead of the test (conftest.py's `pytest_collection_finish`)."""
-    if not _started:
-        _started.append(Run())
-
-
-def stop() -> None:
-    """Kills the script if the session ends without the test having waited for it."""
-    while _started:
-        _started.pop().stop()
-
-
-def test_meshes_equal_single_device():
-    run = _started.pop() if _started else Run()
-    code, stdout, stderr = run.wait()
-    assert code == 0, stderr[-3000:]
-    assert stdout.count("tokens equal") == 3, stdout
-    assert stdout.count("bytes per device") == 7, stdout
-    assert stdout.count("steps equal") == 4, stdout
-    assert stdout.count("fsdp steps equal") == 2, stdout
-    assert stdout.count("lora steps equal") == 1, stdout
-    assert stdout.count("job equal") == 1, stdout
+def test_meshes_equal_single_device(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", SCRIPT, ROOT, str(tmp_path)], capture_output=True, text=True,
+                            env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("tokens equal") == 3, result.stdout
+    assert result.stdout.count("bytes per device") == 7, result.stdout
+    assert result.stdout.count("steps equal") == 4, result.stdout
+    assert result.stdout.count("fsdp steps equal") == 2, result.stdout
+    assert result.stdout.count("lora steps equal") == 1, result.stdout
+    assert result.stdout.count("job equal") == 1, result.stdout
