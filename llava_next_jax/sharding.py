@@ -153,9 +153,10 @@ def memory_per_device(config, mesh: Mesh | Mapping[str, int], batch: int, length
 
     config: a `LlavaNextConfig`; batch: rows per `generate` call; length: cache slots (the prompt
     bucket plus the new-token bucket); dtype: of params and cache (`from_pretrained`'s, bfloat16 on
-    GPU/TPU). Weights follow `RULES` (and fsdp, as `spec_for`) over the abstract params of
-    `init_params` (no memory allocated); the cache follows `cache_spec`. Every device holds equal shards, so "most loaded" is any of them.
-    Activations and XLA's workspace are not counted.
+    GPU/TPU; a CPU mesh keeps a bfloat16 model's cache in float32, `decoder.cache_dtype`, twice what
+    this counts). Weights follow `RULES` (and fsdp, as `spec_for`) over the abstract params of
+    `init_params` (no memory allocated); the cache follows `cache_spec`. Every device holds equal
+    shards, so "most loaded" is any of them. Activations and XLA's workspace are not counted.
     """
     itemsize = jnp.dtype(dtype).itemsize
     weights = sum(shard_bytes(shape, spec_for(path, shape, mesh, fsdp), mesh, itemsize)
