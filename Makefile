@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 
 .PHONY: test demo
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist worksteal
+	$(PY) -m pytest -q -n logical --maxprocesses 4 --dist worksteal
 
 demo: $(VENV)/.installed
 	$(PY) -m llava_next_jax.demo
