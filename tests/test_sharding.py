@@ -51,9 +51,7 @@ SCRIPT = textwrap.dedent("""
 
     from llava_next_jax import demo
     hf = tm.build_model("mistral", seed=11)
-    work = sys.argv[2]   # an empty directory for the files written here
-    os.environ[demo.ENV_DIR] = work + "/demo"
-    demo_dir = str(demo.demo_model_dir(log=lambda *_: None))
+    work, demo_dir = sys.argv[2], sys.argv[3]   # an empty directory for the files written here; the demo model
     tm.save_checkpoint(hf, work + "/hf")
     convert_checkpoint(work + "/hf", work + "/out", log=lambda *_: None)
     batch = tm.make_batch(hf.config, [(3, [(480, 640)], 4), (5, [(88, 55)], 2), (9, [(1, 300)], 3),
@@ -210,10 +208,10 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_meshes_equal_single_device(tmp_path):
+def test_meshes_equal_single_device(tmp_path, demo_dir):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", SCRIPT, ROOT, str(tmp_path)], capture_output=True, text=True,
-                            env=env, timeout=900)
+    result = subprocess.run([sys.executable, "-c", SCRIPT, ROOT, str(tmp_path), str(demo_dir)], capture_output=True,
+                            text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("tokens equal") == 3, result.stdout
     assert result.stdout.count("bytes per device") == 7, result.stdout
