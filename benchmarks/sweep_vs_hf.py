@@ -20,7 +20,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 import tiny_models as tm  # noqa: E402
 from llava_next_jax import LlavaNext  # noqa: E402
@@ -54,14 +53,6 @@ def draw_case(rng):
     return str(rng.choice(FAMILIES)), rows, int(rng.choice([6, 12, 20])), settings
 
 
-def hf_generate(hf, batch, new, **settings):
-    args = {k: torch.from_numpy(v) for k, v in batch.items()}
-    with torch.no_grad():
-        out = hf.generate(**args, do_sample=False, max_new_tokens=new, pad_token_id=PAD, **settings)
-    out = out[:, batch["input_ids"].shape[1]:].numpy()
-    return np.pad(out, ((0, 0), (0, new - out.shape[1])), constant_values=PAD)   # HF stops when all rows did
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0)
@@ -83,9 +74,9 @@ def main():
             worst = max(worst, diff)
             if rng.random() < 0.3:
                 settings["min_new_tokens"] = int(rng.integers(0, new))
-            free = hf_generate(hf, batch, new, eos_token_id=[])
+            free = tm.hf_generate(hf, batch, new, PAD, eos_token_id=[])
             stops = sorted({int(free[0, min(3, new - 1)]), int(free[-1, new // 2])}) if rng.random() < 0.6 else []
-            theirs = hf_generate(hf, batch, new, eos_token_id=stops or None, **settings)
+            theirs = tm.hf_generate(hf, batch, new, PAD, eos_token_id=stops or None, **settings)
             mine = ours.generate(**batch, max_new_tokens=new, eos_token_id=stops, pad_token_id=PAD, **settings)
             same = mine.shape == theirs.shape and bool((mine == theirs).all())
             differing += not same

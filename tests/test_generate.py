@@ -21,11 +21,7 @@ def family(request, tmp_path_factory):
 
 
 def hf_generate(hf, batch, **kw):
-    args = {k: torch.from_numpy(v) for k, v in batch.items()}
-    with torch.no_grad():
-        out = hf.generate(**args, do_sample=False, max_new_tokens=NEW, pad_token_id=0, **kw)
-    new = out[:, batch["input_ids"].shape[1]:].numpy()
-    return np.pad(new, ((0, 0), (0, NEW - new.shape[1])))  # HF stops early once every row is done; pad id 0
+    return tm.hf_generate(hf, batch, NEW, **kw)   # pad id 0
 
 
 def test_greedy_equals_hf_and_stops_like_hf(family):

@@ -168,3 +168,14 @@ def hf_logits(model, batch, dtype=torch.float32) -> np.ndarray:
                       image_sizes=torch.from_numpy(batch["image_sizes"]))
     with torch.no_grad():
         return model(**kwargs).logits.float().numpy()
+
+
+def hf_generate(model, batch, max_new_tokens: int, pad_token_id: int = 0, **settings) -> np.ndarray:
+    """HF's greedy `generate` on `batch`: the new tokens `[B, max_new_tokens]`, padded with pad_token_id
+    where HF stopped early (once every row is done)."""
+    args = {k: torch.from_numpy(v) for k, v in batch.items()}
+    with torch.no_grad():
+        out = model.generate(**args, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
+                             **settings)
+    new = out[:, batch["input_ids"].shape[1]:].numpy()
+    return np.pad(new, ((0, 0), (0, max_new_tokens - new.shape[1])), constant_values=pad_token_id)
