@@ -26,6 +26,11 @@ def is_converted(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MARKER))
 
 
+def params_dir(path: str) -> str:
+    """`path/params`, absolute (Orbax refuses a relative checkpoint path)."""
+    return os.path.join(os.path.abspath(path), PARAMS_DIR)
+
+
 def save_streaming(out_dir: str, tensors: Iterable[tuple[tuple[str, ...], np.ndarray]],
                    on_tensor: Callable[[tuple[str, ...], np.ndarray], None] | None = None,
                    group_bytes: int = 64 << 20) -> None:
@@ -36,7 +41,7 @@ def save_streaming(out_dir: str, tensors: Iterable[tuple[tuple[str, ...], np.nda
     CHUNK_BYTES, so a host restoring a shard of it (on a mesh) reads the chunks it needs, not the whole.
     """
     from orbax.checkpoint.experimental.v1 import Context, partial
-    target = os.path.join(os.path.abspath(out_dir), PARAMS_DIR)
+    target = params_dir(out_dir)
     for stale in (target, target + ".partial_save"):
         shutil.rmtree(stale, ignore_errors=True)
     context = Context()
@@ -95,7 +100,7 @@ def copy_side_files(src_dir: str, out_dir: str) -> list[str]:
 def saved_shapes(path: str) -> Any:
     """The params tree with `jax.ShapeDtypeStruct` leaves, read from the checkpoint's metadata."""
     from orbax.checkpoint.experimental.v1 import metadata
-    tree = metadata(os.path.join(path, PARAMS_DIR)).metadata
+    tree = metadata(params_dir(path)).metadata
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree,
                         is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
 
@@ -112,4 +117,4 @@ def load_params(path: str, dtype=None, shardings: Any = None) -> Any:
         shardings = jax.tree.map(lambda _: device, shapes)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype, sharding=sh),
                             shapes, shardings)
-    return load(os.path.join(path, PARAMS_DIR), abstract)
+    return load(params_dir(path), abstract)

@@ -80,10 +80,11 @@ def test_no_weights_and_broken_index(tmp_path, hf_dir):
         convert_checkpoint(src, str(tmp_path / "out"))
 
 
-def test_converted_dir_is_complete_and_dtype_cast(hf_dir, tmp_path):
-    stats = convert_checkpoint(str(hf_dir), str(tmp_path / "out"), "float16", log=lambda *_: None)
+def test_converted_dir_is_complete_and_dtype_cast(hf_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # relative paths, as the README writes them
+    stats = convert_checkpoint(str(hf_dir), "out", "float16", log=lambda *_: None)
     assert {"config.json", "generation_config.json"} <= set(stats["side_files"])
-    model = LlavaNext.from_pretrained(str(tmp_path / "out"))
+    model = LlavaNext.from_pretrained("out")
     direct = LlavaNext.from_pretrained(str(hf_dir), dtype="float16")
     flat = lambda p: {k: np.asarray(v) for k, v in convert.jax.tree_util.tree_leaves_with_path(p)}
     ours, ref = flat(model.params), flat(direct.params)
