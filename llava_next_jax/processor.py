@@ -14,8 +14,11 @@ tokenizing (as HF does), so the ids match HF's exactly.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
@@ -114,6 +117,11 @@ class ImageSettings:
         return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def _per_channel(value) -> tuple[float, ...]:
+    """image_mean / image_std: one number (as HF accepts) or one per channel."""
+    return (float(value),) * 3 if isinstance(value, (int, float)) else tuple(value)
+
+
 def _image_config(directory: Path) -> tuple[dict, Path]:
     """The image processor dict: preprocessor_config.json (hub layout) or processor_config.json's
     "image_processor" entry (what transformers 5 `save_pretrained` writes)."""
@@ -145,28 +153,75 @@ def open_image(path: str | os.PathLike, apply_exif_orientation: bool = True) -> 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist")
+    return _decode_image(path, f"image file {path}", apply_exif_orientation)
+
+
+def _decode_image(source, name: str, apply_exif_orientation: bool) -> Image.Image:
+    """`source` (a path or a binary file) decoded as HF's `load_image` does; errors name `name`."""
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image.load()
             if apply_exif_orientation:
                 image = ImageOps.exif_transpose(image)
             return image.convert("RGB")
     except Image.DecompressionBombError as e:
-        raise ValueError(f"image file {path} is over Pillow's decompression-bomb limit ({e}); if you trust it, "
+        raise ValueError(f"{name} is over Pillow's decompression-bomb limit ({e}); if you trust it, "
                          f"raise PIL.Image.MAX_IMAGE_PIXELS (currently {Image.MAX_IMAGE_PIXELS}) or set it to None")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"image file {path} cannot be read (empty, truncated or not an image): {e}") from None
+        raise ValueError(f"{name} cannot be read (empty, truncated or not an image): {e}") from None
+
+
+URL_TIMEOUT = 30.0   # seconds to fetch an http(s) image
+
+
+def load_image(source: str | os.PathLike, apply_exif_orientation: bool = True) -> Image.Image:
+    """An image named as HF's `load_image` takes one: a file path, an http(s) URL, a `data:image/...;base64,`
+    URI or a bare base64 string; EXIF transposed, RGB."""
+    text = os.fspath(source)
+    if not isinstance(text, str) or os.path.isfile(text):
+        return open_image(text, apply_exif_orientation)
+    if text.startswith(("http://", "https://")):
+        import urllib.request
+        try:
+            with urllib.request.urlopen(text, timeout=URL_TIMEOUT) as response:
+                data = response.read()
+        except (OSError, ValueError) as e:
+            raise ValueError(f"image URL {text} cannot be fetched: {e}") from None
+        return _decode_image(io.BytesIO(data), f"image URL {text}", apply_exif_orientation)
+    if text.startswith("data:"):
+        return _decode_image(io.BytesIO(_base64(text.partition(",")[2]) or b""), f"image data URI {_short(text)}",
+                             apply_exif_orientation)
+    data = _base64(text)
+    if data:
+        try:
+            return _decode_image(io.BytesIO(data), "base64 image", apply_exif_orientation)
+        except ValueError:
+            pass
+    raise FileNotFoundError(f"image file {_short(text)} does not exist (nor is it an http(s) URL or base64 image data)")
+
+
+def _base64(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def to_rgb_image(image, apply_exif_orientation: bool | None = None) -> Image.Image:
-    """An RGB PIL image from a path, PIL image or uint8 `[H, W]` / `[H, W, C]` (C = 1, 3, 4) array.
+    """An RGB PIL image from a path, URL or base64 string (`load_image`), a PIL image, or a uint8 array
+    `[H, W]`, `[H, W, C]` or `[C, H, W]` (C = 1, 3, 4; anything with `__array__`, e.g. a torch tensor).
 
-    As HF: paths are loaded with `open_image`; PIL images with transparency are composited on white,
-    others `.convert("RGB")`; RGBA arrays are blended on white with rounding. `apply_exif_orientation`
-    None does what HF does: rotate files by their EXIF tag, leave PIL objects as given.
+    As HF: strings are loaded with `load_image`; PIL images with transparency are composited on white,
+    others `.convert("RGB")`; RGBA arrays are blended on white with rounding; a 3-D array whose first
+    axis could be channels is read channels-first. `apply_exif_orientation` None does what HF does:
+    rotate files by their EXIF tag, leave PIL objects as given.
     """
     if isinstance(image, (str, os.PathLike)):
-        return open_image(image, apply_exif_orientation is not False)
+        return load_image(image, apply_exif_orientation is not False)
     if isinstance(image, Image.Image):
         if apply_exif_orientation:
             image = ImageOps.exif_transpose(image)
@@ -175,14 +230,20 @@ def to_rgb_image(image, apply_exif_orientation: bool | None = None) -> Image.Ima
             image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
         image.load()  # decode once here, not lazily in two resize threads at a time
         return image if image.mode == "RGB" else image.convert("RGB")
-    if isinstance(image, np.ndarray):
-        return Image.fromarray(_array_to_rgb(image))
-    raise TypeError(f"unsupported image type {type(image).__name__}: pass a path, a PIL image or a uint8 HWC array")
+    if hasattr(image, "__array__"):
+        return Image.fromarray(_array_to_rgb(np.asarray(image)))
+    raise TypeError(f"unsupported image type {type(image).__name__}: pass a path, a PIL image or a uint8 array")
+
+
+CHANNELS = (1, 3, 4)
 
 
 def _array_to_rgb(array: np.ndarray) -> np.ndarray:
-    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
-        raise TypeError(f"image array must be uint8 [H, W] or [H, W, 1|3|4]; got {array.dtype} {array.shape}")
+    if array.ndim == 3 and array.shape[0] in CHANNELS:   # channels first, as HF reads such a shape
+        array = array.transpose(1, 2, 0)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in CHANNELS):
+        raise TypeError(f"image array must be uint8 [H, W], [H, W, 1|3|4] or [1|3|4, H, W]; got {array.dtype} "
+                        f"{array.shape}")
     if array.ndim == 2 or array.shape[2] == 1:
         return np.repeat(array.reshape(array.shape[0], array.shape[1], 1), 3, axis=2)
     if array.shape[2] == 4:
@@ -204,7 +265,9 @@ def patch_output_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[i
 # --- tokenizer and chat template files --------------------------------------------------------------
 
 def load_tokenizer(directory: Path):
-    """`tokenizers.Tokenizer` + merged tokenizer config, set up as transformers 5 sets up its backend."""
+    """`tokenizers.Tokenizer` + merged tokenizer config, set up as transformers 5 sets up its backend:
+    tokenizer.json's post-processor as it is (transformers 5 ignores add_bos_token / add_eos_token where
+    there is a tokenizer.json)."""
     from tokenizers import AddedToken, Tokenizer
     path = directory / "tokenizer.json"
     if not path.is_file():
@@ -224,8 +287,6 @@ def load_tokenizer(directory: Path):
         _use_llama_pipeline(tokenizer, cfg)
     missing = [t for k in _SPECIAL_TOKEN_KEYS if (t := _token_str(cfg.get(k))) and tokenizer.token_to_id(t) is None]
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
-    if "add_bos_token" in cfg or "add_eos_token" in cfg or tokenizer.post_processor is None:
-        tokenizer.post_processor = _bos_eos_template(tokenizer, cfg)
     return tokenizer, cfg
 
 
@@ -241,18 +302,6 @@ def _use_llama_pipeline(tokenizer, cfg: dict) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme, split=False)
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     tokenizer.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix else []))
-
-
-def _bos_eos_template(tokenizer, cfg: dict):
-    """The post-processor transformers builds from add_bos_token / add_eos_token (both default False)."""
-    from tokenizers import processors
-    bos, eos = _token_str(cfg.get("bos_token")), _token_str(cfg.get("eos_token"))
-    add_bos = bool(cfg.get("add_bos_token")) and bos is not None
-    add_eos = bool(cfg.get("add_eos_token")) and eos is not None
-    single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
-    pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
-    specials = [(t, tokenizer.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
-    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
 
 
 def load_chat_template(directory: Path, tok_cfg: dict) -> str | None:
@@ -316,9 +365,64 @@ def _plain(value):
     return f"<{type(value).__name__}>"
 
 
-def render_chat_template(template: str, messages: list, add_generation_prompt: bool, variables: dict) -> str:
-    return _compile_template(template).render(messages=_plain(messages), tools=None, documents=None,
-                                              add_generation_prompt=add_generation_prompt, **_plain(variables))
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def render_chat_template(template: str, messages: list, add_generation_prompt: bool, variables: dict,
+                         continue_final_message: bool | str = False) -> str:
+    """The template rendered over `messages`; with `continue_final_message` (True: the last message's
+    "content", or that field's name), cut after the last message's text so that generation continues
+    it, as HF's `render_jinja_template` does (it marks the text with a tag and cuts at the tag)."""
+    messages = _plain(messages)
+    if continue_final_message:
+        field = continue_final_message if isinstance(continue_final_message, str) else "content"
+        if not messages or messages[-1].get(field) is None:
+            raise ValueError(f"continue_final_message: the final message has no {field!r} to continue")
+        if field not in template:
+            raise ValueError(f"continue_final_message={field!r}: the chat template does not use that field")
+        final = messages[-1][field]
+        if isinstance(final, (list, tuple)):
+            block = next((b for b in reversed(final) if "text" in b), None)
+            if block is None:
+                raise ValueError("continue_final_message: the final message has no text block to continue")
+            final, block["text"] = block["text"], block["text"] + _CONTINUE_TAG
+        else:
+            messages[-1][field] = final + _CONTINUE_TAG
+    rendered = _compile_template(template).render(messages=messages, tools=None, documents=None,
+                                                  add_generation_prompt=add_generation_prompt, **_plain(variables))
+    if continue_final_message:
+        if final.strip() not in rendered or _CONTINUE_TAG.strip() not in rendered:
+            raise ValueError(f"continue_final_message: the chat template drops part of the final message "
+                             f"{_short(final.strip())!r}, so it cannot be continued")
+        at = rendered.rindex(_CONTINUE_TAG.strip())
+        rendered = rendered[:at] if rendered[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else rendered[:at].rstrip()
+    return rendered
+
+
+IMAGE_KEYS = ("image", "url", "path", "base64")   # where an image block names its image (HF's keys)
+
+
+def _image_url_block(block):
+    """OpenAI's `{"type": "image_url", "image_url": {"url": U}}` as HF's `{"type": "image", "url": U}`."""
+    if isinstance(block, dict) and block.get("type") == "image_url" and "image_url" in block:
+        url = block["image_url"]
+        return {"type": "image", "url": url.get("url", "") if isinstance(url, dict) else url}
+    return block
+
+
+def _normalize_conversation(conversation: list) -> list:
+    """As HF's processor: None-valued message keys dropped, OpenAI `{"type": "image_url", "image_url":
+    {"url": ...}}` blocks turned into `{"type": "image", "url": ...}` (the caller's messages untouched)."""
+    out = []
+    for i, message in enumerate(conversation):
+        if not isinstance(message, dict):
+            raise TypeError(f"message {i} is a {type(message).__name__}: chat messages are dicts "
+                            f"(role, content)")
+        message = {k: v for k, v in message.items() if v is not None}
+        if isinstance(message.get("content"), list):
+            message["content"] = [_image_url_block(block) for block in message["content"]]
+        out.append(message)
+    return out
 
 
 class LlavaNextProcessor:
@@ -368,8 +472,9 @@ class LlavaNextProcessor:
             tile_size=tile, patch_size=int(patch_size),
             pinpoints=tuple(tuple(int(v) for v in p) for p in _require(image_cfg, "image_grid_pinpoints", image_path)),
             base_tokens=anyres.base_tokens(tile // int(patch_size), int(extra), strategy))
-        settings = ImageSettings(**{f.name: image_cfg[f.name] for f in dataclasses.fields(ImageSettings)
-                                    if f.name in image_cfg})
+        settings = ImageSettings(**{f.name: _per_channel(image_cfg[f.name]) if f.name in ("image_mean", "image_std")
+                                    else image_cfg[f.name]
+                                    for f in dataclasses.fields(ImageSettings) if f.name in image_cfg})
         tokenizer, tok_cfg = load_tokenizer(directory)
         template = load_chat_template(directory, tok_cfg) or BUILTIN_TEMPLATES[
             prompt_family or _prompt_family(tokenizer, tok_cfg, model_cfg)]
@@ -381,7 +486,7 @@ class LlavaNextProcessor:
     def preprocess_images(self, images: Sequence, apply_exif_orientation: bool | None = None):
         """Images -> (pixel_values float32 `[B, P_max, 3, S, S]`, image_sizes int64 `[B, 2]` (h, w))."""
         exif = self.apply_exif_orientation if apply_exif_orientation is None else apply_exif_orientation
-        rgb = [to_rgb_image(image, exif) for image in images]
+        rgb = [_indexed(i, to_rgb_image, image, exif) for i, image in enumerate(images)]
         for i, image in enumerate(rgb):
             if image.width == 0 or image.height == 0:
                 raise ValueError(f"image {i} has zero area: (height, width) = {(image.height, image.width)}")
@@ -431,7 +536,9 @@ class LlavaNextProcessor:
                       lambda _: self.image_token * anyres.num_image_tokens(next(sizes), self.geometry), text)
 
     def encode(self, texts: Sequence[str], add_special_tokens: bool = True, padding_side: str | None = None):
-        """Texts -> (input_ids int64 `[B, T]`, attention_mask int64 `[B, T]`), padded to the longest."""
+        """Texts -> (input_ids int64 `[B, T]`, attention_mask int64 `[B, T]`), padded to the longest on
+        `padding_side`: by default tokenizer_config.json's, else "left" (HF's default depends on the
+        tokenizer class; generation needs left)."""
         side = padding_side or self.padding_side
         if side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
@@ -452,6 +559,9 @@ class LlavaNextProcessor:
         """`text` (one string or a batch) with one `<image>` per image; `images` flat in placeholder order,
         or one list per text. Returns numpy `input_ids, attention_mask` [B, T] (+ `pixel_values, image_sizes`)."""
         texts = [text] if isinstance(text, str) else (None if text is None else list(text))
+        for i, t in enumerate(texts or []):
+            if not isinstance(t, str):
+                raise TypeError(f"text {i} is a {type(t).__name__}: text must be a string or a list of strings")
         flat = self._flatten_images(images, texts)
         out = {}
         if flat is not None:
@@ -468,6 +578,8 @@ class LlavaNextProcessor:
         """Images in placeholder order, after checking each text's `<image>` count against them."""
         if images is None:
             images = []
+        elif hasattr(images, "__array__") and np.ndim(images) == 4:   # a batch [N, H, W, C] or [N, C, H, W]
+            images = list(np.asarray(images))
         elif not isinstance(images, (list, tuple)):
             images = [images]
         nested = len(images) > 0 and all(isinstance(i, (list, tuple)) for i in images)
@@ -487,8 +599,11 @@ class LlavaNextProcessor:
                              f"{counts}) but {len(flat)} images were given; each image needs one placeholder")
         return flat or None
 
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return self.batch_decode([ids], skip_special_tokens)[0]
+    def decode(self, ids, skip_special_tokens: bool = False) -> str | list[str]:
+        """One sequence of ids (or one id) -> text; a 2-D array or list of sequences -> texts (as HF)."""
+        if isinstance(ids, (list, tuple)) and ids and not np.isscalar(ids[0]) or np.ndim(ids) == 2:
+            return self.batch_decode(ids, skip_special_tokens)
+        return self.batch_decode([np.reshape(ids, -1)], skip_special_tokens)[0]
 
     def batch_decode(self, ids, skip_special_tokens: bool = False) -> list[str]:
         """As HF's (with its clean_up_tokenization_spaces rule: never applied to BPE models)."""
@@ -498,23 +613,41 @@ class LlavaNextProcessor:
 
     # -- chat -------------------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: list, add_generation_prompt: bool = True, tokenize: bool = False,
-                            chat_template: str | None = None, padding_side: str | None = None, **kwargs):
+    def apply_chat_template(self, messages: list, add_generation_prompt: bool = False, tokenize: bool = False,
+                            chat_template: str | None = None, padding_side: str | None = None,
+                            continue_final_message: bool | str = False, return_dict: bool = False, **kwargs):
         """Renders HF-format messages (content a string or a list of {"type": "image"} / {"type": "text",
-        "text": ...}); a list of conversations gives a list of prompts. `tokenize=True` returns
-        `self(images=..., text=prompt)` with the images named in the image blocks ("image" / "path" keys),
-        without a second BOS when the template writes one (as HF)."""
+        "text": ...} blocks; OpenAI "image_url" blocks too); a list of conversations gives a list of prompts.
+        As HF's processor: `add_generation_prompt` ends with the assistant's header (off by default),
+        `continue_final_message` leaves the last message open for generation to continue it, other keyword
+        arguments are template variables. `tokenize=True` runs `self(images=..., text=prompt)` with the
+        images the image blocks name (`IMAGE_KEYS`: a PIL image, array, path, URL or base64 string), without
+        a second BOS where the template writes one, and returns its `input_ids`, or all of it with
+        `return_dict=True`."""
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt do not go together: the first "
+                             "continues the last message, the second starts a new assistant message")
         batched = bool(messages) and isinstance(messages[0], (list, tuple))
-        conversations = messages if batched else [messages]
+        conversations = [_normalize_conversation(c) for c in (messages if batched else [messages])]
         prompts = [render_chat_template(chat_template or self.chat_template, conv, add_generation_prompt,
-                                        {**self.special_tokens, **kwargs}) for conv in conversations]
+                                        {**self.special_tokens, **kwargs}, continue_final_message)
+                   for conv in conversations]
         if not tokenize:
             return prompts if batched else prompts[0]
-        images = [[block.get("image", block.get("path")) for m in conv if not isinstance(m["content"], str)
-                   for block in m["content"] if block.get("type") == "image"] for conv in conversations]
+        images = [[block[key] for m in conv if isinstance(m.get("content"), list) for block in m["content"]
+                   if block.get("type") == "image" for key in IMAGE_KEYS if key in block] for conv in conversations]
         bos = self.special_tokens.get("bos_token")
-        return self(images=images if any(i is not None for g in images for i in g) else None, text=prompts,
-                    add_special_tokens=not (bos and prompts[0].startswith(bos)), padding_side=padding_side)
+        out = self(images=images if any(i is not None for g in images for i in g) else None, text=prompts,
+                   add_special_tokens=not (bos and prompts[0].startswith(bos)), padding_side=padding_side)
+        return out if return_dict else out["input_ids"]
+
+
+def _indexed(i: int, fn, *args):
+    """fn(*args), its TypeError or ValueError naming image i."""
+    try:
+        return fn(*args)
+    except (TypeError, ValueError) as e:
+        raise (TypeError if isinstance(e, TypeError) else ValueError)(f"image {i}: {e}") from None
 
 
 @functools.lru_cache(maxsize=None)

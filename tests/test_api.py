@@ -48,7 +48,7 @@ def by_hand(model, processor, image, question, history=(), new=NEW, **generation
                                                      else []) + [{"type": "text", "text": q}]})
         if a is not None:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     tokens = model.generate(**inputs, max_new_tokens=new, **generation)
     return processor.batch_decode(tokens, skip_special_tokens=True)[0].strip()
 

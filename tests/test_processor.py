@@ -84,7 +84,7 @@ EXTREMES = [(1, 2000), (2000, 1), (1, 1), (55, 176), (88, 55), (1, 7), (7, 1), (
 
 
 def random_sizes(rng, n):
-    """Log-uniform sizes in [1, 2000]; numpy arrays need H not in {1, 3, 4} (HF would read them as CHW)."""
+    """Log-uniform sizes in [1, 2000]; numpy arrays need H not in {1, 3, 4} (read as CHW, as HF reads them)."""
     return [tuple(int(v) for v in np.exp(rng.uniform(0, np.log(2000), 2)).round()) for _ in range(n)]
 
 
@@ -224,7 +224,8 @@ def test_chat_template_and_full_call(pair, family):
                 continue
             assert ours.apply_chat_template(conv, add_generation_prompt=generation_prompt) == \
                 hf.apply_chat_template(conv, add_generation_prompt=generation_prompt, tokenize=False)
-    prompts = ours.apply_chat_template(conversations()[:2])
+    assert ours.apply_chat_template(conversations()[:2]) == [hf.apply_chat_template(c) for c in conversations()[:2]]
+    prompts = ours.apply_chat_template(conversations()[:2], add_generation_prompt=True)
     assert prompts == [hf.apply_chat_template(c, add_generation_prompt=True) for c in conversations()[:2]]
     images = [make_image(rng, h, w, "RGB") for h, w in [(30, 70), (64, 20), (5, 5)]]
     for side in ("left", "right"):
@@ -253,13 +254,13 @@ def test_builtin_templates(tmp_path, family):
         "llama3": "<|start_header_id|>user<|end_header_id|>\n\n<image>\nQ?<|eot_id|>"
                   "<|start_header_id|>assistant<|end_header_id|>\n\n",
     }[family]
-    assert ours.apply_chat_template(conv) == expected
+    assert ours.apply_chat_template(conv, add_generation_prompt=True) == expected
     string_conv = [{"role": "user", "content": "<image>\nQ?"}]
-    assert ours.apply_chat_template(string_conv) == expected
+    assert ours.apply_chat_template(string_conv, add_generation_prompt=True) == expected
     hf = hf_processor(directory)
     for c in (conv, string_conv, conversations()[1]):
-        assert ours.apply_chat_template(c) == hf.apply_chat_template(c, chat_template=ours.chat_template,
-                                                                     add_generation_prompt=True)
+        assert ours.apply_chat_template(c, add_generation_prompt=True) == hf.apply_chat_template(
+            c, chat_template=ours.chat_template, add_generation_prompt=True)
 
 
 def test_hub_file_layout(tmp_path, pair):
@@ -388,13 +389,15 @@ def test_chat_template_tokenize_with_images(pair, tmp_path, family):
     img, txt = {"type": "image", "image": make_image(rng, 60, 20, "RGBA")}, {"type": "text", "text": "Which?"}
     convs = [[{"role": "user", "content": [img, {"type": "image", "path": str(path)}, txt]}],
              [{"role": "user", "content": [img, txt]}]]
-    got = ours.apply_chat_template(convs, tokenize=True, padding_side="left")
+    got = ours.apply_chat_template(convs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                   padding_side="left")
     theirs = hf.apply_chat_template(convs, add_generation_prompt=True, tokenize=True, return_dict=True,
                                     processor_kwargs=dict(return_tensors="np", padding=True, padding_side="left"))
     assert_same(got, dict(theirs), f"chat tokenize {family}")
     # a template that writes BOS itself: no second BOS (HF's rule)
     with_bos = "{{ bos_token }}" + ours.chat_template
-    got = ours.apply_chat_template(convs[1], tokenize=True, chat_template=with_bos)
+    got = ours.apply_chat_template(convs[1], add_generation_prompt=True, tokenize=True, return_dict=True,
+                                   chat_template=with_bos)
     theirs = hf.apply_chat_template(convs[1], add_generation_prompt=True, tokenize=True, return_dict=True,
                                     processor_kwargs=dict(return_tensors="np"), chat_template=with_bos)
     assert_same(got, dict(theirs), f"chat tokenize bos {family}")
@@ -423,3 +426,143 @@ def test_template_globals_and_filters(pair):
         hf.apply_chat_template(conv, chat_template=template, add_generation_prompt=True)
     with pytest.raises(jinja2.exceptions.TemplateError, match="Only user and assistant roles"):
         ours.apply_chat_template([{"role": "tool", "content": [{"type": "text", "text": "x"}]}])
+
+
+# --- inputs in HF's other forms ---------------------------------------------------------------------
+
+def test_arrays_channels_first_ambiguous_batched_and_tensors(pair):
+    """Arrays as HF reads them: `[C, H, W]`, shapes that could be either way (read channels-first, as HF
+    does), a 4-D batch, torch tensors."""
+    import torch
+    rng = np.random.default_rng(11)
+    u8 = lambda *shape: rng.integers(0, 256, shape, dtype=np.uint8)  # noqa: E731
+    images = [u8(3, 37, 61), u8(3, 61, 3), u8(4, 61, 4), torch.from_numpy(u8(37, 61, 3)), u8(40, 9, 3)]
+    ours, theirs = run_both(pair("vicuna"), images, ["<image>" * len(images)])
+    assert_same(ours, theirs, "array layouts")
+    assert ours["image_sizes"].tolist() == [[37, 61], [61, 3], [61, 4], [37, 61], [40, 9]]
+    ours, theirs = run_both(pair("vicuna"), u8(2, 37, 61, 3), ["<image><image>"])
+    assert_same(ours, theirs, "4-D batch")
+
+
+def test_chat_image_blocks_name_their_image_as_hf(pair, tmp_path):
+    """Image blocks naming their image by "url" (a path), "path" or "base64", and OpenAI's "image_url" blocks
+    (a data URI): the same prompt, ids and pixels as HF's; an http URL is fetched (HF's needs httpx, not
+    installed here: checked against the same file by path)."""
+    import base64
+    import functools
+    import http.server
+    import threading
+    ours, hf = pair("llama3")
+    rng = np.random.default_rng(12)
+    files = []
+    for i, (h, w) in enumerate([(30, 50), (41, 17), (20, 20), (25, 60), (64, 33)]):
+        make_image(rng, h, w, "RGB").save(tmp_path / f"{i}.png")
+        files.append(tmp_path / f"{i}.png")
+    encoded = [base64.b64encode(f.read_bytes()).decode() for f in files]
+    content = [{"type": "image", "url": str(files[0])}, {"type": "image", "path": str(files[1])},
+               {"type": "image", "base64": encoded[2]},
+               {"type": "image_url", "image_url": {"url": "data:image/png;base64," + encoded[3]}},
+               {"type": "text", "text": "Which?"}]
+    conv = [{"role": "user", "content": content}]
+    assert ours.apply_chat_template(conv, add_generation_prompt=True) == \
+        hf.apply_chat_template(conv, add_generation_prompt=True)
+    got = ours.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True)
+    theirs = hf.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                    processor_kwargs=dict(return_tensors="np"))
+    assert_same(got, dict(theirs), "chat image blocks")
+    assert got["image_sizes"].tolist() == [[30, 50], [41, 17], [20, 20], [25, 60]]
+    np.testing.assert_array_equal(ours.apply_chat_template(conv, add_generation_prompt=True, tokenize=True),
+                                  got["input_ids"])                        # without return_dict: the ids
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    ask = lambda block: ours.apply_chat_template([{"role": "user", "content": [block, {"type": "text", "text": "?"}]}],
+                                                 add_generation_prompt=True, tokenize=True, return_dict=True)
+    try:
+        fetched = ask({"type": "image_url", "image_url": {"url": f"http://127.0.0.1:{server.server_address[1]}/4.png"}})
+    finally:
+        server.shutdown()
+    by_path = ask({"type": "image", "path": str(files[4])})
+    for key in by_path:
+        np.testing.assert_array_equal(fetched[key], by_path[key], err_msg=key)
+    with pytest.raises(ValueError, match=r"image 0: image URL http://127\.0\.0\.1:9/x\.png cannot be fetched"):
+        ours(images=["http://127.0.0.1:9/x.png"], text="<image>")
+    with pytest.raises(ValueError, match=r"image 0: image data URI data:image/png;base64,\?\? cannot be read"):
+        ours(images=["data:image/png;base64,??"], text="<image>")
+    with pytest.raises(FileNotFoundError, match="image file abcd does not exist"):   # base64 of no image
+        ours(images=["abcd"], text="<image>")
+
+
+def outcome(fn, *args, **kwargs):
+    """fn's result, or the name of the exception it raised."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - compared by type
+        return type(e).__name__
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chat_template_defaults_and_continue_final_message_as_hf(pair, family):
+    ours, hf = pair(family)
+    txt = lambda t: {"type": "text", "text": t}  # noqa: E731
+    blocks = [{"role": "user", "content": [{"type": "image"}, txt("Describe it.")]},
+              {"role": "assistant", "content": [txt("It is a "), txt("red ")]}]
+    strings = [{"role": "user", "content": "<image>\nDescribe it."}, {"role": "assistant", "content": "It is"}]
+    for conv in (blocks, strings):     # the same text, or the same error (mistral's template reads a text
+        for kw in ({}, {"continue_final_message": True}):   # block of each answer, and only its first)
+            assert outcome(ours.apply_chat_template, conv, **kw) == outcome(hf.apply_chat_template, conv, **kw)
+    with pytest.raises(ValueError, match="do not go together"):
+        ours.apply_chat_template(strings, continue_final_message=True, add_generation_prompt=True)
+
+
+def test_add_bos_eos_flags_are_ignored_as_in_transformers(tmp_path, dirs):
+    """transformers 5 ignores tokenizer_config.json's add_bos_token / add_eos_token where there is a
+    tokenizer.json: its post-processor, or none, decides."""
+    for family in ("mistral", "llama3"):
+        for drop in (False, True):
+            d = tmp_path / f"{family}-{drop}"
+            shutil.copytree(dirs[family], d)
+            cfg = json.loads((d / "tokenizer_config.json").read_text())
+            (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "add_bos_token": False, "add_eos_token": True}))
+            if drop:
+                spec = json.loads((d / "tokenizer.json").read_text())
+                (d / "tokenizer.json").write_text(json.dumps({**spec, "post_processor": None}))
+            ours, tok = LlavaNextProcessor.from_pretrained(d), hf_processor(d).tokenizer
+            ids, _ = ours.encode(TEXTS, padding_side="right")
+            np.testing.assert_array_equal(ids, tok(TEXTS, padding=True, padding_side="right",
+                                                   return_tensors="np")["input_ids"], err_msg=f"{family} {drop}")
+
+
+def test_decode_one_id_or_a_batch_as_hf(pair):
+    ours, hf = pair("llama3")
+    ids = ours.encode(TEXTS[:3], padding_side="right")[0]
+    assert ours.decode(int(ids[0, 1])) == hf.decode(int(ids[0, 1]))
+    assert ours.decode(ids[0]) == hf.decode(ids[0])
+    assert ours.decode(ids) == hf.decode(ids)                                  # 2-D: one text a row
+    ragged = [ids[0, :3].tolist(), ids[1, :2].tolist()]
+    assert ours.decode(ragged, skip_special_tokens=True) == hf.decode(ragged, skip_special_tokens=True)
+
+
+def test_scalar_mean_and_std(tmp_path, dirs):
+    d = tmp_path / "scalar"
+    shutil.copytree(dirs["vicuna"], d)
+    cfg = json.loads((d / "processor_config.json").read_text())
+    cfg["image_processor"].update(image_mean=0.5, image_std=0.25)
+    (d / "processor_config.json").write_text(json.dumps(cfg))
+    image = make_image(np.random.default_rng(13), 30, 45, "RGB")
+    ours, theirs = run_both((LlavaNextProcessor.from_pretrained(d), hf_processor(d)), [image], ["<image>"])
+    assert_same(ours, theirs, "scalar mean and std")
+
+
+def test_errors_name_the_text_or_image(pair):
+    proc = pair("vicuna")[0]
+    image = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(TypeError, match="text 1 is a int: text must be a string or a list of strings"):
+        proc(text=["a", 3])
+    with pytest.raises(TypeError, match="image 2: unsupported image type NoneType"):
+        proc(images=[image, image, None], text="<image>" * 3)
+    with pytest.raises(TypeError, match=r"image 1: image array must be uint8.*float32 \(8, 8, 3\)"):
+        proc(images=[image, image.astype(np.float32)], text="<image>" * 2)
