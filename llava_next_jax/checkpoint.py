@@ -6,6 +6,7 @@ A converted directory holds `params/` (an Orbax checkpoint of the params tree), 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -20,6 +21,8 @@ CHUNK_BYTES = 8 << 20   # storage chunk of a tensor: what a host restoring part 
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "preprocessor_config.json",
               "processor_config.json", "chat_template.json", "chat_template.jinja")
+# Inside OUT_DIR while a checkpoint is written, then swapped in (Orbax's partial save writes beside its target).
+_TEMP_DIRS = ("params.new", "params.new.partial_save", "params.old")   # no leading dot: Orbax globs `*`
 
 
 def is_converted(path: str) -> bool:
@@ -31,19 +34,69 @@ def params_dir(path: str) -> str:
     return os.path.join(os.path.abspath(path), PARAMS_DIR)
 
 
-def save_streaming(out_dir: str, tensors: Iterable[tuple[tuple[str, ...], np.ndarray]],
-                   on_tensor: Callable[[tuple[str, ...], np.ndarray], None] | None = None,
-                   group_bytes: int = 64 << 20) -> None:
-    """Writes `out_dir/params` from (storage path, array) pairs, holding about `group_bytes` at a time.
+def check_out_dir(out_dir: str, src_dir: str | None = None) -> None:
+    """Refuses an OUT_DIR a checkpoint must not be written to: a file, SRC_DIR itself (by any path),
+    or a non-empty directory that is not a converted checkpoint (the user's files: never touched)."""
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{out_dir}: exists and is not a directory")
+    if not os.path.isdir(out_dir):
+        return
+    if src_dir and os.path.isdir(src_dir) and os.path.samefile(src_dir, out_dir):
+        raise ValueError(f"OUT_DIR {out_dir} is SRC_DIR {src_dir}; write the converted checkpoint elsewhere")
+    if not is_converted(out_dir) and set(os.listdir(out_dir)) - set(_TEMP_DIRS):
+        raise ValueError(f"{out_dir}: holds files but is not a converted checkpoint (no {MARKER}); "
+                         f"choose a new or empty directory")
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise PermissionError(f"{out_dir}: not writable")
 
+
+def save_streaming(out_dir: str, tensors: Iterable[tuple[tuple[str, ...], np.ndarray]],
+                   side_files_from: str | None = None, marker: dict | None = None,
+                   on_tensor: Callable[[tuple[str, ...], np.ndarray], None] | None = None,
+                   group_bytes: int = 64 << 20) -> list[str]:
+    """Writes a converted checkpoint to `out_dir` from (storage path, array) pairs, holding about
+    `group_bytes` at a time; returns the side files copied from `side_files_from`.
+
+    One transaction: the params go to a temporary directory in `out_dir`; only once all are written is
+    the old checkpoint replaced (marker removed first, params swapped, side files replaced, the marker
+    `{"format": 1, **marker}` written last). If anything fails before, `out_dir` is as it was.
     Tensors are committed in groups through Orbax's partial save, so memory stays near the largest
     tensor plus one group, whatever the model's size. Each tensor is stored in chunks of about
     CHUNK_BYTES, so a host restoring a shard of it (on a mesh) reads the chunks it needs, not the whole.
     """
+    check_out_dir(out_dir, side_files_from)
+    created = not os.path.isdir(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    out = os.path.abspath(out_dir)
+    temps = [os.path.join(out, name) for name in _TEMP_DIRS]
+    try:
+        for stale in temps:   # left by a conversion that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        _write_params(temps[0], tensors, on_tensor, group_bytes)
+    except BaseException:
+        for temp in temps:
+            shutil.rmtree(temp, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(out)
+        raise
+    if is_converted(out):
+        os.remove(os.path.join(out, MARKER))
+    target, old = params_dir(out), temps[-1]
+    if os.path.exists(target):
+        os.rename(target, old)
+    os.rename(temps[0], target)
+    shutil.rmtree(old, ignore_errors=True)
+    for name in SIDE_FILES:   # an older conversion's, which the new source may lack
+        if os.path.isfile(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    copied = copy_side_files(side_files_from, out) if side_files_from else []
+    write_marker(out, **(marker or {}))
+    return copied
+
+
+def _write_params(target: str, tensors, on_tensor, group_bytes: int) -> None:
     from orbax.checkpoint.experimental.v1 import Context, partial
-    target = params_dir(out_dir)
-    for stale in (target, target + ".partial_save"):
-        shutil.rmtree(stale, ignore_errors=True)
     context = Context()
     context.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES
     group, size = {}, 0
@@ -78,9 +131,11 @@ def nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
     return tree
 
 
-def save_params(out_dir: str, params: Any) -> None:
-    """Writes a whole in-memory params tree (e.g. after fine-tuning) in the converted layout."""
-    save_streaming(out_dir, ((path, np.asarray(leaf)) for path, leaf in flatten(params).items()))
+def save_params(out_dir: str, params: Any, side_files_from: str | None = None, **marker) -> None:
+    """Writes a whole in-memory params tree (e.g. after fine-tuning) as a converted checkpoint
+    (`save_streaming`): side files from `side_files_from`, `marker` in the marker file."""
+    save_streaming(out_dir, ((path, np.asarray(leaf)) for path, leaf in flatten(params).items()),
+                   side_files_from, marker)
 
 
 def write_marker(out_dir: str, **info) -> None:

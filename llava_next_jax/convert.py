@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import re
+import zipfile
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -125,6 +126,7 @@ class TensorFiles:
     def __init__(self, src_dir: str):
         self.src_dir = src_dir
         self.files: dict[str, str] = {}  # tensor name -> file
+        self.shapes: dict[str, tuple[int, ...]] = {}  # tensor name -> shape as stored, from the headers
         st = sorted(glob.glob(os.path.join(src_dir, "*.safetensors")))
         bins = sorted(glob.glob(os.path.join(src_dir, "pytorch_model*.bin")))
         if st:
@@ -132,14 +134,16 @@ class TensorFiles:
             for path in st:
                 try:
                     with safe_open(path, framework="numpy") as f:
-                        self.files.update(dict.fromkeys(f.keys(), path))
+                        for key in f.keys():
+                            self.files[key], self.shapes[key] = path, tuple(f.get_slice(key).get_shape())
                 except Exception as e:
                     raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
             self._load = self._load_safetensors
         elif bins:
             self._torch = {}
             for path in bins:
-                self.files.update(dict.fromkeys(self._torch_file(path).keys(), path))
+                for key, tensor in self._torch_file(path).items():
+                    self.files[key], self.shapes[key] = path, tuple(tensor.shape)
             self._load = self._load_torch
         else:
             raise FileNotFoundError(f"{src_dir}: no *.safetensors or pytorch_model*.bin weight files")
@@ -147,8 +151,11 @@ class TensorFiles:
 
     def _check_index(self):
         for index in glob.glob(os.path.join(self.src_dir, "*.index.json")):
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map", {})
+            try:
+                with open(index) as f:
+                    weight_map = dict(json.load(f).get("weight_map", {}))
+            except (ValueError, AttributeError, TypeError) as e:   # not JSON (a ValueError), or not a dict
+                raise ValueError(f"{index}: not a valid index file ({type(e).__name__}: {e})") from e
             missing = sorted(set(weight_map) - set(self.files))
             if missing:
                 raise FileNotFoundError(f"{index} lists tensors no weight file holds, e.g. {missing[:3]} "
@@ -161,7 +168,15 @@ class TensorFiles:
             except ImportError as e:
                 raise ImportError(f"{path}: reading .bin weights needs torch (pip install 'llava_next_jax[convert]')"
                                   ) from e
-            self._torch[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:   # mmap: read lazily; a legacy (pre-zip) torch.save file can only be read whole
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+                if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+                    raise TypeError(f"holds a {type(state).__name__}, not a dict of tensors")
+            except Exception as e:
+                message = (str(e).splitlines() or [""])[0]
+                raise ValueError(f"{path}: not a readable PyTorch weights file ({type(e).__name__}: {message})"
+                                 ) from e
+            self._torch[path] = state
         return self._torch[path]
 
     def _load_safetensors(self, key):
@@ -180,7 +195,14 @@ class TensorFiles:
         return self.files.keys()
 
     def load(self, key: str) -> np.ndarray:
-        return self._load(key)
+        try:
+            return self._load(key)
+        except Exception as e:
+            raise ValueError(f"{self.files[key]}: reading tensor {key} failed ({type(e).__name__}: {e})") from e
+
+    def where(self, key: str) -> str:
+        """`key (in file)`, the file relative to the checkpoint dir."""
+        return f"{key} (in {os.path.relpath(self.files[key], self.src_dir)})"
 
 
 def expected_shapes(config: LlavaNextConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -191,7 +213,8 @@ def expected_shapes(config: LlavaNextConfig) -> dict[tuple[str, ...], tuple[int,
 
 
 def plan(files: TensorFiles, config: LlavaNextConfig) -> dict[tuple[str, ...], tuple[str, Target]]:
-    """Assigns every source tensor to its parameter; errors name any unknown, missing or duplicated tensor."""
+    """Assigns every source tensor to its parameter; errors name any unknown, missing, duplicated or
+    misshaped tensor (shapes from the files' headers, before any tensor is read)."""
     shapes = expected_shapes(config)
     sources: dict[tuple[str, ...], list[tuple[str, Target]]] = {path: [] for path in shapes}
     unknown = []
@@ -209,32 +232,38 @@ def plan(files: TensorFiles, config: LlavaNextConfig) -> dict[tuple[str, ...], t
         sources[target.path].append((key, target))
     if unknown:
         raise ValueError(f"{files.src_dir}: {len(unknown)} tensors match no LLaVA-NeXT parameter for this config, "
-                         f"e.g. {sorted(unknown)[:5]}")
+                         f"e.g. {', '.join(map(files.where, sorted(unknown)[:5]))}")
     missing = [path for path, found in sources.items() if not found]
     if missing:
         hint = (" (config.json says tie_word_embeddings=false)" if ("lm_head", "kernel") in missing else "")
         raise ValueError(f"{files.src_dir}: no source tensor for {len(missing)} parameters, e.g. "
                          f"{['/'.join(p) for p in missing[:5]]}{hint}")
-    twice = {"/".join(path): [k for k, _ in found] for path, found in sources.items() if len(found) > 1}
+    twice = {"/".join(path): [files.where(k) for k, _ in found] for path, found in sources.items() if len(found) > 1}
     if twice:
         raise ValueError(f"{files.src_dir}: several tensors map to one parameter: {twice}")
+    for path, [(key, _)] in sources.items():
+        stored, want = files.shapes[key], hf_tensor(path, shapes[path])[1]
+        if stored != want:
+            raise ValueError(f"{files.files[key]}: tensor {key} has shape {stored}; parameter {'/'.join(path)} "
+                             f"expects {want} as stored by HF (check config.json sizes)")
     return {path: found[0] for path, found in sources.items()}
 
 
 def iter_tensors(src_dir: str, config: LlavaNextConfig, dtype: str | None = None
                  ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
-    """Yields (params path, array) one source tensor at a time, in our layout, checked against the config.
+    """(params path, array) pairs, read one source tensor at a time, in our layout.
 
-    dtype: "float32", "bfloat16", "float16", or None to keep each tensor's own dtype.
+    The names and shapes are checked against the config when this is called (`plan`), before any
+    tensor is read. dtype: "float32", "bfloat16", "float16", or None to keep each tensor's own dtype.
     """
     files = TensorFiles(src_dir)
-    shapes = expected_shapes(config)
-    for path, (key, target) in plan(files, config).items():
-        tensor = target.layout(files.load(key))
-        if tensor.shape != shapes[path]:
-            raise ValueError(f"{src_dir}: tensor {key} has shape {tuple(tensor.shape)} after layout change; "
-                             f"parameter {'/'.join(path)} expects {shapes[path]} (check config.json sizes)")
-        yield path, tensor.astype(DTYPES[dtype]) if dtype else tensor
+    tensors = plan(files, config)
+
+    def read():
+        for path, (key, target) in tensors.items():
+            tensor = target.layout(files.load(key))
+            yield path, tensor.astype(DTYPES[dtype]) if dtype else tensor
+    return read()
 
 
 def export_hf(params: dict, src_dir: str, out_dir: str) -> str:

@@ -283,10 +283,8 @@ class Run:
         from . import checkpoint, convert, lora
         params = lora.model_params(self.state["params"], self.lora)
         out = os.path.join(self.dir, "export")
-        checkpoint.save_params(out, params)
-        checkpoint.copy_side_files(self.args.model, out)
-        checkpoint.write_marker(out, source=os.path.abspath(self.args.model), finetuned=self.dir,
-                                steps=int(self.state["step"]) // self.args.accumulate)
+        checkpoint.save_params(out, params, self.args.model, source=os.path.abspath(self.args.model),
+                               finetuned=self.dir, steps=int(self.state["step"]) // self.args.accumulate)
         self.log(f"exported the fine-tuned params to {out} (LlavaNext.from_pretrained loads it)")
         if self.args.export_hf:
             convert.export_hf(params, self.args.model, self.args.export_hf)

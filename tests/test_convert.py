@@ -10,9 +10,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import tiny_models as tm
-from llava_next_jax import LlavaNext, convert
+from llava_next_jax import LlavaNext, checkpoint, convert
 from llava_next_jax.config import LlavaNextConfig
-from llava_next_jax.convert_cli import convert_checkpoint
+from llava_next_jax.convert_cli import convert_checkpoint, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,6 +37,20 @@ def edited_copy(src, dst, edit):
     return str(dst)
 
 
+def files_of(directory):
+    """Every file under `directory` with its bytes: equal snapshots mean the directory did not change."""
+    out = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                out[os.path.relpath(os.path.join(root, name), directory)] = f.read()
+    return out
+
+
+def flat_params(path):
+    return {k: np.asarray(v) for k, v in checkpoint.flatten(LlavaNext.from_pretrained(path).params).items()}
+
+
 def test_missing_tensor_names_parameter_and_layers(hf_dir, tmp_path):
     src = edited_copy(hf_dir, tmp_path / "x", lambda t: t.pop("language_model.model.layers.1.self_attn.q_proj.weight"))
     with pytest.raises(ValueError, match=r"no source tensor for 1 parameters.*language_model/layers/1/self_attn/"
@@ -48,14 +62,22 @@ def test_misshaped_tensor_names_key_and_both_shapes(hf_dir, tmp_path):
     def shrink(t):
         t["multi_modal_projector.linear_1.weight"] = t["multi_modal_projector.linear_1.weight"][:, :-1]
     src = edited_copy(hf_dir, tmp_path / "x", shrink)
-    with pytest.raises(ValueError, match=r"multi_modal_projector.linear_1.weight has shape \(31, 64\).*expects "
-                                         r"\(32, 64\)"):
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor multi_modal_projector.linear_1.weight has "
+                                         r"shape \(64, 31\).*expects \(64, 32\)"):
+        convert_checkpoint(src, str(tmp_path / "out"))
+
+
+def test_patch_embedding_of_wrong_rank_names_key_and_both_shapes(hf_dir, tmp_path):
+    """The shape is checked before the layout change, which would fail on a 2-D tensor with numpy's words."""
+    key = "vision_tower.embeddings.patch_embedding.weight"
+    src = edited_copy(hf_dir, tmp_path / "x", lambda t: t.update({key: t[key].reshape(32, -1).copy()}))
+    with pytest.raises(ValueError, match=rf"{key} has shape \(32, 588\).*expects \(32, 3, 14, 14\)"):
         convert_checkpoint(src, str(tmp_path / "out"))
 
 
 def test_unknown_tensor_is_reported(hf_dir, tmp_path):
     src = edited_copy(hf_dir, tmp_path / "x", lambda t: t.update(extra_head=np.zeros(3, np.float32)))
-    with pytest.raises(ValueError, match="match no LLaVA-NeXT parameter.*extra_head"):
+    with pytest.raises(ValueError, match=r"match no LLaVA-NeXT parameter.*extra_head \(in model.safetensors\)"):
         convert_checkpoint(src, str(tmp_path / "out"))
 
 
@@ -78,6 +100,95 @@ def test_no_weights_and_broken_index(tmp_path, hf_dir):
         json.dump({"weight_map": {"image_newline": "model.safetensors", "ghost": "model-2.safetensors"}}, f)
     with pytest.raises(FileNotFoundError, match="ghost"):
         convert_checkpoint(src, str(tmp_path / "out"))
+    with open(os.path.join(src, "model.safetensors.index.json"), "w") as f:
+        f.write("{oops")
+    with pytest.raises(ValueError, match="model.safetensors.index.json: not a valid index file"):
+        convert_checkpoint(src, str(tmp_path / "out"))
+
+
+def test_bin_files_legacy_truncated_and_garbage(hf_dir, tmp_path):
+    """A legacy (pre-zip) torch.save converts; a truncated or garbage .bin is an error naming it."""
+    import torch
+    from safetensors.torch import load_file as load_torch
+    state = load_torch(str(hf_dir / "model.safetensors"))
+
+    def bin_dir(name, write):
+        os.makedirs(tmp_path / name)
+        for side in ("config.json", "generation_config.json"):
+            with open(hf_dir / side) as f, open(tmp_path / name / side, "w") as g:
+                g.write(f.read())
+        write(str(tmp_path / name / "pytorch_model.bin"))
+        return str(tmp_path / name)
+
+    legacy = bin_dir("legacy", lambda p: torch.save(state, p, _use_new_zipfile_serialization=False))
+    convert_checkpoint(legacy, str(tmp_path / "out"), log=lambda *_: None)
+    ours, ref = flat_params(str(tmp_path / "out")), flat_params(str(hf_dir))
+    assert ours.keys() == ref.keys() and all(np.array_equal(ours[k], ref[k]) for k in ours)
+
+    def truncated(path):
+        torch.save(state, path)
+        os.truncate(path, os.path.getsize(path) // 2)
+    for name, write in [("truncated", truncated), ("garbage", lambda p: open(p, "wb").write(b"no weights here"))]:
+        src = bin_dir(name, write)
+        with pytest.raises(ValueError, match=f"{src}/pytorch_model.bin: not a readable PyTorch weights file"):
+            convert_checkpoint(src, str(tmp_path / "out2"))
+
+
+def test_failed_conversion_leaves_out_dir_as_it_was(hf_dir, tmp_path):
+    """Whatever fails (no weights, a misshaped tensor, an error halfway through writing), OUT_DIR keeps
+    its previous checkpoint, marker and side files."""
+    out = str(tmp_path / "out")
+    convert_checkpoint(str(hf_dir), out, log=lambda *_: None)
+    before, params = files_of(out), flat_params(out)
+    os.makedirs(tmp_path / "no_weights")
+    with open(tmp_path / "no_weights" / "config.json", "w") as f, open(hf_dir / "config.json") as g:
+        f.write(g.read())
+    misshaped = edited_copy(hf_dir, tmp_path / "misshaped", lambda t: t.update(
+        {"image_newline": t["image_newline"][:-1].copy()}))
+    for src in (str(tmp_path / "no_weights"), misshaped):
+        with pytest.raises((ValueError, FileNotFoundError)):
+            convert_checkpoint(src, out)
+        assert files_of(out) == before
+
+    def fails_halfway():   # some groups of tensors already written when a read fails
+        for i, (path, value) in enumerate(params.items()):
+            if i == 20:
+                raise OSError("read error")
+            yield path, value
+    with pytest.raises(OSError, match="read error"):
+        checkpoint.save_streaming(out, fails_halfway(), group_bytes=1)
+    assert files_of(out) == before
+    after = flat_params(out)
+    assert after.keys() == params.keys() and all(np.array_equal(after[k], params[k]) for k in params)
+
+
+def test_reconversion_drops_side_files_the_new_source_lacks(hf_dir, tmp_path):
+    src = edited_copy(hf_dir, tmp_path / "with_tokenizer", lambda t: None)
+    with open(os.path.join(src, "tokenizer.json"), "w") as f:
+        f.write("{}")
+    out = str(tmp_path / "out")
+    convert_checkpoint(src, out, log=lambda *_: None)
+    assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+    convert_checkpoint(str(hf_dir), out, log=lambda *_: None)
+    assert not os.path.exists(os.path.join(out, "tokenizer.json"))
+    assert checkpoint.is_converted(out) and os.path.isfile(os.path.join(out, "config.json"))
+
+
+def test_out_dirs_refused_with_a_message_and_left_alone(hf_dir, tmp_path, capsys):
+    user = tmp_path / "user"   # the user's own files: never overwritten or deleted
+    os.makedirs(user / "params")
+    (user / "params" / "notes.txt").write_text("precious")
+    (user / "tokenizer.json").write_text("{}")
+    (tmp_path / "afile").write_text("x")
+    src = edited_copy(hf_dir, tmp_path / "src", lambda t: None)
+    os.symlink(src, tmp_path / "link")
+    snapshot = {d: files_of(d) for d in (user, src)}
+    for out, message in [(user, "is not a converted checkpoint"), (tmp_path / "afile", "not a directory"),
+                         (tmp_path / "afile" / "x", "afile/x"), (tmp_path / "link", "is SRC_DIR")]:
+        assert main([src, str(out)]) == 2, out
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+    assert {d: files_of(d) for d in (user, src)} == snapshot
 
 
 def test_converted_dir_is_complete_and_dtype_cast(hf_dir, tmp_path, monkeypatch):
