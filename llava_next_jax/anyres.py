@@ -163,6 +163,16 @@ def feature_sources(image_size: Sequence[int], geometry: Geometry) -> np.ndarray
     return np.concatenate([np.arange(n * n), src.reshape(-1)]).astype(np.int32)
 
 
+def check_tiles(image_sizes, geometry: Geometry, tiles_per_image: int) -> None:
+    """A ValueError naming the first image whose tiles do not fit `tiles_per_image`."""
+    for i, size in enumerate(image_sizes):
+        size = tuple(int(v) for v in size)
+        need = num_tiles(size, geometry)
+        if need > tiles_per_image:
+            raise ValueError(
+                f"image {i} of size {size} needs {need} tiles but pixel_values has only {tiles_per_image} per image")
+
+
 def token_sources(input_ids: np.ndarray, image_token_id: int, image_sizes: np.ndarray | None,
                   geometry: Geometry, tiles_per_image: int, image_slots: int | None = None) -> np.ndarray:
     """Maps every position of `input_ids` to the feature vector the model puts there.
@@ -188,13 +198,8 @@ def token_sources(input_ids: np.ndarray, image_token_id: int, image_sizes: np.nd
             raise ValueError(
                 f"input_ids hold {n_tokens} image tokens (id {image_token_id}) but no images were given")
         return sources
-    per_image = []
-    for i, size in enumerate(sizes):
-        need = num_tiles(size, geometry)
-        if need > tiles_per_image:
-            raise ValueError(
-                f"image {i} of size {size} needs {need} tiles but pixel_values has only {tiles_per_image} per image")
-        per_image.append(feature_sources(size, geometry))
+    check_tiles(sizes, geometry, tiles_per_image)
+    per_image = [feature_sources(size, geometry) for size in sizes]
     counts = [len(s) for s in per_image]
     if n_tokens != sum(counts):
         raise ValueError(

@@ -473,14 +473,19 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, t
     no_repeat_ngram_size (0: off) looks for n-grams, as HF's processor looks in its input_ids.
     length_penalty and early_stopping (True, False or "never") are beam search's (`beam`), as HF's;
     max_matching_ngram_size the longest n-gram prompt lookup matches (`lookup_drafts`), as HF's."""
+    for name, value in (("max_new_tokens", max_new_tokens), ("min_new_tokens", min_new_tokens), ("top_k", top_k)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{name} must be an int; got {value!r}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
     if not 0 <= min_new_tokens <= max_new_tokens:
         raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}]; got {min_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+    if not temperature >= 0 or temperature == np.inf or not 0 < top_p <= 1 or top_k < 0:   # nan fails >=
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
     if len(stop_ids) > MAX_STOP_IDS:
         raise ValueError(f"at most {MAX_STOP_IDS} eos_token_id values; got {len(stop_ids)}")
+    check_token_ids(np.asarray([stop_ids], dtype=None if stop_ids else np.int64), vocab_size, "eos_token_id")
+    check_token_ids(np.asarray([[pad_id]]), vocab_size, "pad_token_id")
     if not repetition_penalty > 0:
         raise ValueError(f"repetition_penalty must be > 0 (1.0: off); got {repetition_penalty}")
     if isinstance(no_repeat_ngram_size, bool) or not isinstance(no_repeat_ngram_size, (int, np.integer)) or not (
@@ -512,7 +517,10 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, t
     per_row = np.ndim(seed) > 0
     if per_row and np.shape(seed) != (B,):
         raise ValueError(f"seed must be one int or one per row ({B}); got shape {np.shape(seed)}")
-    seeds = np.broadcast_to(np.asarray(seed, np.uint32), (B,)).copy()
+    given = np.asarray(seed)
+    if not np.issubdtype(given.dtype, np.integer) or given.size and not (0 <= given.min() and given.max() < 2**32):
+        raise ValueError(f"seed must be an int in [0, 2**32), or one per row; got {seed!r}")
+    seeds = np.broadcast_to(given.astype(np.uint32), (B,)).copy()
     row_streams = np.zeros(B, np.uint32) if per_row else np.arange(B, dtype=np.uint32)
     return dict(max_new_tokens=np.int32(max_new_tokens), min_new_tokens=np.int32(min_new_tokens),
                 do_sample=np.bool_(do_sample), temperature=np.float32(temperature), top_k=np.int32(top_k),

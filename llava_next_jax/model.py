@@ -68,7 +68,7 @@ class LlavaNext:
         config = LlavaNextConfig.from_file(path)
         if dtype is None and jax.default_backend() != "cpu":
             dtype = "bfloat16"
-        dtype = None if dtype is None else jnp.dtype(dtype)
+        dtype = None if dtype is None else _compute_dtype(dtype)
         if mesh is not None and tuple(mesh.axis_names) != sharding.AXES:
             raise ValueError(f"mesh axes are {tuple(mesh.axis_names)}; expected {sharding.AXES} (sharding.make_mesh)")
         if fsdp and mesh is None:
@@ -109,12 +109,16 @@ class LlavaNext:
         """Checked numpy inputs and their `sources`; `tiles`/`images_multiple` zero-pad pixel_values to a
         fixed tile count and an image count that is a multiple, for shape-stable compiled programs."""
         ids = np.asarray(input_ids)
-        if ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, length]; got shape {ids.shape}")
+        if ids.ndim != 2 or 0 in ids.shape:
+            raise ValueError(f"input_ids must be [batch, length] with at least one row and one token; got shape "
+                             f"{ids.shape}")
         generate.check_token_ids(ids, self.config.text.vocab_size)
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError(f"attention_mask must hold 0 (padding) and 1 (tokens); got values {np.unique(mask)[:8]}")
+        mask = mask.astype(ids.dtype)
         if pixel_values is None:
             return ids, None, self.image_token_sources(ids, None, 0), mask
         S = self.config.vision.image_size
@@ -125,6 +129,7 @@ class LlavaNext:
         if image_sizes is None or np.asarray(image_sizes).shape != (pixels.shape[0], 2):
             raise ValueError(f"image_sizes must be [{pixels.shape[0]}, 2] (height, width per image); got "
                              f"{None if image_sizes is None else np.asarray(image_sizes).shape}")
+        anyres.check_tiles(np.asarray(image_sizes), self.config.geometry, pixels.shape[1])   # before padding
         n_images = -(-pixels.shape[0] // images_multiple) * images_multiple
         P = max(pixels.shape[1], tiles or 0)
         if (n_images, P) != pixels.shape[:2]:
@@ -167,6 +172,8 @@ class LlavaNext:
         labels = np.where(mask == 1, ids, train.IGNORE) if labels is None else np.asarray(labels)
         if labels.shape != ids.shape:
             raise ValueError(f"labels shape {labels.shape} differs from input_ids shape {ids.shape}")
+        generate.check_token_ids(np.where(labels == train.IGNORE, 0, labels), self.config.text.vocab_size,
+                                 f"labels (or {train.IGNORE})")
         placed = self._place(ids, pixels, sources if pixels is not None else None, mask, labels)
         return dict(zip(("input_ids", "pixel_values", "sources", "attention_mask", "labels"), placed))
 
@@ -309,15 +316,15 @@ class LlavaNext:
         ids, pixels, sources, mask = self._inputs(input_ids, pixel_values, image_sizes, attention_mask,
                                                   tiles=self.config.geometry.max_tiles,
                                                   images_multiple=np.asarray(input_ids).shape[0])
-        user_mask = mask   # as given, before aligning and bucketing: the repetition penalty's prompt
         ids, mask, sources = _left_align(ids, mask, sources)
+        prompt_ids, prompt_mask = ids, mask   # before bucketing: the penalties' and n-gram bans' prompt
         stop_ids = self.eos_token_ids if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
         pad_id = self.pad_token_id if pad_token_id is None else int(pad_token_id)
         B, T = ids.shape
         ids, mask, sources = generate.pad_prompt(ids, mask, sources, generate.bucket(T, generate.PROMPT_BUCKETS),
                                                  pad_id)
         opts = generate.options(B, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, seed,
-                                stop_ids, pad_id, prompt_ids=np.asarray(input_ids), prompt_mask=user_mask,
+                                stop_ids, pad_id, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                                 vocab_size=self.config.text.vocab_size, repetition_penalty=repetition_penalty,
                                 no_repeat_ngram_size=no_repeat_ngram_size, prompt_bucket=ids.shape[1],
                                 length_penalty=length_penalty, early_stopping=early_stopping,
@@ -457,12 +464,26 @@ def _text_only(generation: dict, call: str) -> None:
                         f"generate(..., num_beams=K, num_return_sequences=R) with the processor's inputs")
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _compute_dtype(given) -> jnp.dtype:
+    """`from_pretrained`'s dtype: a float32, bfloat16 or float16 name or dtype."""
+    try:
+        dtype = jnp.dtype(given)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.name not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES} (or None: as stored); got {given!r}")
+    return dtype
+
+
 def _left_align(ids: np.ndarray, mask: np.ndarray, sources: np.ndarray):
     """Moves each row's real tokens to the right end (generation needs left padding)."""
+    if ((mask[:, 1:] > mask[:, :-1]).sum(1) + mask[:, 0] > 1).any():   # a second block of ones starts
+        raise ValueError("attention_mask rows must be one block of ones (left or right padding)")
     if mask[:, -1].all():
         return ids, mask, sources
     shifts = mask.shape[1] - 1 - np.where(mask.any(1), mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1), 0)
-    if ((np.diff(mask, axis=1) < 0).sum(1) > 1).any():
-        raise ValueError("attention_mask rows must be one block of ones (left or right padding)")
     roll = lambda a: np.stack([np.roll(row, s) for row, s in zip(a, shifts)])
     return roll(ids), roll(mask), roll(sources)

@@ -340,6 +340,21 @@ def test_row_alone_equals_row_in_mixed_batch(family):
         np.testing.assert_array_equal(out[0], together[row])
 
 
+def test_right_padded_rows_generate_as_left_padded(family):
+    """Rows given right-padded are moved left, the prompt the penalties and n-gram bans see with them."""
+    hf, model = family
+    batch = tm.make_batch(hf.config, ROWS, seed=6)
+    mask = batch["attention_mask"]
+    right = {**batch, "input_ids": np.stack([np.roll(r, -int((m == 0).sum())) for r, m in zip(batch["input_ids"], mask)]),
+             "attention_mask": mask[:, ::-1].copy()}
+    assert not (right["attention_mask"][:, -1]).all()
+    settings = dict(max_new_tokens=NEW, eos_token_id=[], no_repeat_ngram_size=2, repetition_penalty=1.5)
+    np.testing.assert_array_equal(model.generate(**right, **settings), model.generate(**batch, **settings))
+    given, aligned = (model.generation_inputs(**b, **settings)["options"] for b in (right, batch))
+    for key in aligned:                      # the n-gram history and the penalised tokens among them
+        np.testing.assert_array_equal(given[key], aligned[key], err_msg=key)
+
+
 def test_text_only_row_beside_an_image_row_equals_hf(family):
     """Two rows, one image: the image count is padded to the batch size for a fixed shape, and the
     newline feature must still come from after every (padded) image slot."""

@@ -107,6 +107,33 @@ def test_input_errors_name_the_problem(tmp_path):
             model.generate(ids, batch["pixel_values"], batch["image_sizes"], batch["attention_mask"], max_new_tokens=2)
     with pytest.raises(ValueError, match="integer token ids; got dtype float"):
         model.forward(batch["input_ids"].astype(np.float32), batch["pixel_values"], batch["image_sizes"])
+    args = (batch["input_ids"], batch["pixel_values"], batch["image_sizes"], batch["attention_mask"])
+    few_tiles = (args[0], args[1][:, :2], *args[2:])   # a 480x640 image needs 5 (generation pads to 5)
+    for call in (model.forward, lambda *a: model.generate(*a, max_new_tokens=2),
+                 lambda *a: model.generate(*a, max_new_tokens=2, num_beams=2)):
+        with pytest.raises(ValueError, match=r"image 0 of size \(480, 640\) needs 5 tiles but pixel_values has only 2"):
+            call(*few_tiles)
+    for labels, match in ((V, rf"labels \(or -100\) must be token ids in \[0, {V}\); got {V}"), (-5, "got -5"),
+                          (0.5, "integer token ids; got dtype float")):
+        with pytest.raises(ValueError, match=match):
+            model.loss(*args, labels=np.where(batch["attention_mask"] == 1, labels, -100))
+    with pytest.raises(ValueError, match=r"dtype must be one of \('float32', 'bfloat16', 'float16'\).*got 'int8'"):
+        LlavaNext.from_pretrained(str(tmp_path / "hf"), dtype="int8")
+    with pytest.raises(ValueError, match="at least one row and one token; got shape \\(0, 5\\)"):
+        model.generate(np.zeros((0, 5), np.int64), max_new_tokens=2)
+    with pytest.raises(ValueError, match="attention_mask must hold 0 \\(padding\\) and 1"):
+        model.forward(args[0], *args[1:3], args[3] * 2)
+    holed = args[3].copy()
+    holed[0, -3] = 0                                   # a hole in a row's tokens
+    with pytest.raises(ValueError, match="one block of ones"):
+        model.generate(*args[:3], holed.astype(bool), max_new_tokens=2)
+    for setting, match in (({"max_new_tokens": 2.5}, "max_new_tokens must be an int; got 2.5"),
+                           ({"temperature": float("nan"), "do_sample": True}, "need temperature >= 0"),
+                           ({"seed": -1}, r"seed must be an int in \[0, 2\*\*32\)"),
+                           ({"eos_token_id": V}, rf"eos_token_id must be token ids in \[0, {V}\); got {V}"),
+                           ({"pad_token_id": -1}, "pad_token_id must be token ids")):
+        with pytest.raises(ValueError, match=match):
+            model.generate(*args, **{"max_new_tokens": 2, **setting})
 
 
 @pytest.mark.parametrize("implementation", ["blocks", "xla", "native"])
