@@ -9,10 +9,17 @@
     python scripts/caption.py merge --output captions.jsonl [--process-count N]
     (also installed as `llava-next-caption`)
 
-Inputs: image files, directories (searched recursively for IMAGE_EXTENSIONS) and list files (.txt:
-one path a line, '#' comments; .jsonl: rows with an "image" key, e.g. an earlier output; relative
-paths are relative to the list file). Without --model the built-in random-weight demo model is used
-(meaningless captions; see llava_next_jax/demo.py).
+Inputs: image files, directories (searched recursively for IMAGE_EXTENSIONS, through symlinks, each
+real directory once; one that cannot be read is named on stderr and makes the exit status 1) and list
+files (.txt: one path a line, '#' comments; .jsonl: rows with an "image" key, e.g. an earlier output;
+relative paths are relative to the list file, except in a caption output's rows, see below). Without
+--model the built-in random-weight demo model is used (meaningless captions; see llava_next_jax/demo.py).
+
+Paths: an image is its path as given, normalised (`./a//b.jpg` is `a/b.jpg`), and rows hold it so:
+relative to the directory the run was started in. An image's identity (resume, merge, duplicates) is
+that path made absolute against the working directory, so resume from the same directory, spelled
+relatively or absolutely; for the same reason a caption output given as a .jsonl list (rows with
+"caption" or "error") has its relative paths read against the working directory, not the list's.
 
 Output rows, `{"image": path, "caption": text}` or `{"image": path, "error": message}`, are appended
 and fsync'd batch by batch (with --scores a caption row also holds "logprob", the sum of its generated
@@ -20,7 +27,12 @@ tokens' log-probabilities, the stop token included, and "tokens", how many: for 
 captions by the model's confidence, e.g. by logprob / tokens; with --num-beams, "logprob" is the
 beam's score times tokens**L, its summed log-probabilities as beam search counts them): a kill loses
 at most the batch in flight. Re-running with the same --output resumes: a trailing partial line
-(killed mid-write) is cut off, inputs already recorded (caption or error) are skipped.
+(killed mid-write) is cut off (a whole last row missing only its newline is kept), inputs already
+recorded (caption or error) are skipped. A run holds an exclusive lock (flock) on its output: a
+second run on it exits 2. An existing --output that holds no caption row (say, an image) is refused
+untouched. The settings that change captions (CAPTION_SETTINGS: model, prompt, generation flags,
+seed, dtype) are recorded in OUT.settings.json beside OUT.jsonl when it is started; resuming with
+others exits 2 naming each (outputs from before this record resume unchecked).
 
 Many processes (hosts): `--process-index I --process-count N` (default: this process's place in an
 already initialised jax.distributed system, else 0 of 1) gives process I the inputs at positions
@@ -31,20 +43,23 @@ resume guarantees above. For --output OUT.jsonl, I 0-based, I and N as 5 digits 
 OUT.part-00001-of-00004.jsonl):
 
     OUT.part-IIIII-of-NNNNN.jsonl          its rows, in the order they finished
-    OUT.part-IIIII-of-NNNNN.inputs.json    its inputs and a digest of the whole list (written first)
+    OUT.part-IIIII-of-NNNNN.inputs.json    its inputs, a digest of the whole list and its caption
+                                           settings (written first)
 
 When every process has finished,
 
     python scripts/caption.py merge --output OUT.jsonl [--process-count N]
 
 checks that each shard holds one row for each of its inputs, and that all shards come from the same
-input list, then writes OUT.jsonl with every row in input order (temp file + rename: a reader never
+input list and caption settings, then writes OUT.jsonl with every row in input order (temp file + rename: a reader never
 sees half of it). The shards are only read; merging again rewrites the same file. It refuses to
 replace an existing OUT.jsonl holding captions the merge would drop or change (move that file away).
 
 Exit status: 0 every input has a caption, 1 some inputs failed (unreadable, empty, truncated, not an
-image; listed on stderr), 2 usage or configuration errors (bad flags, missing model, no images;
-merge: shards of different input lists, an OUT.jsonl it would overwrite), 3 the run crashed (e.g.
+image; listed on stderr; or a directory could not be read), 2 usage or configuration errors (bad
+flags or list files, a missing or damaged model, no images, an output that cannot be written, is
+locked by another run, is not a caption file or holds captions of other settings; merge: shards of
+different input lists or settings, an OUT.jsonl it would overwrite), 3 the run crashed (e.g.
 device out of memory; the rows written so far stay valid: re-run to resume), 4 merge only: a shard is
 missing or incomplete (each named on stderr with its missing rows; run that process, then merge
 again), 130 interrupted.
@@ -59,6 +74,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -88,85 +104,154 @@ class IncompleteShards(Exception):
 
 # --- inputs --------------------------------------------------------------------------------------
 
-def collect_inputs(paths: Iterable[str]) -> list[str]:
-    """Image paths from files, directories (recursive, sorted) and .txt/.jsonl lists; duplicates dropped.
+def image_key(path: str) -> str:
+    """An image's identity for resuming, merging and dropping duplicates: its absolute, normalised path
+    (relative paths, in --images and in rows alike, are relative to the working directory)."""
+    return os.path.abspath(path)
+
+
+def collect_inputs(paths: Iterable[str], unreadable: list[str] | None = None) -> list[str]:
+    """Image paths from files, directories (recursive, sorted) and .txt/.jsonl lists, normalised
+    (os.path.normpath); duplicates (the same `image_key`) dropped, the first spelling kept.
 
     A path named on the command line must exist (else UsageError); paths inside list files need not
-    (a missing one becomes an error row, like any unreadable image).
+    (a missing one becomes an error row, like any unreadable image). Directories are searched through
+    symlinks, each real directory once (no loops); those that cannot be read are appended to
+    `unreadable` (their images are not inputs).
     """
+    unreadable = [] if unreadable is None else unreadable
     found: list[str] = []
     for path in paths:
         if os.path.isdir(path):
-            for root, dirs, files in os.walk(path):
-                dirs.sort()
-                found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+            found += _walk_images(path, unreadable)
         elif os.path.isfile(path) and path.lower().endswith(LIST_EXTENSIONS):
             found += _read_list(path)
         elif os.path.isfile(path):
             found.append(path)
         else:
             raise UsageError(f"--images {path}: no such file or directory")
-    unique = list(dict.fromkeys(found))
+    unique: dict[str, str] = {}
+    for path in map(os.path.normpath, found):
+        unique.setdefault(image_key(path), path)
     if not unique:
+        unread = f"; cannot read {', '.join(unreadable)}" if unreadable else ""
         raise UsageError(f"no images found in {' '.join(paths)} (looked for {', '.join(IMAGE_EXTENSIONS)} files "
-                         f"and .txt/.jsonl lists of paths)")
-    return unique
+                         f"and .txt/.jsonl lists of paths{unread})")
+    return list(unique.values())
+
+
+def _walk_images(directory: str, unreadable: list[str]) -> list[str]:
+    """The image files under `directory`, sorted, through symlinked directories, each real directory once."""
+    found, visited = [], set()
+    on_error = lambda e: unreadable.append(f"{e.filename} ({e.strerror})")  # noqa: E731
+    for root, dirs, files in os.walk(directory, onerror=on_error, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited:   # a symlink back up the tree, or to a directory already searched
+            dirs.clear()
+            continue
+        visited.add(real)
+        dirs.sort()
+        found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return found
 
 
 def _read_list(path: str) -> list[str]:
-    base = os.path.dirname(path)
+    """The paths in a list file; relative ones are relative to the list's directory, except in rows of a
+    caption output (see `_list_row`). UsageError naming file:line for a line that is not a path."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UsageError(f"--images {path}: cannot read this list file ({e.strerror})") from None
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            if path.lower().endswith(".jsonl"):
-                try:
-                    row = json.loads(line)
-                    line = row if isinstance(row, str) else row["image"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise UsageError(f"{path}:{lineno}: expected a JSON string or an object with an \"image\" "
-                                     f"key; got {line[:80]!r}") from None
-            out.append(os.path.join(base, line))
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                             f"a list holds one image path a line") from None
+        if not line or line.startswith("#"):
+            continue
+        relative_to_list = True
+        if path.lower().endswith(".jsonl"):
+            line, relative_to_list = _list_row(line, f"{path}:{lineno}")
+        out.append(os.path.join(os.path.dirname(path), line) if relative_to_list else line)
     return out
+
+
+def _list_row(line: str, where: str) -> tuple[str, bool]:
+    """(image path, whether a relative one is relative to the list's directory) of a .jsonl list line:
+    a JSON string, or an object with an "image" key. A caption output's row (one with "caption" or
+    "error") holds the path its run was given, relative to the directory that run was started in, so
+    it is read as relative to the working directory: run from there to reuse an output as a list."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{where}: not JSON ({e.msg}): {line[:80]!r}") from None
+    image = row.get("image") if isinstance(row, dict) else row
+    if not isinstance(image, str) or not image.strip():
+        raise UsageError(f"{where}: expected a JSON string or an object with an \"image\" key, holding a path; "
+                         f"got {line[:80]!r}")
+    return image, not (isinstance(row, dict) and ("caption" in row or "error" in row))
 
 
 # --- the output file -----------------------------------------------------------------------------
 
+def _parse_row(line: bytes) -> dict | None:
+    """The caption row on `line` (a JSON object with an "image" path), else None."""
+    try:
+        row = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("image"), str) else None
+
+
+def is_caption_file(data: bytes) -> bool:
+    """Whether `data` may be a caption JSONL: empty, or holding a row, or torn in its first row."""
+    return (not data.strip() or data.startswith(b'{"image": ')
+            or any(_parse_row(line) is not None for line in data.split(b"\n")))
+
+
 def repair_output(path: str, log=None) -> None:
-    """Cuts a trailing partial line (a run killed mid-write) so appended rows start on a line of their own."""
+    """Readies `path` for appending rows: a trailing partial line (a run killed mid-write) is cut off; a
+    complete last row without its newline gets one. UsageError, the file untouched, if it exists and
+    holds something other than caption rows (a mistyped --output, e.g. an image)."""
     if not os.path.isfile(path):
         return
     with open(path, "rb+") as f:
         data = f.read()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
+        if not is_caption_file(data):
+            raise UsageError(f"--output {path} is not a caption file: it holds {len(data)} bytes and no caption "
+                             f"row (it starts {data[:24]!r}); it was left as it is: give another --output")
+        if data.endswith(b"\n") or not data:
+            return
+        keep = data.rfind(b"\n") + 1
+        if _parse_row(data[keep:]) is not None:   # a whole row: e.g. the file edited and saved without one
+            f.write(b"\n")
+            done = "added the newline missing after its last row"
+        else:
             f.truncate(keep)
-            f.flush()
-            os.fsync(f.fileno())
-            if log:
-                log(f"{path}: removed a partial last line ({len(data) - keep} bytes) left by an interrupted run")
+            done = f"removed a partial last line ({len(data) - keep} bytes) left by an interrupted run"
+        f.flush()
+        os.fsync(f.fileno())
+    if log:
+        log(f"{path}: {done}")
 
 
 def read_rows(path: str, log=None) -> list[dict]:
-    """The complete, valid rows of a caption JSONL (a partial last line and non-row lines are skipped)."""
+    """The valid rows of a caption JSONL (a torn last line and non-row lines are skipped)."""
     if not os.path.isfile(path):
         return []
     rows = []
     with open(path, "rb") as f:
         lines = f.read().split(b"\n")
-    for lineno, line in enumerate(lines[:-1], 1):  # the last piece is "" or a partial line
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-            if isinstance(row, dict) and isinstance(row.get("image"), str):
-                rows.append(row)
-                continue
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            pass
-        if log:
+        row = _parse_row(line)
+        if row is not None:
+            rows.append(row)
+        elif log and lineno < len(lines):   # the last piece: a torn line, not a stray one
             log(f"{path}:{lineno}: not a caption row, ignored: {line[:80]!r}")
     return rows
 
@@ -176,10 +261,22 @@ def _row_bytes(row: dict) -> bytes:
 
 
 class RowWriter:
-    """Appends JSON rows; each `write` is one flushed, fsync'd write of whole lines."""
+    """Appends JSON rows; each `write` is one flushed, fsync'd write of whole lines.
+
+    It holds an exclusive lock on the file (flock) from its creation to `close`: UsageError if another
+    run holds it, or if the file cannot be opened for writing."""
 
     def __init__(self, path: str):
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UsageError(f"--output {path}: cannot open it for writing ({e.strerror})") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise UsageError(f"--output {path}: another run is writing that output (it holds the file's lock); "
+                             f"let it finish, or give this run another --output") from None
 
     def write(self, rows: list[dict]) -> None:
         if not rows:
@@ -212,6 +309,36 @@ def write_atomic(path: str, chunks: Iterable[bytes]) -> None:
         os.fsync(directory)  # the rename itself survives a power cut
     finally:
         os.close(directory)
+
+
+# --- the settings the captions were made with ----------------------------------------------------
+#
+# Rows made with other settings must not land in one file unnoticed: an output records the settings of
+# its rows (beside it, OUT.settings.json; a shard in its .inputs.json), a resume with others is refused,
+# and so is a merge of shards made with different ones. An output from before the record resumes unchecked.
+
+CAPTION_SETTINGS = ("model", "prompt", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed",
+                    "repetition_penalty", "no_repeat_ngram_size", "num_beams", "length_penalty", "dtype")
+DEMO_MODEL = "built-in demo model"
+
+
+def caption_settings(args: argparse.Namespace) -> dict:
+    """The flags that change captions (not --batch-size, --prompt-lookup, --scores, the process flags...)."""
+    settings = {name: getattr(args, name) for name in CAPTION_SETTINGS}
+    settings["model"] = os.path.abspath(args.model) if args.model else DEMO_MODEL
+    return settings
+
+
+def settings_changes(old: dict, new: dict) -> list[str]:
+    """The settings that differ, as "--flag OLD -> NEW"."""
+    names = [*new, *(name for name in old if name not in new)]
+    return [f"--{name.replace('_', '-')} {old.get(name)!r} -> {new.get(name)!r}" for name in names
+            if old.get(name) != new.get(name)]
+
+
+def settings_path(output: str) -> str:
+    """The settings record of a single-process output: OUT.settings.json beside OUT.jsonl."""
+    return f"{_shard_base(output)}.settings.json"
 
 
 # --- shards: one per process ---------------------------------------------------------------------
@@ -248,24 +375,47 @@ def inputs_digest(inputs: list[str]) -> str:
     return hashlib.sha256(json.dumps(inputs, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-def start_shard(output: str, inputs: list[str], index: int, count: int, log) -> tuple[str, list[str]]:
-    """(shard path, this process's inputs); records those inputs beside the shard before any row is written."""
-    shard = shard_path(output, index, count)
+def start_shard(output: str, inputs: list[str], index: int, count: int, settings: dict | None, log) -> None:
+    """Records process `index`'s inputs, and the settings of its shard's rows where known, beside the
+    shard (before any row is written)."""
     mine = [inputs[k] for k in shard_positions(len(inputs), index, count)]
     record = {"process_index": index, "process_count": count, "total_inputs": len(inputs),
               "inputs_sha256": inputs_digest(inputs), "inputs": mine}
-    path = shard_inputs_path(shard)
+    if settings is not None:
+        record["settings"] = settings
+    path = shard_inputs_path(shard_path(output, index, count))
     try:
         earlier = _read_record(path)
     except ValueError as e:
         log(f"{e}; rewriting it")
         earlier = None
     if earlier != record:
-        if earlier is not None:
+        if earlier is not None and earlier.get("inputs_sha256") != record["inputs_sha256"]:
             log(f"{path}: the input list differs from the one this shard was started with "
                 f"({earlier.get('total_inputs')} inputs then, {len(inputs)} now); recording the new one")
         write_atomic(path, [json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"])
-    return shard, mine
+
+
+def settings_to_record(output: str, record: str, has_rows: bool, pending: bool, settings: dict, log) -> dict | None:
+    """The settings to record for `output` (in the JSON object at `record`): this run's if it holds no
+    rows yet, else those recorded for its rows (None for an output from before the record). UsageError
+    if this run would add captions made with other settings to rows made with the recorded ones."""
+    if not has_rows:
+        return settings
+    try:
+        recorded = (_read_record(record) or {}).get("settings")
+    except ValueError as e:
+        log(f"{e}: the settings {output}'s rows were made with are unknown")
+        return None
+    changes = settings_changes(recorded, settings) if isinstance(recorded, dict) else []
+    if changes and pending:
+        raise UsageError(f"{output} holds captions made with other settings (recorded in {record} -> this run: "
+                         f"{', '.join(changes)}); resuming would mix both kinds in one file: give this run "
+                         f"another --output, or finish that output with its recorded settings")
+    if changes:
+        log(f"note: this run's settings differ from {output}'s ({', '.join(changes)}), but it holds a row for "
+            f"every input: nothing to caption")
+    return recorded
 
 
 def _read_record(path: str) -> dict | None:
@@ -323,17 +473,24 @@ def merge_shards(output: str, count: int, log) -> list[dict]:
                               f"{str(r.get('inputs_sha256'))[:12]}" for _, s, r in present)
         raise UsageError(f"the shards of {output} were not split from one input list by {count} processes "
                          f"({described}); re-run the odd ones with the same --images and --process-count {count}")
+    known = [(s, r["settings"]) for _, s, r in present if isinstance(r.get("settings"), dict)]
+    odd = [f"{s}: {', '.join(settings_changes(known[0][1], settings))}" for s, settings in known
+           if settings != known[0][1]]
+    if odd:
+        raise UsageError(f"the shards of {output} were captioned with different settings (against {known[0][0]}: "
+                         f"{'; '.join(odd)}); merging would mix their captions: move the odd shards and their "
+                         f".inputs.json away and run those processes again with the same flags as the others")
 
     merged = {}
     for i, shard, record in present:
-        wanted = set(record["inputs"])
+        wanted = set(map(image_key, record["inputs"]))
         rows, ignored, conflicts = {}, 0, set()
         for row in read_rows(shard, log):
-            image = row["image"]
+            image = image_key(row["image"])
             if image not in wanted:
                 ignored += 1
             elif rows.setdefault(image, row) != row:
-                conflicts.add(image)
+                conflicts.add(row["image"])
         missing = len(wanted) - len(rows)
         if ignored:
             log(f"{shard}: {ignored} rows for images that are not among its inputs (an earlier input list), "
@@ -356,13 +513,13 @@ def merge_shards(output: str, count: int, log) -> list[dict]:
     if inputs_digest(inputs) != records[0]["inputs_sha256"]:
         raise UsageError(f"the inputs recorded in {shard_inputs_path(shards[0])} .. {shard_inputs_path(shards[-1])} "
                          f"do not interleave into the list whose digest they record; re-run every process")
-    return [merged[p] for p in inputs]
+    return [merged[image_key(p)] for p in inputs]
 
 
 def check_replaceable(output: str, rows: list[dict]) -> None:
     """UsageError if `output` holds captions that writing `rows` over it would drop or change."""
-    new = {r["image"]: r for r in rows}
-    lost = [r["image"] for r in read_rows(output) if "caption" in r and new.get(r["image"]) != r]
+    new = {image_key(r["image"]): r for r in rows}
+    lost = [r["image"] for r in read_rows(output) if "caption" in r and new.get(image_key(r["image"])) != r]
     if lost:
         raise UsageError(f"{output} already holds {len(lost)} captions that the merged shards drop or change "
                          f"(first: {lost[0]}); move it away and merge again")
@@ -540,7 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="converted (or HF) LLaVA-NeXT checkpoint dir; default: the built-in RANDOM-WEIGHT demo model")
     p.add_argument("--images", nargs="+", required=True, metavar="PATH",
                    help="image files, directories (recursive) or .txt/.jsonl lists of paths")
-    p.add_argument("--output", required=True, metavar="OUT.jsonl", help="rows are appended; re-running resumes")
+    p.add_argument("--output", required=True, metavar="OUT.jsonl", help="rows are appended; re-running resumes (with the same caption settings; one run at a time)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT,
                    help=f"question asked of each image, through the chat template (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--batch-size", type=int, default=8)
@@ -605,9 +762,9 @@ def build_merge_parser() -> argparse.ArgumentParser:
                                 description="Join the per-process shards of --output (OUT.part-IIIII-of-NNNNN.jsonl) "
                                             "into OUT.jsonl, one row per input in input order, written atomically.",
                                 epilog="Exit status: 0 merged, all captioned; 1 merged, some inputs failed; 2 usage "
-                                       "error, shards of different input lists, or OUT.jsonl holds captions the "
-                                       "merge would drop; 4 a shard is missing or incomplete (run that process "
-                                       "again, then merge again).")
+                                       "error, shards of different input lists or caption settings, or OUT.jsonl "
+                                       "holds captions the merge would drop; 4 a shard is missing or incomplete "
+                                       "(run that process again, then merge again).")
     p.add_argument("--output", required=True, metavar="OUT.jsonl",
                    help="the --output the processes were given; the merged file is written there")
     p.add_argument("--process-count", type=int, default=None, metavar="N",
@@ -680,9 +837,17 @@ def _load(model_dir: str | None, dtype: str | None, log):
     try:
         processor = LlavaNextProcessor.from_pretrained(model_dir)
         model = LlavaNext.from_pretrained(model_dir, dtype=dtype)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise UsageError(f"--model {model_dir} cannot be loaded: {e}") from None
+    except Exception as e:  # noqa: BLE001 -- a damaged checkpoint fails in many ways (Orbax: bare Exceptions)
+        raise UsageError(f"--model {model_dir} cannot be loaded: {_one_line(e)}") from None
     return model, processor, model_dir
+
+
+def _one_line(e: BaseException) -> str:
+    """The first line of `e`'s message, or of its cause's where `e` is a bare Exception wrapping it (as
+    Orbax wraps a damaged array's error in a page of TensorStore details)."""
+    while type(e) is Exception and (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _log(msg: str) -> None:
@@ -711,19 +876,48 @@ def main(argv=None) -> int:
     args.process_index, args.process_count = process_slot(args.process_index, args.process_count)
     _check_flags(parser, args)
     use_compilation_cache(args.compilation_cache)
-    log = _log
-    start = time.time()
+    unreadable: list[str] = []
     try:
-        inputs = collect_inputs(args.images)
+        inputs = collect_inputs(args.images, unreadable)
         output = args.output
         if args.process_count > 1:
-            output, inputs = start_shard(args.output, inputs, args.process_index, args.process_count, log)
+            output = shard_path(args.output, args.process_index, args.process_count)
+        writer = RowWriter(output)   # holds the output's lock until closed: one run at a time writes it
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for directory in unreadable:
+        _log(f"warning: cannot read directory {directory}: its images are left out")
+    try:
+        status = _caption_locked(args, inputs, output, writer, _log)
+    finally:
+        writer.close()
+    if unreadable and status in (0, 1):
+        _log(f"{len(unreadable)} directories could not be read (named above): their images were not captioned")
+        return 1
+    return status
+
+
+def _caption_locked(args, inputs: list[str], output: str, writer: RowWriter, log) -> int:
+    """main, once it holds `output`'s lock: resumes or starts it, captions what is pending; the exit status."""
+    start = time.time()
+    sharded = args.process_count > 1
+    try:
+        if sharded:
+            all_inputs, inputs = inputs, [inputs[k] for k in shard_positions(len(inputs), args.process_index,
+                                                                             args.process_count)]
             log(f"process {args.process_index} of {args.process_count}: {len(inputs)} inputs -> {output}")
         repair_output(output, log)
-        earlier = {row["image"]: row for row in read_rows(output, log)}
-        pending = [p for p in inputs if p not in earlier]
-        model, processor, model_dir = (None, None, args.model) if not pending else _load(args.model, args.dtype, log)
+        earlier = {image_key(row["image"]): row for row in read_rows(output, log)}
+        pending = [p for p in inputs if image_key(p) not in earlier]
+        record = shard_inputs_path(output) if sharded else settings_path(output)
+        settings = settings_to_record(output, record, bool(earlier), bool(pending), caption_settings(args), log)
+        if sharded:
+            start_shard(args.output, all_inputs, args.process_index, args.process_count, settings, log)
+        elif not earlier:
+            write_atomic(record, [json.dumps({"settings": settings}, ensure_ascii=False).encode("utf-8") + b"\n"])
         if pending:
+            model, processor, _ = _load(args.model, args.dtype, log)
             captioner = Captioner(model, processor, args.prompt, args.max_new_tokens, args.do_sample,
                                   args.temperature, args.top_k, args.top_p, args.seed, args.scores,
                                   args.repetition_penalty, args.no_repeat_ngram_size, args.num_beams,
@@ -735,9 +929,9 @@ def main(argv=None) -> int:
         log(f"resuming {output}: {len(inputs) - len(pending)} of {len(inputs)} inputs already recorded")
 
     from tqdm import tqdm
-    writer = RowWriter(output)
     progress = tqdm(total=len(pending), unit="img", desc="captioning", disable=args.no_progress or not pending,
                     file=sys.stderr, dynamic_ncols=True)
+    rows, elapsed = [], 0.0
     try:
         if pending:
             batches, header_errors = plan_batches(pending, processor.geometry, args.batch_size)
@@ -758,20 +952,17 @@ def main(argv=None) -> int:
         return 3
     finally:
         progress.close()
-        writer.close()
-    if not pending:
-        rows, elapsed = [], 0.0
 
-    final = {**earlier, **{r["image"]: r for r in rows}}
-    captioned = sum("caption" in final.get(p, {}) for p in inputs)
+    final = {**earlier, **{image_key(r["image"]): r for r in rows}}
+    captioned = sum("caption" in final.get(image_key(p), {}) for p in inputs)
     this_run = sum("caption" in r for r in rows)
     rate = f", {this_run / elapsed:.2f} images/s" if this_run and elapsed > 0 else ""
     log(f"{captioned}/{len(inputs)} images captioned ({this_run} this run{rate}, "
         f"{len(inputs) - len(pending)} recorded earlier) -> {output} [{time.time() - start:.1f} s]")
-    if args.process_count > 1:
+    if sharded:
         log(f"this shard is complete; once all {args.process_count} are, join them with: "
             f"caption.py merge --output {args.output} --process-count {args.process_count}")
-    return _report_failures([final.get(p, {"image": p}) for p in inputs], output, log)
+    return _report_failures([final.get(image_key(p), {"image": p}) for p in inputs], output, log)
 
 
 def merge_main(argv) -> int:
@@ -796,8 +987,13 @@ def merge_main(argv) -> int:
             raise UsageError(f"--process-count must be >= 2 to merge; got {count} (a single process writes "
                              f"{args.output} itself)")
         rows = merge_shards(args.output, count, log)
-        check_replaceable(args.output, rows)
-        write_atomic(args.output, map(_row_bytes, rows))
+        lock = RowWriter(args.output)   # no run, and no other merge, is writing it meanwhile
+        try:
+            repair_output(args.output, log)   # refuses a file that is not a caption file, untouched
+            check_replaceable(args.output, rows)
+            write_atomic(args.output, map(_row_bytes, rows))
+        finally:
+            lock.close()
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

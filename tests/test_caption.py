@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -329,6 +330,218 @@ def test_repair_output_cuts_only_a_partial_last_line(tmp_path):
     caption.repair_output(str(out))
     assert out.read_bytes() == good
     assert [r["image"] for r in caption.read_rows(str(out))] == ["a.png", "b.png"]
+
+
+def test_repair_output_keeps_a_whole_last_row_without_its_newline(tmp_path, capsys):
+    """A file edited by hand and saved without a final newline: its last row is kept, not cut."""
+    out = tmp_path / "o.jsonl"
+    rows = b'{"image": "a.png", "caption": "x"}\n{"image": "b.png", "caption": "fixed by hand"}'
+    out.write_bytes(rows)
+    assert [r["image"] for r in caption.read_rows(str(out))] == ["a.png", "b.png"]
+    caption.repair_output(str(out), caption._log)
+    assert out.read_bytes() == rows + b"\n"
+    assert "added the newline missing after its last row" in capsys.readouterr().err
+
+
+def test_an_output_that_is_not_a_caption_file_is_refused_untouched(tmp_path, capsys):
+    image = write_images(tmp_path / "imgs", [(20, 20)])[0]
+    victims = {"photo.jpg": open(image, "rb").read(), "notes.txt": b"line one\nline two", "list.jsonl": b'"a.png"\n'}
+    for name, data in victims.items():
+        (tmp_path / name).write_bytes(data)
+        assert caption.main(["--images", image, "--output", str(tmp_path / name), "--no-progress"]) == 2, name
+        assert f"--output {tmp_path / name} is not a caption file" in capsys.readouterr().err
+        assert (tmp_path / name).read_bytes() == data, name
+    torn = tmp_path / "torn.jsonl"   # killed in the middle of its first row: a caption file, repaired
+    torn.write_bytes(b'{"image": "a.png", "capt')
+    caption.repair_output(str(torn))
+    assert torn.read_bytes() == b""
+
+
+def test_a_second_run_on_a_locked_output_is_refused(tmp_path, capsys):
+    image = write_images(tmp_path / "imgs", [(20, 20)])[0]
+    out = tmp_path / "o.jsonl"
+    holder = caption.RowWriter(str(out))   # another run, captioning into out
+    try:
+        assert caption.main(["--images", image, "--output", str(out), "--no-progress"]) == 2
+        assert "another run is writing that output" in capsys.readouterr().err
+        assert out.read_bytes() == b""
+    finally:
+        holder.close()
+
+
+def test_resuming_with_other_caption_settings_is_refused(demo_dir, tmp_path, capsys, monkeypatch):
+    paths = write_images(tmp_path / "imgs", [(40, 60), (60, 40), (50, 50)])
+    out = tmp_path / "o.jsonl"
+    flags = ["--model", str(demo_dir), "--output", str(out), "--max-new-tokens", "4", "--no-progress"]
+    assert caption.main([*flags, "--images", paths[0]]) == 0
+    record = json.loads((tmp_path / "o.settings.json").read_text())["settings"]
+    assert record["model"] == os.path.abspath(demo_dir) and record["max_new_tokens"] == 4
+    first = out.read_bytes()
+    capsys.readouterr()
+    changed = ["--images", *paths[:2], "--prompt", "List every object.", "--max-new-tokens", "6", "--do-sample"]
+    assert caption.main([*flags, *changed]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} holds captions made with other settings" in err and "another --output" in err
+    assert f"--prompt {caption.DEFAULT_PROMPT!r} -> 'List every object.'" in err
+    assert "--max-new-tokens 4 -> 6" in err and "--do-sample None -> True" in err
+    assert out.read_bytes() == first
+    # Settings that do not change captions may change; a relative --model is the same model.
+    monkeypatch.chdir(os.path.dirname(demo_dir))
+    same = ["--model", os.path.basename(demo_dir), "--batch-size", "2", "--prompt-lookup", "2", "--scores"]
+    assert caption.main([*flags, *same, "--images", *paths[:2]]) == 0
+    assert "1 of 2 inputs already recorded" in capsys.readouterr().err
+    # Nothing left to caption: other settings are only noted.
+    assert caption.main([*flags, "--images", *paths[:2], "--max-new-tokens", "5"]) == 0
+    assert "nothing to caption" in capsys.readouterr().err
+    # An output from before the settings record resumes unchecked, and stays so.
+    os.remove(tmp_path / "o.settings.json")
+    assert caption.main([*flags, "--images", *paths, "--max-new-tokens", "5"]) == 0
+    assert len(load_jsonl(out)) == 3 and not (tmp_path / "o.settings.json").exists()
+
+
+def test_shards_with_other_caption_settings_neither_resume_nor_merge(sharded, tmp_path, capsys):
+    out = copy_shards(sharded, tmp_path)
+    shard = tmp_path / "out.part-00000-of-00002.jsonl"
+    lines = shard.read_text().splitlines(keepends=True)
+    shard.write_text("".join(lines[:-1]))
+    assert caption.main([*sharded.flags, "--output", str(out), "--process-index", "0", "--process-count", "2",
+                         "--prompt", "Other."]) == 2
+    assert f"--prompt {caption.DEFAULT_PROMPT!r} -> 'Other.'" in capsys.readouterr().err
+    assert shard.read_text() == "".join(lines[:-1])
+    shard.write_text("".join(lines))
+    record_path = tmp_path / "out.part-00001-of-00002.inputs.json"
+    record = json.loads(record_path.read_text())
+    record["settings"]["max_new_tokens"] = 99
+    record_path.write_text(json.dumps(record))
+    assert caption.main(["merge", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "were captioned with different settings" in err and f"{tmp_path / 'out.part-00001-of-00002.jsonl'}: " \
+        f"--max-new-tokens 10 -> 99" in err
+    assert not out.exists()
+    record["settings"]["max_new_tokens"] = 10
+    record_path.write_text(json.dumps(record))
+    out.write_bytes(b"\x89PNG\r\n\x1a\n not captions")   # merge --output naming an image: left as it is
+    assert caption.main(["merge", "--output", str(out)]) == 2
+    assert f"--output {out} is not a caption file" in capsys.readouterr().err
+    assert out.read_bytes() == b"\x89PNG\r\n\x1a\n not captions"
+
+
+def test_paths_are_normalised_and_resume_from_any_spelling(demo_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_images(tmp_path / "mix", [(30, 40), (40, 30)])
+    a = os.path.join("mix", os.listdir("mix")[0])
+    assert caption.collect_inputs([a, "./" + a, a.replace("/", "//"), os.path.abspath(a)]) == [a]
+    assert caption.collect_inputs(["./mix"]) == caption.collect_inputs(["mix/"]) == sorted(
+        os.path.join("mix", f) for f in os.listdir("mix"))
+    flags = ["--model", str(demo_dir), "--output", "o.jsonl", "--max-new-tokens", "3", "--no-progress"]
+    assert caption.main([*flags, "--images", "./mix"]) == 0
+    rows = load_jsonl(tmp_path / "o.jsonl")
+    assert sorted(r["image"] for r in rows) == caption.collect_inputs(["mix"])
+    for spelling in ("mix", "mix//", str(tmp_path / "mix")):
+        assert caption.main([*flags, "--images", spelling]) == 0
+        assert "0 this run" in capsys.readouterr().err
+    assert load_jsonl(tmp_path / "o.jsonl") == rows
+
+
+def test_an_earlier_output_as_a_list_reads_its_paths_as_its_run_wrote_them(tmp_path, monkeypatch):
+    """Rows of a caption output hold paths relative to where their run started (the working directory
+    here); other list rows are relative to the list file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run1").mkdir()
+    (tmp_path / "run1" / "captions.jsonl").write_text(
+        json.dumps({"image": "good.jpg", "caption": "c"}) + "\n" + json.dumps({"image": "bad.jpg", "error": "e"})
+        + "\n" + json.dumps({"image": "listed.jpg"}) + "\n" + json.dumps("plain.jpg") + "\n")
+    assert caption.collect_inputs(["run1/captions.jsonl"]) == ["good.jpg", "bad.jpg", "run1/listed.jpg",
+                                                              "run1/plain.jpg"]
+
+
+def test_bad_list_files_are_usage_errors_naming_file_and_line(tmp_path, monkeypatch, capsys):
+    cases = {"num.jsonl": (b'"ok.png"\n{"image": 123}\n', "num.jsonl:2: expected a JSON string or an object"),
+             "null.jsonl": (b'{"image": null}\n', "null.jsonl:1: expected"),
+             "broken.jsonl": (b'{"image": \n', "broken.jsonl:1: not JSON"),
+             "latin1.txt": (b"ok.png\n\xff\xfe a.jpg\n", "latin1.txt:2: not UTF-8 text (byte 0xff at column 1)")}
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(caption.UsageError, match=re.escape(message)):
+            caption.collect_inputs([str(tmp_path / name)])
+    out = tmp_path / "o.jsonl"
+    assert caption.main(["--images", str(tmp_path / "num.jsonl"), "--output", str(out), "--no-progress"]) == 2
+    assert "num.jsonl:2:" in capsys.readouterr().err and not out.exists()
+    real_open = open
+
+    def deny(path, *args, **kwargs):
+        if str(path).endswith("secret.txt"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+    (tmp_path / "secret.txt").write_text("a.png\n")
+    monkeypatch.setattr("builtins.open", deny)
+    with pytest.raises(caption.UsageError, match="secret.txt: cannot read this list file \\(Permission denied\\)"):
+        caption.collect_inputs([str(tmp_path / "secret.txt")])
+
+
+def test_a_damaged_checkpoint_is_a_one_line_usage_error(demo_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(demo_dir, broken)
+    files = [os.path.join(d, f) for d, _, fs in os.walk(broken / "params") for f in fs]
+    biggest = max(files, key=os.path.getsize)
+    os.truncate(biggest, 1000)
+    image = write_images(tmp_path / "imgs", [(20, 20)])[0]
+    assert caption.main(["--model", str(broken), "--images", image, "--output", str(tmp_path / "o.jsonl"),
+                         "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: --model {broken} cannot be loaded: ") and len(err[-1]) < 600, err
+    assert not err[-1].endswith("{"), err[-1]
+
+
+# Root ignores file permissions: the tests of unreadable and unwritable files run their command
+# without the capabilities that let it (as the reviewer's repro scripts do).
+NO_DAC = (["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--ambient-caps=-dac_override,-dac_read_search",
+           "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else [])
+
+
+def run_without_override(env, *args):
+    if NO_DAC and not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: file permissions cannot be tested")
+    return subprocess.run([*NO_DAC, sys.executable, SCRIPT, "--no-progress", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_unwritable_outputs_are_usage_errors_before_the_model_loads(env, tmp_path):
+    image = write_images(tmp_path / "imgs", [(20, 20)])[0]
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "old.jsonl").write_text(json.dumps({"image": "x", "caption": "y"}) + "\n")
+    os.chmod(ro / "old.jsonl", 0o444)
+    os.chmod(ro, 0o555)
+    try:
+        for name in ("old.jsonl", "new.jsonl"):
+            proc = run_without_override(env, "--model", tmp_path / "no-such-model", "--images", image,
+                                        "--output", ro / name)
+            assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+                f"error: --output {ro / name}: cannot open it for writing (Permission denied)"], proc.stderr[-2000:]
+    finally:
+        os.chmod(ro, 0o755)
+
+
+def test_directories_follow_symlinks_once_and_unreadable_ones_fail_the_run(env, demo_dir, tmp_path):
+    top = tmp_path / "top"
+    write_images(tmp_path / "real", [(20, 30)])
+    write_images(top / "sub", [(30, 20)], seed=1)
+    write_images(top, [(25, 25)], seed=2)
+    os.symlink("../real", top / "linked")
+    os.symlink("..", top / "sub" / "up")   # a loop
+    got = caption.collect_inputs([str(top)])
+    assert [os.path.relpath(p, top) for p in got] == ["img0_25x25.jpg", "linked/img0_20x30.jpg", "sub/img0_30x20.jpg"]
+    os.chmod(top / "sub", 0o000)
+    try:
+        proc = run_without_override(env, "--model", demo_dir, "--images", top, "--output", tmp_path / "o.jsonl",
+                                    "--max-new-tokens", 2)
+    finally:
+        os.chmod(top / "sub", 0o755)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"warning: cannot read directory {top / 'sub'} (Permission denied)" in proc.stderr
+    assert "1 directories could not be read" in proc.stderr
+    assert len(load_jsonl(tmp_path / "o.jsonl")) == 2
 
 
 def test_sampling_seeds_are_per_image():
