@@ -280,9 +280,11 @@ class LlavaNext:
         loop, compiled once per bucket as `generate`'s (a new chunk size compiles nothing).
         """
         num_beams = self.generation_settings(num_beams=generation.pop("num_beams", None))["num_beams"]
-        if num_beams != 1:
-            raise ValueError(f"streaming decodes one sequence per row; num_beams={num_beams} needs "
-                             f"generate (a beam's tokens are known only when the search ends)")
+        beam_only = sorted({"num_return_sequences", "length_penalty", "early_stopping"} & set(generation))
+        if num_beams != 1 or beam_only:
+            raise ValueError(f"streaming decodes one sequence per row; beam search (num_beams={num_beams}, "
+                             f"{beam_only or 'none of its settings'}) needs generate (a beam's tokens are known "
+                             f"only when the search ends)")
         args = self.generation_inputs(input_ids, pixel_values, image_sizes, attention_mask, max_new_tokens,
                                       **generation)
         chunk = generate.default_stream_chunk() if chunk is None else chunk

@@ -180,6 +180,8 @@ def load_image(source: str | os.PathLike, apply_exif_orientation: bool = True) -
     text = os.fspath(source)
     if not isinstance(text, str) or os.path.isfile(text):
         return open_image(text, apply_exif_orientation)
+    if os.path.isdir(text):
+        raise IsADirectoryError(f"image file {text} is a directory")
     if text.startswith(("http://", "https://")):
         import urllib.request
         try:

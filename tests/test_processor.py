@@ -293,6 +293,8 @@ def test_bad_image_files(pair, tmp_path, monkeypatch):
             proc(images=[tmp_path / name], text="<image>")
     with pytest.raises(FileNotFoundError, match="missing.jpg"):
         proc(images=[str(tmp_path / "missing.jpg")], text="<image>")
+    with pytest.raises(IsADirectoryError, match=f"image file {tmp_path} is a directory"):
+        proc(images=[str(tmp_path)], text="<image>")
     Image.new("RGB", (20, 20)).save(tmp_path / "bomb.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(ValueError, match=r"bomb\.png.*decompression-bomb.*MAX_IMAGE_PIXELS"):
