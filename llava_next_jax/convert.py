@@ -25,7 +25,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from .checkpoint import copy_side_files, flatten
+from .checkpoint import check_out_dir, copy_side_files, flatten
 from .config import LlavaNextConfig
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -266,11 +266,34 @@ def iter_tensors(src_dir: str, config: LlavaNextConfig, dtype: str | None = None
     return read()
 
 
+HF_EXPORT = {"written_by": "llava_next_jax.convert.export_hf"}
+"""In the metadata of the model.safetensors `export_hf` writes: how a later export knows the directory is one."""
+
+
+def is_hf_export(path: str) -> bool:
+    """Whether `path` holds a model.safetensors written by `export_hf`."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(os.path.join(path, "model.safetensors"), "numpy") as f:
+            metadata = f.metadata() or {}
+    except (OSError, SafetensorError):
+        return False
+    return HF_EXPORT.items() <= metadata.items()
+
+
+def check_hf_out_dir(out_dir: str, src_dir: str | None = None) -> None:
+    """`checkpoint.check_out_dir` for `export_hf`: ValueError for a file, SRC_DIR, or a non-empty
+    directory that is not an earlier export (an HF checkpoint of the user's is never overwritten)."""
+    check_out_dir(out_dir, src_dir, ours=is_hf_export, leftovers=(),
+                  what="an earlier HF export (no model.safetensors written by export_hf)")
+
+
 def export_hf(params: dict, src_dir: str, out_dir: str) -> str:
     """Writes `params` as an HF checkpoint transformers loads: `model.safetensors` (2024 hub names,
     torch layouts) plus the side files (config, tokenizer, processor...) copied from `src_dir`.
-    Returns the safetensors path."""
+    Returns the safetensors path. `out_dir` must be new, empty or an earlier export (`check_hf_out_dir`)."""
     from safetensors.numpy import save_file
+    check_hf_out_dir(out_dir, src_dir)
     os.makedirs(out_dir, exist_ok=True)
     tensors = {}
     for path, leaf in flatten(params).items():
@@ -284,5 +307,5 @@ def export_hf(params: dict, src_dir: str, out_dir: str) -> str:
         tensors[name] = np.ascontiguousarray(array)
     copy_side_files(src_dir, out_dir)
     target = os.path.join(out_dir, "model.safetensors")
-    save_file(tensors, target, metadata={"format": "pt"})
+    save_file(tensors, target, metadata={"format": "pt", **HF_EXPORT})
     return target

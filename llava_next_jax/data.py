@@ -51,6 +51,7 @@ Batches (`ConversationData`): see its docstring for the bucketing rule and the b
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import math
 import mmap
@@ -81,12 +82,27 @@ class TooLong(ValueError):
         super().__init__(f"{length} tokens after image expansion > max_length {max_length}")
 
 
+class NoUsableRows(ValueError):
+    """Every row of the file is bad; `skipped` lists them all (`fingerprint`: the file's, as scanned)."""
+
+    def __init__(self, message: str, skipped: list, fingerprint: dict):
+        super().__init__(message)
+        self.skipped, self.fingerprint = skipped, fingerprint
+
+
+class DataFileError(Exception):
+    """The data file cannot be read (gone, unreadable, or cut short) while batches are built: not one
+    bad row but every row, so it is raised rather than recorded in `failed`."""
+
+
 class Skipped(NamedTuple):
     """A row left out of the data and why. `line` is its 1-based line in a JSONL file, or with
-    unit="item" its 1-based item index in a JSON array; str() says which ("item 9: ...")."""
+    unit="item" its 1-based item index in a JSON array; str() says which ("item 9: ..."). `batch`: for a
+    row that failed when batched (`ConversationData.failed`), the index of the batch it was first left out of."""
     line: int
     reason: str
     unit: str = "line"
+    batch: int | None = None
 
     def __str__(self) -> str:
         return f"{self.unit} {self.line}: {self.reason}"
@@ -102,7 +118,7 @@ def conversation_messages(conversations: list[dict], image_placeholder: str = IM
     stripped (LLaVA's own preprocessing, for one); other turns' text is kept verbatim. ValueError, naming
     the turn, for anything else: unknown roles, a system turn after the first, turns that do not
     alternate human/gpt, a conversation that does not end with a gpt answer, empty answers, or a
-    placeholder outside a human turn.
+    placeholder outside a human turn, text that is not valid Unicode (a lone surrogate).
     """
     if not isinstance(conversations, list):
         raise ValueError(f"'conversations' must be a list of turns, got {type(conversations).__name__}")
@@ -118,6 +134,11 @@ def conversation_messages(conversations: list[dict], image_placeholder: str = IM
             raise ValueError(f"turn {i}: unknown role {who!r}; expected one of {sorted(ROLES)}")
         if not isinstance(value, str):
             raise ValueError(f"turn {i} ({who}): 'value' must be a string, got {type(value).__name__}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:   # JSON's "\ud83d" alone (a cut emoji) decodes to a lone surrogate
+            raise ValueError(f"turn {i} ({who}): 'value' is not valid Unicode text ({e.reason} "
+                             f"{value[e.start:e.end]!r} at character {e.start})") from None
         previous = messages[-1]["role"] if messages else None
         expected = "user" if previous in (None, "system", "assistant") else "assistant"
         if role == "system" and i > 0 or role != "system" and role != expected:
@@ -277,7 +298,7 @@ def array_items(text, path: str | os.PathLike = "") -> tuple[np.ndarray, np.ndar
             raise broken(f"expected one ',' between items, found {found}" if expected else f"unexpected {found}",
                          _WHITESPACE.match(text, previous).end())
 
-    begin = _WHITESPACE.match(text).end()
+    begin = _WHITESPACE.match(text, len(BOM) if text[:len(BOM)] == BOM else 0).end()
     if text[begin:begin + 1] != b"[":
         raise broken("expected '['", begin)
     starts, ends = array("q"), array("q")
@@ -374,8 +395,13 @@ class ConversationData:
     An image that passed the header check but fails to decode later (or decodes to another size)
     does not stop training: its row becomes an empty row (all padding, nothing learned; `lines` still
     names it) in that batch, a RuntimeWarning names the row's line (or item) and the reason, and `failed`
-    records it. Turn the warning into an error (`warnings.simplefilter("error", RuntimeWarning)`) to stop
-    instead.
+    records it (once, with the batch it was first left out of). Turn the warning into an error
+    (`warnings.simplefilter("error", RuntimeWarning)`) to stop instead. The data file itself becoming
+    unreadable (removed, no permission, cut short) is no row's fault: `batch` raises DataFileError.
+
+    `fingerprint` is {"bytes", "blake2b"} of the file as it was scanned (hashed in the same pass), for a
+    caller to tell whether a file by the same name holds the same rows. A leading UTF-8 BOM is skipped.
+    When no row is usable, NoUsableRows (a ValueError) holds the `skipped` list and the fingerprint.
     """
 
     def __init__(self, path: str | os.PathLike, processor, config, image_root: str | os.PathLike | None = None,
@@ -403,9 +429,10 @@ class ConversationData:
         self.skipped: list[Skipped] = []
         self.failed: list[Skipped] = []   # rows whose image failed to decode when batched (see the docstring)
         lines, spans, lengths, with_image = [], array("q"), [], []   # spans: start, end, start, end, ...
+        digest = hashlib.blake2b(digest_size=16)
         with open(self.path, "rb") as f:
             self.unit = "item" if _first_byte(f) == b"[" else "line"
-            for number, start, raw in (self._items(f) if self.unit == "item" else self._lines(f)):
+            for number, start, raw in (self._items(f, digest) if self.unit == "item" else self._lines(f, digest)):
                 try:
                     row = self._parse(raw)
                     images = self._image_files(row)
@@ -418,9 +445,11 @@ class ConversationData:
                 spans.extend((start, start + len(raw)))
                 lengths.append(len(ids))
                 with_image.append(bool(images))
+            self.fingerprint = {"bytes": f.tell(), "blake2b": digest.hexdigest()}
         if not lines:
             reasons = "".join(f"; {s}" for s in self.skipped[:3])
-            raise ValueError(f"{self.path}: no usable rows ({len(self.skipped)} skipped{reasons})")
+            raise NoUsableRows(f"{self.path}: no usable rows ({len(self.skipped)} skipped{reasons})", self.skipped,
+                               self.fingerprint)
         self.lines = np.asarray(lines, dtype=np.int64)        # line (or item) number of each good row
         self.lengths = np.asarray(lengths, dtype=np.int64)    # its token count after image expansion
         self._spans = np.frombuffer(spans, np.int64).reshape(-1, 2)   # its bytes [start, end) in the file
@@ -438,17 +467,24 @@ class ConversationData:
     # -- rows --------------------------------------------------------------------------------------
 
     @staticmethod
-    def _lines(f) -> Iterator[tuple[int, int, bytes]]:
-        """(line number, byte offset, bytes) of each non-blank line of a JSONL file."""
+    def _lines(f, digest) -> Iterator[tuple[int, int, bytes]]:
+        """(line number, byte offset, bytes) of each non-blank line of a JSONL file (a leading UTF-8 BOM
+        left out); every byte read goes to `digest`."""
         offset = 0
         for number, raw in enumerate(f, start=1):
+            digest.update(raw)
+            if number == 1 and raw.startswith(BOM):
+                raw, offset = raw[len(BOM):], len(BOM)
             if raw.strip():
                 yield number, offset, raw
             offset += len(raw)
 
-    def _items(self, f) -> Iterator[tuple[int, int, bytes]]:
-        """(item index, byte offset, bytes) of each item of a JSON-array file (`array_items`)."""
+    def _items(self, f, digest) -> Iterator[tuple[int, int, bytes]]:
+        """(item index, byte offset, bytes) of each item of a JSON-array file (`array_items`); the whole
+        file goes to `digest`, and the file is left at its end."""
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as text:
+            digest.update(text)
+            f.seek(len(text))
             starts, ends = array_items(text, self.path)
             for number, (start, end) in enumerate(zip(starts, ends), start=1):
                 yield number, int(start), text[start:end]
@@ -459,6 +495,8 @@ class ConversationData:
             row = json.loads(raw.rstrip(b"\r\n").decode("utf-8"))
         except UnicodeDecodeError as e:
             raise ValueError(f"not UTF-8 text ({e})") from None
+        except RecursionError:
+            raise ValueError("JSON nested too deeply to parse") from None
         except json.JSONDecodeError as e:   # its own "line 1" would confuse: say where in the row
             where = f"column {e.colno}" if e.lineno == 1 else f"line {e.lineno} column {e.colno}"
             if self.unit == "item":
@@ -508,9 +546,16 @@ class ConversationData:
     def example(self, row: int) -> dict:
         """`build_example` of the row-th good row (its image decoded now)."""
         start, end = self._spans[row].tolist()
-        with open(self.path, "rb") as f:
-            f.seek(start)
-            data = self._parse(f.read(end - start))
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(start)
+                raw = f.read(end - start)
+        except OSError as e:
+            raise DataFileError(f"{self.path}: cannot be read any more ({e})") from None
+        if len(raw) != end - start:
+            raise DataFileError(f"{self.path}: ends before byte {end} of line/item {self.lines[row]}; it was cut "
+                                f"short after it was checked")
+        data = self._parse(raw)
         images = [path for _, path in self._image_files(data)]
         example = build_example(self.processor, data["conversations"], images, self.max_length)
         if len(example["input_ids"]) != self.lengths[row]:
@@ -609,16 +654,20 @@ class ConversationData:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _fail(self, record: Skipped, index: int) -> None:
-        if record not in self.failed:
-            self.failed.append(record)
+        if all(record[:3] != failed[:3] for failed in self.failed):
+            self.failed.append(record._replace(batch=index))
         warnings.warn(f"{self.path} {record}; the row is left empty in batch {index}", RuntimeWarning, stacklevel=3)
 
 
+BOM = b"\xef\xbb\xbf"
+"""The UTF-8 byte-order mark some editors write first: skipped."""
+
+
 def _first_byte(f) -> bytes:
-    """The first byte of the file that is not whitespace (b"" for none); the file is left at its start."""
-    while chunk := f.read(1 << 16):
-        if chunk := chunk.lstrip():
-            break
+    """The first byte of the file that is not whitespace or the BOM (b"" for none); the file is left at its start."""
+    chunk = f.read(1 << 16).removeprefix(BOM)
+    while chunk and not (chunk := chunk.lstrip()):
+        chunk = f.read(1 << 16)
     f.seek(0)
     return chunk[:1]
 

@@ -7,6 +7,7 @@ the labelled tokens; HF's LlavaNextForConditionalGeneration computes the loss of
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
@@ -775,3 +776,44 @@ def test_broken_json_array_names_the_file_and_byte(pair, config, tmp_path):
             make_loader(pair, config, path)
         if offset is not None:
             assert str(caught.value).endswith(f" at byte {offset}"), (name, caught.value)
+
+
+# --- rows and files the scan must survive ----------------------------------------------------------
+
+def test_surrogate_and_deeply_nested_rows_are_skipped_and_a_bom_is_read_past(pair, config, tmp_path):
+    """A lone surrogate ("\\ud83d": a cut emoji) and a row nested deeper than json can parse are bad rows,
+    skipped with a reason; a UTF-8 BOM before a JSON array or a JSONL file is not part of the first row."""
+    good = {"conversations": turns(("Say hello.", "hello world"))}
+    cut_emoji = {"conversations": turns(("Nice \ud83d", "Thanks."))}   # json.dumps writes "\\ud83d"
+    deep = '{"conversations": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join([json.dumps(good), json.dumps(cut_emoji), deep, json.dumps(good)]) + "\n")
+    loaded = make_loader(pair, config, path)
+    assert loaded.lines.tolist() == [1, 4]
+    assert [str(s) for s in loaded.skipped] == [
+        "line 2: turn 0 (human): 'value' is not valid Unicode text (surrogates not allowed '\\ud83d' at character 5)",
+        "line 3: JSON nested too deeply to parse"]
+
+    reference = make_loader(pair, config, tmp_path / "rows.jsonl")
+    for name, text in {"bom.jsonl": json.dumps(good) + "\n" + json.dumps(good) + "\n",
+                       "bom.json": json.dumps([good, good], indent=1)}.items():
+        (tmp_path / name).write_bytes(data.BOM + text.encode())
+        loaded = make_loader(pair, config, tmp_path / name)
+        assert loaded.unit == ("item" if name.endswith(".json") else "line") and not loaded.skipped, name
+        assert loaded.lines.tolist() == [1, 2]
+        np.testing.assert_array_equal(loaded.batch(0)["input_ids"][0], reference.batch(0)["input_ids"][0])
+
+
+def test_data_file_gone_or_cut_short_is_an_error_not_empty_rows(pair, config, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    text = "".join(json.dumps({"conversations": turns((f"Say {i}.", f"{i} said"))}) + "\n" for i in range(4))
+    path.write_text(text)
+    loaded = make_loader(pair, config, path, batch_size=2)
+    assert loaded.fingerprint == {"bytes": len(text), "blake2b": hashlib.blake2b(text.encode(), digest_size=16).hexdigest()}
+    path.write_text(text[:len(text) // 2])
+    with pytest.raises(data.DataFileError, match=r"rows\.jsonl: ends before byte \d+ of line/item \d"):
+        [loaded.batch(i) for i in range(2)]
+    path.unlink()
+    with pytest.raises(data.DataFileError, match=r"rows\.jsonl: cannot be read any more \(.*No such file"):
+        loaded.batch(0)
+    assert not loaded.failed
