@@ -166,6 +166,19 @@ def _mesh(spec: str | None):
         raise UsageError(f"--mesh {spec}: {e}") from None
 
 
+def _read_json_lines(path: str) -> list:
+    """The rows of a JSONL file this run writes (none if it is absent), up to a line torn by a kill."""
+    rows = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break
+    return rows
+
+
 def _write_json(path: str, value) -> None:
     """Writes `path` whole or not at all (a kill leaves the old file, or none)."""
     with open(path + ".tmp", "w") as f:
@@ -279,7 +292,8 @@ class Run:
             raise UsageError(f"--data {args.data}: the file changed since this run began ({then['bytes']} bytes, "
                              f"blake2b {then['blake2b']} then; {fingerprint['bytes']}, {fingerprint['blake2b']} now); "
                              f"a resume must read the same rows: restore the file or pick a new --output")
-        earlier = [row for row in self._read_skipped() if row.get("batch", start) < start]
+        earlier = [row for row in _read_json_lines(os.path.join(self.dir, "skipped.jsonl"))
+                   if row.get("batch", start) < start]
         os.makedirs(self.dir, exist_ok=True)
         with open(os.path.join(self.dir, "skipped.jsonl"), "w") as f:
             for record in skipped:
@@ -294,18 +308,6 @@ class Run:
         loaded.failed += [data.Skipped(row[unit], row["reason"], unit, row["batch"]) for row in earlier]
         self._reported = len(loaded.failed)   # loaded.failed[:_reported] are in skipped.jsonl
         return loaded
-
-    def _read_skipped(self) -> list[dict]:
-        path = os.path.join(self.dir, "skipped.jsonl")
-        rows = []
-        if os.path.isfile(path):
-            with open(path) as f:
-                for line in f:
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        break          # a line torn by a kill ends the file
-        return rows
 
     def _report_failed(self) -> None:
         """Appends the rows left out since the last call (an image that failed to decode) to skipped.jsonl."""
@@ -362,18 +364,9 @@ class Run:
     def _metrics_file(self, start: int):
         """metrics.jsonl holding the rows of micro-steps before `start` (later ones are redone), open to append."""
         path = os.path.join(self.dir, "metrics.jsonl")
-        rows = []
-        if os.path.isfile(path):
-            with open(path) as f:
-                for line in f:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        break          # a line torn by a kill ends the file
-                    if row.get("step", start) < start:
-                        rows.append(line if line.endswith("\n") else line + "\n")
+        rows = [row for row in _read_json_lines(path) if row.get("step", start) < start]
         with open(path, "w") as f:
-            f.writelines(rows)
+            f.writelines(json.dumps(row) + "\n" for row in rows)
         return open(path, "a")
 
     def train(self, stop) -> bool:

@@ -282,9 +282,9 @@ class LlavaNext:
         num_beams = self.generation_settings(num_beams=generation.pop("num_beams", None))["num_beams"]
         beam_only = sorted({"num_return_sequences", "length_penalty", "early_stopping"} & set(generation))
         if num_beams != 1 or beam_only:
-            raise ValueError(f"streaming decodes one sequence per row; beam search (num_beams={num_beams}, "
-                             f"{beam_only or 'none of its settings'}) needs generate (a beam's tokens are known "
-                             f"only when the search ends)")
+            what = f"num_beams={num_beams}" if num_beams != 1 else f"beam search's {', '.join(beam_only)}"
+            raise ValueError(f"streaming decodes one sequence per row; {what} needs generate (a beam's tokens "
+                             f"are known only when the search ends)")
         args = self.generation_inputs(input_ids, pixel_values, image_sizes, attention_mask, max_new_tokens,
                                       **generation)
         chunk = generate.default_stream_chunk() if chunk is None else chunk

@@ -134,8 +134,9 @@ def test_input_errors_name_the_problem(tmp_path):
                            ({"pad_token_id": -1}, "pad_token_id must be token ids")):
         with pytest.raises(ValueError, match=match):
             model.generate(*args, **{"max_new_tokens": 2, **setting})
-    for setting, match in (({"num_beams": 2}, "num_beams=2"), ({"num_return_sequences": 2}, "num_return_sequences")):
-        with pytest.raises(ValueError, match=f"streaming decodes one sequence per row; beam search .*{match}"):
+    for setting, match in (({"num_beams": 2}, "num_beams=2"),
+                           ({"num_return_sequences": 2}, "beam search's num_return_sequences")):
+        with pytest.raises(ValueError, match=f"streaming decodes one sequence per row; {match} needs generate"):
             next(model.generate_stream(*args, max_new_tokens=2, **setting))
 
 
