@@ -228,9 +228,10 @@ def main(argv=None) -> int:
     print(RANDOM_WEIGHTS_NOTE, flush=True)
     start = time.time()
     model_dir = demo_model_dir(log=lambda msg: print(msg, flush=True))
-    if os.path.exists(args.output):
-        os.remove(args.output)   # a demo shows fresh captions; the caption script itself resumes instead
     from . import caption
+    for stale in (args.output, caption.settings_path(args.output)):   # a demo shows fresh captions; the
+        if os.path.exists(stale):                                     # caption script itself resumes instead
+            os.remove(stale)
     code = caption.main(["--model", model_dir, "--images", str(images), "--output", args.output,
                          "--max-new-tokens", "16", "--batch-size", "4"])
     rows = caption.read_rows(args.output)
