@@ -196,6 +196,13 @@ SCRIPT = textwrap.dedent("""
     stops = iter([False, True])   # stop before the second update: a checkpoint at step 1, in the 2 x 4 layout
     stopped = finetune.Run(finetune.build_parser().parse_args(job("/run", "--mesh", "2,4")), log=lambda *_: None)
     assert not stopped.train(lambda: next(stops)) and stopped.manager.latest_step() == 1
+    del stopped
+    runs = [finetune.Run(finetune.build_parser().parse_args(job(out, "--mesh", "2,4", "--fsdp")), log=lambda *_: None)
+            for out in ("/fresh", "/run")]   # a new run, and the stopped one resumed: the same layout
+    fresh, resumed = ([leaf.sharding for leaf in jax.tree.leaves(run.state)] for run in runs)
+    named = [(a, b) for a, b in zip(fresh, resumed) if isinstance(a, jax.sharding.NamedSharding)]  # not counters
+    assert named and all(a == b for a, b in named) and any(not a.is_fully_replicated for a, _ in named), named
+    del runs
     assert finetune.main(job("/run", "--mesh", "2,4", "--fsdp"), log=lambda *_: None) == 0
     single, resumed = exported("/single"), exported("/run")
     initial = checkpoint.flatten(checkpoint.load_params(demo_dir))
