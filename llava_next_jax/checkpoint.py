@@ -60,8 +60,9 @@ def save_streaming(out_dir: str, tensors: Iterable[tuple[tuple[str, ...], np.nda
     `group_bytes` at a time; returns the side files copied from `side_files_from`.
 
     One transaction: the params go to a temporary directory in `out_dir`; only once all are written is
-    the old checkpoint replaced (marker removed first, params swapped, side files replaced, the marker
-    `{"format": 1, **marker}` written last). If anything fails before, `out_dir` is as it was.
+    the old checkpoint replaced (marker removed first, params swapped, side files replaced by those of
+    `side_files_from` where given, the marker `{"format": 1, **marker}` written last). If anything fails
+    before, `out_dir` is as it was.
     Tensors are committed in groups through Orbax's partial save, so memory stays near the largest
     tensor plus one group, whatever the model's size. Each tensor is stored in chunks of about
     CHUNK_BYTES, so a host restoring a shard of it (on a mesh) reads the chunks it needs, not the whole.
@@ -89,10 +90,12 @@ def save_streaming(out_dir: str, tensors: Iterable[tuple[tuple[str, ...], np.nda
         os.rename(target, old)
     os.rename(temps[0], target)
     shutil.rmtree(old, ignore_errors=True)
-    for name in SIDE_FILES:   # an older conversion's, which the new source may lack
-        if os.path.isfile(os.path.join(out, name)):
-            os.remove(os.path.join(out, name))
-    copied = copy_side_files(side_files_from, out) if side_files_from else []
+    copied = []
+    if side_files_from:
+        for name in SIDE_FILES:   # an older conversion's, which the new source may lack
+            if os.path.isfile(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+        copied = copy_side_files(side_files_from, out)
     write_marker(out, **(marker or {}))
     return copied
 

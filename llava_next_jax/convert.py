@@ -268,6 +268,7 @@ def iter_tensors(src_dir: str, config: LlavaNextConfig, dtype: str | None = None
 
 HF_EXPORT = {"written_by": "llava_next_jax.convert.export_hf"}
 """In the metadata of the model.safetensors `export_hf` writes: how a later export knows the directory is one."""
+HF_EXPORT_TEMP = "model.safetensors.partial"   # written, then renamed to model.safetensors
 
 
 def is_hf_export(path: str) -> bool:
@@ -284,8 +285,9 @@ def is_hf_export(path: str) -> bool:
 def check_hf_out_dir(out_dir: str, src_dir: str | None = None) -> None:
     """`checkpoint.check_out_dir` for `export_hf`: ValueError for a file, SRC_DIR, or a non-empty
     directory that is not an earlier export (an HF checkpoint of the user's is never overwritten)."""
-    check_out_dir(out_dir, src_dir, ours=is_hf_export, leftovers=(),
-                  what="an earlier HF export (no model.safetensors written by export_hf)")
+    check_out_dir(out_dir, src_dir, ours=is_hf_export, leftovers=(HF_EXPORT_TEMP,),
+                  what="an earlier HF export (no model.safetensors written by export_hf; one exported by a "
+                       "llava_next_jax older than this check is not recognised: remove it)")
 
 
 def export_hf(params: dict, src_dir: str, out_dir: str) -> str:
@@ -305,7 +307,8 @@ def export_hf(params: dict, src_dir: str, out_dir: str) -> str:
             array = array.T                      # [in, out] -> [out, in]
         assert array.shape == torch_shape, (name, array.shape, torch_shape)
         tensors[name] = np.ascontiguousarray(array)
-    copy_side_files(src_dir, out_dir)
     target = os.path.join(out_dir, "model.safetensors")
-    save_file(tensors, target, metadata={"format": "pt", **HF_EXPORT})
+    save_file(tensors, os.path.join(out_dir, HF_EXPORT_TEMP), metadata={"format": "pt", **HF_EXPORT})
+    os.replace(os.path.join(out_dir, HF_EXPORT_TEMP), target)   # whole or not at all: a kill leaves a leftover
+    copy_side_files(src_dir, out_dir)
     return target

@@ -281,7 +281,10 @@ def test_export_to_hf_loads_in_transformers_and_gives_our_logits(tmp_path):
     tm.save_checkpoint(hf, str(tmp_path / "hf"))
     model = LlavaNext.from_pretrained(str(tmp_path / "hf"))
     model.params = jax.tree.map(lambda w: w * 1.01, model.params)   # as if fine-tuned
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / convert.HF_EXPORT_TEMP).write_bytes(b"torn")   # a killed export's leftover
     convert.export_hf(model.params, str(tmp_path / "hf"), str(tmp_path / "export"))
+    assert not (tmp_path / "export" / convert.HF_EXPORT_TEMP).exists() and convert.is_hf_export(tmp_path / "export")
     back = LlavaNextForConditionalGeneration.from_pretrained(str(tmp_path / "export")).eval()
     batch = tm.make_batch(hf.config, [(3, [(480, 640)], 4), (6, [], 2)], seed=12)
     ours = np.asarray(model.forward(**batch))
@@ -304,3 +307,6 @@ def test_large_tensors_are_stored_in_chunks_a_host_can_read_apart(tmp_path):
     back = checkpoint.load_params(str(tmp_path))
     np.testing.assert_array_equal(np.asarray(back["big"]["kernel"]), big)
     np.testing.assert_array_equal(np.asarray(back["small"]["bias"]), small)
+    (tmp_path / "config.json").write_text("{}")       # saving params alone again keeps the side files
+    checkpoint.save_params(str(tmp_path), {"small": {"bias": small + 1}})
+    assert (tmp_path / "config.json").read_text() == "{}" and checkpoint.is_converted(str(tmp_path))
