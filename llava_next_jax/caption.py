@@ -277,6 +277,9 @@ class RowWriter:
             os.close(self._fd)
             raise UsageError(f"--output {path}: another run is writing that output (it holds the file's lock); "
                              f"let it finish, or give this run another --output") from None
+        except OSError as e:   # a file system without locks (some network and FUSE mounts): write unlocked
+            print(f"warning: --output {path}: cannot lock it ({e.strerror}); make sure no other run writes it",
+                  file=sys.stderr)
 
     def write(self, rows: list[dict]) -> None:
         if not rows:
@@ -838,6 +841,8 @@ def _load(model_dir: str | None, dtype: str | None, log):
         processor = LlavaNextProcessor.from_pretrained(model_dir)
         model = LlavaNext.from_pretrained(model_dir, dtype=dtype)
     except Exception as e:  # noqa: BLE001 -- a damaged checkpoint fails in many ways (Orbax: bare Exceptions)
+        if not isinstance(e, (ValueError, OSError, KeyError)) and type(e) is not Exception:
+            raise   # not the files: e.g. the device out of memory
         raise UsageError(f"--model {model_dir} cannot be loaded: {_one_line(e)}") from None
     return model, processor, model_dir
 

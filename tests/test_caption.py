@@ -369,6 +369,28 @@ def test_a_second_run_on_a_locked_output_is_refused(tmp_path, capsys):
         holder.close()
 
 
+def test_an_output_on_a_file_system_without_locks_is_written_unlocked(tmp_path, capsys, monkeypatch):
+    import errno
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(caption.fcntl, "flock", no_locks)
+    writer = caption.RowWriter(str(tmp_path / "o.jsonl"))
+    writer.write([{"image": "a.jpg", "caption": "x"}])
+    writer.close()
+    assert caption.read_rows(str(tmp_path / "o.jsonl")) == [{"image": "a.jpg", "caption": "x"}]
+    assert "cannot lock it" in capsys.readouterr().err
+
+
+def test_only_the_checkpoints_own_failures_are_usage_errors(demo_dir, monkeypatch):
+    """A model that fails to load for want of device memory is a crash (its traceback kept), not a bad --model."""
+    from llava_next_jax import LlavaNext
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+    monkeypatch.setattr(LlavaNext, "from_pretrained", out_of_memory)
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        caption._load(str(demo_dir), None, lambda *_: None)
+
+
 def test_resuming_with_other_caption_settings_is_refused(demo_dir, tmp_path, capsys, monkeypatch):
     paths = write_images(tmp_path / "imgs", [(40, 60), (60, 40), (50, 50)])
     out = tmp_path / "o.jsonl"
