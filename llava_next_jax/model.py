@@ -466,7 +466,7 @@ def _text_only(generation: dict, call: str) -> None:
                         f"generate(..., num_beams=K, num_return_sequences=R) with the processor's inputs")
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = tuple(convert.DTYPES)   # float32, bfloat16, float16
 
 
 def _compute_dtype(given) -> jnp.dtype:
