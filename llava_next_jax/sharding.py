@@ -56,6 +56,8 @@ def make_mesh(data: int = 1, model: int | None = None, devices=None) -> Mesh:
     first in every process; `jax.devices()` then lists the devices of all hosts.
     """
     devices = list(jax.devices() if devices is None else devices)
+    if data < 1 or model is not None and model < 1:
+        raise ValueError(f"mesh sizes must be >= 1; got data={data}, model={model}")
     model = len(devices) // data if model is None else model
     if data * model != len(devices):
         raise ValueError(f"a {data} x {model} mesh needs {data * model} devices; there are {len(devices)}")

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent("""
@@ -226,3 +228,12 @@ def test_meshes_equal_single_device(tmp_path, demo_dir):
     assert result.stdout.count("fsdp steps equal") == 2, result.stdout
     assert result.stdout.count("lora steps equal") == 1, result.stdout
     assert result.stdout.count("job equal") == 1, result.stdout
+
+
+def test_mesh_sizes_are_checked():
+    from llava_next_jax import sharding
+    for sizes, match in ((dict(data=0), "mesh sizes must be >= 1; got data=0, model=None"),
+                         (dict(data=1, model=-2), "got data=1, model=-2"),
+                         (dict(data=1, model=2), r"a 1 x 2 mesh needs 2 devices; there are 1")):
+        with pytest.raises(ValueError, match=match):
+            sharding.make_mesh(**sizes, devices=["only device"])
