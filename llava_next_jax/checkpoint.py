@@ -7,6 +7,7 @@ A converted directory holds `params/` (an Orbax checkpoint of the params tree), 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import shutil
@@ -38,15 +39,17 @@ def check_out_dir(out_dir: str, src_dir: str | None = None, ours: Callable[[str]
                   what: str = f"a converted checkpoint (no {MARKER})", leftovers: Iterable[str] = _TEMP_DIRS) -> None:
     """Refuses an OUT_DIR something of ours must not be written to: a file, SRC_DIR itself (by any path),
     or a non-empty directory that `ours` does not recognise as `what` (the user's files: never touched).
-    Holding only `leftovers` (what an earlier, failed write of ours leaves) counts as empty. The one policy
-    for every directory we write: converted checkpoints, fine-tuning runs (`finetune`), HF exports."""
+    Holding only `leftovers` (names or fnmatch patterns: what an earlier, failed write of ours leaves)
+    counts as empty. The one policy for every directory we write: converted checkpoints, fine-tuning
+    runs (`finetune`), HF exports."""
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"{out_dir}: exists and is not a directory")
     if not os.path.isdir(out_dir):
         return
     if src_dir and os.path.isdir(src_dir) and os.path.samefile(src_dir, out_dir):
         raise ValueError(f"OUT_DIR {out_dir} is SRC_DIR {src_dir}; write to another directory")
-    if not ours(out_dir) and set(os.listdir(out_dir)) - set(leftovers):
+    foreign = [name for name in os.listdir(out_dir) if not any(fnmatch.fnmatchcase(name, p) for p in leftovers)]
+    if foreign and not ours(out_dir):
         raise ValueError(f"{out_dir}: holds files but is not {what}; choose a new or empty directory")
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise PermissionError(f"{out_dir}: not writable")

@@ -107,6 +107,10 @@ class Skipped(NamedTuple):
     def __str__(self) -> str:
         return f"{self.unit} {self.line}: {self.reason}"
 
+    def record(self) -> dict:
+        """As RUN/skipped.jsonl holds it: {unit: line, "reason"}, with "batch" where there is one."""
+        return {self.unit: self.line, "reason": self.reason, **({} if self.batch is None else {"batch": self.batch})}
+
 
 # --- one conversation ------------------------------------------------------------------------------
 

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 RUN_FILE = "run.json"
-LEFT_BY_A_REFUSED_RUN = ("skipped.jsonl", RUN_FILE + ".tmp")
+LEFT_BY_A_REFUSED_RUN = ("skipped.jsonl", RUN_FILE + ".tmp-*")
 """What a first run refused at startup (no usable row) or killed while writing run.json leaves in RUN_DIR:
 the directory still counts as empty for a new run."""
 
@@ -180,12 +180,9 @@ def _read_json_lines(path: str) -> list:
 
 
 def _write_json(path: str, value) -> None:
-    """Writes `path` whole or not at all (a kill leaves the old file, or none)."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    """Writes `path` whole or not at all (a kill leaves the old file, or none, and a `*.tmp-PID`)."""
+    from .caption import write_atomic
+    write_atomic(path, [json.dumps(value, indent=2).encode("utf-8")])
 
 
 class Run:
@@ -296,9 +293,7 @@ class Run:
                    if row.get("batch", start) < start]
         os.makedirs(self.dir, exist_ok=True)
         with open(os.path.join(self.dir, "skipped.jsonl"), "w") as f:
-            for record in skipped:
-                f.write(json.dumps({record.unit: record.line, "reason": record.reason}) + "\n")
-            f.writelines(json.dumps(row) + "\n" for row in earlier)
+            f.writelines(json.dumps(row) + "\n" for row in [record.record() for record in skipped] + earlier)
         if error is not None:
             raise UsageError(f"{error} (all listed in {self.dir}/skipped.jsonl)")
         if skipped:
@@ -314,8 +309,7 @@ class Run:
         new = self.data.failed[self._reported:]
         if new:
             with open(os.path.join(self.dir, "skipped.jsonl"), "a") as f:
-                for record in new:
-                    f.write(json.dumps({record.unit: record.line, "reason": record.reason, "batch": record.batch}) + "\n")
+                f.writelines(json.dumps(record.record()) + "\n" for record in new)
             self._reported += len(new)
 
     @property

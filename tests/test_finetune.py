@@ -193,6 +193,7 @@ def test_refused_first_run_leaves_no_settings_behind(demo_dir, dataset, tmp_path
         if "--max-length" in bad:
             skipped = [json.loads(line) for line in open(out / "skipped.jsonl")]
             assert [row["line"] for row in skipped] == [1, 2, 3, 4], skipped
+            (out / "run.json.tmp-12345").write_text('{"mo')   # and a run.json write cut by a kill: still empty
         assert finetune.main(flags(demo_dir, dataset, out, *one, *fixed), log=messages.append) == 0, messages[-1]
         saved = json.loads((out / "run.json").read_text())
         assert saved["steps"] == 1 and saved["data_fingerprint"]["bytes"] == dataset.stat().st_size
