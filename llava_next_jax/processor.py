@@ -443,6 +443,9 @@ class LlavaNextProcessor:
         pad = self.special_tokens.get("pad_token")
         self.pad_token_id = tokenizer.token_to_id(pad) if pad is not None else None
         self.padding_side = tokenizer_config.get("padding_side", "left")
+        self.truncation_side = tokenizer_config.get("truncation_side", "right")
+        limit = tokenizer_config.get("model_max_length")     # HF writes ~1e30 for "none"
+        self.model_max_length = int(limit) if isinstance(limit, (int, float)) and limit < 2 ** 40 else None
         self._cleanup = bool(tokenizer_config.get("clean_up_tokenization_spaces", False)) and (
             json.loads(tokenizer.model.__getstate__())["type"] != "BPE"
             or tokenizer_config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False))
@@ -537,18 +540,52 @@ class LlavaNextProcessor:
         return re.sub(re.escape(self.image_token),
                       lambda _: self.image_token * anyres.num_image_tokens(next(sizes), self.geometry), text)
 
-    def encode(self, texts: Sequence[str], add_special_tokens: bool = True, padding_side: str | None = None):
-        """Texts -> (input_ids int64 `[B, T]`, attention_mask int64 `[B, T]`), padded to the longest on
-        `padding_side`: by default tokenizer_config.json's, else "left" (HF's default depends on the
-        tokenizer class; generation needs left)."""
+    def encode(self, texts: Sequence[str], add_special_tokens: bool = True, padding_side: str | None = None,
+               padding: bool | str = True, max_length: int | None = None, truncation: bool | str = False,
+               pad_to_multiple_of: int | None = None):
+        """Texts -> (input_ids int64 `[B, T]`, attention_mask int64 `[B, T]`), as HF's tokenizer call with
+        these options, always one array: `padding` True / "longest" pads to the longest (the default),
+        "max_length" to `max_length` (default tokenizer_config.json's model_max_length), False /
+        "do_not_pad" none (texts of different lengths are then an error); `pad_to_multiple_of` rounds T up;
+        `truncation` cuts each text to `max_length` on tokenizer_config.json's truncation_side (else the
+        right). Pads go on `padding_side`: by default tokenizer_config.json's, else "left" (HF's default
+        depends on the tokenizer class; generation needs left)."""
         side = padding_side or self.padding_side
         if side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        mode = {True: "longest", "longest": "longest", False: "do_not_pad", "do_not_pad": "do_not_pad",
+                "max_length": "max_length"}.get(padding) if isinstance(padding, (bool, str)) else None
+        if mode is None:
+            raise ValueError(f"padding={padding!r}; expected True, False, 'longest', 'max_length' or 'do_not_pad'")
+        if truncation not in (False, True, "longest_first", "only_first", "do_not_truncate"):
+            raise ValueError(f"truncation={truncation!r}; expected True, False, 'longest_first', 'only_first' "
+                             "or 'do_not_truncate'")
+        truncate = truncation not in (False, "do_not_truncate")
+        max_length = self.model_max_length if max_length is None else max_length
+        if (mode == "max_length" or truncate and max_length is not None) and not _positive_int(max_length):
+            raise ValueError(f"max_length={max_length!r}: padding='max_length' needs max_length (a positive int) "
+                             "where tokenizer_config.json names no model_max_length")
+        if pad_to_multiple_of is not None and not _positive_int(pad_to_multiple_of):
+            raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of!r}; expected a positive int")
         ids = [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
-        length = max(map(len, ids), default=0)
-        if self.pad_token_id is None and len({len(i) for i in ids}) > 1:
-            raise ValueError("the tokenizer has no pad_token (tokenizer_config.json), so a batch of different "
-                             "lengths cannot be padded")
+        if truncate and max_length is not None:
+            ids = [self._truncate(i, seq, max_length) for i, seq in enumerate(ids)]
+        lengths = [len(seq) for seq in ids]
+        length = max(lengths, default=0)
+        if mode == "do_not_pad" and len(set(lengths)) > 1:
+            raise ValueError(f"padding=False, but the texts have different lengths {lengths}: one array needs "
+                             "padding=True")
+        if mode == "max_length":
+            longer = [(i, n) for i, n in enumerate(lengths) if n > max_length]
+            if longer:
+                raise ValueError(f"text {longer[0][0]} has {longer[0][1]} tokens, more than max_length={max_length}: "
+                                 "pass truncation=True or a larger max_length")
+            length = max_length
+        if pad_to_multiple_of:
+            length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+        if self.pad_token_id is None and any(n != length for n in lengths):
+            raise ValueError("the tokenizer has no pad_token (tokenizer_config.json), so texts cannot be padded "
+                             f"(lengths {lengths} to {length})")
         input_ids = np.full((len(ids), length), self.pad_token_id or 0, dtype=np.int64)
         mask = np.zeros((len(ids), length), dtype=np.int64)
         for row, seq in enumerate(ids):
@@ -556,10 +593,32 @@ class LlavaNextProcessor:
             input_ids[row, span], mask[row, span] = seq, 1
         return input_ids, mask
 
+    def _truncate(self, index: int, ids: list[int], max_length: int) -> list[int]:
+        """Text `index`'s ids cut to `max_length` on `truncation_side`; an error where that cuts image tokens
+        (the image's features would have nowhere to go), as HF's processor."""
+        if len(ids) <= max_length:
+            return ids
+        kept = ids[:max_length] if self.truncation_side != "left" else ids[len(ids) - max_length:]
+        before, after = ids.count(self.image_token_id), kept.count(self.image_token_id)
+        if after != before:
+            raise ValueError(f"text {index}: truncation to max_length={max_length} would cut its image tokens "
+                             f"({before} -> {after}); disable truncation or increase max_length")
+        return kept
+
     def __call__(self, images=None, text: str | Sequence[str] | None = None, padding_side: str | None = None,
-                 add_special_tokens: bool = True, apply_exif_orientation: bool | None = None) -> dict:
+                 add_special_tokens: bool = True, apply_exif_orientation: bool | None = None,
+                 padding: bool | str = True, max_length: int | None = None, truncation: bool | str = False,
+                 pad_to_multiple_of: int | None = None, return_attention_mask: bool = True,
+                 return_tensors: str | None = "np") -> dict:
         """`text` (one string or a batch) with one `<image>` per image; `images` flat in placeholder order,
-        or one list per text. Returns numpy `input_ids, attention_mask` [B, T] (+ `pixel_values, image_sizes`)."""
+        or one list per text. Returns `input_ids, attention_mask` [B, T] (+ `pixel_values, image_sizes`).
+
+        HF's text options (`padding`, `max_length`, `truncation`, `pad_to_multiple_of`: `encode`;
+        `return_attention_mask`) as HF's, except that the ids are always one array (padded to the
+        longest unless told otherwise). `return_tensors`: "np" (or None) numpy arrays, "jax" jax arrays,
+        "pt" torch tensors (torch installed)."""
+        if return_tensors not in (None, "np", "jax", "pt"):
+            raise ValueError(f"return_tensors={return_tensors!r}; expected 'np', 'jax', 'pt' or None (numpy)")
         texts = [text] if isinstance(text, str) else (None if text is None else list(text))
         for i, t in enumerate(texts or []):
             if not isinstance(t, str):
@@ -572,9 +631,10 @@ class LlavaNextProcessor:
             sizes = iter(out.get("image_sizes", []))
             texts = [self.expand_image_tokens(t, [next(sizes) for _ in range(t.count(self.image_token))])
                      for t in texts]
-            ids, mask = self.encode(texts, add_special_tokens, padding_side)
-            out = {"input_ids": ids, "attention_mask": mask, **out}
-        return out
+            ids, mask = self.encode(texts, add_special_tokens, padding_side, padding, max_length, truncation,
+                                    pad_to_multiple_of)
+            out = {"input_ids": ids, **({"attention_mask": mask} if return_attention_mask else {}), **out}
+        return _as_tensors(out, return_tensors)
 
     def _flatten_images(self, images, texts: list[str] | None) -> list | None:
         """Images in placeholder order, after checking each text's `<image>` count against them."""
@@ -617,12 +677,14 @@ class LlavaNextProcessor:
 
     def apply_chat_template(self, messages: list, add_generation_prompt: bool = False, tokenize: bool = False,
                             chat_template: str | None = None, padding_side: str | None = None,
-                            continue_final_message: bool | str = False, return_dict: bool = False, **kwargs):
+                            continue_final_message: bool | str = False, return_dict: bool = False,
+                            processor_kwargs: dict | None = None, **kwargs):
         """Renders HF-format messages (content a string or a list of {"type": "image"} / {"type": "text",
         "text": ...} blocks; OpenAI "image_url" blocks too); a list of conversations gives a list of prompts.
         As HF's processor: `add_generation_prompt` ends with the assistant's header (off by default),
         `continue_final_message` leaves the last message open for generation to continue it, other keyword
-        arguments are template variables. `tokenize=True` runs `self(images=..., text=prompt)` with the
+        arguments are template variables but for `self`'s (`CALL_OPTIONS`: padding, return_tensors, ...; or
+        in `processor_kwargs`, as HF's). `tokenize=True` runs `self(images=..., text=prompt)` with the
         images the image blocks name (`IMAGE_KEYS`: a PIL image, array, path, URL or base64 string), without
         a second BOS where the template writes one, and returns its `input_ids`, or all of it with
         `return_dict=True`."""
@@ -631,6 +693,8 @@ class LlavaNextProcessor:
                              "continues the last message, the second starts a new assistant message")
         batched = bool(messages) and isinstance(messages[0], (list, tuple))
         conversations = [_normalize_conversation(c) for c in (messages if batched else [messages])]
+        options = {"padding_side": padding_side, **{k: kwargs.pop(k) for k in CALL_OPTIONS if k in kwargs},
+                   **(processor_kwargs or {})}
         prompts = [render_chat_template(chat_template or self.chat_template, conv, add_generation_prompt,
                                         {**self.special_tokens, **kwargs}, continue_final_message)
                    for conv in conversations]
@@ -639,9 +703,33 @@ class LlavaNextProcessor:
         images = [[block[key] for m in conv if isinstance(m.get("content"), list) for block in m["content"]
                    if block.get("type") == "image" for key in IMAGE_KEYS if key in block] for conv in conversations]
         bos = self.special_tokens.get("bos_token")
-        out = self(images=images if any(i is not None for g in images for i in g) else None, text=prompts,
-                   add_special_tokens=not (bos and prompts[0].startswith(bos)), padding_side=padding_side)
+        options.setdefault("add_special_tokens", not (bos and prompts[0].startswith(bos)))
+        out = self(images=images if any(i is not None for g in images for i in g) else None, text=prompts, **options)
         return out if return_dict else out["input_ids"]
+
+
+# The keyword arguments of `LlavaNextProcessor.__call__` that `apply_chat_template(tokenize=True)` takes
+# from its own (as HF's, which also takes them in `processor_kwargs`).
+CALL_OPTIONS = ("padding", "max_length", "truncation", "pad_to_multiple_of", "return_attention_mask", "return_tensors",
+                "apply_exif_orientation")
+
+
+def _positive_int(n) -> bool:
+    return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0
+
+
+def _as_tensors(out: dict, kind: str | None) -> dict:
+    """The processor's numpy outputs as `kind`'s arrays: "np" or None as they are, "jax", "pt"."""
+    if kind == "jax":
+        import jax.numpy as jnp
+        return {k: jnp.asarray(v) for k, v in out.items()}
+    if kind == "pt":
+        try:
+            import torch
+        except ImportError:
+            raise ImportError("return_tensors='pt' needs torch installed (pip install torch); 'np' and 'jax' do not") from None
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+    return out
 
 
 def _indexed(i: int, fn, *args):

@@ -568,3 +568,60 @@ def test_errors_name_the_text_or_image(pair):
         proc(images=[image, image, None], text="<image>" * 3)
     with pytest.raises(TypeError, match=r"image 1: image array must be uint8.*float32 \(8, 8, 3\)"):
         proc(images=[image, image.astype(np.float32)], text="<image>" * 2)
+
+
+def test_hf_text_options_and_return_tensors(pair):
+    """HF's processor options as HF's model cards pass them (`return_tensors="pt"`, `padding=True`, ...),
+    side by side with HF's on a batch of a short text with an image and a long text without."""
+    import torch
+    ours, hf = pair("mistral")
+    rng = np.random.default_rng(11)
+    images = [make_image(rng, 40, 60, "RGB")]
+    texts = ["hello <image> world", "a much longer text without any image in it, and then a few words more"]
+    for options in (dict(padding=True), dict(padding="longest"), dict(padding="max_length", max_length=80),
+                    dict(padding=True, pad_to_multiple_of=16), dict(padding=True, truncation=True, max_length=20),
+                    dict(padding=True, return_attention_mask=False), dict(padding="max_length", max_length=40,
+                                                                         truncation=True, padding_side="right")):
+        got = ours(images=images, text=texts, **options)
+        theirs = hf(images=images, text=texts, return_tensors="np", **options)
+        assert_same(got, theirs, f"options {options}")
+        assert set(got) == set(theirs), options
+    # one text needs no padding: padding=False as HF's
+    assert_same(ours(images=images, text=texts[:1], padding=False),
+                hf(images=images, text=texts[:1], return_tensors="np", padding=False), "padding=False")
+    # truncation through image tokens: an error in both
+    with pytest.raises(ValueError, match="image"):
+        hf(images=images, text=texts, return_tensors="np", padding=True, truncation=True, max_length=12)
+    with pytest.raises(ValueError, match="text 0: truncation to max_length=12 would cut its image tokens"):
+        ours(images=images, text=texts, truncation=True, max_length=12)
+    # where HF returns ragged lists, ours says why it cannot make one array
+    with pytest.raises(ValueError, match=r"padding=False, but the texts have different lengths \[\d+, \d+\]"):
+        ours(images=images, text=texts, padding=False)
+    with pytest.raises(ValueError, match=r"text 0 has \d+ tokens, more than max_length=10"):
+        ours(images=images, text=texts, padding="max_length", max_length=10)
+    with pytest.raises(ValueError, match="padding='sideways'"):
+        ours(text=texts[1:], padding="sideways")
+    with pytest.raises(ValueError, match="return_tensors='tf'"):
+        ours(text=texts[1:], return_tensors="tf")
+    # torch and jax arrays of the same values
+    pt, theirs = ours(images=images, text=texts, return_tensors="pt"), hf(images=images, text=texts, return_tensors="pt",
+                                                                          padding=True)
+    assert set(pt) == set(theirs)
+    for key in pt:
+        assert isinstance(pt[key], torch.Tensor) and pt[key].dtype == theirs[key].dtype, key
+        np.testing.assert_allclose(pt[key].numpy(), theirs[key].numpy(), atol=ONE_LEVEL)
+    got = ours(images=images, text=texts, return_tensors="jax")
+    for key, value in ours(images=images, text=texts).items():   # int32 without jax's x64 mode
+        assert type(got[key]).__module__.startswith("jax"), key
+        np.testing.assert_array_equal(np.asarray(got[key]), value, err_msg=key)
+    # apply_chat_template passes them on, as kwargs or in processor_kwargs (HF 5's place for them)
+    conv = [[{"role": "user", "content": [{"type": "image", "image": images[0]}, {"type": "text", "text": "Which?"}]}],
+            [{"role": "user", "content": [{"type": "text", "text": texts[1]}]}]]
+    theirs = hf.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                    processor_kwargs=dict(return_tensors="pt", padding="max_length", max_length=90))
+    for extra in (dict(return_tensors="pt", padding="max_length", max_length=90),
+                  dict(processor_kwargs=dict(return_tensors="pt", padding="max_length", max_length=90))):
+        got = ours.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True, **extra)
+        assert set(got) == set(theirs)
+        for key in got:
+            np.testing.assert_allclose(got[key].numpy(), theirs[key].numpy(), atol=ONE_LEVEL, err_msg=key)
