@@ -24,10 +24,17 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "processor_config.json", "chat_template.json", "chat_template.jinja")
 # Inside OUT_DIR while a checkpoint is written, then swapped in (Orbax's partial save writes beside its target).
 _TEMP_DIRS = ("params.new", "params.new.partial_save", "params.old")   # no leading dot: Orbax globs `*`
+# In OUT_DIR, in the marker's place, while a new checkpoint is swapped in: a directory that holds it is
+# ours (a conversion killed then may run again), but not a checkpoint to load.
+SWAP_JOURNAL = MARKER + ".swap"
 
 
 def is_converted(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MARKER))
+
+
+def _converted_or_swapping(path: str) -> bool:
+    return is_converted(path) or os.path.isfile(os.path.join(path, SWAP_JOURNAL))
 
 
 def params_dir(path: str) -> str:
@@ -35,7 +42,7 @@ def params_dir(path: str) -> str:
     return os.path.join(os.path.abspath(path), PARAMS_DIR)
 
 
-def check_out_dir(out_dir: str, src_dir: str | None = None, ours: Callable[[str], bool] = is_converted,
+def check_out_dir(out_dir: str, src_dir: str | None = None, ours: Callable[[str], bool] = _converted_or_swapping,
                   what: str = f"a converted checkpoint (no {MARKER})", leftovers: Iterable[str] = _TEMP_DIRS) -> None:
     """Refuses an OUT_DIR something of ours must not be written to: a file, SRC_DIR itself (by any path),
     or a non-empty directory that `ours` does not recognise as `what` (the user's files: never touched).
@@ -63,9 +70,10 @@ def save_streaming(out_dir: str, tensors: Iterable[tuple[tuple[str, ...], np.nda
     `group_bytes` at a time; returns the side files copied from `side_files_from`.
 
     One transaction: the params go to a temporary directory in `out_dir`; only once all are written is
-    the old checkpoint replaced (marker removed first, params swapped, side files replaced by those of
-    `side_files_from` where given, the marker `{"format": 1, **marker}` written last). If anything fails
-    before, `out_dir` is as it was.
+    the old checkpoint replaced (the marker turned into `SWAP_JOURNAL` first, params swapped, side files
+    replaced by those of `side_files_from` where given, the marker `{"format": 1, **marker}` written
+    last). If anything fails before, `out_dir` is as it was; a conversion killed during the swap leaves
+    the journal, so the next one may write there again.
     Tensors are committed in groups through Orbax's partial save, so memory stays near the largest
     tensor plus one group, whatever the model's size. Each tensor is stored in chunks of about
     CHUNK_BYTES, so a host restoring a shard of it (on a mesh) reads the chunks it needs, not the whole.
@@ -86,8 +94,11 @@ def save_streaming(out_dir: str, tensors: Iterable[tuple[tuple[str, ...], np.nda
             with contextlib.suppress(OSError):
                 os.rmdir(out)
         raise
+    journal = os.path.join(out, SWAP_JOURNAL)
     if is_converted(out):
-        os.remove(os.path.join(out, MARKER))
+        os.replace(os.path.join(out, MARKER), journal)
+    else:
+        open(journal, "w").close()
     target, old = params_dir(out), temps[-1]
     if os.path.exists(target):
         os.rename(target, old)
@@ -100,6 +111,7 @@ def save_streaming(out_dir: str, tensors: Iterable[tuple[tuple[str, ...], np.nda
                 os.remove(os.path.join(out, name))
         copied = copy_side_files(side_files_from, out)
     write_marker(out, **(marker or {}))
+    os.remove(journal)
     return copied
 
 

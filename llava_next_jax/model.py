@@ -65,6 +65,8 @@ class LlavaNext:
         """
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: not a directory (expected a converted or HF LLaVA-NeXT checkpoint)")
+        if os.path.isfile(os.path.join(path, checkpoint.SWAP_JOURNAL)) and not checkpoint.is_converted(path):
+            raise ValueError(f"{path}: a conversion into it was stopped before it finished; run the converter again")
         config = LlavaNextConfig.from_file(path)
         if dtype is None and jax.default_backend() != "cpu":
             dtype = "bfloat16"

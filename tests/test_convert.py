@@ -162,6 +162,40 @@ def test_failed_conversion_leaves_out_dir_as_it_was(hf_dir, tmp_path):
     assert after.keys() == params.keys() and all(np.array_equal(after[k], params[k]) for k in params)
 
 
+def test_conversion_killed_while_swapping_in_may_run_again(hf_dir, tmp_path, monkeypatch):
+    """A conversion killed after its marker went and before the new one is written (params swapped, side
+    files half copied) leaves a directory no loader takes for a checkpoint, which the next conversion
+    still recognises as its own."""
+    import shutil
+    reference = str(tmp_path / "reference")
+    convert_checkpoint(str(hf_dir), reference, log=lambda *_: None)
+    expected = flat_params(reference)
+    out = str(tmp_path / "out")
+    for earlier in (True, False):   # over an earlier conversion, and into a new directory
+        if earlier:
+            convert_checkpoint(str(hf_dir), out, log=lambda *_: None)
+
+        def killed(*args):
+            raise KeyboardInterrupt
+        with monkeypatch.context() as m:
+            m.setattr(checkpoint, "copy_side_files", killed)
+            with pytest.raises(KeyboardInterrupt):
+                convert_checkpoint(str(hf_dir), out, log=lambda *_: None)
+        assert not checkpoint.is_converted(out) and os.path.isdir(os.path.join(out, "params"))
+        with pytest.raises(ValueError, match="a conversion into it was stopped before it finished"):
+            LlavaNext.from_pretrained(out)
+        convert_checkpoint(str(hf_dir), out, log=lambda *_: None)
+        assert sorted(os.listdir(out)) == sorted(os.listdir(reference))   # no journal, no temporary dirs
+        got = flat_params(out)
+        assert got.keys() == expected.keys() and all(np.array_equal(got[k], expected[k]) for k in got)
+        shutil.rmtree(out)
+    os.makedirs(out)
+    with open(os.path.join(out, "notes.txt"), "w") as f:   # the user's own files are still refused
+        f.write("mine")
+    with pytest.raises(ValueError, match="holds files but is not a converted checkpoint"):
+        convert_checkpoint(str(hf_dir), out)
+
+
 def test_reconversion_drops_side_files_the_new_source_lacks(hf_dir, tmp_path):
     src = edited_copy(hf_dir, tmp_path / "with_tokenizer", lambda t: None)
     with open(os.path.join(src, "tokenizer.json"), "w") as f:
