@@ -363,7 +363,7 @@ class LlavaNext:
         """One caption (str) per image, in input order.
 
         images: a list (or one) of PIL images, image file paths, or uint8 numpy arrays `[H, W]` /
-            `[H, W, 1|3|4]` (a uint8 `[N, H, W, C]` array is N images); any sizes (anyres tiling as
+            `[H, W, 1|3|4]` (a uint8 `[N, H, W, C]` array, numpy, jax or torch, is N images); any sizes (anyres tiling as
             the checkpoint's processor does).
         prompt: the question asked of every image (default `prompting.DEFAULT_CAPTION_PROMPT`), put
             through the checkpoint's chat template with the image in the user turn.
@@ -383,8 +383,8 @@ class LlavaNext:
         """
         from .prompting import DEFAULT_CAPTION_PROMPT, chat_prompt, decode_new_tokens
         _text_only(generation, "caption")
-        if isinstance(images, np.ndarray) and images.ndim == 4:
-            images = list(images)
+        if hasattr(images, "__array__") and np.ndim(images) == 4:   # a numpy, jax or torch batch
+            images = list(np.asarray(images))
         elif not isinstance(images, (list, tuple)):
             images = [images]
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:

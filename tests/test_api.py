@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -193,4 +194,8 @@ def test_sampled_captions_do_not_depend_on_batching(model, images, captions):
 def test_caption_accepts_one_image_and_an_array_batch(model, images, captions):
     assert model.caption(images[2], max_new_tokens=NEW) == [captions[2]]
     assert model.caption(np.stack([images[2]] * 2), batch_size=1, max_new_tokens=NEW) == [captions[2]] * 2
+    import torch
+    batch = np.stack([images[2], images[2]])
+    for array in (torch.from_numpy(batch), jnp.asarray(batch)):   # a batch of another array library
+        assert model.caption(array, batch_size=2, max_new_tokens=NEW) == [captions[2]] * 2, type(array)
     assert model.caption([], max_new_tokens=NEW) == []
