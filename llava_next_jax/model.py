@@ -71,8 +71,8 @@ class LlavaNext:
         if dtype is None and jax.default_backend() != "cpu":
             dtype = "bfloat16"
         dtype = None if dtype is None else _compute_dtype(dtype)
-        if mesh is not None and tuple(mesh.axis_names) != sharding.AXES:
-            raise ValueError(f"mesh axes are {tuple(mesh.axis_names)}; expected {sharding.AXES} (sharding.make_mesh)")
+        if mesh is not None:
+            sharding.check_mesh(mesh)
         if fsdp and mesh is None:
             raise ValueError("fsdp=True splits the weights over a mesh's \"data\" axis; pass a mesh too")
         if checkpoint.is_converted(path):

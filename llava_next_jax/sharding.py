@@ -52,16 +52,34 @@ RULES: list[tuple[re.Pattern, P]] = [(re.compile(p), spec) for p, spec in [
 def make_mesh(data: int = 1, model: int | None = None, devices=None) -> Mesh:
     """A ("data", "model") mesh over `devices` (default: every device of every process).
 
-    model defaults to all the devices left after `data`. Multi-host: call `jax.distributed.initialize()`
-    first in every process; `jax.devices()` then lists the devices of all hosts.
+    model defaults to all the devices left after `data`. Multi-host: call
+    `llava_next_jax.distributed.initialize()` first in every process; `jax.devices()` then lists the
+    devices of all hosts.
     """
     devices = list(jax.devices() if devices is None else devices)
-    if data < 1 or model is not None and model < 1:
-        raise ValueError(f"mesh sizes must be >= 1; got data={data}, model={model}")
+    if not all(_is_size(n) for n in (data, 1 if model is None else model)):
+        raise ValueError(f"mesh sizes must be ints >= 1; got data={data!r}, model={model!r}")
+    if model is None and len(devices) % data:
+        raise ValueError(f"data={data} does not divide the {len(devices)} devices (model, left out, is the devices "
+                         f"left after data); pass model too, and devices=[...] to use fewer devices")
     model = len(devices) // data if model is None else model
     if data * model != len(devices):
         raise ValueError(f"a {data} x {model} mesh needs {data * model} devices; there are {len(devices)}")
     return Mesh(np.asarray(devices).reshape(data, model), AXES)
+
+
+def _is_size(n) -> bool:
+    return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1
+
+
+def check_mesh(mesh) -> Mesh:
+    """`mesh` if it is a Mesh with axes ("data", "model"), else a TypeError or ValueError saying what it is."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh with axes {AXES} (e.g. sharding.make_mesh(data=2, "
+                        f"model=4)); got {type(mesh).__name__} {mesh!r}")
+    if tuple(mesh.axis_names) != AXES:
+        raise ValueError(f"mesh axes are {tuple(mesh.axis_names)}; expected {AXES} (sharding.make_mesh)")
+    return mesh
 
 
 def axis_sizes(mesh: Mesh | Mapping[str, int]) -> dict[str, int]:
@@ -69,6 +87,8 @@ def axis_sizes(mesh: Mesh | Mapping[str, int]) -> dict[str, int]:
     sizes = dict(mesh.shape if isinstance(mesh, Mesh) else mesh)
     if set(sizes) != set(AXES):
         raise ValueError(f"a mesh shape needs exactly the axes {AXES}; got {sizes}")
+    if not all(_is_size(n) for n in sizes.values()):
+        raise ValueError(f"mesh sizes must be ints >= 1; got {sizes}")
     return sizes
 
 

@@ -231,9 +231,23 @@ def test_meshes_equal_single_device(tmp_path, demo_dir):
 
 
 def test_mesh_sizes_are_checked():
-    from llava_next_jax import sharding
-    for sizes, match in ((dict(data=0), "mesh sizes must be >= 1; got data=0, model=None"),
+    from llava_next_jax import presets, sharding
+    for sizes, match in ((dict(data=0), "mesh sizes must be ints >= 1; got data=0, model=None"),
                          (dict(data=1, model=-2), "got data=1, model=-2"),
-                         (dict(data=1, model=2), r"a 1 x 2 mesh needs 2 devices; there are 1")):
+                         (dict(data=1.5), "got data=1.5, model=None"),
+                         (dict(data="2", model=4), "got data='2', model=4"),
+                         (dict(data=1, model=2), r"a 1 x 2 mesh needs 2 devices; there are 1$")):
         with pytest.raises(ValueError, match=match):
             sharding.make_mesh(**sizes, devices=["only device"])
+    # model left out: the devices left after data, which must divide them (was "a 16 x 0 mesh", "a 3 x 2 mesh")
+    for data in (3, 16):
+        with pytest.raises(ValueError, match=f"data={data} does not divide the 8 devices"):
+            sharding.make_mesh(data=data, devices=list(range(8)))
+    with pytest.raises(ValueError, match=r"mesh sizes must be ints >= 1; got \{'data': 0, 'model': 2\}"):
+        sharding.memory_per_device(presets.config("mistral-7b"), {"data": 0, "model": 2}, 1, 4096)
+
+
+def test_from_pretrained_names_a_mesh_that_is_not_one(demo_dir):
+    from llava_next_jax import LlavaNext
+    with pytest.raises(TypeError, match=r"mesh must be a jax.sharding.Mesh .*sharding.make_mesh.*; got tuple \(2, 4\)"):
+        LlavaNext.from_pretrained(demo_dir, mesh=(2, 4))   # was AttributeError: 'tuple' object has no attribute ...
