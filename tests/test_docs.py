@@ -1,0 +1,23 @@
+"""What the README and the command lines promise about the installed package."""
+
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_command_named_is_an_entry_point():
+    """Each `llava-next-*` command the README or a --help names is in pyproject.toml, pointing at a main."""
+    tomllib = pytest.importorskip("tomllib")   # Python 3.11+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    texts = [ROOT / "README.md", *sorted((ROOT / "llava_next_jax").glob("*.py")), *sorted((ROOT / "docs").glob("*.md"))]
+    named = {name: path.name for path in texts for name in re.findall(r"(?:`|bin/)(llava-next-[a-z]+)\b", path.read_text())}
+    assert {"llava-next-caption", "llava-next-finetune", "llava-next-convert"} <= set(named), named
+    for name, where in named.items():
+        assert name in scripts, f"{where} names `{name}`, which pyproject.toml does not install"
+    for name, target in scripts.items():
+        module, _, function = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), function)), (name, target)
