@@ -18,4 +18,8 @@ def __getattr__(name):  # lazy: importing the processor should not pull in jax
     if name == "LlavaNextConfig":
         from .config import LlavaNextConfig
         return LlavaNextConfig
+    import importlib.util
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        # a submodule on first use: `import llava_next_jax` then `llava_next_jax.distributed.initialize()`
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'llava_next_jax' has no attribute {name!r}")

@@ -21,3 +21,21 @@ def test_every_command_named_is_an_entry_point():
     for name, target in scripts.items():
         module, _, function = target.partition(":")
         assert callable(getattr(importlib.import_module(module), function)), (name, target)
+
+
+def test_submodules_are_attributes_of_the_package():
+    """`import llava_next_jax` then `llava_next_jax.distributed.initialize()`, as the README writes it;
+    importing the package alone still imports no jax."""
+    import subprocess
+    import sys
+    code = ("import sys, llava_next_jax\n"
+            "assert 'jax' not in sys.modules\n"
+            "assert callable(llava_next_jax.distributed.initialize) and callable(llava_next_jax.sharding.make_mesh)\n"
+            "try:\n"
+            "    llava_next_jax.no_such_thing\n"
+            "except AttributeError as e:\n"
+            "    assert \"has no attribute 'no_such_thing'\" in str(e)\n"
+            "else:\n"
+            "    raise AssertionError('no AttributeError')\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
