@@ -1,5 +1,6 @@
 """Sharded runs on 8 forced CPU devices equal the single-device run (forward, generate, loss and
-training steps, with and without FSDP, and the fine-tuning job), and hold on each device the bytes
+training steps, with and without FSDP, and the fine-tuning job; a "model" size that divides no head or
+vocabulary axis too), and hold on each device the bytes
 `sharding.memory_per_device` says (in a subprocess: the device count must be set before jax starts).
 The subprocess takes ~3.5 minutes, most of it XLA compiling on one core: conftest.py runs it first."""
 
@@ -96,6 +97,19 @@ SCRIPT = textwrap.dedent("""
         model = LlavaNext.from_pretrained(work + "/out", mesh=mesh)
         assert (check_memory(model, mesh, batch) == ref_tokens).all()
         check_memory(model, mesh, {k: v[:1] for k, v in batch.items()})
+
+    # A "model" size that divides neither the attention projections (64 and 32 columns) nor the vocabulary
+    # (160): those axes stay whole on every device (sharding.spec_for), the MLP's 96 splits 3 ways.
+    mesh = sharding.make_mesh(data=2, model=3, devices=jax.devices()[:6])
+    model = LlavaNext.from_pretrained(work + "/out", mesh=mesh)
+    layer = model.params["language_model"]["layers"]["0"]
+    assert model.params["lm_head"]["kernel"].sharding.is_fully_replicated
+    assert layer["self_attn"]["q_proj"]["kernel"].sharding.is_fully_replicated
+    assert layer["mlp"]["gate_proj"]["kernel"].sharding.shard_shape((64, 96)) == (64, 32)
+    diff = np.abs(np.asarray(model.forward(**batch)) - ref_logits)[batch["attention_mask"] == 1].max()
+    assert diff <= 1e-5, diff
+    assert (check_memory(model, mesh, batch) == ref_tokens).all()
+    print(f"mesh 2x3: max |delta logits| {diff:.2e}, tokens equal")
 
     # Training: AdamW steps on a mesh equal the single-device steps, and the params and every moment of
     # AdamW keep the params' layout through them.
@@ -222,8 +236,8 @@ def test_meshes_equal_single_device(tmp_path, demo_dir):
     result = subprocess.run([sys.executable, "-c", SCRIPT, ROOT, str(tmp_path), str(demo_dir)], capture_output=True,
                             text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("tokens equal") == 3, result.stdout
-    assert result.stdout.count("bytes per device") == 7, result.stdout
+    assert result.stdout.count("tokens equal") == 4, result.stdout
+    assert result.stdout.count("bytes per device") == 8, result.stdout
     assert result.stdout.count("steps equal") == 4, result.stdout
     assert result.stdout.count("fsdp steps equal") == 2, result.stdout
     assert result.stdout.count("lora steps equal") == 1, result.stdout
