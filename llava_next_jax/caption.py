@@ -690,10 +690,16 @@ def default_compilation_cache() -> str:
                         "cpu-" + hashlib.sha256(cpu_name().encode()).hexdigest()[:12])
 
 
+def command_name() -> str:
+    """How the user ran us, for help and hints: `llava-next-caption` (the installed command), else caption.py."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name.startswith("llava-next") else "caption.py"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="caption.py", description="Caption images with LLaVA-NeXT into a JSONL file. "
-                                "With --process-count N > 1, each process writes its own shard; `caption.py merge "
-                                "--output OUT` then joins them (see `caption.py merge --help`).",
+    p = argparse.ArgumentParser(prog=command_name(), description="Caption images with LLaVA-NeXT into a JSONL file. "
+                                "With --process-count N > 1, each process writes its own shard; `%(prog)s merge "
+                                "--output OUT` then joins them (see `%(prog)s merge --help`).",
                                 epilog="Exit status: 0 all captioned, 1 some inputs failed, 2 usage/config error, "
                                        "3 crashed (re-run resumes).")
     p.add_argument("--model", default=None,
@@ -761,7 +767,7 @@ def use_compilation_cache(path: str | None) -> None:
 
 
 def build_merge_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="caption.py merge",
+    p = argparse.ArgumentParser(prog=f"{command_name()} merge",
                                 description="Join the per-process shards of --output (OUT.part-IIIII-of-NNNNN.jsonl) "
                                             "into OUT.jsonl, one row per input in input order, written atomically.",
                                 epilog="Exit status: 0 merged, all captioned; 1 merged, some inputs failed; 2 usage "
@@ -966,7 +972,7 @@ def _caption_locked(args, inputs: list[str], output: str, writer: RowWriter, log
         f"{len(inputs) - len(pending)} recorded earlier) -> {output} [{time.time() - start:.1f} s]")
     if sharded:
         log(f"this shard is complete; once all {args.process_count} are, join them with: "
-            f"caption.py merge --output {args.output} --process-count {args.process_count}")
+            f"{command_name()} merge --output {args.output} --process-count {args.process_count}")
     return _report_failures([final.get(image_key(p), {"image": p}) for p in inputs], output, log)
 
 

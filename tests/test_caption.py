@@ -143,6 +143,16 @@ def test_broken_inputs_become_error_rows_and_exit_1(env, demo_dir, tmp_path):
     assert "3 failed" in proc.stderr and "2/5 images captioned" in proc.stderr
 
 
+def test_help_and_hints_name_the_command_as_run(monkeypatch):
+    """Installed as llava-next-caption, its help and merge hint say so (they said caption.py)."""
+    from llava_next_jax import caption
+    for argv0, name in (("/env/bin/llava-next-caption", "llava-next-caption"), (SCRIPT, "caption.py"),
+                        ("", "caption.py")):
+        monkeypatch.setattr(sys, "argv", [argv0])
+        assert f"`{name} merge --output OUT` then joins them" in " ".join(caption.build_parser().format_help().split())
+        assert caption.build_merge_parser().format_usage().startswith(f"usage: {name} merge ")
+
+
 def test_usage_errors_exit_2(env, tmp_path):
     (tmp_path / "empty_dir").mkdir()
     image = write_images(tmp_path / "imgs", [(30, 30)])[0]
