@@ -36,12 +36,17 @@ class LlavaNext:
         self.params = params
         self.mesh = mesh  # a ("data", "model") jax.sharding.Mesh the params are laid out on, or None
         self.dtype = jnp.dtype(params["language_model"]["embed_tokens"]["embedding"].dtype)
-        gen = generation_config or {}
-        eos = gen.get("eos_token_id", config.text.eos_token_id)
+        # the checkpoint's generation config as HF reads it: generation_config.json alone where there is
+        # one (`from_pretrained`), else the model config's special tokens (`generation_config_from_model_config`)
+        gen = (dict(eos_token_id=config.text.eos_token_id, pad_token_id=config.text.pad_token_id)
+               if generation_config is None else generation_config)
+        eos = gen.get("eos_token_id")
         self.eos_token_ids: tuple[int, ...] = tuple(eos) if isinstance(eos, (list, tuple)) else (
             () if eos is None else (int(eos),))
-        pad = gen.get("pad_token_id", config.text.pad_token_id)
-        self.pad_token_id: int = int(pad if pad is not None else (self.eos_token_ids or (0,))[0])
+        # None: a call pads with its first stop id (its eos_token_id's, else `eos_token_ids`'), as HF's
+        # generate does where the generation config names no pad token (0 where there is no stop id)
+        pad = gen.get("pad_token_id")
+        self.pad_token_id: int | None = None if pad is None else int(pad)
         # generate's settings when a call leaves them out (None): the checkpoint's generation config,
         # else HF's defaults (`GENERATION_DEFAULTS`), as HF's generate resolves them
         self.generation_defaults: dict[str, Any] = {
@@ -85,10 +90,12 @@ class LlavaNext:
             else:  # one tensor at a time, straight into its sharding (each process keeps its devices' part)
                 params = checkpoint.nest({p: distributed.put(a, NamedSharding(mesh, sharding.spec_for(
                     "/".join(p), a.shape, mesh, fsdp))) for p, a in tensors})
-        generation_config = None
         if os.path.isfile(os.path.join(path, "generation_config.json")):
             with open(os.path.join(path, "generation_config.json")) as f:
                 generation_config = json.load(f)
+        else:   # as HF's from_pretrained: a generation config made from config.json
+            with open(os.path.join(path, "config.json")) as f:
+                generation_config = generation_config_from_model_config(json.load(f))
         model = cls(config, params, generation_config, mesh)
         model.path = os.fspath(path)
         return model
@@ -202,10 +209,12 @@ class LlavaNext:
         applies temperature, then top_k (0 = off; HF's default 50), then top_p (1.0 = off). `seed`:
         one int (row r's draws depend on (seed, r) only) or one per row (a row's draws depend on its own
         seed only, so it samples the same wherever it sits in a batch).
-        eos_token_id: int or list (default: the checkpoint's generation config). repetition_penalty: HF's
-        (> 1 discourages every token of the prompt, from its first real token on as HF counts them, and
-        of the output so far; 1.0 off). no_repeat_ngram_size: HF's (n > 0: no n-gram of the prompt, pads
-        and image tokens as given included, and the output occurs twice; at most `generate.MAX_NGRAM`).
+        eos_token_id: int or list (default: the checkpoint's generation config). pad_token_id: what
+        follows a row's stop id (default: the generation config's, else the first stop id, as HF's).
+        repetition_penalty: HF's (> 1 discourages every token of the prompt, from its first real token on
+        as HF counts them, and of the output so far; 1.0 off). no_repeat_ngram_size: HF's (n > 0: no
+        n-gram of the prompt, pads and image tokens as given included, and the output occurs twice; at
+        most `generate.MAX_NGRAM`).
 
         num_beams > 1: HF's beam search (`beam`; greedy, not sampled), with its length_penalty (a
         finished hypothesis scores sum of log-probabilities / length**length_penalty) and
@@ -323,7 +332,8 @@ class LlavaNext:
         ids, mask, sources = _left_align(ids, mask, sources)
         prompt_ids, prompt_mask = ids, mask   # before bucketing: the penalties' and n-gram bans' prompt
         stop_ids = self.eos_token_ids if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
-        pad_id = self.pad_token_id if pad_token_id is None else int(pad_token_id)
+        pad_id = self.pad_token_id if pad_token_id is None else pad_token_id
+        pad_id = int((stop_ids or (0,))[0] if pad_id is None else pad_id)   # HF: the first stop id
         B, T = ids.shape
         ids, mask, sources = generate.pad_prompt(ids, mask, sources, generate.bucket(T, generate.PROMPT_BUCKETS),
                                                  pad_id)
@@ -456,6 +466,15 @@ class LlavaNext:
             raise RuntimeError(f"streamed {sent!r}, but the whole answer decodes to {answer!r}")
         if len(answer) > len(sent):
             yield answer[len(sent):]
+
+
+def generation_config_from_model_config(raw: dict) -> dict:
+    """The generation settings HF's `from_pretrained` takes from config.json where a checkpoint has no
+    generation_config.json (`GenerationConfig.from_model_config`): the top level's values, then, for
+    those it leaves unset, text_config's (the special tokens, and any generation setting written there)."""
+    keys = ("eos_token_id", "pad_token_id", *GENERATION_DEFAULTS)
+    text = raw.get("text_config") or {}
+    return {k: raw[k] if raw.get(k) is not None else text.get(k) for k in keys}
 
 
 def _text_only(generation: dict, call: str) -> None:

@@ -1,5 +1,7 @@
 """Generation against HF's `generate`, batch invariance, sampling and the compile count."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -420,6 +422,38 @@ def test_settings_left_out_resolve_as_hf(tmp_path):
         expected = np.log(probs[np.arange(tokens.size), tokens.reshape(-1)]).reshape(tokens.shape)
         np.testing.assert_allclose(logprobs, expected, rtol=1e-4, atol=1e-4)
         assert ((probs > 0).sum(-1) == 50).all()    # the default top_k is what cuts (160 tokens)
+
+
+@pytest.mark.parametrize("generation, text, top", [
+    (dict(eos_token_id=[7, 99]), dict(pad_token_id=11), {}),    # a generation config without pad: not text_config's
+    ({}, dict(eos_token_id=7), {}),                              # nor eos: no stop id (HF's)
+    (None, dict(pad_token_id=11, eos_token_id=7), {}),           # no generation_config.json: config.json's
+    (None, dict(eos_token_id=[7, 99]), dict(pad_token_id=13)),   # top level first, then text_config
+])
+def test_stop_and_pad_ids_resolve_as_hf(tmp_path, generation, text, top):
+    """The stop and pad ids a call leaves out are those HF's `from_pretrained` + `generate` use: the
+    generation_config.json's alone, else config.json's (top level, then text_config); with no pad id
+    there, rows pad with the call's first stop id. Greedy and beam output against HF's."""
+    import json
+    from transformers import LlavaNextForConditionalGeneration
+    tm.save_checkpoint(tm.build_model("vicuna", seed=4), str(tmp_path))
+    os.remove(tmp_path / "generation_config.json")
+    if generation is not None:
+        (tmp_path / "generation_config.json").write_text(json.dumps(generation))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["text_config"].update(text)
+    (tmp_path / "config.json").write_text(json.dumps({**config, **top}))
+    hf = LlavaNextForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+    model = LlavaNext.from_pretrained(str(tmp_path))
+    batch = tm.make_batch(hf.config, ROWS[:2], seed=9)    # greedy: row 0 emits 7 at step 2, row 1 99 at 2
+    T = batch["input_ids"].shape[1]
+    for call in (dict(), dict(eos_token_id=[88]), dict(eos_token_id=[88], pad_token_id=3), dict(num_beams=2)):
+        with torch.no_grad():
+            ref = hf.generate(**{k: torch.from_numpy(v) for k, v in batch.items()}, max_new_tokens=12, **call)
+        ref = ref[:, T:].numpy()
+        ours = model.generate(**batch, max_new_tokens=12, **call)
+        np.testing.assert_array_equal(ours[:, :ref.shape[1]], ref, err_msg=str(call))
+        assert ref.shape[1] == 12 or (ours[:, ref.shape[1]:] == ours[:, -1:]).all()
 
 
 def _hf_filtered(logits, top_k, top_p, temperature):
