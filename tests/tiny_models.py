@@ -7,6 +7,7 @@ test can compare against it. Nothing is downloaded.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -55,9 +56,16 @@ def hf_config(family: str, image_size: int = 56, pinpoints=None, vision_layers: 
 
 
 def build_model(family: str, seed: int = 0, **config_kw):
-    from transformers import LlavaNextForConditionalGeneration
+    return build_model_from_config(hf_config(family, **config_kw), seed)
+
+
+def build_model_from_config(config, seed: int = 0):
+    """`LlavaNextForConditionalGeneration` with random weights for an HF `LlavaNextConfig` (or its dict)."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+    if isinstance(config, dict):
+        config = LlavaNextConfig.from_dict(copy.deepcopy(config))
     torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(hf_config(family, **config_kw)).eval()
+    model = LlavaNextForConditionalGeneration(config).eval()
     with torch.no_grad():  # HF zero-inits biases and ones-inits norms: randomise so a mix-up shows
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:

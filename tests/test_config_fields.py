@@ -1,0 +1,108 @@
+"""The config fields transformers' `LlavaNextConfig` and its CLIP vision and Llama / Mistral / Qwen2 text
+configs read: for each value a config.json may hold, our logits equal those of transformers loading the
+same checkpoint (float32, 1e-4), or loading refuses the config with an error naming the field and value.
+
+Each case builds a tiny random HF model from a config, saves it, optionally edits its config.json,
+then compares `LlavaNext.from_pretrained` (through the converter) with `from_pretrained` in transformers.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import tiny_models as tm
+from llava_next_jax import LlavaNext
+
+VISION = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+              num_attention_heads=4, image_size=56, patch_size=14)
+TEXT = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=160, initializer_range=0.15)
+# Several images a row (incl. unpadding's rounding cases and a 1-pixel-high one), left padding, text only.
+ROWS = [(3, [(480, 640), (55, 176)], 4), (5, [(88, 55)], 2), (7, [(1, 300)], 3), (20, [], 3)]
+# Rows longer than a 16-token sliding window, with text far behind the images.
+LONG = [(3, [(480, 640), (55, 176)], 40), (5, [(88, 55)], 2), (60, [], 3)]
+# Images whose anyres grid gives very few or very many feature rows.
+EXTREME = [(3, [(1, 1), (5, 3000)], 4), (5, [(3000, 5), (2, 2)], 2), (2, [(1, 2), (2, 1), (7, 1)], 1)]
+
+
+def raw_config(vision=None, text=None, **fields):
+    """A LlavaNextConfig dict: the tiny sizes above, `vision` / `text` merged into the sub-configs."""
+    return {"vision_config": {**VISION, **(vision or {})}, "text_config": {**TEXT, **(text or {})},
+            "image_token_index": TEXT["vocab_size"] - 1, "image_grid_pinpoints": tm.TINY_PINPOINTS, **fields}
+
+
+def compare(tmp_path, raw, rows=ROWS, edit=None, seed=0):
+    """Our logits against transformers' for a checkpoint built from `raw` (its config.json passed through
+    `edit`, if given), both loaded from the saved directory."""
+    from transformers import LlavaNextForConditionalGeneration
+    path = str(tmp_path / "hf")
+    tm.build_model_from_config(raw, seed).save_pretrained(path)
+    if edit:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+        edit(config)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(config, f)
+    hf = LlavaNextForConditionalGeneration.from_pretrained(path).eval()
+    batch = tm.make_batch(hf.config, rows, seed=seed)
+    ref = tm.hf_logits(hf, batch)
+    ours = np.asarray(LlavaNext.from_pretrained(path).forward(**batch))
+    mask = batch["attention_mask"].astype(bool)
+    assert np.isfinite(ours).all()
+    diff = np.abs(ours - ref)[mask].max()
+    assert diff <= 1e-4, f"max |delta logits| {diff} (logits span {np.abs(ref).max():.2f})"
+
+
+SAME_AS_HF = {
+    "vision_feature_layer=-1": (raw_config(vision_feature_layer=-1), ROWS),
+    "vision_feature_layer=[0,-1,2]": (raw_config(vision_feature_layer=[0, -1, 2]), ROWS),
+    "vision_feature_layer=[-1,-1]": (raw_config(vision_feature_layer=[-1, -1]), ROWS),
+    "multimodal_projector_bias=false": (raw_config(multimodal_projector_bias=False), ROWS),
+    "vision layer_norm_eps": (raw_config(vision=dict(layer_norm_eps=1e-2)), ROWS),
+    "vision 28px, 7px patches": (raw_config(vision=dict(image_size=28, patch_size=7),
+                                            image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]]), ROWS),
+    "vision 42px, odd pinpoints": (raw_config(vision=dict(image_size=42),
+                                              image_grid_pinpoints=[[42, 126], [84, 42], [126, 168]]), ROWS),
+    "one pinpoint": (raw_config(image_grid_pinpoints=[[56, 56]]), ROWS),
+    "extreme images": (raw_config(), EXTREME),
+    "extreme images, 336px": (raw_config(vision=dict(image_size=336), image_grid_pinpoints=tm.RELEASED_PINPOINTS),
+                              EXTREME),
+    "extreme images, long pinpoints": (raw_config(image_grid_pinpoints=[[56, 56], [56, 336], [336, 56], [112, 224]]),
+                                       EXTREME + [(1, [(100, 130), (480, 640)], 1)]),
+    "llama head_dim=32": (raw_config(text=dict(head_dim=32)), ROWS),
+    "llama head_dim=8": (raw_config(text=dict(head_dim=8)), ROWS),
+    "mistral head_dim=32": (raw_config(text=dict(model_type="mistral", head_dim=32, sliding_window=None)), ROWS),
+    "qwen2 head_dim=32": (raw_config(text=dict(model_type="qwen2", head_dim=32)), ROWS),
+    "llama attention_bias": (raw_config(text=dict(attention_bias=True)), ROWS),
+    "llama mlp_bias": (raw_config(text=dict(mlp_bias=True)), ROWS),
+    "mistral mlp_bias (not read)": (raw_config(text=dict(model_type="mistral", mlp_bias=True)), ROWS),
+    "qwen2 attention_bias=false (not read)": (raw_config(text=dict(model_type="qwen2", attention_bias=False)), ROWS),
+    "qwen2 mlp_bias (not read)": (raw_config(text=dict(model_type="qwen2", mlp_bias=True)), ROWS),
+    "llama pretraining_tp=2 (not read)": (raw_config(text=dict(pretraining_tp=2)), ROWS),
+    "rope linear": (raw_config(text=dict(rope_parameters=dict(rope_type="linear", factor=3.0, rope_theta=1e4))), ROWS),
+    "rope_scaling linear (4.x)": (raw_config(text=dict(rope_scaling=dict(type="linear", factor=3.0), rope_theta=500.0)),
+                                  ROWS),
+    "rope default, partial_rotary_factor (not read)": (raw_config(text=dict(rope_parameters=dict(
+        rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5))), ROWS),
+    "mistral sliding_window=16": (raw_config(text=dict(model_type="mistral", sliding_window=16)), LONG),
+    "mistral sliding_window=1": (raw_config(text=dict(model_type="mistral", sliding_window=1)), LONG),
+    "llama sliding_window (not read)": (raw_config(text=dict(sliding_window=16)), LONG),
+    "qwen2 use_sliding_window, max_window_layers=1": (raw_config(text=dict(
+        model_type="qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=1)), LONG),
+    "qwen2 use_sliding_window, max_window_layers=0": (raw_config(text=dict(
+        model_type="qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=0)), LONG),
+    "qwen2 use_sliding_window, layer_types": (raw_config(text=dict(
+        model_type="qwen2", use_sliding_window=True, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"])), LONG),
+    "qwen2 sliding_window without use_sliding_window": (raw_config(text=dict(
+        model_type="qwen2", sliding_window=16, max_window_layers=0)), LONG),
+    "tie_word_embeddings": (raw_config(tie_word_embeddings=True), ROWS),
+}
+
+
+@pytest.mark.parametrize("case", SAME_AS_HF)
+def test_logits_equal_hf(tmp_path, case):
+    raw, rows = SAME_AS_HF[case]
+    compare(tmp_path, raw, rows)
