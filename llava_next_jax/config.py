@@ -173,12 +173,12 @@ def _sliding_windows(raw: dict[str, Any], model_type: str, num_layers: int, sour
         window = None  # Llama has no sliding window; Qwen2 only with use_sliding_window
     if not window:
         return (0,) * num_layers
-    layer_types = raw.get("layer_types")
-    if model_type == "qwen2" and layer_types is None:
+    if model_type == "mistral":   # transformers' MistralModel windows every layer; it never reads layer_types
+        return (int(window),) * num_layers
+    layer_types = raw.get("layer_types")   # Qwen2's, else sliding from layer max_window_layers on
+    if layer_types is None:
         first = raw.get("max_window_layers", 28)
         return tuple(int(window) if i >= first else 0 for i in range(num_layers))
-    if layer_types is None:
-        return (int(window),) * num_layers
     if len(layer_types) != num_layers:
         raise ValueError(f"{source}: text_config.layer_types has {len(layer_types)} entries for {num_layers} layers")
     unknown = set(layer_types) - {"full_attention", "sliding_attention"}

@@ -87,6 +87,8 @@ SAME_AS_HF = {
     "rope default, partial_rotary_factor (not read)": (raw_config(text=dict(rope_parameters=dict(
         rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5))), ROWS),
     "mistral sliding_window=16": (raw_config(text=dict(model_type="mistral", sliding_window=16)), LONG),
+    "mistral sliding_window, layer_types (not read)": (raw_config(text=dict(
+        model_type="mistral", sliding_window=16, layer_types=["full_attention", "sliding_attention"])), LONG),
     "mistral sliding_window=1": (raw_config(text=dict(model_type="mistral", sliding_window=1)), LONG),
     "llama sliding_window (not read)": (raw_config(text=dict(sliding_window=16)), LONG),
     "qwen2 use_sliding_window, max_window_layers=1": (raw_config(text=dict(
