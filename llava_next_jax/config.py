@@ -260,6 +260,9 @@ def _parse_llava(raw: dict[str, Any], source: str) -> LlavaNextConfig:
         raise _fail(source, "projector_hidden_act", act, "gelu")
     if raw.get("image_token_index", raw.get("image_token_id")) is None and "image_token_index" in raw:
         raise ValueError(f"{source}: image_token_index is null")
+    # transformers 5 reads the top-level key alone (default false); 4.x configs may have it in text_config
+    # only, where 5 leaves a checkpoint without lm_head.weight with a random one: we tie as 4.x did. A
+    # stored lm_head.weight that differs from the embeddings is refused by the converter (5 would use it).
     tie = raw.get("tie_word_embeddings")
     if tie is None:
         tie = (raw.get("text_config") or {}).get("tie_word_embeddings", False)

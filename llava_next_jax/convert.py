@@ -217,15 +217,18 @@ def plan(files: TensorFiles, config: LlavaNextConfig) -> dict[tuple[str, ...], t
     misshaped tensor (shapes from the files' headers, before any tensor is read)."""
     shapes = expected_shapes(config)
     sources: dict[tuple[str, ...], list[tuple[str, Target]]] = {path: [] for path in shapes}
-    unknown = []
+    unknown, tied_heads = [], []
     for key in files.keys():
         try:
             target = target_of(key)
         except KeyError:
             unknown.append(key)
             continue
-        if target is None or (target.path == ("lm_head", "kernel") and config.tie_word_embeddings):
-            continue  # a recomputed buffer, or a tied head saved anyway (a copy of embed_tokens)
+        if target is not None and target.path == ("lm_head", "kernel") and config.tie_word_embeddings:
+            tied_heads.append(key)   # a tied head saved anyway: checked below to be a copy of embed_tokens
+            continue
+        if target is None:
+            continue  # a recomputed buffer
         if target.path not in sources:
             unknown.append(key)
             continue
@@ -246,7 +249,22 @@ def plan(files: TensorFiles, config: LlavaNextConfig) -> dict[tuple[str, ...], t
         if stored != want:
             raise ValueError(f"{files.files[key]}: tensor {key} has shape {stored}; parameter {'/'.join(path)} "
                              f"expects {want} as stored by HF (check config.json sizes)")
+    embeddings = sources[("language_model", "embed_tokens", "embedding")][0][0]
+    for key in tied_heads:
+        _check_tied_head(files, key, embeddings)
     return {path: found[0] for path, found in sources.items()}
+
+
+def _check_tied_head(files: TensorFiles, head: str, embeddings: str) -> None:
+    """ValueError unless the lm_head a tied checkpoint stores equals its embeddings: transformers 5 does
+    not tie them then (it warns) and computes its logits from that lm_head."""
+    if files.shapes[head] == files.shapes[embeddings] and np.array_equal(files.load(head), files.load(embeddings)):
+        return
+    raise ValueError(
+        f"{files.src_dir}: config.json ties the output layer to the embeddings (tie_word_embeddings=true, at its "
+        f"top level or, without one there, in text_config), but {files.where(head)} differs from "
+        f"{files.where(embeddings)}: transformers 5 then keeps them apart and uses lm_head.weight. Set "
+        f"\"tie_word_embeddings\": false at the top level of config.json to load it so")
 
 
 def iter_tensors(src_dir: str, config: LlavaNextConfig, dtype: str | None = None

@@ -33,10 +33,10 @@ def raw_config(vision=None, text=None, **fields):
             "image_token_index": TEXT["vocab_size"] - 1, "image_grid_pinpoints": tm.TINY_PINPOINTS, **fields}
 
 
-def compare(tmp_path, raw, rows=ROWS, edit=None, seed=0):
-    """Our logits against transformers' for a checkpoint built from `raw` (its config.json passed through
-    `edit`, if given), both loaded from the saved directory."""
-    from transformers import LlavaNextForConditionalGeneration
+def save(tmp_path, raw, edit=None, edit_tensors=None, seed=0) -> str:
+    """A checkpoint directory of a tiny random HF model built from `raw`, its config.json dict passed
+    through `edit` and its tensors dict through `edit_tensors`, if given."""
+    from safetensors.numpy import load_file, save_file
     path = str(tmp_path / "hf")
     tm.build_model_from_config(raw, seed).save_pretrained(path)
     if edit:
@@ -45,6 +45,17 @@ def compare(tmp_path, raw, rows=ROWS, edit=None, seed=0):
         edit(config)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(config, f)
+    if edit_tensors:
+        tensors = load_file(os.path.join(path, "model.safetensors"))
+        edit_tensors(tensors)
+        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def compare(tmp_path, raw, rows=ROWS, edit=None, edit_tensors=None, seed=0):
+    """Our logits against transformers', both loading the checkpoint `save` writes."""
+    from transformers import LlavaNextForConditionalGeneration
+    path = save(tmp_path, raw, edit, edit_tensors, seed)
     hf = LlavaNextForConditionalGeneration.from_pretrained(path).eval()
     batch = tm.make_batch(hf.config, rows, seed=seed)
     ref = tm.hf_logits(hf, batch)
@@ -53,6 +64,16 @@ def compare(tmp_path, raw, rows=ROWS, edit=None, seed=0):
     assert np.isfinite(ours).all()
     diff = np.abs(ours - ref)[mask].max()
     assert diff <= 1e-4, f"max |delta logits| {diff} (logits span {np.abs(ref).max():.2f})"
+
+
+def refused(tmp_path, raw, match, edit=None, edit_tensors=None):
+    """Loading (and converting) the checkpoint `save` writes is a ValueError matching `match`."""
+    from llava_next_jax.convert_cli import convert_checkpoint
+    path = save(tmp_path, raw, edit, edit_tensors)
+    with pytest.raises(ValueError, match=match):
+        LlavaNext.from_pretrained(path)
+    with pytest.raises(ValueError, match=match):
+        convert_checkpoint(path, str(tmp_path / "out"), log=lambda *_: None)
 
 
 SAME_AS_HF = {
@@ -108,3 +129,36 @@ SAME_AS_HF = {
 def test_logits_equal_hf(tmp_path, case):
     raw, rows = SAME_AS_HF[case]
     compare(tmp_path, raw, rows)
+
+
+def head_as_embeddings(tensors):
+    """A tied checkpoint that stores its lm_head anyway, as a copy of the embeddings (.bin files do)."""
+    tensors["language_model.lm_head.weight"] = tensors["language_model.model.embed_tokens.weight"].copy()
+
+
+def drop_top_level_tie(config):
+    """The 4.x spelling: tie_word_embeddings only in text_config (transformers 5 reads the top level's)."""
+    del config["tie_word_embeddings"]
+    config["text_config"]["tie_word_embeddings"] = True
+
+
+def test_tied_checkpoint_with_its_lm_head_saved_as_a_copy(tmp_path):
+    compare(tmp_path, raw_config(tie_word_embeddings=True), edit_tensors=head_as_embeddings)
+
+
+def test_tie_word_embeddings_with_a_different_lm_head_is_refused(tmp_path):
+    """transformers 5 unties a checkpoint whose lm_head differs from its embeddings (a warning) and ties
+    by the top-level key alone; the logits would then be those of lm_head.weight, which we do not tie."""
+    for case, edit in (("top", lambda c: c.update(tie_word_embeddings=True)), ("text", drop_top_level_tie)):
+        refused(tmp_path / case, raw_config(), r"tie_word_embeddings=true.*lm_head.weight \(in model.safetensors\) "
+                                               r"differs", edit)
+
+
+def test_tie_word_embeddings_in_text_config_alone_ties_a_checkpoint_without_lm_head(tmp_path):
+    """As transformers 4 did (5 would leave lm_head random): the same logits as the top-level key gives."""
+    tied = raw_config(tie_word_embeddings=True)
+    compare(tmp_path, tied)
+    path = save(tmp_path / "text", tied, edit=drop_top_level_tie)
+    batch = tm.make_batch(tm.build_model_from_config(tied).config, ROWS)
+    np.testing.assert_array_equal(np.asarray(LlavaNext.from_pretrained(path).forward(**batch)),
+                                  np.asarray(LlavaNext.from_pretrained(str(tmp_path / "hf")).forward(**batch)))
