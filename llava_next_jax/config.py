@@ -198,7 +198,10 @@ def _parse_text(raw: dict[str, Any], source: str) -> TextConfig:
     if act != "silu":
         raise _fail(source, "text_config.hidden_act", act, "silu")
     layers = int(get("num_hidden_layers"))
-    attention_bias = bool(raw.get("attention_bias") or False)
+    # Llama's q/k/v/o biases; Qwen2 always has q/k/v biases and no o bias; Mistral none (neither reads the key)
+    attention_bias = model_type == "llama" and bool(raw.get("attention_bias") or False)
+    # an explicit null is num_attention_heads (Llama, Qwen2; MistralConfig refuses it), a missing key the default
+    kv_heads = raw.get("num_key_value_heads", _TEXT_DEFAULTS[model_type]["num_key_value_heads"]) or heads
     return TextConfig(
         model_type=model_type,
         vocab_size=int(get("vocab_size")),
@@ -206,8 +209,7 @@ def _parse_text(raw: dict[str, Any], source: str) -> TextConfig:
         intermediate_size=int(get("intermediate_size")),
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=int(raw.get("num_key_value_heads") or _TEXT_DEFAULTS[model_type]["num_key_value_heads"]
-                                or heads),
+        num_key_value_heads=int(kv_heads),
         head_dim=int(raw.get("head_dim") or hidden // heads),
         rms_norm_eps=float(get("rms_norm_eps")),
         rope=_parse_rope(raw, source),

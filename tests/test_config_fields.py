@@ -98,6 +98,7 @@ SAME_AS_HF = {
     "qwen2 head_dim=32": (raw_config(text=dict(model_type="qwen2", head_dim=32)), ROWS),
     "llama attention_bias": (raw_config(text=dict(attention_bias=True)), ROWS),
     "llama mlp_bias": (raw_config(text=dict(mlp_bias=True)), ROWS),
+    "mistral attention_bias (not read)": (raw_config(text=dict(model_type="mistral", attention_bias=True)), ROWS),
     "mistral mlp_bias (not read)": (raw_config(text=dict(model_type="mistral", mlp_bias=True)), ROWS),
     "qwen2 attention_bias=false (not read)": (raw_config(text=dict(model_type="qwen2", attention_bias=False)), ROWS),
     "qwen2 mlp_bias (not read)": (raw_config(text=dict(model_type="qwen2", mlp_bias=True)), ROWS),
@@ -162,3 +163,11 @@ def test_tie_word_embeddings_in_text_config_alone_ties_a_checkpoint_without_lm_h
     batch = tm.make_batch(tm.build_model_from_config(tied).config, ROWS)
     np.testing.assert_array_equal(np.asarray(LlavaNext.from_pretrained(path).forward(**batch)),
                                   np.asarray(LlavaNext.from_pretrained(str(tmp_path / "hf")).forward(**batch)))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_null_num_key_value_heads_is_multi_head_attention(tmp_path, family):
+    """transformers' Llama and Qwen2 configs turn an explicit null into num_attention_heads (MistralConfig
+    refuses a null; its default for a missing key is 8, which we keep)."""
+    compare(tmp_path, raw_config(text=dict(model_type=family, num_key_value_heads=None)),
+            edit=lambda c: c["text_config"].update(num_key_value_heads=None))
