@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -59,13 +60,19 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
-    """RoPE frequencies: `default`, `linear` (factor) or `llama3` (factor, low/high_freq_factor, original_max)."""
+    """RoPE frequencies as transformers computes them: `default`, `linear` (factor), `llama3` (factor,
+    low/high_freq_factor, original_max_position_embeddings) or `yarn` (factor, original_max_position_embeddings,
+    beta_fast/slow, truncate; cos and sin scaled by attention_factor)."""
     theta: float = 10000.0
     type: str = "default"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,30 +142,49 @@ def _fail(source: str, key: str, value: Any, supported: str) -> ValueError:
     return ValueError(f"{source}: {key}={value!r} is not supported; supported: {supported}")
 
 
-def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:
-    params = raw.get("rope_parameters")
-    if isinstance(params, dict) and "rope_theta" not in params and "rope_type" not in params:
-        raise _fail(source, "text_config.rope_parameters", params, "one set of parameters for all layers")
-    if not params:  # 4.x spelling: rope_theta beside an optional rope_scaling dict
-        params = dict(raw.get("rope_scaling") or {})
-        params.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def _parse_rope(raw: dict[str, Any], source: str, max_position_embeddings: int) -> RopeConfig:
+    """transformers' `RotaryEmbeddingConfigMixin` reading: a 4.x `rope_scaling` dict first, else 5.x's
+    `rope_parameters`, with `rope_theta` (default 10000) beside them and `type` for `rope_type`."""
+    key = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
+    params = dict(raw.get(key) or {})
+    if any(isinstance(v, dict) for v in params.values()):
+        raise _fail(source, f"text_config.{key}", raw[key], "one set of parameters for all layers")
     rope_type = params.get("rope_type", params.get("type", "default"))
     theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
-    if rope_type == "default":
+    if rope_type not in ROPE_TYPES:
+        raise _fail(source, f"text_config.{key}.rope_type", rope_type,
+                    ", ".join(ROPE_TYPES) + " (dynamic and longrope change with the sequence length)")
+    if rope_type == "default":   # the families' own default ignores partial_rotary_factor: all of head_dim turns
         return RopeConfig(theta=theta)
+    partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):   # transformers' scaled types then make fewer frequencies than it applies
+        raise _fail(source, f"text_config.{key}.partial_rotary_factor", partial, f"1.0 with rope_type={rope_type!r}")
+
+    def need(name):
+        if params.get(name) is None:
+            raise ValueError(f"{source}: text_config.{key} of rope_type {rope_type!r} is missing {name!r} "
+                             f"(has {sorted(params)})")
+        return float(params[name])
+    # a text_config-level original_max_position_embeddings wins, as in transformers (Phi-3 writes it there)
+    original = int(raw.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+                   or max_position_embeddings)
     if rope_type == "linear":
-        return RopeConfig(theta=theta, type="linear", factor=float(params["factor"]))
+        return RopeConfig(theta=theta, type="linear", factor=need("factor"))
     if rope_type == "llama3":
-        try:
-            return RopeConfig(theta=theta, type="llama3", factor=float(params["factor"]),
-                              low_freq_factor=float(params["low_freq_factor"]),
-                              high_freq_factor=float(params["high_freq_factor"]),
-                              original_max_position_embeddings=int(params["original_max_position_embeddings"]))
-        except KeyError as e:
-            raise ValueError(f"{source}: llama3 rope scaling is missing {e.args[0]!r} (have {sorted(params)})")
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise _fail(source, "partial_rotary_factor", params["partial_rotary_factor"], "1.0")
-    raise _fail(source, "text_config.rope type", rope_type, "default, linear, llama3")
+        return RopeConfig(theta=theta, type="llama3", factor=need("factor"), low_freq_factor=need("low_freq_factor"),
+                          high_freq_factor=need("high_freq_factor"), original_max_position_embeddings=original)
+    factor = need("factor")   # yarn
+    mscale = lambda m=1.0: 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+        attention_factor = mscale(m) / mscale(m_all) if m and m_all else mscale()
+    return RopeConfig(theta=theta, type="yarn", factor=factor, original_max_position_embeddings=original,
+                      beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+                      truncate=bool(params.get("truncate", True)), attention_factor=float(attention_factor))
 
 
 def _as_tuple(value: Any) -> tuple[int, ...]:
@@ -212,7 +238,7 @@ def _parse_text(raw: dict[str, Any], source: str) -> TextConfig:
         num_key_value_heads=int(kv_heads),
         head_dim=int(raw.get("head_dim") or hidden // heads),
         rms_norm_eps=float(get("rms_norm_eps")),
-        rope=_parse_rope(raw, source),
+        rope=_parse_rope(raw, source, int(get("max_position_embeddings"))),
         max_position_embeddings=int(get("max_position_embeddings")),
         qkv_bias=model_type == "qwen2" or attention_bias,
         o_bias=model_type != "qwen2" and attention_bias,

@@ -106,6 +106,22 @@ SAME_AS_HF = {
     "rope linear": (raw_config(text=dict(rope_parameters=dict(rope_type="linear", factor=3.0, rope_theta=1e4))), ROWS),
     "rope_scaling linear (4.x)": (raw_config(text=dict(rope_scaling=dict(type="linear", factor=3.0), rope_theta=500.0)),
                                   ROWS),
+    "rope llama3, mistral": (raw_config(text=dict(model_type="mistral", sliding_window=None, rope_parameters=dict(
+        rope_type="llama3", rope_theta=1e4, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=64))), LONG),
+    "rope yarn, qwen2": (raw_config(text=dict(model_type="qwen2", max_position_embeddings=128, rope_parameters=dict(
+        rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=32))), LONG),
+    "rope_scaling yarn (4.x), llama": (raw_config(text=dict(
+        max_position_embeddings=128, rope_theta=1e4,
+        rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=32))), LONG),
+    "rope yarn, mscale and mscale_all_dim, betas": (raw_config(text=dict(
+        max_position_embeddings=128, rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0,
+                                                          original_max_position_embeddings=32, mscale=0.8,
+                                                          mscale_all_dim=0.5, beta_fast=16, beta_slow=2))), LONG),
+    "rope yarn, attention_factor, no truncation": (raw_config(text=dict(
+        max_position_embeddings=128, rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0,
+                                                          original_max_position_embeddings=32, attention_factor=1.3,
+                                                          truncate=False))), LONG),
     "rope default, partial_rotary_factor (not read)": (raw_config(text=dict(rope_parameters=dict(
         rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5))), ROWS),
     "mistral sliding_window=16": (raw_config(text=dict(model_type="mistral", sliding_window=16)), LONG),
@@ -171,3 +187,34 @@ def test_null_num_key_value_heads_is_multi_head_attention(tmp_path, family):
     refuses a null; its default for a missing key is 8, which we keep)."""
     compare(tmp_path, raw_config(text=dict(model_type=family, num_key_value_heads=None)),
             edit=lambda c: c["text_config"].update(num_key_value_heads=None))
+
+
+def test_llama3_rope_without_original_max_position_embeddings(tmp_path):
+    """transformers takes max_position_embeddings for a llama3 (or yarn) rope's missing original length."""
+    rope = dict(rope_type="llama3", rope_theta=1e4, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=64)
+    compare(tmp_path, raw_config(text=dict(max_position_embeddings=64, rope_parameters=rope)), LONG,
+            edit=lambda c: c["text_config"]["rope_parameters"].pop("original_max_position_embeddings"))
+
+
+def test_rope_scaling_takes_precedence_over_rope_parameters(tmp_path):
+    """A config.json with both keys (a 5.x config edited by hand): transformers reads rope_scaling."""
+    compare(tmp_path, raw_config(text=dict(rope_parameters=dict(rope_type="linear", factor=3.0, rope_theta=1e4))),
+            edit=lambda c: c["text_config"].update(rope_parameters=dict(rope_type="default", rope_theta=1e4),
+                                                   rope_scaling=dict(type="linear", factor=3.0)))
+
+
+@pytest.mark.parametrize("text,match", [
+    (dict(rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=1e4)), "rope_parameters.rope_type='dynamic'"),
+    (dict(rope_scaling=dict(type="longrope", short_factor=[1.0] * 8, long_factor=[2.0] * 8,
+                            original_max_position_embeddings=32)), "rope_scaling.rope_type='longrope'"),
+    (dict(rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=1e4, partial_rotary_factor=0.5)),
+     "rope_parameters.partial_rotary_factor=0.5"),
+    (dict(rope_parameters={"full_attention": dict(rope_type="default", rope_theta=1e4)}),
+     "rope_parameters=.*one set of parameters for all layers"),
+])
+def test_refused_rope(text, match):
+    """Rope settings transformers recomputes as the sequence grows (dynamic, longrope) or fails on."""
+    from llava_next_jax.config import LlavaNextConfig
+    with pytest.raises(ValueError, match=f"config.json: text_config.{match}"):
+        LlavaNextConfig.from_dict(raw_config(text=text))

@@ -297,7 +297,8 @@ def test_config_key_spellings_agree():
 @pytest.mark.parametrize("raw,key", [
     ({"vision_feature_select_strategy": "full"}, "vision_feature_select_strategy"),
     ({"text_config": {"model_type": "gemma"}}, "text_config.model_type"),
-    ({"text_config": {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}}}, "rope type"),
+    ({"text_config": {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1.0}}}, "rope_parameters.rope_type"),
+    ({"text_config": {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}}}, "yarn.*missing 'factor'"),
     ({"vision_config": {"model_type": "siglip_vision_model"}}, "vision_config.model_type"),
     ({"vision_feature_layer": 30}, "vision_feature_layer"),
     ({"projector_hidden_act": "relu"}, "projector_hidden_act"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 from typing import Any
 
@@ -128,9 +129,26 @@ class Dense(nn.Module):
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
-    """Inverse frequencies `[H/2]` in float32, with `linear` or `llama3` scaling applied."""
+    """Inverse frequencies `[H/2]` in float32, with `linear`, `llama3` or `yarn` scaling applied (as
+    transformers' `modeling_rope_utils`; yarn's attention factor is applied by `rope_tables`)."""
     exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
     inv_freq = (1.0 / (rope.theta ** exponent.astype(np.float64))).astype(np.float32)
+    if rope.type == "yarn":
+        # the dims turning fewer than beta_slow times over the original context are interpolated
+        # (divided by factor), those turning more than beta_fast times kept, a linear ramp between
+        def correction_dim(rotations):
+            return head_dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+                2 * math.log(rope.theta))
+        low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+        if rope.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+        extrapolation = (1 - ramp).astype(np.float32)
+        interpolated = (inv_freq / np.float32(rope.factor)).astype(np.float32)
+        return (interpolated * (1 - extrapolation) + inv_freq * extrapolation).astype(np.float32)
     if rope.type == "linear":
         return (inv_freq / np.float32(rope.factor)).astype(np.float32)
     if rope.type == "llama3":
@@ -146,11 +164,14 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
     return inv_freq
 
 
-def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """cos, sin `[B, T, H]` (float32) for integer `positions [B, T]`; NeoX layout (halves repeated)."""
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray, scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """cos, sin `[B, T, H]` (float32) for integer `positions [B, T]`; NeoX layout (halves repeated); both
+    times `scale` (yarn's attention factor) unless 1."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
     angles = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
+    if scale == 1.0:
+        return jnp.cos(angles), jnp.sin(angles)
+    return jnp.cos(angles) * np.float32(scale), jnp.sin(angles) * np.float32(scale)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -508,7 +529,7 @@ def decode_hidden(params: Params, config: TextConfig, embeds: jax.Array, positio
     while every layer still writes all T keys and values: what a prefill needs, for one layer's
     query, attention and MLP work less.
     """
-    cos, sin = rope_tables(positions, rope_inv_freq(config.rope, config.head_dim))
+    cos, sin = rope_tables(positions, rope_inv_freq(config.rope, config.head_dim), config.rope.attention_factor)
     layer = DecoderLayer(config, dtype)
 
     def run_layer(p, x, mask, kv, last=False):
