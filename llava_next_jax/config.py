@@ -35,6 +35,9 @@ _CLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers
 # LlavaNextConfig() with no vision_config at all builds CLIP ViT-L/14-336.
 _LLAVA_VISION_DEFAULTS = dict(_CLIP_DEFAULTS, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                               num_attention_heads=16, image_size=336, patch_size=14)
+# transformers' ACT2FN names we compute (`modeling.activations`); the tanh GELUs are one formula.
+ACTIVATIONS = ("gelu", "gelu_python", "gelu_new", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_fast", "quick_gelu",
+               "relu", "silu", "swish")
 _DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
 
@@ -48,6 +51,7 @@ class VisionConfig:
     patch_size: int
     layer_norm_eps: float
     num_channels: int = 3
+    hidden_act: str = "quick_gelu"
 
     @property
     def head_dim(self) -> int:
@@ -88,6 +92,7 @@ class TextConfig:
     rms_norm_eps: float
     rope: RopeConfig
     max_position_embeddings: int
+    hidden_act: str = "silu"
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
@@ -108,6 +113,7 @@ class LlavaNextConfig:
     vision_feature_select_strategy: str
     multimodal_projector_bias: bool
     tie_word_embeddings: bool
+    projector_hidden_act: str = "gelu"
 
     @property
     def geometry(self) -> anyres.Geometry:
@@ -187,6 +193,12 @@ def _parse_rope(raw: dict[str, Any], source: str, max_position_embeddings: int) 
                       truncate=bool(params.get("truncate", True)), attention_factor=float(attention_factor))
 
 
+def _activation(name: Any, key: str, source: str) -> str:
+    if name not in ACTIVATIONS:
+        raise _fail(source, key, name, ", ".join(ACTIVATIONS))
+    return name
+
+
 def _as_tuple(value: Any) -> tuple[int, ...]:
     if value is None:
         return ()
@@ -220,9 +232,7 @@ def _parse_text(raw: dict[str, Any], source: str) -> TextConfig:
     get = lambda key: raw.get(key) if raw.get(key) is not None else _TEXT_DEFAULTS[model_type][key]
     heads = int(get("num_attention_heads"))
     hidden = int(get("hidden_size"))
-    act = raw.get("hidden_act", "silu")
-    if act != "silu":
-        raise _fail(source, "text_config.hidden_act", act, "silu")
+    act = _activation(raw.get("hidden_act", "silu"), "text_config.hidden_act", source)
     layers = int(get("num_hidden_layers"))
     # Llama's q/k/v/o biases; Qwen2 always has q/k/v biases and no o bias; Mistral none (neither reads the key)
     attention_bias = model_type == "llama" and bool(raw.get("attention_bias") or False)
@@ -240,6 +250,7 @@ def _parse_text(raw: dict[str, Any], source: str) -> TextConfig:
         rms_norm_eps=float(get("rms_norm_eps")),
         rope=_parse_rope(raw, source, int(get("max_position_embeddings"))),
         max_position_embeddings=int(get("max_position_embeddings")),
+        hidden_act=act,
         qkv_bias=model_type == "qwen2" or attention_bias,
         o_bias=model_type != "qwen2" and attention_bias,
         mlp_bias=model_type == "llama" and bool(raw.get("mlp_bias") or False),
@@ -257,8 +268,7 @@ def _parse_vision(raw: dict[str, Any] | None, source: str) -> VisionConfig:
     if model_type != "clip_vision_model":
         raise _fail(source, "vision_config.model_type", model_type, "clip_vision_model")
     get = lambda key: raw.get(key) if raw.get(key) is not None else defaults[key]
-    if get("hidden_act") != "quick_gelu":
-        raise _fail(source, "vision_config.hidden_act", get("hidden_act"), "quick_gelu")
+    _activation(get("hidden_act"), "vision_config.hidden_act", source)
     return VisionConfig(**{f.name: type(defaults[f.name])(get(f.name)) for f in dataclasses.fields(VisionConfig)})
 
 
@@ -283,9 +293,7 @@ def _parse_llava(raw: dict[str, Any], source: str) -> LlavaNextConfig:
     if not layers:
         raise ValueError(f"{source}: vision_feature_layer is empty")
 
-    act = raw.get("projector_hidden_act", "gelu")
-    if act != "gelu":
-        raise _fail(source, "projector_hidden_act", act, "gelu")
+    act = _activation(raw.get("projector_hidden_act", "gelu"), "projector_hidden_act", source)
     if raw.get("image_token_index", raw.get("image_token_id")) is None and "image_token_index" in raw:
         raise ValueError(f"{source}: image_token_index is null")
     # transformers 5 reads the top-level key alone (default false); 4.x configs may have it in text_config
@@ -304,4 +312,5 @@ def _parse_llava(raw: dict[str, Any], source: str) -> LlavaNextConfig:
         vision_feature_select_strategy=strategy,
         multimodal_projector_bias=bool(raw.get("multimodal_projector_bias", True)),
         tie_word_embeddings=bool(tie),
+        projector_hidden_act=act,
     )

@@ -218,3 +218,36 @@ def test_refused_rope(text, match):
     from llava_next_jax.config import LlavaNextConfig
     with pytest.raises(ValueError, match=f"config.json: text_config.{match}"):
         LlavaNextConfig.from_dict(raw_config(text=text))
+
+
+def test_activations_equal_transformers():
+    """Every activation name a config may hold, against transformers' ACT2FN."""
+    import jax.numpy as jnp
+    import torch
+    from transformers.activations import ACT2FN
+    from llava_next_jax.config import ACTIVATIONS
+    from llava_next_jax.modeling import activations
+    assert set(ACTIVATIONS) == set(activations.FUNCTIONS)
+    x = np.linspace(-8, 8, 4001, dtype=np.float32)
+    for name in ACTIVATIONS:
+        ref = ACT2FN[name](torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(np.asarray(activations.get(name)(jnp.asarray(x))), ref, rtol=1e-6, atol=1e-6,
+                                   err_msg=name)
+
+
+@pytest.mark.parametrize("raw", [raw_config(projector_hidden_act="gelu_pytorch_tanh"),
+                                 raw_config(vision=dict(hidden_act="gelu")), raw_config(text=dict(hidden_act="relu"))],
+                         ids=["projector_hidden_act", "vision_config.hidden_act", "text_config.hidden_act"])
+def test_activations_where_a_config_names_them(tmp_path, raw):
+    compare(tmp_path, raw)
+
+
+@pytest.mark.parametrize("raw,match", [
+    (raw_config(projector_hidden_act="mish"), "projector_hidden_act='mish'"),
+    (raw_config(vision=dict(hidden_act="gelu_10")), "vision_config.hidden_act='gelu_10'"),
+    (raw_config(text=dict(hidden_act="relu2")), "text_config.hidden_act='relu2'"),
+])
+def test_refused_activations(raw, match):
+    from llava_next_jax.config import LlavaNextConfig
+    with pytest.raises(ValueError, match=f"config.json: {match} is not supported; supported: gelu, "):
+        LlavaNextConfig.from_dict(raw)

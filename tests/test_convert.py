@@ -301,7 +301,7 @@ def test_config_key_spellings_agree():
     ({"text_config": {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}}}, "yarn.*missing 'factor'"),
     ({"vision_config": {"model_type": "siglip_vision_model"}}, "vision_config.model_type"),
     ({"vision_feature_layer": 30}, "vision_feature_layer"),
-    ({"projector_hidden_act": "relu"}, "projector_hidden_act"),
+    ({"projector_hidden_act": "mish"}, "projector_hidden_act"),
 ])
 def test_unsupported_config_values_name_the_key(raw, key):
     with pytest.raises(ValueError, match=key):

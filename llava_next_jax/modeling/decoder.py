@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import cpu_kernels, xla_cpu
 from ..config import RopeConfig, TextConfig
+from . import activations
 
 Params = dict[str, Any]
 
@@ -435,7 +436,7 @@ class MLP(nn.Module):
         dense = lambda features, name: Dense(features, c.mlp_bias, self.dtype, name=name)
         gate = dense(c.intermediate_size, "gate_proj")(x)
         up = dense(c.intermediate_size, "up_proj")(x)
-        return dense(c.hidden_size, "down_proj")(nn.silu(gate) * up)
+        return dense(c.hidden_size, "down_proj")(activations.get(c.hidden_act)(gate) * up)
 
 
 class DecoderLayer(nn.Module):

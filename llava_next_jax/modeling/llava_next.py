@@ -40,7 +40,8 @@ def init_params(config: LlavaNextConfig, key: jax.Array, dtype=jnp.float32) -> P
             "layers": vision.init_layer_params(v, next(keys), dtype),
             "post_layernorm": {"scale": jnp.ones((v.hidden_size,), dtype), "bias": jnp.zeros((v.hidden_size,), dtype)},
         },
-        "multi_modal_projector": Projector(t.hidden_size, config.multimodal_projector_bias, dtype).init(
+        "multi_modal_projector": Projector(t.hidden_size, config.multimodal_projector_bias, dtype,
+                                           config.projector_hidden_act).init(
             next(keys), jnp.zeros((1, vision_width), dtype))["params"],
         "image_newline": normal((t.hidden_size,)),
         "language_model": {
@@ -61,7 +62,7 @@ def image_embeddings(params: Params, config: LlavaNextConfig, pixel_values: jax.
     """
     tiles = pixel_values.reshape(-1, *pixel_values.shape[2:])
     feats = vision.image_features(params["vision_tower"], config.vision, tiles, config.vision_feature_layers, dtype)
-    projector = Projector(config.text.hidden_size, config.multimodal_projector_bias, dtype)
+    projector = Projector(config.text.hidden_size, config.multimodal_projector_bias, dtype, config.projector_hidden_act)
     feats = projector.apply({"params": params["multi_modal_projector"]}, feats)
     newline = params["image_newline"].astype(dtype)[None]
     return jnp.concatenate([feats.reshape(-1, feats.shape[-1]), newline], axis=0)

@@ -14,13 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from ..config import VisionConfig
-from . import decoder
+from . import activations, decoder
 
 Params = dict[str, Any]
-
-
-def quick_gelu(x):
-    return x * jax.nn.sigmoid(1.702 * x)
 
 
 class SelfAttention(nn.Module):
@@ -50,7 +46,8 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         dense = lambda features, name: nn.Dense(features, dtype=self.dtype, param_dtype=self.dtype, name=name)
-        return dense(self.config.hidden_size, "fc2")(quick_gelu(dense(self.config.intermediate_size, "fc1")(x)))
+        act = activations.get(self.config.hidden_act)
+        return dense(self.config.hidden_size, "fc2")(act(dense(self.config.intermediate_size, "fc1")(x)))
 
 
 class EncoderLayer(nn.Module):
