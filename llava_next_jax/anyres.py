@@ -54,8 +54,6 @@ class Geometry:
     base_tokens: int
 
     def __post_init__(self):
-        if self.tile_size % self.patch_size:
-            raise ValueError(f"image_size {self.tile_size} is not a multiple of patch_size {self.patch_size}")
         if not self.pinpoints:
             raise ValueError("image_grid_pinpoints is empty: anyres needs at least one (height, width)")
         for h, w in self.pinpoints:

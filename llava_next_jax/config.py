@@ -302,15 +302,26 @@ def _parse_llava(raw: dict[str, Any], source: str) -> LlavaNextConfig:
     tie = raw.get("tie_word_embeddings")
     if tie is None:
         tie = (raw.get("text_config") or {}).get("tie_word_embeddings", False)
-    pinpoints = raw.get("image_grid_pinpoints") or _DEFAULT_PINPOINTS
-    return LlavaNextConfig(
+    pinpoints = raw.get("image_grid_pinpoints")
+    if pinpoints is None:   # as transformers: only a missing (or null) list is the default one
+        pinpoints = _DEFAULT_PINPOINTS
+    try:
+        pinpoints = tuple((int(h), int(w)) for h, w in pinpoints)
+    except (TypeError, ValueError) as e:
+        raise _fail(source, "image_grid_pinpoints", pinpoints, "a list of [height, width] pairs") from e
+    config = LlavaNextConfig(
         vision=vision,
         text=text,
         image_token_id=int(raw.get("image_token_index", raw.get("image_token_id", 32000))),
-        image_grid_pinpoints=tuple((int(h), int(w)) for h, w in pinpoints),
+        image_grid_pinpoints=pinpoints,
         vision_feature_layers=tuple(layers),
         vision_feature_select_strategy=strategy,
         multimodal_projector_bias=bool(raw.get("multimodal_projector_bias", True)),
         tie_word_embeddings=bool(tie),
         projector_hidden_act=act,
     )
+    try:
+        config.geometry   # the tile and pinpoint sizes checked now, not at the first image
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    return config

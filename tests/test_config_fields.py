@@ -86,6 +86,8 @@ SAME_AS_HF = {
                                             image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]]), ROWS),
     "vision 42px, odd pinpoints": (raw_config(vision=dict(image_size=42),
                                               image_grid_pinpoints=[[42, 126], [84, 42], [126, 168]]), ROWS),
+    "vision 60px, 14px patches (CLIP's conv drops the last 4 pixels)": (raw_config(
+        vision=dict(image_size=60), image_grid_pinpoints=[[60, 120], [120, 60], [120, 120]]), ROWS),
     "one pinpoint": (raw_config(image_grid_pinpoints=[[56, 56]]), ROWS),
     "extreme images": (raw_config(), EXTREME),
     "extreme images, 336px": (raw_config(vision=dict(image_size=336), image_grid_pinpoints=tm.RELEASED_PINPOINTS),
@@ -250,4 +252,16 @@ def test_activations_where_a_config_names_them(tmp_path, raw):
 def test_refused_activations(raw, match):
     from llava_next_jax.config import LlavaNextConfig
     with pytest.raises(ValueError, match=f"config.json: {match} is not supported; supported: gelu, "):
+        LlavaNextConfig.from_dict(raw)
+
+
+@pytest.mark.parametrize("raw,match", [
+    (raw_config(image_grid_pinpoints=[[84, 112], [112, 56]]),
+     r"image_grid_pinpoints entry \[84, 112\] is not a positive multiple of the tile size 56"),
+    (raw_config(image_grid_pinpoints=[]), "image_grid_pinpoints is empty"),
+])
+def test_refused_pinpoints(raw, match):
+    """transformers counts ceil(h / tile) tiles but lays out floor(h / tile): its forward pass fails."""
+    from llava_next_jax.config import LlavaNextConfig
+    with pytest.raises(ValueError, match=f"config.json: {match}"):
         LlavaNextConfig.from_dict(raw)

@@ -263,11 +263,12 @@ def test_canonical_names():
 # --- config -------------------------------------------------------------------------------------
 
 def test_config_defaults_match_transformers_classes():
-    """Released configs omit sizes; our defaults must be transformers' class defaults."""
+    """Released configs omit sizes; our defaults must be transformers' class defaults. (A bare CLIP config
+    is 224px, which the default pinpoints, multiples of 336, do not tile: one pinpoint of its size here.)"""
     from transformers import LlavaNextConfig as HFConfig
     for model_type in ("llama", "mistral", "qwen2"):
         raw = {"model_type": "llava_next", "text_config": {"model_type": model_type},
-               "vision_config": {"model_type": "clip_vision_model"}}
+               "vision_config": {"model_type": "clip_vision_model"}, "image_grid_pinpoints": [[224, 448]]}
         ours, ref = LlavaNextConfig.from_dict(raw), HFConfig(**{k: v for k, v in raw.items() if k != "model_type"})
         t, r = ours.text, ref.text_config
         assert (t.vocab_size, t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads,

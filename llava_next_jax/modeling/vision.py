@@ -66,7 +66,8 @@ class EncoderLayer(nn.Module):
 def embed_patches(params: Params, config: VisionConfig, pixels: jax.Array, dtype=jnp.float32) -> jax.Array:
     """pixels `[N, C, S, S]` -> `pre_layrnorm(patch tokens + positions)` `[N, 1 + n*n, Dv]` (CLS first).
 
-    The patch conv has kernel = stride = p and no bias, so it is one matmul over flattened patches.
+    The patch conv has kernel = stride = p and no bias, so it is one matmul over flattened patches (an
+    image_size that is not a multiple of p leaves the last S - n*p rows and columns out, as the conv does).
     """
     p, n = config.patch_size, config.image_size // config.patch_size
     N, C = pixels.shape[:2]
@@ -74,7 +75,7 @@ def embed_patches(params: Params, config: VisionConfig, pixels: jax.Array, dtype
         raise ValueError(f"pixel_values tiles are {tuple(pixels.shape[2:])}; the vision tower takes "
                          f"{config.image_size}x{config.image_size} (CLIP has no position interpolation)")
     emb = params["embeddings"]
-    patches = pixels.astype(dtype).reshape(N, C, n, p, n, p).transpose(0, 2, 4, 3, 5, 1)  # [N, n, n, p, p, C]
+    patches = pixels[:, :, :n * p, :n * p].astype(dtype).reshape(N, C, n, p, n, p).transpose(0, 2, 4, 3, 5, 1)  # [N, n, n, p, p, C]
     tokens = jnp.einsum("nyxijc,ijcd->nyxd", patches, emb["patch_embedding"]["kernel"].astype(dtype))
     tokens = tokens.reshape(N, n * n, -1)
     cls = jnp.broadcast_to(emb["class_embedding"].astype(dtype), (N, 1, tokens.shape[-1]))
