@@ -94,6 +94,8 @@ SAME_AS_HF = {
                               EXTREME),
     "extreme images, long pinpoints": (raw_config(image_grid_pinpoints=[[56, 56], [56, 336], [336, 56], [112, 224]]),
                                        EXTREME + [(1, [(100, 130), (480, 640)], 1)]),
+    "image_token_index=0": (raw_config(image_token_index=0), ROWS),
+    "image_token_index=5, tied": (raw_config(image_token_index=5, tie_word_embeddings=True), ROWS),
     "llama head_dim=32": (raw_config(text=dict(head_dim=32)), ROWS),
     "llama head_dim=8": (raw_config(text=dict(head_dim=8)), ROWS),
     "mistral head_dim=32": (raw_config(text=dict(model_type="mistral", head_dim=32, sliding_window=None)), ROWS),

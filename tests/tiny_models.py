@@ -143,16 +143,20 @@ def make_batch(config, rows, seed=0):
     """
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
     rng = np.random.default_rng(seed)
-    vocab = config.text_config.vocab_size - 1   # last id is the image token
+    image_id = config.image_token_id
+
+    def text(n):   # ids other than the image token's (the same ids as [0, V-1) when that is the last one)
+        ids = rng.integers(0, config.text_config.vocab_size - 1, n)
+        return list(ids + (ids >= image_id))
     seqs, sizes = [], []
     for before, images, after in rows:
-        seq = list(rng.integers(0, vocab, before))
+        seq = text(before)
         for size in images:
-            seq += image_token_ids(config, [size]) + list(rng.integers(0, vocab, 2))
-        seqs.append(seq + list(rng.integers(0, vocab, after)))
+            seq += image_token_ids(config, [size]) + text(2)
+        seqs.append(seq + text(after))
         sizes += list(images)
     T = max(map(len, seqs))
-    input_ids = np.zeros((len(seqs), T), np.int64)
+    input_ids = np.full((len(seqs), T), int(image_id == 0), np.int64)   # pads: 0, unless that is the image token
     mask = np.zeros((len(seqs), T), np.int64)
     for i, s in enumerate(seqs):
         input_ids[i, T - len(s):] = s
