@@ -214,7 +214,8 @@ def expected_shapes(config: LlavaNextConfig) -> dict[tuple[str, ...], tuple[int,
 
 def plan(files: TensorFiles, config: LlavaNextConfig) -> dict[tuple[str, ...], tuple[str, Target]]:
     """Assigns every source tensor to its parameter; errors name any unknown, missing, duplicated or
-    misshaped tensor (shapes from the files' headers, before any tensor is read)."""
+    misshaped tensor (shapes from the files' headers, before any tensor is read), and a tied checkpoint's
+    stored lm_head that is not a copy of its embeddings (the one case that reads tensors here)."""
     shapes = expected_shapes(config)
     sources: dict[tuple[str, ...], list[tuple[str, Target]]] = {path: [] for path in shapes}
     unknown, tied_heads = [], []
