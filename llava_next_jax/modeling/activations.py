@@ -32,4 +32,3 @@ FUNCTIONS = {
 def get(name: str):
     """The function named `name` (one of `config.ACTIVATIONS`)."""
     return FUNCTIONS[name]
-
