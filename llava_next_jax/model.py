@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any, Iterator
 
 import jax
@@ -22,6 +23,16 @@ GENERATION_DEFAULTS: dict[str, Any] = dict(
     min_new_tokens=0, do_sample=False, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0,
     no_repeat_ngram_size=0, num_beams=1, length_penalty=1.0, early_stopping=False, num_return_sequences=1,
     prompt_lookup_num_tokens=None, max_matching_ngram_size=2)
+# generation_config.json settings that HF's generate applies and ours does not, with the values that
+# change nothing (transformers' defaults before 5 wrote them): a checkpoint that sets one otherwise
+# loads with a warning naming it, since its output would differ from HF's.
+UNAPPLIED_GENERATION: dict[str, Any] = dict(
+    max_length=20, max_new_tokens=None, min_length=0, max_time=None, stop_strings=None, min_p=None, top_h=None,
+    typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, encoder_repetition_penalty=1.0, bad_words_ids=None,
+    force_words_ids=None, constraints=None, renormalize_logits=False, forced_bos_token_id=None,
+    forced_eos_token_id=None, exponential_decay_length_penalty=None, suppress_tokens=None,
+    begin_suppress_tokens=None, sequence_bias=None, guidance_scale=None, num_beam_groups=1, diversity_penalty=0.0,
+    penalty_alpha=None, dola_layers=None, watermarking_config=None, token_healing=False)
 
 
 class LlavaNext:
@@ -96,6 +107,12 @@ class LlavaNext:
         else:   # as HF's from_pretrained: a generation config made from config.json
             with open(os.path.join(path, "config.json")) as f:
                 generation_config = generation_config_from_model_config(json.load(f))
+        unapplied = {k: generation_config[k] for k, default in UNAPPLIED_GENERATION.items()
+                     if generation_config.get(k) not in (None, default)}
+        if unapplied:
+            warnings.warn(f"{path}: its generation config sets {', '.join(f'{k}={v!r}' for k, v in unapplied.items())}, "
+                          "which generate does not apply (HF's would, so outputs may differ from HF's; the length "
+                          "is the max_new_tokens a call passes, default 32)", UserWarning, stacklevel=2)
         model = cls(config, params, generation_config, mesh)
         model.path = os.fspath(path)
         return model
@@ -247,6 +264,7 @@ class LlavaNext:
             length_penalty=length_penalty, early_stopping=early_stopping, num_return_sequences=num_return_sequences,
             prompt_lookup_num_tokens=prompt_lookup_num_tokens, max_matching_ngram_size=max_matching_ngram_size)
         num_beams, num_return_sequences = settings.pop("num_beams"), settings.pop("num_return_sequences")
+        from_checkpoint = do_sample is None and settings["do_sample"]
         do_sample, prompt_lookup_num_tokens = settings["do_sample"], settings["prompt_lookup_num_tokens"]
         if isinstance(num_beams, bool) or not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
             raise ValueError(f"num_beams must be an int >= 1; got {num_beams!r}")
@@ -255,7 +273,9 @@ class LlavaNext:
                              f"returns its best beams; sampling several per prompt: repeat the rows with "
                              f"per-row seeds); got {num_return_sequences!r}")
         if num_beams > 1 and do_sample:
-            raise ValueError("beam search here is greedy: do_sample=True needs num_beams=1")
+            raise ValueError("beam search here is greedy: do_sample=True needs num_beams=1" + (
+                " (do_sample=True is the checkpoint's generation config's default: pass do_sample=False for beam "
+                "search)" if from_checkpoint else ""))
         if num_beams > 1 and prompt_lookup_num_tokens:
             raise ValueError(f"prompt_lookup_num_tokens={prompt_lookup_num_tokens} drafts one sequence per row; "
                              f"beam search (num_beams={num_beams}) takes none")

@@ -456,6 +456,37 @@ def test_stop_and_pad_ids_resolve_as_hf(tmp_path, generation, text, top):
         assert ref.shape[1] == 12 or (ours[:, ref.shape[1]:] == ours[:, -1:]).all()
 
 
+def test_generation_settings_generate_does_not_apply_are_named_on_load(tmp_path):
+    """A generation_config.json setting HF's generate applies and ours does not (its output would differ
+    from HF's) is named in a warning when the checkpoint loads; settings at their no-op values are not."""
+    import json
+    import warnings
+    from transformers import GenerationConfig
+    from llava_next_jax.model import UNAPPLIED_GENERATION
+    hf = tm.build_model("vicuna", seed=4)
+    tm.save_checkpoint(hf, str(tmp_path))
+    path = tmp_path / "generation_config.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LlavaNext.from_pretrained(str(tmp_path))      # bos, eos, pad: nothing to say
+    known = set(GenerationConfig().__dict__)
+    assert set(UNAPPLIED_GENERATION) <= known   # HF's own names
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "max_length": 20, "typical_p": 1.0, "min_length": 5,
+                                "suppress_tokens": [3], "max_new_tokens": 64}))
+    with pytest.warns(UserWarning, match=r"generation config sets max_new_tokens=64, min_length=5, "
+                                         r"suppress_tokens=\[3\], which generate does not apply") as caught:
+        LlavaNext.from_pretrained(str(tmp_path))
+    assert "max_length" not in str(caught[0].message) and "typical_p" not in str(caught[0].message)
+    # beam sampling is not ours: where the checkpoint's default samples, the error says so
+    path.write_text(json.dumps({**config, "do_sample": True}))
+    model = LlavaNext.from_pretrained(str(tmp_path))
+    batch = tm.make_batch(hf.config, ROWS[:1], seed=9)
+    with pytest.raises(ValueError, match="checkpoint's generation config's default: pass do_sample=False"):
+        model.generate(**batch, max_new_tokens=4, num_beams=2)
+    assert model.generate(**batch, max_new_tokens=4, num_beams=2, do_sample=False).shape == (1, 4)
+
+
 def _hf_filtered(logits, top_k, top_p, temperature):
     from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                         TopPLogitsWarper)
