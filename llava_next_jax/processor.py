@@ -446,9 +446,10 @@ class LlavaNextProcessor:
         self.truncation_side = tokenizer_config.get("truncation_side", "right")
         limit = tokenizer_config.get("model_max_length")     # HF writes ~1e30 for "none"
         self.model_max_length = int(limit) if isinstance(limit, (int, float)) and limit < 2 ** 40 else None
-        self._cleanup = bool(tokenizer_config.get("clean_up_tokenization_spaces", False)) and (
-            json.loads(tokenizer.model.__getstate__())["type"] != "BPE"
-            or tokenizer_config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False))
+        # HF's decode cleans up spaces where asked (the call, else tokenizer_config.json), never for BPE
+        self.clean_up_tokenization_spaces = bool(tokenizer_config.get("clean_up_tokenization_spaces", False))
+        self._cleanup_allowed = json.loads(tokenizer.model.__getstate__())["type"] != "BPE" or bool(
+            tokenizer_config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False))
         self.chat_template = chat_template
         self.apply_exif_orientation = apply_exif_orientation
         self.num_threads = num_threads or min(4, os.cpu_count() or 1)
@@ -661,17 +662,22 @@ class LlavaNextProcessor:
                              f"{counts}) but {len(flat)} images were given; each image needs one placeholder")
         return flat or None
 
-    def decode(self, ids, skip_special_tokens: bool = False) -> str | list[str]:
+    def decode(self, ids, skip_special_tokens: bool = False,
+               clean_up_tokenization_spaces: bool | None = None) -> str | list[str]:
         """One sequence of ids (or one id) -> text; a 2-D array or list of sequences -> texts (as HF)."""
         if isinstance(ids, (list, tuple)) and ids and not np.isscalar(ids[0]) or np.ndim(ids) == 2:
-            return self.batch_decode(ids, skip_special_tokens)
-        return self.batch_decode([np.reshape(ids, -1)], skip_special_tokens)[0]
+            return self.batch_decode(ids, skip_special_tokens, clean_up_tokenization_spaces)
+        return self.batch_decode([np.reshape(ids, -1)], skip_special_tokens, clean_up_tokenization_spaces)[0]
 
-    def batch_decode(self, ids, skip_special_tokens: bool = False) -> list[str]:
-        """As HF's (with its clean_up_tokenization_spaces rule: never applied to BPE models)."""
+    def batch_decode(self, ids, skip_special_tokens: bool = False,
+                     clean_up_tokenization_spaces: bool | None = None) -> list[str]:
+        """As HF's: `clean_up_tokenization_spaces` (default tokenizer_config.json's) is never applied to
+        a BPE model unless tokenizer_config.json forces it."""
         texts = self.tokenizer.decode_batch([[int(t) for t in seq] for seq in ids],
                                             skip_special_tokens=skip_special_tokens)
-        return [_clean_up_spaces(t) for t in texts] if self._cleanup else texts
+        if clean_up_tokenization_spaces is None:
+            clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
+        return [_clean_up_spaces(t) for t in texts] if clean_up_tokenization_spaces and self._cleanup_allowed else texts
 
     # -- chat -------------------------------------------------------------------------------------
 

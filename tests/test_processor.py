@@ -625,3 +625,27 @@ def test_hf_text_options_and_return_tensors(pair):
         assert set(got) == set(theirs)
         for key in got:
             np.testing.assert_allclose(got[key].numpy(), theirs[key].numpy(), atol=ONE_LEVEL, err_msg=key)
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_decode_clean_up_tokenization_spaces_as_hf(dirs, tmp_path, force):
+    """`clean_up_tokenization_spaces` as HF's decode takes it (HF's model cards pass it): the call's,
+    else tokenizer_config.json's, never applied to a BPE tokenizer unless its config forces it."""
+    import warnings
+    directory = tmp_path / "proc"
+    shutil.copytree(dirs["mistral"], directory)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config.update(clean_up_tokenization_spaces=True,
+                  clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output=force)
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    ours, hf = LlavaNextProcessor.from_pretrained(directory), hf_processor(directory)
+    ids = hf.tokenizer(["Hello , world ! it 's a test .", "don 't stop ?"], padding=True)["input_ids"]
+    outputs = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # HF's note that it ignores the option for BPE
+        for option in ({}, dict(clean_up_tokenization_spaces=True), dict(clean_up_tokenization_spaces=False)):
+            theirs = hf.batch_decode(ids, skip_special_tokens=True, **option)
+            assert ours.batch_decode(ids, skip_special_tokens=True, **option) == theirs, option
+            assert ours.decode(ids[1], skip_special_tokens=True, **option) == theirs[1], option
+            outputs.add(tuple(theirs))
+    assert len(outputs) == (2 if force else 1)   # the option changed something where it applies
