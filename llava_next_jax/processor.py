@@ -564,8 +564,8 @@ class LlavaNextProcessor:
         truncate = truncation not in (False, "do_not_truncate")
         max_length = self.model_max_length if max_length is None else max_length
         if (mode == "max_length" or truncate and max_length is not None) and not _positive_int(max_length):
-            raise ValueError(f"max_length={max_length!r}: padding='max_length' needs max_length (a positive int) "
-                             "where tokenizer_config.json names no model_max_length")
+            raise ValueError(f"max_length={max_length!r}; padding='max_length' and truncation need a positive int "
+                             "(by default tokenizer_config.json's model_max_length, where it names one)")
         if pad_to_multiple_of is not None and not _positive_int(pad_to_multiple_of):
             raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of!r}; expected a positive int")
         ids = [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)]

@@ -599,6 +599,10 @@ def test_hf_text_options_and_return_tensors(pair):
         ours(images=images, text=texts, padding=False)
     with pytest.raises(ValueError, match=r"text 0 has \d+ tokens, more than max_length=10"):
         ours(images=images, text=texts, padding="max_length", max_length=10)
+    with pytest.raises(ValueError, match=r"max_length=None; padding='max_length' and truncation need a positive int"):
+        ours(text=texts[1:], padding="max_length")   # the tiny tokenizer_config.json names no usable model_max_length
+    with pytest.raises(ValueError, match="max_length=0; "):
+        ours(text=texts[1:], truncation=True, max_length=0)
     with pytest.raises(ValueError, match="padding='sideways'"):
         ours(text=texts[1:], padding="sideways")
     with pytest.raises(ValueError, match="return_tensors='tf'"):
