@@ -65,6 +65,7 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 
 from . import anyres
+from .checks import is_int, is_positive_int
 from .train import IGNORE
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -413,13 +414,13 @@ class ConversationData:
                  length_buckets: Sequence[int] | None = None, sort_window: int = 8, max_images: int = 1):
         for name, value, least in (("max_length", max_length, 1), ("batch_size", batch_size, 1),
                                    ("sort_window", sort_window, 1), ("seed", seed, 0), ("max_images", max_images, 1)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            if not is_int(value) or value < least:
                 raise ValueError(f"{name} must be an int >= {least}; got {value!r}")
         if processor.geometry != config.geometry or processor.image_token_id != config.image_token_id:
             raise ValueError(f"the processor ({processor.geometry}, image token {processor.image_token_id}) does not "
                              f"match the model config ({config.geometry}, image token {config.image_token_id})")
         buckets = length_buckets_for(max_length) if length_buckets is None else tuple(sorted(set(length_buckets)))
-        if not buckets or any(isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1 for b in buckets):
+        if not buckets or any(not is_positive_int(b) for b in buckets):
             raise ValueError(f"length_buckets must be ints >= 1; got {length_buckets!r}")
         if buckets[-1] < max_length:
             raise ValueError(f"length_buckets top out at {buckets[-1]} < max_length {max_length}: rows up to "
@@ -594,7 +595,7 @@ class ConversationData:
 
     def batch(self, index: int) -> dict:
         """The index-th batch (epoch index // len(self)); a function of the file, the settings and index."""
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
+        if not is_int(index) or index < 0:
             raise ValueError(f"batch index must be an int >= 0; got {index!r}")
         epoch, step = divmod(int(index), len(self))
         rows = self.epoch_batches(epoch)[step]

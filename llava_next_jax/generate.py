@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .checks import is_int, is_positive_int
 from .config import LlavaNextConfig
 from . import xla_cpu
 from .modeling import decoder, llava_next
@@ -407,7 +408,7 @@ def stream_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sour
     `chunk` steps (n <= chunk, or chunk + lookup with prompt-lookup drafts; pad after a row's stop id)
     until every row is done or max_new_tokens is reached. Concatenated, they are `generate_tokens`' up to that step. fetch: device array -> numpy
     (`distributed.fetch` on a multi-process mesh)."""
-    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+    if not is_positive_int(chunk):
         raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
     logits, cache, kv_valid = prefill_program(params, config, input_ids, pixel_values, sources, attention_mask,
                                               dtype, input_ids.shape[1] + new_bucket + lookup)
@@ -474,7 +475,7 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, t
     length_penalty and early_stopping (True, False or "never") are beam search's (`beam`), as HF's;
     max_matching_ngram_size the longest n-gram prompt lookup matches (`lookup_drafts`), as HF's."""
     for name, value in (("max_new_tokens", max_new_tokens), ("min_new_tokens", min_new_tokens), ("top_k", top_k)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        if not is_int(value):
             raise ValueError(f"{name} must be an int; got {value!r}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
@@ -488,10 +489,10 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, t
     check_token_ids(np.asarray([[pad_id]]), vocab_size, "pad_token_id")
     if not repetition_penalty > 0:
         raise ValueError(f"repetition_penalty must be > 0 (1.0: off); got {repetition_penalty}")
-    if isinstance(no_repeat_ngram_size, bool) or not isinstance(no_repeat_ngram_size, (int, np.integer)) or not (
+    if not is_int(no_repeat_ngram_size) or not (
             0 <= no_repeat_ngram_size <= MAX_NGRAM):
         raise ValueError(f"no_repeat_ngram_size must be an int in [0, {MAX_NGRAM}] (0: off); got {no_repeat_ngram_size!r}")
-    if isinstance(max_matching_ngram_size, bool) or not isinstance(max_matching_ngram_size, (int, np.integer)) or not (
+    if not is_int(max_matching_ngram_size) or not (
             1 <= max_matching_ngram_size <= MAX_LOOKUP_NGRAM):
         raise ValueError(f"max_matching_ngram_size must be an int in [1, {MAX_LOOKUP_NGRAM}]; "
                          f"got {max_matching_ngram_size!r}")

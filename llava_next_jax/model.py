@@ -13,6 +13,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from . import anyres, checkpoint, convert, distributed, generate, sharding
+from .checks import is_int, is_positive_int
 from .config import LlavaNextConfig
 from .modeling import llava_next
 
@@ -266,7 +267,7 @@ class LlavaNext:
         num_beams, num_return_sequences = settings.pop("num_beams"), settings.pop("num_return_sequences")
         from_checkpoint = do_sample is None and settings["do_sample"]
         do_sample, prompt_lookup_num_tokens = settings["do_sample"], settings["prompt_lookup_num_tokens"]
-        if isinstance(num_beams, bool) or not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
+        if not is_positive_int(num_beams):
             raise ValueError(f"num_beams must be an int >= 1; got {num_beams!r}")
         if not (isinstance(num_return_sequences, (int, np.integer)) and 1 <= num_return_sequences <= num_beams):
             raise ValueError(f"num_return_sequences must be an int in [1, num_beams={num_beams}] (beam search "
@@ -343,7 +344,7 @@ class LlavaNext:
             length_penalty=length_penalty, early_stopping=early_stopping,
             prompt_lookup_num_tokens=prompt_lookup_num_tokens, max_matching_ngram_size=max_matching_ngram_size).values()
         lookup = 0 if prompt_lookup_num_tokens is None else prompt_lookup_num_tokens
-        if isinstance(lookup, bool) or not isinstance(lookup, (int, np.integer)) or not 0 <= lookup <= generate.MAX_LOOKUP:
+        if not is_int(lookup) or not 0 <= lookup <= generate.MAX_LOOKUP:
             raise ValueError(f"prompt_lookup_num_tokens must be None or an int in [0, {generate.MAX_LOOKUP}] "
                              f"(0: off); got {prompt_lookup_num_tokens!r}")
         ids, pixels, sources, mask = self._inputs(input_ids, pixel_values, image_sizes, attention_mask,
@@ -411,13 +412,11 @@ class LlavaNext:
         given, or when the prompt holds an image placeholder itself; TypeError / FileNotFoundError /
         ValueError from the processor for an unreadable image (nothing is captioned then).
         """
+        from .processor import image_list
         from .prompting import DEFAULT_CAPTION_PROMPT, chat_prompt, decode_new_tokens
         _text_only(generation, "caption")
-        if hasattr(images, "__array__") and np.ndim(images) == 4:   # a numpy, jax or torch batch
-            images = list(np.asarray(images))
-        elif not isinstance(images, (list, tuple)):
-            images = [images]
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        images = image_list(images)
+        if not is_positive_int(batch_size):
             raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
         proc = self.get_processor(processor)
         text, add_special = chat_prompt(proc, DEFAULT_CAPTION_PROMPT if prompt is None else prompt)

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import anyres
+from .checks import is_positive_int
 
 # --- built-in prompt formats (jinja, rendered like a checkpoint's own template) --------------------
 # Used only when the checkpoint ships no chat template. Picked by `_prompt_family`: llama3 header
@@ -235,6 +236,14 @@ def to_rgb_image(image, apply_exif_orientation: bool | None = None) -> Image.Ima
     if hasattr(image, "__array__"):
         return Image.fromarray(_array_to_rgb(np.asarray(image)))
     raise TypeError(f"unsupported image type {type(image).__name__}: pass a path, a PIL image or a uint8 array")
+
+
+def image_list(images) -> list:
+    """`images` as a list of images: a list or tuple as it is, a 4-D array (numpy, jax or torch; `[N, H, W,
+    C]` or `[N, C, H, W]`) as its N images, anything else as one image."""
+    if hasattr(images, "__array__") and np.ndim(images) == 4:
+        return list(np.asarray(images))
+    return list(images) if isinstance(images, (list, tuple)) else [images]
 
 
 CHANNELS = (1, 3, 4)
@@ -563,10 +572,10 @@ class LlavaNextProcessor:
                              "or 'do_not_truncate'")
         truncate = truncation not in (False, "do_not_truncate")
         max_length = self.model_max_length if max_length is None else max_length
-        if (mode == "max_length" or truncate and max_length is not None) and not _positive_int(max_length):
+        if (mode == "max_length" or truncate and max_length is not None) and not is_positive_int(max_length):
             raise ValueError(f"max_length={max_length!r}; padding='max_length' and truncation need a positive int "
                              "(by default tokenizer_config.json's model_max_length, where it names one)")
-        if pad_to_multiple_of is not None and not _positive_int(pad_to_multiple_of):
+        if pad_to_multiple_of is not None and not is_positive_int(pad_to_multiple_of):
             raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of!r}; expected a positive int")
         ids = [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
         if truncate and max_length is not None:
@@ -639,12 +648,7 @@ class LlavaNextProcessor:
 
     def _flatten_images(self, images, texts: list[str] | None) -> list | None:
         """Images in placeholder order, after checking each text's `<image>` count against them."""
-        if images is None:
-            images = []
-        elif hasattr(images, "__array__") and np.ndim(images) == 4:   # a batch [N, H, W, C] or [N, C, H, W]
-            images = list(np.asarray(images))
-        elif not isinstance(images, (list, tuple)):
-            images = [images]
+        images = [] if images is None else image_list(images)
         nested = len(images) > 0 and all(isinstance(i, (list, tuple)) for i in images)
         flat = [i for group in images for i in group] if nested else list(images)
         if texts is None:
@@ -718,10 +722,6 @@ class LlavaNextProcessor:
 # from its own (as HF's, which also takes them in `processor_kwargs`).
 CALL_OPTIONS = ("padding", "max_length", "truncation", "pad_to_multiple_of", "return_attention_mask", "return_tensors",
                 "apply_exif_orientation")
-
-
-def _positive_int(n) -> bool:
-    return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0
 
 
 def _as_tensors(out: dict, kind: str | None) -> dict:

@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from .checks import is_positive_int
+
 AXES = ("data", "model")
 
 # (pattern over the "/"-joined params path, partition spec of the leaf); first match wins.
@@ -57,7 +59,7 @@ def make_mesh(data: int = 1, model: int | None = None, devices=None) -> Mesh:
     devices of all hosts.
     """
     devices = list(jax.devices() if devices is None else devices)
-    if not all(_is_size(n) for n in (data, 1 if model is None else model)):
+    if not all(is_positive_int(n) for n in (data, 1 if model is None else model)):
         raise ValueError(f"mesh sizes must be ints >= 1; got data={data!r}, model={model!r}")
     if model is None and len(devices) % data:
         raise ValueError(f"data={data} does not divide the {len(devices)} devices (model, left out, is the devices "
@@ -66,10 +68,6 @@ def make_mesh(data: int = 1, model: int | None = None, devices=None) -> Mesh:
     if data * model != len(devices):
         raise ValueError(f"a {data} x {model} mesh needs {data * model} devices; there are {len(devices)}")
     return Mesh(np.asarray(devices).reshape(data, model), AXES)
-
-
-def _is_size(n) -> bool:
-    return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1
 
 
 def check_mesh(mesh) -> Mesh:
@@ -87,7 +85,7 @@ def axis_sizes(mesh: Mesh | Mapping[str, int]) -> dict[str, int]:
     sizes = dict(mesh.shape if isinstance(mesh, Mesh) else mesh)
     if set(sizes) != set(AXES):
         raise ValueError(f"a mesh shape needs exactly the axes {AXES}; got {sizes}")
-    if not all(_is_size(n) for n in sizes.values()):
+    if not all(is_positive_int(n) for n in sizes.values()):
         raise ValueError(f"mesh sizes must be ints >= 1; got {sizes}")
     return sizes
 
