@@ -644,7 +644,7 @@ class ConversationData:
         are built on a background thread while the caller trains on the current one (image decoding,
         resizing and tokenizing release the GIL). A resumed run passes its step count as `start`."""
         from concurrent.futures import ThreadPoolExecutor
-        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
+        if not is_positive_int(prefetch):
             raise ValueError(f"prefetch must be an int >= 1; got {prefetch!r}")
         pool = ThreadPoolExecutor(1, thread_name_prefix="llava-next-data")
         try:
