@@ -2,7 +2,7 @@
 training steps, with and without FSDP, and the fine-tuning job; a "model" size that divides no head or
 vocabulary axis too), and hold on each device the bytes
 `sharding.memory_per_device` says (in a subprocess: the device count must be set before jax starts).
-The subprocess takes ~3.5 minutes, most of it XLA compiling on one core: conftest.py runs it first."""
+The subprocess takes 4-6 minutes, most of it XLA compiling on one core: conftest.py runs it first."""
 
 import os
 import subprocess
