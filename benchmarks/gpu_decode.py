@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from generate_vs_hf import copy_bandwidth, decode_step_bytes, hf_config, seconds  # noqa: E402
 
-def greedy_only(logits, keys, do_sample, temperature, top_k, top_p):
+def greedy_only(logits, keys, options):
     """`generate.select_tokens` without the sampling branch (its `lax.cond`): what a greedy-only program
     would run."""
     import jax
@@ -46,7 +46,7 @@ def greedy_only(logits, keys, do_sample, temperature, top_k, top_p):
     return tokens, jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
 
 
-def without_logprobs(logits, keys, do_sample, temperature, top_k, top_p):
+def without_logprobs(logits, keys, options):
     """`generate.select_tokens` without the chosen tokens' log-probabilities (zeros instead): what
     keeping them costs."""
     import jax
@@ -54,10 +54,9 @@ def without_logprobs(logits, keys, do_sample, temperature, top_k, top_p):
     from llava_next_jax import generate
 
     def sample(logits):
-        logits = logits / jnp.maximum(temperature, 1e-6)
-        logits = generate._top_p_filter(generate._top_k_filter(logits, top_k), top_p)
+        logits = generate.warp(logits, options)
         return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
-    tokens = jax.lax.cond(do_sample & (temperature > 0), sample,
+    tokens = jax.lax.cond(options["do_sample"] & (options["temperature"] > 0), sample,
                           lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32), logits)
     return tokens, jnp.zeros(tokens.shape, jnp.float32)
 

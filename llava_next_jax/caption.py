@@ -2,7 +2,8 @@
 
     python scripts/caption.py --images DIR_OR_FILES... --output captions.jsonl [--model DIR]
                               [--prompt TEXT] [--batch-size 8] [--max-new-tokens 64]
-                              [--do-sample --temperature T --top-k K --top-p P] [--seed N] [--scores]
+                              [--do-sample --temperature T --top-k K --top-p P] [--min-p P] [--typical-p P]
+                              [--epsilon-cutoff E] [--eta-cutoff E] [--top-h H] [--seed N] [--scores]
                               [--repetition-penalty R] [--no-repeat-ngram-size N]
                               [--num-beams K [--length-penalty L]] [--prompt-lookup N]
                               [--process-index I --process-count N]
@@ -320,8 +321,9 @@ def write_atomic(path: str, chunks: Iterable[bytes]) -> None:
 # its rows (beside it, OUT.settings.json; a shard in its .inputs.json), a resume with others is refused,
 # and so is a merge of shards made with different ones. An output from before the record resumes unchecked.
 
-CAPTION_SETTINGS = ("model", "prompt", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed",
-                    "repetition_penalty", "no_repeat_ngram_size", "num_beams", "length_penalty", "dtype")
+CAPTION_SETTINGS = ("model", "prompt", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p",
+                    "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h", "seed", "repetition_penalty",
+                    "no_repeat_ngram_size", "num_beams", "length_penalty", "dtype")
 DEMO_MODEL = "built-in demo model"
 
 
@@ -592,7 +594,8 @@ class Captioner:
 
     def __init__(self, model, processor, prompt: str, max_new_tokens: int, do_sample=None, temperature=None,
                  top_k=None, top_p=None, seed=0, scores=False, repetition_penalty=None, no_repeat_ngram_size=None,
-                 num_beams=None, length_penalty=None, prompt_lookup=None):
+                 num_beams=None, length_penalty=None, prompt_lookup=None, min_p=None, typical_p=None,
+                 epsilon_cutoff=None, eta_cutoff=None, top_h=None):
         """Generation settings left out (None) are the model's `generation_defaults` (the checkpoint's
         generation config, else HF's defaults), as in `LlavaNext.generate`."""
         self.model, self.processor = model, processor
@@ -601,7 +604,8 @@ class Captioner:
         except ValueError as e:
             raise UsageError(str(e).replace("in the prompt", "in --prompt")) from None
         self.gen = dict(max_new_tokens=max_new_tokens, **model.generation_settings(
-            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_h=top_h,
             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, num_beams=num_beams,
             length_penalty=length_penalty, prompt_lookup_num_tokens=prompt_lookup))
         if self.gen["num_beams"] > 1 and (self.gen["do_sample"] or self.gen["prompt_lookup_num_tokens"]):
@@ -716,6 +720,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None, help="default 1.0")
     p.add_argument("--top-k", type=int, default=None, help="0: off; default 50, as HF's")
     p.add_argument("--top-p", type=float, default=None, help="1.0 (the default): off")
+    p.add_argument("--min-p", type=float, default=None, help="HF's min_p, in [0, 1] (default: off)")
+    p.add_argument("--typical-p", type=float, default=None, help="HF's typical_p, in (0, 1]; 1.0 (the default): off")
+    p.add_argument("--epsilon-cutoff", type=float, default=None, help="HF's, in [0, 1); 0.0 (the default): off")
+    p.add_argument("--eta-cutoff", type=float, default=None, help="HF's, in [0, 1); 0.0 (the default): off")
+    p.add_argument("--top-h", type=float, default=None, help="HF's top_h, in (0, 1] (default: off)")
     p.add_argument("--seed", type=int, default=0,
                    help="with --do-sample: each image's seed derives from this and its path")
     p.add_argument("--repetition-penalty", type=float, default=None,
@@ -804,9 +813,12 @@ def _check_flags(parser: argparse.ArgumentParser, args) -> None:
             args.top_p, lambda p: 0 < p <= 1):
         parser.error(f"need --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1; got {args.temperature}, "
                      f"{args.top_k}, {args.top_p}")
+    from .generate import MAX_LOOKUP, MAX_NGRAM, WARPER_RANGES
+    for name, (ok, interval) in WARPER_RANGES.items():
+        if bad(getattr(args, name), ok):
+            parser.error(f"--{name.replace('_', '-')} must be in {interval}; got {getattr(args, name)}")
     if bad(args.repetition_penalty, lambda r: r > 0):
         parser.error(f"--repetition-penalty must be > 0 (1.0: off); got {args.repetition_penalty}")
-    from .generate import MAX_LOOKUP, MAX_NGRAM
     if bad(args.no_repeat_ngram_size, lambda n: 0 <= n <= MAX_NGRAM):
         parser.error(f"--no-repeat-ngram-size must be in [0, {MAX_NGRAM}] (0: off); got {args.no_repeat_ngram_size}")
     if bad(args.num_beams, lambda k: k >= 1 and not (k > 1 and args.do_sample)):
@@ -932,7 +944,9 @@ def _caption_locked(args, inputs: list[str], output: str, writer: RowWriter, log
             captioner = Captioner(model, processor, args.prompt, args.max_new_tokens, args.do_sample,
                                   args.temperature, args.top_k, args.top_p, args.seed, args.scores,
                                   args.repetition_penalty, args.no_repeat_ngram_size, args.num_beams,
-                                  args.length_penalty, args.prompt_lookup)
+                                  args.length_penalty, args.prompt_lookup, min_p=args.min_p,
+                                  typical_p=args.typical_p, epsilon_cutoff=args.epsilon_cutoff,
+                                  eta_cutoff=args.eta_cutoff, top_h=args.top_h)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

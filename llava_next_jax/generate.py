@@ -95,17 +95,107 @@ def _top_p_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
     return jax.lax.cond(top_p < 1.0, kept, lambda logits: logits, logits)
 
 
-def select_tokens(logits: jax.Array, keys: jax.Array, do_sample, temperature, top_k, top_p):
+def _min_p_filter(logits: jax.Array, min_p: jax.Array) -> jax.Array:
+    """HF's MinPLogitsWarper: drops the tokens whose probability is below min_p times the top token's
+    (which always stays); 0 keeps all. `[B, V]`."""
+    def kept(logits):
+        probs = jax.nn.softmax(logits, axis=-1)
+        return jnp.where(probs < min_p * probs.max(axis=-1, keepdims=True), -jnp.inf, logits)
+    return jax.lax.cond(min_p > 0, kept, lambda logits: logits, logits)
+
+
+def _typical_filter(logits: jax.Array, mass: jax.Array) -> jax.Array:
+    """HF's TypicalLogitsWarper (typical_p): ranks tokens by |-log p - entropy| (most typical first) and
+    keeps those ranked up to and including the one where the probability summed in that order first
+    reaches `mass` (all where it never does); 1.0 keeps all. Tokens of equal rank stay or go together,
+    as HF's threshold on the rank value keeps them. `[B, V]`."""
+    def kept(logits):
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        probs = jnp.exp(logp)
+        entropy = -jnp.where(probs > 0, probs * logp, 0).sum(axis=-1, keepdims=True)
+        keys = _ordered_bits(jnp.abs(-logp - entropy))          # -inf logits: +inf, ranked last
+        limit = _largest_key(keys, lambda t: jnp.where(keys < t, probs, 0).sum(axis=-1, keepdims=True) < mass)
+        return jnp.where(keys > limit, -jnp.inf, logits)
+    return jax.lax.cond(mass < 1.0, kept, lambda logits: logits, logits)
+
+
+def _below_cutoff(logits: jax.Array, cutoff) -> jax.Array:
+    """HF's epsilon and eta warpers' removal: probability below `cutoff` `[B, 1]`, the top token (ties
+    too) kept. `[B, V]`."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.where((probs < cutoff) & (logits < logits.max(axis=-1, keepdims=True)), -jnp.inf, logits)
+
+
+def _epsilon_filter(logits: jax.Array, epsilon: jax.Array) -> jax.Array:
+    """HF's EpsilonLogitsWarper (epsilon_cutoff): drops tokens of probability < epsilon but the top one;
+    0 keeps all. `[B, V]`."""
+    return jax.lax.cond(epsilon > 0, _below_cutoff, lambda logits, _: logits, logits, epsilon)
+
+
+def _eta_filter(logits: jax.Array, epsilon: jax.Array) -> jax.Array:
+    """HF's EtaLogitsWarper (eta_cutoff): drops tokens of probability < min(epsilon, sqrt(epsilon) *
+    exp(-entropy)) but the top one; 0 keeps all. `[B, V]`."""
+    def kept(logits):
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        entropy = -jnp.where(logp > -jnp.inf, jnp.exp(logp) * logp, 0).sum(axis=-1, keepdims=True)
+        return _below_cutoff(logits, jnp.minimum(epsilon, jnp.sqrt(epsilon) * jnp.exp(-entropy)))
+    return jax.lax.cond(epsilon > 0, kept, lambda logits: logits, logits)
+
+
+TOP_H_CANDIDATES = 100   # HF's TopHLogitsWarper looks at the 100 most likely tokens
+
+
+def _top_h_filter(logits: jax.Array, top_h: jax.Array) -> jax.Array:
+    """HF's TopHLogitsWarper: over the TOP_H_CANDIDATES most likely tokens (ties of the last kept) and
+    their renormalized distribution of entropy H, keeps the most likely ones while their terms -p log p,
+    summed from the top down, stay <= top_h * H (the top token always); 0 keeps all. Tokens of equal
+    logits stay or go together: a tie group at the boundary stays whole where HF, going by position,
+    keeps its first members. `[B, V]`."""
+    def kept(logits):
+        top = _top_k_filter(logits, jnp.int32(TOP_H_CANDIDATES))
+        logp = jax.nn.log_softmax(top, axis=-1)
+        terms = -jnp.where(top > -jnp.inf, jnp.exp(logp) * logp, 0)
+        tau = top_h * terms.sum(axis=-1, keepdims=True)
+        keys = _ordered_bits(top)
+        from_top = lambda t: jnp.where(keys >= t, terms, 0).sum(axis=-1, keepdims=True)
+        limit = _largest_key(keys, lambda t: from_top(t) > tau)     # the group whose terms pass tau
+        above = jnp.where(keys > limit, terms, 0).sum(axis=-1, keepdims=True)
+        first = jnp.where(keys == limit, terms, 0).max(axis=-1, keepdims=True)   # one of that group's terms
+        keep = (keys > limit) | ((keys == limit) & (above + first <= tau)) | (keys == keys.max(axis=-1, keepdims=True))
+        return jnp.where(keep & (top > -jnp.inf), logits, -jnp.inf)
+    return jax.lax.cond(top_h > 0, kept, lambda logits: logits, logits)
+
+
+def warp(logits: jax.Array, options: dict[str, jax.Array]) -> jax.Array:
+    """HF's sampling warpers on float32 logits `[B, V]`, in the order HF's `_get_logits_processor` applies
+    them: temperature, top_h, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff (each a traced
+    option; at its off value a `lax.cond` skips it). Removed tokens are -inf."""
+    logits = _top_h_filter(logits / jnp.maximum(options["temperature"], 1e-6), options["top_h"])
+    logits = _top_p_filter(_top_k_filter(logits, options["top_k"]), options["top_p"])
+    logits = _typical_filter(_min_p_filter(logits, options["min_p"]), options["typical_p"])
+    return _eta_filter(_epsilon_filter(logits, options["epsilon_cutoff"]), options["eta_cutoff"])
+
+
+# The values HF's warper classes take (min_p and top_h also None: off), and their intervals.
+WARPER_RANGES = {"min_p": (lambda v: 0 <= v <= 1, "[0, 1]"), "top_h": (lambda v: 0 < v <= 1, "(0, 1]"),
+                 "typical_p": (lambda v: 0 < v <= 1, "(0, 1] (1.0: off)"),
+                 "epsilon_cutoff": (lambda v: 0 <= v < 1, "[0, 1) (0.0: off)"),
+                 "eta_cutoff": (lambda v: 0 <= v < 1, "[0, 1) (0.0: off)")}
+# Each warper's setting that changes nothing, as `warp` takes it (top_h, min_p: HF's None).
+NO_WARP = dict(temperature=1.0, top_h=0.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0,
+               eta_cutoff=0.0)
+
+
+def select_tokens(logits: jax.Array, keys: jax.Array, options: dict[str, jax.Array]):
     """(next tokens `[B]` int32, their log-probabilities `[B]` float32) from float32 logits `[B, V]`:
-    argmax, or temperature -> top-k -> top-p -> sample. A log-probability is under the distribution the
-    token was chosen from (the filtered one when sampling), as HF's `compute_transition_scores(...,
-    normalize_logits=True)` gives it."""
+    argmax, or `warp` then sample where options["do_sample"] (and temperature > 0). A log-probability
+    is under the distribution the token was chosen from (the warped one when sampling), as HF's
+    `compute_transition_scores(..., normalize_logits=True)` gives it."""
     def chosen(logits, tokens):
         return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
 
     def sample(logits):
-        logits = logits / jnp.maximum(temperature, 1e-6)
-        logits = _top_p_filter(_top_k_filter(logits, top_k), top_p)
+        logits = warp(logits, options)
         tokens = jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
         return tokens, chosen(logits, tokens)
 
@@ -113,7 +203,7 @@ def select_tokens(logits: jax.Array, keys: jax.Array, do_sample, temperature, to
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return tokens, chosen(logits, tokens)
 
-    return jax.lax.cond(do_sample & (temperature > 0), sample, greedy, logits)
+    return jax.lax.cond(options["do_sample"] & (options["temperature"] > 0), sample, greedy, logits)
 
 
 # --- prefill and decode --------------------------------------------------------------------------
@@ -157,15 +247,17 @@ def decode_step(params, config: LlavaNextConfig, tokens, positions, slot, kv_val
     return logits[:, 0], cache
 
 
-@partial(jax.jit, static_argnames=("config", "dtype", "cache_length"))
+@partial(jax.jit, static_argnames=("config", "dtype", "cache_length", "samples"))
 def prefill_program(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask, dtype,
-                    cache_length: int):
+                    cache_length: int, samples: int = 1):
     """The compiled prefill: a fresh cache of `cache_length` slots, filled with the prompt.
 
-    Returns (last-slot logits `[B, V]`, cache, kv_valid `[B, S]`).
+    Returns (last-slot logits `[B * samples, V]`, cache, kv_valid `[B * samples, S]`): each prompt's
+    rows repeated `samples` times (HF's num_return_sequences, rows b * samples + j), after one prefill.
     """
     cache = decoder.init_cache(config.text, input_ids.shape[0], cache_length, dtype)
-    return prefill(params, config, input_ids, pixel_values, sources, attention_mask, cache, dtype)
+    out = prefill(params, config, input_ids, pixel_values, sources, attention_mask, cache, dtype)
+    return out if samples == 1 else jax.tree.map(lambda a: jnp.repeat(a, samples, axis=0), out)
 
 
 def start_state(logits, options: dict[str, jax.Array], new_bucket: int) -> dict[str, jax.Array]:
@@ -247,6 +339,13 @@ def lookup_drafts(sequence: jax.Array, length, ngram, count: int) -> jax.Array:
     return jnp.where(found[:, None] & (follow < length), drafts, -1)
 
 
+def row_key(seed, stream, sample) -> jax.Array:
+    """A row's sampling key: `fold_in(key(seed), stream)`, folded again with `sample` where sample > 0 (a
+    prompt's second, third... sample of num_return_sequences; its first is the one sample of 1)."""
+    key = jax.random.fold_in(jax.random.key(seed), stream)
+    return jax.lax.cond(sample > 0, lambda key: jax.random.fold_in(key, sample), lambda key: key, key)
+
+
 def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options: dict[str, jax.Array], dtype,
                 new_bucket: int, stop_at, lookup: int = 0):
     """Steps the decode loop from `state` (`start_state`'s keys) while `step < stop_at` (and
@@ -264,8 +363,7 @@ def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options
     B, S = kv_valid.shape
     T = S - new_bucket - lookup
     next_position = jnp.sum(kv_valid[:, :T], axis=1).astype(jnp.int32)  # first new token's RoPE position
-    row_keys = jax.vmap(lambda seed, stream: jax.random.fold_in(jax.random.key(seed), stream))(
-        options["seeds"], options["row_streams"])
+    row_keys = jax.vmap(row_key)(options["seeds"], options["row_streams"], options["samples"])
     last = jnp.minimum(stop_at, options["max_new_tokens"])
     rows, pad = jnp.arange(B), options["pad_id"]
 
@@ -273,8 +371,7 @@ def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options
         """Step `step`'s token per row (pad where done) and its log-probability, from the logits before it."""
         scores = process_scores(logits, seen, jnp.concatenate([options["history"], tokens], axis=1), step, options)
         keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
-        token, logprob = select_tokens(scores, keys, options["do_sample"], options["temperature"], options["top_k"],
-                                       options["top_p"])
+        token, logprob = select_tokens(scores, keys, options)
         return jnp.where(done, pad, token), jnp.where(done, 0.0, logprob)
 
     def cond(carry):
@@ -358,10 +455,11 @@ def decode_program(params, config: LlavaNextConfig, logits, cache, kv_valid, opt
 
     logits `[B, V]`: the prefill's last slot. The cache (donated, updated in place) has
     `T + new_bucket + lookup` slots, the prompt in the first T. options (all traced, so changing them
-    compiles nothing): max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
-    seeds `[B]`, row_streams `[B]`, stop_ids `[MAX_STOP_IDS]` (-1 = unused), pad_id,
+    compiles nothing): max_new_tokens, min_new_tokens, do_sample, `warp`'s settings (temperature,
+    top_h, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff), seeds, row_streams, samples
+    `[B]`, stop_ids `[MAX_STOP_IDS]` (-1 = unused), pad_id,
     repetition_penalty, seen `[B, V]`, no_repeat_ngram_size, history `[B, T]`, lookup_ngram
-    (`options`). Row r samples with `fold_in(key(seeds[r]), row_streams[r])`, then the step.
+    (`options`). Row r samples with `row_key(seeds[r], row_streams[r], samples[r])`, then the step.
     lookup: prompt-lookup drafts per pass (`decode_loop`; 0: none); state["passes"] counts the passes.
     """
     state = start_state(logits, options, new_bucket)
@@ -391,27 +489,29 @@ def decode_chunk_program(params, config: LlavaNextConfig, state, cache, kv_valid
 
 
 def generate_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask,
-                    options: dict[str, jax.Array], dtype, new_bucket: int,
-                    lookup: int = 0) -> tuple[jax.Array, jax.Array]:
-    """Prefill then decode: (new tokens `[B, new_bucket]`, pad after a row stops; their log-probabilities,
-    0 after a row stops). Two compiled programs. lookup: prompt-lookup drafts per pass (`decode_loop`)."""
+                    options: dict[str, jax.Array], dtype, new_bucket: int, lookup: int = 0,
+                    samples: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Prefill then decode: (new tokens `[B * samples, new_bucket]`, pad after a row stops; their
+    log-probabilities, 0 after a row stops). Two compiled programs. lookup: prompt-lookup drafts per
+    pass (`decode_loop`); samples: rows per prompt (`prefill_program`; options built for them)."""
     logits, cache, kv_valid = prefill_program(params, config, input_ids, pixel_values, sources, attention_mask,
-                                              dtype, input_ids.shape[1] + new_bucket + lookup)
+                                              dtype, input_ids.shape[1] + new_bucket + lookup, samples)
     state, _ = decode_program(params, config, logits, cache, kv_valid, options, dtype, new_bucket, lookup)
     return state["tokens"], state["logprobs"]
 
 
 def stream_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask,
                   options: dict[str, jax.Array], dtype, new_bucket: int, chunk: int = 1, fetch=np.asarray,
-                  lookup: int = 0):
+                  lookup: int = 0, samples: int = 1):
     """`generate_tokens` as it goes: yields (new tokens `[B, n]`, their log-probabilities `[B, n]`) every
-    `chunk` steps (n <= chunk, or chunk + lookup with prompt-lookup drafts; pad after a row's stop id)
+    `chunk` steps (n <= chunk, or chunk + lookup with prompt-lookup drafts; pad after a row's stop id;
+    `samples` rows per prompt)
     until every row is done or max_new_tokens is reached. Concatenated, they are `generate_tokens`' up to that step. fetch: device array -> numpy
     (`distributed.fetch` on a multi-process mesh)."""
     if not is_positive_int(chunk):
         raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
     logits, cache, kv_valid = prefill_program(params, config, input_ids, pixel_values, sources, attention_mask,
-                                              dtype, input_ids.shape[1] + new_bucket + lookup)
+                                              dtype, input_ids.shape[1] + new_bucket + lookup, samples)
     end, yielded = int(options["max_new_tokens"]), 0
     state, options = start_program(logits, options, new_bucket)
     while yielded < end:
@@ -464,8 +564,15 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, t
             top_p: float, seed: Any, stop_ids: tuple[int, ...], pad_id: int, *, prompt_ids: np.ndarray,
             vocab_size: int, prompt_mask: np.ndarray | None = None, repetition_penalty: float = 1.0,
             no_repeat_ngram_size: int = 0, prompt_bucket: int | None = None, length_penalty: float = 1.0,
-            early_stopping: bool | str = False, max_matching_ngram_size: int = 2) -> dict[str, np.ndarray]:
+            early_stopping: bool | str = False, max_matching_ngram_size: int = 2, min_p: float | None = None,
+            typical_p: float = 1.0, epsilon_cutoff: float = 0.0, eta_cutoff: float = 0.0,
+            top_h: float | None = None, num_return_sequences: int = 1) -> dict[str, np.ndarray]:
     """The traced generation options, checked, as fixed-shape arrays.
+
+    B prompts (rows of prompt_ids); num_return_sequences n > 1 makes them `B * n` rows, prompt b's
+    rows b * n + j (j < n, HF's order) with b's options and seed, sample index j (`row_key`).
+    The sampling warpers (`warp`): temperature, top_k, top_p, min_p and top_h (None: off),
+    typical_p (1.0: off), epsilon_cutoff and eta_cutoff (0.0: off), in HF's ranges.
 
     prompt_ids `[B, T]` (as the caller gave them, pads included) and their attention mask: the prompts'
     tokens from each row's first real one on (HF's repetition penalty leaves out a row's left padding)
@@ -483,6 +590,16 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, t
         raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}]; got {min_new_tokens}")
     if not temperature >= 0 or temperature == np.inf or not 0 < top_p <= 1 or top_k < 0:   # nan fails >=
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
+    given = dict(min_p=min_p, top_h=top_h, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff)
+    for name, (ok, interval) in WARPER_RANGES.items():
+        value = given[name]
+        if value is None and name in ("min_p", "top_h"):   # HF's off
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not ok(value):
+            raise ValueError(f"{name} must be " + ("None or " if name in ("min_p", "top_h") else "")
+                             + f"a number in {interval}; got {value!r}")
+    if not is_positive_int(num_return_sequences):
+        raise ValueError(f"num_return_sequences must be an int >= 1; got {num_return_sequences!r}")
     if len(stop_ids) > MAX_STOP_IDS:
         raise ValueError(f"at most {MAX_STOP_IDS} eos_token_id values; got {len(stop_ids)}")
     check_token_ids(np.asarray([stop_ids], dtype=None if stop_ids else np.int64), vocab_size, "eos_token_id")
@@ -523,9 +640,14 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, t
         raise ValueError(f"seed must be an int in [0, 2**32), or one per row; got {seed!r}")
     seeds = np.broadcast_to(given.astype(np.uint32), (B,)).copy()
     row_streams = np.zeros(B, np.uint32) if per_row else np.arange(B, dtype=np.uint32)
+    n = num_return_sequences     # each prompt's rows, side by side
+    seeds, row_streams, seen, history = (np.repeat(a, n, axis=0) for a in (seeds, row_streams, seen, history))
     return dict(max_new_tokens=np.int32(max_new_tokens), min_new_tokens=np.int32(min_new_tokens),
                 do_sample=np.bool_(do_sample), temperature=np.float32(temperature), top_k=np.int32(top_k),
-                top_p=np.float32(top_p), seeds=seeds, row_streams=row_streams, pad_id=np.int32(pad_id),
+                top_p=np.float32(top_p), min_p=np.float32(min_p or 0.0), typical_p=np.float32(typical_p),
+                epsilon_cutoff=np.float32(epsilon_cutoff), eta_cutoff=np.float32(eta_cutoff),
+                top_h=np.float32(top_h or 0.0), seeds=seeds, row_streams=row_streams,
+                samples=np.tile(np.arange(n, dtype=np.uint32), B), pad_id=np.int32(pad_id),
                 stop_ids=np.array(list(stop_ids) + [-1] * (MAX_STOP_IDS - len(stop_ids)), np.int32),
                 repetition_penalty=np.float32(repetition_penalty), seen=seen,
                 no_repeat_ngram_size=np.int32(no_repeat_ngram_size), history=history,

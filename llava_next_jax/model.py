@@ -21,15 +21,16 @@ from .modeling import llava_next
 # `_get_default_generation_params`: top_k 50 among them), used where neither the call nor the
 # checkpoint's generation_config.json sets one.
 GENERATION_DEFAULTS: dict[str, Any] = dict(
-    min_new_tokens=0, do_sample=False, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0,
+    min_new_tokens=0, do_sample=False, temperature=1.0, top_k=50, top_p=1.0, min_p=None, typical_p=1.0,
+    epsilon_cutoff=0.0, eta_cutoff=0.0, top_h=None, repetition_penalty=1.0,
     no_repeat_ngram_size=0, num_beams=1, length_penalty=1.0, early_stopping=False, num_return_sequences=1,
     prompt_lookup_num_tokens=None, max_matching_ngram_size=2)
 # generation_config.json settings that HF's generate applies and ours does not, with the values that
 # change nothing (transformers' defaults before 5 wrote them): a checkpoint that sets one otherwise
 # loads with a warning naming it, since its output would differ from HF's.
 UNAPPLIED_GENERATION: dict[str, Any] = dict(
-    max_length=20, max_new_tokens=None, min_length=0, max_time=None, stop_strings=None, min_p=None, top_h=None,
-    typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, encoder_repetition_penalty=1.0, bad_words_ids=None,
+    max_length=20, max_new_tokens=None, min_length=0, max_time=None, stop_strings=None,
+    encoder_repetition_penalty=1.0, bad_words_ids=None,
     force_words_ids=None, constraints=None, renormalize_logits=False, forced_bos_token_id=None,
     forced_eos_token_id=None, exponential_decay_length_penalty=None, suppress_tokens=None,
     begin_suppress_tokens=None, sequence_bias=None, guidance_scale=None, num_beam_groups=1, diversity_penalty=0.0,
@@ -212,21 +213,29 @@ class LlavaNext:
         return train.loss_and_grad(*args)[1] if with_grad else train.loss_fn(*args)
 
     def generate(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, max_new_tokens=32,
-                 min_new_tokens=None, do_sample=None, temperature=None, top_k=None, top_p=None, seed=0,
+                 min_new_tokens=None, do_sample=None, temperature=None, top_k=None, top_p=None, min_p=None,
+                 typical_p=None, epsilon_cutoff=None, eta_cutoff=None, top_h=None, seed=0,
                  eos_token_id=None, pad_token_id=None, repetition_penalty=None, no_repeat_ngram_size=None,
                  num_beams=None, length_penalty=None, early_stopping=None, num_return_sequences=None,
                  prompt_lookup_num_tokens=None, max_matching_ngram_size=None, return_logprobs=False):
         """New tokens `[B, max_new_tokens]` (int32); after a row emits a stop id, the pad id. With
         `return_logprobs`, (tokens, logprobs): float32 `[B, max_new_tokens]`, each token's log-probability
-        under the distribution it was chosen from (temperature, top-k and top-p applied when sampling;
-        HF's `compute_transition_scores(..., normalize_logits=True)`), 0 after a row stopped.
+        under the distribution it was chosen from (the warpers below applied when sampling; HF's
+        `compute_transition_scores(..., normalize_logits=True)`), 0 after a row stopped.
 
         Inputs as in `forward` (left padding expected; right-padded rows are moved left). A setting left
         out (None) is the checkpoint's generation_config.json's, else HF's default (`GENERATION_DEFAULTS`,
         `self.generation_defaults`), as HF's `generate` resolves it. Greedy unless `do_sample`; sampling
-        applies temperature, then top_k (0 = off; HF's default 50), then top_p (1.0 = off). `seed`:
-        one int (row r's draws depend on (seed, r) only) or one per row (a row's draws depend on its own
-        seed only, so it samples the same wherever it sits in a batch).
+        applies HF's warpers in HF's order (`generate.warp`): temperature, top_h (None = off), top_k (0 =
+        off; HF's default 50), top_p (1.0 = off), min_p (None = off), typical_p (1.0 = off),
+        epsilon_cutoff and eta_cutoff (0.0 = off), each as HF's warper class (where tokens of equal logits
+        straddle top_p's or top_h's boundary, they stay together; HF's sort keeps some by position).
+        num_return_sequences n > 1 with sampling (num_beams 1): n samples of each prompt, `[B * n,
+        max_new_tokens]`, prompt b's in rows b * n + j as HF's (one prefill per prompt; greedy refuses
+        n > 1, as HF's). `seed`: one int (row r's draws depend on (seed, r) only; with n, prompt b's
+        sample j on (seed, b, j)) or one per row (a row's draws depend on its own seed only, and its
+        sample's index, so it samples the same wherever it sits in a batch); a prompt's first sample is
+        its sample of n = 1.
         eos_token_id: int or list (default: the checkpoint's generation config). pad_token_id: what
         follows a row's stop id (default: the generation config's, else the first stop id, as HF's).
         repetition_penalty: HF's (> 1 discourages every token of the prompt, from its first real token on
@@ -261,18 +270,18 @@ class LlavaNext:
         """
         settings = self.generation_settings(
             min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            min_p=min_p, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_h=top_h,
             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, num_beams=num_beams,
             length_penalty=length_penalty, early_stopping=early_stopping, num_return_sequences=num_return_sequences,
             prompt_lookup_num_tokens=prompt_lookup_num_tokens, max_matching_ngram_size=max_matching_ngram_size)
-        num_beams, num_return_sequences = settings.pop("num_beams"), settings.pop("num_return_sequences")
+        num_beams, num_return_sequences = settings.pop("num_beams"), settings["num_return_sequences"]
         from_checkpoint = do_sample is None and settings["do_sample"]
         do_sample, prompt_lookup_num_tokens = settings["do_sample"], settings["prompt_lookup_num_tokens"]
         if not is_positive_int(num_beams):
             raise ValueError(f"num_beams must be an int >= 1; got {num_beams!r}")
-        if not (isinstance(num_return_sequences, (int, np.integer)) and 1 <= num_return_sequences <= num_beams):
+        if num_beams > 1 and not (is_int(num_return_sequences) and 1 <= num_return_sequences <= num_beams):
             raise ValueError(f"num_return_sequences must be an int in [1, num_beams={num_beams}] (beam search "
-                             f"returns its best beams; sampling several per prompt: repeat the rows with "
-                             f"per-row seeds); got {num_return_sequences!r}")
+                             f"returns its best beams); got {num_return_sequences!r}")
         if num_beams > 1 and do_sample:
             raise ValueError("beam search here is greedy: do_sample=True needs num_beams=1" + (
                 " (do_sample=True is the checkpoint's generation config's default: pass do_sample=False for beam "
@@ -280,6 +289,8 @@ class LlavaNext:
         if num_beams > 1 and prompt_lookup_num_tokens:
             raise ValueError(f"prompt_lookup_num_tokens={prompt_lookup_num_tokens} drafts one sequence per row; "
                              f"beam search (num_beams={num_beams}) takes none")
+        if num_beams > 1:   # the best num_return_sequences beams, below
+            settings["num_return_sequences"] = 1
         args = self.generation_inputs(input_ids, pixel_values, image_sizes, attention_mask, max_new_tokens, seed=seed,
                                       eos_token_id=eos_token_id, pad_token_id=pad_token_id, **settings)
         if num_beams == 1:
@@ -287,7 +298,7 @@ class LlavaNext:
                                 for a in generate.generate_tokens(self.params, self.config, **args))
             return (tokens, logprobs) if return_logprobs else tokens
         from .beam import beam_tokens
-        args.pop("lookup")
+        args.pop("lookup"), args.pop("samples")
         tokens, scores = (distributed.fetch(a) for a in beam_tokens(self.params, self.config, **args,
                                                                    num_beams=int(num_beams)))
         tokens = tokens[:, :num_return_sequences, :max_new_tokens].reshape(-1, max_new_tokens)
@@ -303,7 +314,8 @@ class LlavaNext:
         return_logprobs: yields (tokens, logprobs) pairs instead, as `generate` returns them.
 
         Arguments as `generate` (**generation: min_new_tokens, do_sample, temperature, top_k, top_p,
-        seed, eos_token_id, pad_token_id, repetition_penalty, no_repeat_ngram_size,
+        min_p, typical_p, epsilon_cutoff, eta_cutoff, top_h, num_return_sequences (sampled: `B * n`
+        rows), seed, eos_token_id, pad_token_id, repetition_penalty, no_repeat_ngram_size,
         prompt_lookup_num_tokens, max_matching_ngram_size: a chunk then holds up to chunk +
         prompt_lookup_num_tokens tokens). Between chunks the
         loop returns to Python, which costs a dispatch a chunk: nothing measurable on a CPU, ~3 ms for a
@@ -312,7 +324,7 @@ class LlavaNext:
         loop, compiled once per bucket as `generate`'s (a new chunk size compiles nothing).
         """
         num_beams = self.generation_settings(num_beams=generation.pop("num_beams", None))["num_beams"]
-        beam_only = sorted({"num_return_sequences", "length_penalty", "early_stopping"} & set(generation))
+        beam_only = sorted({"length_penalty", "early_stopping"} & set(generation))
         if num_beams != 1 or beam_only:
             what = f"num_beams={num_beams}" if num_beams != 1 else f"beam search's {', '.join(beam_only)}"
             raise ValueError(f"streaming decodes one sequence per row; {what} needs generate (a beam's tokens "
@@ -331,18 +343,25 @@ class LlavaNext:
 
     def generation_inputs(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
                           max_new_tokens=32, min_new_tokens=None, do_sample=None, temperature=None, top_k=None,
-                          top_p=None, seed=0, eos_token_id=None, pad_token_id=None,
+                          top_p=None, min_p=None, typical_p=None, epsilon_cutoff=None, eta_cutoff=None, top_h=None,
+                          seed=0, eos_token_id=None, pad_token_id=None,
                           repetition_penalty=None, no_repeat_ngram_size=None, length_penalty=None,
-                          early_stopping=None, prompt_lookup_num_tokens=None,
+                          early_stopping=None, num_return_sequences=None, prompt_lookup_num_tokens=None,
                           max_matching_ngram_size=None) -> dict[str, Any]:
         """The bucketed, padded arguments `generate.generate_tokens` takes (see `generate`; settings left
-        out as there)."""
-        (min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size,
-         length_penalty, early_stopping, prompt_lookup_num_tokens, max_matching_ngram_size) = self.generation_settings(
+        out as there; num_return_sequences: rows per prompt, sampled, as `generate`'s with num_beams 1)."""
+        s = self.generation_settings(
             min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            min_p=min_p, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_h=top_h,
             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-            length_penalty=length_penalty, early_stopping=early_stopping,
-            prompt_lookup_num_tokens=prompt_lookup_num_tokens, max_matching_ngram_size=max_matching_ngram_size).values()
+            length_penalty=length_penalty, early_stopping=early_stopping, num_return_sequences=num_return_sequences,
+            prompt_lookup_num_tokens=prompt_lookup_num_tokens, max_matching_ngram_size=max_matching_ngram_size)
+        samples, prompt_lookup_num_tokens = s.pop("num_return_sequences"), s.pop("prompt_lookup_num_tokens")
+        if not is_positive_int(samples):
+            raise ValueError(f"num_return_sequences must be an int >= 1; got {samples!r}")
+        if samples > 1 and not s["do_sample"]:
+            raise ValueError(f"num_return_sequences={samples} needs do_sample=True (or num_beams >= {samples}): "
+                             f"greedy decoding has one sequence per prompt (HF's generate raises too)")
         lookup = 0 if prompt_lookup_num_tokens is None else prompt_lookup_num_tokens
         if not is_int(lookup) or not 0 <= lookup <= generate.MAX_LOOKUP:
             raise ValueError(f"prompt_lookup_num_tokens must be None or an int in [0, {generate.MAX_LOOKUP}] "
@@ -358,16 +377,15 @@ class LlavaNext:
         B, T = ids.shape
         ids, mask, sources = generate.pad_prompt(ids, mask, sources, generate.bucket(T, generate.PROMPT_BUCKETS),
                                                  pad_id)
-        opts = generate.options(B, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, seed,
-                                stop_ids, pad_id, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-                                vocab_size=self.config.text.vocab_size, repetition_penalty=repetition_penalty,
-                                no_repeat_ngram_size=no_repeat_ngram_size, prompt_bucket=ids.shape[1],
-                                length_penalty=length_penalty, early_stopping=early_stopping,
-                                max_matching_ngram_size=max_matching_ngram_size)
+        opts = generate.options(B, max_new_tokens, s.pop("min_new_tokens"), s.pop("do_sample"), s.pop("temperature"),
+                                s.pop("top_k"), s.pop("top_p"), seed, stop_ids, pad_id, prompt_ids=prompt_ids,
+                                prompt_mask=prompt_mask, vocab_size=self.config.text.vocab_size,
+                                prompt_bucket=ids.shape[1], num_return_sequences=samples, **s)
         ids, mask, sources, pixels = self._place(ids, mask, sources, pixels)
         return dict(input_ids=ids, pixel_values=pixels, sources=None if pixels is None else sources,
                     attention_mask=mask, options=opts, dtype=self.dtype,
-                    new_bucket=generate.bucket(max_new_tokens, generate.NEW_TOKEN_BUCKETS), lookup=int(lookup))
+                    new_bucket=generate.bucket(max_new_tokens, generate.NEW_TOKEN_BUCKETS), lookup=int(lookup),
+                    samples=int(samples))
 
     # -- high-level calls -------------------------------------------------------------------------
 
@@ -402,7 +420,8 @@ class LlavaNext:
         batch_size: images per `generate` call (chunks of the input, in order). Greedy captions do not
             depend on it; with `do_sample=True` image i is seeded with `seed + i` (`seed` default 0),
             so sampled captions do not depend on it either.
-        max_new_tokens, **generation: as `generate` (do_sample, temperature, top_k, top_p, seed,
+        max_new_tokens, **generation: as `generate` (do_sample, temperature, top_k, top_p, min_p,
+            typical_p, epsilon_cutoff, eta_cutoff, top_h, seed,
             min_new_tokens, eos_token_id, pad_token_id, repetition_penalty, no_repeat_ngram_size;
             num_beams, length_penalty, early_stopping: an image's caption is then its best beam).
         Compiles a generate program per (batch size, prompt bucket, ...): the last, smaller chunk

@@ -163,6 +163,7 @@ def test_usage_errors_exit_2(env, tmp_path):
              (["--images", tmp_path / "missing.png"], "no such file"),
              (["--images", image, "--batch-size", "0"], "--batch-size"),
              (["--images", image, "--top-p", "0"], "top-p"),
+             (["--images", image, "--typical-p", "0"], "--typical-p must be in (0, 1] (1.0: off); got 0.0"),
              (["--images", image, "--no-repeat-ngram-size", "17"], "--no-repeat-ngram-size must be in [0, 16]"),
              (["--images", image, "--num-beams", "3", "--do-sample"], "1 with --do-sample"),
              (["--images", image, "--num-beams", "3", "--prompt-lookup", "2"], "--prompt-lookup must be in [0, 32]"),
@@ -410,13 +411,17 @@ def test_resuming_with_other_caption_settings_is_refused(demo_dir, tmp_path, cap
     assert record["model"] == os.path.abspath(demo_dir) and record["max_new_tokens"] == 4
     first = out.read_bytes()
     capsys.readouterr()
-    changed = ["--images", *paths[:2], "--prompt", "List every object.", "--max-new-tokens", "6", "--do-sample"]
+    changed = ["--images", *paths[:2], "--prompt", "List every object.", "--max-new-tokens", "6", "--do-sample",
+               "--min-p", "0.1"]
     assert caption.main([*flags, *changed]) == 2
     err = capsys.readouterr().err
     assert f"{out} holds captions made with other settings" in err and "another --output" in err
     assert f"--prompt {caption.DEFAULT_PROMPT!r} -> 'List every object.'" in err
-    assert "--max-new-tokens 4 -> 6" in err and "--do-sample None -> True" in err
+    assert "--max-new-tokens 4 -> 6" in err and "--do-sample None -> True" in err and "--min-p None -> 0.1" in err
     assert out.read_bytes() == first
+    # A record from before the min_p ... top_h flags (without them) holds their defaults.
+    old = {k: v for k, v in record.items() if k not in ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h")}
+    (tmp_path / "o.settings.json").write_text(json.dumps({"settings": old}))
     # Settings that do not change captions may change; a relative --model is the same model.
     monkeypatch.chdir(os.path.dirname(demo_dir))
     same = ["--model", os.path.basename(demo_dir), "--batch-size", "2", "--prompt-lookup", "2", "--scores"]

@@ -245,7 +245,7 @@ def test_prompt_lookup_equals_hf(family):
     """Prompt lookup decoding: a mixed batch keeps HF's greedy tokens (stop ids, min_new_tokens, the
     repetition penalty and the n-gram ban in play); a row alone equals HF's own prompt lookup decoding
     in fewer passes of the model than tokens; on mistral (sliding windows), streamed too, and sampled
-    tokens and log-probabilities are generate's without drafts."""
+    tokens and log-probabilities (the sampling warpers in play) are generate's without drafts."""
     hf, model = family
     batch = tm.make_batch(hf.config, ROWS, seed=5)
     first = hf_generate(hf, batch, eos_token_id=[])
@@ -269,11 +269,14 @@ def test_prompt_lookup_equals_hf(family):
     assert all(p.shape[1] <= 2 + 3 for p in streamed) and len(streamed) < NEW // 2
     np.testing.assert_array_equal(np.concatenate(streamed, axis=1), state["tokens"][:, :NEW])
 
-    sample = dict(max_new_tokens=NEW, eos_token_id=[], do_sample=True, temperature=0.5, seed=[4, 5, 6],
-                  return_logprobs=True)
-    plain, drafted = model.generate(**batch, **sample), model.generate(**batch, **sample, prompt_lookup_num_tokens=3)
-    np.testing.assert_array_equal(drafted[0], plain[0])
-    np.testing.assert_allclose(drafted[1], plain[1], rtol=1e-5, atol=1e-5)
+    for warpers in (dict(temperature=0.5), dict(temperature=0.9, top_k=0, min_p=0.05, typical_p=0.9, top_h=0.9,
+                                               epsilon_cutoff=0.01, eta_cutoff=0.01)):
+        sample = dict(max_new_tokens=NEW, eos_token_id=[], do_sample=True, seed=[4, 5, 6], return_logprobs=True,
+                      **warpers)
+        plain = model.generate(**batch, **sample)
+        drafted = model.generate(**batch, **sample, prompt_lookup_num_tokens=3)
+        np.testing.assert_array_equal(drafted[0], plain[0])
+        np.testing.assert_allclose(drafted[1], plain[1], rtol=1e-5, atol=1e-5)
 
 
 def _most_checks(passes: int) -> int:
@@ -532,7 +535,8 @@ def test_sampling_frequencies_match_reference_distribution(top_k, top_p, tempera
     draws = 40000
     keys = jax.random.split(jax.random.key(0), draws * 2).reshape(draws, 2)
     tokens, logprobs = map(np.asarray, jax.jit(jax.vmap(
-        lambda k: select_tokens(logits, k, True, temperature, top_k, top_p)))(keys))
+        lambda k: select_tokens(logits, k, {**generate.NO_WARP, "do_sample": True, "temperature": temperature,
+                                            "top_k": top_k, "top_p": top_p})))(keys))
     # each draw's log-probability is that of its token under the filtered distribution
     np.testing.assert_allclose(np.exp(logprobs[:, 1]), expected[1][tokens[:, 1]], rtol=1e-5)
     for row in range(2):

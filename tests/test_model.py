@@ -135,7 +135,7 @@ def test_input_errors_name_the_problem(tmp_path):
         with pytest.raises(ValueError, match=match):
             model.generate(*args, **{"max_new_tokens": 2, **setting})
     for setting, match in (({"num_beams": 2}, "num_beams=2"),
-                           ({"num_return_sequences": 2}, "beam search's num_return_sequences")):
+                           ({"length_penalty": 2.0}, "beam search's length_penalty")):
         with pytest.raises(ValueError, match=f"streaming decodes one sequence per row; {match} needs generate"):
             next(model.generate_stream(*args, max_new_tokens=2, **setting))
 
