@@ -233,9 +233,9 @@ class LlavaNext:
         num_return_sequences n > 1 with sampling (num_beams 1): n samples of each prompt, `[B * n,
         max_new_tokens]`, prompt b's in rows b * n + j as HF's (one prefill per prompt; greedy refuses
         n > 1, as HF's). `seed`: one int (row r's draws depend on (seed, r) only; with n, prompt b's
-        sample j on (seed, b, j)) or one per row (a row's draws depend on its own seed only, and its
-        sample's index, so it samples the same wherever it sits in a batch); a prompt's first sample is
-        its sample of n = 1.
+        sample j on (seed, b, j)) or one per prompt row (a row's draws depend on its own seed only, and
+        with n on the sample's index, so it samples the same wherever it sits in a batch); a prompt's
+        first sample is its sample of n = 1.
         eos_token_id: int or list (default: the checkpoint's generation config). pad_token_id: what
         follows a row's stop id (default: the generation config's, else the first stop id, as HF's).
         repetition_penalty: HF's (> 1 discourages every token of the prompt, from its first real token on
@@ -521,8 +521,9 @@ def _text_only(generation: dict, call: str) -> None:
         raise TypeError(f"{call} returns text; for log-probabilities call generate(..., return_logprobs=True) "
                         f"with the processor's inputs")
     if "num_return_sequences" in generation:
-        raise TypeError(f"{call} returns one text per prompt (the best beam); for several beams call "
-                        f"generate(..., num_beams=K, num_return_sequences=R) with the processor's inputs")
+        raise TypeError(f"{call} returns one text per prompt (the best beam); for several beams or samples call "
+                        f"generate(..., num_return_sequences=R) (with num_beams=K >= R, or do_sample=True) with the "
+                        f"processor's inputs")
 
 
 DTYPES = tuple(convert.DTYPES)   # float32, bfloat16, float16
