@@ -1,12 +1,12 @@
 """Beam search: HF's `generate(num_beams=K)` as one compiled `lax.while_loop` over a static-shape cache.
 
 Each prompt is prefilled once and its cache rows repeated K times (row b*K + k is beam k of prompt b).
-A step, as HF's vectorized beam search takes it: every beam's log-softmax (then the repetition
-penalty, the no-repeat n-gram ban and min_new_tokens on those log-probabilities), plus its running
-score; the best `kept` of the K*V continuations of each prompt; the best K of them that did not just
-stop run on, and those of the first K that stopped (a stop id, or max_new_tokens) join the finished
-hypotheses if they score higher (score / length**length_penalty). The loop ends when no prompt can
-improve (HF's `early_stopping` heuristics), or at max_new_tokens.
+A step, as HF's vectorized beam search takes it: every beam's log-softmax (then HF's logits processors
+on those log-probabilities, `generate.process_scores`, and with renormalize_logits a log-softmax again),
+plus its running score; the best `kept` of the K*V continuations of each prompt; the best K of them that
+did not just stop run on, and those of the first K that stopped (a stop id, or max_new_tokens) join the
+finished hypotheses if they score higher (score / length**length_penalty). The loop ends when no prompt
+can improve (HF's `early_stopping` heuristics), or at max_new_tokens.
 
 The beams of a prompt share its prompt slots, which are equal in all K cache rows, so reordering the
 cache after a step gathers only the new-token slots [T, T+N) (N slots, not the whole cache).
@@ -52,6 +52,7 @@ def beam_loop(params, config: LlavaNextConfig, logits, cache, kv_valid, options:
     beam_rows = lambda tree: jax.tree.map(lambda a: jnp.repeat(a, K, axis=0), tree)
     cache, kv_valid, logits, history, seen = (beam_rows(a) for a in (cache, kv_valid, logits, options["history"],
                                                                         options["seen"]))
+    options = {**options, "prompt_tokens": beam_rows(options["prompt_tokens"])}
     next_position = jnp.sum(kv_valid[:, :T], axis=1).astype(jnp.int32)
     stop_ids, max_new = options["stop_ids"], options["max_new_tokens"]
     penalty = options["length_penalty"]
@@ -72,6 +73,8 @@ def beam_loop(params, config: LlavaNextConfig, logits, cache, kv_valid, options:
         step = s["step"]
         logp = process_scores(jax.nn.log_softmax(s["logits"], axis=-1), s["seen"],
                               jnp.concatenate([history, s["running"].reshape(B * K, N)], axis=1), step, options)
+        # renormalize_logits: HF's LogitNormalization, last: the processed log-probabilities made whole again
+        logp = jnp.where(options["renormalize"], jax.nn.log_softmax(logp, axis=-1), logp)
         total = (logp.reshape(B, K, V) + s["running_scores"][:, :, None]).reshape(B, K * V)
         cand_scores, index = jax.lax.top_k(total, kept)
         parent, token = index // V, (index % V).astype(jnp.int32)

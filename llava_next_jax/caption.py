@@ -597,7 +597,10 @@ class Captioner:
                  num_beams=None, length_penalty=None, prompt_lookup=None, min_p=None, typical_p=None,
                  epsilon_cutoff=None, eta_cutoff=None, top_h=None):
         """Generation settings left out (None) are the model's `generation_defaults` (the checkpoint's
-        generation config, else HF's defaults), as in `LlavaNext.generate`."""
+        generation config, else HF's defaults), as in `LlavaNext.generate`; so are the processors no
+        flag sets (suppress_tokens, bad_words_ids, ...: `model.PROCESSOR_SETTINGS`), which the
+        checkpoint, recorded by its path, fixes. The length is always max_new_tokens (the flag's,
+        default 64), never the generation config's."""
         self.model, self.processor = model, processor
         try:
             self.prompt, self.add_special_tokens = chat_prompt(processor, prompt)

@@ -41,6 +41,8 @@ MAX_LOOKUP = 32          # the largest prompt_lookup_num_tokens (each value comp
 MAX_LOOKUP_NGRAM = 8     # the largest max_matching_ngram_size (a runtime value: it compiles nothing)
 LOOKUP_MISSES = 3        # prompt lookup's drafted passes in a row that keep no draft before it pauses
 LOOKUP_PAUSE = 16        # the most passes such a pause lasts (`decode_loop`)
+MAX_BIAS_SEQUENCES = 64  # the most entries of 2+ tokens in sequence_bias, and in bad_words_ids (single ids: any)
+MAX_BIAS_LENGTH = 16     # the longest such entry (runtime values within both: they compile nothing)
 EARLY_STOPPING = {False: 0, True: 1, "never": 2}   # beam search's early_stopping, as a traced int
 
 
@@ -305,16 +307,65 @@ def is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
     return (tokens[..., None] == stop_ids).any(-1)
 
 
+def completed_sequences(history: jax.Array, length, prefixes: jax.Array) -> jax.Array:
+    """Which sequences the next token may complete: bool `[B, M]`, True where the tokens of `history`
+    `[B, S]` (as `banned_ngrams`' history: -1 before the sequence) just before slot `length` (traced)
+    end with `prefixes[m]` `[M, MAX_BIAS_LENGTH - 1]` (right-aligned, -1 before a shorter prefix: any
+    token, or none), as HF's `SequenceBiasLogitsProcessor` matches the end of its input_ids."""
+    P = prefixes.shape[1]
+    recent = jax.lax.dynamic_slice_in_dim(jnp.pad(history, ((0, 0), (P, 0)), constant_values=-1), length, P, axis=1)
+    return ((prefixes[None] == recent[:, None]) | (prefixes[None] < 0)).all(axis=-1)
+
+
+def sequence_bias(history: jax.Array, length, tokens: jax.Array, prefixes: jax.Array, last: jax.Array,
+                  values: jax.Array) -> jax.Array:
+    """HF's `SequenceBiasLogitsProcessor` bias `[B, V]`, to add to the scores: `tokens` `[V]` (the
+    single-token entries' biases) plus, for each longer entry m whose prefix the sequence so far ends
+    with (`completed_sequences`), values[m] at its last token last[m] (-1: no entry); several add up."""
+    B, V = history.shape[0], tokens.shape[0]
+    match = completed_sequences(history, length, prefixes)
+    return tokens[None] + jnp.zeros((B, V), jnp.float32).at[:, jnp.where(last >= 0, last, V)].add(
+        jnp.where(match, values, 0.0), mode="drop")
+
+
 def process_scores(scores: jax.Array, seen: jax.Array, history: jax.Array, step, options: dict[str, jax.Array]):
-    """HF's logits processors as generation applies them to scores `[B, V]` (the logits, or beam
-    search's log-probabilities) before step `step`: the repetition penalty over `seen`, the no-repeat
-    n-gram ban over `history` `[B, T + N]` (options' prompt history, then the new tokens), and
-    min_new_tokens (stop ids banned while step < min_new_tokens)."""
+    """HF's logits processors, in the order HF's `_get_logits_processor` applies them, on scores `[B, V]`
+    (the logits, or beam search's log-probabilities) before step `step`, with `history` `[B, T + N]`
+    the sequences so far (options' prompt history, then the new tokens; `banned_ngrams`):
+
+    sequence_bias (added); encoder_repetition_penalty (HF passes a decoder-only model its prompt,
+    pads included, as the "encoder" input: the prompt's tokens' logits multiplied by the penalty when
+    positive, divided when negative); the repetition penalty over `seen`; the no-repeat n-gram ban;
+    bad_words_ids (-inf); min_new_tokens (stop ids banned while step < min_new_tokens: min_length as
+    well, `options`); forced_eos_token_id (at the last step, every other token -inf, the forced ones
+    0); exponential_decay_length_penalty (a stop id's score plus |score| * (factor**k - 1), k steps
+    past its start); suppress_tokens (-inf); begin_suppress_tokens (-inf at step 0).
+
+    Not renormalize_logits (HF's LogitNormalization, a log-softmax after everything): it shifts a row's
+    scores by one constant, which changes neither the greedy token, nor the sampled distribution (the
+    warpers that follow cut by rank, probability or ratio), nor the log-probabilities we return (taken
+    under the normalized distribution anyway); beam search, which adds the scores up, applies it (`beam`)."""
     V = scores.shape[-1]
+    length = options["history"].shape[1] + step
+    stop = is_stop(jnp.arange(V), options["stop_ids"])
+    scores = scores + sequence_bias(history, length, options["bias_tokens"], options["bias_prefixes"],
+                                    options["bias_last"], options["bias_values"])
+    inverse = options["encoder_penalty"]      # HF's EncoderRepetitionPenaltyLogitsProcessor keeps 1 / penalty
+    scores = jnp.where(options["prompt_tokens"], jnp.where(scores < 0, scores * inverse, scores / inverse), scores)
     scores = penalize_repeats(scores, seen, options["repetition_penalty"])
-    repeat = banned_ngrams(history, options["history"].shape[1] + step, options["no_repeat_ngram_size"], V)
-    too_early = (step < options["min_new_tokens"]) & is_stop(jnp.arange(V), options["stop_ids"])
-    return jnp.where(too_early | repeat, -jnp.inf, scores)
+    repeat = banned_ngrams(history, length, options["no_repeat_ngram_size"], V)
+    bad = jnp.isneginf(sequence_bias(history, length, jnp.where(options["bad_tokens"], -jnp.inf, 0.0),
+                                     options["bad_prefixes"], options["bad_last"],
+                                     jnp.full(options["bad_last"].shape, -jnp.inf)))
+    too_early = (step < options["min_new_tokens"]) & stop
+    scores = jnp.where(repeat | bad | too_early, -jnp.inf, scores)
+    forced = options["forced_eos"]
+    scores = jnp.where((step == options["max_new_tokens"] - 1) & forced.any(),
+                       jnp.where(forced, 0.0, -jnp.inf), scores)
+    decay = options["decay"][jnp.minimum(step, options["decay"].shape[0] - 1)]
+    scores = jnp.where(stop & jnp.isfinite(scores), scores + jnp.abs(scores) * decay, scores)
+    suppressed = options["suppress"] | (options["begin_suppress"] & (step == 0))
+    return jnp.where(suppressed, -jnp.inf, scores)
 
 
 def lookup_drafts(sequence: jax.Array, length, ngram, count: int) -> jax.Array:
@@ -457,9 +508,9 @@ def decode_program(params, config: LlavaNextConfig, logits, cache, kv_valid, opt
     `T + new_bucket + lookup` slots, the prompt in the first T. options (all traced, so changing them
     compiles nothing): max_new_tokens, min_new_tokens, do_sample, `warp`'s settings (temperature,
     top_h, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff), seeds, row_streams, samples
-    `[B]`, stop_ids `[MAX_STOP_IDS]` (-1 = unused), pad_id,
-    repetition_penalty, seen `[B, V]`, no_repeat_ngram_size, history `[B, T]`, lookup_ngram
-    (`options`). Row r samples with `row_key(seeds[r], row_streams[r], samples[r])`, then the step.
+    `[B]`, stop_ids `[MAX_STOP_IDS]` (-1 = unused), pad_id, repetition_penalty, seen `[B, V]`,
+    no_repeat_ngram_size, history `[B, T]`, lookup_ngram, and the processors' arrays (`options`,
+    `process_scores`). Row r samples with `row_key(seeds[r], row_streams[r], samples[r])`, then the step.
     lookup: prompt-lookup drafts per pass (`decode_loop`; 0: none); state["passes"] counts the passes.
     """
     state = start_state(logits, options, new_bucket)
@@ -560,13 +611,123 @@ def check_token_ids(ids: np.ndarray, vocab_size: int, name: str = "input_ids") -
                          f"position {position} ({len(outside)} such ids)")
 
 
-def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
+def new_token_count(max_new_tokens: int | None, max_length: int | None, prompt_length: int) -> int:
+    """How many new tokens a call makes, as HF's `_prepare_generated_length` resolves them from
+    generation settings (each the call's, else the checkpoint's): max_new_tokens where set; else
+    max_length (HF's: the whole sequence, the prompt as given, pads included, counted in) less
+    `prompt_length`, a ValueError where that leaves none (HF's too); else 32 (ours: HF's makes 20)."""
+    if max_new_tokens is not None:
+        return max_new_tokens
+    if max_length is None:
+        return 32
+    if not is_int(max_length):
+        raise ValueError(f"max_length must be an int (the prompt's tokens, pads included, and the new ones); "
+                         f"got {max_length!r}")
+    if max_length <= prompt_length:
+        raise ValueError(f"max_length={max_length} counts the prompt's {prompt_length} tokens (pads included), as "
+                         f"HF's does, and leaves no new token: raise it, or pass max_new_tokens")
+    return max_length - prompt_length
+
+
+def _token_ids(value, name: str, vocab_size: int) -> list[int]:
+    """A list (or tuple) of token ids in [0, vocab_size) (one int too, where `name` takes one), or a
+    ValueError naming `name` and the value."""
+    ids = [value] if is_int(value) and name == "forced_eos_token_id" else value
+    if not isinstance(ids, (list, tuple, np.ndarray)) or not all(is_int(i) for i in ids):
+        one = "an int or " if name == "forced_eos_token_id" else ""
+        raise ValueError(f"{name} must be {one}a list of token ids; got {value!r}")
+    outside = [int(i) for i in ids if not 0 <= i < vocab_size]
+    if outside:
+        raise ValueError(f"{name} must be token ids in [0, {vocab_size}); got {outside[0]} in {value!r}")
+    return [int(i) for i in ids]
+
+
+def _id_mask(ids, vocab_size: int) -> np.ndarray:
+    mask = np.zeros(vocab_size, bool)
+    mask[list(ids)] = True
+    return mask
+
+
+def _sequence_biases(entries: dict, name: str, vocab_size: int):
+    """`sequence_bias` / `bad_words_ids` as `sequence_bias`' arrays: (the single-token entries' biases
+    `[V]`, the longer ones' prefixes `[MAX_BIAS_SEQUENCES, MAX_BIAS_LENGTH - 1]` (right-aligned, -1
+    before), last tokens and biases `[MAX_BIAS_SEQUENCES]` (-1 and 0: no entry))."""
+    tokens = np.zeros(vocab_size, np.float32)
+    prefixes = np.full((MAX_BIAS_SEQUENCES, MAX_BIAS_LENGTH - 1), -1, np.int32)
+    last, values = np.full(MAX_BIAS_SEQUENCES, -1, np.int32), np.zeros(MAX_BIAS_SEQUENCES, np.float32)
+    longer = [(ids, bias) for ids, bias in entries.items() if len(ids) > 1]
+    if len(longer) > MAX_BIAS_SEQUENCES:
+        raise ValueError(f"{name} holds {len(longer)} sequences of 2 or more tokens; at most {MAX_BIAS_SEQUENCES} "
+                         f"(generate.MAX_BIAS_SEQUENCES; single tokens: any number)")
+    for m, (ids, bias) in enumerate(longer):
+        if len(ids) > MAX_BIAS_LENGTH:
+            raise ValueError(f"{name} entries are at most {MAX_BIAS_LENGTH} tokens long (generate.MAX_BIAS_LENGTH); "
+                             f"got {len(ids)}: {list(ids)!r}")
+        prefixes[m, MAX_BIAS_LENGTH - len(ids):] = ids[:-1]
+        last[m], values[m] = ids[-1], bias
+    for ids, bias in entries.items():
+        if len(ids) == 1:
+            tokens[ids[0]] = bias
+    return tokens, prefixes, last, values
+
+
+def _is_bias(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+        and not np.isnan(value)
+
+
+def sequence_bias_entries(sequence_bias, vocab_size: int) -> dict[tuple[int, ...], float]:
+    """HF's `sequence_bias` (a dict {tuple of token ids: bias}, or a list of [token ids, bias] pairs, as
+    generation_config.json holds it) as a dict, checked; a later pair for the same ids wins, as in HF."""
+    what = "a dict {tuple of token ids: bias} or a list of [token ids, bias] pairs"
+    if isinstance(sequence_bias, dict):
+        pairs = list(sequence_bias.items())
+        if not all(isinstance(ids, tuple) for ids, _ in pairs):
+            raise ValueError(f"sequence_bias must be {what}; got {sequence_bias!r} (a dict's keys must be tuples)")
+    elif isinstance(sequence_bias, (list, tuple)) and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], (list, tuple)) for p in sequence_bias):
+        pairs = [(tuple(ids), bias) for ids, bias in sequence_bias]
+    else:
+        raise ValueError(f"sequence_bias must be {what}; got {sequence_bias!r}")
+    if not pairs:
+        raise ValueError(f"sequence_bias must not be empty (None: off); got {sequence_bias!r}")
+    entries = {}
+    for ids, bias in pairs:
+        if not ids:
+            raise ValueError(f"sequence_bias' token sequences must not be empty; got {sequence_bias!r}")
+        if not _is_bias(bias):
+            raise ValueError(f"sequence_bias' biases must be numbers; got {bias!r} for {list(ids)!r}")
+        entries[tuple(_token_ids(ids, "sequence_bias", vocab_size))] = float(bias)
+    return entries
+
+
+def bad_words_entries(bad_words_ids, stop_ids, vocab_size: int) -> dict[tuple[int, ...], float]:
+    """HF's `bad_words_ids` (a list of token id lists) as -inf `sequence_bias` entries, checked; an
+    entry that is one stop id alone is dropped, as HF's `NoBadWordsLogitsProcessor` drops it."""
+    if not isinstance(bad_words_ids, (list, tuple)) or not bad_words_ids or not all(
+            isinstance(ids, (list, tuple)) for ids in bad_words_ids):
+        raise ValueError(f"bad_words_ids must be a non-empty list of token id lists (None: off); got {bad_words_ids!r}")
+    entries = {}
+    for ids in bad_words_ids:
+        if not ids:
+            raise ValueError(f"bad_words_ids' token id lists must not be empty; got {bad_words_ids!r}")
+        ids = tuple(_token_ids(ids, "bad_words_ids", vocab_size))
+        if not (len(ids) == 1 and ids[0] in stop_ids):
+            entries[ids] = -np.inf
+    return entries
+
+
+def options(B: int, max_new_tokens: int, min_new_tokens: int | None, do_sample: bool, temperature: float, top_k: int,
             top_p: float, seed: Any, stop_ids: tuple[int, ...], pad_id: int, *, prompt_ids: np.ndarray,
             vocab_size: int, prompt_mask: np.ndarray | None = None, repetition_penalty: float = 1.0,
             no_repeat_ngram_size: int = 0, prompt_bucket: int | None = None, length_penalty: float = 1.0,
             early_stopping: bool | str = False, max_matching_ngram_size: int = 2, min_p: float | None = None,
             typical_p: float = 1.0, epsilon_cutoff: float = 0.0, eta_cutoff: float = 0.0,
-            top_h: float | None = None, num_return_sequences: int = 1) -> dict[str, np.ndarray]:
+            top_h: float | None = None, num_return_sequences: int = 1, min_length: int | None = None,
+            suppress_tokens=None, begin_suppress_tokens=None, bad_words_ids=None, sequence_bias=None,
+            forced_eos_token_id=None, exponential_decay_length_penalty=None,
+            encoder_repetition_penalty: float | None = None, renormalize_logits: bool | None = None
+            ) -> dict[str, np.ndarray]:
     """The traced generation options, checked, as fixed-shape arrays.
 
     B prompts (rows of prompt_ids); num_return_sequences n > 1 makes them `B * n` rows, prompt b's
@@ -580,12 +741,31 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, t
     whole prompts, left-filled with -1 to `prompt_bucket` slots (default T), are `history`, where
     no_repeat_ngram_size (0: off) looks for n-grams, as HF's processor looks in its input_ids.
     length_penalty and early_stopping (True, False or "never") are beam search's (`beam`), as HF's;
-    max_matching_ngram_size the longest n-gram prompt lookup matches (`lookup_drafts`), as HF's."""
-    for name, value in (("max_new_tokens", max_new_tokens), ("min_new_tokens", min_new_tokens), ("top_k", top_k)):
+    max_matching_ngram_size the longest n-gram prompt lookup matches (`lookup_drafts`), as HF's.
+
+    min_new_tokens None: HF's min_length (the whole sequence, the T prompt slots as given counted in)
+    as new tokens, max(min_length - T, 0) (up to max_new_tokens); a min_new_tokens overrides it, as
+    in HF. The rest are HF's processors (`process_scores`), off where None: suppress_tokens,
+    begin_suppress_tokens (lists of ids), bad_words_ids (token id lists), sequence_bias (`sequence_bias_entries`),
+    forced_eos_token_id (an id or a list), exponential_decay_length_penalty ((start_index,
+    decay_factor)), encoder_repetition_penalty (1.0: off) and renormalize_logits (a log-softmax after
+    the processors; it changes beam search's scores alone: `beam`)."""
+    for name, value in (("max_new_tokens", max_new_tokens), ("top_k", top_k)):
         if not is_int(value):
             raise ValueError(f"{name} must be an int; got {value!r}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+    prompt_ids = np.asarray(prompt_ids)
+    if prompt_ids.ndim != 2 or prompt_ids.shape[0] != B:
+        raise ValueError(f"prompt_ids must be [{B}, T]; got shape {prompt_ids.shape}")
+    T = prompt_ids.shape[1]
+    if min_new_tokens is None:
+        if min_length is not None and (not is_int(min_length) or min_length < 0):
+            raise ValueError(f"min_length must be an int >= 0 (the prompt's tokens, pads included, and the new "
+                             f"ones); got {min_length!r}")
+        min_new_tokens = min(max((min_length or 0) - T, 0), max_new_tokens)
+    if not is_int(min_new_tokens):
+        raise ValueError(f"min_new_tokens must be an int; got {min_new_tokens!r}")
     if not 0 <= min_new_tokens <= max_new_tokens:
         raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}]; got {min_new_tokens}")
     if not temperature >= 0 or temperature == np.inf or not 0 < top_p <= 1 or top_k < 0:   # nan fails >=
@@ -604,8 +784,11 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, t
         raise ValueError(f"at most {MAX_STOP_IDS} eos_token_id values; got {len(stop_ids)}")
     check_token_ids(np.asarray([stop_ids], dtype=None if stop_ids else np.int64), vocab_size, "eos_token_id")
     check_token_ids(np.asarray([[pad_id]]), vocab_size, "pad_token_id")
-    if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1.0: off); got {repetition_penalty}")
+    for name, value in (("repetition_penalty", repetition_penalty),
+                        ("encoder_repetition_penalty", 1.0 if encoder_repetition_penalty is None
+                         else encoder_repetition_penalty)):
+        if not _is_bias(value) or not value > 0:
+            raise ValueError(f"{name} must be a number > 0 (1.0: off); got {value!r}")
     if not is_int(no_repeat_ngram_size) or not (
             0 <= no_repeat_ngram_size <= MAX_NGRAM):
         raise ValueError(f"no_repeat_ngram_size must be an int in [0, {MAX_NGRAM}] (0: off); got {no_repeat_ngram_size!r}")
@@ -618,14 +801,38 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, t
     if not any(early_stopping is v or (isinstance(early_stopping, str) and early_stopping == v)
                for v in (True, False, "never")):
         raise ValueError(f"early_stopping must be True, False or \"never\"; got {early_stopping!r}")
-    prompt_ids = np.asarray(prompt_ids)
-    if prompt_ids.ndim != 2 or prompt_ids.shape[0] != B:
-        raise ValueError(f"prompt_ids must be [{B}, T]; got shape {prompt_ids.shape}")
+    if renormalize_logits not in (None, True, False):
+        raise ValueError(f"renormalize_logits must be True or False; got {renormalize_logits!r}")
+    suppress = [] if suppress_tokens is None else _token_ids(suppress_tokens, "suppress_tokens", vocab_size)
+    begin = [] if begin_suppress_tokens is None else _token_ids(begin_suppress_tokens, "begin_suppress_tokens",
+                                                                 vocab_size)
+    forced = [] if forced_eos_token_id is None else _token_ids(forced_eos_token_id, "forced_eos_token_id", vocab_size)
+    if forced and suppress and set(forced) <= set(suppress):   # HF's GenerationConfig.validate refuses it too
+        raise ValueError(f"every forced_eos_token_id ({forced}) is in suppress_tokens: the forced step would "
+                         f"leave no token")
+    bias = _sequence_biases({} if sequence_bias is None else sequence_bias_entries(sequence_bias, vocab_size),
+                            "sequence_bias", vocab_size)
+    bad = _sequence_biases({} if bad_words_ids is None else bad_words_entries(bad_words_ids, stop_ids, vocab_size),
+                           "bad_words_ids", vocab_size)
+    new_bucket = bucket(max_new_tokens, NEW_TOKEN_BUCKETS)
+    decay = np.zeros(new_bucket, np.float32)    # per step, the factor a stop id's |score| is added with
+    if exponential_decay_length_penalty is not None:
+        pair = exponential_decay_length_penalty
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and is_int(pair[0]) and _is_bias(pair[1])
+                and np.isfinite(pair[1])):
+            raise ValueError(f"exponential_decay_length_penalty must be (start_index: int, decay_factor: number); "
+                             f"got {pair!r}")
+        start, factor = int(pair[0]), float(pair[1])
+        past = np.arange(new_bucket) - start      # HF: from the first step its input is longer than start + T
+        with np.errstate(over="ignore"):
+            decay[past > 0] = np.power(factor, past[past > 0].astype(np.float64)) - 1
     check_token_ids(prompt_ids, vocab_size, "prompt_ids")
     started = np.ones(prompt_ids.shape, bool) if prompt_mask is None else np.cumsum(prompt_mask, axis=1) > 0
     seen = np.zeros((B, vocab_size), bool)
     seen[np.nonzero(started)[0], prompt_ids[started]] = True
-    T = prompt_ids.shape[1]
+    prompt_tokens = np.zeros((B, vocab_size), bool)   # encoder_repetition_penalty's: the prompt as given, pads too
+    if encoder_repetition_penalty not in (None, 1.0):
+        prompt_tokens[np.repeat(np.arange(B), T), prompt_ids.reshape(-1)] = True
     if prompt_bucket is not None and prompt_bucket < T:
         raise ValueError(f"prompt_bucket {prompt_bucket} < the prompts' {T} tokens")
     history = np.full((B, T if prompt_bucket is None else prompt_bucket), -1, np.int32)
@@ -641,7 +848,8 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, t
     seeds = np.broadcast_to(given.astype(np.uint32), (B,)).copy()
     row_streams = np.zeros(B, np.uint32) if per_row else np.arange(B, dtype=np.uint32)
     n = num_return_sequences     # each prompt's rows, side by side
-    seeds, row_streams, seen, history = (np.repeat(a, n, axis=0) for a in (seeds, row_streams, seen, history))
+    seeds, row_streams, seen, history, prompt_tokens = (np.repeat(a, n, axis=0)
+                                                       for a in (seeds, row_streams, seen, history, prompt_tokens))
     return dict(max_new_tokens=np.int32(max_new_tokens), min_new_tokens=np.int32(min_new_tokens),
                 do_sample=np.bool_(do_sample), temperature=np.float32(temperature), top_k=np.int32(top_k),
                 top_p=np.float32(top_p), min_p=np.float32(min_p or 0.0), typical_p=np.float32(typical_p),
@@ -653,4 +861,9 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int, do_sample: bool, t
                 no_repeat_ngram_size=np.int32(no_repeat_ngram_size), history=history,
                 length_penalty=np.float32(length_penalty),
                 early_stopping=np.int32(EARLY_STOPPING[early_stopping]),
-                lookup_ngram=np.int32(max_matching_ngram_size))
+                lookup_ngram=np.int32(max_matching_ngram_size),
+                bias_tokens=bias[0], bias_prefixes=bias[1], bias_last=bias[2], bias_values=bias[3],
+                bad_tokens=np.isneginf(bad[0]), bad_prefixes=bad[1], bad_last=bad[2],
+                encoder_penalty=np.float32(1.0 / (encoder_repetition_penalty or 1.0)), prompt_tokens=prompt_tokens,
+                forced_eos=_id_mask(forced, vocab_size), decay=decay, suppress=_id_mask(suppress, vocab_size),
+                begin_suppress=_id_mask(begin, vocab_size), renormalize=np.bool_(bool(renormalize_logits)))

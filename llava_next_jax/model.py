@@ -18,23 +18,28 @@ from .config import LlavaNextConfig
 from .modeling import llava_next
 
 # HF's defaults for the generation settings `LlavaNext.generate` takes (GenerationConfig's
-# `_get_default_generation_params`: top_k 50 among them), used where neither the call nor the
-# checkpoint's generation_config.json sets one.
+# `_get_default_generation_params`: top_k 50 among them; None where HF has none), used where neither
+# the call nor the checkpoint's generation_config.json sets one. Not max_length's 20: with neither
+# max_new_tokens nor max_length set, generate makes 32 new tokens (`generate.new_token_count`).
 GENERATION_DEFAULTS: dict[str, Any] = dict(
-    min_new_tokens=0, do_sample=False, temperature=1.0, top_k=50, top_p=1.0, min_p=None, typical_p=1.0,
-    epsilon_cutoff=0.0, eta_cutoff=0.0, top_h=None, repetition_penalty=1.0,
-    no_repeat_ngram_size=0, num_beams=1, length_penalty=1.0, early_stopping=False, num_return_sequences=1,
-    prompt_lookup_num_tokens=None, max_matching_ngram_size=2)
+    max_new_tokens=None, max_length=None, min_new_tokens=None, min_length=0, do_sample=False, temperature=1.0,
+    top_k=50, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, top_h=None,
+    repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1, length_penalty=1.0, early_stopping=False,
+    num_return_sequences=1, prompt_lookup_num_tokens=None, max_matching_ngram_size=2, suppress_tokens=None,
+    begin_suppress_tokens=None, bad_words_ids=None, sequence_bias=None, forced_eos_token_id=None,
+    exponential_decay_length_penalty=None, encoder_repetition_penalty=1.0, renormalize_logits=None)
 # generation_config.json settings that HF's generate applies and ours does not, with the values that
 # change nothing (transformers' defaults before 5 wrote them): a checkpoint that sets one otherwise
 # loads with a warning naming it, since its output would differ from HF's.
 UNAPPLIED_GENERATION: dict[str, Any] = dict(
-    max_length=20, max_new_tokens=None, min_length=0, max_time=None, stop_strings=None,
-    encoder_repetition_penalty=1.0, bad_words_ids=None,
-    force_words_ids=None, constraints=None, renormalize_logits=False, forced_bos_token_id=None,
-    forced_eos_token_id=None, exponential_decay_length_penalty=None, suppress_tokens=None,
-    begin_suppress_tokens=None, sequence_bias=None, guidance_scale=None, num_beam_groups=1, diversity_penalty=0.0,
-    penalty_alpha=None, dola_layers=None, watermarking_config=None, token_healing=False)
+    max_time=None, stop_strings=None, force_words_ids=None, constraints=None, forced_bos_token_id=None,
+    encoder_no_repeat_ngram_size=0, remove_invalid_values=False, guidance_scale=None, num_beam_groups=1,
+    diversity_penalty=0.0, penalty_alpha=None, dola_layers=None, watermarking_config=None, token_healing=False)
+# `generate`'s settings that are HF's logits processors beyond the sampling warpers and beam search's
+# (None: the checkpoint's, else off): passed through to `generate.options`.
+PROCESSOR_SETTINGS = ("min_length", "suppress_tokens", "begin_suppress_tokens", "bad_words_ids", "sequence_bias",
+                      "forced_eos_token_id", "exponential_decay_length_penalty", "encoder_repetition_penalty",
+                      "renormalize_logits")
 
 
 class LlavaNext:
@@ -113,8 +118,8 @@ class LlavaNext:
                      if generation_config.get(k) not in (None, default)}
         if unapplied:
             warnings.warn(f"{path}: its generation config sets {', '.join(f'{k}={v!r}' for k, v in unapplied.items())}, "
-                          "which generate does not apply (HF's would, so outputs may differ from HF's; the length "
-                          "is the max_new_tokens a call passes, default 32)", UserWarning, stacklevel=2)
+                          "which generate does not apply (HF's would, so outputs may differ from HF's)",
+                          UserWarning, stacklevel=2)
         model = cls(config, params, generation_config, mesh)
         model.path = os.fspath(path)
         return model
@@ -212,12 +217,15 @@ class LlavaNext:
                 batch["attention_mask"], batch["labels"], self.dtype)
         return train.loss_and_grad(*args)[1] if with_grad else train.loss_fn(*args)
 
-    def generate(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, max_new_tokens=32,
-                 min_new_tokens=None, do_sample=None, temperature=None, top_k=None, top_p=None, min_p=None,
-                 typical_p=None, epsilon_cutoff=None, eta_cutoff=None, top_h=None, seed=0,
+    def generate(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, max_new_tokens=None,
+                 min_new_tokens=None, do_sample=None, temperature=None, top_k=None, top_p=None, seed=0,
                  eos_token_id=None, pad_token_id=None, repetition_penalty=None, no_repeat_ngram_size=None,
                  num_beams=None, length_penalty=None, early_stopping=None, num_return_sequences=None,
-                 prompt_lookup_num_tokens=None, max_matching_ngram_size=None, return_logprobs=False):
+                 prompt_lookup_num_tokens=None, max_matching_ngram_size=None, return_logprobs=False, *,
+                 min_p=None, typical_p=None, epsilon_cutoff=None, eta_cutoff=None, top_h=None,
+                 max_length=None, min_length=None, suppress_tokens=None, begin_suppress_tokens=None,
+                 bad_words_ids=None, sequence_bias=None, forced_eos_token_id=None,
+                 exponential_decay_length_penalty=None, encoder_repetition_penalty=None, renormalize_logits=None):
         """New tokens `[B, max_new_tokens]` (int32); after a row emits a stop id, the pad id. With
         `return_logprobs`, (tokens, logprobs): float32 `[B, max_new_tokens]`, each token's log-probability
         under the distribution it was chosen from (the warpers below applied when sampling; HF's
@@ -225,7 +233,11 @@ class LlavaNext:
 
         Inputs as in `forward` (left padding expected; right-padded rows are moved left). A setting left
         out (None) is the checkpoint's generation_config.json's, else HF's default (`GENERATION_DEFAULTS`,
-        `self.generation_defaults`), as HF's `generate` resolves it. Greedy unless `do_sample`; sampling
+        `self.generation_defaults`), as HF's `generate` resolves it. The length too: max_new_tokens (the
+        call's, else the generation config's), else max_length (HF's: the whole sequence, the prompt as
+        given, pads included, counted in; the call's, else the generation config's) less the prompt's
+        length, else 32 (HF's default is 20; a checkpoint's max_new_tokens wins over a call's
+        max_length, as in HF: `generate.new_token_count`). Greedy unless `do_sample`; sampling
         applies HF's warpers in HF's order (`generate.warp`): temperature, top_h (None = off), top_k (0 =
         off; HF's default 50), top_p (1.0 = off), min_p (None = off), typical_p (1.0 = off),
         epsilon_cutoff and eta_cutoff (0.0 = off), each as HF's warper class (where tokens of equal logits
@@ -242,6 +254,25 @@ class LlavaNext:
         as HF counts them, and of the output so far; 1.0 off). no_repeat_ngram_size: HF's (n > 0: no
         n-gram of the prompt, pads and image tokens as given included, and the output occurs twice; at
         most `generate.MAX_NGRAM`).
+
+        HF's other logits processors, in HF's order (`generate.process_scores`), before the sampling
+        warpers and in beam search on the log-probabilities; each off where None and not in the
+        generation config: sequence_bias (HF's: {tuple of ids: bias}, or [[ids, bias], ...] as
+        generation_config.json holds it; a single id's bias always applies, a longer sequence's to its
+        last id where the text so far ends with the rest); encoder_repetition_penalty (HF gives a
+        decoder-only model its prompt as the "encoder" input: the prompt's tokens as given, pads
+        included, rewarded above 1, penalized below); bad_words_ids (a list of id lists, banned as
+        sequence_bias bans with -inf; an entry that is one stop id alone is dropped, as HF drops it);
+        at most `generate.MAX_BIAS_SEQUENCES` entries of 2 or more ids in each of the two, each at most
+        `MAX_BIAS_LENGTH` long (single ids: any number); min_length (HF's: stop ids banned while the
+        prompt as given plus the new tokens is shorter; min_new_tokens, where given, overrides it, as in
+        HF); forced_eos_token_id (an id or a list: every other token banned at the last step);
+        exponential_decay_length_penalty ((start_index, decay_factor): at step k > start_index,
+        steps counted from 0, a stop id's score gains |score| * (decay_factor**(k - start_index) - 1));
+        suppress_tokens (ids banned at every step); begin_suppress_tokens (ids banned at the first new
+        token); renormalize_logits (a log-softmax after the processors: it changes beam search's scores
+        and so its choices; greedy and sampled tokens and their log-probabilities, which are taken under
+        the normalized distribution anyway, it leaves as they are). Runtime values: they compile nothing.
 
         num_beams > 1: HF's beam search (`beam`; greedy, not sampled), with its length_penalty (a
         finished hypothesis scores sum of log-probabilities / length**length_penalty) and
@@ -292,7 +323,14 @@ class LlavaNext:
         if num_beams > 1:   # the best num_return_sequences beams, below
             settings["num_return_sequences"] = 1
         args = self.generation_inputs(input_ids, pixel_values, image_sizes, attention_mask, max_new_tokens, seed=seed,
-                                      eos_token_id=eos_token_id, pad_token_id=pad_token_id, **settings)
+                                      eos_token_id=eos_token_id, pad_token_id=pad_token_id, max_length=max_length,
+                                      min_length=min_length, suppress_tokens=suppress_tokens,
+                                      begin_suppress_tokens=begin_suppress_tokens, bad_words_ids=bad_words_ids,
+                                      sequence_bias=sequence_bias, forced_eos_token_id=forced_eos_token_id,
+                                      exponential_decay_length_penalty=exponential_decay_length_penalty,
+                                      encoder_repetition_penalty=encoder_repetition_penalty,
+                                      renormalize_logits=renormalize_logits, **settings)
+        max_new_tokens = int(args["options"]["max_new_tokens"])
         if num_beams == 1:
             tokens, logprobs = (distributed.fetch(a)[:, :max_new_tokens]
                                 for a in generate.generate_tokens(self.params, self.config, **args))
@@ -306,7 +344,7 @@ class LlavaNext:
         return (tokens, scores) if return_logprobs else tokens
 
     def generate_stream(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
-                        max_new_tokens=32, chunk: int | None = None, return_logprobs=False,
+                        max_new_tokens=None, chunk: int | None = None, return_logprobs=False,
                         **generation) -> Iterator:
         """`generate` as it goes: yields the new tokens `[B, n]` (int32, n <= chunk) of every `chunk`
         decode steps, until every row has stopped or max_new_tokens is reached. Concatenated along
@@ -315,9 +353,9 @@ class LlavaNext:
 
         Arguments as `generate` (**generation: min_new_tokens, do_sample, temperature, top_k, top_p,
         min_p, typical_p, epsilon_cutoff, eta_cutoff, top_h, num_return_sequences (sampled: `B * n`
-        rows), seed, eos_token_id, pad_token_id, repetition_penalty, no_repeat_ngram_size,
-        prompt_lookup_num_tokens, max_matching_ngram_size: a chunk then holds up to chunk +
-        prompt_lookup_num_tokens tokens). Between chunks the
+        rows), seed, eos_token_id, pad_token_id, repetition_penalty, no_repeat_ngram_size, the processors
+        (`PROCESSOR_SETTINGS`), max_length, prompt_lookup_num_tokens, max_matching_ngram_size: a chunk
+        then holds up to chunk + prompt_lookup_num_tokens tokens). Between chunks the
         loop returns to Python, which costs a dispatch a chunk: nothing measurable on a CPU, ~3 ms for a
         7B model on an H100 against a 6 ms step. chunk defaults to `generate.default_stream_chunk()`: 1
         on a CPU, 8 on an accelerator. The programs are `generate`'s prefill and a resumable decode
@@ -342,21 +380,28 @@ class LlavaNext:
         return {k: self.generation_defaults[k] if v is None else v for k, v in given.items()}
 
     def generation_inputs(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
-                          max_new_tokens=32, min_new_tokens=None, do_sample=None, temperature=None, top_k=None,
+                          max_new_tokens=None, min_new_tokens=None, do_sample=None, temperature=None, top_k=None,
                           top_p=None, min_p=None, typical_p=None, epsilon_cutoff=None, eta_cutoff=None, top_h=None,
                           seed=0, eos_token_id=None, pad_token_id=None,
                           repetition_penalty=None, no_repeat_ngram_size=None, length_penalty=None,
                           early_stopping=None, num_return_sequences=None, prompt_lookup_num_tokens=None,
-                          max_matching_ngram_size=None) -> dict[str, Any]:
+                          max_matching_ngram_size=None, max_length=None, **processors) -> dict[str, Any]:
         """The bucketed, padded arguments `generate.generate_tokens` takes (see `generate`; settings left
-        out as there; num_return_sequences: rows per prompt, sampled, as `generate`'s with num_beams 1)."""
+        out as there; num_return_sequences: rows per prompt, sampled, as `generate`'s with num_beams 1).
+        processors: `PROCESSOR_SETTINGS`."""
+        unknown = sorted(set(processors) - set(PROCESSOR_SETTINGS))
+        if unknown:
+            raise TypeError(f"unexpected generation argument(s): {', '.join(unknown)}")
         s = self.generation_settings(
+            max_new_tokens=max_new_tokens, max_length=max_length,
             min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
             min_p=min_p, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_h=top_h,
             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
             length_penalty=length_penalty, early_stopping=early_stopping, num_return_sequences=num_return_sequences,
-            prompt_lookup_num_tokens=prompt_lookup_num_tokens, max_matching_ngram_size=max_matching_ngram_size)
+            prompt_lookup_num_tokens=prompt_lookup_num_tokens, max_matching_ngram_size=max_matching_ngram_size,
+            **{k: processors.get(k) for k in PROCESSOR_SETTINGS})
         samples, prompt_lookup_num_tokens = s.pop("num_return_sequences"), s.pop("prompt_lookup_num_tokens")
+        max_new_tokens, max_length = s.pop("max_new_tokens"), s.pop("max_length")
         if not is_positive_int(samples):
             raise ValueError(f"num_return_sequences must be an int >= 1; got {samples!r}")
         if samples > 1 and not s["do_sample"]:
@@ -375,6 +420,7 @@ class LlavaNext:
         pad_id = self.pad_token_id if pad_token_id is None else pad_token_id
         pad_id = int((stop_ids or (0,))[0] if pad_id is None else pad_id)   # HF: the first stop id
         B, T = ids.shape
+        max_new_tokens = generate.new_token_count(max_new_tokens, max_length, T)
         ids, mask, sources = generate.pad_prompt(ids, mask, sources, generate.bucket(T, generate.PROMPT_BUCKETS),
                                                  pad_id)
         opts = generate.options(B, max_new_tokens, s.pop("min_new_tokens"), s.pop("do_sample"), s.pop("temperature"),
@@ -422,7 +468,8 @@ class LlavaNext:
             so sampled captions do not depend on it either.
         max_new_tokens, **generation: as `generate` (do_sample, temperature, top_k, top_p, min_p,
             typical_p, epsilon_cutoff, eta_cutoff, top_h, seed,
-            min_new_tokens, eos_token_id, pad_token_id, repetition_penalty, no_repeat_ngram_size;
+            min_new_tokens, eos_token_id, pad_token_id, repetition_penalty, no_repeat_ngram_size, the
+            processors (suppress_tokens, bad_words_ids, ...: `PROCESSOR_SETTINGS`);
             num_beams, length_penalty, early_stopping: an image's caption is then its best beam).
         Compiles a generate program per (batch size, prompt bucket, ...): the last, smaller chunk
         compiles its own.

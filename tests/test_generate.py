@@ -404,7 +404,8 @@ def test_settings_left_out_resolve_as_hf(tmp_path):
         tm.save_checkpoint(hf, str(tmp_path / name))
         model = LlavaNext.from_pretrained(str(tmp_path / name))
         resolved, _ = hf._prepare_generation_config(None)
-        for key in sorted(set(GENERATION_DEFAULTS) - {"min_new_tokens", "max_matching_ngram_size"}):
+        # max_length: HF fills in 20 once it has noted that none was set (`_prepare_generated_length`)
+        for key in sorted(set(GENERATION_DEFAULTS) - {"min_new_tokens", "max_matching_ngram_size", "max_length"}):
             assert model.generation_defaults[key] == getattr(resolved, key), (name, key)
         if name == "greedy":
             np.testing.assert_array_equal(model.generate(**batch, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0),
@@ -475,12 +476,13 @@ def test_generation_settings_generate_does_not_apply_are_named_on_load(tmp_path)
     known = set(GenerationConfig().__dict__)
     assert set(UNAPPLIED_GENERATION) <= known   # HF's own names
     config = json.loads(path.read_text())
-    path.write_text(json.dumps({**config, "max_length": 20, "typical_p": 1.0, "min_length": 5,
-                                "suppress_tokens": [3], "max_new_tokens": 64}))
-    with pytest.warns(UserWarning, match=r"generation config sets max_new_tokens=64, min_length=5, "
-                                         r"suppress_tokens=\[3\], which generate does not apply") as caught:
+    path.write_text(json.dumps({**config, "num_beam_groups": 1, "suppress_tokens": [3], "stop_strings": ["."],
+                                "forced_bos_token_id": 2, "max_new_tokens": 64}))
+    with pytest.warns(UserWarning, match=r"generation config sets stop_strings=\['\.'\], forced_bos_token_id=2, "
+                                         r"which generate does not apply") as caught:
         LlavaNext.from_pretrained(str(tmp_path))
-    assert "max_length" not in str(caught[0].message) and "typical_p" not in str(caught[0].message)
+    message = str(caught[0].message)
+    assert not any(k in message for k in ("num_beam_groups", "suppress_tokens", "max_new_tokens"))
     # beam sampling is not ours: where the checkpoint's default samples, the error says so
     path.write_text(json.dumps({**config, "do_sample": True}))
     model = LlavaNext.from_pretrained(str(tmp_path))
@@ -560,3 +562,209 @@ def test_compile_count_bounded_by_buckets(tmp_path):
     assert generate.bucket(100, generate.PROMPT_BUCKETS) == 128
     run([(3, [(480, 640)], 4), (5, [(88, 55)], 200)])  # next prompt bucket: one more prefill and decode
     assert compiled_programs() == compiled + 2
+
+
+# --- HF's other logits processors (`generate.process_scores`) ---------------------------------------
+
+def _processor_settings(plain, T):
+    """Settings for the processors, from HF's plain greedy tokens `plain` and the prompt length T: each
+    alone, and two combinations HF applies together."""
+    p = lambda row, step: int(plain[row, step])
+    alone = dict(
+        suppress=dict(suppress_tokens=[p(0, 2), p(2, 5)]),
+        begin=dict(begin_suppress_tokens=[p(0, 0), p(1, 0)]),
+        # a single token, two longer sequences, and a stop id alone (dropped, as HF drops it)
+        bad=dict(bad_words_ids=[[p(1, 3)], [p(0, 5), p(0, 6)], [p(2, 1), p(2, 2), p(2, 3)], [p(0, 4)]],
+                 eos_token_id=[p(0, 4)]),
+        bias=dict(sequence_bias=[[[p(2, 8)], 3.0], [[p(0, 2), p(0, 3)], -4.0], [[p(1, 5), p(0, 3)], -1.5]]),
+        encoder=dict(encoder_repetition_penalty=0.6),
+        min_length=dict(eos_token_id=[p(0, 4), p(1, 7)], min_length=T + 9),
+        forced=dict(forced_eos_token_id=7),
+        decay=dict(eos_token_id=[11, 12], exponential_decay_length_penalty=(4, 1.6)),
+    )
+    combined = [
+        dict(suppress_tokens=[p(0, 2)], begin_suppress_tokens=[p(1, 0)], bad_words_ids=[[p(0, 5), p(0, 6)], [3]],
+             sequence_bias={(p(2, 8),): 2.5, (p(1, 5), p(0, 3)): -2.0}, encoder_repetition_penalty=1.5,
+             repetition_penalty=1.2, eos_token_id=[p(1, 7)]),
+        dict(eos_token_id=[11, 12], min_length=T + 3, forced_eos_token_id=[5, 7], suppress_tokens=[5],
+             exponential_decay_length_penalty=[6, 1.4], renormalize_logits=True, no_repeat_ngram_size=3),
+    ]
+    return alone, combined
+
+
+@pytest.mark.parametrize("family", ["mistral"], indirect=True)
+def test_processors_equal_hf(family):
+    """suppress_tokens, begin_suppress_tokens, bad_words_ids, sequence_bias, encoder_repetition_penalty,
+    min_length, forced_eos_token_id, exponential_decay_length_penalty (renormalize_logits too), each
+    alone (each changes HF's tokens) and combined: HF's greedy tokens and scores as log-probabilities,
+    on one compiled program; prompt lookup and streaming give generate's tokens with them; sampled
+    tokens avoid what they ban."""
+    hf, model = family
+    batch = tm.make_batch(hf.config, ROWS, seed=5)
+    args = {k: torch.from_numpy(v) for k, v in batch.items()}
+    plain = hf_generate(hf, batch, eos_token_id=[])
+    alone, combined = _processor_settings(plain, batch["input_ids"].shape[1])
+    compiled = None
+    for name, kw in list(alone.items()) + [(f"combined {i}", kw) for i, kw in enumerate(combined)]:
+        kw = {"eos_token_id": [], **kw}
+        with torch.no_grad():
+            out = hf.generate(**args, do_sample=False, max_new_tokens=NEW, pad_token_id=0, output_scores=True,
+                              return_dict_in_generate=True, **kw)
+            theirs = hf.compute_transition_scores(out.sequences, out.scores, normalize_logits=True).numpy()
+        ref = out.sequences[:, batch["input_ids"].shape[1]:].numpy()
+        n = ref.shape[1]
+        assert (np.pad(ref, ((0, 0), (0, NEW - n))) != plain).any(), name     # the setting changes HF's tokens
+        tokens, logprobs = model.generate(**batch, max_new_tokens=NEW, pad_token_id=0, return_logprobs=True, **kw)
+        np.testing.assert_array_equal(tokens[:, :n], ref, err_msg=name)
+        assert (tokens[:, n:] == 0).all(), name
+        stop = np.isin(tokens[:, :n], kw["eos_token_id"])
+        live = np.cumsum(stop, axis=1) - stop == 0
+        np.testing.assert_allclose(logprobs[:, :n][live], theirs[live], rtol=1e-4, atol=1e-4, err_msg=name)
+        compiled = compiled_programs() if compiled is None else compiled
+    assert compiled_programs() == compiled
+    for kw in combined:   # the steps that depend on the position (min_length, the forced last token, the decay)
+        ref = model.generate(**batch, max_new_tokens=NEW, pad_token_id=0, **kw)
+        drafted = model.generate(**batch, max_new_tokens=NEW, pad_token_id=0, prompt_lookup_num_tokens=3, **kw)
+        np.testing.assert_array_equal(drafted, ref, err_msg=str(kw))
+        streamed = np.concatenate(list(model.generate_stream(**batch, max_new_tokens=NEW, pad_token_id=0, chunk=7,
+                                                             **kw)), axis=1)
+        np.testing.assert_array_equal(streamed, ref[:, :streamed.shape[1]], err_msg=str(kw))
+        assert (ref[:, streamed.shape[1]:] == 0).all()
+    banned = sorted({int(t) for t in plain[:, :6].reshape(-1)})
+    forced = min(set(range(9, hf.config.text_config.vocab_size)) - set(banned))
+    tokens = model.generate(**batch, max_new_tokens=NEW, eos_token_id=[], do_sample=True, temperature=2.0, top_k=0,
+                            seed=3, suppress_tokens=banned[:3], bad_words_ids=[[t] for t in banned[3:]],
+                            begin_suppress_tokens=[1, 2], forced_eos_token_id=forced)
+    assert not np.isin(tokens, banned).any() and not np.isin(tokens[:, 0], [1, 2]).any()
+    assert (tokens[:, -1] == forced).all()
+
+
+@pytest.mark.parametrize("family", ["mistral"], indirect=True)
+def test_processors_in_beam_search_equal_hf(family):
+    """Beam search with the processors on its log-probabilities, renormalize_logits re-normalizing them
+    (as HF's LogitNormalization): HF's hypotheses and sequences_scores; renormalizing changes the scores."""
+    hf, model = family
+    batch = tm.make_batch(hf.config, ROWS, seed=5)
+    T = batch["input_ids"].shape[1]
+    _, combined = _processor_settings(hf_generate(hf, batch, eos_token_id=[]), T)
+    pad = 8   # HF fills beam outputs with pad_token_id only when it is not 0
+    cases = [dict(combined[0], num_beams=3, renormalize_logits=True), dict(combined[1], num_beams=3)]
+    for kw in cases:
+        with torch.no_grad():
+            out = hf.generate(**{k: torch.from_numpy(v) for k, v in batch.items()}, do_sample=False,
+                              max_new_tokens=NEW, pad_token_id=pad, output_scores=True, return_dict_in_generate=True,
+                              **kw)
+        ref = out.sequences[:, T:].numpy()
+        tokens, scores = model.generate(**batch, max_new_tokens=NEW, pad_token_id=pad, return_logprobs=True, **kw)
+        np.testing.assert_array_equal(tokens, np.pad(ref, ((0, 0), (0, NEW - ref.shape[1])), constant_values=pad),
+                                      err_msg=str(kw))
+        np.testing.assert_allclose(scores, out.sequences_scores.numpy(), rtol=1e-4, atol=1e-4)
+    plain = model.generate(**batch, max_new_tokens=NEW, pad_token_id=pad, num_beams=3, eos_token_id=[],
+                           return_logprobs=True)
+    assert (plain[0] != tokens).any()
+    unnormalized = model.generate(**batch, max_new_tokens=NEW, pad_token_id=pad, return_logprobs=True,
+                                  **dict(cases[0], renormalize_logits=False))
+    assert not np.allclose(unnormalized[1], model.generate(**batch, max_new_tokens=NEW, pad_token_id=pad,
+                                                           return_logprobs=True, **cases[0])[1])
+
+
+def test_sequence_bias_equals_hf_processor():
+    """`generate.sequence_bias` against HF's SequenceBiasLogitsProcessor (and NoBadWords) on sequences of
+    a 4-token vocabulary: entries of 1 to 4 tokens sharing last tokens (their biases add up), contexts
+    shorter than a prefix, behind a prefix of -1s (no part of the sequence)."""
+    import jax
+    from transformers.generation.logits_process import NoBadWordsLogitsProcessor, SequenceBiasLogitsProcessor
+    V, rng = 4, np.random.default_rng(0)
+    entries = {(2,): 1.5, (1, 2): -2.0, (3, 1, 2): 0.75, (0, 0, 1, 3): 4.0, (3, 3): -1.0, (0, 2): 0.5}
+    tokens, prefixes, last, values = generate._sequence_biases(entries, "sequence_bias", V)
+    bias = jax.jit(generate.sequence_bias)
+    theirs_bias = SequenceBiasLogitsProcessor(sequence_bias={k: float(v) for k, v in entries.items()})
+    bad_words = [[1, 3], [2, 0, 1], [0]]
+    bad = generate._sequence_biases(generate.bad_words_entries(bad_words, (), V), "bad_words_ids", V)
+    theirs_bad = NoBadWordsLogitsProcessor(bad_words)
+    longer = 0
+    for length in range(0, 9):
+        for _ in range(12):
+            seq = rng.integers(0, V, (2, length))
+            history = np.concatenate([np.full((2, 3), -1), seq, rng.integers(0, V, (2, 4))], axis=1)
+            scores = torch.from_numpy(rng.standard_normal((2, V)).astype(np.float32))
+            expected = theirs_bias(torch.from_numpy(seq), scores).numpy() - scores.numpy()
+            np.testing.assert_allclose(bias(history, 3 + length, tokens, prefixes, last, values), expected,
+                                       atol=1e-6, err_msg=str(seq))
+            ours_bad = bias(history, 3 + length, np.where(np.isneginf(bad[0]), -np.inf, 0.0), bad[1], bad[2],
+                            np.full(bad[2].shape, -np.inf))
+            np.testing.assert_array_equal(np.isneginf(ours_bad),
+                                          np.isneginf(theirs_bad(torch.from_numpy(seq), scores).numpy()))
+            longer += int((expected != tokens).any())
+    assert longer > 30   # most cases matched a longer entry
+
+
+def test_processors_and_lengths_from_generation_config_apply_as_hf(tmp_path):
+    """The processors and lengths a generation_config.json sets apply where a call leaves them out
+    (loading without a warning): max_new_tokens, else max_length (the prompt as given counted in), else
+    our 32; greedy and beam output against HF's from_pretrained + generate with no settings at all.
+    Errors name the argument and the value."""
+    import json
+    import warnings
+    from transformers import LlavaNextForConditionalGeneration
+    tm.save_checkpoint(tm.build_model("vicuna", seed=4), str(tmp_path))
+    path = tmp_path / "generation_config.json"
+    base = json.loads(path.read_text())
+    hf = LlavaNextForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+    batch = tm.make_batch(hf.config, ROWS[:2], seed=9)
+    T = batch["input_ids"].shape[1]
+    args = {k: torch.from_numpy(v) for k, v in batch.items()}
+    plain = tm.hf_generate(hf, batch, 12, eos_token_id=[])
+    p = lambda row, step: int(plain[row, step])
+    configs = [
+        dict(max_new_tokens=12, suppress_tokens=[p(0, 1)], bad_words_ids=[[p(1, 2), p(1, 3)]],
+             sequence_bias=[[[p(0, 4)], 2.0]], encoder_repetition_penalty=1.3, pad_token_id=0),
+        dict(max_length=T + 9, min_length=T + 4, forced_eos_token_id=5, begin_suppress_tokens=[p(0, 0)],
+             exponential_decay_length_penalty=[2, 1.5], eos_token_id=[p(0, 3), 11], renormalize_logits=True),
+    ]
+    for config in configs:
+        path.write_text(json.dumps({**base, **config}))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model = LlavaNext.from_pretrained(str(tmp_path))
+        hf = LlavaNextForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+        for call in (dict(), dict(num_beams=2)):
+            with torch.no_grad():
+                ref = hf.generate(**args, **call)[:, T:].numpy()
+            ours = model.generate(**batch, **call)
+            assert ours.shape == (2, config.get("max_new_tokens", 9)), ours.shape
+            np.testing.assert_array_equal(ours[:, :ref.shape[1]], ref, err_msg=f"{config} {call}")
+            assert call or (ref != plain[:, :ref.shape[1]]).any()
+    # a call's max_new_tokens wins; a max_length that leaves no new token is refused, as HF's refuses it
+    assert model.generate(**batch, max_new_tokens=3).shape == (2, 3)
+    assert model.generate(**batch, max_length=T + 2).shape == (2, 2)
+    model = LlavaNext(model.config, model.params, base)     # neither max_new_tokens nor max_length
+    assert model.generation_inputs(**batch)["options"]["max_new_tokens"] == 32   # ours: 32, HF's 20
+    errors = [
+        (dict(max_length=T), rf"max_length={T} counts the prompt's {T} tokens"),
+        (dict(max_length=2.5), r"max_length must be an int .* got 2.5"),
+        (dict(suppress_tokens=5), r"suppress_tokens must be a list of token ids; got 5"),
+        (dict(suppress_tokens=[3, 160]), r"suppress_tokens must be token ids in \[0, 160\); got 160 in \[3, 160\]"),
+        (dict(begin_suppress_tokens=["a"]), r"begin_suppress_tokens must be a list of token ids; got \['a'\]"),
+        (dict(forced_eos_token_id=-1), r"forced_eos_token_id must be token ids in \[0, 160\); got -1"),
+        (dict(forced_eos_token_id=[4], suppress_tokens=[4, 5]),
+         r"every forced_eos_token_id \(\[4\]\) is in suppress_tokens"),
+        (dict(bad_words_ids=[3, 4]),
+         r"bad_words_ids must be a non-empty list of token id lists \(None: off\); got \[3, 4\]"),
+        (dict(bad_words_ids=[[3], []]), r"bad_words_ids' token id lists must not be empty"),
+        (dict(bad_words_ids=[[3, 200]]), r"bad_words_ids must be token ids in \[0, 160\); got 200"),
+        (dict(bad_words_ids=[[1, i] for i in range(65)]),
+         r"bad_words_ids holds 65 sequences of 2 or more tokens; at most 64"),
+        (dict(sequence_bias={(1,) * 17: -1.0}), r"sequence_bias entries are at most 16 tokens long .* got 17"),
+        (dict(sequence_bias={"(1, 2)": 1.0}), r"sequence_bias must be a dict \{tuple of token ids: bias\} .* keys"),
+        (dict(sequence_bias=[[[1, 2], "x"]]), r"sequence_bias' biases must be numbers; got 'x' for \[1, 2\]"),
+        (dict(sequence_bias={(1, 999): 1.0}), r"sequence_bias must be token ids in \[0, 160\); got 999"),
+        (dict(min_length=-1), r"min_length must be an int >= 0 .* got -1"),
+        (dict(exponential_decay_length_penalty=(1.5, 2.0)),
+         r"exponential_decay_length_penalty must be \(start_index: int, decay_factor: number\); got \(1.5, 2.0\)"),
+        (dict(encoder_repetition_penalty=0.0), r"encoder_repetition_penalty must be a number > 0 \(1.0: off\); got 0"),
+        (dict(renormalize_logits="yes"), r"renormalize_logits must be True or False; got 'yes'"),
+    ]
+    for kw, message in errors:
+        with pytest.raises(ValueError, match=message):
+            model.generation_inputs(**batch, **kw)
