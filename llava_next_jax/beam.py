@@ -4,9 +4,10 @@ Each prompt is prefilled once and its cache rows repeated K times (row b*K + k i
 A step, as HF's vectorized beam search takes it: every beam's log-softmax (then HF's logits processors
 on those log-probabilities, `generate.process_scores`, and with renormalize_logits a log-softmax again),
 plus its running score; the best `kept` of the K*V continuations of each prompt; the best K of them that
-did not just stop run on, and those of the first K that stopped (a stop id, or max_new_tokens) join the
-finished hypotheses if they score higher (score / length**length_penalty). The loop ends when no prompt
-can improve (HF's `early_stopping` heuristics), or at max_new_tokens.
+did not just stop run on, and those of the first K that stopped (a stop id, a stop string their text,
+prompt included, now ends with, or max_new_tokens: HF's stopping criteria) join the finished hypotheses
+if they score higher (score / length**length_penalty). The loop ends when no prompt can improve (HF's
+`early_stopping` heuristics), or at max_new_tokens.
 
 The beams of a prompt share its prompt slots, which are equal in all K cache rows, so reordering the
 cache after a step gathers only the new-token slots [T, T+N) (N slots, not the whole cache).
@@ -21,7 +22,8 @@ import jax.numpy as jnp
 
 from . import xla_cpu
 from .config import LlavaNextConfig
-from .generate import EARLY_STOPPING, MAX_STOP_IDS, decode_step, is_stop, prefill_program, process_scores
+from .generate import (EARLY_STOPPING, MAX_STOP_IDS, decode_step, is_stop, prefill_program, process_scores,
+                       stop_string_hits)
 
 NEG = -1.0e9   # HF's score for "never": added, not set, so a hypothesis keeps its order among its kind
 
@@ -79,7 +81,10 @@ def beam_loop(params, config: LlavaNextConfig, logits, cache, kv_valid, options:
         cand_scores, index = jax.lax.top_k(total, kept)
         parent, token = index // V, (index % V).astype(jnp.int32)
         cand = _gather(s["running"], parent).at[:, :, step].set(token)
-        stopped = is_stop(token, stop_ids) | (step + 1 >= max_new)
+        prompts = jnp.broadcast_to(options["history"][:, None], (B, kept, options["history"].shape[1]))
+        texts = jnp.concatenate([prompts, cand], axis=2).reshape(B * kept, -1)
+        ends_text = stop_string_hits(texts, prompts.shape[2] + step + 1, options).reshape(B, kept)
+        stopped = is_stop(token, stop_ids) | ends_text | (step + 1 >= max_new)
 
         # the best K that did not stop run on
         running_scores, pick = jax.lax.top_k(cand_scores + stopped * NEG, K)

@@ -323,7 +323,7 @@ def write_atomic(path: str, chunks: Iterable[bytes]) -> None:
 
 CAPTION_SETTINGS = ("model", "prompt", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p",
                     "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h", "seed", "repetition_penalty",
-                    "no_repeat_ngram_size", "num_beams", "length_penalty", "dtype")
+                    "no_repeat_ngram_size", "num_beams", "length_penalty", "stop_string", "dtype")
 DEMO_MODEL = "built-in demo model"
 
 
@@ -595,7 +595,7 @@ class Captioner:
     def __init__(self, model, processor, prompt: str, max_new_tokens: int, do_sample=None, temperature=None,
                  top_k=None, top_p=None, seed=0, scores=False, repetition_penalty=None, no_repeat_ngram_size=None,
                  num_beams=None, length_penalty=None, prompt_lookup=None, min_p=None, typical_p=None,
-                 epsilon_cutoff=None, eta_cutoff=None, top_h=None):
+                 epsilon_cutoff=None, eta_cutoff=None, top_h=None, stop_strings=None):
         """Generation settings left out (None) are the model's `generation_defaults` (the checkpoint's
         generation config, else HF's defaults), as in `LlavaNext.generate`; so are the processors no
         flag sets (suppress_tokens, bad_words_ids, ...: `model.PROCESSOR_SETTINGS`), which the
@@ -610,7 +610,13 @@ class Captioner:
             do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_h=top_h,
             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, num_beams=num_beams,
-            length_penalty=length_penalty, prompt_lookup_num_tokens=prompt_lookup))
+            length_penalty=length_penalty, prompt_lookup_num_tokens=prompt_lookup, stop_strings=stop_strings))
+        if self.gen["stop_strings"] is not None:   # checked here, not in the first batch
+            from .stop_strings import tables
+            try:
+                tables(processor, self.gen["stop_strings"], model.config.text.vocab_size)
+            except ValueError as e:
+                raise UsageError(f"--stop-string (or the model's generation config's stop_strings): {e}") from None
         if self.gen["num_beams"] > 1 and (self.gen["do_sample"] or self.gen["prompt_lookup_num_tokens"]):
             raise UsageError(f"num_beams {self.gen['num_beams']} (the model's generation config or --num-beams) "
                              f"takes neither sampling nor --prompt-lookup")
@@ -653,12 +659,16 @@ class Captioner:
         if prepared.inputs is None:
             return rows
         seeds = np.array([image_seed(self.seed, it.path) for it in prepared.items], np.uint32)
-        tokens, logprobs = self.model.generate(**prepared.inputs, **self.gen, seed=seeds, return_logprobs=True)
+        tokens, logprobs = self.model.generate(**prepared.inputs, **self.gen, seed=seeds, return_logprobs=True,
+                                               tokenizer=self.processor)
         texts = decode_new_tokens(self.processor, tokens)
         found = [{"image": it.path, "caption": text} for it, text in zip(prepared.items, texts)]
         if self.scores:   # the steps up to each row's first stop id, that one included
             stop = np.isin(tokens, self.model.eos_token_ids)
             generated = np.cumsum(stop, axis=1) - stop == 0
+            if self.gen["stop_strings"] is not None:   # or to the token completing a stop string: the pads after
+                after = (tokens == self.model.pad_id()) & ((logprobs == 0) if logprobs.ndim == 2 else True)
+                generated &= np.cumsum(~after[:, ::-1], axis=1)[:, ::-1] > 0     # it (log-probability 0) are not
             lengths = generated.sum(1)
             if self.gen["num_beams"] > 1:   # a beam's score is its log-probability / length**length_penalty
                 sums = logprobs * lengths.astype(np.float64) ** self.gen["length_penalty"]
@@ -739,6 +749,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length-penalty", type=float, default=None, metavar="L",
                    help="beam search: a finished beam scores log-probability / length**L (HF's; > 0 favours "
                         "longer captions)")
+    p.add_argument("--stop-string", action="append", default=None, metavar="TEXT",
+                   help="end a caption after the token that completes TEXT, that token kept (HF's stop_strings; "
+                        "repeat for several, up to 8)")
     p.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
                    help="prompt lookup decoding: check up to N tokens drafted from the text so far in each pass "
                         "of the model (HF's prompt_lookup_num_tokens; the same captions, faster where they "
@@ -949,7 +962,7 @@ def _caption_locked(args, inputs: list[str], output: str, writer: RowWriter, log
                                   args.repetition_penalty, args.no_repeat_ngram_size, args.num_beams,
                                   args.length_penalty, args.prompt_lookup, min_p=args.min_p,
                                   typical_p=args.typical_p, epsilon_cutoff=args.epsilon_cutoff,
-                                  eta_cutoff=args.eta_cutoff, top_h=args.top_h)
+                                  eta_cutoff=args.eta_cutoff, top_h=args.top_h, stop_strings=args.stop_string)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -30,6 +30,7 @@ from .checks import is_int, is_positive_int
 from .config import LlavaNextConfig
 from . import xla_cpu
 from .modeling import decoder, llava_next
+from .stop_strings import MAX_STOP_STRING_LENGTH, no_stop_strings
 
 # Prompt lengths round up to these: fine steps where image prompts live (1-3k tokens), so padding
 # wastes at most ~5% of the prefill; each bucket used costs one compile.
@@ -326,6 +327,37 @@ def sequence_bias(history: jax.Array, length, tokens: jax.Array, prefixes: jax.A
     match = completed_sequences(history, length, prefixes)
     return tokens[None] + jnp.zeros((B, V), jnp.float32).at[:, jnp.where(last >= 0, last, V)].add(
         jnp.where(match, values, 0.0), mode="drop")
+def stop_string_hits(sequence: jax.Array, length, options: dict[str, jax.Array]) -> jax.Array:
+    """HF's StopStringCriteria: whether each row of `sequence` `[R, S]` (the prompt as given, then the
+    new tokens; -1: no token), cut at slot `length` (traced), ends in one of the options' stop strings
+    (`stop_strings.tables`). As HF, it looks back over the last `stop_string_window` tokens (the
+    longest string's length), the prompt's included: the last token must begin with the end of a
+    string, each token before it end where the part still unmatched ends, until the string is
+    matched. Bitmasks of the counts matched so far (count v at bit v - 1) follow every way of ending
+    at once. All False without stop strings (skipped). bool `[R]`."""
+    W = MAX_STOP_STRING_LENGTH
+
+    def hits(sequence):
+        back = jax.lax.dynamic_slice_in_dim(jnp.pad(sequence, ((0, 0), (W, 0)), constant_values=-1), length, W,
+                                            axis=1)[:, ::-1]                     # the last token first
+        inside = (back >= 0) & (jnp.arange(W) < options["stop_string_window"])
+        ids = jnp.where(inside, back, 0)
+        ends = jnp.where(inside[..., None], options["stop_string_ends"][ids], 0)               # [R, W, strings]
+        positions = jnp.where(inside[..., None], options["stop_string_positions"][ids], 0)
+        sizes = options["stop_string_token_lengths"][ids].astype(jnp.int32)[..., None]         # [R, W, 1]
+        L = options["stop_string_lengths"]                                                   # 0: no string
+        shift = lambda n: jnp.clip(n, 0, 31).astype(jnp.uint32)
+        unmatched = (jnp.uint32(1) << shift(L - 1)) - 1       # counts 1 .. L-1: the string not matched yet
+        hit = (L > 0) & (((ends[:, 0] >> shift(L - 1)) & 1) == 1)   # the last token holds the whole string
+        alive = ends[:, 0] & unmatched
+        for j in range(1, W):
+            n = sizes[:, j]
+            alive &= positions[:, j]
+            hit |= (alive >> shift(L - n - 1)) != 0        # counts that reach L with this token
+            alive = jnp.where(n < L - 1, (alive << shift(n)) & unmatched, 0)
+        return hit.any(-1)
+
+    return jax.lax.cond(options["stop_string_window"] > 0, hits, lambda s: jnp.zeros(s.shape[:1], bool), sequence)
 
 
 def process_scores(scores: jax.Array, seen: jax.Array, history: jax.Array, step, options: dict[str, jax.Array]):
@@ -400,7 +432,8 @@ def row_key(seed, stream, sample) -> jax.Array:
 def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options: dict[str, jax.Array], dtype,
                 new_bucket: int, stop_at, lookup: int = 0):
     """Steps the decode loop from `state` (`start_state`'s keys) while `step < stop_at` (and
-    max_new_tokens) and some row is not done; returns (state, cache). One `lax.while_loop`.
+    max_new_tokens) and some row is not done; returns (state, cache). One `lax.while_loop`. A row is
+    done after a stop id or the token completing a stop string (`stop_string_hits`), pad after it.
 
     lookup > 0 (HF's prompt_lookup_num_tokens): a pass of the model takes the step's token and up to
     `lookup` tokens drafted after it from the sequence so far (`lookup_drafts`), and the step keeps
@@ -418,6 +451,13 @@ def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options
     last = jnp.minimum(stop_at, options["max_new_tokens"])
     rows, pad = jnp.arange(B), options["pad_id"]
 
+    def stops(token, tokens, step):
+        """Whether `token`, new token `step` of `tokens` `[B, N]`, ends its row: a stop id, or a stop
+        string the row's text now ends with (HF stops after that token)."""
+        sequence = jnp.concatenate([options["history"], tokens], axis=1)
+        return is_stop(token, options["stop_ids"]) | stop_string_hits(
+            sequence, options["history"].shape[1] + step + 1, options)
+
     def choose(logits, seen, tokens, step, done):
         """Step `step`'s token per row (pad where done) and its log-probability, from the logits before it."""
         scores = process_scores(logits, seen, jnp.concatenate([options["history"], tokens], axis=1), step, options)
@@ -434,17 +474,18 @@ def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options
         step = state["step"]
         token, logprob = choose(state["logits"], state["seen"], state["tokens"], step, state["done"])
         logits, cache = decode_step(params, config, token, next_position + step, T + step, kv_valid, cache, dtype)
-        return {**state, "step": step + 1, "tokens": state["tokens"].at[:, step].set(token),
+        tokens = state["tokens"].at[:, step].set(token)
+        return {**state, "step": step + 1, "tokens": tokens,
                 "logprobs": state["logprobs"].at[:, step].set(logprob), "logits": logits,
-                "done": state["done"] | is_stop(token, options["stop_ids"]),
+                "done": state["done"] | stops(token, tokens, step),
                 "seen": state["seen"].at[rows, token].set(True), "passes": state["passes"] + 1}, cache
 
     def body_lookup(carry):
         state, cache = carry
         step, width = state["step"], lookup + 1
         first, first_logprob = choose(state["logits"], state["seen"], state["tokens"], step, state["done"])
-        first_ended = state["done"] | is_stop(first, options["stop_ids"])
         tokens = state["tokens"].at[:, step].set(first)
+        first_ended = state["done"] | stops(first, tokens, step)
         drafts = lookup_drafts(jnp.concatenate([options["history"], tokens], axis=1),
                                options["history"].shape[1] + step + 1, options["lookup_ngram"], lookup)
         inputs = jnp.concatenate([first[:, None], jnp.where(drafts >= 0, drafts, pad)], axis=1)
@@ -469,7 +510,7 @@ def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options
                 kept += agreed
                 history = history.at[:, step + j].set(token, mode="drop")
                 chosen, logprobs = chosen + [token], logprobs + [logprob]
-                ended.append(ended[-1] | is_stop(token, options["stop_ids"]))
+                ended.append(ended[-1] | stops(token, history, step + j))
             ended = jnp.stack(ended)                                               # [width, B]
             everyone = ended.all(axis=1)
             m = jnp.minimum(jnp.min(kept), jnp.where(everyone.any(), jnp.argmax(everyone), lookup))
@@ -508,9 +549,10 @@ def decode_program(params, config: LlavaNextConfig, logits, cache, kv_valid, opt
     `T + new_bucket + lookup` slots, the prompt in the first T. options (all traced, so changing them
     compiles nothing): max_new_tokens, min_new_tokens, do_sample, `warp`'s settings (temperature,
     top_h, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff), seeds, row_streams, samples
-    `[B]`, stop_ids `[MAX_STOP_IDS]` (-1 = unused), pad_id, repetition_penalty, seen `[B, V]`,
-    no_repeat_ngram_size, history `[B, T]`, lookup_ngram, and the processors' arrays (`options`,
-    `process_scores`). Row r samples with `row_key(seeds[r], row_streams[r], samples[r])`, then the step.
+    `[B]`, stop_ids `[MAX_STOP_IDS]` (-1 = unused), the stop strings' tables (`stop_string_hits`), pad_id,
+    repetition_penalty, seen `[B, V]`, no_repeat_ngram_size, history `[B, T]`, lookup_ngram, and the
+    processors' arrays (`options`, `process_scores`). Row r samples with `row_key(seeds[r],
+    row_streams[r], samples[r])`, then the step.
     lookup: prompt-lookup drafts per pass (`decode_loop`; 0: none); state["passes"] counts the passes.
     """
     state = start_state(logits, options, new_bucket)
@@ -726,8 +768,8 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int | None, do_sample: 
             top_h: float | None = None, num_return_sequences: int = 1, min_length: int | None = None,
             suppress_tokens=None, begin_suppress_tokens=None, bad_words_ids=None, sequence_bias=None,
             forced_eos_token_id=None, exponential_decay_length_penalty=None,
-            encoder_repetition_penalty: float | None = None, renormalize_logits: bool | None = None
-            ) -> dict[str, np.ndarray]:
+            encoder_repetition_penalty: float | None = None, renormalize_logits: bool | None = None,
+            stop_strings: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """The traced generation options, checked, as fixed-shape arrays.
 
     B prompts (rows of prompt_ids); num_return_sequences n > 1 makes them `B * n` rows, prompt b's
@@ -749,7 +791,9 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int | None, do_sample: 
     begin_suppress_tokens (lists of ids), bad_words_ids (token id lists), sequence_bias (`sequence_bias_entries`),
     forced_eos_token_id (an id or a list), exponential_decay_length_penalty ((start_index,
     decay_factor)), encoder_repetition_penalty (1.0: off) and renormalize_logits (a log-softmax after
-    the processors; it changes beam search's scores alone: `beam`)."""
+    the processors; it changes beam search's scores alone: `beam`).
+    stop_strings: `stop_strings.tables(tokenizer, strings, vocab_size)` (None: no stop string), which
+    end a row as a stop id does (`stop_string_hits`)."""
     for name, value in (("max_new_tokens", max_new_tokens), ("top_k", top_k)):
         if not is_int(value):
             raise ValueError(f"{name} must be an int; got {value!r}")
@@ -866,4 +910,15 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int | None, do_sample: 
                 bad_tokens=np.isneginf(bad[0]), bad_prefixes=bad[1], bad_last=bad[2],
                 encoder_penalty=np.float32(1.0 / (encoder_repetition_penalty or 1.0)), prompt_tokens=prompt_tokens,
                 forced_eos=_id_mask(forced, vocab_size), decay=decay, suppress=_id_mask(suppress, vocab_size),
-                begin_suppress=_id_mask(begin, vocab_size), renormalize=np.bool_(bool(renormalize_logits)))
+                begin_suppress=_id_mask(begin, vocab_size), renormalize=np.bool_(bool(renormalize_logits)),
+                **(no_stop_strings(vocab_size) if stop_strings is None else _checked_tables(stop_strings, vocab_size)))
+
+
+def _checked_tables(tables: dict[str, np.ndarray], vocab_size: int) -> dict[str, np.ndarray]:
+    """`stop_strings.tables`' arrays, checked against the shapes `no_stop_strings` gives (a mismatch
+    would compile a new program, or fail inside one)."""
+    expected = no_stop_strings(vocab_size)
+    if set(tables) != set(expected) or any(np.shape(tables[k]) != np.shape(v) for k, v in expected.items()):
+        raise ValueError(f"stop_strings must be stop_strings.tables(tokenizer, strings, {vocab_size}); got arrays "
+                         f"{ {k: np.shape(v) for k, v in tables.items()} }")
+    return {k: np.asarray(tables[k], expected[k].dtype) for k in expected}

@@ -16,6 +16,7 @@ from . import anyres, checkpoint, convert, distributed, generate, sharding
 from .checks import is_int, is_positive_int
 from .config import LlavaNextConfig
 from .modeling import llava_next
+from .stop_strings import tables as stop_string_tables
 
 # HF's defaults for the generation settings `LlavaNext.generate` takes (GenerationConfig's
 # `_get_default_generation_params`: top_k 50 among them; None where HF has none), used where neither
@@ -27,12 +28,13 @@ GENERATION_DEFAULTS: dict[str, Any] = dict(
     repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1, length_penalty=1.0, early_stopping=False,
     num_return_sequences=1, prompt_lookup_num_tokens=None, max_matching_ngram_size=2, suppress_tokens=None,
     begin_suppress_tokens=None, bad_words_ids=None, sequence_bias=None, forced_eos_token_id=None,
-    exponential_decay_length_penalty=None, encoder_repetition_penalty=1.0, renormalize_logits=None)
+    exponential_decay_length_penalty=None, encoder_repetition_penalty=1.0, renormalize_logits=None,
+    stop_strings=None)
 # generation_config.json settings that HF's generate applies and ours does not, with the values that
 # change nothing (transformers' defaults before 5 wrote them): a checkpoint that sets one otherwise
 # loads with a warning naming it, since its output would differ from HF's.
 UNAPPLIED_GENERATION: dict[str, Any] = dict(
-    max_time=None, stop_strings=None, force_words_ids=None, constraints=None, forced_bos_token_id=None,
+    max_time=None, force_words_ids=None, constraints=None, forced_bos_token_id=None,
     encoder_no_repeat_ngram_size=0, remove_invalid_values=False, guidance_scale=None, num_beam_groups=1,
     diversity_penalty=0.0, penalty_alpha=None, dola_layers=None, watermarking_config=None, token_healing=False)
 # `generate`'s settings that are HF's logits processors beyond the sampling warpers and beam search's
@@ -223,6 +225,7 @@ class LlavaNext:
                  num_beams=None, length_penalty=None, early_stopping=None, num_return_sequences=None,
                  prompt_lookup_num_tokens=None, max_matching_ngram_size=None, return_logprobs=False, *,
                  min_p=None, typical_p=None, epsilon_cutoff=None, eta_cutoff=None, top_h=None,
+                 stop_strings=None, tokenizer=None,
                  max_length=None, min_length=None, suppress_tokens=None, begin_suppress_tokens=None,
                  bad_words_ids=None, sequence_bias=None, forced_eos_token_id=None,
                  exponential_decay_length_penalty=None, encoder_repetition_penalty=None, renormalize_logits=None):
@@ -254,6 +257,14 @@ class LlavaNext:
         as HF counts them, and of the output so far; 1.0 off). no_repeat_ngram_size: HF's (n > 0: no
         n-gram of the prompt, pads and image tokens as given included, and the output occurs twice; at
         most `generate.MAX_NGRAM`).
+        stop_strings: HF's (a string or a list; needs `tokenizer`: this model's `LlavaNextProcessor`,
+        its `.tokenizer`, or an HF fast tokenizer, as HF's generate needs one, and raises without):
+        a row stops after the token with which its text ends in one of them, that token kept and pads
+        after it, as after a stop id; the prompt's text counts, as in HF's check, so a string begun at
+        the prompt's end stops at the token that completes it. Matched as HF matches them
+        (`stop_strings`: as UTF-8 bytes for byte-level and byte-fallback tokenizers); at most
+        `stop_strings.MAX_STOP_STRINGS`, each at most `MAX_STOP_STRING_LENGTH` characters (bytes).
+        Beam search ends a hypothesis there, as HF's. Runtime values: they compile nothing.
 
         HF's other logits processors, in HF's order (`generate.process_scores`), before the sampling
         warpers and in beam search on the log-probabilities; each off where None and not in the
@@ -304,7 +315,8 @@ class LlavaNext:
             min_p=min_p, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_h=top_h,
             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, num_beams=num_beams,
             length_penalty=length_penalty, early_stopping=early_stopping, num_return_sequences=num_return_sequences,
-            prompt_lookup_num_tokens=prompt_lookup_num_tokens, max_matching_ngram_size=max_matching_ngram_size)
+            prompt_lookup_num_tokens=prompt_lookup_num_tokens, max_matching_ngram_size=max_matching_ngram_size,
+            stop_strings=stop_strings)
         num_beams, num_return_sequences = settings.pop("num_beams"), settings["num_return_sequences"]
         from_checkpoint = do_sample is None and settings["do_sample"]
         do_sample, prompt_lookup_num_tokens = settings["do_sample"], settings["prompt_lookup_num_tokens"]
@@ -323,7 +335,8 @@ class LlavaNext:
         if num_beams > 1:   # the best num_return_sequences beams, below
             settings["num_return_sequences"] = 1
         args = self.generation_inputs(input_ids, pixel_values, image_sizes, attention_mask, max_new_tokens, seed=seed,
-                                      eos_token_id=eos_token_id, pad_token_id=pad_token_id, max_length=max_length,
+                                      eos_token_id=eos_token_id, pad_token_id=pad_token_id, tokenizer=tokenizer,
+                                      max_length=max_length,
                                       min_length=min_length, suppress_tokens=suppress_tokens,
                                       begin_suppress_tokens=begin_suppress_tokens, bad_words_ids=bad_words_ids,
                                       sequence_bias=sequence_bias, forced_eos_token_id=forced_eos_token_id,
@@ -353,9 +366,10 @@ class LlavaNext:
 
         Arguments as `generate` (**generation: min_new_tokens, do_sample, temperature, top_k, top_p,
         min_p, typical_p, epsilon_cutoff, eta_cutoff, top_h, num_return_sequences (sampled: `B * n`
-        rows), seed, eos_token_id, pad_token_id, repetition_penalty, no_repeat_ngram_size, the processors
-        (`PROCESSOR_SETTINGS`), max_length, prompt_lookup_num_tokens, max_matching_ngram_size: a chunk
-        then holds up to chunk + prompt_lookup_num_tokens tokens). Between chunks the
+        rows), seed, eos_token_id, pad_token_id, repetition_penalty, no_repeat_ngram_size, stop_strings
+        and tokenizer, the processors (`PROCESSOR_SETTINGS`), max_length, prompt_lookup_num_tokens,
+        max_matching_ngram_size: a chunk then holds up to chunk + prompt_lookup_num_tokens tokens).
+        Between chunks the
         loop returns to Python, which costs a dispatch a chunk: nothing measurable on a CPU, ~3 ms for a
         7B model on an H100 against a 6 ms step. chunk defaults to `generate.default_stream_chunk()`: 1
         on a CPU, 8 on an accelerator. The programs are `generate`'s prefill and a resumable decode
@@ -385,7 +399,8 @@ class LlavaNext:
                           seed=0, eos_token_id=None, pad_token_id=None,
                           repetition_penalty=None, no_repeat_ngram_size=None, length_penalty=None,
                           early_stopping=None, num_return_sequences=None, prompt_lookup_num_tokens=None,
-                          max_matching_ngram_size=None, max_length=None, **processors) -> dict[str, Any]:
+                          max_matching_ngram_size=None, stop_strings=None, tokenizer=None, max_length=None,
+                          **processors) -> dict[str, Any]:
         """The bucketed, padded arguments `generate.generate_tokens` takes (see `generate`; settings left
         out as there; num_return_sequences: rows per prompt, sampled, as `generate`'s with num_beams 1).
         processors: `PROCESSOR_SETTINGS`."""
@@ -399,9 +414,16 @@ class LlavaNext:
             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
             length_penalty=length_penalty, early_stopping=early_stopping, num_return_sequences=num_return_sequences,
             prompt_lookup_num_tokens=prompt_lookup_num_tokens, max_matching_ngram_size=max_matching_ngram_size,
-            **{k: processors.get(k) for k in PROCESSOR_SETTINGS})
+            stop_strings=stop_strings, **{k: processors.get(k) for k in PROCESSOR_SETTINGS})
         samples, prompt_lookup_num_tokens = s.pop("num_return_sequences"), s.pop("prompt_lookup_num_tokens")
         max_new_tokens, max_length = s.pop("max_new_tokens"), s.pop("max_length")
+        stop_strings = s.pop("stop_strings")
+        if stop_strings is not None and tokenizer is None:   # HF raises too
+            raise ValueError(f"stop_strings={stop_strings!r} (the call's or the checkpoint's generation config's) "
+                             f"need the model's tokenizer: pass tokenizer= (a LlavaNextProcessor, its .tokenizer, "
+                             f"or an HF fast tokenizer)")
+        tables = None if stop_strings is None else stop_string_tables(tokenizer, stop_strings,
+                                                                      self.config.text.vocab_size)
         if not is_positive_int(samples):
             raise ValueError(f"num_return_sequences must be an int >= 1; got {samples!r}")
         if samples > 1 and not s["do_sample"]:
@@ -417,8 +439,7 @@ class LlavaNext:
         ids, mask, sources = _left_align(ids, mask, sources)
         prompt_ids, prompt_mask = ids, mask   # before bucketing: the penalties' and n-gram bans' prompt
         stop_ids = self.eos_token_ids if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
-        pad_id = self.pad_token_id if pad_token_id is None else pad_token_id
-        pad_id = int((stop_ids or (0,))[0] if pad_id is None else pad_id)   # HF: the first stop id
+        pad_id = self.pad_id(eos_token_id, pad_token_id)
         B, T = ids.shape
         max_new_tokens = generate.new_token_count(max_new_tokens, max_length, T)
         ids, mask, sources = generate.pad_prompt(ids, mask, sources, generate.bucket(T, generate.PROMPT_BUCKETS),
@@ -426,12 +447,20 @@ class LlavaNext:
         opts = generate.options(B, max_new_tokens, s.pop("min_new_tokens"), s.pop("do_sample"), s.pop("temperature"),
                                 s.pop("top_k"), s.pop("top_p"), seed, stop_ids, pad_id, prompt_ids=prompt_ids,
                                 prompt_mask=prompt_mask, vocab_size=self.config.text.vocab_size,
-                                prompt_bucket=ids.shape[1], num_return_sequences=samples, **s)
+                                prompt_bucket=ids.shape[1], num_return_sequences=samples, stop_strings=tables, **s)
         ids, mask, sources, pixels = self._place(ids, mask, sources, pixels)
         return dict(input_ids=ids, pixel_values=pixels, sources=None if pixels is None else sources,
                     attention_mask=mask, options=opts, dtype=self.dtype,
                     new_bucket=generate.bucket(max_new_tokens, generate.NEW_TOKEN_BUCKETS), lookup=int(lookup),
                     samples=int(samples))
+
+    def pad_id(self, eos_token_id=None, pad_token_id=None) -> int:
+        """The id `generate` pads with after a row stops, given the call's eos_token_id and pad_token_id:
+        the pad id (the call's, else the generation config's), else the first stop id, as HF's (0
+        where there is none)."""
+        stop_ids = self.eos_token_ids if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
+        pad_id = self.pad_token_id if pad_token_id is None else pad_token_id
+        return int((stop_ids or (0,))[0] if pad_id is None else pad_id)
 
     # -- high-level calls -------------------------------------------------------------------------
 
@@ -468,8 +497,9 @@ class LlavaNext:
             so sampled captions do not depend on it either.
         max_new_tokens, **generation: as `generate` (do_sample, temperature, top_k, top_p, min_p,
             typical_p, epsilon_cutoff, eta_cutoff, top_h, seed,
-            min_new_tokens, eos_token_id, pad_token_id, repetition_penalty, no_repeat_ngram_size, the
-            processors (suppress_tokens, bad_words_ids, ...: `PROCESSOR_SETTINGS`);
+            min_new_tokens, eos_token_id, pad_token_id, repetition_penalty, no_repeat_ngram_size,
+            stop_strings (matched with the processor's tokenizer), the processors (suppress_tokens,
+            bad_words_ids, ...: `PROCESSOR_SETTINGS`);
             num_beams, length_penalty, early_stopping: an image's caption is then its best beam).
         Compiles a generate program per (batch size, prompt bucket, ...): the last, smaller chunk
         compiles its own.
@@ -485,6 +515,7 @@ class LlavaNext:
         if not is_positive_int(batch_size):
             raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
         proc = self.get_processor(processor)
+        generation.setdefault("tokenizer", proc)   # for stop_strings
         text, add_special = chat_prompt(proc, DEFAULT_CAPTION_PROMPT if prompt is None else prompt)
         seed = generation.pop("seed", 0)
         per_image_seed = np.ndim(seed) > 0
@@ -513,6 +544,7 @@ class LlavaNext:
         from .prompting import decode_new_tokens
         _text_only(generation, "chat")
         proc, inputs = self._chat_inputs(image, question, history, processor)
+        generation.setdefault("tokenizer", proc)   # for stop_strings
         return decode_new_tokens(proc, self.generate(**inputs, max_new_tokens=max_new_tokens, **generation))[0]
 
     def _chat_inputs(self, image, question: str, history, processor):
@@ -538,6 +570,7 @@ class LlavaNext:
         from .prompting import decode_new_tokens
         _text_only(generation, "chat_stream")
         proc, inputs = self._chat_inputs(image, question, history, processor)
+        generation.setdefault("tokenizer", proc)   # for stop_strings
         tokens, sent = np.zeros((1, 0), np.int32), ""
         for new in self.generate_stream(**inputs, max_new_tokens=max_new_tokens, **generation):
             tokens = np.concatenate([tokens, new], axis=1)

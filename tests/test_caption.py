@@ -313,6 +313,23 @@ def test_scores_repetition_penalty_and_ngrams_reach_generate(demo_dir, tmp_path)
     (row,) = captioner.caption(captioner.prepare(batches[0]))
     assert row["tokens"] == n and abs(row["logprob"] - float(logprobs[0, :n].sum())) <= 1e-3, (row, n)
     assert row["caption"] == decode_new_tokens(processor, tokens[:, :n])[0]
+    # --stop-string: generate's captions with that stop string; scores up to the token completing it.
+    model.eos_token_ids = tuple(LlavaNext.from_pretrained(demo_dir).eos_token_ids)
+    stop = rows[0]["caption"][4:7]
+    out = tmp_path / "stop.jsonl"
+    assert caption.main(["--model", demo_dir, "--images", *paths, "--output", str(out), "--batch-size", "3",
+                         "--max-new-tokens", "16", "--scores", "--stop-string", stop, "--no-progress"]) == 0
+    assert json.loads(open(caption.settings_path(str(out))).read())["settings"]["stop_string"] == [stop]
+    for row in load_jsonl(out):
+        inputs = processor(images=[row["image"]], text=[prompt], add_special_tokens=add_special)
+        tokens, logprobs = model.generate(**inputs, max_new_tokens=16, return_logprobs=True, stop_strings=[stop],
+                                          tokenizer=processor)
+        n = int(np.sum(logprobs[0] != 0))
+        assert row["tokens"] == n and decode_new_tokens(processor, tokens)[0] == row["caption"], (row, n)
+        assert abs(row["logprob"] - float(logprobs[0].sum())) <= 1e-3, row
+    assert load_jsonl(out)[0]["tokens"] < 16 and stop in load_jsonl(out)[0]["caption"]
+    assert caption.main(["--model", demo_dir, "--images", *paths, "--output", str(tmp_path / "bad.jsonl"),
+                         "--stop-string", "x" * 33, "--no-progress"]) == 2
 
 
 # --- pieces, in process --------------------------------------------------------------------------

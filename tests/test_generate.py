@@ -279,6 +279,36 @@ def test_prompt_lookup_equals_hf(family):
         np.testing.assert_allclose(drafted[1], plain[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["mistral"], indirect=True)
+def test_stop_strings_with_prompt_lookup_equal_hf(family):
+    """HF's stop_strings with prompt lookup, on the row whose drafts the model keeps (above): for each
+    step k, the shortest text ending with token k that the prompt and the tokens before it do not
+    hold as the stop string: HF's greedy tokens with it, which stop at k, tokens that passes kept as
+    drafts among them (such a pass ends at the token completing the string, as without drafts; HF's
+    own prompt lookup checks only a pass's last token). Tokens are text in the demo's tokenizer, whose
+    first 160 ids are characters and short merges."""
+    from transformers import PreTrainedTokenizerFast
+    from llava_next_jax import demo
+    hf, model = family
+    tok = PreTrainedTokenizerFast(tokenizer_object=demo.build_tokenizer())
+    one = tm.make_batch(hf.config, ROWS[1:2], seed=5)
+    free = hf_generate(hf, one, eos_token_id=[])[0]
+    passes = [p.shape[1] for p in model.generate_stream(**one, max_new_tokens=NEW, eos_token_id=[], chunk=1,
+                                                         prompt_lookup_num_tokens=3)]
+    drafted = set(range(NEW)) - set(np.cumsum(passes) - passes)     # steps a pass kept as a draft
+    prompt, inside = list(one["input_ids"][0]), 0
+    for k in range(NEW - 1):
+        text, before = tok.decode(prompt + list(free[:k + 1])), tok.decode(prompt + list(free[:k]))
+        stop = next(text[-n:] for n in range(1, len(text)) if text[-n:] not in before)
+        ref = hf_generate(hf, one, eos_token_id=[], stop_strings=stop, tokenizer=tok)
+        assert (ref[0, :k + 1] == free[:k + 1]).all() and (ref[0, k + 1:] == 0).all(), (k, stop)
+        ours = model.generate(**one, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0, prompt_lookup_num_tokens=3,
+                              stop_strings=[stop, "~~~"], tokenizer=demo.build_tokenizer())
+        np.testing.assert_array_equal(ours, ref, err_msg=repr(stop))
+        inside += k in drafted
+    assert inside >= 3, passes
+
+
 def _most_checks(passes: int) -> int:
     """The most passes of `passes` that check drafts when none is ever kept: `decode_loop`'s pauses
     (LOOKUP_MISSES failed passes in a row, then pauses of 1, 2, 4, ... passes, at most LOOKUP_PAUSE)."""
@@ -477,12 +507,12 @@ def test_generation_settings_generate_does_not_apply_are_named_on_load(tmp_path)
     assert set(UNAPPLIED_GENERATION) <= known   # HF's own names
     config = json.loads(path.read_text())
     path.write_text(json.dumps({**config, "num_beam_groups": 1, "suppress_tokens": [3], "stop_strings": ["."],
-                                "forced_bos_token_id": 2, "max_new_tokens": 64}))
-    with pytest.warns(UserWarning, match=r"generation config sets stop_strings=\['\.'\], forced_bos_token_id=2, "
+                                "forced_bos_token_id": 2, "max_new_tokens": 64, "constraints": [[1, 2]]}))
+    with pytest.warns(UserWarning, match=r"generation config sets constraints=\[\[1, 2\]\], forced_bos_token_id=2, "
                                          r"which generate does not apply") as caught:
         LlavaNext.from_pretrained(str(tmp_path))
     message = str(caught[0].message)
-    assert not any(k in message for k in ("num_beam_groups", "suppress_tokens", "max_new_tokens"))
+    assert not any(k in message for k in ("num_beam_groups", "suppress_tokens", "max_new_tokens", "stop_strings"))
     # beam sampling is not ours: where the checkpoint's default samples, the error says so
     path.write_text(json.dumps({**config, "do_sample": True}))
     model = LlavaNext.from_pretrained(str(tmp_path))
