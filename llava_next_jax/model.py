@@ -305,7 +305,8 @@ class LlavaNext:
         native few-row kernels.
 
         Compiled programs: a prefill and a decode loop per (batch size, prompt bucket, new-token
-        bucket, images or not, num_beams, prompt_lookup_num_tokens); prompt lengths round up to `generate.PROMPT_BUCKETS`,
+        bucket, images or not, num_beams, sampled num_return_sequences, prompt_lookup_num_tokens);
+        prompt lengths round up to `generate.PROMPT_BUCKETS`,
         max_new_tokens to `NEW_TOKEN_BUCKETS`, tiles to the most the pinpoints allow, and the image
         count to a multiple of the batch size. Sampling and beam settings are runtime values: they
         compile nothing.
