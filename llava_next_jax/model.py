@@ -528,7 +528,7 @@ class LlavaNext:
         for start in range(0, len(images), batch_size):
             chunk = list(images[start:start + batch_size])
             inputs = proc(images=chunk, text=[text] * len(chunk), add_special_tokens=add_special)
-            tokens = self.generate(**inputs, max_new_tokens=max_new_tokens,
+            tokens = self.generate(**inputs, max_new_tokens=max_new_tokens, num_return_sequences=1,
                                    seed=seeds[start:start + len(chunk)].astype(np.uint32), **generation)
             captions += decode_new_tokens(proc, tokens)
         return captions
@@ -546,7 +546,8 @@ class LlavaNext:
         _text_only(generation, "chat")
         proc, inputs = self._chat_inputs(image, question, history, processor)
         generation.setdefault("tokenizer", proc)   # for stop_strings
-        return decode_new_tokens(proc, self.generate(**inputs, max_new_tokens=max_new_tokens, **generation))[0]
+        return decode_new_tokens(proc, self.generate(**inputs, max_new_tokens=max_new_tokens, num_return_sequences=1,
+                                                     **generation))[0]
 
     def _chat_inputs(self, image, question: str, history, processor):
         """(processor, its inputs) for `chat`: one image or a list of them in the first user turn."""
@@ -573,7 +574,8 @@ class LlavaNext:
         proc, inputs = self._chat_inputs(image, question, history, processor)
         generation.setdefault("tokenizer", proc)   # for stop_strings
         tokens, sent = np.zeros((1, 0), np.int32), ""
-        for new in self.generate_stream(**inputs, max_new_tokens=max_new_tokens, **generation):
+        for new in self.generate_stream(**inputs, max_new_tokens=max_new_tokens, num_return_sequences=1,
+                                        **generation):
             tokens = np.concatenate([tokens, new], axis=1)
             answer = decode_new_tokens(proc, tokens)[0]
             ready = answer[:max(answer.rfind(" "), 0)].rstrip()
@@ -597,7 +599,8 @@ def generation_config_from_model_config(raw: dict) -> dict:
 
 
 def _text_only(generation: dict, call: str) -> None:
-    """The string-returning calls take `generate`'s sampling and beam settings, not its output options."""
+    """The string-returning calls take `generate`'s sampling and beam settings, not its output options
+    (they pass num_return_sequences=1 themselves, over a generation config's)."""
     if "return_logprobs" in generation:
         raise TypeError(f"{call} returns text; for log-probabilities call generate(..., return_logprobs=True) "
                         f"with the processor's inputs")

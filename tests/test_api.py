@@ -199,3 +199,21 @@ def test_caption_accepts_one_image_and_an_array_batch(model, images, captions):
     for array in (torch.from_numpy(batch), jnp.asarray(batch)):   # a batch of another array library
         assert model.caption(array, batch_size=2, max_new_tokens=NEW) == [captions[2]] * 2, type(array)
     assert model.caption([], max_new_tokens=NEW) == []
+
+
+def test_generation_config_num_return_sequences_gives_one_text_per_image(model, processor, images):
+    """A generation config's num_return_sequences (sampled, or with its num_beams) does not multiply
+    caption's, chat's or chat_stream's texts: one per image, the prompt's first sample (its sample of
+    n = 1) or best beam, as a call that sets the rest of that config gives."""
+    gen = {"eos_token_id": model.eos_token_ids, "pad_token_id": model.pad_token_id}
+    kw = dict(max_new_tokens=NEW, processor=processor)
+    for settings, call in (({"do_sample": True, "num_return_sequences": 2}, dict(do_sample=True)),
+                           ({"num_beams": 3, "num_return_sequences": 2}, dict(num_beams=3))):
+        configured = LlavaNext(model.config, model.params, {**gen, **settings})
+        assert configured.caption(images[:3], batch_size=3, **kw) == model.caption(images[:3], batch_size=3, **kw,
+                                                                                   **call), settings
+        assert configured.chat(images[1], "What is here?", **kw) == model.chat(images[1], "What is here?", **kw,
+                                                                               **call), settings
+    sampled = LlavaNext(model.config, model.params, {**gen, "do_sample": True, "num_return_sequences": 2})
+    assert "".join(sampled.chat_stream(images[1], "What is here?", **kw)) == \
+        model.chat(images[1], "What is here?", **kw, do_sample=True)
