@@ -606,7 +606,9 @@ class Captioner:
             self.prompt, self.add_special_tokens = chat_prompt(processor, prompt)
         except ValueError as e:
             raise UsageError(str(e).replace("in the prompt", "in --prompt")) from None
-        self.gen = dict(max_new_tokens=max_new_tokens, **model.generation_settings(
+        # one caption per image: num_return_sequences 1 over the generation config's (whose extra rows
+        # would shift later images' captions)
+        self.gen = dict(max_new_tokens=max_new_tokens, num_return_sequences=1, **model.generation_settings(
             do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_h=top_h,
             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, num_beams=num_beams,

@@ -603,6 +603,26 @@ def test_sampling_seeds_are_per_image():
     assert len({caption.image_seed(s, p) for s in (0, 1) for p in ("a.png", "b.png")}) == 4
 
 
+def test_generation_config_num_return_sequences_keeps_one_caption_per_image(demo_dir, tmp_path):
+    """A generation config's num_return_sequences (sampled) does not give an image another image's
+    caption: each row is its image's own, as the Captioner gives it with that image alone."""
+    from llava_next_jax import LlavaNext
+    model = LlavaNext.from_pretrained(demo_dir)
+    processor = model.get_processor()
+    paths = write_images(tmp_path / "imgs", MIXED_SIZES[:3])
+    gen = {"eos_token_id": model.eos_token_ids, "pad_token_id": model.pad_token_id, "do_sample": True}
+    plain = LlavaNext(model.config, model.params, gen)
+    configured = LlavaNext(model.config, model.params, {**gen, "num_return_sequences": 2})
+    batch, _ = caption.plan_batches(paths, processor.geometry, 3)
+    captioner = caption.Captioner(configured, processor, caption.DEFAULT_PROMPT, 8)
+    rows = captioner.caption(captioner.prepare(batch[0]))
+    alone = caption.Captioner(plain, processor, caption.DEFAULT_PROMPT, 8)
+    assert len(rows) == 3
+    for row in rows:
+        (one,) = caption.plan_batches([row["image"]], processor.geometry, 1)[0]
+        assert alone.caption(alone.prepare(one)) == [row], row
+
+
 # --- many processes: shards and merge ------------------------------------------------------------
 
 SHARD_FLAGS = ["--batch-size", "2", "--max-new-tokens", "10", "--no-progress"]
