@@ -9,6 +9,13 @@ prompt included, now ends with, or max_new_tokens: HF's stopping criteria) join 
 if they score higher (score / length**length_penalty). The loop ends when no prompt can improve (HF's
 `early_stopping` heuristics), or at max_new_tokens.
 
+With do_sample (and temperature > 0), HF's beam sampling: HF's warpers (`generate.warp`, keeping at
+least HF's min_tokens_to_keep = stop ids + 1, 2 without any, tokens a beam) after the processors and
+before the renormalization, and the `kept` continuations are HF's beams_to_keep = that * K drawn
+without replacement from the softmax of the accumulated scores (Gumbel-top-k, keyed by the prompt
+row's `generate.row_key` and the step), sorted by score; the draws past beams_to_keep are marked
+undrawn and never run on ahead of a drawn one. Greedy, the step is unchanged.
+
 The beams of a prompt share its prompt slots, which are equal in all K cache rows, so reordering the
 cache after a step gathers only the new-token slots [T, T+N) (N slots, not the whole cache).
 """
@@ -23,7 +30,7 @@ import jax.numpy as jnp
 from . import xla_cpu
 from .config import LlavaNextConfig
 from .generate import (EARLY_STOPPING, MAX_STOP_IDS, decode_step, is_stop, prefill_program, process_scores,
-                       stop_string_hits)
+                       row_key, stop_string_hits, warp)
 
 NEG = -1.0e9   # HF's score for "never": added, not set, so a hypothesis keeps its order among its kind
 
@@ -51,6 +58,12 @@ def beam_loop(params, config: LlavaNextConfig, logits, cache, kv_valid, options:
     K, N = num_beams, new_bucket
     T = kv_valid.shape[1] - N
     kept = min((1 + MAX_STOP_IDS) * K, K * V)   # HF keeps (1 + stop ids) * K: enough that K can run on
+    sampling = options["do_sample"] & (options["temperature"] > 0)
+    # HF's beam sampling: its warpers keep min_tokens_to_keep = stop ids + 1 (2 without any) tokens a beam,
+    # and it draws beams_to_keep = that * K continuations without replacement
+    min_keep = jnp.maximum((options["stop_ids"] >= 0).sum(), 1) + 1
+    draws = min_keep * K
+    row_keys = jax.vmap(row_key)(options["seeds"], options["row_streams"], options["samples"])   # a prompt's own
     beam_rows = lambda tree: jax.tree.map(lambda a: jnp.repeat(a, K, axis=0), tree)
     cache, kv_valid, logits, history, seen = (beam_rows(a) for a in (cache, kv_valid, logits, options["history"],
                                                                         options["seen"]))
@@ -75,10 +88,28 @@ def beam_loop(params, config: LlavaNextConfig, logits, cache, kv_valid, options:
         step = s["step"]
         logp = process_scores(jax.nn.log_softmax(s["logits"], axis=-1), s["seen"],
                               jnp.concatenate([history, s["running"].reshape(B * K, N)], axis=1), step, options)
+        # sampling: HF's warpers after the processors, before the renormalization
+        logp = jax.lax.cond(sampling, lambda logp: warp(logp, options, min_keep), lambda logp: logp, logp)
         # renormalize_logits: HF's LogitNormalization, last: the processed log-probabilities made whole again
         logp = jnp.where(options["renormalize"], jax.nn.log_softmax(logp, axis=-1), logp)
         total = (logp.reshape(B, K, V) + s["running_scores"][:, :, None]).reshape(B, K * V)
-        cand_scores, index = jax.lax.top_k(total, kept)
+
+        def best(total):
+            return (*jax.lax.top_k(total, kept), jnp.ones((B, kept), bool))
+
+        def sample(total):
+            """HF's torch.multinomial(softmax(total), beams_to_keep) without replacement, as the Gumbel-top-k
+            trick draws it (the first `draws` of the noisy top `kept`; the rest, marked undrawn, can never
+            run on ahead of a drawn one), sorted by score as HF sorts them."""
+            keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
+            noise = jax.vmap(lambda key: jax.random.gumbel(key, (K * V,), jnp.float32))(keys)
+            _, index = jax.lax.top_k(total + noise, kept)
+            drawn = jnp.broadcast_to(jnp.arange(kept) < draws, (B, kept))
+            scores = jnp.take_along_axis(total, index, axis=1)
+            _, order = jax.lax.top_k(jnp.where(drawn, scores, -jnp.inf), kept)   # ties: the drawn first
+            return _gather(scores, order), _gather(index, order), _gather(drawn, order)
+
+        cand_scores, index, drawn = jax.lax.cond(sampling, sample, best, total)
         parent, token = index // V, (index % V).astype(jnp.int32)
         cand = _gather(s["running"], parent).at[:, :, step].set(token)
         prompts = jnp.broadcast_to(options["history"][:, None], (B, kept, options["history"].shape[1]))
@@ -87,7 +118,8 @@ def beam_loop(params, config: LlavaNextConfig, logits, cache, kv_valid, options:
         stopped = is_stop(token, stop_ids) | ends_text | (step + 1 >= max_new)
 
         # the best K that did not stop run on
-        running_scores, pick = jax.lax.top_k(cand_scores + stopped * NEG, K)
+        running_scores, pick = jax.lax.top_k(jnp.where(drawn, cand_scores + stopped * NEG,
+                                                       cand_scores + stopped * NEG + 4 * NEG), K)
         running, parent = _gather(cand, pick), _gather(parent, pick)
 
         # those of the first K that stopped join the finished hypotheses, if they score higher

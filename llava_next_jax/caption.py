@@ -619,9 +619,9 @@ class Captioner:
                 tables(processor, self.gen["stop_strings"], model.config.text.vocab_size)
             except ValueError as e:
                 raise UsageError(f"--stop-string (or the model's generation config's stop_strings): {e}") from None
-        if self.gen["num_beams"] > 1 and (self.gen["do_sample"] or self.gen["prompt_lookup_num_tokens"]):
+        if self.gen["num_beams"] > 1 and self.gen["prompt_lookup_num_tokens"]:
             raise UsageError(f"num_beams {self.gen['num_beams']} (the model's generation config or --num-beams) "
-                             f"takes neither sampling nor --prompt-lookup")
+                             f"takes no --prompt-lookup")
         self.seed, self.scores = seed, scores
 
     def prepare(self, batch: list[Item]) -> Prepared:
@@ -839,8 +839,8 @@ def _check_flags(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--repetition-penalty must be > 0 (1.0: off); got {args.repetition_penalty}")
     if bad(args.no_repeat_ngram_size, lambda n: 0 <= n <= MAX_NGRAM):
         parser.error(f"--no-repeat-ngram-size must be in [0, {MAX_NGRAM}] (0: off); got {args.no_repeat_ngram_size}")
-    if bad(args.num_beams, lambda k: k >= 1 and not (k > 1 and args.do_sample)):
-        parser.error(f"--num-beams must be >= 1, and 1 with --do-sample (beam search is greedy); got {args.num_beams}")
+    if bad(args.num_beams, lambda k: k >= 1):
+        parser.error(f"--num-beams must be >= 1 (with --do-sample: beam sampling); got {args.num_beams}")
     if bad(args.length_penalty, np.isfinite):
         parser.error(f"--length-penalty must be a finite number; got {args.length_penalty}")
     if bad(args.prompt_lookup, lambda n: 0 <= n <= MAX_LOOKUP and not (n and (args.num_beams or 1) > 1)):

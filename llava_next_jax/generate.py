@@ -107,17 +107,20 @@ def _min_p_filter(logits: jax.Array, min_p: jax.Array) -> jax.Array:
     return jax.lax.cond(min_p > 0, kept, lambda logits: logits, logits)
 
 
-def _typical_filter(logits: jax.Array, mass: jax.Array) -> jax.Array:
+def _typical_filter(logits: jax.Array, mass: jax.Array, min_keep=None) -> jax.Array:
     """HF's TypicalLogitsWarper (typical_p): ranks tokens by |-log p - entropy| (most typical first) and
     keeps those ranked up to and including the one where the probability summed in that order first
     reaches `mass` (all where it never does); 1.0 keeps all. Tokens of equal rank stay or go together,
-    as HF's threshold on the rank value keeps them. `[B, V]`."""
+    as HF's threshold on the rank value keeps them. min_keep (HF's min_tokens_to_keep; None: 1): the
+    min_keep most typical tokens stay too (ties of the last of them kept). `[B, V]`."""
     def kept(logits):
         logp = jax.nn.log_softmax(logits, axis=-1)
         probs = jnp.exp(logp)
         entropy = -jnp.where(probs > 0, probs * logp, 0).sum(axis=-1, keepdims=True)
         keys = _ordered_bits(jnp.abs(-logp - entropy))          # -inf logits: +inf, ranked last
         limit = _largest_key(keys, lambda t: jnp.where(keys < t, probs, 0).sum(axis=-1, keepdims=True) < mass)
+        if min_keep is not None:   # the min_keep-th smallest key: the largest t with fewer than min_keep below it
+            limit = jnp.maximum(limit, _largest_key(keys, lambda t: (keys < t).sum(axis=-1, keepdims=True) < min_keep))
         return jnp.where(keys > limit, -jnp.inf, logits)
     return jax.lax.cond(mass < 1.0, kept, lambda logits: logits, logits)
 
@@ -169,11 +172,26 @@ def _top_h_filter(logits: jax.Array, top_h: jax.Array) -> jax.Array:
     return jax.lax.cond(top_h > 0, kept, lambda logits: logits, logits)
 
 
-def warp(logits: jax.Array, options: dict[str, jax.Array]) -> jax.Array:
+def warp(logits: jax.Array, options: dict[str, jax.Array], min_keep=None) -> jax.Array:
     """HF's sampling warpers on float32 logits `[B, V]`, in the order HF's `_get_logits_processor` applies
     them: temperature, top_h, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff (each a traced
-    option; at its off value a `lax.cond` skips it). Removed tokens are -inf."""
+    option; at its off value a `lax.cond` skips it). Removed tokens are -inf.
+
+    min_keep (HF's min_tokens_to_keep, which beam sampling sets to the stop ids' count + 1, at least 2;
+    None: 1, sampling's): top_k, top_p, min_p, epsilon_cutoff and eta_cutoff leave the min_keep most
+    likely tokens (after top_h, which HF gives no minimum; ties of the last of them kept, where HF's
+    top_p and min_p keep exactly min_keep by sort position), typical_p its min_keep most typical."""
     logits = _top_h_filter(logits / jnp.maximum(options["temperature"], 1e-6), options["top_h"])
+    if min_keep is not None:
+        keys = _ordered_bits(logits)     # the filters below only remove: the top min_keep stay the top
+        kth = _largest_key(keys, lambda t: (keys >= t).sum(axis=-1, keepdims=True) >= min_keep)
+        protect = keys >= kth
+        logits = jnp.where(protect, logits, _top_k_filter(logits, options["top_k"]))
+        logits = jnp.where(protect, logits, _top_p_filter(logits, options["top_p"]))
+        logits = jnp.where(protect, logits, _min_p_filter(logits, options["min_p"]))
+        logits = _typical_filter(logits, options["typical_p"], min_keep)
+        logits = jnp.where(protect, logits, _epsilon_filter(logits, options["epsilon_cutoff"]))
+        return jnp.where(protect, logits, _eta_filter(logits, options["eta_cutoff"]))
     logits = _top_p_filter(_top_k_filter(logits, options["top_k"]), options["top_p"])
     logits = _typical_filter(_min_p_filter(logits, options["min_p"]), options["typical_p"])
     return _eta_filter(_epsilon_filter(logits, options["epsilon_cutoff"]), options["eta_cutoff"])

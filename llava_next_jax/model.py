@@ -285,11 +285,15 @@ class LlavaNext:
         and so its choices; greedy and sampled tokens and their log-probabilities, which are taken under
         the normalized distribution anyway, it leaves as they are). Runtime values: they compile nothing.
 
-        num_beams > 1: HF's beam search (`beam`; greedy, not sampled), with its length_penalty (a
-        finished hypothesis scores sum of log-probabilities / length**length_penalty) and
-        early_stopping (False: stop when HF's heuristic says no running beam can win; True: as soon
-        as num_beams hypotheses finished; "never": only when none can win at max_new_tokens). Returns
-        the best num_return_sequences (<= num_beams) of each row, rows in order: `[B *
+        num_beams > 1: HF's beam search (`beam`), with its length_penalty (a finished hypothesis
+        scores sum of log-probabilities / length**length_penalty) and early_stopping (False: stop when
+        HF's heuristic says no running beam can win; True: as soon as num_beams hypotheses finished;
+        "never": only when none can win at max_new_tokens). With do_sample, HF's beam sampling: the
+        warpers (each keeping at least the stop ids' count + 1 tokens a beam, HF's min_tokens_to_keep)
+        act on the processed log-probabilities, and each step draws HF's (stop ids + 1) * num_beams
+        continuations of a prompt without replacement from the softmax of their accumulated scores
+        (Gumbel-top-k, keyed by the prompt row's seed as sampling keys it, and the step), best first.
+        Returns the best num_return_sequences (<= num_beams) of each row, rows in order: `[B *
         num_return_sequences, max_new_tokens]`; with `return_logprobs`, (tokens, scores): float32 `[B
         * num_return_sequences]`, HF's `sequences_scores`.
 
@@ -319,17 +323,12 @@ class LlavaNext:
             prompt_lookup_num_tokens=prompt_lookup_num_tokens, max_matching_ngram_size=max_matching_ngram_size,
             stop_strings=stop_strings)
         num_beams, num_return_sequences = settings.pop("num_beams"), settings["num_return_sequences"]
-        from_checkpoint = do_sample is None and settings["do_sample"]
-        do_sample, prompt_lookup_num_tokens = settings["do_sample"], settings["prompt_lookup_num_tokens"]
+        prompt_lookup_num_tokens = settings["prompt_lookup_num_tokens"]
         if not is_positive_int(num_beams):
             raise ValueError(f"num_beams must be an int >= 1; got {num_beams!r}")
         if num_beams > 1 and not (is_int(num_return_sequences) and 1 <= num_return_sequences <= num_beams):
             raise ValueError(f"num_return_sequences must be an int in [1, num_beams={num_beams}] (beam search "
                              f"returns its best beams); got {num_return_sequences!r}")
-        if num_beams > 1 and do_sample:
-            raise ValueError("beam search here is greedy: do_sample=True needs num_beams=1" + (
-                " (do_sample=True is the checkpoint's generation config's default: pass do_sample=False for beam "
-                "search)" if from_checkpoint else ""))
         if num_beams > 1 and prompt_lookup_num_tokens:
             raise ValueError(f"prompt_lookup_num_tokens={prompt_lookup_num_tokens} drafts one sequence per row; "
                              f"beam search (num_beams={num_beams}) takes none")

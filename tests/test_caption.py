@@ -165,7 +165,7 @@ def test_usage_errors_exit_2(env, tmp_path):
              (["--images", image, "--top-p", "0"], "top-p"),
              (["--images", image, "--typical-p", "0"], "--typical-p must be in (0, 1] (1.0: off); got 0.0"),
              (["--images", image, "--no-repeat-ngram-size", "17"], "--no-repeat-ngram-size must be in [0, 16]"),
-             (["--images", image, "--num-beams", "3", "--do-sample"], "1 with --do-sample"),
+             (["--images", image, "--num-beams", "0"], "--num-beams must be >= 1 (with --do-sample: beam sampling); got 0"),
              (["--images", image, "--num-beams", "3", "--prompt-lookup", "2"], "--prompt-lookup must be in [0, 32]"),
              (["--images", image, "--bogus"], "unrecognized")]
     for args, message in cases:

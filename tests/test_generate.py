@@ -190,14 +190,105 @@ def test_beam_search_equals_hf(family):
     np.testing.assert_array_equal(out[0], first[1])
     with pytest.raises(ValueError, match=r"num_return_sequences must be an int in \[1, num_beams=3\]"):
         model.generate(**batch, num_beams=3, num_return_sequences=4)
-    with pytest.raises(ValueError, match="do_sample=True needs num_beams=1"):
-        model.generate(**batch, num_beams=3, do_sample=True)
     with pytest.raises(ValueError, match=r"early_stopping must be True, False or \"never\"; got 'always'"):
         model.generate(**batch, num_beams=3, early_stopping="always")
     with pytest.raises(ValueError, match="beam search \\(num_beams=3\\) takes none"):
         model.generate(**batch, num_beams=3, prompt_lookup_num_tokens=3)
     with pytest.raises(ValueError, match=r"prompt_lookup_num_tokens must be None or an int in \[0, 32\]"):
         model.generate(**batch, prompt_lookup_num_tokens=33)
+
+
+def test_beam_sampling_top_k_1_equals_hf(family):
+    """num_beams > 1 with do_sample and top_k=1: each beam keeps its min_tokens_to_keep (stop ids + 1)
+    best tokens, so the draw of (stop ids + 1) * num_beams continuations takes them all, as HF's
+    multinomial does: HF's beams and sequences_scores, token for token, whatever the seed."""
+    hf, model = family
+    batch = tm.make_batch(hf.config, ROWS, seed=5)
+    T = batch["input_ids"].shape[1]
+    args = {k: torch.from_numpy(v) for k, v in batch.items()}
+    pad = 7
+    first = model.generate(**batch, max_new_tokens=NEW, pad_token_id=pad, num_beams=2, eos_token_id=[])
+    stops = [int(first[0, 4]), int(first[2, 5])]
+    for kw in (dict(num_beams=2, eos_token_id=stops, num_return_sequences=2),
+               dict(num_beams=3, eos_token_id=stops[:1], temperature=0.7, length_penalty=0.5)):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out = hf.generate(**args, do_sample=True, top_k=1, max_new_tokens=NEW, pad_token_id=pad,
+                              output_scores=True, return_dict_in_generate=True, **kw)
+        ref = out.sequences[:, T:].numpy()
+        ref = np.pad(ref, ((0, 0), (0, NEW - ref.shape[1])), constant_values=pad)
+        for seed in (0, 1):
+            tokens, scores = model.generate(**batch, max_new_tokens=NEW, pad_token_id=pad, do_sample=True, top_k=1,
+                                            seed=seed, return_logprobs=True, **kw)
+            np.testing.assert_array_equal(tokens, ref, err_msg=str(kw))
+            np.testing.assert_allclose(scores, out.sequences_scores.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_beam_sampling_seeds_and_rows(family):
+    """Beam sampling: a seed gives the same beams again, other seeds other beams; with a seed per row a
+    prompt's beams do not depend on the other rows of the batch (it alone gives them too); greedy beam
+    search is what do_sample=False gives, whatever the seed."""
+    hf, model = family
+    batch = tm.make_batch(hf.config, ROWS, seed=5)
+    kw = dict(max_new_tokens=NEW, num_beams=3, num_return_sequences=3, eos_token_id=[], do_sample=True,
+              temperature=1.5)
+    seeds = [11, 12, 13]
+    out = model.generate(**batch, seed=seeds, **kw)
+    np.testing.assert_array_equal(model.generate(**batch, seed=seeds, **kw), out)
+    other = [model.generate(**batch, seed=[s + 100 * i for s in seeds], **kw) for i in (1, 2)]
+    for o in other:   # every prompt's beams change with its seed
+        assert all((o[3 * b:3 * b + 3] != out[3 * b:3 * b + 3]).any() for b in range(3))
+    alone = tm.make_batch(hf.config, [ROWS[1]], seed=5)
+    ids = batch["input_ids"][1][batch["attention_mask"][1] == 1][None]
+    row = model.generate(ids, batch["pixel_values"][1:2, :alone["pixel_values"].shape[1]], batch["image_sizes"][1:2],
+                         seed=[12], **kw)
+    np.testing.assert_array_equal(row, out[3:6])
+    greedy = dict(kw, do_sample=False)
+    np.testing.assert_array_equal(model.generate(**batch, seed=1, **greedy), model.generate(**batch, seed=2, **greedy))
+
+
+def test_beam_sampling_draws_without_replacement_from_warped(family):
+    """One step of beam sampling (num_beams=2, num_return_sequences=2, one stop id: HF draws 4
+    continuations without replacement from the warped softmax of beam 0, beam 1 starting at -1e9, and
+    returns the 2 best of them): over many seeds, how often each token comes first and each comes at
+    all matches the exact distribution of that draw, enumerated from HF's logits and warpers (a bound
+    that sampling with replacement, or from the unwarped distribution, or 2 draws, fails)."""
+    import itertools
+
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper
+    hf, model = family
+    one = tm.make_batch(hf.config, ROWS[:1], seed=5)
+    with torch.no_grad():
+        logits = hf(**{k: torch.from_numpy(v) for k, v in one.items()}).logits[0, -1].float()
+    logp = torch.log_softmax(logits, -1)[None]
+    stop = int(torch.argsort(logits)[0])     # the least likely token: never in the support
+    warped = TopKLogitsWarper(8, min_tokens_to_keep=2)(None, TemperatureLogitsWarper(3.0)(None, logp))
+    probs = torch.softmax(warped[0].double(), -1).numpy()
+    support = np.nonzero(probs)[0]
+    assert len(support) == 8
+    first, anywhere = np.zeros(len(probs)), np.zeros(len(probs))
+    for seq in itertools.permutations(support, 4):   # ordered draws without replacement
+        p, left = 1.0, 1.0
+        for t in seq:
+            p, left = p * probs[t] / left, left - probs[t]
+        best = sorted(seq, key=lambda t: -probs[t])[:2]
+        first[best[0]] += p
+        anywhere[best] += p
+    rows, calls = 200, 4
+    batch = {k: np.repeat(v, rows, axis=0) for k, v in one.items()}
+    got_first, got_any = np.zeros(len(probs)), np.zeros(len(probs))
+    for c in range(calls):
+        out = model.generate(**batch, max_new_tokens=1, num_beams=2, num_return_sequences=2, do_sample=True,
+                             temperature=3.0, top_k=8, eos_token_id=[stop], seed=list(range(c * rows, (c + 1) * rows)))
+        pairs = out[:, 0].reshape(rows, 2)
+        assert (pairs[:, 0] != pairs[:, 1]).all()   # without replacement
+        np.add.at(got_first, pairs[:, 0], 1)
+        np.add.at(got_any, pairs.reshape(-1), 1)
+    n = rows * calls
+    assert got_any[probs == 0].sum() == 0      # nothing outside the warped support
+    for expected, got in ((first, got_first), (anywhere, got_any)):
+        bound = 5 * np.sqrt(expected * (1 - np.minimum(expected, 1)) / n + 1e-6) + 0.01
+        np.testing.assert_array_less(np.abs(got / n - expected), bound)
     with pytest.raises(ValueError, match=r"max_matching_ngram_size must be an int in \[1, 8\]; got 0"):
         model.generate(**batch, prompt_lookup_num_tokens=3, max_matching_ngram_size=0)
 
@@ -513,12 +604,13 @@ def test_generation_settings_generate_does_not_apply_are_named_on_load(tmp_path)
         LlavaNext.from_pretrained(str(tmp_path))
     message = str(caught[0].message)
     assert not any(k in message for k in ("num_beam_groups", "suppress_tokens", "max_new_tokens", "stop_strings"))
-    # beam sampling is not ours: where the checkpoint's default samples, the error says so
+    # where the checkpoint's default samples, num_beams > 1 is beam sampling, as in HF
     path.write_text(json.dumps({**config, "do_sample": True}))
     model = LlavaNext.from_pretrained(str(tmp_path))
     batch = tm.make_batch(hf.config, ROWS[:1], seed=9)
-    with pytest.raises(ValueError, match="checkpoint's generation config's default: pass do_sample=False"):
-        model.generate(**batch, max_new_tokens=4, num_beams=2)
+    sampled = model.generate(**batch, max_new_tokens=4, num_beams=2, seed=3)
+    np.testing.assert_array_equal(sampled, model.generate(**batch, max_new_tokens=4, num_beams=2, seed=3,
+                                                          do_sample=True))
     assert model.generate(**batch, max_new_tokens=4, num_beams=2, do_sample=False).shape == (1, 4)
 
 
