@@ -224,6 +224,28 @@ def test_beam_sampling_top_k_1_equals_hf(family):
             np.testing.assert_allclose(scores, out.sequences_scores.numpy(), rtol=1e-4, atol=1e-4)
 
 
+def test_beam_sampling_warpers_keep_min_tokens_as_hf():
+    """warp with min_keep (beam sampling's min_tokens_to_keep) removes the tokens HF's warpers given
+    min_tokens_to_keep remove, each warper set where alone it would keep fewer (logits without ties)."""
+    from transformers.generation import logits_process as lp
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
+    cases = [(dict(top_k=1), lp.TopKLogitsWarper(1, min_tokens_to_keep=3)),
+             (dict(top_p=0.05), lp.TopPLogitsWarper(0.05, min_tokens_to_keep=3)),
+             (dict(min_p=0.9), lp.MinPLogitsWarper(0.9, min_tokens_to_keep=3)),
+             (dict(typical_p=0.05), lp.TypicalLogitsWarper(0.05, min_tokens_to_keep=3)),
+             (dict(epsilon_cutoff=0.3), lp.EpsilonLogitsWarper(0.3, min_tokens_to_keep=3)),
+             (dict(eta_cutoff=0.5), lp.EtaLogitsWarper(0.5, min_tokens_to_keep=3))]
+    for kw, hf_warper in cases:
+        opts = {k: np.asarray(v, np.int32 if k == "top_k" else np.float32)
+                for k, v in {**generate.NO_WARP, **kw}.items()}
+        ours = np.asarray(generate.warp(logits.numpy(), opts, 3))
+        ref = hf_warper(None, logits.clone()).numpy()
+        np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(ref), err_msg=str(kw))
+        assert (np.isfinite(ours).sum(-1) >= 3).all()
+        alone = np.asarray(generate.warp(logits.numpy(), opts))     # sampling's min 1: fewer here
+        assert (np.isfinite(alone).sum(-1) < 3).any(), kw
+
+
 def test_beam_sampling_seeds_and_rows(family):
     """Beam sampling: a seed gives the same beams again, other seeds other beams; with a seed per row a
     prompt's beams do not depend on the other rows of the batch (it alone gives them too); greedy beam
