@@ -198,6 +198,7 @@ def test_beam_search_equals_hf(family):
         model.generate(**batch, prompt_lookup_num_tokens=33)
 
 
+@pytest.mark.parametrize("family", ["mistral"], indirect=True)   # the families: the greedy beam tests
 def test_beam_sampling_top_k_1_equals_hf(family):
     """num_beams > 1 with do_sample and top_k=1: each beam keeps its min_tokens_to_keep (stop ids + 1)
     best tokens, so the draw of (stop ids + 1) * num_beams continuations takes them all, as HF's
@@ -235,17 +236,20 @@ def test_beam_sampling_warpers_keep_min_tokens_as_hf():
              (dict(typical_p=0.05), lp.TypicalLogitsWarper(0.05, min_tokens_to_keep=3)),
              (dict(epsilon_cutoff=0.3), lp.EpsilonLogitsWarper(0.3, min_tokens_to_keep=3)),
              (dict(eta_cutoff=0.5), lp.EtaLogitsWarper(0.5, min_tokens_to_keep=3))]
+    import jax
+    warp = jax.jit(generate.warp, static_argnums=2)   # one compile for each min_keep, not op by op
     for kw, hf_warper in cases:
         opts = {k: np.asarray(v, np.int32 if k == "top_k" else np.float32)
                 for k, v in {**generate.NO_WARP, **kw}.items()}
-        ours = np.asarray(generate.warp(logits.numpy(), opts, 3))
+        ours = np.asarray(warp(logits.numpy(), opts, 3))
         ref = hf_warper(None, logits.clone()).numpy()
         np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(ref), err_msg=str(kw))
         assert (np.isfinite(ours).sum(-1) >= 3).all()
-        alone = np.asarray(generate.warp(logits.numpy(), opts))     # sampling's min 1: fewer here
+        alone = np.asarray(warp(logits.numpy(), opts, None))     # sampling's min 1: fewer here
         assert (np.isfinite(alone).sum(-1) < 3).any(), kw
 
 
+@pytest.mark.parametrize("family", ["mistral"], indirect=True)   # no family's own code
 def test_beam_sampling_seeds_and_rows(family):
     """Beam sampling: a seed gives the same beams again, other seeds other beams; with a seed per row a
     prompt's beams do not depend on the other rows of the batch (it alone gives them too); greedy beam
@@ -269,6 +273,7 @@ def test_beam_sampling_seeds_and_rows(family):
     np.testing.assert_array_equal(model.generate(**batch, seed=1, **greedy), model.generate(**batch, seed=2, **greedy))
 
 
+@pytest.mark.parametrize("family", ["mistral"], indirect=True)   # no family's own code
 def test_beam_sampling_draws_without_replacement_from_warped(family):
     """One step of beam sampling (num_beams=2, num_return_sequences=2, one stop id: HF draws 4
     continuations without replacement from the warped softmax of beam 0, beam 1 starting at -1e9, and
