@@ -118,8 +118,7 @@ def beam_loop(params, config: LlavaNextConfig, logits, cache, kv_valid, options:
         stopped = is_stop(token, stop_ids) | ends_text | (step + 1 >= max_new)
 
         # the best K that did not stop run on
-        running_scores, pick = jax.lax.top_k(jnp.where(drawn, cand_scores + stopped * NEG,
-                                                       cand_scores + stopped * NEG + 4 * NEG), K)
+        running_scores, pick = jax.lax.top_k(cand_scores + stopped * NEG + jnp.where(drawn, 0.0, 4 * NEG), K)
         running, parent = _gather(cand, pick), _gather(parent, pick)
 
         # those of the first K that stopped join the finished hypotheses, if they score higher

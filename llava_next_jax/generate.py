@@ -76,12 +76,16 @@ def _largest_key(keys: jax.Array, fits) -> jax.Array:
     return jax.lax.fori_loop(0, 32, bit, jnp.zeros((keys.shape[0], 1), jnp.uint32))
 
 
+def _kth_largest_key(keys: jax.Array, k) -> jax.Array:
+    """Per row, the k-th largest of `keys` `[B, V]` (ties counted): the largest t with k keys >= t. `[B, 1]`."""
+    return _largest_key(keys, lambda t: (keys >= t).sum(axis=-1, keepdims=True) >= k)
+
+
 def _top_k_filter(logits: jax.Array, top_k: jax.Array) -> jax.Array:
     """Keeps logits >= the k-th largest (ties kept, as the reference does); k <= 0 keeps all. `[B, V]`."""
     def kept(logits):
         keys = _ordered_bits(logits)
-        kth = _largest_key(keys, lambda t: (keys >= t).sum(axis=-1, keepdims=True) >= top_k)
-        return jnp.where(keys < kth, -jnp.inf, logits)
+        return jnp.where(keys < _kth_largest_key(keys, top_k), -jnp.inf, logits)
     return jax.lax.cond(top_k > 0, kept, lambda logits: logits, logits)
 
 
@@ -182,19 +186,18 @@ def warp(logits: jax.Array, options: dict[str, jax.Array], min_keep=None) -> jax
     likely tokens (after top_h, which HF gives no minimum; ties of the last of them kept, where HF's
     top_p and min_p keep exactly min_keep by sort position), typical_p its min_keep most typical."""
     logits = _top_h_filter(logits / jnp.maximum(options["temperature"], 1e-6), options["top_h"])
-    if min_keep is not None:
-        keys = _ordered_bits(logits)     # the filters below only remove: the top min_keep stay the top
-        kth = _largest_key(keys, lambda t: (keys >= t).sum(axis=-1, keepdims=True) >= min_keep)
-        protect = keys >= kth
-        logits = jnp.where(protect, logits, _top_k_filter(logits, options["top_k"]))
-        logits = jnp.where(protect, logits, _top_p_filter(logits, options["top_p"]))
-        logits = jnp.where(protect, logits, _min_p_filter(logits, options["min_p"]))
-        logits = _typical_filter(logits, options["typical_p"], min_keep)
-        logits = jnp.where(protect, logits, _epsilon_filter(logits, options["epsilon_cutoff"]))
-        return jnp.where(protect, logits, _eta_filter(logits, options["eta_cutoff"]))
-    logits = _top_p_filter(_top_k_filter(logits, options["top_k"]), options["top_p"])
-    logits = _typical_filter(_min_p_filter(logits, options["min_p"]), options["typical_p"])
-    return _eta_filter(_epsilon_filter(logits, options["epsilon_cutoff"]), options["eta_cutoff"])
+    if min_keep is None:
+        guard = lambda logits, filtered: filtered
+    else:   # the filters below only remove, so the top min_keep now stay the top: each leaves them
+        keys = _ordered_bits(logits)
+        protect = keys >= _kth_largest_key(keys, min_keep)
+        guard = lambda logits, filtered: jnp.where(protect, logits, filtered)
+    logits = guard(logits, _top_k_filter(logits, options["top_k"]))
+    logits = guard(logits, _top_p_filter(logits, options["top_p"]))
+    logits = guard(logits, _min_p_filter(logits, options["min_p"]))
+    logits = _typical_filter(logits, options["typical_p"], min_keep)   # its own min_keep: the most typical
+    logits = guard(logits, _epsilon_filter(logits, options["epsilon_cutoff"]))
+    return guard(logits, _eta_filter(logits, options["eta_cutoff"]))
 
 
 # The values HF's warper classes take (min_p and top_h also None: off), and their intervals.
@@ -345,6 +348,8 @@ def sequence_bias(history: jax.Array, length, tokens: jax.Array, prefixes: jax.A
     match = completed_sequences(history, length, prefixes)
     return tokens[None] + jnp.zeros((B, V), jnp.float32).at[:, jnp.where(last >= 0, last, V)].add(
         jnp.where(match, values, 0.0), mode="drop")
+
+
 def stop_string_hits(sequence: jax.Array, length, options: dict[str, jax.Array]) -> jax.Array:
     """HF's StopStringCriteria: whether each row of `sequence` `[R, S]` (the prompt as given, then the
     new tokens; -1: no token), cut at slot `length` (traced), ends in one of the options' stop strings
@@ -731,7 +736,8 @@ def _sequence_biases(entries: dict, name: str, vocab_size: int):
     return tokens, prefixes, last, values
 
 
-def _is_bias(value) -> bool:
+def _is_number(value) -> bool:
+    """An int or float (numpy's too), not a bool, not nan."""
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
         and not np.isnan(value)
 
@@ -755,7 +761,7 @@ def sequence_bias_entries(sequence_bias, vocab_size: int) -> dict[tuple[int, ...
     for ids, bias in pairs:
         if not ids:
             raise ValueError(f"sequence_bias' token sequences must not be empty; got {sequence_bias!r}")
-        if not _is_bias(bias):
+        if not _is_number(bias):
             raise ValueError(f"sequence_bias' biases must be numbers; got {bias!r} for {list(ids)!r}")
         entries[tuple(_token_ids(ids, "sequence_bias", vocab_size))] = float(bias)
     return entries
@@ -837,7 +843,7 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int | None, do_sample: 
         value = given[name]
         if value is None and name in ("min_p", "top_h"):   # HF's off
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not ok(value):
+        if not _is_number(value) or not ok(value):
             raise ValueError(f"{name} must be " + ("None or " if name in ("min_p", "top_h") else "")
                              + f"a number in {interval}; got {value!r}")
     if not is_positive_int(num_return_sequences):
@@ -849,7 +855,7 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int | None, do_sample: 
     for name, value in (("repetition_penalty", repetition_penalty),
                         ("encoder_repetition_penalty", 1.0 if encoder_repetition_penalty is None
                          else encoder_repetition_penalty)):
-        if not _is_bias(value) or not value > 0:
+        if not _is_number(value) or not value > 0:
             raise ValueError(f"{name} must be a number > 0 (1.0: off); got {value!r}")
     if not is_int(no_repeat_ngram_size) or not (
             0 <= no_repeat_ngram_size <= MAX_NGRAM):
@@ -880,7 +886,7 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int | None, do_sample: 
     decay = np.zeros(new_bucket, np.float32)    # per step, the factor a stop id's |score| is added with
     if exponential_decay_length_penalty is not None:
         pair = exponential_decay_length_penalty
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and is_int(pair[0]) and _is_bias(pair[1])
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and is_int(pair[0]) and _is_number(pair[1])
                 and np.isfinite(pair[1])):
             raise ValueError(f"exponential_decay_length_penalty must be (start_index: int, decay_factor: number); "
                              f"got {pair!r}")

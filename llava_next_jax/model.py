@@ -438,7 +438,7 @@ class LlavaNext:
                                                   images_multiple=np.asarray(input_ids).shape[0])
         ids, mask, sources = _left_align(ids, mask, sources)
         prompt_ids, prompt_mask = ids, mask   # before bucketing: the penalties' and n-gram bans' prompt
-        stop_ids = self.eos_token_ids if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
+        stop_ids = self.stop_ids(eos_token_id)
         pad_id = self.pad_id(eos_token_id, pad_token_id)
         B, T = ids.shape
         max_new_tokens = generate.new_token_count(max_new_tokens, max_length, T)
@@ -458,9 +458,12 @@ class LlavaNext:
         """The id `generate` pads with after a row stops, given the call's eos_token_id and pad_token_id:
         the pad id (the call's, else the generation config's), else the first stop id, as HF's (0
         where there is none)."""
-        stop_ids = self.eos_token_ids if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
         pad_id = self.pad_token_id if pad_token_id is None else pad_token_id
-        return int((stop_ids or (0,))[0] if pad_id is None else pad_id)
+        return int((self.stop_ids(eos_token_id) or (0,))[0] if pad_id is None else pad_id)
+
+    def stop_ids(self, eos_token_id=None) -> tuple[int, ...]:
+        """The ids that end a row: the call's eos_token_id (an int or a list), else the checkpoint's."""
+        return self.eos_token_ids if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
 
     # -- high-level calls -------------------------------------------------------------------------
 
