@@ -302,7 +302,7 @@ def penalize_repeats(logits: jax.Array, seen: jax.Array, penalty) -> jax.Array:
     return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
-def banned_ngrams(history: jax.Array, length, n, vocab_size: int) -> jax.Array:
+def banned_ngrams(history: jax.Array, length, n, vocab_size: int, windows_end=None) -> jax.Array:
     """HF's `no_repeat_ngram_size`: bool `[B, vocab_size]`, True for the tokens that would complete an
     n-gram a row already holds (n <= 0: none).
 
@@ -310,12 +310,14 @@ def banned_ngrams(history: jax.Array, length, n, vocab_size: int) -> jax.Array:
     at slot `length` (traced) after a prefix of -1s that is no part of it. A window of n slots whose
     first n-1 tokens equal the sequence's last n-1 bans its last token, as HF's processor does; n is
     traced (at most MAX_NGRAM), so the comparisons run for every k < MAX_NGRAM - 1 and those past n-1
-    count as equal.
+    count as equal. windows_end: the windows end by that slot (default `length`): the prompt's end for
+    HF's `encoder_no_repeat_ngram_size`, which bans the n-grams of the prompt alone.
     """
     B, S = history.shape
     padded = jnp.pad(history, ((0, 0), (0, MAX_NGRAM)), constant_values=-1)
     start = jnp.arange(S)
-    match = (n > 0) & (history >= 0) & (start + n <= length)       # whole window inside the sequence
+    end = length if windows_end is None else windows_end
+    match = (n > 0) & (history >= 0) & (start + n <= end)       # whole window inside the sequence (prompt)
     for k in range(MAX_NGRAM - 1):
         suffix_token = jax.lax.dynamic_index_in_dim(history, length - n + 1 + k, axis=1, keepdims=False)
         match &= (k >= n - 1) | (padded[:, k:k + S] == suffix_token[:, None])
@@ -391,10 +393,13 @@ def process_scores(scores: jax.Array, seen: jax.Array, history: jax.Array, step,
     sequence_bias (added); encoder_repetition_penalty (HF passes a decoder-only model its prompt,
     pads included, as the "encoder" input: the prompt's tokens' logits multiplied by the penalty when
     positive, divided when negative); the repetition penalty over `seen`; the no-repeat n-gram ban;
-    bad_words_ids (-inf); min_new_tokens (stop ids banned while step < min_new_tokens: min_length as
-    well, `options`); forced_eos_token_id (at the last step, every other token -inf, the forced ones
-    0); exponential_decay_length_penalty (a stop id's score plus |score| * (factor**k - 1), k steps
-    past its start); suppress_tokens (-inf); begin_suppress_tokens (-inf at step 0).
+    encoder_no_repeat_ngram_size (the n-grams of that prompt banned); bad_words_ids (-inf);
+    min_new_tokens (stop ids banned while step < min_new_tokens: min_length as well, `options`);
+    forced_bos_token_id (at step 0 of a one-token prompt, as HF's, every other token -inf, it 0);
+    forced_eos_token_id (at the last step, every other token -inf, the forced ones 0);
+    remove_invalid_values (nan to 0, +-inf to the float32 extremes); exponential_decay_length_penalty
+    (a stop id's score plus |score| * (factor**k - 1), k steps past its start); suppress_tokens (-inf);
+    begin_suppress_tokens (-inf at the first step: step 1 after a forced bos, as HF's).
 
     Not renormalize_logits (HF's LogitNormalization, a log-softmax after everything): it shifts a row's
     scores by one constant, which changes neither the greedy token, nor the sampled distribution (the
@@ -408,18 +413,21 @@ def process_scores(scores: jax.Array, seen: jax.Array, history: jax.Array, step,
     inverse = options["encoder_penalty"]      # HF's EncoderRepetitionPenaltyLogitsProcessor keeps 1 / penalty
     scores = jnp.where(options["prompt_tokens"], jnp.where(scores < 0, scores * inverse, scores / inverse), scores)
     scores = penalize_repeats(scores, seen, options["repetition_penalty"])
-    repeat = banned_ngrams(history, length, options["no_repeat_ngram_size"], V)
+    repeat = banned_ngrams(history, length, options["no_repeat_ngram_size"], V) | banned_ngrams(
+        history, length, options["encoder_ngram_size"], V, windows_end=options["history"].shape[1])
     bad = jnp.isneginf(sequence_bias(history, length, jnp.where(options["bad_tokens"], -jnp.inf, 0.0),
                                      options["bad_prefixes"], options["bad_last"],
                                      jnp.full(options["bad_last"].shape, -jnp.inf)))
     too_early = (step < options["min_new_tokens"]) & stop
     scores = jnp.where(repeat | bad | too_early, -jnp.inf, scores)
-    forced = options["forced_eos"]
-    scores = jnp.where((step == options["max_new_tokens"] - 1) & forced.any(),
-                       jnp.where(forced, 0.0, -jnp.inf), scores)
+    for forced, at in ((options["forced_bos"], 0), (options["forced_eos"], options["max_new_tokens"] - 1)):
+        scores = jnp.where((step == at) & forced.any(), jnp.where(forced, 0.0, -jnp.inf), scores)
+    finite = jnp.finfo(scores.dtype)
+    scores = jnp.where(options["remove_invalid"], jnp.nan_to_num(scores, nan=0.0, posinf=finite.max,
+                                                                 neginf=finite.min), scores)
     decay = options["decay"][jnp.minimum(step, options["decay"].shape[0] - 1)]
     scores = jnp.where(stop & jnp.isfinite(scores), scores + jnp.abs(scores) * decay, scores)
-    suppressed = options["suppress"] | (options["begin_suppress"] & (step == 0))
+    suppressed = options["suppress"] | (options["begin_suppress"] & (step == options["begin_suppress_step"]))
     return jnp.where(suppressed, -jnp.inf, scores)
 
 
@@ -793,6 +801,8 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int | None, do_sample: 
             suppress_tokens=None, begin_suppress_tokens=None, bad_words_ids=None, sequence_bias=None,
             forced_eos_token_id=None, exponential_decay_length_penalty=None,
             encoder_repetition_penalty: float | None = None, renormalize_logits: bool | None = None,
+            encoder_no_repeat_ngram_size: int | None = None, forced_bos_token_id: int | None = None,
+            remove_invalid_values: bool | None = None,
             stop_strings: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """The traced generation options, checked, as fixed-shape arrays.
 
@@ -814,8 +824,10 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int | None, do_sample: 
     in HF. The rest are HF's processors (`process_scores`), off where None: suppress_tokens,
     begin_suppress_tokens (lists of ids), bad_words_ids (token id lists), sequence_bias (`sequence_bias_entries`),
     forced_eos_token_id (an id or a list), exponential_decay_length_penalty ((start_index,
-    decay_factor)), encoder_repetition_penalty (1.0: off) and renormalize_logits (a log-softmax after
-    the processors; it changes beam search's scores alone: `beam`).
+    decay_factor)), encoder_repetition_penalty (1.0: off), encoder_no_repeat_ngram_size (0: off; at most
+    MAX_NGRAM), forced_bos_token_id (an id; it applies where T is 1, as in HF), remove_invalid_values
+    (True or False) and renormalize_logits (a log-softmax after the processors; it changes beam
+    search's scores alone: `beam`).
     stop_strings: `stop_strings.tables(tokenizer, strings, vocab_size)` (None: no stop string), which
     end a row as a stop id does (`stop_string_hits`)."""
     for name, value in (("max_new_tokens", max_new_tokens), ("top_k", top_k)):
@@ -857,9 +869,11 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int | None, do_sample: 
                          else encoder_repetition_penalty)):
         if not _is_number(value) or not value > 0:
             raise ValueError(f"{name} must be a number > 0 (1.0: off); got {value!r}")
-    if not is_int(no_repeat_ngram_size) or not (
-            0 <= no_repeat_ngram_size <= MAX_NGRAM):
-        raise ValueError(f"no_repeat_ngram_size must be an int in [0, {MAX_NGRAM}] (0: off); got {no_repeat_ngram_size!r}")
+    encoder_no_repeat_ngram_size = encoder_no_repeat_ngram_size or 0
+    for name, value in (("no_repeat_ngram_size", no_repeat_ngram_size),
+                        ("encoder_no_repeat_ngram_size", encoder_no_repeat_ngram_size)):
+        if not is_int(value) or not 0 <= value <= MAX_NGRAM:
+            raise ValueError(f"{name} must be an int in [0, {MAX_NGRAM}] (0: off); got {value!r}")
     if not is_int(max_matching_ngram_size) or not (
             1 <= max_matching_ngram_size <= MAX_LOOKUP_NGRAM):
         raise ValueError(f"max_matching_ngram_size must be an int in [1, {MAX_LOOKUP_NGRAM}]; "
@@ -869,12 +883,16 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int | None, do_sample: 
     if not any(early_stopping is v or (isinstance(early_stopping, str) and early_stopping == v)
                for v in (True, False, "never")):
         raise ValueError(f"early_stopping must be True, False or \"never\"; got {early_stopping!r}")
-    if renormalize_logits not in (None, True, False):
-        raise ValueError(f"renormalize_logits must be True or False; got {renormalize_logits!r}")
+    for name, value in (("renormalize_logits", renormalize_logits), ("remove_invalid_values", remove_invalid_values)):
+        if not (value is None or isinstance(value, (bool, np.bool_))):
+            raise ValueError(f"{name} must be True or False; got {value!r}")
     suppress = [] if suppress_tokens is None else _token_ids(suppress_tokens, "suppress_tokens", vocab_size)
     begin = [] if begin_suppress_tokens is None else _token_ids(begin_suppress_tokens, "begin_suppress_tokens",
                                                                  vocab_size)
     forced = [] if forced_eos_token_id is None else _token_ids(forced_eos_token_id, "forced_eos_token_id", vocab_size)
+    if forced_bos_token_id is not None and not is_int(forced_bos_token_id):
+        raise ValueError(f"forced_bos_token_id must be an int; got {forced_bos_token_id!r}")
+    bos = [] if forced_bos_token_id is None else _token_ids([forced_bos_token_id], "forced_bos_token_id", vocab_size)
     if forced and suppress and set(forced) <= set(suppress):   # HF's GenerationConfig.validate refuses it too
         raise ValueError(f"every forced_eos_token_id ({forced}) is in suppress_tokens: the forced step would "
                          f"leave no token")
@@ -935,6 +953,12 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int | None, do_sample: 
                 encoder_penalty=np.float32(1.0 / (encoder_repetition_penalty or 1.0)), prompt_tokens=prompt_tokens,
                 forced_eos=_id_mask(forced, vocab_size), decay=decay, suppress=_id_mask(suppress, vocab_size),
                 begin_suppress=_id_mask(begin, vocab_size), renormalize=np.bool_(bool(renormalize_logits)),
+                encoder_ngram_size=np.int32(encoder_no_repeat_ngram_size),
+                # HF forces it where the input so far is one token long: a one-token prompt's first step,
+                # begin_suppress_tokens moving to the step after it
+                forced_bos=_id_mask(bos if T == 1 else [], vocab_size),
+                begin_suppress_step=np.int32(bool(bos) and T == 1),
+                remove_invalid=np.bool_(bool(remove_invalid_values)),
                 **(no_stop_strings(vocab_size) if stop_strings is None else _checked_tables(stop_strings, vocab_size)))
 
 

@@ -29,19 +29,19 @@ GENERATION_DEFAULTS: dict[str, Any] = dict(
     num_return_sequences=1, prompt_lookup_num_tokens=None, max_matching_ngram_size=2, suppress_tokens=None,
     begin_suppress_tokens=None, bad_words_ids=None, sequence_bias=None, forced_eos_token_id=None,
     exponential_decay_length_penalty=None, encoder_repetition_penalty=1.0, renormalize_logits=None,
-    stop_strings=None)
+    encoder_no_repeat_ngram_size=0, forced_bos_token_id=None, remove_invalid_values=False, stop_strings=None)
 # generation_config.json settings that HF's generate applies and ours does not, with the values that
 # change nothing (transformers' defaults before 5 wrote them): a checkpoint that sets one otherwise
 # loads with a warning naming it, since its output would differ from HF's.
 UNAPPLIED_GENERATION: dict[str, Any] = dict(
-    max_time=None, force_words_ids=None, constraints=None, forced_bos_token_id=None,
-    encoder_no_repeat_ngram_size=0, remove_invalid_values=False, guidance_scale=None, num_beam_groups=1,
+    max_time=None, force_words_ids=None, constraints=None, guidance_scale=None, num_beam_groups=1,
     diversity_penalty=0.0, penalty_alpha=None, dola_layers=None, watermarking_config=None, token_healing=False)
 # `generate`'s settings that are HF's logits processors beyond the sampling warpers and beam search's
 # (None: the checkpoint's, else off): passed through to `generate.options`.
 PROCESSOR_SETTINGS = ("min_length", "suppress_tokens", "begin_suppress_tokens", "bad_words_ids", "sequence_bias",
                       "forced_eos_token_id", "exponential_decay_length_penalty", "encoder_repetition_penalty",
-                      "renormalize_logits")
+                      "renormalize_logits", "encoder_no_repeat_ngram_size", "forced_bos_token_id",
+                      "remove_invalid_values")
 
 
 class LlavaNext:
@@ -228,7 +228,8 @@ class LlavaNext:
                  stop_strings=None, tokenizer=None,
                  max_length=None, min_length=None, suppress_tokens=None, begin_suppress_tokens=None,
                  bad_words_ids=None, sequence_bias=None, forced_eos_token_id=None,
-                 exponential_decay_length_penalty=None, encoder_repetition_penalty=None, renormalize_logits=None):
+                 exponential_decay_length_penalty=None, encoder_repetition_penalty=None, renormalize_logits=None,
+                 encoder_no_repeat_ngram_size=None, forced_bos_token_id=None, remove_invalid_values=None):
         """New tokens `[B, max_new_tokens]` (int32); after a row emits a stop id, the pad id. With
         `return_logprobs`, (tokens, logprobs): float32 `[B, max_new_tokens]`, each token's log-probability
         under the distribution it was chosen from (the warpers below applied when sampling; HF's
@@ -272,17 +273,23 @@ class LlavaNext:
         generation_config.json holds it; a single id's bias always applies, a longer sequence's to its
         last id where the text so far ends with the rest); encoder_repetition_penalty (HF gives a
         decoder-only model its prompt as the "encoder" input: the prompt's tokens as given, pads
-        included, rewarded above 1, penalized below); bad_words_ids (a list of id lists, banned as
+        included, rewarded above 1, penalized below); encoder_no_repeat_ngram_size (n > 0: no n-gram of
+        that prompt occurs in the output, the prompt's end and the output read as one sequence, as in
+        HF; at most `generate.MAX_NGRAM`); bad_words_ids (a list of id lists, banned as
         sequence_bias bans with -inf; an entry that is one stop id alone is dropped, as HF drops it);
         at most `generate.MAX_BIAS_SEQUENCES` entries of 2 or more ids in each of the two, each at most
         `MAX_BIAS_LENGTH` long (single ids: any number); min_length (HF's: stop ids banned while the
         prompt as given plus the new tokens is shorter; min_new_tokens, where given, overrides it, as in
-        HF); forced_eos_token_id (an id or a list: every other token banned at the last step);
+        HF); forced_bos_token_id (an id: every other token banned at the first step where the prompt,
+        pads included, is one token long, as HF's processor reads it; other prompts as HF: unchanged);
+        forced_eos_token_id (an id or a list: every other token banned at the last step);
+        remove_invalid_values (True: nan scores become 0 and infinite ones, the bans of the processors
+        before it included, the float32 extremes, as HF's InfNanRemoveLogitsProcessor);
         exponential_decay_length_penalty ((start_index, decay_factor): at step k > start_index,
         steps counted from 0, a stop id's score gains |score| * (decay_factor**(k - start_index) - 1));
         suppress_tokens (ids banned at every step); begin_suppress_tokens (ids banned at the first new
-        token); renormalize_logits (a log-softmax after the processors: it changes beam search's scores
-        and so its choices; greedy and sampled tokens and their log-probabilities, which are taken under
+        token; the second after a forced bos); renormalize_logits (a log-softmax after the processors:
+        it changes beam search's scores and so its choices; greedy and sampled tokens and their log-probabilities, which are taken under
         the normalized distribution anyway, it leaves as they are). Runtime values: they compile nothing.
 
         num_beams > 1: HF's beam search (`beam`), with its length_penalty (a finished hypothesis
@@ -342,7 +349,10 @@ class LlavaNext:
                                       sequence_bias=sequence_bias, forced_eos_token_id=forced_eos_token_id,
                                       exponential_decay_length_penalty=exponential_decay_length_penalty,
                                       encoder_repetition_penalty=encoder_repetition_penalty,
-                                      renormalize_logits=renormalize_logits, **settings)
+                                      renormalize_logits=renormalize_logits,
+                                      encoder_no_repeat_ngram_size=encoder_no_repeat_ngram_size,
+                                      forced_bos_token_id=forced_bos_token_id,
+                                      remove_invalid_values=remove_invalid_values, **settings)
         max_new_tokens = int(args["options"]["max_new_tokens"])
         if num_beams == 1:
             tokens, logprobs = (distributed.fetch(a)[:, :max_new_tokens]

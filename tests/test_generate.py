@@ -624,13 +624,15 @@ def test_generation_settings_generate_does_not_apply_are_named_on_load(tmp_path)
     known = set(GenerationConfig().__dict__)
     assert set(UNAPPLIED_GENERATION) <= known   # HF's own names
     config = json.loads(path.read_text())
-    path.write_text(json.dumps({**config, "num_beam_groups": 1, "suppress_tokens": [3], "stop_strings": ["."],
-                                "forced_bos_token_id": 2, "max_new_tokens": 64, "constraints": [[1, 2]]}))
-    with pytest.warns(UserWarning, match=r"generation config sets constraints=\[\[1, 2\]\], forced_bos_token_id=2, "
+    applied = {"suppress_tokens": [3], "stop_strings": ["."], "forced_bos_token_id": 2, "max_new_tokens": 64,
+               "remove_invalid_values": True, "encoder_no_repeat_ngram_size": 2}
+    path.write_text(json.dumps({**config, "num_beam_groups": 1, "guidance_scale": 1.5, "constraints": [[1, 2]],
+                                **applied}))
+    with pytest.warns(UserWarning, match=r"generation config sets constraints=\[\[1, 2\]\], guidance_scale=1.5, "
                                          r"which generate does not apply") as caught:
         LlavaNext.from_pretrained(str(tmp_path))
     message = str(caught[0].message)
-    assert not any(k in message for k in ("num_beam_groups", "suppress_tokens", "max_new_tokens", "stop_strings"))
+    assert not any(k in message for k in ["num_beam_groups", *applied])
     # where the checkpoint's default samples, num_beams > 1 is beam sampling, as in HF
     path.write_text(json.dumps({**config, "do_sample": True}))
     model = LlavaNext.from_pretrained(str(tmp_path))
@@ -730,11 +732,16 @@ def _processor_settings(plain, T):
         min_length=dict(eos_token_id=[p(0, 4), p(1, 7)], min_length=T + 9),
         forced=dict(forced_eos_token_id=7),
         decay=dict(eos_token_id=[11, 12], exponential_decay_length_penalty=(4, 1.6)),
+        encoder_ngram=dict(encoder_no_repeat_ngram_size=1),
+        # min_length bans the stop id (-inf), remove_invalid_values makes that the float32 minimum, and
+        # the decay from step 1 on (3**k - 1 >= 2 times its magnitude) lifts it above every other token
+        invalid=dict(eos_token_id=[p(0, 4)], min_length=T + 6, exponential_decay_length_penalty=(0, 3.0),
+                     remove_invalid_values=True),
     )
     combined = [
         dict(suppress_tokens=[p(0, 2)], begin_suppress_tokens=[p(1, 0)], bad_words_ids=[[p(0, 5), p(0, 6)], [3]],
              sequence_bias={(p(2, 8),): 2.5, (p(1, 5), p(0, 3)): -2.0}, encoder_repetition_penalty=1.5,
-             repetition_penalty=1.2, eos_token_id=[p(1, 7)]),
+             repetition_penalty=1.2, eos_token_id=[p(1, 7)], encoder_no_repeat_ngram_size=2),
         dict(eos_token_id=[11, 12], min_length=T + 3, forced_eos_token_id=[5, 7], suppress_tokens=[5],
              exponential_decay_length_penalty=[6, 1.4], renormalize_logits=True, no_repeat_ngram_size=3),
     ]
@@ -744,8 +751,8 @@ def _processor_settings(plain, T):
 @pytest.mark.parametrize("family", ["mistral"], indirect=True)
 def test_processors_equal_hf(family):
     """suppress_tokens, begin_suppress_tokens, bad_words_ids, sequence_bias, encoder_repetition_penalty,
-    min_length, forced_eos_token_id, exponential_decay_length_penalty (renormalize_logits too), each
-    alone (each changes HF's tokens) and combined: HF's greedy tokens and scores as log-probabilities,
+    min_length, forced_eos_token_id, exponential_decay_length_penalty, encoder_no_repeat_ngram_size,
+    remove_invalid_values (renormalize_logits too), each alone (each changes HF's tokens) and combined: HF's greedy tokens and scores as log-probabilities,
     on one compiled program; prompt lookup and streaming give generate's tokens with them; sampled
     tokens avoid what they ban."""
     hf, model = family
@@ -768,7 +775,10 @@ def test_processors_equal_hf(family):
         assert (tokens[:, n:] == 0).all(), name
         stop = np.isin(tokens[:, :n], kw["eos_token_id"])
         live = np.cumsum(stop, axis=1) - stop == 0
-        np.testing.assert_allclose(logprobs[:, :n][live], theirs[live], rtol=1e-4, atol=1e-4, err_msg=name)
+        # an infinite score (remove_invalid_values' case): HF's log-softmax gives nan, ours probability 1
+        finite = live & np.isfinite(theirs)
+        np.testing.assert_allclose(logprobs[:, :n][finite], theirs[finite], rtol=1e-4, atol=1e-4, err_msg=name)
+        assert (logprobs[:, :n][live & ~finite] == 0).all() and (name == "invalid") == (live & ~finite).any()
         compiled = compiled_programs() if compiled is None else compiled
     assert compiled_programs() == compiled
     for kw in combined:   # the steps that depend on the position (min_length, the forced last token, the decay)
@@ -815,6 +825,49 @@ def test_processors_in_beam_search_equal_hf(family):
                                   **dict(cases[0], renormalize_logits=False))
     assert not np.allclose(unnormalized[1], model.generate(**batch, max_new_tokens=NEW, pad_token_id=pad,
                                                            return_logprobs=True, **cases[0])[1])
+
+
+@pytest.mark.parametrize("family", ["mistral"], indirect=True)
+def test_forced_bos_equals_hf(family):
+    """forced_bos_token_id: HF forces it where the input so far is one token (a one-token prompt's first
+    step; begin_suppress_tokens then bans at the step after it) and leaves longer prompts alone."""
+    hf, model = family
+    V = hf.config.text_config.vocab_size
+    one = {"input_ids": np.array([[5], [9]], np.int64), "attention_mask": np.ones((2, 1), np.int64)}
+    plain = tm.hf_generate(hf, one, 6, eos_token_id=[])
+    settings = dict(forced_bos_token_id=int(V - 1 - plain[0, 0]), begin_suppress_tokens=[int(plain[1, 1])],
+                    eos_token_id=[])
+    ref = tm.hf_generate(hf, one, 6, **settings)
+    assert (ref[:, 0] == settings["forced_bos_token_id"]).all() and (ref != plain).any()
+    np.testing.assert_array_equal(model.generate(**one, max_new_tokens=6, pad_token_id=0, **settings), ref)
+    batch = tm.make_batch(hf.config, ROWS[:2], seed=5)
+    np.testing.assert_array_equal(model.generate(**batch, max_new_tokens=6, pad_token_id=0, **settings),
+                                  tm.hf_generate(hf, batch, 6, **settings))
+
+
+def test_remove_invalid_values_equals_hf_processor():
+    """remove_invalid_values inside `process_scores` turns nan and infinities into what HF's
+    InfNanRemoveLogitsProcessor does, before the length decay and after the bans, as HF orders them.
+    (Not on a banned +inf, where HF's -inf bias makes nan and so 0: ours bans it.)"""
+    import jax
+    from transformers.generation.logits_process import (ExponentialDecayLengthPenalty, InfNanRemoveLogitsProcessor,
+                                                        NoBadWordsLogitsProcessor)
+    V, T = 6, 3
+    scores = np.array([[1.0, np.nan, np.inf, -np.inf, -2.0, 0.5], [np.nan, 3.0, np.inf, 2.0, -np.inf, -1.0]],
+                      np.float32)
+    prompt = np.array([[1, 2, 3], [0, 1, 1]])
+    opts = generate.options(2, 8, 0, False, 1.0, 0, 1.0, 0, (4,), 0, prompt_ids=prompt, vocab_size=V,
+                            bad_words_ids=[[5]], exponential_decay_length_penalty=(1, 1.2), remove_invalid_values=True)
+    step = 3
+    history = np.concatenate([opts["history"], np.zeros((2, 8), np.int32)], axis=1)
+    ours = jax.jit(generate.process_scores)(scores, opts["seen"], history, step, opts)
+    ids = torch.from_numpy(np.concatenate([prompt, np.zeros((2, step), np.int64)], axis=1))
+    theirs = torch.from_numpy(scores)
+    for processor in (NoBadWordsLogitsProcessor([[5]], eos_token_id=[4]), InfNanRemoveLogitsProcessor(),
+                      ExponentialDecayLengthPenalty((1, 1.2), [4], T)):
+        theirs = processor(ids, theirs)
+    np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), rtol=1e-6)
+    assert np.isfinite(np.asarray(ours)).all()
 
 
 def test_sequence_bias_equals_hf_processor():
@@ -913,6 +966,11 @@ def test_processors_and_lengths_from_generation_config_apply_as_hf(tmp_path):
          r"exponential_decay_length_penalty must be \(start_index: int, decay_factor: number\); got \(1.5, 2.0\)"),
         (dict(encoder_repetition_penalty=0.0), r"encoder_repetition_penalty must be a number > 0 \(1.0: off\); got 0"),
         (dict(renormalize_logits="yes"), r"renormalize_logits must be True or False; got 'yes'"),
+        (dict(remove_invalid_values=1.0), r"remove_invalid_values must be True or False; got 1.0"),
+        (dict(encoder_no_repeat_ngram_size=17), r"encoder_no_repeat_ngram_size must be an int in \[0, 16\] "
+                                                r"\(0: off\); got 17"),
+        (dict(forced_bos_token_id=[1]), r"forced_bos_token_id must be an int; got \[1\]"),
+        (dict(forced_bos_token_id=160), r"forced_bos_token_id must be token ids in \[0, 160\); got 160"),
     ]
     for kw, message in errors:
         with pytest.raises(ValueError, match=message):
