@@ -29,8 +29,8 @@ import jax.numpy as jnp
 
 from . import xla_cpu
 from .config import LlavaNextConfig
-from .generate import (EARLY_STOPPING, MAX_STOP_IDS, decode_step, is_stop, prefill_program, process_scores,
-                       row_key, stop_string_hits, warp)
+from .generate import (EARLY_STOPPING, MAX_STOP_IDS, decode_step, is_stop, past_deadline, prefill_program,
+                       process_scores, row_key, stop_string_hits, warp)
 
 NEG = -1.0e9   # HF's score for "never": added, not set, so a hypothesis keeps its order among its kind
 
@@ -49,11 +49,13 @@ def _reorder_new_slots(cache, rows: jax.Array, first_new: int):
 
 
 def beam_loop(params, config: LlavaNextConfig, logits, cache, kv_valid, options: dict[str, jax.Array], dtype,
-              new_bucket: int, num_beams: int):
+              new_bucket: int, num_beams: int, timed: bool = False):
     """Beam search from the prefill's last-slot logits `[B, V]` and cache (B rows, T + new_bucket
     slots). Returns (tokens `[B, K, new_bucket]`, scores `[B, K]`): the K finished hypotheses of each
     prompt, best first, pad after a stop id; a score is HF's `sequences_scores` (sum of the tokens'
-    processed log-probabilities / length**length_penalty)."""
+    processed log-probabilities / length**length_penalty). timed: once the options' max_time deadline
+    has passed (`past_deadline`), every candidate of the step ends as at max_new_tokens (HF's
+    MaxTimeCriteria among its stopping criteria)."""
     B, V = logits.shape
     K, N = num_beams, new_bucket
     T = kv_valid.shape[1] - N
@@ -116,6 +118,8 @@ def beam_loop(params, config: LlavaNextConfig, logits, cache, kv_valid, options:
         texts = jnp.concatenate([prompts, cand], axis=2).reshape(B * kept, -1)
         ends_text = stop_string_hits(texts, prompts.shape[2] + step + 1, options).reshape(B, kept)
         stopped = is_stop(token, stop_ids) | ends_text | (step + 1 >= max_new)
+        if timed:
+            stopped |= past_deadline(options)
 
         # the best K that did not stop run on
         running_scores, pick = jax.lax.top_k(cand_scores + stopped * NEG + jnp.where(drawn, 0.0, 4 * NEG), K)
@@ -149,17 +153,18 @@ def beam_loop(params, config: LlavaNextConfig, logits, cache, kv_valid, options:
     return state["finished"], state["scores"]
 
 
-@partial(xla_cpu.jit, cpu_options=xla_cpu.DECODE, static_argnames=("config", "dtype", "new_bucket", "num_beams"))
+@partial(xla_cpu.jit, cpu_options=xla_cpu.DECODE,
+         static_argnames=("config", "dtype", "new_bucket", "num_beams", "timed"))
 def beam_program(params, config: LlavaNextConfig, logits, cache, kv_valid, options: dict[str, jax.Array], dtype,
-                 new_bucket: int, num_beams: int):
+                 new_bucket: int, num_beams: int, timed: bool = False):
     """`beam_loop`, compiled: one program per (batch size, prompt bucket, new-token bucket, num_beams);
     every option (length_penalty and early_stopping too) is traced."""
-    return beam_loop(params, config, logits, cache, kv_valid, options, dtype, new_bucket, num_beams)
+    return beam_loop(params, config, logits, cache, kv_valid, options, dtype, new_bucket, num_beams, timed)
 
 
 def beam_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask,
-                options: dict[str, jax.Array], dtype, new_bucket: int, num_beams: int):
+                options: dict[str, jax.Array], dtype, new_bucket: int, num_beams: int, timed: bool = False):
     """Prefill then beam search: (tokens `[B, num_beams, new_bucket]`, scores `[B, num_beams]`), best first."""
     logits, cache, kv_valid = prefill_program(params, config, input_ids, pixel_values, sources, attention_mask,
                                               dtype, input_ids.shape[1] + new_bucket)
-    return beam_program(params, config, logits, cache, kv_valid, options, dtype, new_bucket, num_beams)
+    return beam_program(params, config, logits, cache, kv_valid, options, dtype, new_bucket, num_beams, timed)

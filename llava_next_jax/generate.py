@@ -19,12 +19,14 @@ donated, so it is never copied.
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 from .checks import is_int, is_positive_int
 from .config import LlavaNextConfig
@@ -453,6 +455,28 @@ def lookup_drafts(sequence: jax.Array, length, ngram, count: int) -> jax.Array:
     return jnp.where(found[:, None] & (follow < length), drafts, -1)
 
 
+def deadline(max_time: float | None) -> np.ndarray:
+    """HF's max_time as a deadline: the monotonic clock's (seconds, nanoseconds) `max_time` seconds from
+    now (int32 [2]; HF's MaxTimeCriteria counts from its creation, before the prefill, too), or (-1, 0)
+    for none."""
+    if max_time is None:
+        return np.array([-1, 0], np.int32)
+    if not _is_number(max_time) or not max_time >= 0:
+        raise ValueError(f"max_time must be None or a number of seconds >= 0; got {max_time!r}")
+    ns = time.monotonic_ns() + int(min(float(max_time), 2.0**31) * 1e9)
+    return np.array([min(ns // 10**9, 2**31 - 1), ns % 10**9], np.int32)
+
+
+def _past(deadline: np.ndarray) -> np.ndarray:
+    return np.bool_(time.monotonic_ns() > int(deadline[0]) * 10**9 + int(deadline[1]))
+
+
+def past_deadline(options: dict[str, jax.Array]) -> jax.Array:
+    """Whether the options' max_time `deadline` has passed: a scalar bool read from the host's clock
+    (a call back to Python, ~0.1 ms on a CPU: only the programs compiled with `timed` make it)."""
+    return io_callback(_past, jax.ShapeDtypeStruct((), jnp.bool_), options["deadline"])
+
+
 def row_key(seed, stream, sample) -> jax.Array:
     """A row's sampling key: `fold_in(key(seed), stream)`, folded again with `sample` where sample > 0 (a
     prompt's second, third... sample of num_return_sequences; its first is the one sample of 1)."""
@@ -461,10 +485,12 @@ def row_key(seed, stream, sample) -> jax.Array:
 
 
 def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options: dict[str, jax.Array], dtype,
-                new_bucket: int, stop_at, lookup: int = 0):
+                new_bucket: int, stop_at, lookup: int = 0, timed: bool = False):
     """Steps the decode loop from `state` (`start_state`'s keys) while `step < stop_at` (and
     max_new_tokens) and some row is not done; returns (state, cache). One `lax.while_loop`. A row is
-    done after a stop id or the token completing a stop string (`stop_string_hits`), pad after it.
+    done after a stop id or the token completing a stop string (`stop_string_hits`), pad after it;
+    with `timed`, every row is done after the step that finds the max_time deadline passed
+    (`past_deadline`; HF's MaxTimeCriteria, checked after each token as HF checks it).
 
     lookup > 0 (HF's prompt_lookup_num_tokens): a pass of the model takes the step's token and up to
     `lookup` tokens drafted after it from the sequence so far (`lookup_drafts`), and the step keeps
@@ -489,6 +515,9 @@ def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options
         return is_stop(token, options["stop_ids"]) | stop_string_hits(
             sequence, options["history"].shape[1] + step + 1, options)
 
+    def out_of_time(done):
+        return done | past_deadline(options) if timed else done
+
     def choose(logits, seen, tokens, step, done):
         """Step `step`'s token per row (pad where done) and its log-probability, from the logits before it."""
         scores = process_scores(logits, seen, jnp.concatenate([options["history"], tokens], axis=1), step, options)
@@ -508,7 +537,7 @@ def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options
         tokens = state["tokens"].at[:, step].set(token)
         return {**state, "step": step + 1, "tokens": tokens,
                 "logprobs": state["logprobs"].at[:, step].set(logprob), "logits": logits,
-                "done": state["done"] | stops(token, tokens, step),
+                "done": out_of_time(state["done"] | stops(token, tokens, step)),
                 "seen": state["seen"].at[rows, token].set(True), "passes": state["passes"] + 1}, cache
 
     def body_lookup(carry):
@@ -563,16 +592,16 @@ def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options
                           jnp.maximum(state["pause"] - 1, 0))
         return {"step": step + m + 1, "tokens": state["tokens"].at[:, at].set(block, mode="drop"),
                 "logprobs": state["logprobs"].at[:, at].set(block_logprobs, mode="drop"), "logits": logits,
-                "done": done, "seen": seen, "passes": state["passes"] + 1,
+                "done": out_of_time(done), "seen": seen, "passes": state["passes"] + 1,
                 "checked": state["checked"] + drafted, "misses": misses, "pause": pause}, cache
 
     return jax.lax.while_loop(cond, body_lookup if lookup else body, (state, cache))
 
 
-@partial(xla_cpu.jit, cpu_options=xla_cpu.DECODE, static_argnames=("config", "dtype", "new_bucket", "lookup"),
-         donate_argnames=("cache",))
+@partial(xla_cpu.jit, cpu_options=xla_cpu.DECODE,
+         static_argnames=("config", "dtype", "new_bucket", "lookup", "timed"), donate_argnames=("cache",))
 def decode_program(params, config: LlavaNextConfig, logits, cache, kv_valid, options: dict[str, jax.Array], dtype,
-                   new_bucket: int, lookup: int = 0):
+                   new_bucket: int, lookup: int = 0, timed: bool = False):
     """The compiled decode loop, one `lax.while_loop`; returns (state, cache): state["tokens"] the new
     tokens `[B, new_bucket]`, state["logprobs"] theirs (`select_tokens`; 0 after a row stopped).
 
@@ -585,11 +614,12 @@ def decode_program(params, config: LlavaNextConfig, logits, cache, kv_valid, opt
     processors' arrays (`options`, `process_scores`). Row r samples with `row_key(seeds[r],
     row_streams[r], samples[r])`, then the step.
     lookup: prompt-lookup drafts per pass (`decode_loop`; 0: none); state["passes"] counts the passes.
+    timed: the options' max_time deadline checked after each step (`decode_loop`).
     """
     state = start_state(logits, options, new_bucket)
     # returning the cache lets XLA reuse the donated buffers in place
     return decode_loop(params, config, state, cache, kv_valid, options, dtype, new_bucket, options["max_new_tokens"],
-                       lookup)
+                       lookup, timed)
 
 
 @partial(jax.jit, static_argnames=("new_bucket",))
@@ -601,36 +631,37 @@ def start_program(logits, options: dict[str, jax.Array], new_bucket: int):
     return start_state(logits, options, new_bucket), options
 
 
-@partial(xla_cpu.jit, cpu_options=xla_cpu.DECODE, static_argnames=("config", "dtype", "new_bucket", "lookup"),
-         donate_argnames=("state", "cache"))
+@partial(xla_cpu.jit, cpu_options=xla_cpu.DECODE,
+         static_argnames=("config", "dtype", "new_bucket", "lookup", "timed"), donate_argnames=("state", "cache"))
 def decode_chunk_program(params, config: LlavaNextConfig, state, cache, kv_valid, options: dict[str, jax.Array],
-                         dtype, new_bucket: int, stop_at, lookup: int = 0):
+                         dtype, new_bucket: int, stop_at, lookup: int = 0, timed: bool = False):
     """`decode_program` in pieces, for streaming: continues `state` (from `start_program` or the last
     call) up to step `stop_at` (traced: any value compiles nothing; with `lookup`, a pass may end up to
     `lookup` steps past it) and returns (state, cache). Calls that together reach max_new_tokens
     produce `decode_program`'s tokens."""
-    return decode_loop(params, config, state, cache, kv_valid, options, dtype, new_bucket, stop_at, lookup)
+    return decode_loop(params, config, state, cache, kv_valid, options, dtype, new_bucket, stop_at, lookup, timed)
 
 
 def generate_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask,
                     options: dict[str, jax.Array], dtype, new_bucket: int, lookup: int = 0,
-                    samples: int = 1) -> tuple[jax.Array, jax.Array]:
+                    samples: int = 1, timed: bool = False) -> tuple[jax.Array, jax.Array]:
     """Prefill then decode: (new tokens `[B * samples, new_bucket]`, pad after a row stops; their
     log-probabilities, 0 after a row stops). Two compiled programs. lookup: prompt-lookup drafts per
-    pass (`decode_loop`); samples: rows per prompt (`prefill_program`; options built for them)."""
+    pass (`decode_loop`); samples: rows per prompt (`prefill_program`; options built for them);
+    timed: max_time's deadline checked (`decode_loop`)."""
     logits, cache, kv_valid = prefill_program(params, config, input_ids, pixel_values, sources, attention_mask,
                                               dtype, input_ids.shape[1] + new_bucket + lookup, samples)
-    state, _ = decode_program(params, config, logits, cache, kv_valid, options, dtype, new_bucket, lookup)
+    state, _ = decode_program(params, config, logits, cache, kv_valid, options, dtype, new_bucket, lookup, timed)
     return state["tokens"], state["logprobs"]
 
 
 def stream_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask,
                   options: dict[str, jax.Array], dtype, new_bucket: int, chunk: int = 1, fetch=np.asarray,
-                  lookup: int = 0, samples: int = 1):
+                  lookup: int = 0, samples: int = 1, timed: bool = False):
     """`generate_tokens` as it goes: yields (new tokens `[B, n]`, their log-probabilities `[B, n]`) every
     `chunk` steps (n <= chunk, or chunk + lookup with prompt-lookup drafts; pad after a row's stop id;
-    `samples` rows per prompt)
-    until every row is done or max_new_tokens is reached. Concatenated, they are `generate_tokens`' up to that step. fetch: device array -> numpy
+    `samples` rows per prompt; `timed` as there) until every row is done or max_new_tokens is reached.
+    Concatenated, they are `generate_tokens`' up to that step. fetch: device array -> numpy
     (`distributed.fetch` on a multi-process mesh)."""
     if not is_positive_int(chunk):
         raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
@@ -641,7 +672,7 @@ def stream_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sour
     while yielded < end:
         stop_at = min(yielded + int(chunk), end)
         state, cache = decode_chunk_program(params, config, state, cache, kv_valid, options, dtype, new_bucket,
-                                            np.int32(stop_at), lookup)
+                                            np.int32(stop_at), lookup, timed)
         step = int(fetch(state["step"]))
         yield fetch(state["tokens"])[:, yielded:step], fetch(state["logprobs"])[:, yielded:step]
         if fetch(state["done"]).all():   # every row has stopped
@@ -802,7 +833,7 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int | None, do_sample: 
             forced_eos_token_id=None, exponential_decay_length_penalty=None,
             encoder_repetition_penalty: float | None = None, renormalize_logits: bool | None = None,
             encoder_no_repeat_ngram_size: int | None = None, forced_bos_token_id: int | None = None,
-            remove_invalid_values: bool | None = None,
+            remove_invalid_values: bool | None = None, max_time: float | None = None,
             stop_strings: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """The traced generation options, checked, as fixed-shape arrays.
 
@@ -829,7 +860,8 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int | None, do_sample: 
     (True or False) and renormalize_logits (a log-softmax after the processors; it changes beam
     search's scores alone: `beam`).
     stop_strings: `stop_strings.tables(tokenizer, strings, vocab_size)` (None: no stop string), which
-    end a row as a stop id does (`stop_string_hits`)."""
+    end a row as a stop id does (`stop_string_hits`). max_time: seconds from now (`deadline`; None:
+    none), checked by the programs compiled `timed`."""
     for name, value in (("max_new_tokens", max_new_tokens), ("top_k", top_k)):
         if not is_int(value):
             raise ValueError(f"{name} must be an int; got {value!r}")
@@ -958,7 +990,7 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int | None, do_sample: 
                 # begin_suppress_tokens moving to the step after it
                 forced_bos=_id_mask(bos if T == 1 else [], vocab_size),
                 begin_suppress_step=np.int32(bool(bos) and T == 1),
-                remove_invalid=np.bool_(bool(remove_invalid_values)),
+                remove_invalid=np.bool_(bool(remove_invalid_values)), deadline=deadline(max_time),
                 **(no_stop_strings(vocab_size) if stop_strings is None else _checked_tables(stop_strings, vocab_size)))
 
 

@@ -29,12 +29,13 @@ GENERATION_DEFAULTS: dict[str, Any] = dict(
     num_return_sequences=1, prompt_lookup_num_tokens=None, max_matching_ngram_size=2, suppress_tokens=None,
     begin_suppress_tokens=None, bad_words_ids=None, sequence_bias=None, forced_eos_token_id=None,
     exponential_decay_length_penalty=None, encoder_repetition_penalty=1.0, renormalize_logits=None,
-    encoder_no_repeat_ngram_size=0, forced_bos_token_id=None, remove_invalid_values=False, stop_strings=None)
+    encoder_no_repeat_ngram_size=0, forced_bos_token_id=None, remove_invalid_values=False, stop_strings=None,
+    max_time=None)
 # generation_config.json settings that HF's generate applies and ours does not, with the values that
 # change nothing (transformers' defaults before 5 wrote them): a checkpoint that sets one otherwise
 # loads with a warning naming it, since its output would differ from HF's.
 UNAPPLIED_GENERATION: dict[str, Any] = dict(
-    max_time=None, force_words_ids=None, constraints=None, guidance_scale=None, num_beam_groups=1,
+    force_words_ids=None, constraints=None, guidance_scale=None, num_beam_groups=1,
     diversity_penalty=0.0, penalty_alpha=None, dola_layers=None, watermarking_config=None, token_healing=False)
 # `generate`'s settings that are HF's logits processors beyond the sampling warpers and beam search's
 # (None: the checkpoint's, else off): passed through to `generate.options`.
@@ -225,7 +226,7 @@ class LlavaNext:
                  num_beams=None, length_penalty=None, early_stopping=None, num_return_sequences=None,
                  prompt_lookup_num_tokens=None, max_matching_ngram_size=None, return_logprobs=False, *,
                  min_p=None, typical_p=None, epsilon_cutoff=None, eta_cutoff=None, top_h=None,
-                 stop_strings=None, tokenizer=None,
+                 stop_strings=None, tokenizer=None, max_time=None,
                  max_length=None, min_length=None, suppress_tokens=None, begin_suppress_tokens=None,
                  bad_words_ids=None, sequence_bias=None, forced_eos_token_id=None,
                  exponential_decay_length_penalty=None, encoder_repetition_penalty=None, renormalize_logits=None,
@@ -266,6 +267,12 @@ class LlavaNext:
         (`stop_strings`: as UTF-8 bytes for byte-level and byte-fallback tokenizers); at most
         `stop_strings.MAX_STOP_STRINGS`, each at most `MAX_STOP_STRING_LENGTH` characters (bytes).
         Beam search ends a hypothesis there, as HF's. Runtime values: they compile nothing.
+        max_time: HF's (seconds from the call, the prefill's included; None: none): once past it, every
+        row stops after its current token (beam search: every hypothesis then ends). Checked after each
+        token as HF checks it, by a call from the compiled loop to the host's clock (~0.1 ms a step on
+        a CPU) in programs of their own, compiled where a call sets max_time (one per bucket, as
+        without); where it stops depends on the machine's speed, so the output may differ between runs.
+        Refused on a multi-process mesh (each host's clock could stop it at a different step).
 
         HF's other logits processors, in HF's order (`generate.process_scores`), before the sampling
         warpers and in beam search on the log-probabilities; each off where None and not in the
@@ -316,7 +323,8 @@ class LlavaNext:
         native few-row kernels.
 
         Compiled programs: a prefill and a decode loop per (batch size, prompt bucket, new-token
-        bucket, images or not, num_beams, sampled num_return_sequences, prompt_lookup_num_tokens);
+        bucket, images or not, num_beams, sampled num_return_sequences, prompt_lookup_num_tokens,
+        max_time set or not);
         prompt lengths round up to `generate.PROMPT_BUCKETS`,
         max_new_tokens to `NEW_TOKEN_BUCKETS`, tiles to the most the pinpoints allow, and the image
         count to a multiple of the batch size. Sampling and beam settings are runtime values: they
@@ -352,14 +360,14 @@ class LlavaNext:
                                       renormalize_logits=renormalize_logits,
                                       encoder_no_repeat_ngram_size=encoder_no_repeat_ngram_size,
                                       forced_bos_token_id=forced_bos_token_id,
-                                      remove_invalid_values=remove_invalid_values, **settings)
+                                      remove_invalid_values=remove_invalid_values, max_time=max_time, **settings)
         max_new_tokens = int(args["options"]["max_new_tokens"])
         if num_beams == 1:
             tokens, logprobs = (distributed.fetch(a)[:, :max_new_tokens]
                                 for a in generate.generate_tokens(self.params, self.config, **args))
             return (tokens, logprobs) if return_logprobs else tokens
         from .beam import beam_tokens
-        args.pop("lookup"), args.pop("samples")
+        args.pop("lookup"), args.pop("samples")   # beam search drafts nothing; its rows are its beams
         tokens, scores = (distributed.fetch(a) for a in beam_tokens(self.params, self.config, **args,
                                                                    num_beams=int(num_beams)))
         tokens = tokens[:, :num_return_sequences, :max_new_tokens].reshape(-1, max_new_tokens)
@@ -410,7 +418,7 @@ class LlavaNext:
                           repetition_penalty=None, no_repeat_ngram_size=None, length_penalty=None,
                           early_stopping=None, num_return_sequences=None, prompt_lookup_num_tokens=None,
                           max_matching_ngram_size=None, stop_strings=None, tokenizer=None, max_length=None,
-                          **processors) -> dict[str, Any]:
+                          max_time=None, **processors) -> dict[str, Any]:
         """The bucketed, padded arguments `generate.generate_tokens` takes (see `generate`; settings left
         out as there; num_return_sequences: rows per prompt, sampled, as `generate`'s with num_beams 1).
         processors: `PROCESSOR_SETTINGS`."""
@@ -424,10 +432,13 @@ class LlavaNext:
             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
             length_penalty=length_penalty, early_stopping=early_stopping, num_return_sequences=num_return_sequences,
             prompt_lookup_num_tokens=prompt_lookup_num_tokens, max_matching_ngram_size=max_matching_ngram_size,
-            stop_strings=stop_strings, **{k: processors.get(k) for k in PROCESSOR_SETTINGS})
+            stop_strings=stop_strings, max_time=max_time, **{k: processors.get(k) for k in PROCESSOR_SETTINGS})
         samples, prompt_lookup_num_tokens = s.pop("num_return_sequences"), s.pop("prompt_lookup_num_tokens")
         max_new_tokens, max_length = s.pop("max_new_tokens"), s.pop("max_length")
         stop_strings = s.pop("stop_strings")
+        if s["max_time"] is not None and jax.process_count() > 1:
+            raise ValueError(f"max_time={s['max_time']!r} on a multi-process mesh: each host's clock could stop the "
+                             f"decode loop at a different step; leave max_time None there")
         if stop_strings is not None and tokenizer is None:   # HF raises too
             raise ValueError(f"stop_strings={stop_strings!r} (the call's or the checkpoint's generation config's) "
                              f"need the model's tokenizer: pass tokenizer= (a LlavaNextProcessor, its .tokenizer, "
@@ -462,7 +473,7 @@ class LlavaNext:
         return dict(input_ids=ids, pixel_values=pixels, sources=None if pixels is None else sources,
                     attention_mask=mask, options=opts, dtype=self.dtype,
                     new_bucket=generate.bucket(max_new_tokens, generate.NEW_TOKEN_BUCKETS), lookup=int(lookup),
-                    samples=int(samples))
+                    samples=int(samples), timed=s["max_time"] is not None)
 
     def pad_id(self, eos_token_id=None, pad_token_id=None) -> int:
         """The id `generate` pads with after a row stops, given the call's eos_token_id and pad_token_id:

@@ -845,6 +845,36 @@ def test_forced_bos_equals_hf(family):
                                   tm.hf_generate(hf, batch, 6, **settings))
 
 
+@pytest.mark.parametrize("family", ["mistral"], indirect=True)
+def test_max_time_stops_as_hf(family):
+    """max_time: a deadline already past when the first token is out stops every row after it, as HF's
+    MaxTimeCriteria does (greedy, streamed, beam search: HF's hypotheses and scores); a distant one
+    changes nothing. A call with max_time compiles its own decode program once: another value compiles
+    nothing."""
+    hf, model = family
+    batch = tm.make_batch(hf.config, ROWS, seed=5)
+    plain = model.generate(**batch, max_new_tokens=8, eos_token_id=[])
+    first = model.generate(**batch, max_new_tokens=8, eos_token_id=[], max_time=0.0)
+    np.testing.assert_array_equal(first, tm.hf_generate(hf, batch, 8, eos_token_id=[], max_time=0.0))
+    assert (first[:, 0] == plain[:, 0]).all() and (first[:, 1:] == 0).all()
+    compiled = compiled_programs()
+    np.testing.assert_array_equal(model.generate(**batch, max_new_tokens=8, eos_token_id=[], max_time=600.0), plain)
+    assert compiled_programs() == compiled
+    streamed = list(model.generate_stream(**batch, max_new_tokens=8, eos_token_id=[], max_time=0.0, chunk=3))
+    assert len(streamed) == 1 and (streamed[0] == first[:, :1]).all()
+    beams = dict(max_new_tokens=8, eos_token_id=[], num_beams=2, num_return_sequences=2, pad_token_id=7)
+    with torch.no_grad():
+        out = hf.generate(**{k: torch.from_numpy(v) for k, v in batch.items()}, do_sample=False, max_time=0.0,
+                          output_scores=True, return_dict_in_generate=True, **beams)
+    T = batch["input_ids"].shape[1]
+    tokens, scores = model.generate(**batch, max_time=0.0, return_logprobs=True, **beams)
+    np.testing.assert_array_equal(tokens, np.pad(out.sequences[:, T:].numpy(), ((0, 0), (0, 7)), constant_values=7))
+    np.testing.assert_allclose(scores, out.sequences_scores.numpy(), rtol=1e-4, atol=1e-4)
+    for bad in (-1.0, "1", float("nan")):
+        with pytest.raises(ValueError, match=r"max_time must be None or a number of seconds >= 0; got"):
+            model.generate(**batch, max_new_tokens=8, max_time=bad)
+
+
 def test_remove_invalid_values_equals_hf_processor():
     """remove_invalid_values inside `process_scores` turns nan and infinities into what HF's
     InfNanRemoveLogitsProcessor does, before the length decay and after the bans, as HF orders them.
