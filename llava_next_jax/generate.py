@@ -273,7 +273,7 @@ def decode_step(params, config: LlavaNextConfig, tokens, positions, slot, kv_val
     return logits[:, 0], cache
 
 
-@partial(jax.jit, static_argnames=("config", "dtype", "cache_length", "samples"))
+@partial(xla_cpu.jit, static_argnames=("config", "dtype", "cache_length", "samples"))
 def prefill_program(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask, dtype,
                     cache_length: int, samples: int = 1):
     """The compiled prefill: a fresh cache of `cache_length` slots, filled with the prompt.
@@ -622,7 +622,7 @@ def decode_program(params, config: LlavaNextConfig, logits, cache, kv_valid, opt
                        lookup, timed)
 
 
-@partial(jax.jit, static_argnames=("new_bucket",))
+@partial(xla_cpu.jit, static_argnames=("new_bucket",))
 def start_program(logits, options: dict[str, jax.Array], new_bucket: int):
     """(`start_state`, options), compiled: both then sit where the logits do, on one device or a mesh,
     so the chunks that follow take the options from there instead of copying them from the host each

@@ -8,7 +8,9 @@ A `[in, r]` and B `[r, out]` give the effective weight
 A starts uniform in +-1/sqrt(in) and B at zero (so W' = W before training, as in PEFT's default).
 Training differentiates a tree `{"base": params, "lora": adapters}` and only the adapters move (see
 `train.trainable_mask`); `merge` folds them into plain params that `LlavaNext`, `save_params` and
-`convert.export_hf` take like any other. The adapters are float32 whatever the base dtype.
+`convert.export_hf` take like any other. The adapters are float32 whatever the base dtype; on a mesh
+they are laid out as their kernel: A's rows as W's, B's columns as W's (the layout a training step
+gives them, so the second step runs the first one's program).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+
+from .sharding import canonical
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -53,12 +58,17 @@ def init_adapters(params, config: LoraConfig, key: jax.Array):
     adapters: dict = {}
     targets = _targets(params, config)
     for (i, block, name), k in zip(targets, jax.random.split(key, len(targets))):
-        d_in, d_out = params["language_model"]["layers"][i][block][name]["kernel"].shape
+        kernel = params["language_model"]["layers"][i][block][name]["kernel"]
+        d_in, d_out = kernel.shape
         bound = d_in ** -0.5
-        adapters.setdefault(i, {}).setdefault(block, {})[name] = {
-            "a": jax.random.uniform(k, (d_in, config.rank), jnp.float32, -bound, bound),
-            "b": jnp.zeros((config.rank, d_out), jnp.float32),
-        }
+        ab = {"a": jax.random.uniform(k, (d_in, config.rank), jnp.float32, -bound, bound),
+              "b": jnp.zeros((config.rank, d_out), jnp.float32)}
+        laid_out = getattr(kernel, "sharding", None)
+        if isinstance(laid_out, NamedSharding):
+            rows, columns = (tuple(laid_out.spec) + (None, None))[:2]
+            ab = {"a": jax.device_put(ab["a"], NamedSharding(laid_out.mesh, canonical(rows))),
+                  "b": jax.device_put(ab["b"], NamedSharding(laid_out.mesh, canonical(None, columns)))}
+        adapters.setdefault(i, {}).setdefault(block, {})[name] = ab
     return {"language_model": {"layers": adapters}}
 
 

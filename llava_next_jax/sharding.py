@@ -90,9 +90,20 @@ def axis_sizes(mesh: Mesh | Mapping[str, int]) -> dict[str, int]:
     return sizes
 
 
+def canonical(*axes) -> P:
+    """P(*axes) without trailing Nones: the spec a compiled program's outputs carry. jax.jit caches
+    inputs laid out by P("model", None) apart from the same layout as P("model"), so params placed
+    with the first compiled a second training step for the second, its first step's output."""
+    axes = list(axes)
+    while axes and axes[-1] is None:
+        axes.pop()
+    return P(*axes)
+
+
 def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh | Mapping[str, int], fsdp: bool = False) -> P:
-    """The partition spec of one parameter; axes that do not divide evenly are left whole. fsdp: also
-    split the largest whole axis that divides by the "data" size over "data" (module docstring)."""
+    """The partition spec of one parameter (`canonical`); axes that do not divide evenly are left
+    whole. fsdp: also split the largest whole axis that divides by the "data" size over "data"
+    (module docstring)."""
     for pattern, spec in RULES:
         if pattern.fullmatch(path):
             break
@@ -103,7 +114,7 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh | Mapping[str, int], 
         free = [i for i, name in enumerate(axes) if name is None and shape[i] % sizes["data"] == 0]
         if free:
             axes[max(free, key=lambda i: shape[i])] = "data"
-    return P(*axes)
+    return canonical(*axes)
 
 
 def param_shardings(shapes: Any, mesh: Mesh, fsdp: bool = False) -> Any:
@@ -117,7 +128,7 @@ def param_shardings(shapes: Any, mesh: Mesh, fsdp: bool = False) -> Any:
 def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
     """Leading (batch) axis over "data" when it divides evenly, else replicated."""
     lead = "data" if shape and shape[0] % mesh.shape["data"] == 0 else None
-    return NamedSharding(mesh, P(lead, *([None] * (len(shape) - 1))))
+    return NamedSharding(mesh, canonical(lead))
 
 
 # --- memory per device -----------------------------------------------------------------------------
@@ -143,8 +154,8 @@ def cache_spec(config, mesh: Mesh | Mapping[str, int], batch: int) -> P:
     K, H = config.num_key_value_heads, config.head_dim
     over_data = sizes["data"] > 1 and batch % sizes["data"] == 0
     kv_proj = spec_for("language_model/layers/0/self_attn/k_proj/kernel", (config.hidden_size, K * H), sizes)
-    over_model = sizes["model"] > 1 and kv_proj[1] == "model" and K % sizes["model"] == 0
-    return P("data" if over_data else None, "model" if over_model else None, None, None)
+    over_model = sizes["model"] > 1 and tuple(kv_proj)[1:2] == ("model",) and K % sizes["model"] == 0
+    return canonical("data" if over_data else None, "model" if over_model else None)
 
 
 @functools.lru_cache(maxsize=16)

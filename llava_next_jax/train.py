@@ -15,8 +15,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
-from . import lora as lora_lib
+from . import lora as lora_lib, xla_cpu
 from .config import LlavaNextConfig
 from .modeling import llava_next
 
@@ -49,10 +50,10 @@ def _loss(params, config: LlavaNextConfig, input_ids, pixel_values, sources, att
     return total / jnp.maximum(count, 1)
 
 
-loss_fn = jax.jit(_loss, static_argnames=STATIC)
+loss_fn = xla_cpu.jit(_loss, static_argnames=STATIC)
 """The jitted loss: `loss_fn(params, config, input_ids, pixel_values, sources, attention_mask, labels,
 dtype=float32, remat=False, lora=None)` (see `_loss`)."""
-loss_and_grad = jax.jit(jax.value_and_grad(_loss), static_argnames=STATIC)
+loss_and_grad = xla_cpu.jit(jax.value_and_grad(_loss), static_argnames=STATIC)
 """(loss, gradient pytree shaped like params) of `loss_fn`."""
 
 
@@ -130,8 +131,7 @@ def make_optimizer(params, learning_rate: float = 1e-4, warmup_steps: int = 0, t
     return Optimizer(settings, optimizer)
 
 
-@partial(jax.jit, static_argnames=("config", "optimizer") + STATIC[1:],
-         donate_argnames=("state",))
+@partial(xla_cpu.jit, static_argnames=("config", "optimizer") + STATIC[1:], donate_argnames=("state",))
 def train_step(state: dict, batch: dict, config: LlavaNextConfig, optimizer, dtype=jnp.float32,
                remat: bool = False, lora: lora_lib.LoraConfig | None = None):
     """One optimiser step: state {"params", "opt_state", "step", "rng"} -> (new state, {"loss"}).
@@ -154,6 +154,16 @@ def train_step(state: dict, batch: dict, config: LlavaNextConfig, optimizer, dty
 
 def init_state(params, optimizer, seed: int = 0) -> dict:
     """The train state. `train_step` donates it, so the params given here are consumed by the first
-    step: keep using `state["params"]` (e.g. `LlavaNext(config, state["params"])`), not the originals."""
-    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0),
-            "rng": jax.random.key_data(jax.random.key(seed))}
+    step: keep using `state["params"]` (e.g. `LlavaNext(config, state["params"])`), not the originals.
+
+    Every leaf is committed where the params are: the counters, the key and what else was made on the
+    default device (LoRA's adapters) replicated over the params' mesh, or put on their device. A
+    step's outputs are committed, and jax.jit caches committed inputs apart from uncommitted ones, so
+    the second step compiled `train_step` again (on a mesh, or on a host with several devices)."""
+    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0),
+             "rng": jax.random.key_data(jax.random.key(seed))}
+    placed = [leaf.sharding for leaf in jax.tree.leaves(params) if getattr(leaf, "committed", False)]
+    mesh = next((s.mesh for s in placed if isinstance(s, NamedSharding)), None)
+    home = (NamedSharding(mesh, PartitionSpec()) if mesh is not None else placed[0] if placed
+            else jax.sharding.SingleDeviceSharding(jax.tree.leaves(params)[0].devices().pop()))
+    return jax.tree.map(lambda leaf: leaf if getattr(leaf, "committed", True) else jax.device_put(leaf, home), state)

@@ -1,4 +1,5 @@
-"""`jax.jit` with XLA:CPU compiler options that our programs measured faster with.
+"""`jax.jit` with XLA:CPU compiler options that our programs measured faster with, and calls bound to
+the function's signature.
 
     DECODE:   region analysis in copy insertion. Without it XLA copied every KV-cache array on every
               decode step (read by attention, then updated in place); with it the cache is updated
@@ -7,6 +8,11 @@
               slots-last key layout, docs/benchmarks.md).
 
 Other programs (prefill, training) keep XLA's defaults, YNNPACK included.
+
+`jax.jit` caches a call that leaves a static argument at its default apart from one that passes the
+same value, and compiles the program again for it (a greedy `generate`, which passes the prefill's
+`samples`, and a beam search, which did not, compiled the same prefill twice); `jit` binds each
+call's arguments to the signature, defaults filled in, so both are one program.
 
 `matvec_blocks` says how to split a one-row product with a small float32 kernel: XLA:CPU streams
 such a kernel up to 1.4x faster as a batch of products over row blocks of it (batch-1 decode).
@@ -21,17 +27,20 @@ multi-host run).
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 
 DECODE = {"xla_cpu_copy_insertion_use_region_analysis": True, "xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-def jit(fn, cpu_options: dict, **jit_kwargs):
-    """`jax.jit(fn, **jit_kwargs)`, compiled with `cpu_options` when the default backend is CPU.
+def jit(fn, cpu_options: dict | None = None, **jit_kwargs):
+    """`jax.jit(fn, **jit_kwargs)`, compiled with `cpu_options` when the default backend is CPU, each
+    call's arguments bound to `fn`'s signature with its defaults (module docstring).
 
     The result is called like the jitted function and has its `lower` and `_cache_size`."""
     jitted = {}
+    signature = inspect.signature(fn)
 
     def get():
         if not jitted:
@@ -39,10 +48,20 @@ def jit(fn, cpu_options: dict, **jit_kwargs):
             jitted["fn"] = jax.jit(fn, compiler_options=options, **jit_kwargs)
         return jitted["fn"]
 
+    def bound(args, kwargs):
+        arguments = signature.bind(*args, **kwargs)
+        arguments.apply_defaults()
+        return arguments.args, arguments.kwargs
+
     @functools.wraps(fn)
     def call(*args, **kwargs):
+        args, kwargs = bound(args, kwargs)
         return get()(*args, **kwargs)
-    call.lower = lambda *args, **kwargs: get().lower(*args, **kwargs)
+
+    def lower(*args, **kwargs):
+        args, kwargs = bound(args, kwargs)
+        return get().lower(*args, **kwargs)
+    call.lower = lower
     call._cache_size = lambda: get()._cache_size()
     return call
 

@@ -21,6 +21,10 @@ SCRIPT = textwrap.dedent("""
     from llava_next_jax import LlavaNext, generate, sharding
     from llava_next_jax.convert_cli import convert_checkpoint
     assert len(jax.devices()) == 8, jax.devices()
+    compiles = []   # one entry per program XLA compiles
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, seconds, **_: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration"
+        else None)
 
     def bytes_per_device(arrays):  # what the most loaded device holds of these arrays
         held = collections.Counter()
@@ -87,7 +91,9 @@ SCRIPT = textwrap.dedent("""
             # prompt lookup: drafts checked in passes of 3 tokens, kept as far as every row agrees
             assert (model.generate(**batch, max_new_tokens=12, eos_token_id=[], prompt_lookup_num_tokens=2)
                     == ref_tokens).all()
-        assert (check_memory(model, mesh, batch) == ref_tokens).all()  # the same compiled programs
+        compiled = len(compiles)
+        assert (check_memory(model, mesh, batch) == ref_tokens).all()
+        assert len(compiles) == compiled   # generate's programs, called without their defaults
         assert abs(model.loss(**batch) - ref_loss) <= 1e-5 * abs(ref_loss)
         print(f"mesh {data}x{model_axis}: max |delta logits| {diff:.2e}, tokens equal")
 
@@ -118,9 +124,12 @@ SCRIPT = textwrap.dedent("""
         inputs = model.train_batch(**batch)
         optimizer = train.make_optimizer(model.params, learning_rate=1e-4, total_steps=10)
         state, losses = train.init_state(model.params, optimizer), []
-        for _ in range(2):
+        for step in range(2):
+            if step == 1:
+                compiled = len(compiles)
             state, out = train.train_step(state, inputs, model.config, optimizer)
             losses.append(float(out["loss"]))
+        assert len(compiles) == compiled   # the second step runs the first's program (`train.init_state`)
         return state, losses
     ref_state, ref_losses = train_two_steps(LlavaNext.from_pretrained(work + "/out"))
 
@@ -177,9 +186,12 @@ SCRIPT = textwrap.dedent("""
         params = lora.attach(model.params, adapters, jax.random.key(0))
         optimizer = train.make_optimizer(params, learning_rate=1e-3, total_steps=10, trainable="lora+projector")
         state, losses = train.init_state(params, optimizer), []
-        for _ in range(3):
+        for step in range(3):
+            if step == 1:
+                compiled = len(compiles)
             state, out = train.train_step(state, inputs, model.config, optimizer, lora=adapters)
             losses.append(float(out["loss"]))
+        assert len(compiles) == compiled   # after the first step none: the adapters laid out as a step lays them out
         return state, losses
     ref_lora, ref_lora_losses = lora_steps(LlavaNext.from_pretrained(work + "/out"))
     mesh = sharding.make_mesh(data=2, model=4)

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from .. import xla_cpu
 from ..config import LlavaNextConfig
 from . import decoder, vision
 from .projector import Projector
@@ -86,7 +87,7 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("config", "dtype", "remat"))
+@partial(xla_cpu.jit, static_argnames=("config", "dtype", "remat"))
 @decoder.full_float32
 def forward(params: Params, config: LlavaNextConfig, input_ids: jax.Array, pixel_values: jax.Array | None,
             sources: jax.Array | None, attention_mask: jax.Array, dtype=jnp.float32, remat: bool = False) -> jax.Array:
