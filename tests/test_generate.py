@@ -713,6 +713,11 @@ def test_compile_count_bounded_by_buckets(tmp_path):
     assert generate.bucket(100, generate.PROMPT_BUCKETS) == 128
     run([(3, [(480, 640)], 4), (5, [(88, 55)], 200)])  # next prompt bucket: one more prefill and decode
     assert compiled_programs() == compiled + 2
+    # beam search calls generate's prefill program without its `samples`: the same program, and only
+    # the beam loop is new
+    model.generate(**tm.make_batch(hf.config, [(3, [(480, 640)], 4), (5, [(88, 55)], 2)], seed=2),
+                   max_new_tokens=10, num_beams=2)
+    assert compiled_programs() == compiled + 3
 
 
 # --- HF's other logits processors (`generate.process_scores`) ---------------------------------------
