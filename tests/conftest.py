@@ -1,5 +1,7 @@
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -11,6 +13,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 # order, so that under `make test`'s workers (pytest-xdist) one worker starts with them while the
 # others take the rest, instead of one of them starting last and running alone.
 SLOW_FIRST = ("test_meshes_equal_single_device", "test_two_processes_equal_one")
+
+
+def pytest_configure(config):
+    """One XLA compilation cache for the run's processes: the workers (pytest-xdist starts them after
+    this, in the environment set here) and the subprocesses tests start, so that the tiny models'
+    programs compile once rather than once a process. Tests that look at a cache of their own set
+    JAX_COMPILATION_CACHE_DIR themselves."""
+    if hasattr(config, "workerinput") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    config.xla_cache = tempfile.mkdtemp(prefix="llava-next-jax-tests-xla-")
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=config.xla_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "xla_cache", None):
+        shutil.rmtree(config.xla_cache, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,6 +1,7 @@
 """Generation against HF's `generate`, batch invariance, sampling and the compile count."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -878,6 +879,19 @@ def test_max_time_stops_as_hf(family):
     for bad in (-1.0, "1", float("nan")):
         with pytest.raises(ValueError, match=r"max_time must be None or a number of seconds >= 0; got"):
             model.generate(**batch, max_new_tokens=8, max_time=bad)
+    # a deadline half as far as the fastest whole run: the loop checks the clock as it goes (a check
+    # hoisted out of the loop would stop it after the first token, or never)
+    long = dict(**tm.make_batch(hf.config, ROWS[1:2], seed=5), max_new_tokens=200, eos_token_id=[],
+                return_logprobs=True)
+    runs = []
+    for _ in range(2):
+        start = time.perf_counter()
+        whole = model.generate(**long, max_time=600.0)
+        runs.append(time.perf_counter() - start)
+    cut = model.generate(**long, max_time=min(runs) / 2)
+    made = int((cut[1] != 0).sum())
+    assert 1 < made < 200, (made, runs)
+    np.testing.assert_array_equal(cut[0][:, :made], whole[0][:, :made])
 
 
 def test_remove_invalid_values_equals_hf_processor():
