@@ -1,11 +1,11 @@
 """What each call of a session compiles: the XLA compiles (count and seconds) of a sequence of calls.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 .venv/bin/python benchmarks/compile_counts.py \
-        [--shape mid|7b] [--mesh DATA,MODEL] [--batch 2] [--steps 3]
+        [--shape mid|7b] [--mesh DATA,MODEL] [--batch 1] [--steps 2]
 
 The generation benchmark's config (`generate_vs_hf.SHAPES`, random params from `init_params`),
-one 480x640 image a row. The calls: greedy `generate`; `generate` again with other image sizes and
-max_new_tokens in the same buckets (nothing new to compile); beam search (its own loop, generate's
+one 480x640 image a row. The calls: greedy `generate`; `generate` again with a 640x480 image (another
+tile grid, the same prompt bucket) and max_new_tokens in the same bucket (nothing new to compile); beam search (its own loop, generate's
 prefill); `generate_stream`; then `--steps` AdamW steps of `train.train_step` from
 `train.init_state`. Each line: the call, the XLA compiles it made, their seconds. A call's first
 use compiles its programs; a repeat of a kind (a second training step) should compile nothing.
@@ -30,8 +30,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=["mid", "7b"], default="mid")
     parser.add_argument("--mesh", default=None, metavar="DATA,MODEL")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args()
 
     import jax
@@ -54,7 +54,7 @@ def main():
         params = jax.device_put(params, sharding.param_shardings(params, mesh))
     model = LlavaNext(config, params, mesh=mesh)
     inputs = make_inputs(config, args.batch, (480, 640))
-    other = make_inputs(config, args.batch, (600, 500), seed=1)
+    other = make_inputs(config, args.batch, (640, 480), seed=1)   # another grid, the same prompt bucket
     print(f"# {args.shape}, {len(jax.devices())} devices ({jax.devices()[0].device_kind}), "
           f"mesh {args.mesh or 'none'}, batch {args.batch}")
     print("| call | XLA compiles | compile s | call s |")
@@ -67,7 +67,7 @@ def main():
         print(f"| {name} | {len(made)} | {sum(made):.1f} | {time.perf_counter() - start:.1f} |", flush=True)
 
     call("generate, greedy, 16 new tokens", lambda: model.generate(**inputs, max_new_tokens=16, eos_token_id=[]))
-    call("generate, other image sizes, 12 new tokens",
+    call("generate, a 640x480 image, 12 new tokens",
          lambda: model.generate(**other, max_new_tokens=12, eos_token_id=[]))
     call("generate, beam search (num_beams 2)",
          lambda: model.generate(**inputs, max_new_tokens=16, eos_token_id=[], num_beams=2))

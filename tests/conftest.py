@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                  
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # llava_next_jax from the checkout
 
 
-# Tests that run subprocesses for minutes (test_sharding's 4-6, test_multihost's ~1.5): first in the
+# Tests that run subprocesses for minutes (test_sharding's 4-5, test_multihost's ~2): first in the
 # order, so that under `make test`'s workers (pytest-xdist) one worker starts with them while the
 # others take the rest, instead of one of them starting last and running alone.
 SLOW_FIRST = ("test_meshes_equal_single_device", "test_two_processes_equal_one")

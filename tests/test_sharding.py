@@ -1,8 +1,10 @@
 """Sharded runs on 8 forced CPU devices equal the single-device run (forward, generate, loss and
 training steps, with and without FSDP, and the fine-tuning job; a "model" size that divides no head or
 vocabulary axis too), and hold on each device the bytes
-`sharding.memory_per_device` says (in a subprocess: the device count must be set before jax starts).
-The subprocess takes 4-6 minutes, most of it XLA compiling on one core: conftest.py runs it first."""
+`sharding.memory_per_device` says (in a subprocess: the device count must be set before jax starts);
+the steps after a first compile nothing, as a call of generate's programs without their defaults.
+The subprocess takes ~2.5 minutes alone, 4-5 in the suite, most of it XLA compiling on one core:
+conftest.py runs it first."""
 
 import os
 import subprocess
