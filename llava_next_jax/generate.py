@@ -473,7 +473,8 @@ def _past(deadline: np.ndarray) -> np.ndarray:
 
 def past_deadline(options: dict[str, jax.Array]) -> jax.Array:
     """Whether the options' max_time `deadline` has passed: a scalar bool read from the host's clock
-    (a call back to Python, ~0.1 ms on a CPU: only the programs compiled with `timed` make it)."""
+    (a call back to Python: 0.3 ms alone on this project's 2-core CPU, 1-2 ms a mid-size decode step
+    in all, docs/benchmarks.md; only the programs compiled with `timed` make it)."""
     return io_callback(_past, jax.ShapeDtypeStruct((), jnp.bool_), options["deadline"])
 
 

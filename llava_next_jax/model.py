@@ -269,9 +269,10 @@ class LlavaNext:
         Beam search ends a hypothesis there, as HF's. Runtime values: they compile nothing.
         max_time: HF's (seconds from the call, the prefill's included; None: none): once past it, every
         row stops after its current token (beam search: every hypothesis then ends). Checked after each
-        token as HF checks it, by a call from the compiled loop to the host's clock (~0.1 ms a step on
-        a CPU) in programs of their own, compiled where a call sets max_time (one per bucket, as
-        without); where it stops depends on the machine's speed, so the output may differ between runs.
+        token as HF checks it, by a call from the compiled loop to the host's clock (it slows a
+        mid-size batch-1 decode on this project's CPU by ~6%, docs/benchmarks.md) in programs of
+        their own, compiled where a call sets max_time (one per bucket, as without); where it stops
+        depends on the machine's speed, so the output may differ between runs.
         Refused on a multi-process mesh (each host's clock could stop it at a different step).
 
         HF's other logits processors, in HF's order (`generate.process_scores`), before the sampling
