@@ -670,10 +670,15 @@ def stream_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sour
                                               dtype, input_ids.shape[1] + new_bucket + lookup, samples)
     end, yielded = int(options["max_new_tokens"]), 0
     state, options = start_program(logits, options, new_bucket)
+    # On a mesh a chunk returns the state split (tokens over "data", ...) where start_program returned
+    # it whole, and jax.jit would compile the chunk again for the second chunk's inputs: each chunk
+    # gets the state laid out as the first did (on one device this moves nothing).
+    layout = jax.tree.map(lambda a: a.sharding, state)
     while yielded < end:
         stop_at = min(yielded + int(chunk), end)
         state, cache = decode_chunk_program(params, config, state, cache, kv_valid, options, dtype, new_bucket,
                                             np.int32(stop_at), lookup, timed)
+        state = jax.device_put(state, layout)
         step = int(fetch(state["step"]))
         yield fetch(state["tokens"])[:, yielded:step], fetch(state["logprobs"])[:, yielded:step]
         if fetch(state["done"]).all():   # every row has stopped

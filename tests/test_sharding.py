@@ -93,6 +93,13 @@ SCRIPT = textwrap.dedent("""
             # prompt lookup: drafts checked in passes of 3 tokens, kept as far as every row agrees
             assert (model.generate(**batch, max_new_tokens=12, eos_token_id=[], prompt_lookup_num_tokens=2)
                     == ref_tokens).all()
+            # streaming: the chunks after the first run its program (the state laid out as it was)
+            parts = model.generate_stream(**batch, max_new_tokens=12, eos_token_id=[], chunk=4)
+            streamed = [next(parts)]
+            compiled = len(compiles)
+            streamed += list(parts)
+            assert len(compiles) == compiled and len(streamed) == 3
+            assert (np.concatenate(streamed, axis=1) == ref_tokens).all()
         compiled = len(compiles)
         assert (check_memory(model, mesh, batch) == ref_tokens).all()
         assert len(compiles) == compiled   # generate's programs, called without their defaults
