@@ -320,18 +320,13 @@ class Run:
         """Sets self.state: fresh, or the checkpoint of micro-step `step`; returns its micro-step (0 when fresh)."""
         import jax
         import orbax.checkpoint as ocp
-        from jax.sharding import NamedSharding, PartitionSpec
         from . import train
         fresh = lambda params: train.init_state(self._attach(params), self.optimizer, self.args.seed)  # noqa: E731
         if step is None:
             self.state = fresh(self.model.params)
             return 0
-        mesh = self.model.mesh
-        def target(leaf):   # the layout a fresh run has; on a mesh, leaves made on one device (counters) replicated
-            if mesh is None or isinstance(leaf.sharding, NamedSharding):
-                return ocp.utils.to_shape_dtype_struct(leaf)
-            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
-        abstract = jax.tree.map(target, fresh(self.model.params))   # (jax.eval_shape drops the shardings)
+        # the layout a fresh run has (`train.init_state` places every leaf; jax.eval_shape drops the shardings)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, fresh(self.model.params))
         self.model.params = None   # the checkpoint holds the params (LoRA's base too): keep one copy, the restored
         self.state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
         self.log(f"resumed from {self.dir}/checkpoints/{step} (update {step // self.args.accumulate} of "
