@@ -670,15 +670,19 @@ def stream_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sour
                                               dtype, input_ids.shape[1] + new_bucket + lookup, samples)
     end, yielded = int(options["max_new_tokens"]), 0
     state, options = start_program(logits, options, new_bucket)
-    # On a mesh a chunk returns the state split (tokens over "data", ...) where start_program returned
-    # it whole, and jax.jit would compile the chunk again for the second chunk's inputs: each chunk
-    # gets the state laid out as the first did (on one device this moves nothing).
-    layout = jax.tree.map(lambda a: a.sharding, state)
+    # jax.jit caches a call apart from one whose inputs differ in layout or in being committed to their
+    # devices. A chunk's outputs are committed once any input is (on one device too), and on a mesh
+    # laid out as the chunk lays them out (the state split over "data" where start_program returned
+    # it whole): each of the first chunks compiled the program again (three times streaming a model
+    # whose params were never committed). Every chunk gets its inputs committed, laid out as the
+    # first chunk's were (nothing moves).
+    layout = jax.tree.map(lambda a: a.sharding, (state, cache, kv_valid, options))
+    state, cache, kv_valid, options = jax.device_put((state, cache, kv_valid, options), layout)
     while yielded < end:
         stop_at = min(yielded + int(chunk), end)
         state, cache = decode_chunk_program(params, config, state, cache, kv_valid, options, dtype, new_bucket,
                                             np.int32(stop_at), lookup, timed)
-        state = jax.device_put(state, layout)
+        state, cache = jax.device_put((state, cache), layout[:2])
         step = int(fetch(state["step"]))
         yield fetch(state["tokens"])[:, yielded:step], fetch(state["logprobs"])[:, yielded:step]
         if fetch(state["done"]).all():   # every row has stopped

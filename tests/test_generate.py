@@ -323,8 +323,11 @@ def test_beam_sampling_draws_without_replacement_from_warped(family):
 
 def test_stream_equals_hf_and_generate(family):
     """Streamed chunks, joined, are HF's greedy tokens (stopping rows included) and generate's sampled
-    ones; the stream ends when every row has stopped; another chunk size compiles nothing."""
+    ones; the stream ends when every row has stopped; the chunks run one program (the model's params,
+    read from HF's files, are not committed to a device: the first three chunks compiled it three
+    times), and another chunk size compiles nothing."""
     hf, model = family
+    chunk_programs = generate.decode_chunk_program._cache_size()
     batch = tm.make_batch(hf.config, ROWS, seed=5)
     ref = hf_generate(hf, batch, eos_token_id=[])
     stops = [int(ref[0, 4]), int(ref[1, 7]), int(ref[2, 2])]
@@ -345,6 +348,7 @@ def test_stream_equals_hf_and_generate(family):
     streamed = model.generate_stream(**batch, max_new_tokens=NEW, eos_token_id=[], do_sample=True, temperature=1.5,
                                      seed=3, chunk=6)
     np.testing.assert_array_equal(np.concatenate(list(streamed), axis=1), sampled)
+    assert generate.decode_chunk_program._cache_size() <= chunk_programs + 1
 
 
 def _decode_state(model, batch, **generation):
