@@ -293,9 +293,8 @@ def test_bfloat16_decode_step_close_to_hf_bfloat16(tmp_path):
     ids, pixels, sources, mask = model._inputs(batch["input_ids"], batch["pixel_values"], batch["image_sizes"],
                                                batch["attention_mask"])
     (B, T), bf16 = ids.shape, jnp.bfloat16
-    cache = decoder.init_cache(model.config.text, B, T + 1, bf16)
-    _, cache, valid = generate.prefill(model.params, model.config, ids, jnp.asarray(pixels, bf16), sources, mask,
-                                       cache, bf16)
+    _, cache, valid = generate.prefill_program(model.params, model.config, ids, jnp.asarray(pixels, bf16), sources,
+                                               mask, bf16, T + 1)
     tokens = np.random.default_rng(0).integers(10, hf.config.text_config.vocab_size, B).astype(np.int32)
     step = jax.jit(lambda p, c, v, t, pos: generate.decode_step(p, model.config, t, pos, T, v, c, bf16))
     args = (model.params, cache, valid, tokens, mask.sum(1).astype(np.int32))

@@ -152,6 +152,7 @@ def test_banned_ngrams_equal_hf_processor():
     assert checked > 100   # most cases ban something
 
 
+@pytest.mark.parametrize("family", ["mistral", "qwen2"], indirect=True)   # two: the search is no family's own code
 def test_beam_search_equals_hf(family):
     """num_beams > 1: HF's hypotheses (returned best first, pads after a stop id) and sequences_scores,
     over early_stopping, length penalties, stop ids taken from the search's own output, min_new_tokens
@@ -199,7 +200,7 @@ def test_beam_search_equals_hf(family):
         model.generate(**batch, prompt_lookup_num_tokens=33)
 
 
-@pytest.mark.parametrize("family", ["mistral"], indirect=True)   # the families: the greedy beam tests
+@pytest.mark.parametrize("family", ["mistral"], indirect=True)   # no family's own code (greedy beams: two families)
 def test_beam_sampling_top_k_1_equals_hf(family):
     """num_beams > 1 with do_sample and top_k=1: each beam keeps its min_tokens_to_keep (stop ids + 1)
     best tokens, so the draw of (stop ids + 1) * num_beams continuations takes them all, as HF's
@@ -321,6 +322,7 @@ def test_beam_sampling_draws_without_replacement_from_warped(family):
         model.generate(**batch, prompt_lookup_num_tokens=3, max_matching_ngram_size=0)
 
 
+@pytest.mark.parametrize("family", ["vicuna", "qwen2"], indirect=True)   # two: no family's own code
 def test_stream_equals_hf_and_generate(family):
     """Streamed chunks, joined, are HF's greedy tokens (stopping rows included) and generate's sampled
     ones; the stream ends when every row has stopped; the chunks run one program (the model's params,
@@ -364,6 +366,7 @@ def _decode_state(model, batch, **generation):
     return {k: np.asarray(state[k]) for k in ("tokens", "step", "passes", "checked")}
 
 
+@pytest.mark.parametrize("family", ["mistral", "llama3"], indirect=True)   # sliding windows; llama3's rope
 def test_prompt_lookup_equals_hf(family):
     """Prompt lookup decoding: a mixed batch keeps HF's greedy tokens (stop ids, min_new_tokens, the
     repetition penalty and the n-gram ban in play); a row alone equals HF's own prompt lookup decoding
@@ -484,6 +487,7 @@ def test_lookup_drafts_equal_hf_candidates():
     assert 10 < found < 60, found
 
 
+@pytest.mark.parametrize("family", ["mistral", "llama3"], indirect=True)   # two (sliding windows in one)
 def test_row_alone_equals_row_in_mixed_batch(family):
     hf, model = family
     batch = tm.make_batch(hf.config, ROWS, seed=6)
@@ -513,6 +517,7 @@ def test_right_padded_rows_generate_as_left_padded(family):
         np.testing.assert_array_equal(given[key], aligned[key], err_msg=key)
 
 
+@pytest.mark.parametrize("family", ["vicuna", "qwen2"], indirect=True)   # two: no family's own code
 def test_text_only_row_beside_an_image_row_equals_hf(family):
     """Two rows, one image: the image count is padded to the batch size for a fixed shape, and the
     newline feature must still come from after every (padded) image slot."""
