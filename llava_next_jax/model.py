@@ -106,8 +106,9 @@ class LlavaNext:
             params = checkpoint.load_params(path, dtype, shardings)
         else:
             tensors = convert.iter_tensors(path, config, None if dtype is None else dtype.name)
-            if mesh is None:
-                params = checkpoint.nest({p: jnp.asarray(a) for p, a in tensors})
+            if mesh is None:   # committed to the device, as a converted checkpoint's are restored
+                device = jax.local_devices()[0]
+                params = checkpoint.nest({p: jax.device_put(a, device) for p, a in tensors})
             else:  # one tensor at a time, straight into its sharding (each process keeps its devices' part)
                 params = checkpoint.nest({p: distributed.put(a, NamedSharding(mesh, sharding.spec_for(
                     "/".join(p), a.shape, mesh, fsdp))) for p, a in tensors})

@@ -325,10 +325,16 @@ def test_beam_sampling_draws_without_replacement_from_warped(family):
 @pytest.mark.parametrize("family", ["vicuna", "qwen2"], indirect=True)   # two: no family's own code
 def test_stream_equals_hf_and_generate(family):
     """Streamed chunks, joined, are HF's greedy tokens (stopping rows included) and generate's sampled
-    ones; the stream ends when every row has stopped; the chunks run one program (the model's params,
-    read from HF's files, are not committed to a device: the first three chunks compiled it three
-    times), and another chunk size compiles nothing."""
+    ones; the stream ends when every row has stopped; the chunks run one program, and another chunk
+    size compiles nothing. The params here are not committed to a device, as a program that makes
+    them hands them over (`from_pretrained` commits its own): the first three chunks compiled the
+    chunk program three times."""
+    import copy
+    import jax
     hf, model = family
+    model = copy.copy(model)
+    model.params = jax.tree.map(lambda a: jax.numpy.array(np.asarray(a)), model.params)
+    assert not any(a.committed for a in jax.tree.leaves(model.params))
     chunk_programs = generate.decode_chunk_program._cache_size()
     batch = tm.make_batch(hf.config, ROWS, seed=5)
     ref = hf_generate(hf, batch, eos_token_id=[])
