@@ -879,16 +879,9 @@ def _load(model_dir: str | None, dtype: str | None, log):
     except Exception as e:  # noqa: BLE001 -- a damaged checkpoint fails in many ways (Orbax: bare Exceptions)
         if not isinstance(e, (ValueError, OSError, KeyError)) and type(e) is not Exception:
             raise   # not the files: e.g. the device out of memory
-        raise UsageError(f"--model {model_dir} cannot be loaded: {_one_line(e)}") from None
+        from .checkpoint import first_line
+        raise UsageError(f"--model {model_dir} cannot be loaded: {first_line(e)}") from None
     return model, processor, model_dir
-
-
-def _one_line(e: BaseException) -> str:
-    """The first line of `e`'s message, or of its cause's where `e` is a bare Exception wrapping it (as
-    Orbax wraps a damaged array's error in a page of TensorStore details)."""
-    while type(e) is Exception and (e.__cause__ or e.__context__) is not None:
-        e = e.__cause__ or e.__context__
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _log(msg: str) -> None:

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import gc
 import json
+import logging
 import os
 import shutil
+import sys
+import time
 from typing import Any, Callable, Iterable
 
 import jax
@@ -192,4 +196,45 @@ def load_params(path: str, dtype=None, shardings: Any = None) -> Any:
         shardings = jax.tree.map(lambda _: device, shapes)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype, sharding=sh),
                             shapes, shardings)
-    return load(params_dir(path), abstract)
+    # Orbax gives up a restore at the first array it cannot read and closes its event loop while the
+    # reads of the others are in flight: each then reports, as it ends or is collected, that the loop
+    # is closed or that its exception was never retrieved (thousands of lines over the one error, some
+    # at exit). Those reports are dropped while the restore runs and its abandoned reads end.
+    hook, asyncio_log = sys.unraisablehook, logging.getLogger("asyncio")
+    sys.unraisablehook = lambda report: None if _abandoned_read(report.exc_value, report.object) else hook(report)
+    asyncio_log.addFilter(_not_abandoned_read)
+    try:
+        try:
+            return load(params_dir(path), abstract)
+        except Exception as e:  # noqa: BLE001 -- Orbax reports an unreadable array as a bare Exception
+            if type(e) is not Exception:
+                raise
+            error = ValueError(f"{params_dir(path)}: {first_line(e)}")
+        time.sleep(0.5)   # the Orbax error (whose traceback holds the reads) dropped: they end, are collected
+        gc.collect()
+        raise error
+    finally:
+        sys.unraisablehook = hook
+        asyncio_log.removeFilter(_not_abandoned_read)
+
+
+def _abandoned_read(error: BaseException | None, source: Any) -> bool:
+    """Whether an error reported as unraisable is one of a failed restore's abandoned reads: a callback
+    into the closed event loop, or an Orbax coroutine collected with its exception."""
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return True
+    return "orbax" in getattr(getattr(source, "cr_code", None), "co_filename", "")
+
+
+def _not_abandoned_read(record: logging.LogRecord) -> bool:
+    """asyncio's log without "Task exception was never retrieved" for an Orbax coroutine."""
+    message = record.getMessage()
+    return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of `e`'s message, or of its cause's where `e` is a bare Exception wrapping it (as
+    Orbax wraps a damaged array's error in a page of TensorStore details)."""
+    while type(e) is Exception and (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
