@@ -188,6 +188,7 @@ def load_params(path: str, dtype=None, shardings: Any = None) -> Any:
     """Restores `path/params` as jax Arrays, cast to `dtype` (None: as saved).
 
     shardings: a pytree of `jax.sharding.Sharding` matching the params, or None for the default device.
+    ValueError naming the array and the file where one cannot be read (`restore_orbax`).
     """
     from orbax.checkpoint.experimental.v1 import load
     shapes = saved_shapes(path)
@@ -196,20 +197,27 @@ def load_params(path: str, dtype=None, shardings: Any = None) -> Any:
         shardings = jax.tree.map(lambda _: device, shapes)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype, sharding=sh),
                             shapes, shardings)
-    # Orbax gives up a restore at the first array it cannot read and closes its event loop while the
-    # reads of the others are in flight: each then reports, as it ends or is collected, that the loop
-    # is closed or that its exception was never retrieved (thousands of lines over the one error, some
-    # at exit). Those reports are dropped while the restore runs and its abandoned reads end.
+    return restore_orbax(lambda: load(params_dir(path), abstract), params_dir(path))
+
+
+def restore_orbax(restore: Callable[[], Any], where: str) -> Any:
+    """`restore()`, an Orbax restore of the checkpoint at `where`; an array it cannot read (a damaged
+    file) is a ValueError "where: <the reader's first line>", naming the array and the file.
+
+    Orbax gives up a restore at the first array it cannot read and closes its event loop while the
+    reads of the others are in flight: each then reports, as it ends or is collected, that the loop is
+    closed or that its exception was never retrieved (thousands of lines over the one error, some at
+    exit). Those reports are dropped while the restore runs and its abandoned reads end."""
     hook, asyncio_log = sys.unraisablehook, logging.getLogger("asyncio")
     sys.unraisablehook = lambda report: None if _abandoned_read(report.exc_value, report.object) else hook(report)
     asyncio_log.addFilter(_not_abandoned_read)
     try:
         try:
-            return load(params_dir(path), abstract)
+            return restore()
         except Exception as e:  # noqa: BLE001 -- Orbax reports an unreadable array as a bare Exception
             if type(e) is not Exception:
                 raise
-            error = ValueError(f"{params_dir(path)}: {first_line(e)}")
+            error = ValueError(f"{where}: {first_line(e)}")
         time.sleep(0.5)   # the Orbax error (whose traceback holds the reads) dropped: they end, are collected
         gc.collect()
         raise error

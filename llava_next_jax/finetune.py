@@ -44,8 +44,8 @@ then the new total's from there on, so the result is no uninterrupted run's), no
 updates made. A data file that cannot be read any more mid-run stops the run after a checkpoint.
 
 Exit status: 0 done, 2 usage or input error (bad flags, no usable data row, a resume with other
-settings or another data file, the data file unreadable mid-run: after saving), 130 interrupted
-(after saving).
+settings or another data file, a newest checkpoint that cannot be read, the data file unreadable
+mid-run: after saving), 130 interrupted (after saving).
 """
 
 from __future__ import annotations
@@ -320,7 +320,7 @@ class Run:
         """Sets self.state: fresh, or the checkpoint of micro-step `step`; returns its micro-step (0 when fresh)."""
         import jax
         import orbax.checkpoint as ocp
-        from . import train
+        from . import checkpoint, train
         fresh = lambda params: train.init_state(self._attach(params), self.optimizer, self.args.seed)  # noqa: E731
         if step is None:
             self.state = fresh(self.model.params)
@@ -328,7 +328,12 @@ class Run:
         # the layout a fresh run has (`train.init_state` places every leaf; jax.eval_shape drops the shardings)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, fresh(self.model.params))
         self.model.params = None   # the checkpoint holds the params (LoRA's base too): keep one copy, the restored
-        self.state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        where = f"{self.dir}/checkpoints/{step}"
+        try:
+            self.state = checkpoint.restore_orbax(
+                lambda: self.manager.restore(step, args=ocp.args.StandardRestore(abstract)), where)
+        except ValueError as e:
+            raise UsageError(f"{e}; move {where} away to resume from the checkpoint before it") from None
         self.log(f"resumed from {self.dir}/checkpoints/{step} (update {step // self.args.accumulate} of "
                  f"{self.args.steps})")
         return step

@@ -250,6 +250,18 @@ def test_steps_on_resume(demo_dir, dataset, tmp_path):
     assert len(losses(out)) == 3
 
 
+def test_damaged_checkpoint_is_a_usage_error_naming_it(demo_dir, dataset, tmp_path):
+    """Resuming from a checkpoint whose file was cut short: exit 2 with one message naming the
+    checkpoint, the array and the file (not a crash under pages of the reads Orbax abandoned)."""
+    out, messages = tmp_path / "run", []
+    assert finetune.main(flags(demo_dir, dataset, out, "--steps", "1"), log=messages.append) == 0
+    files = [os.path.join(d, f) for d, _, fs in os.walk(out / "checkpoints" / "1") for f in fs]
+    os.truncate(max(files, key=os.path.getsize), 1000)
+    assert finetune.main(flags(demo_dir, dataset, out, "--steps", "2"), log=messages.append) == 2
+    assert messages[-1].startswith(f"error: {out}/checkpoints/1: ") and "in OCDBT database at local file" in messages[-1]
+    assert messages[-1].endswith(f"; move {out}/checkpoints/1 away to resume from the checkpoint before it")
+
+
 @pytest.mark.filterwarnings("ignore:.*cannot be read:RuntimeWarning")   # the cut image, left out of its batches
 def test_data_file_gone_mid_run_saves_and_exits_2(demo_dir, dataset, tmp_path, monkeypatch):
     """The data file removed after two batches: the run saves its two updates and exits 2 naming the file,
