@@ -622,6 +622,10 @@ class Captioner:
         if self.gen["num_beams"] > 1 and self.gen["prompt_lookup_num_tokens"]:
             raise UsageError(f"num_beams {self.gen['num_beams']} (the model's generation config or --num-beams) "
                              f"takes no --prompt-lookup")
+        guidance = model.generation_defaults["guidance_scale"]
+        if guidance not in (None, 1) and (self.gen["num_beams"] > 1 or self.gen["prompt_lookup_num_tokens"]):
+            raise UsageError(f"the model's generation config sets guidance_scale={guidance!r}, which takes neither "
+                             f"beams (--num-beams or the config's num_beams) nor --prompt-lookup")
         self.seed, self.scores = seed, scores
 
     def prepare(self, batch: list[Item]) -> Prepared:

@@ -286,16 +286,37 @@ def prefill_program(params, config: LlavaNextConfig, input_ids, pixel_values, so
     return out if samples == 1 else jax.tree.map(lambda a: jnp.repeat(a, samples, axis=0), out)
 
 
-def start_state(logits, options: dict[str, jax.Array], new_bucket: int) -> dict[str, jax.Array]:
+def start_state(logits, options: dict[str, jax.Array], new_bucket: int, guide=None) -> dict[str, jax.Array]:
     """The decode loop's state before its first step: step 0, no tokens yet (all pad, log-probabilities
     0), the prefill's last-slot logits `[B, V]`, no row done, the prompts' tokens seen, no pass of the
     model yet; and prompt lookup's counts (`decode_loop`): passes that checked drafts, drafted passes
-    in a row that kept none, passes left before drafting again."""
+    in a row that kept none, passes left before drafting again. guide: classifier-free guidance's
+    unconditional sequence, (logits `[B, V]`, cache) from `unconditional_prefill`, or None."""
     B = logits.shape[0]
-    return {"step": jnp.int32(0), "tokens": jnp.full((B, new_bucket), options["pad_id"], jnp.int32),
+    extra = {} if guide is None else {"guide_logits": guide[0], "guide_cache": guide[1]}
+    return extra | {"step": jnp.int32(0), "tokens": jnp.full((B, new_bucket), options["pad_id"], jnp.int32),
             "logprobs": jnp.zeros((B, new_bucket), jnp.float32), "logits": logits, "done": jnp.zeros((B,), bool),
             "seen": jnp.asarray(options["seen"], bool), "passes": jnp.int32(0), "checked": jnp.int32(0),
             "misses": jnp.int32(0), "pause": jnp.int32(0)}
+
+
+def guided_scores(logits: jax.Array, unconditional: jax.Array, scale) -> jax.Array:
+    """HF's classifier-free guidance (UnbatchedClassifierFreeGuidanceLogitsProcessor, the first of its
+    processors): `scale * (log_softmax(logits) - log_softmax(unconditional)) + log_softmax(unconditional)`,
+    the unconditional logits those of `unconditional_prefill`'s sequence."""
+    conditional, unconditional = jax.nn.log_softmax(logits, axis=-1), jax.nn.log_softmax(unconditional, axis=-1)
+    return scale * (conditional - unconditional) + unconditional
+
+
+def unconditional_prefill(params, config: LlavaNextConfig, input_ids, dtype, new_bucket: int, samples: int = 1):
+    """Classifier-free guidance's unconditional sequence as HF's processor starts it: each prompt's last
+    token alone (left-aligned prompts: the last column), no image, at position 0, in a cache of its own
+    with a slot for each new token; each new token then follows it (`decode_loop`). Returns (logits
+    `[B * samples, V]`, cache)."""
+    last = input_ids[:, -1:]
+    logits, cache, _ = prefill_program(params, config, last, None, None, jnp.ones(last.shape, jnp.int32), dtype,
+                                       1 + new_bucket, samples)
+    return logits, cache
 
 
 def penalize_repeats(logits: jax.Array, seen: jax.Array, penalty) -> jax.Array:
@@ -505,6 +526,8 @@ def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options
     B, S = kv_valid.shape
     T = S - new_bucket - lookup
     next_position = jnp.sum(kv_valid[:, :T], axis=1).astype(jnp.int32)  # first new token's RoPE position
+    guided = "guide_cache" in state   # classifier-free guidance (`guided_scores`); never with lookup
+    assert not (guided and lookup), "classifier-free guidance with prompt lookup"
     row_keys = jax.vmap(row_key)(options["seeds"], options["row_streams"], options["samples"])
     last = jnp.minimum(stop_at, options["max_new_tokens"])
     rows, pad = jnp.arange(B), options["pad_id"]
@@ -533,13 +556,23 @@ def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options
     def body(carry):
         state, cache = carry
         step = state["step"]
-        token, logprob = choose(state["logits"], state["seen"], state["tokens"], step, state["done"])
+        logits = state["logits"]
+        if guided:
+            logits = guided_scores(logits, state["guide_logits"], options["guidance_scale"])
+        token, logprob = choose(logits, state["seen"], state["tokens"], step, state["done"])
         logits, cache = decode_step(params, config, token, next_position + step, T + step, kv_valid, cache, dtype)
         tokens = state["tokens"].at[:, step].set(token)
-        return {**state, "step": step + 1, "tokens": tokens,
-                "logprobs": state["logprobs"].at[:, step].set(logprob), "logits": logits,
-                "done": out_of_time(state["done"] | stops(token, tokens, step)),
-                "seen": state["seen"].at[rows, token].set(True), "passes": state["passes"] + 1}, cache
+        state = {**state, "step": step + 1, "tokens": tokens,
+                 "logprobs": state["logprobs"].at[:, step].set(logprob), "logits": logits,
+                 "done": out_of_time(state["done"] | stops(token, tokens, step)),
+                 "seen": state["seen"].at[rows, token].set(True), "passes": state["passes"] + 1}
+        if guided:   # the unconditional sequence takes the token too, at position and slot 1 + step
+            guide_cache = state["guide_cache"]
+            at = jnp.full((B,), 1 + step, jnp.int32)
+            state["guide_logits"], state["guide_cache"] = decode_step(
+                params, config, token, at, 1 + step, jnp.ones((B, guide_cache[0][1].shape[-1]), bool), guide_cache,
+                dtype)
+        return state, cache
 
     def body_lookup(carry):
         state, cache = carry
@@ -602,7 +635,7 @@ def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options
 @partial(xla_cpu.jit, cpu_options=xla_cpu.DECODE,
          static_argnames=("config", "dtype", "new_bucket", "lookup", "timed"), donate_argnames=("cache",))
 def decode_program(params, config: LlavaNextConfig, logits, cache, kv_valid, options: dict[str, jax.Array], dtype,
-                   new_bucket: int, lookup: int = 0, timed: bool = False):
+                   new_bucket: int, lookup: int = 0, timed: bool = False, guide=None):
     """The compiled decode loop, one `lax.while_loop`; returns (state, cache): state["tokens"] the new
     tokens `[B, new_bucket]`, state["logprobs"] theirs (`select_tokens`; 0 after a row stopped).
 
@@ -616,20 +649,21 @@ def decode_program(params, config: LlavaNextConfig, logits, cache, kv_valid, opt
     row_streams[r], samples[r])`, then the step.
     lookup: prompt-lookup drafts per pass (`decode_loop`; 0: none); state["passes"] counts the passes.
     timed: the options' max_time deadline checked after each step (`decode_loop`).
+    guide: classifier-free guidance's unconditional sequence (`unconditional_prefill`), or None.
     """
-    state = start_state(logits, options, new_bucket)
+    state = start_state(logits, options, new_bucket, guide)
     # returning the cache lets XLA reuse the donated buffers in place
     return decode_loop(params, config, state, cache, kv_valid, options, dtype, new_bucket, options["max_new_tokens"],
                        lookup, timed)
 
 
 @partial(xla_cpu.jit, static_argnames=("new_bucket",))
-def start_program(logits, options: dict[str, jax.Array], new_bucket: int):
+def start_program(logits, options: dict[str, jax.Array], new_bucket: int, guide=None):
     """(`start_state`, options), compiled: both then sit where the logits do, on one device or a mesh,
     so the chunks that follow take the options from there instead of copying them from the host each
     call (a one-step chunk of the 7B model on an H100: 8.9-9.3 ms with them as numpy, 8.1-8.4 placed;
     docs/benchmarks.md)."""
-    return start_state(logits, options, new_bucket), options
+    return start_state(logits, options, new_bucket, guide), options
 
 
 @partial(xla_cpu.jit, cpu_options=xla_cpu.DECODE,
@@ -645,23 +679,27 @@ def decode_chunk_program(params, config: LlavaNextConfig, state, cache, kv_valid
 
 def generate_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask,
                     options: dict[str, jax.Array], dtype, new_bucket: int, lookup: int = 0,
-                    samples: int = 1, timed: bool = False) -> tuple[jax.Array, jax.Array]:
+                    samples: int = 1, timed: bool = False, guided: bool = False) -> tuple[jax.Array, jax.Array]:
     """Prefill then decode: (new tokens `[B * samples, new_bucket]`, pad after a row stops; their
     log-probabilities, 0 after a row stops). Two compiled programs. lookup: prompt-lookup drafts per
     pass (`decode_loop`); samples: rows per prompt (`prefill_program`; options built for them);
-    timed: max_time's deadline checked (`decode_loop`)."""
+    timed: max_time's deadline checked (`decode_loop`); guided: classifier-free guidance
+    (`unconditional_prefill`, the options' guidance_scale)."""
     logits, cache, kv_valid = prefill_program(params, config, input_ids, pixel_values, sources, attention_mask,
                                               dtype, input_ids.shape[1] + new_bucket + lookup, samples)
-    state, _ = decode_program(params, config, logits, cache, kv_valid, options, dtype, new_bucket, lookup, timed)
+    guide = unconditional_prefill(params, config, input_ids, dtype, new_bucket, samples) if guided else None
+    state, _ = decode_program(params, config, logits, cache, kv_valid, options, dtype, new_bucket, lookup, timed,
+                              guide)
     return state["tokens"], state["logprobs"]
 
 
 def stream_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask,
                   options: dict[str, jax.Array], dtype, new_bucket: int, chunk: int = 1, fetch=np.asarray,
-                  lookup: int = 0, samples: int = 1, timed: bool = False):
+                  lookup: int = 0, samples: int = 1, timed: bool = False, guided: bool = False):
     """`generate_tokens` as it goes: yields (new tokens `[B, n]`, their log-probabilities `[B, n]`) every
     `chunk` steps (n <= chunk, or chunk + lookup with prompt-lookup drafts; pad after a row's stop id;
-    `samples` rows per prompt; `timed` as there) until every row is done or max_new_tokens is reached.
+    `samples` rows per prompt; `timed` and `guided` as there) until every row is done or max_new_tokens
+    is reached.
     Concatenated, they are `generate_tokens`' up to that step. fetch: device array -> numpy
     (`distributed.fetch` on a multi-process mesh)."""
     if not is_positive_int(chunk):
@@ -669,7 +707,8 @@ def stream_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sour
     logits, cache, kv_valid = prefill_program(params, config, input_ids, pixel_values, sources, attention_mask,
                                               dtype, input_ids.shape[1] + new_bucket + lookup, samples)
     end, yielded = int(options["max_new_tokens"]), 0
-    state, options = start_program(logits, options, new_bucket)
+    guide = unconditional_prefill(params, config, input_ids, dtype, new_bucket, samples) if guided else None
+    state, options = start_program(logits, options, new_bucket, guide)
     # jax.jit caches a call apart from one whose inputs differ in layout or in being committed to their
     # devices. A chunk's outputs are committed once any input is (on one device too), and on a mesh
     # laid out as the chunk lays them out (the state split over "data" where start_program returned
@@ -844,7 +883,8 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int | None, do_sample: 
             encoder_repetition_penalty: float | None = None, renormalize_logits: bool | None = None,
             encoder_no_repeat_ngram_size: int | None = None, forced_bos_token_id: int | None = None,
             remove_invalid_values: bool | None = None, max_time: float | None = None,
-            stop_strings: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+            stop_strings: dict[str, np.ndarray] | None = None,
+            guidance_scale: float | None = None) -> dict[str, np.ndarray]:
     """The traced generation options, checked, as fixed-shape arrays.
 
     B prompts (rows of prompt_ids); num_return_sequences n > 1 makes them `B * n` rows, prompt b's
@@ -922,6 +962,9 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int | None, do_sample: 
                          f"got {max_matching_ngram_size!r}")
     if not np.isfinite(length_penalty):
         raise ValueError(f"length_penalty must be a finite number; got {length_penalty!r}")
+    guidance_scale = 1.0 if guidance_scale is None else guidance_scale
+    if not _is_number(guidance_scale) or not np.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be None or a finite number (1: off); got {guidance_scale!r}")
     if not any(early_stopping is v or (isinstance(early_stopping, str) and early_stopping == v)
                for v in (True, False, "never")):
         raise ValueError(f"early_stopping must be True, False or \"never\"; got {early_stopping!r}")
@@ -1001,6 +1044,7 @@ def options(B: int, max_new_tokens: int, min_new_tokens: int | None, do_sample: 
                 forced_bos=_id_mask(bos if T == 1 else [], vocab_size),
                 begin_suppress_step=np.int32(bool(bos) and T == 1),
                 remove_invalid=np.bool_(bool(remove_invalid_values)), deadline=deadline(max_time),
+                guidance_scale=np.float32(guidance_scale),
                 **(no_stop_strings(vocab_size) if stop_strings is None else _checked_tables(stop_strings, vocab_size)))
 
 

@@ -30,19 +30,19 @@ GENERATION_DEFAULTS: dict[str, Any] = dict(
     begin_suppress_tokens=None, bad_words_ids=None, sequence_bias=None, forced_eos_token_id=None,
     exponential_decay_length_penalty=None, encoder_repetition_penalty=1.0, renormalize_logits=None,
     encoder_no_repeat_ngram_size=0, forced_bos_token_id=None, remove_invalid_values=False, stop_strings=None,
-    max_time=None)
+    max_time=None, guidance_scale=None)
 # generation_config.json settings that HF's generate applies and ours does not, with the values that
 # change nothing (transformers' defaults before 5 wrote them): a checkpoint that sets one otherwise
 # loads with a warning naming it, since its output would differ from HF's.
 UNAPPLIED_GENERATION: dict[str, Any] = dict(
-    force_words_ids=None, constraints=None, guidance_scale=None, num_beam_groups=1,
+    force_words_ids=None, constraints=None, num_beam_groups=1,
     diversity_penalty=0.0, penalty_alpha=None, dola_layers=None, watermarking_config=None, token_healing=False)
 # `generate`'s settings that are HF's logits processors beyond the sampling warpers and beam search's
 # (None: the checkpoint's, else off): passed through to `generate.options`.
-PROCESSOR_SETTINGS = ("min_length", "suppress_tokens", "begin_suppress_tokens", "bad_words_ids", "sequence_bias",
-                      "forced_eos_token_id", "exponential_decay_length_penalty", "encoder_repetition_penalty",
-                      "renormalize_logits", "encoder_no_repeat_ngram_size", "forced_bos_token_id",
-                      "remove_invalid_values")
+PROCESSOR_SETTINGS = ("guidance_scale", "min_length", "suppress_tokens", "begin_suppress_tokens", "bad_words_ids",
+                      "sequence_bias", "forced_eos_token_id", "exponential_decay_length_penalty",
+                      "encoder_repetition_penalty", "renormalize_logits", "encoder_no_repeat_ngram_size",
+                      "forced_bos_token_id", "remove_invalid_values")
 
 
 class LlavaNext:
@@ -231,7 +231,8 @@ class LlavaNext:
                  max_length=None, min_length=None, suppress_tokens=None, begin_suppress_tokens=None,
                  bad_words_ids=None, sequence_bias=None, forced_eos_token_id=None,
                  exponential_decay_length_penalty=None, encoder_repetition_penalty=None, renormalize_logits=None,
-                 encoder_no_repeat_ngram_size=None, forced_bos_token_id=None, remove_invalid_values=None):
+                 encoder_no_repeat_ngram_size=None, forced_bos_token_id=None, remove_invalid_values=None,
+                 guidance_scale=None):
         """New tokens `[B, max_new_tokens]` (int32); after a row emits a stop id, the pad id. With
         `return_logprobs`, (tokens, logprobs): float32 `[B, max_new_tokens]`, each token's log-probability
         under the distribution it was chosen from (the warpers below applied when sampling; HF's
@@ -275,6 +276,13 @@ class LlavaNext:
         their own, compiled where a call sets max_time (one per bucket, as without); where it stops
         depends on the machine's speed, so the output may differ between runs.
         Refused on a multi-process mesh (each host's clock could stop it at a different step).
+
+        guidance_scale: HF's classifier-free guidance (None or 1: off), the first of HF's processors:
+        the scores are `g * (log_softmax(logits) - log_softmax(u)) + log_softmax(u)`, u the logits of an
+        unconditional sequence that starts, as HF's does, with the prompt's last token alone (no image)
+        and continues with the output (`generate.unconditional_prefill`): one more pass of the decoder
+        a step, in programs of their own, compiled where a call sets it. Not with beam search or
+        prompt lookup (refused).
 
         HF's other logits processors, in HF's order (`generate.process_scores`), before the sampling
         warpers and in beam search on the log-probabilities; each off where None and not in the
@@ -362,13 +370,18 @@ class LlavaNext:
                                       renormalize_logits=renormalize_logits,
                                       encoder_no_repeat_ngram_size=encoder_no_repeat_ngram_size,
                                       forced_bos_token_id=forced_bos_token_id,
-                                      remove_invalid_values=remove_invalid_values, max_time=max_time, **settings)
+                                      remove_invalid_values=remove_invalid_values, max_time=max_time,
+                                      guidance_scale=guidance_scale, **settings)
         max_new_tokens = int(args["options"]["max_new_tokens"])
         if num_beams == 1:
             tokens, logprobs = (distributed.fetch(a)[:, :max_new_tokens]
                                 for a in generate.generate_tokens(self.params, self.config, **args))
             return (tokens, logprobs) if return_logprobs else tokens
         from .beam import beam_tokens
+        if args.pop("guided"):
+            raise ValueError(f"guidance_scale={guidance_scale!r} (the call's or the checkpoint's generation config's) "
+                             f"with beam search (num_beams={num_beams}): classifier-free guidance decodes one "
+                             f"sequence per row here; leave guidance_scale None or 1 with beams")
         args.pop("lookup"), args.pop("samples")   # beam search drafts nothing; its rows are its beams
         tokens, scores = (distributed.fetch(a) for a in beam_tokens(self.params, self.config, **args,
                                                                    num_beams=int(num_beams)))
@@ -456,6 +469,11 @@ class LlavaNext:
         if not is_int(lookup) or not 0 <= lookup <= generate.MAX_LOOKUP:
             raise ValueError(f"prompt_lookup_num_tokens must be None or an int in [0, {generate.MAX_LOOKUP}] "
                              f"(0: off); got {prompt_lookup_num_tokens!r}")
+        guidance = s["guidance_scale"]
+        guided = generate._is_number(guidance) and guidance != 1   # other values: refused by generate.options
+        if guided and lookup:
+            raise ValueError(f"guidance_scale={guidance!r} with prompt_lookup_num_tokens={lookup}: a pass that "
+                             f"checks drafts has no unconditional sequence to guide it; leave one of them off")
         ids, pixels, sources, mask = self._inputs(input_ids, pixel_values, image_sizes, attention_mask,
                                                   tiles=self.config.geometry.max_tiles,
                                                   images_multiple=np.asarray(input_ids).shape[0])
@@ -475,7 +493,7 @@ class LlavaNext:
         return dict(input_ids=ids, pixel_values=pixels, sources=None if pixels is None else sources,
                     attention_mask=mask, options=opts, dtype=self.dtype,
                     new_bucket=generate.bucket(max_new_tokens, generate.NEW_TOKEN_BUCKETS), lookup=int(lookup),
-                    samples=int(samples), timed=s["max_time"] is not None)
+                    samples=int(samples), timed=s["max_time"] is not None, guided=bool(guided))
 
     def pad_id(self, eos_token_id=None, pad_token_id=None) -> int:
         """The id `generate` pads with after a row stops, given the call's eos_token_id and pad_token_id:

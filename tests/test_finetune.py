@@ -258,7 +258,8 @@ def test_damaged_checkpoint_is_a_usage_error_naming_it(demo_dir, dataset, tmp_pa
     files = [os.path.join(d, f) for d, _, fs in os.walk(out / "checkpoints" / "1") for f in fs]
     os.truncate(max(files, key=os.path.getsize), 1000)
     assert finetune.main(flags(demo_dir, dataset, out, "--steps", "2"), log=messages.append) == 2
-    assert messages[-1].startswith(f"error: {out}/checkpoints/1: ") and "in OCDBT database at local file" in messages[-1]
+    assert messages[-1].startswith(f"error: {out}/checkpoints/1: ")
+    assert "in OCDBT database at local file" in messages[-1]
     assert messages[-1].endswith(f"; move {out}/checkpoints/1 away to resume from the checkpoint before it")
 
 

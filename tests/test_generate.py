@@ -641,10 +641,10 @@ def test_generation_settings_generate_does_not_apply_are_named_on_load(tmp_path)
     assert set(UNAPPLIED_GENERATION) <= known   # HF's own names
     config = json.loads(path.read_text())
     applied = {"suppress_tokens": [3], "stop_strings": ["."], "forced_bos_token_id": 2, "max_new_tokens": 64,
-               "remove_invalid_values": True, "encoder_no_repeat_ngram_size": 2}
-    path.write_text(json.dumps({**config, "num_beam_groups": 1, "guidance_scale": 1.5, "constraints": [[1, 2]],
+               "remove_invalid_values": True, "encoder_no_repeat_ngram_size": 2, "guidance_scale": 1.5}
+    path.write_text(json.dumps({**config, "num_beam_groups": 1, "penalty_alpha": 0.6, "constraints": [[1, 2]],
                                 **applied}))
-    with pytest.warns(UserWarning, match=r"generation config sets constraints=\[\[1, 2\]\], guidance_scale=1.5, "
+    with pytest.warns(UserWarning, match=r"generation config sets constraints=\[\[1, 2\]\], penalty_alpha=0.6, "
                                          r"which generate does not apply") as caught:
         LlavaNext.from_pretrained(str(tmp_path))
     message = str(caught[0].message)
@@ -864,6 +864,50 @@ def test_forced_bos_equals_hf(family):
     batch = tm.make_batch(hf.config, ROWS[:2], seed=5)
     np.testing.assert_array_equal(model.generate(**batch, max_new_tokens=6, pad_token_id=0, **settings),
                                   tm.hf_generate(hf, batch, 6, **settings))
+
+
+@pytest.mark.parametrize("family", ["mistral"], indirect=True)   # no family's own code
+def test_guidance_scale_equals_hf(family):
+    """Classifier-free guidance, HF's guidance_scale (its unconditional sequence: each prompt's last token
+    alone, then the output): HF's greedy tokens and scores above and below 1, and with the processors
+    after it and stop ids; streamed, generate's tokens; a sampled prompt's first of several rows, its
+    row of one; 1 is off (nothing compiled for it); refused with beams, prompt lookup and bad values."""
+    hf, model = family
+    batch = tm.make_batch(hf.config, ROWS, seed=5)
+    T = batch["input_ids"].shape[1]
+    with torch.no_grad():
+        out = hf.generate(**{k: torch.from_numpy(v) for k, v in batch.items()}, do_sample=False, max_new_tokens=NEW,
+                          pad_token_id=0, eos_token_id=[], guidance_scale=3.0, output_scores=True,
+                          return_dict_in_generate=True)
+    ref = out.sequences[:, T:].numpy()
+    tokens, logprobs = model.generate(**batch, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0,
+                                      guidance_scale=3.0, return_logprobs=True)
+    np.testing.assert_array_equal(tokens, ref)
+    scores = torch.stack(out.scores, 1).log_softmax(-1).numpy()
+    np.testing.assert_allclose(logprobs, np.take_along_axis(scores, ref[..., None], -1)[..., 0], rtol=1e-4, atol=1e-4)
+    plain = model.generate(**batch, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0)
+    assert (tokens != plain).any()
+    stops = [int(ref[0, 4]), int(ref[1, 7])]
+    settings = dict(guidance_scale=0.5, repetition_penalty=1.3, no_repeat_ngram_size=2, eos_token_id=stops)
+    np.testing.assert_array_equal(model.generate(**batch, max_new_tokens=NEW, pad_token_id=0, **settings),
+                                  hf_generate(hf, batch, **settings))
+    streamed = model.generate_stream(**batch, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0,
+                                     guidance_scale=3.0, chunk=7)
+    np.testing.assert_array_equal(np.concatenate(list(streamed), axis=1), tokens)
+    sample = dict(max_new_tokens=NEW, eos_token_id=[], do_sample=True, temperature=1.5, seed=4, guidance_scale=2.0)
+    rows = model.generate(**batch, **sample, num_return_sequences=2)
+    np.testing.assert_array_equal(rows[::2], model.generate(**batch, **sample))
+    compiled = compiled_programs()
+    np.testing.assert_array_equal(model.generate(**batch, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0,
+                                                 guidance_scale=1.0), plain)
+    assert compiled_programs() == compiled
+    with pytest.raises(ValueError, match=r"guidance_scale=1.5 .*with beam search \(num_beams=2\)"):
+        model.generate(**batch, guidance_scale=1.5, num_beams=2)
+    with pytest.raises(ValueError, match=r"guidance_scale=1.5 with prompt_lookup_num_tokens=3"):
+        model.generate(**batch, guidance_scale=1.5, prompt_lookup_num_tokens=3)
+    for bad in (float("nan"), float("inf"), "2", True):
+        with pytest.raises(ValueError, match=r"guidance_scale must be None or a finite number \(1: off\); got"):
+            model.generate(**batch, guidance_scale=bad)
 
 
 @pytest.mark.parametrize("family", ["mistral"], indirect=True)
