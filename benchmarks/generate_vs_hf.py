@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/generate_vs_hf.py [--shape mid|7b] [--dtype float32|bfloat16]
         [--batch 1 4] [--image-size 480 640] [--new-tokens 64] [--repeats 3] [--skip-hf]
-        [--prompt-lookup N] [--sample] [--max-time S]
+        [--prompt-lookup N] [--sample] [--max-time S] [--guidance-scale G]
 
 `mid`: 336px tiles, CLIP 4 x 256, decoder 8 x 1024 (GQA 16/4, ffn 4096), vocab 32064, one 480x640
 image per row (~2.4k prompt tokens). `7b`: full CLIP-L and Mistral-7B sizes (for a GPU; bf16).
@@ -27,6 +27,8 @@ then differ (each framework draws its own random numbers) and are not compared.
 --max-time S: both generate with HF's max_time=S (choose S past the runs' length, so that it stops
 nothing): what checking the clock after every token costs (ours: a call from the compiled loop to
 the host, in a program compiled for it).
+--guidance-scale G: both generate with HF's classifier-free guidance (guidance_scale=G): a second,
+unconditional sequence decoded beside each row (ours: its one-token prefill is timed with the decode).
 """
 
 from __future__ import annotations
@@ -146,7 +148,8 @@ def decode_step_bytes(params, config, rows: int, cache_length: int, dtype) -> in
 SAMPLING = dict(do_sample=True, temperature=1.0, top_k=50, top_p=0.9)
 
 
-def ours(model, inputs, new_tokens, lookup: int = 0, sample: bool = False, max_time: float | None = None):
+def ours(model, inputs, new_tokens, lookup: int = 0, sample: bool = False, max_time: float | None = None,
+         guidance_scale: float | None = None):
     """(first call s, prefill timer, decode timer, tokens, bytes a decode step reads): the prefill and
     decode programs timed apart.
 
@@ -155,9 +158,10 @@ def ours(model, inputs, new_tokens, lookup: int = 0, sample: bool = False, max_t
     import jax
     from llava_next_jax import generate
     args = model.generation_inputs(**inputs, max_new_tokens=new_tokens, eos_token_id=[],
-                                   prompt_lookup_num_tokens=lookup, max_time=max_time, **(SAMPLING if sample else {}))
+                                   prompt_lookup_num_tokens=lookup, max_time=max_time, guidance_scale=guidance_scale,
+                                   **(SAMPLING if sample else {}))
     new_bucket, options, lookup = args.pop("new_bucket"), args.pop("options"), args.pop("lookup")
-    timed = args.pop("timed")
+    timed, guided = args.pop("timed"), args.pop("guided")
 
     def deadline():   # each decode call's own max_time from its start (the options' from generation_inputs)
         return {**options, "deadline": generate.deadline(max_time)} if timed else options
@@ -170,9 +174,11 @@ def ours(model, inputs, new_tokens, lookup: int = 0, sample: bool = False, max_t
 
     def decode(state):
         logits, cache, kv_valid = state
+        guide = (generate.unconditional_prefill(model.params, model.config, args["input_ids"], args["dtype"],
+                                                new_bucket) if guided else None)
         return jax.block_until_ready(generate.decode_program(model.params, model.config, logits, cache, kv_valid,
                                                              deadline(), args["dtype"], new_bucket, lookup,
-                                                             timed)[0])
+                                                             timed, guide)[0])
 
     def decode_rate():
         state = prefill()
@@ -203,7 +209,8 @@ class _TokenTimes:
         pass
 
 
-def hf(model, inputs, new_tokens, dtype, lookup: int = 0, sample: bool = False, max_time: float | None = None):
+def hf(model, inputs, new_tokens, dtype, lookup: int = 0, sample: bool = False, max_time: float | None = None,
+       guidance_scale: float | None = None):
     """(first call s, prefill timer, decode timer, tokens): prefill = `generate` of one token; decode
     tokens/s from the spacing of token arrivals through a streamer in a full `generate` (each
     arrival is a token copied to the host, so device work is finished by then)."""
@@ -217,6 +224,7 @@ def hf(model, inputs, new_tokens, dtype, lookup: int = 0, sample: bool = False, 
         with torch.no_grad():
             out = model.generate(**args, max_new_tokens=n, min_new_tokens=n, pad_token_id=0, streamer=streamer,
                                  prompt_lookup_num_tokens=lookup or None, max_time=max_time,
+                                 guidance_scale=guidance_scale,
                                  **(SAMPLING if sample else dict(do_sample=False)))
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -275,6 +283,7 @@ def main():
     parser.add_argument("--prompt-lookup", type=int, default=0, metavar="N")
     parser.add_argument("--sample", action="store_true")
     parser.add_argument("--max-time", type=float, default=None, metavar="S")
+    parser.add_argument("--guidance-scale", type=float, default=None, metavar="G")
     args = parser.parse_args()
 
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with PyTorch
@@ -295,11 +304,12 @@ def main():
     for batch in args.batch:
         inputs = make_inputs(ours_model.config, batch, tuple(args.image_size))
         T = inputs["input_ids"].shape[1]
-        runners = [ours(ours_model, inputs, args.new_tokens, args.prompt_lookup, args.sample, args.max_time)]
+        runners = [ours(ours_model, inputs, args.new_tokens, args.prompt_lookup, args.sample, args.max_time,
+                        args.guidance_scale)]
         with_hf = not args.skip_hf and (batch == 1 or not args.prompt_lookup)
         if with_hf:
             runners.append(hf(hf_model, inputs, args.new_tokens, args.dtype, args.prompt_lookup, args.sample,
-                              args.max_time))
+                              args.max_time, args.guidance_scale))
         results = interleaved(runners, args.repeats)
         for name, (first, *_), (prefill_s, rate) in zip(["ours", "HF"], runners, results):
             print(f"| {batch} | {T} | {name} | {prefill_s:.3f} | {rate:.1f} | {first:.1f} |", flush=True)
