@@ -70,6 +70,8 @@ SCRIPT = textwrap.dedent("""
     ref_tokens = single.generate(**batch, max_new_tokens=12, eos_token_id=[])
     beams = dict(max_new_tokens=12, eos_token_id=[], num_beams=2, num_return_sequences=2, pad_token_id=7)
     ref_beams = single.generate(**batch, **beams)
+    guided = dict(max_new_tokens=12, eos_token_id=[], guidance_scale=2.0)
+    ref_guided = single.generate(**batch, **guided)
     ref_loss = single.loss(**batch)
     for data, model_axis in [(1, 8), (2, 4), (8, 1)]:
         mesh = sharding.make_mesh(data=data, model=model_axis)
@@ -90,6 +92,8 @@ SCRIPT = textwrap.dedent("""
         assert (tokens == ref_tokens).all(), (data, model_axis)
         if data == 2:   # beam search: the beams' cache rows gathered within each prompt's, over "data" shards
             assert (model.generate(**batch, **beams) == ref_beams).all()
+            # classifier-free guidance: the unconditional sequences split over "data" as the rows are
+            assert (model.generate(**batch, **guided) == ref_guided).all()
             # prompt lookup: drafts checked in passes of 3 tokens, kept as far as every row agrees
             assert (model.generate(**batch, max_new_tokens=12, eos_token_id=[], prompt_lookup_num_tokens=2)
                     == ref_tokens).all()
