@@ -293,11 +293,11 @@ def start_state(logits, options: dict[str, jax.Array], new_bucket: int, guide=No
     in a row that kept none, passes left before drafting again. guide: classifier-free guidance's
     unconditional sequence, (logits `[B, V]`, cache) from `unconditional_prefill`, or None."""
     B = logits.shape[0]
-    extra = {} if guide is None else {"guide_logits": guide[0], "guide_cache": guide[1]}
-    return extra | {"step": jnp.int32(0), "tokens": jnp.full((B, new_bucket), options["pad_id"], jnp.int32),
-            "logprobs": jnp.zeros((B, new_bucket), jnp.float32), "logits": logits, "done": jnp.zeros((B,), bool),
-            "seen": jnp.asarray(options["seen"], bool), "passes": jnp.int32(0), "checked": jnp.int32(0),
-            "misses": jnp.int32(0), "pause": jnp.int32(0)}
+    state = {"step": jnp.int32(0), "tokens": jnp.full((B, new_bucket), options["pad_id"], jnp.int32),
+             "logprobs": jnp.zeros((B, new_bucket), jnp.float32), "logits": logits, "done": jnp.zeros((B,), bool),
+             "seen": jnp.asarray(options["seen"], bool), "passes": jnp.int32(0), "checked": jnp.int32(0),
+             "misses": jnp.int32(0), "pause": jnp.int32(0)}
+    return state if guide is None else {**state, "guide_logits": guide[0], "guide_cache": guide[1]}
 
 
 def guided_scores(logits: jax.Array, unconditional: jax.Array, scale) -> jax.Array:
