@@ -379,6 +379,7 @@ class LlavaNext:
             return (tokens, logprobs) if return_logprobs else tokens
         from .beam import beam_tokens
         if args.pop("guided"):
+            guidance_scale = self.generation_settings(guidance_scale=guidance_scale)["guidance_scale"]
             raise ValueError(f"guidance_scale={guidance_scale!r} (the call's or the checkpoint's generation config's) "
                              f"with beam search (num_beams={num_beams}): classifier-free guidance decodes one "
                              f"sequence per row here; leave guidance_scale None or 1 with beams")
