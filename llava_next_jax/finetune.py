@@ -334,7 +334,7 @@ class Run:
                 lambda: self.manager.restore(step, args=ocp.args.StandardRestore(abstract)), where)
         except ValueError as e:
             raise UsageError(f"{e}; move {where} away to resume from the checkpoint before it") from None
-        self.log(f"resumed from {self.dir}/checkpoints/{step} (update {step // self.args.accumulate} of "
+        self.log(f"resumed from {where} (update {step // self.args.accumulate} of "
                  f"{self.args.steps})")
         return step
 

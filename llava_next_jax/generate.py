@@ -528,6 +528,8 @@ def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options
     next_position = jnp.sum(kv_valid[:, :T], axis=1).astype(jnp.int32)  # first new token's RoPE position
     guided = "guide_cache" in state   # classifier-free guidance (`guided_scores`); never with lookup
     assert not (guided and lookup), "classifier-free guidance with prompt lookup"
+    if guided:   # the unconditional sequence's cache: every slot valid, the later ones masked as not yet written
+        guide_valid = jnp.ones((B, state["guide_cache"][0][1].shape[-1]), bool)
     row_keys = jax.vmap(row_key)(options["seeds"], options["row_streams"], options["samples"])
     last = jnp.minimum(stop_at, options["max_new_tokens"])
     rows, pad = jnp.arange(B), options["pad_id"]
@@ -567,11 +569,9 @@ def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options
                  "done": out_of_time(state["done"] | stops(token, tokens, step)),
                  "seen": state["seen"].at[rows, token].set(True), "passes": state["passes"] + 1}
         if guided:   # the unconditional sequence takes the token too, at position and slot 1 + step
-            guide_cache = state["guide_cache"]
             at = jnp.full((B,), 1 + step, jnp.int32)
-            state["guide_logits"], state["guide_cache"] = decode_step(
-                params, config, token, at, 1 + step, jnp.ones((B, guide_cache[0][1].shape[-1]), bool), guide_cache,
-                dtype)
+            state["guide_logits"], state["guide_cache"] = decode_step(params, config, token, at, 1 + step, guide_valid,
+                                                                      state["guide_cache"], dtype)
         return state, cache
 
     def body_lookup(carry):

@@ -470,11 +470,6 @@ class LlavaNext:
         if not is_int(lookup) or not 0 <= lookup <= generate.MAX_LOOKUP:
             raise ValueError(f"prompt_lookup_num_tokens must be None or an int in [0, {generate.MAX_LOOKUP}] "
                              f"(0: off); got {prompt_lookup_num_tokens!r}")
-        guidance = s["guidance_scale"]
-        guided = generate._is_number(guidance) and guidance != 1   # other values: refused by generate.options
-        if guided and lookup:
-            raise ValueError(f"guidance_scale={guidance!r} with prompt_lookup_num_tokens={lookup}: a pass that "
-                             f"checks drafts has no unconditional sequence to guide it; leave one of them off")
         ids, pixels, sources, mask = self._inputs(input_ids, pixel_values, image_sizes, attention_mask,
                                                   tiles=self.config.geometry.max_tiles,
                                                   images_multiple=np.asarray(input_ids).shape[0])
@@ -490,11 +485,15 @@ class LlavaNext:
                                 s.pop("top_k"), s.pop("top_p"), seed, stop_ids, pad_id, prompt_ids=prompt_ids,
                                 prompt_mask=prompt_mask, vocab_size=self.config.text.vocab_size,
                                 prompt_bucket=ids.shape[1], num_return_sequences=samples, stop_strings=tables, **s)
+        guided = bool(opts["guidance_scale"] != 1)   # checked there
+        if guided and lookup:
+            raise ValueError(f"guidance_scale={s['guidance_scale']!r} with prompt_lookup_num_tokens={lookup}: a pass "
+                             f"that checks drafts has no unconditional sequence to guide it; leave one of them off")
         ids, mask, sources, pixels = self._place(ids, mask, sources, pixels)
         return dict(input_ids=ids, pixel_values=pixels, sources=None if pixels is None else sources,
                     attention_mask=mask, options=opts, dtype=self.dtype,
                     new_bucket=generate.bucket(max_new_tokens, generate.NEW_TOKEN_BUCKETS), lookup=int(lookup),
-                    samples=int(samples), timed=s["max_time"] is not None, guided=bool(guided))
+                    samples=int(samples), timed=s["max_time"] is not None, guided=guided)
 
     def pad_id(self, eos_token_id=None, pad_token_id=None) -> int:
         """The id `generate` pads with after a row stops, given the call's eos_token_id and pad_token_id:
