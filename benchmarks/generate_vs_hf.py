@@ -174,8 +174,10 @@ def ours(model, inputs, new_tokens, lookup: int = 0, sample: bool = False, max_t
 
     def decode(state):
         logits, cache, kv_valid = state
-        guide = (generate.unconditional_prefill(model.params, model.config, args["input_ids"], args["dtype"],
-                                                new_bucket) if guided else None)
+        guide = None
+        if guided:
+            guide, cache, kv_valid = generate.unconditional_prefill(model.params, model.config, args["input_ids"],
+                                                                    cache, kv_valid, args["dtype"])
         return jax.block_until_ready(generate.decode_program(model.params, model.config, logits, cache, kv_valid,
                                                              deadline(), args["dtype"], new_bucket, lookup,
                                                              timed, guide)[0])

@@ -291,13 +291,13 @@ def start_state(logits, options: dict[str, jax.Array], new_bucket: int, guide=No
     0), the prefill's last-slot logits `[B, V]`, no row done, the prompts' tokens seen, no pass of the
     model yet; and prompt lookup's counts (`decode_loop`): passes that checked drafts, drafted passes
     in a row that kept none, passes left before drafting again. guide: classifier-free guidance's
-    unconditional sequence, (logits `[B, V]`, cache) from `unconditional_prefill`, or None."""
+    unconditional logits `[B, V]` (`unconditional_prefill`), or None."""
     B = logits.shape[0]
     state = {"step": jnp.int32(0), "tokens": jnp.full((B, new_bucket), options["pad_id"], jnp.int32),
              "logprobs": jnp.zeros((B, new_bucket), jnp.float32), "logits": logits, "done": jnp.zeros((B,), bool),
              "seen": jnp.asarray(options["seen"], bool), "passes": jnp.int32(0), "checked": jnp.int32(0),
              "misses": jnp.int32(0), "pause": jnp.int32(0)}
-    return state if guide is None else {**state, "guide_logits": guide[0], "guide_cache": guide[1]}
+    return state if guide is None else {**state, "guide_logits": guide}
 
 
 def guided_scores(logits: jax.Array, unconditional: jax.Array, scale) -> jax.Array:
@@ -308,15 +308,33 @@ def guided_scores(logits: jax.Array, unconditional: jax.Array, scale) -> jax.Arr
     return scale * (conditional - unconditional) + unconditional
 
 
-def unconditional_prefill(params, config: LlavaNextConfig, input_ids, dtype, new_bucket: int, samples: int = 1):
+@partial(xla_cpu.jit, static_argnames=("config", "dtype"))
+def unconditional_prefill(params, config: LlavaNextConfig, input_ids, cache, kv_valid, dtype):
     """Classifier-free guidance's unconditional sequence as HF's processor starts it: each prompt's last
-    token alone (left-aligned prompts: the last column), no image, at position 0, in a cache of its own
-    with a slot for each new token; each new token then follows it (`decode_loop`). Returns (logits
-    `[B * samples, V]`, cache)."""
+    token alone (left-padded prompts `[B, T]`: the last column), no image, at position 0; each new token
+    then follows it. Each such sequence takes the row after its prompt's in the prefilled `cache`, so
+    one pass of the model steps both (the weights read once a step, `decode_loop`): its token's keys
+    and values at the prompt's last slot T - 1, the slots before it invalid, the new tokens' slots
+    shared (slots as far apart as HF's positions, so sliding windows hold as there). The cache's rows may repeat each prompt (`prefill_program`'s samples), the
+    unconditional rows then too.
+
+    Returns (unconditional logits `[R, V]`, cache of 2R rows: row 2r the cache's row r, 2r + 1 its
+    unconditional sequence; their kv_valid `[2R, S]`), R the cache's rows."""
+    B, T = input_ids.shape
+    R, S = kv_valid.shape
     last = input_ids[:, -1:]
-    logits, cache, _ = prefill_program(params, config, last, None, None, jnp.ones(last.shape, jnp.int32), dtype,
-                                       1 + new_bucket, samples)
-    return logits, cache
+    logits, alone, _ = prefill(params, config, last, None, None, jnp.ones(last.shape, jnp.int32),
+                               decoder.init_cache(config.text, B, 1, dtype), dtype)
+    if R != B:   # the prompts' rows repeated (num_return_sequences)
+        logits, alone = jax.tree.map(lambda a: jnp.repeat(a, R // B, axis=0), (logits, alone))
+
+    def paired(rows, unconditional):   # [R, ...] and their unconditional sequences' -> [2R, ...]
+        return jnp.stack([rows, unconditional], axis=1).reshape(2 * R, *rows.shape[1:])
+    at_last = lambda one: jnp.zeros(one.shape[:-1] + (S,), one.dtype).at[..., T - 1:T].set(one)
+    cache = [(paired(k, at_last(k1)), paired(v, at_last(v1))) for (k, v), (k1, v1) in zip(cache, alone)]
+    slots = jnp.arange(S)
+    valid = jnp.broadcast_to((slots == T - 1) | (slots >= T), (R, S))
+    return logits, cache, paired(kv_valid, valid)
 
 
 def penalize_repeats(logits: jax.Array, seen: jax.Array, penalty) -> jax.Array:
@@ -523,13 +541,13 @@ def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options
     no draft, k >= LOOKUP_MISSES, the next min(2**(k - LOOKUP_MISSES), LOOKUP_PAUSE) passes draft
     nothing (a pass that checks drafts costs up to ~1.3x a plain one on a CPU, so output that repeats
     nothing decodes at about the speed without lookup; the tokens are the same either way)."""
-    B, S = kv_valid.shape
+    B, S = state["done"].shape[0], kv_valid.shape[1]
     T = S - new_bucket - lookup
-    next_position = jnp.sum(kv_valid[:, :T], axis=1).astype(jnp.int32)  # first new token's RoPE position
-    guided = "guide_cache" in state   # classifier-free guidance (`guided_scores`); never with lookup
+    # each cache row's first new token's RoPE position; guided, the rows pair each prompt with its
+    # unconditional sequence (`unconditional_prefill`), one decoder pass stepping both
+    next_position = jnp.sum(kv_valid[:, :T], axis=1).astype(jnp.int32)
+    guided = "guide_logits" in state   # classifier-free guidance (`guided_scores`); never with lookup
     assert not (guided and lookup), "classifier-free guidance with prompt lookup"
-    if guided:   # the unconditional sequence's cache: every slot valid, the later ones masked as not yet written
-        guide_valid = jnp.ones((B, state["guide_cache"][0][1].shape[-1]), bool)
     row_keys = jax.vmap(row_key)(options["seeds"], options["row_streams"], options["samples"])
     last = jnp.minimum(stop_at, options["max_new_tokens"])
     rows, pad = jnp.arange(B), options["pad_id"]
@@ -562,16 +580,17 @@ def decode_loop(params, config: LlavaNextConfig, state, cache, kv_valid, options
         if guided:
             logits = guided_scores(logits, state["guide_logits"], options["guidance_scale"])
         token, logprob = choose(logits, state["seen"], state["tokens"], step, state["done"])
-        logits, cache = decode_step(params, config, token, next_position + step, T + step, kv_valid, cache, dtype)
+        inputs = jnp.repeat(token, 2) if guided else token   # guided: each row's unconditional sequence too
+        logits, cache = decode_step(params, config, inputs, next_position + step, T + step, kv_valid, cache, dtype)
+        if guided:   # rows 2b and 2b + 1: prompt b's and its unconditional sequence's
+            logits, unconditional = logits.reshape(B, 2, -1).transpose(1, 0, 2)
         tokens = state["tokens"].at[:, step].set(token)
         state = {**state, "step": step + 1, "tokens": tokens,
                  "logprobs": state["logprobs"].at[:, step].set(logprob), "logits": logits,
                  "done": out_of_time(state["done"] | stops(token, tokens, step)),
                  "seen": state["seen"].at[rows, token].set(True), "passes": state["passes"] + 1}
-        if guided:   # the unconditional sequence takes the token too, at position and slot 1 + step
-            at = jnp.full((B,), 1 + step, jnp.int32)
-            state["guide_logits"], state["guide_cache"] = decode_step(params, config, token, at, 1 + step, guide_valid,
-                                                                      state["guide_cache"], dtype)
+        if guided:
+            state["guide_logits"] = unconditional
         return state, cache
 
     def body_lookup(carry):
@@ -649,7 +668,8 @@ def decode_program(params, config: LlavaNextConfig, logits, cache, kv_valid, opt
     row_streams[r], samples[r])`, then the step.
     lookup: prompt-lookup drafts per pass (`decode_loop`; 0: none); state["passes"] counts the passes.
     timed: the options' max_time deadline checked after each step (`decode_loop`).
-    guide: classifier-free guidance's unconditional sequence (`unconditional_prefill`), or None.
+    guide: classifier-free guidance's unconditional logits `[B, V]`, the cache and kv_valid then
+    `unconditional_prefill`'s (2B rows), or None.
     """
     state = start_state(logits, options, new_bucket, guide)
     # returning the cache lets XLA reuse the donated buffers in place
@@ -687,7 +707,9 @@ def generate_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, so
     (`unconditional_prefill`, the options' guidance_scale)."""
     logits, cache, kv_valid = prefill_program(params, config, input_ids, pixel_values, sources, attention_mask,
                                               dtype, input_ids.shape[1] + new_bucket + lookup, samples)
-    guide = unconditional_prefill(params, config, input_ids, dtype, new_bucket, samples) if guided else None
+    guide = None
+    if guided:
+        guide, cache, kv_valid = unconditional_prefill(params, config, input_ids, cache, kv_valid, dtype)
     state, _ = decode_program(params, config, logits, cache, kv_valid, options, dtype, new_bucket, lookup, timed,
                               guide)
     return state["tokens"], state["logprobs"]
@@ -707,7 +729,9 @@ def stream_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sour
     logits, cache, kv_valid = prefill_program(params, config, input_ids, pixel_values, sources, attention_mask,
                                               dtype, input_ids.shape[1] + new_bucket + lookup, samples)
     end, yielded = int(options["max_new_tokens"]), 0
-    guide = unconditional_prefill(params, config, input_ids, dtype, new_bucket, samples) if guided else None
+    guide = None
+    if guided:
+        guide, cache, kv_valid = unconditional_prefill(params, config, input_ids, cache, kv_valid, dtype)
     state, options = start_program(logits, options, new_bucket, guide)
     # jax.jit caches a call apart from one whose inputs differ in layout or in being committed to their
     # devices. A chunk's outputs are committed once any input is (on one device too), and on a mesh
@@ -741,7 +765,7 @@ def compiled_programs() -> int:
     search's too)."""
     from .beam import beam_program
     return (prefill_program._cache_size() + decode_program._cache_size() + start_program._cache_size()
-            + decode_chunk_program._cache_size() + beam_program._cache_size())
+            + decode_chunk_program._cache_size() + beam_program._cache_size() + unconditional_prefill._cache_size())
 
 
 def pad_prompt(input_ids: np.ndarray, attention_mask: np.ndarray, sources: np.ndarray, length: int, pad_id: int):

@@ -280,9 +280,9 @@ class LlavaNext:
         guidance_scale: HF's classifier-free guidance (None or 1: off), the first of HF's processors:
         the scores are `g * (log_softmax(logits) - log_softmax(u)) + log_softmax(u)`, u the logits of an
         unconditional sequence that starts, as HF's does, with the prompt's last token alone (no image)
-        and continues with the output (`generate.unconditional_prefill`): one more pass of the decoder
-        a step, in programs of their own, compiled where a call sets it. Not with beam search or
-        prompt lookup (refused).
+        and continues with the output (`generate.unconditional_prefill`): a second row of the cache
+        per row, stepped in the same pass of the decoder, in programs of their own, compiled where a
+        call sets it. Not with beam search or prompt lookup (refused).
 
         HF's other logits processors, in HF's order (`generate.process_scores`), before the sampling
         warpers and in beam search on the log-probabilities; each off where None and not in the
