@@ -28,7 +28,9 @@ then differ (each framework draws its own random numbers) and are not compared.
 nothing): what checking the clock after every token costs (ours: a call from the compiled loop to
 the host, in a program compiled for it).
 --guidance-scale G: both generate with HF's classifier-free guidance (guidance_scale=G): a second,
-unconditional sequence decoded beside each row (ours: its one-token prefill is timed with the decode).
+unconditional sequence decoded beside each row (ours: a second row of the prompt's cache, stepped in
+the same pass of the decoder; its one-token prefill, and placing it beside the prompt's cache, timed
+with the decode).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@
 // values. Here a task takes the G query heads of one kv head at a block of positions (kRows rows in
 // all), walks the key tiles its mask reaches (tiles the mask hides entirely, e.g. above the causal
 // diagonal, are skipped) and keeps the tile's logits, the running maxima and sums (online softmax)
-// and the output in the core's caches. Products run on register tiles of kMicroRows x 16 floats.
+// and the output in the core's caches. Products run on register tiles of kMicroRows x kColumns floats.
 // Tasks go to XLA's thread pool, most work first. The forward pass also gives each query's log-sum-exp,
 // from which the backward pass (below) recomputes the weights tile by tile for dq, dk and dv, so a
 // training pass keeps no softmax weights either. A decode step's attention (a few new queries a row
@@ -41,7 +41,6 @@ typedef uint32_t U8 __attribute__((vector_size(32)));
 
 constexpr int64_t kTile = 64;      // keys per tile
 constexpr int64_t kRows = 128;     // query rows per task (positions x query heads of a kv head)
-constexpr int kMicroRows = 6;      // rows of a register tile (x 16 columns: 12 accumulators)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline V8 Load(const float* p) {
@@ -63,106 +62,156 @@ inline V8 Max(V8 a, V8 b) {
   const I8 greater = a > b;
   return (V8)(((I8)a & greater) | ((I8)b & ~greater));
 }
-
-// e^x for x <= 0 in each lane (2^f on [-0.5, 0.5] by Cephes' exp2f polynomial, relative error ~2e-7);
-// 0 at or below -87 (e^-87 ~ 1.6e-38), -inf included: whatever such a lane computes is masked off.
-inline V8 Exp(V8 x) {
-  const I8 keep = x > Splat(-87.0f);
-  const V8 magic = Splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer in the low bits
-  const V8 shifted = x * Splat(1.44269504088896341f) + magic;
-  const V8 n = shifted - magic;
-  const V8 f = x * Splat(1.44269504088896341f) - n;
-  V8 p = Splat(1.535336188319500e-4f);
-  p = p * f + Splat(1.339887440266574e-3f);
-  p = p * f + Splat(9.618437357674640e-3f);
-  p = p * f + Splat(5.550332471162809e-2f);
-  p = p * f + Splat(2.402264791363012e-1f);
-  p = p * f + Splat(6.931472028550421e-1f);
-  p = p * f + Splat(1.0f);
-  const U8 power = ((U8)shifted << 23) + (127u << 23);  // 2^n as float bits: shifted's low bits hold n
-  return Select(keep, p * (V8)power);
-}
-
 inline float HorizontalMax(V8 v) {
   float m = v[0];
   for (int i = 1; i < 8; ++i) m = std::max(m, v[i]);
   return m;
 }
-inline float HorizontalSum(V8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 
-// A register tile of kMicroRows x 16 floats: acc[r] += sum over i < depth of a[r * a_stride + i] *
-// b[i * b_stride + 0:16] (12 accumulators; each a[...] broadcast, each b row two vector loads).
-typedef V8 Tile[kMicroRows][2];
+// Row: a register tile's row of kColumns floats, two vector registers. With AVX-512 two of 16 floats
+// (32 columns), else two of 8 (16 columns); either way a tile of kMicroRows = 6 rows keeps 12
+// accumulators in registers and broadcasts each factor once for two of them. (A 64-byte vector type
+// compiled for AVX2 ran the tiles 3.6x slower; with AVX-512, 12 rows x 16 columns, a load per
+// multiply-add, measured no faster than 6 x 32.)
+#ifdef __AVX512F__
+typedef float V16 __attribute__((vector_size(64)));
+typedef V16 Half;
+constexpr int64_t kColumns = 32;
+inline Half LoadHalf(const float* p) {
+  Half v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void StoreHalf(float* p, Half v) { std::memcpy(p, &v, sizeof v); }
+inline Half SplatHalf(float x) { return Half{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+inline Half Max(Half a, Half b) {
+  typedef int32_t I16 __attribute__((vector_size(64)));
+  const I16 greater = a > b;
+  return (Half)(((I16)a & greater) | ((I16)b & ~greater));
+}
+inline float HorizontalMax(Half v) {
+  float m = v[0];
+  for (int i = 1; i < 16; ++i) m = std::max(m, v[i]);
+  return m;
+}
+#else
+typedef V8 Half;
+constexpr int64_t kColumns = 16;
+inline Half LoadHalf(const float* p) { return Load(p); }
+inline void StoreHalf(float* p, Half v) { Store(p, v); }
+inline Half SplatHalf(float x) { return Splat(x); }
+#endif
+constexpr int64_t kHalf = kColumns / 2;
+constexpr int kMicroRows = 6;
+struct Row {
+  Half low, high;
+};
+inline Row LoadRow(const float* p) { return {LoadHalf(p), LoadHalf(p + kHalf)}; }
+inline void StoreRow(float* p, Row v) {
+  StoreHalf(p, v.low);
+  StoreHalf(p + kHalf, v.high);
+}
+inline Row& operator+=(Row& a, Row b) {
+  a.low += b.low;
+  a.high += b.high;
+  return a;
+}
+inline Half Max(Row v) { return Max(v.low, v.high); }
+
+// e^x for x <= 0 in each lane of a V8 or a Half (2^f on [-0.5, 0.5] by Cephes' exp2f polynomial, relative
+// error ~2e-7); 0 at or below -87 (e^-87 ~ 1.6e-38), -inf included: whatever such a lane computes is
+// masked off.
+template <typename V>
+inline V Exp(V x) {
+  typedef decltype(x > x) I;  // the lanes' comparison masks: int32 lanes
+  typedef uint32_t U __attribute__((vector_size(sizeof(V))));
+  const auto splat = [](float c) { return V{} + c; };
+  const I keep = x > splat(-87.0f);
+  const V magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+  const V shifted = x * splat(1.44269504088896341f) + magic;
+  const V n = shifted - magic;
+  const V f = x * splat(1.44269504088896341f) - n;
+  V p = splat(1.535336188319500e-4f);
+  p = p * f + splat(1.339887440266574e-3f);
+  p = p * f + splat(9.618437357674640e-3f);
+  p = p * f + splat(5.550332471162809e-2f);
+  p = p * f + splat(2.402264791363012e-1f);
+  p = p * f + splat(6.931472028550421e-1f);
+  p = p * f + splat(1.0f);
+  const U power = ((U)shifted << 23) + (127u << 23);  // 2^n as float bits: shifted's low bits hold n
+  return (V)((I)(p * (V)power) & keep);
+}
+
+template <typename V>
+inline float HorizontalSum(V v) {
+  float sum = 0.0f;
+  for (int i = 0; i < int(sizeof v / sizeof sum); ++i) sum += v[i];
+  return sum;
+}
+
+// A register tile of kMicroRows x kColumns floats: acc[r] += sum over i < depth of a[r * a_stride + i] *
+// b[i * b_stride + 0:kColumns] (each a[...] broadcast once for a row's two registers).
+typedef Row Tile[kMicroRows];
 inline void Accumulate(Tile& acc, const float* __restrict a, int64_t a_stride, const float* __restrict b,
                        int64_t b_stride, int64_t depth) {
   for (int64_t i = 0; i < depth; ++i) {
-    const V8 b0 = Load(b + i * b_stride), b1 = Load(b + i * b_stride + 8);
+    const Row row = LoadRow(b + i * b_stride);
     for (int r = 0; r < kMicroRows; ++r) {
-      const V8 x = Splat(a[r * a_stride + i]);
-      acc[r][0] += x * b0;
-      acc[r][1] += x * b1;
+      const Half x = SplatHalf(a[r * a_stride + i]);
+      acc[r].low += x * row.low;
+      acc[r].high += x * row.high;
     }
   }
 }
 
-// The logits of a register tile: x[r, 0:16] = q[r, :depth] . keys[:depth, 0:16] (+ bias[r][0:16] where
-// bias is given), r < kMicroRows, with most[r] = max(most[r], x[r, 0:16]). keys rows are kTile apart,
-// q rows q_stride, x rows kTile.
+// The logits of a register tile: x[r, 0:kColumns] = q[r, :depth] . keys[:depth, 0:kColumns] (+ bias[r][0:kColumns]
+// where bias is given), r < kMicroRows, with most[r] = max(most[r], x[r, 0:kColumns]). keys rows are kTile
+// apart, q rows q_stride, x rows kTile.
 inline void LogitsTile(const float* q, int64_t q_stride, const float* keys, int64_t depth, const float* const* bias,
-                       float* __restrict x, V8* most) {
+                       float* __restrict x, Half* most) {
   Tile acc = {};
   Accumulate(acc, q, q_stride, keys, kTile, depth);
   for (int r = 0; r < kMicroRows; ++r) {
-    if (bias) {
-      acc[r][0] += Load(bias[r]);
-      acc[r][1] += Load(bias[r] + 8);
-    }
-    Store(x + r * kTile, acc[r][0]);
-    Store(x + r * kTile + 8, acc[r][1]);
-    most[r] = Max(most[r], Max(acc[r][0], acc[r][1]));
+    if (bias) acc[r] += LoadRow(bias[r]);
+    StoreRow(x + r * kTile, acc[r]);
+    most[r] = Max(most[r], Max(acc[r]));
   }
 }
 
-// The output of a register tile: o[r, 0:16] += sum over j < depth of w[r, j] * values[j, 0:16],
+// The output of a register tile: o[r, 0:kColumns] += sum over j < depth of w[r, j] * values[j, 0:kColumns],
 // r < kMicroRows; w rows kTile apart, values and o rows `stride`.
 inline void OutputTile(const float* w, const float* values, int64_t depth, int64_t stride, float* __restrict o) {
   Tile acc;
-  for (int r = 0; r < kMicroRows; ++r) {
-    acc[r][0] = Load(o + r * stride);
-    acc[r][1] = Load(o + r * stride + 8);
-  }
+  for (int r = 0; r < kMicroRows; ++r) acc[r] = LoadRow(o + r * stride);
   Accumulate(acc, w, kTile, values, stride, depth);
-  for (int r = 0; r < kMicroRows; ++r) {
-    Store(o + r * stride, acc[r][0]);
-    Store(o + r * stride + 8, acc[r][1]);
-  }
+  for (int r = 0; r < kMicroRows; ++r) StoreRow(o + r * stride, acc[r]);
 }
 
 struct Shapes {
   int64_t B, T, N, H, K, S, G;  // the decode kernel (below) uses these alone, with k and v [B, K, H, S]
   int64_t positions;  // query positions per task: kRows / G, at least 1
-  int64_t H16;        // H rounded up to a multiple of 16 (packed tiles are zero beyond H)
+  int64_t Hp;         // H rounded up to a multiple of kColumns (packed tiles are zero beyond H)
   int64_t tiles;      // key tiles: ceil(S / kTile)
 };
 
-// Keys and values of one (row, kv head, tile), packed: keys transposed [H16, kTile], values [kTile, H16],
-// zero beyond the tile's keys and beyond H. The backward pass also packs the keys [kTile, H16] and the
-// values transposed [H16, kTile] after them.
+// Keys and values of one (row, kv head, tile), packed: keys transposed [Hp, kTile], values [kTile, Hp],
+// zero beyond the tile's keys and beyond H. The backward pass also packs the keys [kTile, Hp] and the
+// values transposed [Hp, kTile] after them.
 void PackTile(const Shapes& s, const float* k, const float* v, int64_t pair, int64_t tile, float* keys,
               float* values, bool backward = false) {
   const int64_t s0 = tile * kTile, width = std::min(kTile, s.S - s0);
   const float* kp = k + (pair * s.S + s0) * s.H;
   const float* vp = v + (pair * s.S + s0) * s.H;
-  float* key_rows = values + kTile * s.H16;
-  float* values_t = key_rows + kTile * s.H16;
-  std::fill(keys, keys + s.H16 * kTile, 0.0f);
-  std::fill(values, values + kTile * s.H16 * (backward ? 3 : 1), 0.0f);
+  float* key_rows = values + kTile * s.Hp;
+  float* values_t = key_rows + kTile * s.Hp;
+  std::fill(keys, keys + s.Hp * kTile, 0.0f);
+  std::fill(values, values + kTile * s.Hp * (backward ? 3 : 1), 0.0f);
   for (int64_t j = 0; j < width; ++j)
     for (int64_t d = 0; d < s.H; ++d) {
       keys[d * kTile + j] = kp[j * s.H + d];
-      values[j * s.H16 + d] = vp[j * s.H + d];
+      values[j * s.Hp + d] = vp[j * s.H + d];
       if (backward) {
-        key_rows[j * s.H16 + d] = kp[j * s.H + d];
+        key_rows[j * s.Hp + d] = kp[j * s.H + d];
         values_t[d * kTile + j] = vp[j * s.H + d];
       }
     }
@@ -233,38 +282,38 @@ int64_t RowGroup(const Shapes& s, int64_t r0, int64_t t0, int64_t last_row, cons
 // (logits, online softmax, output), so that their logits never leave the core's first-level cache.
 void AttendBlock(const Shapes& s, const float* q, const bool* mask, const float* packed, float scale, int64_t b,
                  int64_t kh, int64_t t0, int64_t t1, float* out, float* lse) {
-  const int64_t G = s.G, H = s.H, H16 = s.H16;
+  const int64_t G = s.G, H = s.H, Hp = s.Hp;
   const int64_t rows = (t1 - t0) * G;
   const int64_t padded_rows = (rows + kMicroRows - 1) / kMicroRows * kMicroRows;
-  const int64_t tile_floats = 2 * H16 * kTile;
+  const int64_t tile_floats = 2 * Hp * kTile;
   // Queries times scale (zero beyond H and beyond the task's rows); outputs before the division by
   // the weights' sum; each row's largest logit so far and its weights' sum.
-  std::vector<float> queries(padded_rows * H16, 0.0f), acc(padded_rows * H16, 0.0f);
+  std::vector<float> queries(padded_rows * Hp, 0.0f), acc(padded_rows * Hp, 0.0f);
   std::vector<float> bias((t1 - t0) * kTile), top(padded_rows, kNegInf), total(padded_rows, 0.0f);
   std::vector<int64_t> extent(t1 - t0);  // per position: its visible keys of the tile lie in [0, extent)
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = q + QueryIndex(s, b, kh, t0 * G + r) * H;
-    for (int64_t d = 0; d < H; ++d) queries[r * H16 + d] = row[d] * scale;
+    for (int64_t d = 0; d < H; ++d) queries[r * Hp + d] = row[d] * scale;
   }
   alignas(32) float x[kMicroRows * kTile];
   for (int64_t tile = 0; tile < s.tiles; ++tile) {
     bool all;  // nothing here visible to any of the task's queries: skipped
     if (!TileMask(s, mask, b, t0, t1, tile, bias.data(), extent.data(), all)) continue;
     const float* keys = packed + ((b * s.K + kh) * s.tiles + tile) * tile_floats;
-    const float* values = keys + H16 * kTile;
+    const float* values = keys + Hp * kTile;
     for (int64_t r0 = 0; r0 < padded_rows; r0 += kMicroRows) {
       // Padded rows (zero queries) take the last row's mask; the keys any of the rows sees lie in
       // [0, depth): columns from `used` on are neither multiplied nor weighted (above a causal diagonal).
       const float* row_bias[kMicroRows];
       const int64_t depth = RowGroup(s, t0 * G + r0, t0, t0 * G + rows - 1, bias.data(), extent.data(), row_bias);
       if (depth == 0) continue;
-      const int64_t used = (depth + 15) / 16 * 16;
-      V8 most[kMicroRows];
-      for (int r = 0; r < kMicroRows; ++r) most[r] = Splat(kNegInf);
-      for (int64_t j = 0; j < used; j += 16) {
+      const int64_t used = (depth + kColumns - 1) / kColumns * kColumns;
+      Half most[kMicroRows];
+      for (int r = 0; r < kMicroRows; ++r) most[r] = SplatHalf(kNegInf);
+      for (int64_t j = 0; j < used; j += kColumns) {
         const float* bias_at[kMicroRows];
         for (int r = 0; r < kMicroRows; ++r) bias_at[r] = row_bias[r] + j;
-        LogitsTile(&queries[r0 * H16], H16, keys + j, H, all ? nullptr : bias_at, x + j, most);
+        LogitsTile(&queries[r0 * Hp], Hp, keys + j, H, all ? nullptr : bias_at, x + j, most);
       }
       for (int r = 0; r < kMicroRows; ++r) {
         float* xr = x + r * kTile;
@@ -273,27 +322,27 @@ void AttendBlock(const Shapes& s, const float* q, const bool* mask, const float*
           std::fill(xr, xr + used, 0.0f);
           continue;
         }
-        V8 sum{};
-        for (int64_t j = 0; j < used; j += 8) {
-          const V8 w = Exp(Load(xr + j) - Splat(new_top));
-          Store(xr + j, w);
+        Half sum{};
+        for (int64_t j = 0; j < used; j += kHalf) {
+          const Half w = Exp(LoadHalf(xr + j) - SplatHalf(new_top));
+          StoreHalf(xr + j, w);
           sum += w;
         }
         const float rescale = std::exp(top[r0 + r] - new_top);  // 0 for the row's first visible tile
         total[r0 + r] = total[r0 + r] * rescale + HorizontalSum(sum);
         top[r0 + r] = new_top;
         if (rescale != 1.0f) {
-          float* o = &acc[(r0 + r) * H16];
-          for (int64_t d = 0; d < H16; d += 8) Store(o + d, Load(o + d) * Splat(rescale));
+          float* o = &acc[(r0 + r) * Hp];
+          for (int64_t d = 0; d < Hp; d += kHalf) StoreHalf(o + d, LoadHalf(o + d) * SplatHalf(rescale));
         }
       }
-      for (int64_t d = 0; d < H16; d += 16) OutputTile(x, values + d, depth, H16, &acc[r0 * H16 + d]);
+      for (int64_t d = 0; d < Hp; d += kColumns) OutputTile(x, values + d, depth, Hp, &acc[r0 * Hp + d]);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {  // a row that sees no key gets zeros (and a log-sum-exp of +inf)
     const float inverse = total[r] > 0.0f ? 1.0f / total[r] : 0.0f;
     const int64_t index = QueryIndex(s, b, kh, t0 * G + r);
-    for (int64_t d = 0; d < H; ++d) out[index * H + d] = acc[r * H16 + d] * inverse;
+    for (int64_t d = 0; d < H; ++d) out[index * H + d] = acc[r * Hp + d] * inverse;
     lse[index] = total[r] > 0.0f ? top[r] + std::log(total[r]) : -kNegInf;
   }
 }
@@ -310,7 +359,7 @@ bool ReadShapes(ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd, ffi::S
   // task's rows fill whole register tiles.
   const int64_t step = kMicroRows / std::gcd<int64_t>(s.G, kMicroRows);
   s.positions = std::max<int64_t>(1, (kRows / s.G + step - 1) / step) * step;
-  s.H16 = (s.H + 15) / 16 * 16;
+  s.Hp = (s.H + kColumns - 1) / kColumns * kColumns;
   s.tiles = (s.S + kTile - 1) / kTile;
   return true;
 }
@@ -325,7 +374,7 @@ ffi::Error FlashAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   Shapes s;
   if (!ReadShapes(q.dimensions(), k.dimensions(), v.dimensions(), mask.dimensions(), s))
     return ffi::Error::InvalidArgument(std::string("llava_next_flash_attention: ") + kShapeError);
-  const int64_t pairs = s.B * s.K, tile_floats = 2 * s.H16 * kTile;
+  const int64_t pairs = s.B * s.K, tile_floats = 2 * s.Hp * kTile;
   std::unique_ptr<float[]> packed(new float[pairs * s.tiles * tile_floats]);
   const float *qs = q.typed_data(), *ks = k.typed_data(), *vs = v.typed_data();
   const bool* ms = mask.typed_data();
@@ -333,7 +382,7 @@ ffi::Error FlashAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   float* pk = packed.get();
   RunTasks(pool, pairs * s.tiles, [=](int64_t i) {
     float* keys = pk + i * tile_floats;
-    PackTile(s, ks, vs, i / s.tiles, i % s.tiles, keys, keys + s.H16 * kTile);
+    PackTile(s, ks, vs, i / s.tiles, i % s.tiles, keys, keys + s.Hp * kTile);
   });
   const int64_t blocks = (s.T + s.positions - 1) / s.positions;
   RunTasks(pool, pairs * blocks, [=](int64_t i) {
@@ -354,7 +403,7 @@ ffi::Error FlashAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
 constexpr int64_t kChunk = 48;                                         // query rows per dk/dv product
 constexpr int64_t kTileRows = (kTile + kMicroRows - 1) / kMicroRows * kMicroRows;  // 66: whole tiles
 
-// A (row, kv head)'s query rows r = t * G + g (position t, query head kh * G + g), packed [rows, H16]:
+// A (row, kv head)'s query rows r = t * G + g (position t, query head kh * G + g), packed [rows, Hp]:
 // the queries times scale, the output gradients; with each row's log-sum-exp and D. Rows from T * G
 // to `padded` are zero with a log-sum-exp of +inf (no weights).
 struct Rows {
@@ -365,15 +414,15 @@ struct Rows {
 void PackRows(const Shapes& s, const float* q, const float* dout, const float* lse, const float* delta,
               float scale, int64_t pair, const Rows& rows) {
   const int64_t b = pair / s.K, kh = pair % s.K, real = s.T * s.G;
-  std::fill(rows.q, rows.q + rows.padded * s.H16, 0.0f);
-  std::fill(rows.dout, rows.dout + rows.padded * s.H16, 0.0f);
+  std::fill(rows.q, rows.q + rows.padded * s.Hp, 0.0f);
+  std::fill(rows.dout, rows.dout + rows.padded * s.Hp, 0.0f);
   std::fill(rows.lse, rows.lse + rows.padded, -kNegInf);
   std::fill(rows.delta, rows.delta + rows.padded, 0.0f);
   for (int64_t r = 0; r < real; ++r) {
     const int64_t index = QueryIndex(s, b, kh, r);
     for (int64_t d = 0; d < s.H; ++d) {
-      rows.q[r * s.H16 + d] = q[index * s.H + d] * scale;
-      rows.dout[r * s.H16 + d] = dout[index * s.H + d];
+      rows.q[r * s.Hp + d] = q[index * s.H + d] * scale;
+      rows.dout[r * s.Hp + d] = dout[index * s.H + d];
     }
     rows.lse[r] = lse[index];
     rows.delta[r] = delta[index];
@@ -385,54 +434,48 @@ void PackRows(const Shapes& s, const float* q, const float* dout, const float* l
 void GradientTile(const Shapes& s, const Rows& rows, int64_t r0, const float* packed_tile, const float* const* bias,
                   int64_t used, float* __restrict x, float* __restrict y) {
   const float* keys_t = packed_tile;
-  const float* values_t = packed_tile + s.H16 * kTile + 2 * kTile * s.H16;
-  V8 most[kMicroRows] = {};  // unused
-  for (int64_t j = 0; j < used; j += 16) {
+  const float* values_t = packed_tile + s.Hp * kTile + 2 * kTile * s.Hp;
+  Half most[kMicroRows] = {};  // unused
+  for (int64_t j = 0; j < used; j += kColumns) {
     const float* bias_at[kMicroRows];
     if (bias)
       for (int r = 0; r < kMicroRows; ++r) bias_at[r] = bias[r] + j;
-    LogitsTile(rows.q + r0 * s.H16, s.H16, keys_t + j, s.H, bias ? bias_at : nullptr, x + j, most);
-    LogitsTile(rows.dout + r0 * s.H16, s.H16, values_t + j, s.H, nullptr, y + j, most);
+    LogitsTile(rows.q + r0 * s.Hp, s.Hp, keys_t + j, s.H, bias ? bias_at : nullptr, x + j, most);
+    LogitsTile(rows.dout + r0 * s.Hp, s.Hp, values_t + j, s.H, nullptr, y + j, most);
   }
   for (int r = 0; r < kMicroRows; ++r) {
-    const V8 lse = Splat(rows.lse[r0 + r]), delta = Splat(rows.delta[r0 + r]);
+    const Half lse = SplatHalf(rows.lse[r0 + r]), delta = SplatHalf(rows.delta[r0 + r]);
     float *xr = x + r * kTile, *yr = y + r * kTile;
-    for (int64_t j = 0; j < used; j += 8) {
-      const V8 p = Exp(Load(xr + j) - lse);
-      Store(xr + j, p);
-      Store(yr + j, p * (Load(yr + j) - delta));
+    for (int64_t j = 0; j < used; j += kHalf) {
+      const Half p = Exp(LoadHalf(xr + j) - lse);
+      StoreHalf(xr + j, p);
+      StoreHalf(yr + j, p * (LoadHalf(yr + j) - delta));
     }
     std::fill(xr + used, xr + kTile, 0.0f);
     std::fill(yr + used, yr + kTile, 0.0f);
   }
 }
 
-// acc[j, :] += sum over i < depth of a[j, i] * b[i, :] for the kTileRows x H16 accumulator acc; a rows
-// kChunk apart, b rows H16.
+// acc[j, :] += sum over i < depth of a[j, i] * b[i, :] for the kTileRows x Hp accumulator acc; a rows
+// kChunk apart, b rows Hp.
 void AccumulateTile(const Shapes& s, const float* a, const float* b, int64_t depth, float* acc) {
   for (int64_t j0 = 0; j0 < kTileRows; j0 += kMicroRows)
-    for (int64_t d = 0; d < s.H16; d += 16) {
+    for (int64_t d = 0; d < s.Hp; d += kColumns) {
       Tile t;
-      for (int r = 0; r < kMicroRows; ++r) {
-        t[r][0] = Load(acc + (j0 + r) * s.H16 + d);
-        t[r][1] = Load(acc + (j0 + r) * s.H16 + d + 8);
-      }
-      Accumulate(t, a + j0 * kChunk, kChunk, b + d, s.H16, depth);
-      for (int r = 0; r < kMicroRows; ++r) {
-        Store(acc + (j0 + r) * s.H16 + d, t[r][0]);
-        Store(acc + (j0 + r) * s.H16 + d + 8, t[r][1]);
-      }
+      for (int r = 0; r < kMicroRows; ++r) t[r] = LoadRow(acc + (j0 + r) * s.Hp + d);
+      Accumulate(t, a + j0 * kChunk, kChunk, b + d, s.Hp, depth);
+      for (int r = 0; r < kMicroRows; ++r) StoreRow(acc + (j0 + r) * s.Hp + d, t[r]);
     }
 }
 
 // dk and dv of key tile `tile` of row b, kv head kh, over every query row that sees it, and that tile's
-// share of those rows' dq / scale added to dq_part ([rows, H16], the rows as packed).
+// share of those rows' dq / scale added to dq_part ([rows, Hp], the rows as packed).
 void KeyGradients(const Shapes& s, const Rows& rows, const bool* mask, const float* packed, int64_t b, int64_t kh,
                   int64_t tile, float* dk, float* dv, float* dq_part) {
-  const int64_t G = s.G, H16 = s.H16, real = s.T * G;
-  const float* packed_tile = packed + ((b * s.K + kh) * s.tiles + tile) * 4 * H16 * kTile;
-  const float* key_rows = packed_tile + 2 * H16 * kTile;
-  std::vector<float> dk_acc(kTileRows * H16, 0.0f), dv_acc(kTileRows * H16, 0.0f);
+  const int64_t G = s.G, Hp = s.Hp, real = s.T * G;
+  const float* packed_tile = packed + ((b * s.K + kh) * s.tiles + tile) * 4 * Hp * kTile;
+  const float* key_rows = packed_tile + 2 * Hp * kTile;
+  std::vector<float> dk_acc(kTileRows * Hp, 0.0f), dv_acc(kTileRows * Hp, 0.0f);
   std::vector<float> p(kChunk * kTile), ds(kChunk * kTile);
   std::vector<float> p_t(kTileRows * kChunk, 0.0f), ds_t(kTileRows * kChunk, 0.0f);
   const int64_t max_positions = kChunk / G + 2;
@@ -451,23 +494,23 @@ void KeyGradients(const Shapes& s, const Rows& rows, const bool* mask, const flo
         std::fill(y, y + kMicroRows * kTile, 0.0f);
         continue;
       }
-      GradientTile(s, rows, r0, packed_tile, all ? nullptr : row_bias, (depth + 15) / 16 * 16, x, y);
-      for (int64_t d = 0; d < H16; d += 16) OutputTile(y, key_rows + d, depth, H16, dq_part + r0 * H16 + d);
+      GradientTile(s, rows, r0, packed_tile, all ? nullptr : row_bias, (depth + kColumns - 1) / kColumns * kColumns, x, y);
+      for (int64_t d = 0; d < Hp; d += kColumns) OutputTile(y, key_rows + d, depth, Hp, dq_part + r0 * Hp + d);
     }
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < kTile; ++j) {
         p_t[j * kChunk + i] = p[i * kTile + j];
         ds_t[j * kChunk + i] = ds[i * kTile + j];
       }
-    AccumulateTile(s, p_t.data(), rows.dout + c0 * H16, n, dv_acc.data());
-    AccumulateTile(s, ds_t.data(), rows.q + c0 * H16, n, dk_acc.data());
+    AccumulateTile(s, p_t.data(), rows.dout + c0 * Hp, n, dv_acc.data());
+    AccumulateTile(s, ds_t.data(), rows.q + c0 * Hp, n, dk_acc.data());
   }
   const int64_t s0 = tile * kTile, width = std::min(kTile, s.S - s0);
   for (int64_t j = 0; j < width; ++j)
     for (int64_t d = 0; d < s.H; ++d) {
       const int64_t at = ((b * s.K + kh) * s.S + s0 + j) * s.H + d;
-      dk[at] = dk_acc[j * H16 + d];
-      dv[at] = dv_acc[j * H16 + d];
+      dk[at] = dk_acc[j * Hp + d];
+      dv[at] = dv_acc[j * Hp + d];
     }
 }
 
@@ -481,9 +524,9 @@ ffi::Error FlashAttentionBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   Shapes s;
   if (!ReadShapes(q.dimensions(), k.dimensions(), v.dimensions(), mask.dimensions(), s))
     return ffi::Error::InvalidArgument(std::string("llava_next_flash_attention_backward: ") + kShapeError);
-  const int64_t pairs = s.B * s.K, tile_floats = 4 * s.H16 * kTile;
+  const int64_t pairs = s.B * s.K, tile_floats = 4 * s.Hp * kTile;
   const int64_t padded = (s.T * s.G + kChunk - 1) / kChunk * kChunk + kMicroRows;
-  const int64_t row_floats = padded * (2 * s.H16 + 2);
+  const int64_t row_floats = padded * (2 * s.Hp + 2);
   std::unique_ptr<float[]> packed(new float[pairs * s.tiles * tile_floats]);
   std::unique_ptr<float[]> packed_rows(new float[pairs * row_floats]);
   const float *qs = q.typed_data(), *ks = k.typed_data(), *vs = v.typed_data(), *dos = dout.typed_data();
@@ -492,18 +535,18 @@ ffi::Error FlashAttentionBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   float *pk = packed.get(), *pr = packed_rows.get();
   auto rows_of = [=](int64_t pair) {
     float* base = pr + pair * row_floats;
-    return Rows{padded, base, base + padded * s.H16, base + 2 * padded * s.H16, base + 2 * padded * s.H16 + padded};
+    return Rows{padded, base, base + padded * s.Hp, base + 2 * padded * s.Hp, base + 2 * padded * s.Hp + padded};
   };
   RunTasks(pool, pairs * s.tiles + pairs, [=](int64_t i) {
     if (i < pairs) return PackRows(s, qs, dos, ls, ds, scale, i, rows_of(i));
     const int64_t t = i - pairs;
     float* keys = pk + t * tile_floats;
-    PackTile(s, ks, vs, t / s.tiles, t % s.tiles, keys, keys + s.H16 * kTile, true);
+    PackTile(s, ks, vs, t / s.tiles, t % s.tiles, keys, keys + s.Hp * kTile, true);
   });
   // The key tiles of a (row, kv head) go to `groups` tasks (tiles g, g + groups, ...), each adding its
   // tiles' shares of dq to a buffer of its own; the shares are summed after.
   const int64_t groups = std::clamp<int64_t>((2 * pool.num_threads() + pairs - 1) / pairs, 1, s.tiles);
-  const int64_t part_floats = padded * s.H16;
+  const int64_t part_floats = padded * s.Hp;
   std::unique_ptr<float[]> parts(new float[pairs * groups * part_floats]);
   float *dqs = dq->typed_data(), *dks = dk->typed_data(), *dvs = dv->typed_data(), *ps = parts.get();
   RunTasks(pool, pairs * groups, [=](int64_t i) {
@@ -519,7 +562,7 @@ ffi::Error FlashAttentionBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
       float* out = dqs + QueryIndex(s, b, kh, r) * s.H;
       for (int64_t d = 0; d < s.H; ++d) {
         float sum = 0.0f;
-        for (int64_t g = 0; g < groups; ++g) sum += ps[(g * pairs + pair) * part_floats + r * s.H16 + d];
+        for (int64_t g = 0; g < groups; ++g) sum += ps[(g * pairs + pair) * part_floats + r * s.Hp + d];
         out[d] = sum * scale;
       }
     }
