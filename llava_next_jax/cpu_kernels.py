@@ -21,6 +21,11 @@ which read the cache at about half the speed (a bf16 cache at an eighth).
 `flash_attention` runs attention over a prompt in one pass over tiles of keys (online softmax), where
 XLA:CPU writes each block's logits to memory and reads them back three times; `flash_attention_backward`
 its gradient from the forward pass's log-sum-exp (`modeling.decoder.native_attention` pairs them).
+`gemm` runs products of `GEMM_MIN_ROWS` rows or more (a prefill, a training pass) on oneDNN's gemm
+functions where the `onednn-cpu-gomp` package is installed (a dependency on x86-64 Linux; its
+library is found in the environment's lib/ and loaded with ctypes, `LLAVA_NEXT_ONEDNN=0` leaves it
+out): XLA:CPU's float32 products ran ~1.2-1.5x slower, and its bfloat16 ones ~6x slower on a CPU with
+AMX tiles, which oneDNN uses (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -46,6 +52,7 @@ TARGET = "llava_next_fewrow_matmul"
 DECODE_TARGET = "llava_next_decode_attention"
 FLASH_TARGET = "llava_next_flash_attention"
 FLASH_BACKWARD_TARGET = "llava_next_flash_attention_backward"
+GEMM_TARGET = "llava_next_gemm"
 MAX_ROWS = 8
 _log = logging.getLogger(__name__)
 
@@ -119,11 +126,37 @@ def _load() -> bool:
         jax.ffi.register_ffi_target(FLASH_TARGET, jax.ffi.pycapsule(library.FlashAttention), platform="cpu")
         jax.ffi.register_ffi_target(FLASH_BACKWARD_TARGET, jax.ffi.pycapsule(library.FlashAttentionBackward),
                                     platform="cpu")
+        onednn = _onednn()
+        if onednn is not None:
+            address = lambda name: ctypes.cast(getattr(onednn, name), ctypes.c_void_p)
+            omp = ctypes.CDLL("libgomp.so.1")   # oneDNN's OpenMP runtime (this package's build of it)
+            library.SetGemm(address("dnnl_sgemm"), address("dnnl_gemm_bf16bf16f32"),
+                            ctypes.cast(omp.omp_set_num_threads, ctypes.c_void_p))
+            jax.ffi.register_ffi_target(GEMM_TARGET, jax.ffi.pycapsule(library.Gemm), platform="cpu")
+            _gemm_ready.append(True)
     except Exception as error:  # noqa: BLE001 - any failure means XLA's products, said once
         _log.warning("llava_next_jax: the native CPU kernels are unavailable, XLA's operations are used "
                      "(decode and prefill on the CPU run slower): %s", error)
         return False
     return True
+
+
+_gemm_ready: list[bool] = []   # [True] once oneDNN's gemm is set and registered (`_load`)
+
+
+def _onednn() -> ctypes.CDLL | None:
+    """oneDNN's library (the `onednn-cpu-gomp` package puts it in the environment's lib/), or None
+    where it is not installed or `LLAVA_NEXT_ONEDNN=0`."""
+    if os.environ.get("LLAVA_NEXT_ONEDNN", "1") == "0":
+        return None
+    for directory in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        path = Path(directory) / "lib" / "libdnnl.so.3"
+        if path.exists():
+            try:
+                return ctypes.CDLL(str(path))
+            except OSError as error:
+                _log.warning("llava_next_jax: %s could not be loaded, XLA's products are used: %s", path, error)
+    return None
 
 
 def _usable() -> bool:
@@ -161,6 +194,54 @@ def fewrow_matmul(x: jax.Array, kernel: jax.Array, tasks: int = 0) -> jax.Array:
 def _fewrow_matmul_jvp(tasks, primals, tangents):
     (x, kernel), (dx, dkernel) = primals, tangents
     return fewrow_matmul(x, kernel, tasks), dx @ kernel + x @ dkernel
+
+
+# Fewest rows a product takes to run on oneDNN's gemm (fewer: the few-row kernel or XLA's products,
+# which ran 16-128 rows of a [1024, 4096] float32 product faster; 256 and more slower: docs/benchmarks.md).
+GEMM_MIN_ROWS = 256
+GEMM_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+def gemm_applies(rows: int, x_dtype, kernel: jax.Array) -> bool:
+    """Whether a `[rows, in] x kernel [in, out]` product runs on oneDNN's gemm (`gemm`): `GEMM_MIN_ROWS`
+    rows or more, float32 or bfloat16 (both the same), oneDNN installed and not switched off
+    (`LLAVA_NEXT_ONEDNN=0`, read when a program is traced), a single-device CPU backend."""
+    return (rows >= GEMM_MIN_ROWS and x_dtype == kernel.dtype and jnp.dtype(x_dtype) in GEMM_DTYPES
+            and kernel.ndim == 2 and os.environ.get("LLAVA_NEXT_ONEDNN", "1") != "0" and _usable()
+            and bool(_gemm_ready))
+
+
+def _gemm(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:
+    """op(a) @ op(b) on oneDNN (`cpu_kernels.cc`'s Gemm): float32 sums, the result in a's dtype."""
+    _require()
+    if not _gemm_ready:
+        raise RuntimeError("oneDNN's gemm is unavailable: the onednn-cpu-gomp package is not installed, or "
+                           "LLAVA_NEXT_ONEDNN=0")
+    M = a.shape[1] if transpose_a else a.shape[0]
+    N = b.shape[0] if transpose_b else b.shape[1]
+    out = jax.ShapeDtypeStruct((M, N), jnp.float32)
+    return jax.ffi.ffi_call(GEMM_TARGET, out)(a, b, transpose_a=transpose_a, transpose_b=transpose_b).astype(a.dtype)
+
+
+@jax.custom_vjp
+def gemm(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`x [R, K] @ kernel [K, N]` on oneDNN's gemm (`gemm_applies`), float32 or bfloat16 (both the same):
+    float32 sums, the result in their dtype. Its gradient is two more such products (g @ kernel.T,
+    x.T @ g), the transposes read in place."""
+    return _gemm(x, kernel)
+
+
+def _gemm_fwd(x, kernel):
+    return _gemm(x, kernel), (x, kernel)
+
+
+def _gemm_bwd(saved, g):
+    x, kernel = saved
+    g = g.astype(x.dtype)
+    return _gemm(g, kernel, transpose_b=True), _gemm(x, g, transpose_a=True)
+
+
+gemm.defvjp(_gemm_fwd, _gemm_bwd)
 
 
 # float32, bfloat16, or bfloat16 bits held as uint16 (`modeling.decoder.cache_dtype`)

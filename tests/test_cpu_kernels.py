@@ -4,6 +4,7 @@ cannot be built."""
 
 import logging
 import os
+import platform
 import time
 
 import jax
@@ -17,9 +18,42 @@ from llava_next_jax.modeling import decoder
 
 
 def test_kernel_is_built_here():
-    """The tests below check the kernel, not XLA's fallback: the suite needs a C++ compiler (README)."""
+    """The tests below check the kernel, not XLA's fallback: the suite needs a C++ compiler (README),
+    and on x86-64 Linux oneDNN (a dependency there) for the large products."""
     assert jax.default_backend() == "cpu"
     assert cpu_kernels.available(), "the native CPU kernel did not build: is g++ (or $CXX) installed?"
+    if platform.system() == "Linux" and platform.machine() == "x86_64":
+        assert cpu_kernels._gemm_ready, "oneDNN's gemm is not set: is onednn-cpu-gomp installed?"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rows,K,N", [(255, 130, 67), (256, 7, 5), (300, 130, 2051), (1000, 1030, 67)])
+def test_large_products_on_onednn_equal_torch(rows, K, N, dtype):
+    """`decoder.matmul` of `[rows, 1, K]` by `[K, N]` from `GEMM_MIN_ROWS` rows on oneDNN's gemm (row
+    counts that are no multiple of the 16-row blocks the threads take), against torch in float64 on
+    the same (bf16-rounded) values, and its gradient (the transposed products): float32 sums, bf16
+    results rounded once."""
+    if not cpu_kernels._gemm_ready:
+        pytest.skip("oneDNN is not installed (x86-64 Linux only: README)")
+    rng = np.random.default_rng(rows + K)
+    x = jnp.asarray(rng.standard_normal((rows, 1, K)), dtype)
+    kernel = jnp.asarray(rng.standard_normal((K, N)), dtype)
+    up = jnp.asarray(rng.standard_normal((rows, 1, N)), jnp.float32)
+    loss = lambda x, kernel: jnp.sum(decoder.matmul(x, kernel).astype(jnp.float32) * up)
+    assert (cpu_kernels.GEMM_TARGET in jax.jit(loss).lower(x, kernel).as_text()) == (rows >= cpu_kernels.GEMM_MIN_ROWS)
+    ours = jax.jit(decoder.matmul)(x, kernel)
+    assert ours.dtype == x.dtype
+    gx, gk = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, kernel)
+    tx, tk = (torch.from_numpy(np.asarray(a, np.float64)).requires_grad_() for a in (x, kernel))
+    product = tx @ tk
+    torch.sum(product * torch.from_numpy(np.asarray(up, np.float64))).backward()
+    rtol = 1e-5 if dtype == "float32" else 2 ** -8
+    np.testing.assert_allclose(np.asarray(ours, np.float64), product.detach().numpy(), rtol=rtol,
+                               atol=1e-5 * np.sqrt(K))
+    # bf16 gradients: the upstream gradient rounded to bf16 before each product, as XLA's bf16 products do
+    gtol = dict(rtol=1e-5, atol=1e-4) if dtype == "float32" else dict(rtol=2 ** -6, atol=2 ** -6 * np.sqrt(rows))
+    np.testing.assert_allclose(np.asarray(gx, np.float64), tx.grad.numpy(), **gtol)
+    np.testing.assert_allclose(np.asarray(gk, np.float64), tk.grad.numpy(), **gtol)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -237,13 +271,17 @@ def test_gradient_equals_torch():
 
 
 def test_switched_off_and_unbuildable(monkeypatch, tmp_path, caplog):
-    """`LLAVA_NEXT_CPU_KERNELS=0` keeps XLA's product; a missing or failing compiler is an error that
-    names it, turned into one warning and XLA's products."""
+    """`LLAVA_NEXT_CPU_KERNELS=0` keeps XLA's product, and `LLAVA_NEXT_ONEDNN=0` for large ones; a missing
+    or failing compiler is an error that names it, turned into one warning and XLA's products."""
     x, kernel = jnp.ones((4, 64)), jnp.ones((64, 32))
     monkeypatch.setenv("LLAVA_NEXT_CPU_KERNELS", "0")
     text = jax.jit(lambda a, b: decoder.matmul(a, b) + 0).lower(x, kernel).as_text()
     assert cpu_kernels.TARGET not in text and "dot_general" in text
     monkeypatch.delenv("LLAVA_NEXT_CPU_KERNELS")
+    monkeypatch.setenv("LLAVA_NEXT_ONEDNN", "0")
+    text = jax.jit(lambda a, b: decoder.matmul(a, b) + 0).lower(jnp.ones((512, 64)), kernel).as_text()
+    assert cpu_kernels.GEMM_TARGET not in text and "dot_general" in text
+    monkeypatch.delenv("LLAVA_NEXT_ONEDNN")
     monkeypatch.setenv("LLAVA_NEXT_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "no-such-compiler")
     with pytest.raises(RuntimeError, match="no-such-compiler"):

@@ -80,6 +80,8 @@ def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
         return (padded @ kernel)[:rows].reshape(*x.shape[:-1], -1)
     if cpu_kernels.applies(rows, x.dtype, kernel):
         return cpu_kernels.fewrow_matmul(x.reshape(rows, -1), kernel).reshape(*x.shape[:-1], -1)
+    if cpu_kernels.gemm_applies(rows, x.dtype, kernel):
+        return cpu_kernels.gemm(x.reshape(rows, -1), kernel).reshape(*x.shape[:-1], -1)
     blocks = xla_cpu.matvec_blocks(rows, kernel)
     if blocks == 1:
         if jax.default_backend() == "cpu":
