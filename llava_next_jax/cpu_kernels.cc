@@ -63,10 +63,10 @@ ffi::Error FewRowMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
 // Products of many rows (a prefill, a training pass) on oneDNN's BLAS-like gemm functions where the
 // oneDNN library is installed: row-major c[M, N] = op(a) @ op(b), float32 or bfloat16 operands (both
 // the same), float32 sums and result. oneDNN picks the CPU's best code (AVX-512, AMX tiles for
-// bfloat16), where XLA:CPU's products ran ~1.5x (float32) and ~6x (bfloat16 on AMX) slower. The
-// rows go to XLA's thread pool in blocks, each a one-thread gemm (OpenMP's own team of threads,
-// beside XLA's busy ones, ran at half the speed). The functions' addresses come from Python
-// (`SetGemm`), so this library needs oneDNN neither to build nor to load.
+// bfloat16), where XLA:CPU's products ran ~1.2x (float32) and ~3x (bfloat16 on AMX) slower. The
+// result's columns go to XLA's thread pool in blocks, each a one-thread gemm (as fast as OpenMP's
+// own team on two cores, and no second set of threads beside XLA's). The functions' addresses come
+// from Python (`SetGemm`), so this library needs oneDNN neither to build nor to load.
 typedef int (*SgemmFn)(char, char, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*, int64_t,
                        float, float*, int64_t);
 typedef int (*Bf16GemmFn)(char, char, int64_t, int64_t, int64_t, float, const uint16_t*, int64_t, const uint16_t*,
@@ -98,20 +98,20 @@ ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ff
   if (!(bf16 ? bf16_gemm != nullptr : a.element_type() == ffi::DataType::F32 && sgemm != nullptr))
     return ffi::Error::InvalidArgument("llava_next_gemm: float32 or bfloat16 operands, with oneDNN set (SetGemm)");
   const int64_t size = bf16 ? 2 : 4;
-  const char* as = static_cast<const char*>(a.untyped_data());
   const void* bs = b.untyped_data();
-  // row blocks of op(a) (a multiple of 16 rows each), one task each
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), M / 16));
+  // Column blocks of the result (multiples of 64 columns), one task each: each task packs its own
+  // columns of op(b) alone (splitting the rows instead packed all of op(b) once per task).
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), N / 64));
   std::vector<int> statuses(blocks, 0);
   int* status = statuses.data();
   RunTasks(pool, blocks, [=](int64_t t) {
-    const int64_t m0 = M * t / blocks / 16 * 16, m1 = t + 1 == blocks ? M : M * (t + 1) / blocks / 16 * 16;
+    const int64_t n0 = N * t / blocks / 64 * 64, n1 = t + 1 == blocks ? N : N * (t + 1) / blocks / 64 * 64;
     if (set_omp_threads) set_omp_threads(1);
-    const char* at = as + (transpose_a ? m0 : m0 * K) * size;  // op(a)'s rows m0..m1
-    status[t] = bf16 ? bf16_gemm(ta, tb, m1 - m0, N, K, 1.0f, reinterpret_cast<const uint16_t*>(at), lda,
-                                 static_cast<const uint16_t*>(bs), ldb, 0.0f, out + m0 * N, N)
-                     : sgemm(ta, tb, m1 - m0, N, K, 1.0f, reinterpret_cast<const float*>(at), lda,
-                             static_cast<const float*>(bs), ldb, 0.0f, out + m0 * N, N);
+    const char* bt = static_cast<const char*>(bs) + (transpose_b ? n0 * K : n0) * size;  // op(b)'s columns n0..n1
+    status[t] = bf16 ? bf16_gemm(ta, tb, M, n1 - n0, K, 1.0f, static_cast<const uint16_t*>(a.untyped_data()), lda,
+                                 reinterpret_cast<const uint16_t*>(bt), ldb, 0.0f, out + n0, N)
+                     : sgemm(ta, tb, M, n1 - n0, K, 1.0f, static_cast<const float*>(a.untyped_data()), lda,
+                             reinterpret_cast<const float*>(bt), ldb, 0.0f, out + n0, N);
   });
   for (int s : statuses)
     if (s != 0) return ffi::Error::Internal("llava_next_gemm: oneDNN's gemm returned status " + std::to_string(s));

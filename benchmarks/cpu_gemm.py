@@ -1,0 +1,60 @@
+"""Large CPU products: `decoder.matmul` on oneDNN's gemm (`cpu_kernels.gemm`) beside XLA's product
+(`LLAVA_NEXT_ONEDNN=0`) and PyTorch's `@`, same inputs, same process.
+
+    .venv/bin/python benchmarks/cpu_gemm.py [--rows 64 128 256 512 2432] [--shape 1024 4096] [--repeats 15]
+
+Per dtype (float32, bfloat16) and row count: ms per product `[rows, in] @ [in, out]` (median of
+--repeats after a warm-up), each jitted alone. Rows below `cpu_kernels.GEMM_MIN_ROWS` run XLA's product
+in both of our columns (matmul's choice); the oneDNN column then says "-".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from generate_vs_hf import median_seconds  # noqa: E402   (it puts the repository on the path too)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[64, 128, 256, 512, 2432])
+    parser.add_argument("--shape", type=int, nargs=2, default=[1024, 4096], metavar=("IN", "OUT"))
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from llava_next_jax import cpu_kernels
+    from llava_next_jax.modeling import decoder
+
+    rng = np.random.default_rng(0)
+    print(f"# [rows, {args.shape[0]}] @ [{args.shape[0]}, {args.shape[1]}], ms per product; "
+          f"{jax.device_count()} device(s), torch {torch.__version__} on {torch.get_num_threads()} threads")
+    print("| dtype | rows | ours, oneDNN | ours, XLA | PyTorch |")
+    print("|---|---|---|---|---|")
+    for dtype, torch_dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        kernel = rng.standard_normal(args.shape).astype(np.float32) * 0.03
+        for rows in args.rows:
+            x = rng.standard_normal((rows, args.shape[0])).astype(np.float32)
+            xj, kj = jnp.asarray(x, dtype), jnp.asarray(kernel, dtype)
+            times = []
+            for onednn in ("1", "0"):
+                os.environ["LLAVA_NEXT_ONEDNN"] = onednn     # read when the program is traced
+                on = cpu_kernels.gemm_applies(rows, xj.dtype, kj)
+                fn = jax.jit(lambda a, b: decoder.matmul(a, b))
+                jax.block_until_ready(fn(xj, kj))
+                seconds = median_seconds(lambda: jax.block_until_ready(fn(xj, kj)), args.repeats)
+                times.append(f"{seconds * 1e3:.2f}" if on or onednn == "0" else "-")
+            xt, kt = torch.from_numpy(x).to(torch_dtype), torch.from_numpy(kernel).to(torch_dtype)
+            torch_ms = median_seconds(lambda: xt @ kt, args.repeats) * 1e3
+            print(f"| {dtype} | {rows} | {times[0]} | {times[1]} | {torch_ms:.2f} |", flush=True)
+    os.environ.pop("LLAVA_NEXT_ONEDNN")
+
+
+if __name__ == "__main__":
+    main()
