@@ -1,5 +1,6 @@
-// Few-row matmul for XLA:CPU: y[R, N] = x[R, K] @ w[K, N] with 1 <= R <= 8 (a decode step), x and y
-// float32, the weight kernel w float32 or bfloat16 (widened to float32 as it is read; float32 sums).
+// Products for XLA:CPU. Few-row matmul: y[R, N] = x[R, K] @ w[K, N] with 1 <= R <= 8 (a decode step), x
+// and y float32, the weight kernel w float32 or bfloat16 (widened to float32 as it is read; float32
+// sums). Large products on oneDNN's gemm functions (below).
 //
 // XLA:CPU runs such a product as a general matmul that packs the kernel before multiplying, and a
 // bfloat16 kernel it first converts to float32 in memory; a decode step is all streaming of

@@ -24,8 +24,8 @@ its gradient from the forward pass's log-sum-exp (`modeling.decoder.native_atten
 `gemm` runs products of `GEMM_MIN_ROWS` rows or more (a prefill, a training pass) on oneDNN's gemm
 functions where the `onednn-cpu-gomp` package is installed (a dependency on x86-64 Linux; its
 library is found in the environment's lib/ and loaded with ctypes, `LLAVA_NEXT_ONEDNN=0` leaves it
-out): XLA:CPU's float32 products ran ~1.2-1.5x slower, and its bfloat16 ones ~6x slower on a CPU with
-AMX tiles, which oneDNN uses (docs/benchmarks.md).
+out): in a program XLA:CPU's float32 products ran ~1.2x slower, and its bfloat16 ones ~3x slower on a
+CPU with AMX tiles, which oneDNN uses (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -315,8 +315,8 @@ def unconditional_prefill(params, config: LlavaNextConfig, input_ids, cache, kv_
     then follows it. Each such sequence takes the row after its prompt's in the prefilled `cache`, so
     one pass of the model steps both (the weights read once a step, `decode_loop`): its token's keys
     and values at the prompt's last slot T - 1, the slots before it invalid, the new tokens' slots
-    shared (slots as far apart as HF's positions, so sliding windows hold as there). The cache's rows may repeat each prompt (`prefill_program`'s samples), the
-    unconditional rows then too.
+    shared (slots as far apart as HF's positions, so sliding windows hold as there). The cache's rows
+    may repeat each prompt (`prefill_program`'s samples), the unconditional rows then too.
 
     Returns (unconditional logits `[R, V]`, cache of 2R rows: row 2r the cache's row r, 2r + 1 its
     unconditional sequence; their kv_valid `[2R, S]`), R the cache's rows."""

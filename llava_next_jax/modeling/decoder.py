@@ -71,9 +71,10 @@ def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
     On a GPU, one row padded to `GPU_MIN_ROWS`. On the CPU (docs/benchmarks.md): 2 to 8 float32 rows
     or 1 to 8 bfloat16 rows (a decode step) on the native kernel of `cpu_kernels`
-    (`cpu_kernels.applies`); one float32 row as partial products over row blocks of the kernel where
-    `xla_cpu.matvec_blocks` says so (partial sums in float32). Anything else: XLA's matmul (on the CPU
-    with the gradient of `_cpu_product`)."""
+    (`cpu_kernels.applies`); 256 rows or more on oneDNN's gemm where it is installed
+    (`cpu_kernels.gemm_applies`); one float32 row as partial products over row blocks of the kernel
+    where `xla_cpu.matvec_blocks` says so (partial sums in float32). Anything else: XLA's matmul (on
+    the CPU with the gradient of `_cpu_product`)."""
     rows = int(np.prod(x.shape[:-1]))
     if rows < GPU_MIN_ROWS and jax.default_backend() == "gpu":
         padded = jnp.pad(x.reshape(rows, -1), ((0, GPU_MIN_ROWS - rows), (0, 0)))
