@@ -62,9 +62,10 @@ inline V8 Max(V8 a, V8 b) {
   const I8 greater = a > b;
   return (V8)(((I8)a & greater) | ((I8)b & ~greater));
 }
-inline float HorizontalMax(V8 v) {
+template <typename V>  // V8 or V16
+inline float HorizontalMax(V v) {
   float m = v[0];
-  for (int i = 1; i < 8; ++i) m = std::max(m, v[i]);
+  for (int i = 1; i < int(sizeof v / sizeof m); ++i) m = std::max(m, v[i]);
   return m;
 }
 
@@ -88,11 +89,6 @@ inline Half Max(Half a, Half b) {
   typedef int32_t I16 __attribute__((vector_size(64)));
   const I16 greater = a > b;
   return (Half)(((I16)a & greater) | ((I16)b & ~greater));
-}
-inline float HorizontalMax(Half v) {
-  float m = v[0];
-  for (int i = 1; i < 16; ++i) m = std::max(m, v[i]);
-  return m;
 }
 #else
 typedef V8 Half;
