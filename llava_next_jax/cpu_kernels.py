@@ -126,18 +126,22 @@ def _load() -> bool:
         jax.ffi.register_ffi_target(FLASH_TARGET, jax.ffi.pycapsule(library.FlashAttention), platform="cpu")
         jax.ffi.register_ffi_target(FLASH_BACKWARD_TARGET, jax.ffi.pycapsule(library.FlashAttentionBackward),
                                     platform="cpu")
-        onednn = _onednn()
-        if onednn is not None:
+    except Exception as error:  # noqa: BLE001 - any failure means XLA's products, said once
+        _log.warning("llava_next_jax: the native CPU kernels are unavailable, XLA's operations are used "
+                     "(decode and prefill on the CPU run slower): %s", error)
+        return False
+    onednn = _onednn()
+    if onednn is not None:
+        try:
             address = lambda name: ctypes.cast(getattr(onednn, name), ctypes.c_void_p)
             omp = ctypes.CDLL("libgomp.so.1")   # oneDNN's OpenMP runtime (this package's build of it)
             library.SetGemm(address("dnnl_sgemm"), address("dnnl_gemm_bf16bf16f32"),
                             ctypes.cast(omp.omp_set_num_threads, ctypes.c_void_p))
             jax.ffi.register_ffi_target(GEMM_TARGET, jax.ffi.pycapsule(library.Gemm), platform="cpu")
             _gemm_ready.append(True)
-    except Exception as error:  # noqa: BLE001 - any failure means XLA's products, said once
-        _log.warning("llava_next_jax: the native CPU kernels are unavailable, XLA's operations are used "
-                     "(decode and prefill on the CPU run slower): %s", error)
-        return False
+        except Exception as error:  # noqa: BLE001 - oneDNN's products only: the other kernels stay
+            _log.warning("llava_next_jax: oneDNN's gemm could not be set up, XLA's products are used for "
+                         "large products: %s", error)
     return True
 
 
@@ -155,7 +159,8 @@ def _onednn() -> ctypes.CDLL | None:
             try:
                 return ctypes.CDLL(str(path))
             except OSError as error:
-                _log.warning("llava_next_jax: %s could not be loaded, XLA's products are used: %s", path, error)
+                _log.warning("llava_next_jax: %s could not be loaded, XLA's products are used for large "
+                             "products: %s", path, error)
     return None
 
 

@@ -6,6 +6,7 @@ import logging
 import os
 import platform
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -293,6 +294,16 @@ def test_switched_off_and_unbuildable(monkeypatch, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="llava_next_jax.cpu_kernels"):
         assert cpu_kernels._load.__wrapped__() is False
     assert "native CPU kernels are unavailable" in caplog.text and "cpu_attention.cc failed" in caplog.text
+
+
+def test_onednn_that_fails_keeps_the_other_kernels(monkeypatch, caplog):
+    """A oneDNN library without its gemm functions is one warning that names the problem; the native
+    kernels still load (large products then stay on XLA)."""
+    monkeypatch.setattr(cpu_kernels, "_onednn", lambda: types.SimpleNamespace())
+    with caplog.at_level(logging.WARNING, logger="llava_next_jax.cpu_kernels"):
+        assert cpu_kernels._load.__wrapped__() is True
+    assert "oneDNN's gemm could not be set up" in caplog.text and "dnnl_sgemm" in caplog.text
+    assert "native CPU kernels are unavailable" not in caplog.text
 
 
 def test_builds_unused_for_a_month_are_removed(monkeypatch, tmp_path):
