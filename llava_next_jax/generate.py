@@ -697,6 +697,19 @@ def decode_chunk_program(params, config: LlavaNextConfig, state, cache, kv_valid
     return decode_loop(params, config, state, cache, kv_valid, options, dtype, new_bucket, stop_at, lookup, timed)
 
 
+def prefill_for_decode(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask, dtype,
+                       new_bucket: int, lookup: int, samples: int, guided: bool):
+    """The prefill a decode loop starts from: (last-slot logits, cache of `T + new_bucket + lookup`
+    slots, kv_valid, the unconditional logits or None), guided with each row's unconditional sequence
+    beside it (`unconditional_prefill`)."""
+    logits, cache, kv_valid = prefill_program(params, config, input_ids, pixel_values, sources, attention_mask,
+                                              dtype, input_ids.shape[1] + new_bucket + lookup, samples)
+    if not guided:
+        return logits, cache, kv_valid, None
+    guide, cache, kv_valid = unconditional_prefill(params, config, input_ids, cache, kv_valid, dtype)
+    return logits, cache, kv_valid, guide
+
+
 def generate_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask,
                     options: dict[str, jax.Array], dtype, new_bucket: int, lookup: int = 0,
                     samples: int = 1, timed: bool = False, guided: bool = False) -> tuple[jax.Array, jax.Array]:
@@ -705,11 +718,8 @@ def generate_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, so
     pass (`decode_loop`); samples: rows per prompt (`prefill_program`; options built for them);
     timed: max_time's deadline checked (`decode_loop`); guided: classifier-free guidance
     (`unconditional_prefill`, the options' guidance_scale)."""
-    logits, cache, kv_valid = prefill_program(params, config, input_ids, pixel_values, sources, attention_mask,
-                                              dtype, input_ids.shape[1] + new_bucket + lookup, samples)
-    guide = None
-    if guided:
-        guide, cache, kv_valid = unconditional_prefill(params, config, input_ids, cache, kv_valid, dtype)
+    logits, cache, kv_valid, guide = prefill_for_decode(params, config, input_ids, pixel_values, sources,
+                                                        attention_mask, dtype, new_bucket, lookup, samples, guided)
     state, _ = decode_program(params, config, logits, cache, kv_valid, options, dtype, new_bucket, lookup, timed,
                               guide)
     return state["tokens"], state["logprobs"]
@@ -726,12 +736,9 @@ def stream_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sour
     (`distributed.fetch` on a multi-process mesh)."""
     if not is_positive_int(chunk):
         raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
-    logits, cache, kv_valid = prefill_program(params, config, input_ids, pixel_values, sources, attention_mask,
-                                              dtype, input_ids.shape[1] + new_bucket + lookup, samples)
+    logits, cache, kv_valid, guide = prefill_for_decode(params, config, input_ids, pixel_values, sources,
+                                                        attention_mask, dtype, new_bucket, lookup, samples, guided)
     end, yielded = int(options["max_new_tokens"]), 0
-    guide = None
-    if guided:
-        guide, cache, kv_valid = unconditional_prefill(params, config, input_ids, cache, kv_valid, dtype)
     state, options = start_program(logits, options, new_bucket, guide)
     # jax.jit caches a call apart from one whose inputs differ in layout or in being committed to their
     # devices. A chunk's outputs are committed once any input is (on one device too), and on a mesh
