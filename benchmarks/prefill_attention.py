@@ -7,7 +7,8 @@ beside PyTorch's `scaled_dot_product_attention` (what HF runs) on the same input
 Checks first, on two rows (the second left-padded, as `generate` pads a short prompt): each
 implementation against float32 attention on the same inputs, ‖out - ref‖ / ‖ref‖ over the rows'
 real queries. Then times one row of --tokens queries (median of --repeats after a warm-up; compile
-time apart). "cudnn" runs on a GPU only; an implementation that fails prints its error and the
+time apart). "cudnn" runs on a GPU only; "native-float32" (the native kernel computing bf16 in float32)
+where bf16 "native" runs on AMX tiles; an implementation that fails prints its error and the
 others go on. Defaults: Mistral-7B's heads at the prompt bucket of one 672x672 image (3072).
 """
 
@@ -38,9 +39,12 @@ def inputs(rng, B, T, N, K, H, pad):
 
 
 def ours(implementation: str, scale: float):
+    """`decoder.attention` with `implementation`; "native-float32": the native kernel with the AMX one
+    switched off (bfloat16 computed in float32)."""
     import jax
     from llava_next_jax.modeling import decoder
-    os.environ["LLAVA_NEXT_ATTENTION"] = implementation  # read when the program is traced, just below
+    os.environ["LLAVA_NEXT_AMX"] = "0" if implementation == "native-float32" else "1"  # read when traced, below
+    os.environ["LLAVA_NEXT_ATTENTION"] = implementation.split("-")[0]
     fn = jax.jit(lambda q, k, v, m: decoder.attention(q, k, v, m, scale, causal_prefix=True, fused=True))
     return lambda *a: jax.block_until_ready(fn(*a))
 
@@ -96,7 +100,9 @@ def main():
     big = [jnp.asarray(a, dtype) for a in inputs(rng, 1, T, N, K, H, pad=0)[:3]]
     big_mask = jnp.asarray(np.tril(np.ones((T, T), bool))[None])
     usable = []
-    for implementation in ["blocks", "xla"] + (["cudnn"] if gpu else ["native"]):
+    from llava_next_jax import cpu_kernels
+    native = ["native", "native-float32"] if cpu_kernels.amx_applies(*big) else ["native"]
+    for implementation in ["blocks", "xla"] + (["cudnn"] if gpu else native):
         try:
             fn = ours(implementation, scale)
             error = check(fn(*(jnp.asarray(a, dtype) for a in (q, k, v)), jnp.asarray(mask)))

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "cpu_attention.h"
 #include "cpu_products.h"
 #include "cpu_tasks.h"
 
@@ -32,16 +33,24 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using llava_next::Exp;
+using llava_next::HorizontalMax;
+using llava_next::HorizontalSum;
+using llava_next::kNegInf;
+using llava_next::kShapeError;
+using llava_next::kTile;
 using llava_next::Partial;
+using llava_next::QueryIndex;
+using llava_next::RowGroup;
 using llava_next::RunTasks;
+using llava_next::Shapes;
+using llava_next::TileMask;
 
 typedef float V8 __attribute__((vector_size(32)));
 typedef int32_t I8 __attribute__((vector_size(32)));
 typedef uint32_t U8 __attribute__((vector_size(32)));
 
-constexpr int64_t kTile = 64;      // keys per tile
 constexpr int64_t kRows = 128;     // query rows per task (positions x query heads of a kv head)
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline V8 Load(const float* p) {
   V8 v;
@@ -62,13 +71,6 @@ inline V8 Max(V8 a, V8 b) {
   const I8 greater = a > b;
   return (V8)(((I8)a & greater) | ((I8)b & ~greater));
 }
-template <typename V>  // V8 or V16
-inline float HorizontalMax(V v) {
-  float m = v[0];
-  for (int i = 1; i < int(sizeof v / sizeof m); ++i) m = std::max(m, v[i]);
-  return m;
-}
-
 // Row: a register tile's row of kColumns floats, two vector registers. With AVX-512 two of 16 floats
 // (32 columns), else two of 8 (16 columns); either way a tile of kMicroRows = 6 rows keeps 12
 // accumulators in registers and broadcasts each factor once for two of them. (A 64-byte vector type
@@ -114,37 +116,6 @@ inline Row& operator+=(Row& a, Row b) {
 }
 inline Half Max(Row v) { return Max(v.low, v.high); }
 
-// e^x for x <= 0 in each lane of a V8 or a Half (2^f on [-0.5, 0.5] by Cephes' exp2f polynomial, relative
-// error ~2e-7); 0 at or below -87 (e^-87 ~ 1.6e-38), -inf included: whatever such a lane computes is
-// masked off.
-template <typename V>
-inline V Exp(V x) {
-  typedef decltype(x > x) I;  // the lanes' comparison masks: int32 lanes
-  typedef uint32_t U __attribute__((vector_size(sizeof(V))));
-  const auto splat = [](float c) { return V{} + c; };
-  const I keep = x > splat(-87.0f);
-  const V magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer in the low bits
-  const V shifted = x * splat(1.44269504088896341f) + magic;
-  const V n = shifted - magic;
-  const V f = x * splat(1.44269504088896341f) - n;
-  V p = splat(1.535336188319500e-4f);
-  p = p * f + splat(1.339887440266574e-3f);
-  p = p * f + splat(9.618437357674640e-3f);
-  p = p * f + splat(5.550332471162809e-2f);
-  p = p * f + splat(2.402264791363012e-1f);
-  p = p * f + splat(6.931472028550421e-1f);
-  p = p * f + splat(1.0f);
-  const U power = ((U)shifted << 23) + (127u << 23);  // 2^n as float bits: shifted's low bits hold n
-  return (V)((I)(p * (V)power) & keep);
-}
-
-template <typename V>
-inline float HorizontalSum(V v) {
-  float sum = 0.0f;
-  for (int i = 0; i < int(sizeof v / sizeof sum); ++i) sum += v[i];
-  return sum;
-}
-
 // A register tile of kMicroRows x kColumns floats: acc[r] += sum over i < depth of a[r * a_stride + i] *
 // b[i * b_stride + 0:kColumns] (each a[...] broadcast once for a row's two registers).
 typedef Row Tile[kMicroRows];
@@ -183,13 +154,6 @@ inline void OutputTile(const float* w, const float* values, int64_t depth, int64
   for (int r = 0; r < kMicroRows; ++r) StoreRow(o + r * stride, acc[r]);
 }
 
-struct Shapes {
-  int64_t B, T, N, H, K, S, G;  // the decode kernel (below) uses these alone, with k and v [B, K, H, S]
-  int64_t positions;  // query positions per task: kRows / G, at least 1
-  int64_t Hp;         // H rounded up to a multiple of kColumns (packed tiles are zero beyond H)
-  int64_t tiles;      // key tiles: ceil(S / kTile)
-};
-
 // Keys and values of one (row, kv head, tile), packed: keys transposed [Hp, kTile], values [kTile, Hp],
 // zero beyond the tile's keys and beyond H. The backward pass also packs the keys [kTile, Hp] and the
 // values transposed [Hp, kTile] after them.
@@ -211,66 +175,6 @@ void PackTile(const Shapes& s, const float* k, const float* v, int64_t pair, int
         values_t[d * kTile + j] = vp[j * s.H + d];
       }
     }
-}
-
-// any |= some of the n mask bytes at m (each 0 or 1) are 1; all &= every one is.
-inline void Scan(const bool* m, int64_t n, bool& any, bool& all) {
-  constexpr uint64_t kOnes = 0x0101010101010101ull;
-  uint64_t ored = 0, anded = kOnes;
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    uint64_t word;
-    std::memcpy(&word, m + j, sizeof word);
-    ored |= word;
-    anded &= word;
-  }
-  for (; j < n; ++j) {
-    ored |= m[j];
-    if (!m[j]) anded = 0;
-  }
-  any |= ored != 0;
-  all &= anded == kOnes;
-}
-
-// The index of query row r of (row b, kv head kh) in q [B, T, N, ...]: position r / G, head kh * G + r % G.
-inline int64_t QueryIndex(const Shapes& s, int64_t b, int64_t kh, int64_t r) {
-  return (b * s.T + r / s.G) * s.N + kh * s.G + r % s.G;
-}
-
-// Positions [t0, t1) of row b at one key tile: whether any of its keys is visible to them (the return
-// value), whether all are to all (`all`), each position's extent (its visible keys lie in [0, extent))
-// and, unless all, its mask bias (0 or -inf a key, kTile floats a position).
-bool TileMask(const Shapes& s, const bool* mask, int64_t b, int64_t t0, int64_t t1, int64_t tile, float* bias,
-              int64_t* extent, bool& all) {
-  const int64_t s0 = tile * kTile, width = std::min(kTile, s.S - s0);
-  bool any = false;
-  all = width == kTile;
-  for (int64_t t = t0; t < t1; ++t) Scan(mask + (b * s.T + t) * s.S + s0, width, any, all);
-  if (!any) return false;
-  std::fill(extent, extent + (t1 - t0), width);
-  if (!all)
-    for (int64_t t = t0; t < t1; ++t) {
-      const bool* m = mask + (b * s.T + t) * s.S + s0;
-      float* row_bias = bias + (t - t0) * kTile;
-      for (int64_t j = 0; j < kTile; ++j) row_bias[j] = j < width && m[j] ? 0.0f : kNegInf;
-      int64_t& e = extent[t - t0];
-      while (e > 0 && !m[e - 1]) --e;
-    }
-  return true;
-}
-
-// Rows [r0, r0 + kMicroRows) of a (row, kv head) (row r: position r / G), with TileMask's bias and
-// extent from position t0 on: each row's bias and the depth of keys any of them sees. Rows past
-// last_row (padding) take its mask.
-int64_t RowGroup(const Shapes& s, int64_t r0, int64_t t0, int64_t last_row, const float* bias,
-                 const int64_t* extent, const float** row_bias) {
-  int64_t depth = 0;
-  for (int r = 0; r < kMicroRows; ++r) {
-    const int64_t position = std::min(r0 + r, last_row) / s.G - t0;
-    row_bias[r] = bias + position * kTile;
-    depth = std::max(depth, extent[position]);
-  }
-  return depth;
 }
 
 // One task: query positions [t0, t1) of row b, the G query heads of kv head kh. Row r of the task is
@@ -343,32 +247,14 @@ void AttendBlock(const Shapes& s, const float* q, const bool* mask, const float*
   }
 }
 
-// Checks q [B, T, N, H], k and v [B, K, S, H] (N a multiple of K), mask [B, T, S] and fills s.
-bool ReadShapes(ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd, ffi::Span<const int64_t> vd,
-                ffi::Span<const int64_t> md, Shapes& s) {
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || md.size() != 3 || kd[0] != qd[0] ||
-      kd[3] != qd[3] || kd[1] < 1 || qd[2] % kd[1] != 0 || vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[2] ||
-      vd[3] != kd[3] || md[0] != qd[0] || md[1] != qd[1] || md[2] != kd[2])
-    return false;
-  s = Shapes{qd[0], qd[1], qd[2], qd[3], kd[1], kd[2], qd[2] / kd[1], 1, 0, 0};
-  // Positions per task: about kRows / G, a multiple of kMicroRows / gcd(G, kMicroRows) so that the
-  // task's rows fill whole register tiles.
-  const int64_t step = kMicroRows / std::gcd<int64_t>(s.G, kMicroRows);
-  s.positions = std::max<int64_t>(1, (kRows / s.G + step - 1) / step) * step;
-  s.Hp = (s.H + kColumns - 1) / kColumns * kColumns;
-  s.tiles = (s.S + kTile - 1) / kTile;
-  return true;
-}
-
-constexpr const char* kShapeError = "want q [B, T, N, H], k and v [B, K, S, H] (N a multiple of K), mask [B, T, S]";
-
 // q [B, T, N, H], k and v [B, K, S, H], mask [B, T, S] -> out [B, T, N, H] and each query's log-sum-exp
 // of its scaled logits, lse [B, T, N] (+inf where it sees no key); N a multiple of K.
 ffi::Error FlashAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                               ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask,
                               ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, float scale) {
   Shapes s;
-  if (!ReadShapes(q.dimensions(), k.dimensions(), v.dimensions(), mask.dimensions(), s))
+  if (!ReadShapes(q.dimensions(), k.dimensions(), v.dimensions(), mask.dimensions(), kRows, kMicroRows, kColumns,
+                  s))
     return ffi::Error::InvalidArgument(std::string("llava_next_flash_attention: ") + kShapeError);
   const int64_t pairs = s.B * s.K, tile_floats = 2 * s.Hp * kTile;
   std::unique_ptr<float[]> packed(new float[pairs * s.tiles * tile_floats]);
@@ -518,7 +404,8 @@ ffi::Error FlashAttentionBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
                                       ffi::Buffer<ffi::F32> delta, ffi::ResultBuffer<ffi::F32> dq,
                                       ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv, float scale) {
   Shapes s;
-  if (!ReadShapes(q.dimensions(), k.dimensions(), v.dimensions(), mask.dimensions(), s))
+  if (!ReadShapes(q.dimensions(), k.dimensions(), v.dimensions(), mask.dimensions(), kRows, kMicroRows, kColumns,
+                  s))
     return ffi::Error::InvalidArgument(std::string("llava_next_flash_attention_backward: ") + kShapeError);
   const int64_t pairs = s.B * s.K, tile_floats = 4 * s.Hp * kTile;
   const int64_t padded = (s.T * s.G + kChunk - 1) / kChunk * kChunk + kMicroRows;

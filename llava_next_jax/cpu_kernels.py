@@ -46,12 +46,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_kernels.cc", "cpu_attention.cc"))
-HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_products.h", "cpu_tasks.h"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in (
+    "cpu_kernels.cc", "cpu_attention.cc", "cpu_attention_amx.cc"))
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_attention.h", "cpu_products.h", "cpu_tasks.h"))
 TARGET = "llava_next_fewrow_matmul"
 DECODE_TARGET = "llava_next_decode_attention"
 FLASH_TARGET = "llava_next_flash_attention"
 FLASH_BACKWARD_TARGET = "llava_next_flash_attention_backward"
+FLASH_BF16_TARGET = "llava_next_flash_attention_bf16"
 GEMM_TARGET = "llava_next_gemm"
 MAX_ROWS = 8
 _log = logging.getLogger(__name__)
@@ -130,6 +132,9 @@ def _load() -> bool:
         _log.warning("llava_next_jax: the native CPU kernels are unavailable, XLA's operations are used "
                      "(decode and prefill on the CPU run slower): %s", error)
         return False
+    if library.EnableAmx():   # built for a CPU with AMX tiles, and Linux lets this process use them
+        jax.ffi.register_ffi_target(FLASH_BF16_TARGET, jax.ffi.pycapsule(library.FlashAttentionBf16), platform="cpu")
+        _extras.add("amx")
     onednn = _onednn()
     if onednn is not None:
         try:
@@ -138,14 +143,16 @@ def _load() -> bool:
             library.SetGemm(address("dnnl_sgemm"), address("dnnl_gemm_bf16bf16f32"),
                             ctypes.cast(omp.omp_set_num_threads, ctypes.c_void_p))
             jax.ffi.register_ffi_target(GEMM_TARGET, jax.ffi.pycapsule(library.Gemm), platform="cpu")
-            _gemm_ready.append(True)
+            _extras.add("onednn")
         except Exception as error:  # noqa: BLE001 - oneDNN's products only: the other kernels stay
             _log.warning("llava_next_jax: oneDNN's gemm could not be set up, XLA's products are used for "
                          "large products: %s", error)
     return True
 
 
-_gemm_ready: list[bool] = []   # [True] once oneDNN's gemm is set and registered (`_load`)
+# What `_load` found beyond the kernels every build has: "amx" (the bfloat16 attention kernel on AMX
+# tiles, registered) and "onednn" (oneDNN's gemm set and registered).
+_extras: set[str] = set()
 
 
 def _onednn() -> ctypes.CDLL | None:
@@ -213,13 +220,13 @@ def gemm_applies(rows: int, x_dtype, kernel: jax.Array) -> bool:
     (`LLAVA_NEXT_ONEDNN=0`, read when a program is traced), a single-device CPU backend."""
     return (rows >= GEMM_MIN_ROWS and x_dtype == kernel.dtype and jnp.dtype(x_dtype) in GEMM_DTYPES
             and kernel.ndim == 2 and os.environ.get("LLAVA_NEXT_ONEDNN", "1") != "0" and _usable()
-            and bool(_gemm_ready))
+            and "onednn" in _extras)
 
 
 def _gemm(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:
     """op(a) @ op(b) on oneDNN (`cpu_kernels.cc`'s Gemm): float32 sums, the result in a's dtype."""
     _require()
-    if not _gemm_ready:
+    if "onednn" not in _extras:
         raise RuntimeError("oneDNN's gemm is unavailable: the onednn-cpu-gomp package is not installed, or "
                            "LLAVA_NEXT_ONEDNN=0")
     M = a.shape[1] if transpose_a else a.shape[0]
@@ -282,19 +289,33 @@ def flash_applies() -> bool:
     return _usable()
 
 
+def amx_applies(*arrays: jax.Array) -> bool:
+    """Whether attention over these bfloat16 arrays runs on the AMX kernel (`cpu_attention_amx.cc`):
+    all bfloat16, the library built for a CPU with AMX tiles and Linux letting this process use them,
+    not switched off (`LLAVA_NEXT_AMX=0`, read when a program is traced)."""
+    return (all(a.dtype == jnp.bfloat16 for a in arrays) and os.environ.get("LLAVA_NEXT_AMX", "1") != "0"
+            and _usable() and "amx" in _extras)
+
+
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
                     with_lse: bool = False):
     """Softmax attention of q `[B, T, N, H]` over k/v `[B, K, S, H]` (GQA: N a multiple of K) where the
     bool mask `[B, T, S]` allows, in one pass over tiles (`cpu_attention.cc`): float32 throughout, the
-    result in q's dtype. A query that may see no key gets zeros. with_lse: also each query's
-    log-sum-exp of its scaled logits `[B, T, N]` float32 (+inf where it sees no key), what
-    `flash_attention_backward` takes. Not differentiable itself: `modeling.decoder.native_attention`
-    gives it a gradient."""
+    result in q's dtype. bfloat16 q, k and v on a CPU with AMX tiles (`amx_applies`) run on them
+    instead (`cpu_attention_amx.cc`): bf16 products summed in float32, float32 softmax, the weights
+    rounded to bfloat16 before their product with the values, as PyTorch's CPU flash attention.
+    A query that may see no key gets zeros. with_lse: also each query's log-sum-exp of its scaled
+    logits `[B, T, N]` float32 (+inf where it sees no key), what `flash_attention_backward` takes. Not
+    differentiable itself: `modeling.decoder.native_attention` gives it a gradient."""
     _require()
+    lse_shape = jax.ShapeDtypeStruct(q.shape[:3], jnp.float32)
+    if amx_applies(q, k, v):
+        out, lse = jax.ffi.ffi_call(FLASH_BF16_TARGET, (jax.ShapeDtypeStruct(q.shape, q.dtype), lse_shape))(
+            q, k, v, mask.astype(jnp.bool_), scale=np.float32(scale))
+        return (out, lse) if with_lse else out
     f32 = lambda a: a.astype(jnp.float32)
-    out = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(q.shape[:3], jnp.float32))
-    out, lse = jax.ffi.ffi_call(FLASH_TARGET, out)(f32(q), f32(k), f32(v), mask.astype(jnp.bool_),
-                                                   scale=np.float32(scale))
+    out, lse = jax.ffi.ffi_call(FLASH_TARGET, (jax.ShapeDtypeStruct(q.shape, jnp.float32), lse_shape))(
+        f32(q), f32(k), f32(v), mask.astype(jnp.bool_), scale=np.float32(scale))
     return (out.astype(q.dtype), lse) if with_lse else out.astype(q.dtype)
 
 

@@ -24,7 +24,7 @@ def test_kernel_is_built_here():
     assert jax.default_backend() == "cpu"
     assert cpu_kernels.available(), "the native CPU kernel did not build: is g++ (or $CXX) installed?"
     if platform.system() == "Linux" and platform.machine() == "x86_64":
-        assert cpu_kernels._gemm_ready, "oneDNN's gemm is not set: is onednn-cpu-gomp installed?"
+        assert "onednn" in cpu_kernels._extras, "oneDNN's gemm is not set: is onednn-cpu-gomp installed?"
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -34,7 +34,7 @@ def test_large_products_on_onednn_equal_torch(rows, K, N, dtype):
     counts that are no multiple of the 16-row blocks the threads take), against torch in float64 on
     the same (bf16-rounded) values, and its gradient (the transposed products): float32 sums, bf16
     results rounded once."""
-    if not cpu_kernels._gemm_ready:
+    if "onednn" not in cpu_kernels._extras:
         pytest.skip("oneDNN is not installed (x86-64 Linux only: README)")
     rng = np.random.default_rng(rows + K)
     x = jnp.asarray(rng.standard_normal((rows, 1, K)), dtype)
@@ -170,18 +170,22 @@ def prefill_mask(B, T, window):
 
 @pytest.mark.parametrize("B,T,N,K,H", ATTENTION_CASES)
 @pytest.mark.parametrize("window", [0, 40])
-def test_flash_attention_equals_torch_sdpa(B, T, N, K, H, window):
+def test_flash_attention_equals_torch_sdpa(B, T, N, K, H, window, monkeypatch):
     """A prefill's attention on the kernel against PyTorch's SDPA in float64 with the same bool mask:
     causal, the later rows left-padded (so some queries see nothing: zeros), with and without a
     sliding window; GQA groups of 4, 1 and 7; T not a multiple of the kernel's 64-key tiles, head dims
-    not multiples of its 16-float register tiles; float32 inputs, and bf16 ones (computed in float32)."""
+    not multiples of its 16-float register tiles; float32 inputs, and bf16 ones computed in float32
+    (the AMX kernel switched off; it has a test of its own below)."""
+    monkeypatch.setenv("LLAVA_NEXT_AMX", "0")
     rng = np.random.default_rng(T * H + window)
     q, k, v = rng.standard_normal((B, T, N, H)), *rng.standard_normal((2, B, K, T, H))
     mask = prefill_mask(B, T, window)
     sees = mask.any(-1)[..., None, None]                                             # [B, T, 1, 1]
-    for dtype, rtol in (("float32", 1e-5), ("bfloat16", 0)):
+    for dtype in ("float32", "bfloat16"):
         x = [jnp.asarray(a, dtype) for a in (q, k, v)]
-        ours = jax.jit(cpu_kernels.flash_attention, static_argnums=4)(*x, jnp.asarray(mask), H ** -0.5)
+        attend = jax.jit(lambda *a: cpu_kernels.flash_attention(*a, H ** -0.5))
+        assert cpu_kernels.FLASH_BF16_TARGET not in attend.lower(*x, jnp.asarray(mask)).as_text()
+        ours = attend(*x, jnp.asarray(mask))
         assert ours.dtype == jnp.dtype(dtype)
         t = lambda a: torch.from_numpy(np.asarray(np.asarray(a, np.float32), np.float64))
         ref = torch.nn.functional.scaled_dot_product_attention(
@@ -191,6 +195,72 @@ def test_flash_attention_equals_torch_sdpa(B, T, N, K, H, window):
         tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else dict(rtol=2 ** -8, atol=2 ** -8)
         np.testing.assert_allclose(np.asarray(ours, np.float64), ref, **tolerance)
     assert sees.all() == (B == 1) and (np.asarray(ours)[~sees[..., 0, 0]] == 0).all()
+
+
+needs_amx = pytest.mark.skipif(not cpu_kernels.amx_applies(jnp.ones(1, jnp.bfloat16)),
+                               reason="this CPU has no AMX tiles, or Linux refused them (README)")
+
+
+@needs_amx
+@pytest.mark.parametrize("B,T,N,K,H", ATTENTION_CASES)
+@pytest.mark.parametrize("window", [0, 40])
+def test_amx_flash_attention_equals_torch_sdpa(B, T, N, K, H, window, monkeypatch):
+    """bfloat16 attention over a prompt on AMX tiles, the masks and shapes of the float32 test (head dims
+    no multiple of the tiles' 32): as close to PyTorch's SDPA in float64 as PyTorch's own bf16 SDPA (which
+    also rounds the weights to bf16), and its log-sum-exp as float32's; queries that see nothing get
+    zeros and +inf. LLAVA_NEXT_AMX=0 leaves the tiles out."""
+    monkeypatch.delenv("LLAVA_NEXT_AMX", raising=False)
+    rng = np.random.default_rng(T * H + window)
+    x = [jnp.asarray(a, jnp.bfloat16) for a in (rng.standard_normal((B, T, N, H)),
+                                                *rng.standard_normal((2, B, K, T, H)))]
+    mask = prefill_mask(B, T, window)
+    sees = mask.any(-1)                                                              # [B, T]
+    attend = jax.jit(lambda *a: cpu_kernels.flash_attention(*a, H ** -0.5, with_lse=True))
+    assert cpu_kernels.FLASH_BF16_TARGET in attend.lower(*x, jnp.asarray(mask)).as_text()
+    ours, lse = attend(*x, jnp.asarray(mask))
+    assert ours.dtype == jnp.bfloat16 and lse.dtype == jnp.float32
+    sdpa = lambda t: torch.nn.functional.scaled_dot_product_attention(
+        t[0].transpose(1, 2), t[1].repeat_interleave(N // K, 1), t[2].repeat_interleave(N // K, 1),
+        attn_mask=torch.from_numpy(mask)[:, None]).transpose(1, 2)
+    f64 = [torch.from_numpy(np.asarray(a, np.float64)) for a in x]
+    ref = np.where(sees[..., None, None], sdpa(f64).numpy(), 0.0)
+    torch_bf16 = sdpa([t.to(torch.bfloat16) for t in f64]).double().numpy()
+    error, torch_error = (np.abs(np.asarray(a, np.float64) - ref)[sees] for a in (ours, torch_bf16))
+    assert (error <= 2 ** -4 * (np.abs(ref[sees]) + 2 ** -4)).all()     # the weights' and output's roundings
+    assert error.mean() <= 1.02 * torch_error.mean() and error.max() <= 1.02 * torch_error.max()
+    logits = (f64[0].transpose(1, 2) @ f64[1].repeat_interleave(N // K, 1).transpose(2, 3)) * H ** -0.5
+    ref_lse = torch.logsumexp(logits.masked_fill(~torch.from_numpy(mask)[:, None], -torch.inf), -1).transpose(1, 2)
+    np.testing.assert_allclose(np.asarray(lse)[sees], ref_lse.numpy()[sees], rtol=1e-5, atol=1e-5)
+    assert (np.asarray(ours)[~sees] == 0).all() and (np.asarray(lse)[~sees] == np.inf).all()
+    monkeypatch.setenv("LLAVA_NEXT_AMX", "0")
+    assert cpu_kernels.FLASH_BF16_TARGET not in jax.jit(lambda *a: cpu_kernels.flash_attention(
+        *a, H ** -0.5)).lower(*x, jnp.asarray(mask)).as_text()
+
+
+@needs_amx
+def test_amx_attention_gradient_equals_torch():
+    """bfloat16 `decoder.native_attention` runs its forward pass on AMX tiles and its backward pass on
+    the float32 kernel from that log-sum-exp: gradients of q, k and v under left padding and GQA within
+    bf16 roundings of PyTorch SDPA's in float64 on the same values."""
+    B, T, N, K, H = 2, 150, 4, 2, 16
+    rng = np.random.default_rng(3)
+    x = [jnp.asarray(a, jnp.bfloat16) for a in (rng.standard_normal((B, T, N, H)), *rng.standard_normal((2, B, K, T, H)))]
+    valid = np.arange(T)[None, :] >= np.array([0, 9])[:, None]
+    mask = np.tril(np.ones((T, T), bool))[None] & valid[:, None, :]
+    weight = rng.standard_normal((B, T, N, H)) * valid[:, :, None, None]
+    loss = lambda q, k, v: jnp.sum(decoder.native_attention(q, k, v, jnp.asarray(mask), H ** -0.5) * weight)
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*x).as_text()
+    assert cpu_kernels.FLASH_BF16_TARGET in lowered and cpu_kernels.FLASH_BACKWARD_TARGET in lowered
+    ours = jax.grad(loss, argnums=(0, 1, 2))(*x)
+    tq, tk, tv = (torch.from_numpy(np.asarray(a, np.float64)).requires_grad_() for a in x)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        tq.transpose(1, 2), tk.repeat_interleave(N // K, 1), tv.repeat_interleave(N // K, 1),
+        attn_mask=torch.from_numpy(mask | np.eye(T, dtype=bool))[:, None]).transpose(1, 2)  # padding: no NaN
+    torch.sum(out * torch.from_numpy(weight)).backward()
+    for a, t in zip(ours, (tq, tk, tv)):
+        assert a.dtype == jnp.bfloat16
+        ref = t.grad.numpy()
+        assert (np.abs(np.asarray(a, np.float64) - ref) <= 2 ** -4 * (np.abs(ref) + np.abs(ref).mean())).all()
 
 
 @pytest.mark.parametrize("B,T,N,K,H", ATTENTION_CASES)
@@ -288,12 +358,12 @@ def test_switched_off_and_unbuildable(monkeypatch, tmp_path, caplog):
     with pytest.raises(RuntimeError, match="no-such-compiler"):
         cpu_kernels._build()
     monkeypatch.setenv("CXX", "false")   # exists, fails
-    with pytest.raises(RuntimeError, match="false .*cpu_kernels.cc .*cpu_attention.cc failed"):
+    with pytest.raises(RuntimeError, match="false .*cpu_kernels.cc .*cpu_attention.cc .*cpu_attention_amx.cc failed"):
         cpu_kernels._build()
     assert not list(tmp_path.glob("*.so"))
     with caplog.at_level(logging.WARNING, logger="llava_next_jax.cpu_kernels"):
         assert cpu_kernels._load.__wrapped__() is False
-    assert "native CPU kernels are unavailable" in caplog.text and "cpu_attention.cc failed" in caplog.text
+    assert "native CPU kernels are unavailable" in caplog.text and "cpu_attention_amx.cc failed" in caplog.text
 
 
 def test_onednn_that_fails_keeps_the_other_kernels(monkeypatch, caplog):

@@ -1,0 +1,145 @@
+// What the attention kernels over a prompt share (cpu_attention.cc: float32 on vector registers;
+// cpu_attention_amx.cc: bfloat16 on AMX tiles): the shapes, the mask's key tiles and the exponential.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <numeric>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace llava_next {
+
+constexpr int64_t kTile = 64;      // keys per tile
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+struct Shapes {
+  int64_t B, T, N, H, K, S, G;  // the decode kernel uses these alone, with k and v [B, K, H, S]
+  int64_t positions;  // query positions per task: about rows_per_task / G, at least 1
+  int64_t Hp;         // H rounded up to the kernel's column multiple (packed tiles are zero beyond H)
+  int64_t tiles;      // key tiles: ceil(S / kTile)
+};
+
+// Checks q [B, T, N, H], k and v [B, K, S, H] (N a multiple of K), mask [B, T, S] and fills s: about
+// rows_per_task / G positions a task, a multiple of micro_rows / gcd(G, micro_rows) so that a task's
+// rows fill whole register tiles of micro_rows rows, and H rounded up to a multiple of `columns`.
+inline bool ReadShapes(xla::ffi::Span<const int64_t> qd, xla::ffi::Span<const int64_t> kd,
+                       xla::ffi::Span<const int64_t> vd, xla::ffi::Span<const int64_t> md, int64_t rows_per_task,
+                       int64_t micro_rows, int64_t columns, Shapes& s) {
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || md.size() != 3 || kd[0] != qd[0] ||
+      kd[3] != qd[3] || kd[1] < 1 || qd[2] % kd[1] != 0 || vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[2] ||
+      vd[3] != kd[3] || md[0] != qd[0] || md[1] != qd[1] || md[2] != kd[2])
+    return false;
+  s = Shapes{qd[0], qd[1], qd[2], qd[3], kd[1], kd[2], qd[2] / kd[1], 1, 0, 0};
+  const int64_t step = micro_rows / std::gcd<int64_t>(s.G, micro_rows);
+  s.positions = std::max<int64_t>(1, (rows_per_task / s.G + step - 1) / step) * step;
+  s.Hp = (s.H + columns - 1) / columns * columns;
+  s.tiles = (s.S + kTile - 1) / kTile;
+  return true;
+}
+
+constexpr const char* kShapeError = "want q [B, T, N, H], k and v [B, K, S, H] (N a multiple of K), mask [B, T, S]";
+
+// The index of query row r of (row b, kv head kh) in q [B, T, N, ...]: position r / G, head kh * G + r % G.
+inline int64_t QueryIndex(const Shapes& s, int64_t b, int64_t kh, int64_t r) {
+  return (b * s.T + r / s.G) * s.N + kh * s.G + r % s.G;
+}
+
+// any |= some of the n mask bytes at m (each 0 or 1) are 1; all &= every one is.
+inline void Scan(const bool* m, int64_t n, bool& any, bool& all) {
+  constexpr uint64_t kOnes = 0x0101010101010101ull;
+  uint64_t ored = 0, anded = kOnes;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    uint64_t word;
+    std::memcpy(&word, m + j, sizeof word);
+    ored |= word;
+    anded &= word;
+  }
+  for (; j < n; ++j) {
+    ored |= m[j];
+    if (!m[j]) anded = 0;
+  }
+  any |= ored != 0;
+  all &= anded == kOnes;
+}
+
+// Positions [t0, t1) of row b at one key tile: whether any of its keys is visible to them (the return
+// value), whether all are to all (`all`), each position's extent (its visible keys lie in [0, extent))
+// and, unless all, its mask bias (0 or -inf a key, kTile floats a position).
+inline bool TileMask(const Shapes& s, const bool* mask, int64_t b, int64_t t0, int64_t t1, int64_t tile, float* bias,
+                       int64_t* extent, bool& all) {
+  const int64_t s0 = tile * kTile, width = std::min(kTile, s.S - s0);
+  bool any = false;
+  all = width == kTile;
+  for (int64_t t = t0; t < t1; ++t) Scan(mask + (b * s.T + t) * s.S + s0, width, any, all);
+  if (!any) return false;
+  std::fill(extent, extent + (t1 - t0), width);
+  if (!all)
+    for (int64_t t = t0; t < t1; ++t) {
+      const bool* m = mask + (b * s.T + t) * s.S + s0;
+      float* row_bias = bias + (t - t0) * kTile;
+      for (int64_t j = 0; j < kTile; ++j) row_bias[j] = j < width && m[j] ? 0.0f : kNegInf;
+      int64_t& e = extent[t - t0];
+      while (e > 0 && !m[e - 1]) --e;
+    }
+  return true;
+}
+
+// Rows [r0, r0 + n) of a (row, kv head) (row r: position r / G), with TileMask's bias and
+// extent from position t0 on: each row's bias and the depth of keys any of them sees. Rows past
+// last_row (padding) take its mask.
+template <int n>
+inline int64_t RowGroup(const Shapes& s, int64_t r0, int64_t t0, int64_t last_row, const float* bias,
+                        const int64_t* extent, const float* (&row_bias)[n]) {
+  int64_t depth = 0;
+  for (int r = 0; r < n; ++r) {
+    const int64_t position = std::min(r0 + r, last_row) / s.G - t0;
+    row_bias[r] = bias + position * kTile;
+    depth = std::max(depth, extent[position]);
+  }
+  return depth;
+}
+
+// e^x for x <= 0 in each lane of a float vector (GCC/Clang vector extension) (2^f on [-0.5, 0.5] by Cephes' exp2f polynomial, relative
+// error ~2e-7); 0 at or below -87 (e^-87 ~ 1.6e-38), -inf included: whatever such a lane computes is
+// masked off.
+template <typename V>
+inline V Exp(V x) {
+  typedef decltype(x > x) I;  // the lanes' comparison masks: int32 lanes
+  typedef uint32_t U __attribute__((vector_size(sizeof(V))));
+  const auto splat = [](float c) { return V{} + c; };
+  const I keep = x > splat(-87.0f);
+  const V magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+  const V shifted = x * splat(1.44269504088896341f) + magic;
+  const V n = shifted - magic;
+  const V f = x * splat(1.44269504088896341f) - n;
+  V p = splat(1.535336188319500e-4f);
+  p = p * f + splat(1.339887440266574e-3f);
+  p = p * f + splat(9.618437357674640e-3f);
+  p = p * f + splat(5.550332471162809e-2f);
+  p = p * f + splat(2.402264791363012e-1f);
+  p = p * f + splat(6.931472028550421e-1f);
+  p = p * f + splat(1.0f);
+  const U power = ((U)shifted << 23) + (127u << 23);  // 2^n as float bits: shifted's low bits hold n
+  return (V)((I)(p * (V)power) & keep);
+}
+
+template <typename V>
+inline float HorizontalSum(V v) {
+  float sum = 0.0f;
+  for (int i = 0; i < int(sizeof v / sizeof sum); ++i) sum += v[i];
+  return sum;
+}
+
+template <typename V>  // a float vector
+inline float HorizontalMax(V v) {
+  float m = v[0];
+  for (int i = 1; i < int(sizeof v / sizeof m); ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+}  // namespace llava_next

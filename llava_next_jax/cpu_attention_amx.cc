@@ -1,0 +1,298 @@
+// Attention over a prompt in bfloat16 on AMX tiles (Intel's Advanced Matrix Extensions, Sapphire
+// Rapids and later), for XLA:CPU: out[b, t, n] = softmax over the keys s that mask[b, t, s] allows of
+// scale * q[b, t, n] . k[b, n / G, s], times v[b, n / G, s].
+//
+// The float32 kernel's walk (cpu_attention.cc: a task takes the G query heads of one kv head at a block
+// of positions and walks the key tiles its mask reaches with an online softmax) with both products on
+// tiles: 16 query rows' logits over a 64-key tile are four 16 x 16 float32 tiles of bf16 products
+// summed in float32 (TDPBF16PS over 32 head dims at a time), scaled and softmaxed on 16-float vectors;
+// the weights are rounded to bfloat16 (as PyTorch's CPU flash attention does for bf16 inputs, its
+// running sums staying float32) and multiplied by the values 16 output columns a tile. The products
+// that run at ~64 float32 multiply-adds a cycle on vector registers run at ~1000 on the tiles.
+// The keys and values of a tile are packed once, in the pairs layout the tiles multiply (two adjacent
+// head dims, or two adjacent keys, side by side). Built where the compiler targets AMX (-march=native
+// on such a CPU); EnableAmx asks Linux for the tiles' state once a process, and cpu_kernels.py sends
+// bfloat16 attention here only where it was granted.
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+#include "cpu_attention.h"
+#include "cpu_tasks.h"
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__) && defined(__linux__)
+#define LLAVA_NEXT_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#ifdef LLAVA_NEXT_AMX
+
+using llava_next::kNegInf;
+using llava_next::kShapeError;
+using llava_next::kTile;
+using llava_next::QueryIndex;
+using llava_next::RowGroup;
+using llava_next::RunTasks;
+using llava_next::Shapes;
+using llava_next::TileMask;
+
+typedef float V16 __attribute__((vector_size(64)));
+
+constexpr int64_t kBlock = 16;     // rows of a tile; float32 columns of a result tile
+constexpr int64_t kDepth = 32;     // bfloat16 values a tile row holds (64 bytes): a product's depth per step
+constexpr int64_t kRows = 128;     // query rows per task (positions x query heads of a kv head)
+
+inline V16 Load(const float* p) {
+  V16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void Store(float* p, V16 v) { std::memcpy(p, &v, sizeof v); }
+inline V16 Splat(float x) { return V16{} + x; }
+
+// float32 to bfloat16, rounded to nearest even (NaN stays NaN).
+inline uint16_t ToBf16(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40u);
+  return uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+constexpr float kLog2e = 1.44269504088896341f;
+
+// 2^y for y <= 0 in 16 lanes: 2^n * 2^f with n = round(y) and 2^f on [-0.5, 0.5] by Cephes' exp2f
+// polynomial (relative error ~2e-7). y is clamped to -127 first, -inf included: 2^-127, a subnormal
+// that the conversion of the weights to bfloat16 flushes to 0 (and ~1e-38 of a weights' sum >= 1).
+inline __m512 Exp2(__m512 y) {
+  y = _mm512_max_ps(y, _mm512_set1_ps(-127.0f));
+  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(y, n);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  for (float c : {1.339887440266574e-3f, 9.618437357674640e-3f, 5.550332471162809e-2f, 2.402264791363012e-1f,
+                  6.931472028550421e-1f, 1.0f})
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Every tile register: 16 rows of 64 bytes (palette 1).
+void ConfigureTiles() {
+  struct alignas(64) {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t bytes[16] = {};
+    uint8_t rows[16] = {};
+  } config;
+  for (int i = 0; i < 8; ++i) {
+    config.bytes[i] = 64;
+    config.rows[i] = kBlock;
+  }
+  _tile_loadconfig(&config);
+}
+
+// The keys and values of one (row, kv head, tile) as the tiles multiply them, zero beyond the tile's
+// keys and beyond H: keys [Hp / 2, kTile, 2] (row i: head dims 2i and 2i + 1 of each key), values
+// [kTile / 2, Hp, 2] (row i: keys 2i and 2i + 1 of each head dim).
+void PackTile(const Shapes& s, const uint16_t* k, const uint16_t* v, int64_t pair, int64_t tile, uint16_t* keys,
+              uint16_t* values) {
+  const int64_t s0 = tile * kTile, width = std::min(kTile, s.S - s0);
+  const uint16_t* kp = k + (pair * s.S + s0) * s.H;
+  const uint16_t* vp = v + (pair * s.S + s0) * s.H;
+  std::fill(keys, keys + s.Hp * kTile, uint16_t(0));
+  std::fill(values, values + kTile * s.Hp, uint16_t(0));
+  for (int64_t j = 0; j < width; ++j)
+    for (int64_t d = 0; d < s.H; ++d) {
+      keys[(d / 2 * kTile + j) * 2 + d % 2] = kp[j * s.H + d];
+      values[(j / 2 * s.Hp + d) * 2 + j % 2] = vp[j * s.H + d];
+    }
+}
+
+// x[16, 0:kTile] = q[16, 0:Hp] . keys (q rows Hp apart, x rows kTile): the four 16-key blocks in
+// tiles 0-3, the queries' 32 head dims of a step in tile 4, the keys' in tiles 5 and 6.
+inline void Logits(const uint16_t* q, int64_t Hp, const uint16_t* keys, float* x) {
+  constexpr int64_t key_bytes = kTile * 2 * sizeof(uint16_t);  // a packed row: a head-dim pair of every key
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t d = 0; d < Hp; d += kDepth) {
+    const uint16_t* k = keys + d / 2 * kTile * 2;
+    _tile_loadd(4, q + d, Hp * sizeof(uint16_t));
+    _tile_loadd(5, k, key_bytes);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(6, k + 2 * kBlock, key_bytes);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_loadd(5, k + 4 * kBlock, key_bytes);
+    _tile_dpbf16ps(2, 4, 5);
+    _tile_loadd(6, k + 6 * kBlock, key_bytes);
+    _tile_dpbf16ps(3, 4, 6);
+  }
+  _tile_stored(0, x, kTile * sizeof(float));
+  _tile_stored(1, x + kBlock, kTile * sizeof(float));
+  _tile_stored(2, x + 2 * kBlock, kTile * sizeof(float));
+  _tile_stored(3, x + 3 * kBlock, kTile * sizeof(float));
+}
+
+// acc[16, 0:Hp] += w[16, 0:depth] . values[0:depth, 0:Hp] (w rows kTile apart, acc rows Hp; w is zero
+// from depth to the next multiple of 32): 32 output columns a step in tiles 0 and 1, the weights of
+// keys 0-31 and 32-63 in tiles 4 and 5, the values in tiles 6, 7 and 2, 3.
+inline void Output(const uint16_t* w, const uint16_t* values, int64_t depth, int64_t Hp, float* acc) {
+  const int64_t value_bytes = Hp * 2 * sizeof(uint16_t), acc_bytes = Hp * sizeof(float);
+  const uint16_t* later = values + kDepth / 2 * Hp * 2;  // keys 32-63
+  const bool both = depth > kDepth;
+  _tile_loadd(4, w, kTile * sizeof(uint16_t));
+  if (both) _tile_loadd(5, w + kDepth, kTile * sizeof(uint16_t));
+  for (int64_t d = 0; d < Hp; d += 2 * kBlock) {
+    _tile_loadd(0, acc + d, acc_bytes);
+    _tile_loadd(1, acc + d + kBlock, acc_bytes);
+    _tile_loadd(6, values + d * 2, value_bytes);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, values + (d + kBlock) * 2, value_bytes);
+    _tile_dpbf16ps(1, 4, 7);
+    if (both) {
+      _tile_loadd(2, later + d * 2, value_bytes);
+      _tile_dpbf16ps(0, 5, 2);
+      _tile_loadd(3, later + (d + kBlock) * 2, value_bytes);
+      _tile_dpbf16ps(1, 5, 3);
+    }
+    _tile_stored(0, acc + d, acc_bytes);
+    _tile_stored(1, acc + d + kBlock, acc_bytes);
+  }
+}
+
+// One task: query positions [t0, t1) of row b, the G query heads of kv head kh (row r of the task:
+// position t0 + r / G, query head kh * G + r % G), 16 rows at a time through each key tile.
+void AttendBlock(const Shapes& s, const uint16_t* q, const bool* mask, const uint16_t* packed, float scale,
+                 int64_t b, int64_t kh, int64_t t0, int64_t t1, uint16_t* out, float* lse) {
+  const int64_t G = s.G, H = s.H, Hp = s.Hp;
+  const int64_t rows = (t1 - t0) * G;
+  const int64_t padded_rows = (rows + kBlock - 1) / kBlock * kBlock;
+  // Queries (zero beyond H and beyond the task's rows); outputs before the division by the weights'
+  // sum; each row's largest scaled logit so far and its weights' sum.
+  std::vector<uint16_t> queries(padded_rows * Hp, 0);
+  std::vector<float> acc(padded_rows * Hp, 0.0f), bias((t1 - t0) * kTile), top(padded_rows, kNegInf);
+  std::vector<float> total(padded_rows, 0.0f);
+  std::vector<int64_t> extent(t1 - t0);
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(&queries[r * Hp], q + QueryIndex(s, b, kh, t0 * G + r) * H, H * sizeof(uint16_t));
+  alignas(64) float x[kBlock * kTile];
+  alignas(64) uint16_t w[kBlock * kTile];
+  ConfigureTiles();
+  for (int64_t tile = 0; tile < s.tiles; ++tile) {
+    bool all;  // nothing here visible to any of the task's queries: skipped
+    if (!TileMask(s, mask, b, t0, t1, tile, bias.data(), extent.data(), all)) continue;
+    const uint16_t* keys = packed + ((b * s.K + kh) * s.tiles + tile) * 2 * Hp * kTile;
+    const uint16_t* values = keys + Hp * kTile;
+    for (int64_t r0 = 0; r0 < padded_rows; r0 += kBlock) {
+      const float* row_bias[kBlock];  // padded rows (zero queries) take the last row's mask
+      const int64_t depth = RowGroup(s, t0 * G + r0, t0, t0 * G + rows - 1, bias.data(), extent.data(), row_bias);
+      if (depth == 0) continue;
+      const int64_t used = (depth + kDepth - 1) / kDepth * kDepth;  // columns softmaxed: the rest weigh 0
+      Logits(&queries[r0 * Hp], Hp, keys, x);
+      for (int r = 0; r < kBlock; ++r) {
+        const float* xr = x + r * kTile;
+        uint16_t* wr = w + r * kTile;
+        // the row's logits before scaling, its mask's -inf added where the tile is not all visible
+        const auto logits = [&](int64_t j) { return all ? Load(xr + j) : Load(xr + j) + Load(row_bias[r] + j); };
+        __m512 most = _mm512_set1_ps(kNegInf);
+        for (int64_t j = 0; j < used; j += kBlock) most = _mm512_max_ps(most, (__m512)logits(j));
+        const float new_top = std::max(top[r0 + r], _mm512_reduce_max_ps(most) * scale);
+        std::fill(wr + used, wr + kTile, uint16_t(0));
+        if (new_top == kNegInf) {  // nothing visible to this row yet: no weights
+          std::fill(wr, wr + used, uint16_t(0));
+          continue;
+        }
+        // e^(scale * x - new_top) = 2^(x * scale * log2(e) - new_top * log2(e))
+        const __m512 factor = _mm512_set1_ps(scale * kLog2e), offset = _mm512_set1_ps(-new_top * kLog2e);
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < used; j += 2 * kBlock) {
+          const __m512 low = Exp2(_mm512_fmadd_ps((__m512)logits(j), factor, offset));
+          const __m512 high = Exp2(_mm512_fmadd_ps((__m512)logits(j + kBlock), factor, offset));
+          sum = _mm512_add_ps(sum, _mm512_add_ps(low, high));
+          const __m512bh pairs = _mm512_cvtne2ps_pbh(high, low);
+          std::memcpy(wr + j, &pairs, sizeof pairs);
+        }
+        const float rescale = std::exp(top[r0 + r] - new_top);  // 0 for the row's first visible tile
+        total[r0 + r] = total[r0 + r] * rescale + _mm512_reduce_add_ps(sum);
+        top[r0 + r] = new_top;
+        if (rescale != 1.0f) {
+          float* o = &acc[(r0 + r) * Hp];
+          for (int64_t d = 0; d < Hp; d += kBlock) Store(o + d, Load(o + d) * Splat(rescale));
+        }
+      }
+      Output(w, values, depth, Hp, &acc[r0 * Hp]);
+    }
+  }
+  _tile_release();
+  for (int64_t r = 0; r < rows; ++r) {  // a row that sees no key gets zeros (and a log-sum-exp of +inf)
+    const float inverse = total[r] > 0.0f ? 1.0f / total[r] : 0.0f;
+    const int64_t index = QueryIndex(s, b, kh, t0 * G + r);
+    for (int64_t d = 0; d < H; ++d) out[index * H + d] = ToBf16(acc[r * Hp + d] * inverse);
+    lse[index] = total[r] > 0.0f ? top[r] + std::log(total[r]) : -kNegInf;
+  }
+}
+
+#endif  // LLAVA_NEXT_AMX
+
+// q [B, T, N, H], k and v [B, K, S, H] bfloat16, mask [B, T, S] -> out [B, T, N, H] bfloat16 and each
+// query's log-sum-exp of its scaled logits, lse [B, T, N] (+inf where it sees no key); N a multiple of K.
+ffi::Error FlashAttentionBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k,
+                                  ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::PRED> mask,
+                                  ffi::ResultBuffer<ffi::BF16> out, ffi::ResultBuffer<ffi::F32> lse, float scale) {
+#ifdef LLAVA_NEXT_AMX
+  Shapes s;
+  if (!llava_next::ReadShapes(q.dimensions(), k.dimensions(), v.dimensions(), mask.dimensions(), kRows, kBlock,
+                              kDepth, s))
+    return ffi::Error::InvalidArgument(std::string("llava_next_flash_attention_bf16: ") + kShapeError);
+  const int64_t pairs = s.B * s.K, tile_values = 2 * s.Hp * kTile;
+  std::unique_ptr<uint16_t[]> packed(new uint16_t[pairs * s.tiles * tile_values]);
+  const uint16_t *qs = q.typed_data(), *ks = k.typed_data(), *vs = v.typed_data();
+  const bool* ms = mask.typed_data();
+  uint16_t* os = out->typed_data();
+  float* ls = lse->typed_data();
+  uint16_t* pk = packed.get();
+  RunTasks(pool, pairs * s.tiles, [=](int64_t i) {
+    uint16_t* keys = pk + i * tile_values;
+    PackTile(s, ks, vs, i / s.tiles, i % s.tiles, keys, keys + s.Hp * kTile);
+  });
+  const int64_t blocks = (s.T + s.positions - 1) / s.positions;
+  RunTasks(pool, pairs * blocks, [=](int64_t i) {
+    const int64_t block = blocks - 1 - i / pairs, pair = i % pairs;  // later positions (more keys) first
+    const int64_t t0 = block * s.positions;
+    AttendBlock(s, qs, ms, pk, scale, pair / s.K, pair % s.K, t0, std::min(s.T, t0 + s.positions), os, ls);
+  });
+  return ffi::Error::Success();
+#else
+  return ffi::Error(ffi::ErrorCode::kUnimplemented, "llava_next_flash_attention_bf16: built without AMX");
+#endif
+}
+
+}  // namespace
+
+// Asks Linux for the AMX tiles' state for this process (once; every thread may then use the tiles):
+// 1 where granted, 0 where refused or the library was built for a CPU without AMX.
+extern "C" int EnableAmx() {
+#ifdef LLAVA_NEXT_AMX
+  constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+  return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+#else
+  return 0;
+#endif
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashAttentionBf16, FlashAttentionBf16Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()   // q
+                                  .Arg<ffi::Buffer<ffi::BF16>>()   // k
+                                  .Arg<ffi::Buffer<ffi::BF16>>()   // v
+                                  .Arg<ffi::Buffer<ffi::PRED>>()   // mask
+                                  .Ret<ffi::Buffer<ffi::BF16>>()   // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // lse
+                                  .Attr<float>("scale"));
