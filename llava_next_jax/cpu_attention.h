@@ -1,5 +1,5 @@
 // What the attention kernels over a prompt share (cpu_attention.cc: float32 on vector registers;
-// cpu_attention_amx.cc: bfloat16 on AMX tiles): the shapes, the mask's key tiles and the exponential.
+// cpu_amx.cc: bfloat16 on AMX tiles): the shapes, the mask's key tiles and the exponential.
 #pragma once
 
 #include <algorithm>

@@ -47,13 +47,14 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in (
-    "cpu_kernels.cc", "cpu_attention.cc", "cpu_attention_amx.cc"))
+    "cpu_kernels.cc", "cpu_attention.cc", "cpu_amx.cc"))
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_attention.h", "cpu_products.h", "cpu_tasks.h"))
 TARGET = "llava_next_fewrow_matmul"
 DECODE_TARGET = "llava_next_decode_attention"
 FLASH_TARGET = "llava_next_flash_attention"
 FLASH_BACKWARD_TARGET = "llava_next_flash_attention_backward"
 FLASH_BF16_TARGET = "llava_next_flash_attention_bf16"
+GEMM_BF16_TARGET = "llava_next_gemm_bf16"
 GEMM_TARGET = "llava_next_gemm"
 MAX_ROWS = 8
 _log = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ def _load() -> bool:
         return False
     if library.EnableAmx():   # built for a CPU with AMX tiles, and Linux lets this process use them
         jax.ffi.register_ffi_target(FLASH_BF16_TARGET, jax.ffi.pycapsule(library.FlashAttentionBf16), platform="cpu")
+        jax.ffi.register_ffi_target(GEMM_BF16_TARGET, jax.ffi.pycapsule(library.GemmBf16), platform="cpu")
         _extras.add("amx")
     onednn = _onednn()
     if onednn is not None:
@@ -214,17 +216,27 @@ GEMM_MIN_ROWS = 256
 GEMM_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
+# Fewest rows a bfloat16 product takes to run on AMX tiles (`cpu_amx.cc`'s GemmBf16) where the CPU has
+# them: fewer go to the few-row kernel (docs/benchmarks.md).
+AMX_MIN_ROWS = MAX_ROWS + 1
+
+
 def gemm_applies(rows: int, x_dtype, kernel: jax.Array) -> bool:
     """Whether a `[rows, in] x kernel [in, out]` product runs on oneDNN's gemm (`gemm`): `GEMM_MIN_ROWS`
     rows or more, float32 or bfloat16 (both the same), oneDNN installed and not switched off
-    (`LLAVA_NEXT_ONEDNN=0`, read when a program is traced), a single-device CPU backend."""
-    return (rows >= GEMM_MIN_ROWS and x_dtype == kernel.dtype and jnp.dtype(x_dtype) in GEMM_DTYPES
-            and kernel.ndim == 2 and os.environ.get("LLAVA_NEXT_ONEDNN", "1") != "0" and _usable()
-            and "onednn" in _extras)
+    (`LLAVA_NEXT_ONEDNN=0`, read when a program is traced), a single-device CPU backend. A bfloat16
+    product whose depth `in` is a multiple of 32 runs on AMX tiles instead where `amx_applies`, from
+    `AMX_MIN_ROWS` rows (its gradient's transposed products on oneDNN)."""
+    if not (x_dtype == kernel.dtype and jnp.dtype(x_dtype) in GEMM_DTYPES and kernel.ndim == 2
+            and os.environ.get("LLAVA_NEXT_ONEDNN", "1") != "0" and _usable() and "onednn" in _extras):
+        return False
+    on_tiles = kernel.shape[0] % 32 == 0 and amx_applies(kernel)
+    return rows >= (AMX_MIN_ROWS if on_tiles else GEMM_MIN_ROWS)
 
 
 def _gemm(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:
-    """op(a) @ op(b) on oneDNN (`cpu_kernels.cc`'s Gemm): float32 sums, the result in a's dtype."""
+    """op(a) @ op(b) on oneDNN (`cpu_kernels.cc`'s Gemm), or on AMX tiles (`cpu_amx.cc`'s GemmBf16: bfloat16,
+    no transposes, a depth that is a multiple of 32, `amx_applies`): float32 sums, the result in a's dtype."""
     _require()
     if "onednn" not in _extras:
         raise RuntimeError("oneDNN's gemm is unavailable: the onednn-cpu-gomp package is not installed, or "
@@ -232,6 +244,8 @@ def _gemm(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: bo
     M = a.shape[1] if transpose_a else a.shape[0]
     N = b.shape[0] if transpose_b else b.shape[1]
     out = jax.ShapeDtypeStruct((M, N), jnp.float32)
+    if not (transpose_a or transpose_b) and a.shape[1] % 32 == 0 and amx_applies(a, b):
+        return jax.ffi.ffi_call(GEMM_BF16_TARGET, jax.ShapeDtypeStruct((M, N), a.dtype))(a, b)
     return jax.ffi.ffi_call(GEMM_TARGET, out)(a, b, transpose_a=transpose_a, transpose_b=transpose_b).astype(a.dtype)
 
 
@@ -290,7 +304,7 @@ def flash_applies() -> bool:
 
 
 def amx_applies(*arrays: jax.Array) -> bool:
-    """Whether attention over these bfloat16 arrays runs on the AMX kernel (`cpu_attention_amx.cc`):
+    """Whether attention over these bfloat16 arrays runs on the AMX kernel (`cpu_amx.cc`):
     all bfloat16, the library built for a CPU with AMX tiles and Linux letting this process use them,
     not switched off (`LLAVA_NEXT_AMX=0`, read when a program is traced)."""
     return (all(a.dtype == jnp.bfloat16 for a in arrays) and os.environ.get("LLAVA_NEXT_AMX", "1") != "0"
@@ -302,7 +316,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, s
     """Softmax attention of q `[B, T, N, H]` over k/v `[B, K, S, H]` (GQA: N a multiple of K) where the
     bool mask `[B, T, S]` allows, in one pass over tiles (`cpu_attention.cc`): float32 throughout, the
     result in q's dtype. bfloat16 q, k and v on a CPU with AMX tiles (`amx_applies`) run on them
-    instead (`cpu_attention_amx.cc`): bf16 products summed in float32, float32 softmax, the weights
+    instead (`cpu_amx.cc`): bf16 products summed in float32, float32 softmax, the weights
     rounded to bfloat16 before their product with the values, as PyTorch's CPU flash attention.
     A query that may see no key gets zeros. with_lse: also each query's log-sum-exp of its scaled
     logits `[B, T, N]` float32 (+inf where it sees no key), what `flash_attention_backward` takes. Not

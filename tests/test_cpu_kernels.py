@@ -17,6 +17,9 @@ import torch
 from llava_next_jax import cpu_kernels
 from llava_next_jax.modeling import decoder
 
+needs_amx = pytest.mark.skipif(not cpu_kernels.amx_applies(jnp.ones(1, jnp.bfloat16)),
+                               reason="this CPU has no AMX tiles, or Linux refused them (README)")
+
 
 def test_kernel_is_built_here():
     """The tests below check the kernel, not XLA's fallback: the suite needs a C++ compiler (README),
@@ -55,6 +58,38 @@ def test_large_products_on_onednn_equal_torch(rows, K, N, dtype):
     gtol = dict(rtol=1e-5, atol=1e-4) if dtype == "float32" else dict(rtol=2 ** -6, atol=2 ** -6 * np.sqrt(rows))
     np.testing.assert_allclose(np.asarray(gx, np.float64), tx.grad.numpy(), **gtol)
     np.testing.assert_allclose(np.asarray(gk, np.float64), tk.grad.numpy(), **gtol)
+
+
+@needs_amx
+@pytest.mark.parametrize("rows,K,N", [(9, 32, 5), (40, 96, 2051), (255, 1024, 67), (300, 4096, 1000)])
+def test_bfloat16_products_on_amx_equal_torch(rows, K, N, monkeypatch):
+    """bf16 `decoder.matmul` of `[rows, 1, K]` by `[K, N]` (K a multiple of 32) from `AMX_MIN_ROWS` rows
+    on AMX tiles (rows and columns that fill no whole 32 x 32 block, one column panel and several):
+    float32 sums rounded once to bf16, against torch in float64 on the same values; its gradient (on
+    oneDNN's transposed products) too. LLAVA_NEXT_AMX=0 leaves the tiles out, and fewer rows keep
+    the few-row kernel."""
+    monkeypatch.delenv("LLAVA_NEXT_AMX", raising=False)
+    rng = np.random.default_rng(rows + K)
+    x = jnp.asarray(rng.standard_normal((rows, 1, K)), jnp.bfloat16)
+    kernel = jnp.asarray(rng.standard_normal((K, N)), jnp.bfloat16)
+    up = jnp.asarray(rng.standard_normal((rows, 1, N)), jnp.float32)
+    loss = lambda x, kernel: jnp.sum(decoder.matmul(x, kernel).astype(jnp.float32) * up)
+    assert cpu_kernels.GEMM_BF16_TARGET in jax.jit(decoder.matmul).lower(x, kernel).as_text()
+    ours = jax.jit(decoder.matmul)(x, kernel)
+    gx, gk = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, kernel)
+    tx, tk = (torch.from_numpy(np.asarray(a, np.float64)).requires_grad_() for a in (x, kernel))
+    product = tx @ tk
+    torch.sum(product * torch.from_numpy(np.asarray(up, np.float64))).backward()
+    assert ours.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(ours, np.float64), product.detach().numpy(), rtol=2 ** -8,
+                               atol=1e-5 * np.sqrt(K))
+    # the upstream gradient rounded to bf16 first, then sums over N (dx) or the rows (dkernel)
+    np.testing.assert_allclose(np.asarray(gx, np.float64), tx.grad.numpy(), rtol=2 ** -6, atol=2 ** -6 * np.sqrt(N))
+    np.testing.assert_allclose(np.asarray(gk, np.float64), tk.grad.numpy(), rtol=2 ** -6, atol=2 ** -6 * np.sqrt(rows))
+    few = x[:cpu_kernels.AMX_MIN_ROWS - 1]
+    assert cpu_kernels.GEMM_BF16_TARGET not in jax.jit(decoder.matmul).lower(few, kernel).as_text()
+    monkeypatch.setenv("LLAVA_NEXT_AMX", "0")
+    assert cpu_kernels.GEMM_BF16_TARGET not in jax.jit(lambda *a: decoder.matmul(*a)).lower(x, kernel).as_text()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -195,10 +230,6 @@ def test_flash_attention_equals_torch_sdpa(B, T, N, K, H, window, monkeypatch):
         tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else dict(rtol=2 ** -8, atol=2 ** -8)
         np.testing.assert_allclose(np.asarray(ours, np.float64), ref, **tolerance)
     assert sees.all() == (B == 1) and (np.asarray(ours)[~sees[..., 0, 0]] == 0).all()
-
-
-needs_amx = pytest.mark.skipif(not cpu_kernels.amx_applies(jnp.ones(1, jnp.bfloat16)),
-                               reason="this CPU has no AMX tiles, or Linux refused them (README)")
 
 
 @needs_amx
@@ -358,12 +389,12 @@ def test_switched_off_and_unbuildable(monkeypatch, tmp_path, caplog):
     with pytest.raises(RuntimeError, match="no-such-compiler"):
         cpu_kernels._build()
     monkeypatch.setenv("CXX", "false")   # exists, fails
-    with pytest.raises(RuntimeError, match="false .*cpu_kernels.cc .*cpu_attention.cc .*cpu_attention_amx.cc failed"):
+    with pytest.raises(RuntimeError, match="false .*cpu_kernels.cc .*cpu_attention.cc .*cpu_amx.cc failed"):
         cpu_kernels._build()
     assert not list(tmp_path.glob("*.so"))
     with caplog.at_level(logging.WARNING, logger="llava_next_jax.cpu_kernels"):
         assert cpu_kernels._load.__wrapped__() is False
-    assert "native CPU kernels are unavailable" in caplog.text and "cpu_attention_amx.cc failed" in caplog.text
+    assert "native CPU kernels are unavailable" in caplog.text and "cpu_amx.cc failed" in caplog.text
 
 
 def test_onednn_that_fails_keeps_the_other_kernels(monkeypatch, caplog):

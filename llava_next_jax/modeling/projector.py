@@ -10,7 +10,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from . import activations
+from . import activations, decoder
 
 
 class Projector(nn.Module):
@@ -22,6 +22,5 @@ class Projector(nn.Module):
     @nn.compact
     def __call__(self, x):
         """x `[..., Dv*k]` vision features -> `[..., D]` text embeddings."""
-        dense = lambda name: nn.Dense(self.hidden_size, use_bias=self.use_bias, dtype=self.dtype,
-                                      param_dtype=self.dtype, name=name)
+        dense = lambda name: decoder.Dense(self.hidden_size, self.use_bias, self.dtype, name=name)
         return dense("linear_2")(activations.get(self.act)(dense("linear_1")(x)))

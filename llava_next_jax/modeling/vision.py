@@ -28,7 +28,7 @@ class SelfAttention(nn.Module):
         """x `[N, T, Dv]` -> `[N, T, Dv]`: full (unmasked) multi-head attention, scale `head_dim ** -0.5`."""
         c = self.config
         N, T, _ = x.shape
-        dense = lambda name: nn.Dense(c.hidden_size, dtype=self.dtype, param_dtype=self.dtype, name=name)
+        dense = lambda name: decoder.Dense(c.hidden_size, True, self.dtype, name=name)
         q, k, v = (dense(name)(x).reshape(N, T, c.num_attention_heads, c.head_dim)
                    for name in ("q_proj", "k_proj", "v_proj"))
         scale = c.head_dim ** -0.5
@@ -45,7 +45,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        dense = lambda features, name: nn.Dense(features, dtype=self.dtype, param_dtype=self.dtype, name=name)
+        dense = lambda features, name: decoder.Dense(features, True, self.dtype, name=name)
         act = activations.get(self.config.hidden_act)
         return dense(self.config.hidden_size, "fc2")(act(dense(self.config.intermediate_size, "fc1")(x)))
 

@@ -238,6 +238,117 @@ void AttendBlock(const Shapes& s, const uint16_t* q, const bool* mask, const uin
   }
 }
 
+// --- products: out [M, N] = x [M, K] @ w [K, N], bfloat16, float32 sums ---------------------------
+//
+// A task takes a panel of `columns` columns of w (a multiple of 32, its pairs layout at most ~1 MB so
+// that it stays in the core's second-level cache), packs it [K / 2, columns, 2] (rows k and k + 1 of
+// each column side by side, zero beyond N) and walks the rows 32 at a time, the depth in chunks of
+// kChunk (32 rows' chunk of x, 16 KB, stays in the first-level cache while it meets each 32 columns of
+// the panel): 32 x 32 sums in tiles 0-3 (kept in a float32 block between chunks), x's rows in tiles 4
+// and 5 (read in place: K is a multiple of 32), the panel's columns in 6 and 7. The sums are rounded
+// to bfloat16 once, at the end. Rows past M (the last block) are read from a zero-padded copy.
+
+constexpr int64_t kGemmRows = 2 * kBlock, kGemmColumns = 2 * kBlock, kChunk = 256;
+
+int64_t PanelColumns(int64_t K, int64_t N) {
+  const int64_t fit = (int64_t(1) << 20) / (K * int64_t(sizeof(uint16_t))) / kGemmColumns * kGemmColumns;
+  return std::clamp<int64_t>(fit, kGemmColumns, 8 * kGemmColumns);
+}
+
+// w's columns [n0, n0 + width) in pairs layout, `padded` columns a packed row (zero beyond width).
+void PackPanel(const uint16_t* w, int64_t K, int64_t N, int64_t n0, int64_t width, int64_t padded, uint16_t* panel) {
+  alignas(64) static const uint16_t kLow[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i low = _mm512_load_si512(kLow), high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
+  for (int64_t k = 0; k < K; k += 2) {
+    const uint16_t *even = w + k * N + n0, *odd = even + N;
+    uint16_t* row = panel + k / 2 * padded * 2;
+    int64_t j = 0;
+    for (; j + 32 <= width; j += 32) {  // 32 columns of rows k and k + 1, interleaved
+      const __m512i a = _mm512_loadu_si512(even + j), b = _mm512_loadu_si512(odd + j);
+      _mm512_storeu_si512(row + 2 * j, _mm512_permutex2var_epi16(a, low, b));
+      _mm512_storeu_si512(row + 2 * j + 32, _mm512_permutex2var_epi16(a, high, b));
+    }
+    for (; j < padded; ++j) {
+      row[2 * j] = j < width ? even[j] : 0;
+      row[2 * j + 1] = j < width ? odd[j] : 0;
+    }
+  }
+}
+
+// out[0:rows, 0:width] (rows N apart) = the float32 sums (rows kGemmColumns apart), rounded to bfloat16.
+inline void StoreRounded(const float* sums, int64_t rows, int64_t width, uint16_t* out, int64_t N) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* from = sums + r * kGemmColumns;
+    uint16_t* to = out + r * N;
+    if (width == kGemmColumns) {
+      const __m512bh pairs = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(from + kBlock), _mm512_loadu_ps(from));
+      std::memcpy(to, &pairs, sizeof pairs);
+    } else {
+      for (int64_t j = 0; j < width; ++j) to[j] = ToBf16(from[j]);
+    }
+  }
+}
+
+void GemmPanel(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t columns,
+               uint16_t* out) {
+  const int64_t width = std::min(columns, N - n0), padded = (width + kGemmColumns - 1) / kGemmColumns * kGemmColumns;
+  const int64_t blocks = padded / kGemmColumns;
+  thread_local std::vector<uint16_t> panel, last_rows;  // kept between calls: no fresh pages each time
+  thread_local std::vector<float> sums;                 // [blocks][32][32]
+  panel.resize(K * padded);
+  sums.resize(blocks * kGemmRows * kGemmColumns);
+  PackPanel(w, K, N, n0, width, padded, panel.data());
+  constexpr int64_t sums_bytes = kGemmColumns * sizeof(float);
+  const int64_t panel_bytes = padded * 2 * sizeof(uint16_t);  // a packed row: a pair of w's rows
+  ConfigureTiles();
+  for (int64_t r0 = 0; r0 < M; r0 += kGemmRows) {
+    const int64_t rows = std::min(kGemmRows, M - r0);
+    const uint16_t* a = x + r0 * K;
+    if (rows < kGemmRows) {  // the last block's rows, zero-padded
+      last_rows.assign(kGemmRows * K, 0);
+      std::memcpy(last_rows.data(), a, rows * K * sizeof(uint16_t));
+      a = last_rows.data();
+    }
+    for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+      const int64_t k1 = std::min(K, k0 + kChunk);
+      for (int64_t c = 0; c < blocks; ++c) {
+        float* block = sums.data() + c * kGemmRows * kGemmColumns;
+        if (k0 == 0) {
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+        } else {
+          _tile_loadd(0, block, sums_bytes);
+          _tile_loadd(1, block + kBlock, sums_bytes);
+          _tile_loadd(2, block + kBlock * kGemmColumns, sums_bytes);
+          _tile_loadd(3, block + kBlock * kGemmColumns + kBlock, sums_bytes);
+        }
+        const uint16_t* b = panel.data() + c * kGemmColumns * 2;
+        for (int64_t k = k0; k < k1; k += kDepth) {
+          _tile_loadd(4, a + k, K * sizeof(uint16_t));
+          _tile_loadd(5, a + kBlock * K + k, K * sizeof(uint16_t));
+          _tile_loadd(6, b + k / 2 * padded * 2, panel_bytes);
+          _tile_loadd(7, b + k / 2 * padded * 2 + 2 * kBlock, panel_bytes);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, block, sums_bytes);
+        _tile_stored(1, block + kBlock, sums_bytes);
+        _tile_stored(2, block + kBlock * kGemmColumns, sums_bytes);
+        _tile_stored(3, block + kBlock * kGemmColumns + kBlock, sums_bytes);
+        if (k1 == K)
+          StoreRounded(block, rows, std::min(kGemmColumns, width - c * kGemmColumns),
+                       out + r0 * N + n0 + c * kGemmColumns, N);
+      }
+    }
+  }
+  _tile_release();
+}
+
 #endif  // LLAVA_NEXT_AMX
 
 // q [B, T, N, H], k and v [B, K, S, H] bfloat16, mask [B, T, S] -> out [B, T, N, H] bfloat16 and each
@@ -273,6 +384,24 @@ ffi::Error FlashAttentionBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q
 #endif
 }
 
+// x [M, K] and w [K, N] bfloat16, K a multiple of 32 -> out [M, N] = x @ w, float32 sums rounded to bfloat16.
+ffi::Error GemmBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                        ffi::ResultBuffer<ffi::BF16> out) {
+#ifdef LLAVA_NEXT_AMX
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || xd[1] % kDepth != 0)
+    return ffi::Error::InvalidArgument("llava_next_gemm_bf16: want x [M, K] and w [K, N], K a multiple of 32");
+  const int64_t M = xd[0], K = xd[1], N = wd[1], columns = PanelColumns(K, N);
+  const uint16_t *xs = x.typed_data(), *ws = w.typed_data();
+  uint16_t* os = out->typed_data();
+  RunTasks(pool, (N + columns - 1) / columns,
+           [=](int64_t i) { GemmPanel(xs, ws, M, K, N, i * columns, columns, os); });
+  return ffi::Error::Success();
+#else
+  return ffi::Error(ffi::ErrorCode::kUnimplemented, "llava_next_gemm_bf16: built without AMX");
+#endif
+}
+
 }  // namespace
 
 // Asks Linux for the AMX tiles' state for this process (once; every thread may then use the tiles):
@@ -296,3 +425,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashAttentionBf16, FlashAttentionBf16Impl,
                                   .Ret<ffi::Buffer<ffi::BF16>>()   // out
                                   .Ret<ffi::Buffer<ffi::F32>>()    // lse
                                   .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmBf16, GemmBf16Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()   // x
+                                  .Arg<ffi::Buffer<ffi::BF16>>()   // w
+                                  .Ret<ffi::Buffer<ffi::BF16>>());  // out
