@@ -5,9 +5,9 @@ where the CPU has them (`cpu_amx.cc`; its oneDNN column with `LLAVA_NEXT_AMX=0`)
     .venv/bin/python benchmarks/cpu_gemm.py [--rows 64 128 256 512 2432] [--shape 1024 4096] [--repeats 15]
 
 Per dtype (float32, bfloat16) and row count: ms per product `[rows, in] @ [in, out]` (median of
---repeats after a warm-up), each jitted alone. Rows below `cpu_kernels.GEMM_MIN_ROWS` run XLA's product
-in each of our columns (matmul's choice); the oneDNN and AMX columns then say "-" (as AMX does for
-float32, and where the CPU has no AMX tiles).
+--repeats after a warm-up), each jitted alone. Rows below `cpu_kernels.GEMM_MIN_ROWS` (bfloat16 on AMX:
+`AMX_MIN_ROWS`) run XLA's product in each of our columns (matmul's choice); the oneDNN and AMX columns
+then say "-" (as AMX does for float32, and where the CPU has no AMX tiles).
 """
 
 from __future__ import annotations

@@ -71,8 +71,8 @@ def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
     On a GPU, one row padded to `GPU_MIN_ROWS`. On the CPU (docs/benchmarks.md): 2 to 8 float32 rows
     or 1 to 8 bfloat16 rows (a decode step) on the native kernel of `cpu_kernels`
-    (`cpu_kernels.applies`); 256 rows or more on oneDNN's gemm where it is installed
-    (`cpu_kernels.gemm_applies`); one float32 row as partial products over row blocks of the kernel
+    (`cpu_kernels.applies`); 256 rows or more on oneDNN's gemm where it is installed, bfloat16 from 9
+    rows on AMX tiles where the CPU has them (`cpu_kernels.gemm_applies`); one float32 row as partial products over row blocks of the kernel
     where `xla_cpu.matvec_blocks` says so (partial sums in float32). Anything else: XLA's matmul (on
     the CPU with the gradient of `_cpu_product`)."""
     rows = int(np.prod(x.shape[:-1]))
