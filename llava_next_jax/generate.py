@@ -258,7 +258,7 @@ def decode_tokens(params, config: LlavaNextConfig, tokens, positions, slot, kv_v
     """n new tokens per row: tokens, positions `[B, n]`, written at cache slots [slot, slot + n), each
     seeing the cache before `slot` and the new tokens up to itself. Returns (logits `[B, n, V]`, cache)."""
     B, n = tokens.shape
-    x = params["language_model"]["embed_tokens"]["embedding"][tokens].astype(dtype)
+    x = decoder.embed_tokens(params["language_model"]["embed_tokens"]["embedding"], tokens, dtype)
     q_index = jnp.broadcast_to(slot + jnp.arange(n), (B, n))
     kv_index = jnp.arange(kv_valid.shape[1])
     mask = decoder.attention_mask(q_index, kv_index, kv_valid)

@@ -554,6 +554,16 @@ def decode_hidden(params: Params, config: TextConfig, embeds: jax.Array, positio
     return x, None if cache is None else new_cache
 
 
+def embed_tokens(table: jax.Array, ids: jax.Array, dtype) -> jax.Array:
+    """Rows `ids` of the embedding table `[V, D]`, in `dtype`. A bf16 table is gathered as its bits
+    (uint16): from a bf16 table XLA:CPU converted the whole table to float32 in each generate call's
+    programs (32064 x 1024: ~25 ms; docs/benchmarks.md)."""
+    if table.dtype != jnp.bfloat16:
+        return table[ids].astype(dtype)
+    bits = jax.lax.bitcast_convert_type(table, jnp.uint16)[ids]
+    return jax.lax.bitcast_convert_type(bits, jnp.bfloat16).astype(dtype)
+
+
 def lm_logits(params: Params, hidden: jax.Array, tied: bool) -> jax.Array:
     """Hidden `[B, T, D]` -> float32 logits `[B, T, V]` through lm_head (or the tied embedding)."""
     if tied:

@@ -75,7 +75,7 @@ def embed_inputs(params: Params, config: LlavaNextConfig, input_ids: jax.Array, 
     table = params["language_model"]["embed_tokens"]["embedding"]
     is_image = sources >= 0 if sources is not None else None
     ids = input_ids if is_image is None else jnp.where(is_image, 0, input_ids)  # image ids may be >= vocab
-    x = table[ids].astype(dtype)
+    x = decoder.embed_tokens(table, ids, dtype)
     if pixel_values is None:
         return x
     feats = image_embeddings(params, config, pixel_values, dtype)
