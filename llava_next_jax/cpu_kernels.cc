@@ -119,6 +119,15 @@ ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ff
   return ffi::Error::Success();
 }
 
+// y = x, bytes for bytes: XLA does not fuse what computes x into x's users through a custom call, so
+// x is computed once, whole (XLA:CPU fused the RoPE tables' cos and sin into every layer's rotation
+// and evaluated them there, per head; `cpu_kernels.materialize`).
+ffi::Error CopyImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
+  if (x.size_bytes() != y->size_bytes()) return ffi::Error::InvalidArgument("llava_next_copy: sizes differ");
+  std::memcpy(y->untyped_data(), x.untyped_data(), x.size_bytes());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 extern "C" void SetGemm(void* float32_gemm, void* bfloat16_gemm, void* omp_set_num_threads) {
@@ -143,3 +152,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FewRowMatmul, FewRowMatmulImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("tasks"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Copy, CopyImpl, ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());

@@ -60,6 +60,7 @@ FLASH_BACKWARD_TARGET = "llava_next_flash_attention_backward"
 FLASH_BF16_TARGET = "llava_next_flash_attention_bf16"
 GEMM_BF16_TARGET = "llava_next_gemm_bf16"
 GEMM_TARGET = "llava_next_gemm"
+COPY_TARGET = "llava_next_copy"
 MAX_ROWS = 8
 _log = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ def _load() -> bool:
         jax.ffi.register_ffi_target(FLASH_TARGET, jax.ffi.pycapsule(library.FlashAttention), platform="cpu")
         jax.ffi.register_ffi_target(FLASH_BACKWARD_TARGET, jax.ffi.pycapsule(library.FlashAttentionBackward),
                                     platform="cpu")
+        jax.ffi.register_ffi_target(COPY_TARGET, jax.ffi.pycapsule(library.Copy), platform="cpu")
     except Exception as error:  # noqa: BLE001 - any failure means XLA's products, said once
         _log.warning("llava_next_jax: the native CPU kernels are unavailable, XLA's operations are used "
                      "(decode and prefill on the CPU run slower): %s", error)
@@ -300,6 +302,17 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_new
         f32(q), k_cache, v_cache, f32(k_new), f32(v_new), earlier.astype(jnp.bool_), own.astype(jnp.bool_),
         scale=np.float32(scale))
     return out.astype(q.dtype)
+
+
+def materialize(x: jax.Array) -> jax.Array:
+    """x, computed once and whole before its uses: on a single-device CPU with the kernels built, a
+    copy through a custom call (`cpu_kernels.cc`'s Copy), which XLA does not fuse through; elsewhere x.
+    XLA:CPU fused the RoPE tables' cos and sin into every layer's rotation of the queries and keys and
+    evaluated them there, per head (~60 of ~2100 ms of a mid-size float32 prefill; docs/benchmarks.md).
+    Not differentiable (for values computed from integers, such as positions)."""
+    if not _usable():
+        return x
+    return jax.ffi.ffi_call(COPY_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="broadcast_all")(x)
 
 
 def flash_applies() -> bool:

@@ -322,6 +322,24 @@ def test_flash_attention_backward_equals_torch(B, T, N, K, H, window):
     assert (np.asarray(lse)[~sees] == np.inf).all() and sees.all() == (B == 1)
 
 
+def test_rope_tables_are_materialized_once():
+    """A prefill's RoPE tables go through the copy kernel (so XLA:CPU computes them once, not inside each
+    layer's rotation); the copy is exact, float32 and bf16 alike, vmapped too."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 5, 8)), jnp.float32)
+    for a in (x, x.astype(jnp.bfloat16)):
+        assert (np.asarray(jax.jit(cpu_kernels.materialize)(a)) == np.asarray(a)).all()
+    assert (np.asarray(jax.vmap(cpu_kernels.materialize)(x)) == np.asarray(x)).all()
+    from llava_next_jax.config import RopeConfig, TextConfig
+    config = TextConfig("mistral", 64, 32, 64, 2, 4, 2, 8, 1e-6, RopeConfig(), 128, sliding_windows=(0, 0))
+    params = {"layers": decoder.init_layer_params(config, jax.random.PRNGKey(0)),
+              "norm": {"scale": jnp.ones(32)}}
+    T = 7
+    positions, slots = jnp.broadcast_to(jnp.arange(T), (1, T)), jnp.arange(T)
+    mask = decoder.attention_mask(positions, slots, jnp.ones((1, T), bool))
+    hidden = lambda p: decoder.decode_hidden(p, config, jnp.ones((1, T, 32)), positions, mask, positions, slots)[0]
+    assert jax.jit(hidden).lower(params).as_text().count(cpu_kernels.COPY_TARGET) == 2     # cos and sin
+
+
 def test_prefill_attention_uses_flash_attention(monkeypatch):
     """A prefill (`fused`) and a pass whose gradient may be taken lower to the attention kernel on this
     CPU; `LLAVA_NEXT_ATTENTION=blocks` keeps the query blocks."""

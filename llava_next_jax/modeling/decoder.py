@@ -533,7 +533,8 @@ def decode_hidden(params: Params, config: TextConfig, embeds: jax.Array, positio
     while every layer still writes all T keys and values: what a prefill needs, for one layer's
     query, attention and MLP work less.
     """
-    cos, sin = rope_tables(positions, rope_inv_freq(config.rope, config.head_dim), config.rope.attention_factor)
+    cos, sin = map(cpu_kernels.materialize, rope_tables(positions, rope_inv_freq(config.rope, config.head_dim),
+                                                        config.rope.attention_factor))   # not per layer, per head
     layer = DecoderLayer(config, dtype)
 
     def run_layer(p, x, mask, kv, last=False):
