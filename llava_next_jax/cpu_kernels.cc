@@ -119,6 +119,43 @@ ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ff
   return ffi::Error::Success();
 }
 
+// A prompt's keys or values into its layer's cache: cache [B, K, H, S] (the result, in place where XLA
+// aliases them) with update [B, K, T, H] written at slots [slot, slot + T), transposed in 16 x 16
+// blocks (a cache line of each side at a time). XLA's dynamic_update_slice of the transposed update
+// read the update a column at a time (a mid-size float32 prefill: ~66 ms; docs/benchmarks.md).
+template <typename E>
+void WriteTransposed(const E* update, E* cache, int64_t T, int64_t H, int64_t S, int64_t slot) {
+  constexpr int64_t kBlock = 16;
+  for (int64_t t0 = 0; t0 < T; t0 += kBlock)
+    for (int64_t h0 = 0; h0 < H; h0 += kBlock)
+      for (int64_t h = h0; h < std::min(H, h0 + kBlock); ++h)
+        for (int64_t t = t0; t < std::min(T, t0 + kBlock); ++t) cache[h * S + slot + t] = update[t * H + h];
+}
+
+ffi::Error WriteCacheImpl(ffi::ThreadPool pool, ffi::AnyBuffer cache, ffi::AnyBuffer update,
+                          ffi::Result<ffi::AnyBuffer> out, int64_t slot) {
+  const auto cd = cache.dimensions(), ud = update.dimensions();
+  const size_t size = ffi::ByteWidth(cache.element_type());
+  if (cd.size() != 4 || ud.size() != 4 || cd[0] != ud[0] || cd[1] != ud[1] || cd[2] != ud[3] || slot < 0 ||
+      slot + ud[2] > cd[3] || cache.element_type() != update.element_type() || (size != 2 && size != 4))
+    return ffi::Error::InvalidArgument("llava_next_write_cache: want cache [B, K, H, S] and update [B, K, T, H] "
+                                       "of one 2- or 4-byte dtype, slot + T <= S");
+  if (out->untyped_data() != cache.untyped_data())
+    std::memcpy(out->untyped_data(), cache.untyped_data(), cache.size_bytes());
+  const int64_t pairs = cd[0] * cd[1], H = cd[2], S = cd[3], T = ud[2];
+  char* to = static_cast<char*>(out->untyped_data());
+  const char* from = static_cast<const char*>(update.untyped_data());
+  RunTasks(pool, pairs, [=](int64_t i) {
+    if (size == 4)
+      WriteTransposed(reinterpret_cast<const uint32_t*>(from) + i * T * H, reinterpret_cast<uint32_t*>(to) + i * H * S,
+                      T, H, S, slot);
+    else
+      WriteTransposed(reinterpret_cast<const uint16_t*>(from) + i * T * H, reinterpret_cast<uint16_t*>(to) + i * H * S,
+                      T, H, S, slot);
+  });
+  return ffi::Error::Success();
+}
+
 // y = x, bytes for bytes: XLA does not fuse what computes x into x's users through a custom call, so
 // x is computed once, whole (XLA:CPU fused the RoPE tables' cos and sin into every layer's rotation
 // and evaluated them there, per head; `cpu_kernels.materialize`).
@@ -154,3 +191,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FewRowMatmul, FewRowMatmulImpl,
                                   .Attr<int64_t>("tasks"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Copy, CopyImpl, ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WriteCache, WriteCacheImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()    // cache
+                                  .Arg<ffi::AnyBuffer>()    // update
+                                  .Ret<ffi::AnyBuffer>()    // the cache written
+                                  .Attr<int64_t>("slot"));

@@ -61,6 +61,7 @@ FLASH_BF16_TARGET = "llava_next_flash_attention_bf16"
 GEMM_BF16_TARGET = "llava_next_gemm_bf16"
 GEMM_TARGET = "llava_next_gemm"
 COPY_TARGET = "llava_next_copy"
+WRITE_CACHE_TARGET = "llava_next_write_cache"
 MAX_ROWS = 8
 _log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ def _load() -> bool:
         jax.ffi.register_ffi_target(FLASH_BACKWARD_TARGET, jax.ffi.pycapsule(library.FlashAttentionBackward),
                                     platform="cpu")
         jax.ffi.register_ffi_target(COPY_TARGET, jax.ffi.pycapsule(library.Copy), platform="cpu")
+        jax.ffi.register_ffi_target(WRITE_CACHE_TARGET, jax.ffi.pycapsule(library.WriteCache), platform="cpu")
     except Exception as error:  # noqa: BLE001 - any failure means XLA's products, said once
         _log.warning("llava_next_jax: the native CPU kernels are unavailable, XLA's operations are used "
                      "(decode and prefill on the CPU run slower): %s", error)
@@ -313,6 +315,17 @@ def materialize(x: jax.Array) -> jax.Array:
     if not _usable():
         return x
     return jax.ffi.ffi_call(COPY_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="broadcast_all")(x)
+
+
+def write_cache(cache: jax.Array, update: jax.Array, slot: int) -> jax.Array | None:
+    """`cache [B, K, H, S]` with `update [B, K, T, H]` (its dtype) written transposed at slots
+    [slot, slot + T), in place (`cpu_kernels.cc`'s WriteCache), on a single-device CPU with the kernels
+    built and a 2- or 4-byte cache (`decoder.cache_dtype`); None elsewhere, for XLA's
+    dynamic_update_slice."""
+    if not (_usable() and cache.dtype == update.dtype and cache.dtype.itemsize in (2, 4)):
+        return None
+    return jax.ffi.ffi_call(WRITE_CACHE_TARGET, jax.ShapeDtypeStruct(cache.shape, cache.dtype),
+                            input_output_aliases={0: 0})(cache, update, slot=np.int64(slot))
 
 
 def flash_applies() -> bool:

@@ -340,6 +340,27 @@ def test_rope_tables_are_materialized_once():
     assert jax.jit(hidden).lower(params).as_text().count(cpu_kernels.COPY_TARGET) == 2     # cos and sin
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.uint16])
+@pytest.mark.parametrize("T,H,slot", [(37, 24, 0), (16, 16, 5), (1, 8, 30)])
+def test_cache_write_equals_numpy(dtype, T, H, slot):
+    """The prefill's cache write (`cpu_kernels.write_cache`): keys `[B, K, T, H]` transposed into slots
+    [slot, slot + T) of a `[B, K, H, S]` cache, the other slots kept, float32 and bf16 bits alike (T
+    and H no multiple of the 16 x 16 blocks); a prefill's layer lowers to it."""
+    rng = np.random.default_rng(T + H)
+    B, K, S = 2, 3, 40
+    cache = rng.integers(0, 60000, (B, K, H, S)).astype(dtype)
+    update = rng.integers(0, 60000, (B, K, T, H)).astype(dtype)
+    ours = jax.jit(cpu_kernels.write_cache, static_argnums=2)(jnp.asarray(cache), jnp.asarray(update), slot)
+    expected = cache.copy()
+    expected[..., slot:slot + T] = update.swapaxes(2, 3)
+    np.testing.assert_array_equal(np.asarray(ours), expected)
+    full, new = jnp.zeros((1, 2, 16, 32)), jnp.ones((1, 2, 8, 16))
+    assert cpu_kernels.WRITE_CACHE_TARGET in jax.jit(lambda f, n: decoder._write_cache(f, n, 0, True)).lower(
+        full, new).as_text()
+    assert cpu_kernels.WRITE_CACHE_TARGET not in jax.jit(lambda f, n: decoder._write_cache(f, n, 0, False)).lower(
+        full, new).as_text()
+
+
 def test_prefill_attention_uses_flash_attention(monkeypatch):
     """A prefill (`fused`) and a pass whose gradient may be taken lower to the attention kernel on this
     CPU; `LLAVA_NEXT_ATTENTION=blocks` keeps the query blocks."""

@@ -388,6 +388,14 @@ def attention(q, k, v, mask, scale, causal_prefix: bool, fused: bool = False):
     return _attend_blocks(q, k, v, mask, scale)
 
 
+def _write_cache(full: jax.Array, new: jax.Array, slot, prefill: bool) -> jax.Array:
+    """A layer's cache `[B, K, H, S]` with keys or values `new [B, K, T, H]` (its dtype) at slots
+    [slot, slot + T): a prefill's on the CPU kernel where it runs (`cpu_kernels.write_cache`), else
+    XLA's dynamic_update_slice of the transpose."""
+    written = cpu_kernels.write_cache(full, new, slot) if prefill else None
+    return written if written is not None else jax.lax.dynamic_update_slice(full, new.swapaxes(2, 3), (0, 0, 0, slot))
+
+
 class Attention(nn.Module):
     config: TextConfig
     dtype: Any = jnp.float32
@@ -424,8 +432,8 @@ class Attention(nn.Module):
             own = jax.lax.dynamic_slice_in_dim(mask, slot, T, axis=2)
             out = _attend_new(q, cache[0], cache[1], k, v, earlier, own, scale)
         if cache is not None:
-            write = lambda full, new, at: jax.lax.dynamic_update_slice(full, store_in_cache(new, full.dtype), at)
-            cache = tuple(write(full, new.swapaxes(2, 3), (0, 0, 0, slot)) for full, new in zip(cache, (k, v)))
+            cache = tuple(_write_cache(full, store_in_cache(new, full.dtype), slot, prefill)
+                          for full, new in zip(cache, (k, v)))
         return dense(c.hidden_size, c.o_bias, "o_proj")(out.reshape(B, q.shape[1], -1)), cache
 
 
