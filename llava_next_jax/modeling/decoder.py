@@ -447,6 +447,8 @@ class MLP(nn.Module):
         dense = lambda features, name: Dense(features, c.mlp_bias, self.dtype, name=name)
         gate = dense(c.intermediate_size, "gate_proj")(x)
         up = dense(c.intermediate_size, "up_proj")(x)
+        if c.hidden_act in ("silu", "swish") and cpu_kernels.silu_mul_applies(gate, up):
+            return dense(c.hidden_size, "down_proj")(cpu_kernels.silu_mul(gate, up))   # bf16 on the CPU
         return dense(c.hidden_size, "down_proj")(activations.get(c.hidden_act)(gate) * up)
 
 
