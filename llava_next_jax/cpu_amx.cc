@@ -1,6 +1,6 @@
-// Attention over a prompt in bfloat16 on AMX tiles (Intel's Advanced Matrix Extensions, Sapphire
-// Rapids and later), for XLA:CPU: out[b, t, n] = softmax over the keys s that mask[b, t, s] allows of
-// scale * q[b, t, n] . k[b, n / G, s], times v[b, n / G, s].
+// bfloat16 on AMX tiles (Intel's Advanced Matrix Extensions, Sapphire Rapids and later) for XLA:CPU:
+// attention over a prompt, out[b, t, n] = softmax over the keys s that mask[b, t, s] allows of
+// scale * q[b, t, n] . k[b, n / G, s], times v[b, n / G, s]; and products x @ w (their section below).
 //
 // The float32 kernel's walk (cpu_attention.cc: a task takes the G query heads of one kv head at a block
 // of positions and walks the key tiles its mask reaches with an online softmax) with both products on
@@ -12,9 +12,8 @@
 // The keys and values of a tile are packed once, in the pairs layout the tiles multiply (two adjacent
 // head dims, or two adjacent keys, side by side). Built where the compiler targets AMX (-march=native
 // on such a CPU); EnableAmx asks Linux for the tiles' state once a process, and cpu_kernels.py sends
-// bfloat16 attention here only where it was granted.
+// bfloat16 work here only where it was granted.
 #include <cstdint>
-#include <memory>
 #include <string>
 #include <vector>
 
@@ -361,23 +360,16 @@ ffi::Error FlashAttentionBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q
   if (!llava_next::ReadShapes(q.dimensions(), k.dimensions(), v.dimensions(), mask.dimensions(), kRows, kBlock,
                               kDepth, s))
     return ffi::Error::InvalidArgument(std::string("llava_next_flash_attention_bf16: ") + kShapeError);
-  const int64_t pairs = s.B * s.K, tile_values = 2 * s.Hp * kTile;
-  std::unique_ptr<uint16_t[]> packed(new uint16_t[pairs * s.tiles * tile_values]);
   const uint16_t *qs = q.typed_data(), *ks = k.typed_data(), *vs = v.typed_data();
   const bool* ms = mask.typed_data();
   uint16_t* os = out->typed_data();
   float* ls = lse->typed_data();
-  uint16_t* pk = packed.get();
-  RunTasks(pool, pairs * s.tiles, [=](int64_t i) {
-    uint16_t* keys = pk + i * tile_values;
-    PackTile(s, ks, vs, i / s.tiles, i % s.tiles, keys, keys + s.Hp * kTile);
-  });
-  const int64_t blocks = (s.T + s.positions - 1) / s.positions;
-  RunTasks(pool, pairs * blocks, [=](int64_t i) {
-    const int64_t block = blocks - 1 - i / pairs, pair = i % pairs;  // later positions (more keys) first
-    const int64_t t0 = block * s.positions;
-    AttendBlock(s, qs, ms, pk, scale, pair / s.K, pair % s.K, t0, std::min(s.T, t0 + s.positions), os, ls);
-  });
+  llava_next::PackAndAttend<uint16_t>(
+      pool, s, 2 * s.Hp * kTile,
+      [=](int64_t pair, int64_t tile, uint16_t* keys) { PackTile(s, ks, vs, pair, tile, keys, keys + s.Hp * kTile); },
+      [=](const uint16_t* packed, int64_t b, int64_t kh, int64_t t0, int64_t t1) {
+        AttendBlock(s, qs, ms, packed, scale, b, kh, t0, t1, os, ls);
+      });
   return ffi::Error::Success();
 #else
   return ffi::Error(ffi::ErrorCode::kUnimplemented, "llava_next_flash_attention_bf16: built without AMX");

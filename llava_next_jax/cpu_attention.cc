@@ -256,22 +256,15 @@ ffi::Error FlashAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   if (!ReadShapes(q.dimensions(), k.dimensions(), v.dimensions(), mask.dimensions(), kRows, kMicroRows, kColumns,
                   s))
     return ffi::Error::InvalidArgument(std::string("llava_next_flash_attention: ") + kShapeError);
-  const int64_t pairs = s.B * s.K, tile_floats = 2 * s.Hp * kTile;
-  std::unique_ptr<float[]> packed(new float[pairs * s.tiles * tile_floats]);
   const float *qs = q.typed_data(), *ks = k.typed_data(), *vs = v.typed_data();
   const bool* ms = mask.typed_data();
   float *os = out->typed_data(), *ls = lse->typed_data();
-  float* pk = packed.get();
-  RunTasks(pool, pairs * s.tiles, [=](int64_t i) {
-    float* keys = pk + i * tile_floats;
-    PackTile(s, ks, vs, i / s.tiles, i % s.tiles, keys, keys + s.Hp * kTile);
-  });
-  const int64_t blocks = (s.T + s.positions - 1) / s.positions;
-  RunTasks(pool, pairs * blocks, [=](int64_t i) {
-    const int64_t block = blocks - 1 - i / pairs, pair = i % pairs;  // later positions (more keys) first
-    const int64_t t0 = block * s.positions;
-    AttendBlock(s, qs, ms, pk, scale, pair / s.K, pair % s.K, t0, std::min(s.T, t0 + s.positions), os, ls);
-  });
+  llava_next::PackAndAttend<float>(
+      pool, s, 2 * s.Hp * kTile,
+      [=](int64_t pair, int64_t tile, float* keys) { PackTile(s, ks, vs, pair, tile, keys, keys + s.Hp * kTile); },
+      [=](const float* packed, int64_t b, int64_t kh, int64_t t0, int64_t t1) {
+        AttendBlock(s, qs, ms, packed, scale, b, kh, t0, t1, os, ls);
+      });
   return ffi::Error::Success();
 }
 

@@ -7,9 +7,11 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <numeric>
 
 #include "xla/ffi/api/ffi.h"
+#include "cpu_tasks.h"
 
 namespace llava_next {
 
@@ -42,6 +44,21 @@ inline bool ReadShapes(xla::ffi::Span<const int64_t> qd, xla::ffi::Span<const in
 }
 
 constexpr const char* kShapeError = "want q [B, T, N, H], k and v [B, K, S, H] (N a multiple of K), mask [B, T, S]";
+
+// A prompt kernel's forward pass over its tasks: each (row, kv head, key tile) packed by pack(pair,
+// tile, out) into `tile_size` values of a buffer, then attend(packed, b, kh, t0, t1) for each block of
+// s.positions query positions, as tasks on XLA's pool (later positions, which see more keys, first).
+template <typename E, typename Pack, typename Attend>
+void PackAndAttend(xla::ffi::ThreadPool& pool, const Shapes& s, int64_t tile_size, Pack pack, Attend attend) {
+  const int64_t pairs = s.B * s.K, blocks = (s.T + s.positions - 1) / s.positions;
+  std::unique_ptr<E[]> buffer(new E[pairs * s.tiles * tile_size]);
+  E* packed = buffer.get();
+  RunTasks(pool, pairs * s.tiles, [=](int64_t i) { pack(i / s.tiles, i % s.tiles, packed + i * tile_size); });
+  RunTasks(pool, pairs * blocks, [=](int64_t i) {
+    const int64_t block = blocks - 1 - i / pairs, pair = i % pairs, t0 = block * s.positions;
+    attend(static_cast<const E*>(packed), pair / s.K, pair % s.K, t0, std::min(s.T, t0 + s.positions));
+  });
+}
 
 // The index of query row r of (row b, kv head kh) in q [B, T, N, ...]: position r / G, head kh * G + r % G.
 inline int64_t QueryIndex(const Shapes& s, int64_t b, int64_t kh, int64_t r) {
@@ -104,9 +121,9 @@ inline int64_t RowGroup(const Shapes& s, int64_t r0, int64_t t0, int64_t last_ro
   return depth;
 }
 
-// e^x for x <= 0 in each lane of a float vector (GCC/Clang vector extension) (2^f on [-0.5, 0.5] by Cephes' exp2f polynomial, relative
-// error ~2e-7); 0 at or below -87 (e^-87 ~ 1.6e-38), -inf included: whatever such a lane computes is
-// masked off.
+// e^x for x <= 0 in each lane of a float vector (a GCC/Clang vector extension type): 2^n * 2^f, 2^f on
+// [-0.5, 0.5] by Cephes' exp2f polynomial (relative error ~2e-7); 0 at or below -87 (e^-87 ~ 1.6e-38),
+// -inf included: whatever such a lane computes is masked off.
 template <typename V>
 inline V Exp(V x) {
   typedef decltype(x > x) I;  // the lanes' comparison masks: int32 lanes

@@ -50,8 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in (
-    "cpu_kernels.cc", "cpu_attention.cc", "cpu_amx.cc"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_kernels.cc", "cpu_attention.cc", "cpu_amx.cc"))
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_attention.h", "cpu_products.h", "cpu_tasks.h"))
 TARGET = "llava_next_fewrow_matmul"
 DECODE_TARGET = "llava_next_decode_attention"
@@ -162,8 +161,8 @@ def _load() -> bool:
     return True
 
 
-# What `_load` found beyond the kernels every build has: "amx" (the bfloat16 attention kernel on AMX
-# tiles, registered) and "onednn" (oneDNN's gemm set and registered).
+# What `_load` found beyond the kernels every build has: "amx" (the bfloat16 attention and product
+# kernels on AMX tiles, registered) and "onednn" (oneDNN's gemm set and registered).
 _extras: set[str] = set()
 
 
@@ -332,7 +331,8 @@ def silu_mul(gate: jax.Array, up: jax.Array) -> jax.Array:
     """`silu(gate) * up` for bfloat16 gate and up (`cpu_kernels.cc`'s SiluMul): silu in float32 rounded
     to bf16 once, then the product rounded once, as PyTorch computes it in bf16; where XLA:CPU's bf16
     elementwise code ran at ~6 GB/s. Its gradient is XLA's, of the same formula in float32, rounded once."""
-    return jax.ffi.ffi_call(SILU_MUL_TARGET, jax.ShapeDtypeStruct(gate.shape, gate.dtype))(gate, up)
+    return jax.ffi.ffi_call(SILU_MUL_TARGET, jax.ShapeDtypeStruct(gate.shape, gate.dtype),
+                            vmap_method="broadcast_all")(gate, up)
 
 
 def _silu_mul_fwd(gate, up):
@@ -365,9 +365,9 @@ def flash_applies() -> bool:
 
 
 def amx_applies(*arrays: jax.Array) -> bool:
-    """Whether attention over these bfloat16 arrays runs on the AMX kernel (`cpu_amx.cc`):
-    all bfloat16, the library built for a CPU with AMX tiles and Linux letting this process use them,
-    not switched off (`LLAVA_NEXT_AMX=0`, read when a program is traced)."""
+    """Whether attention over (`flash_attention`) or a product of (`gemm`) these arrays runs on the AMX
+    kernels (`cpu_amx.cc`): all bfloat16, the library built for a CPU with AMX tiles and Linux letting
+    this process use them, not switched off (`LLAVA_NEXT_AMX=0`, read when a program is traced)."""
     return (all(a.dtype == jnp.bfloat16 for a in arrays) and os.environ.get("LLAVA_NEXT_AMX", "1") != "0"
             and _usable() and "amx" in _extras)
 

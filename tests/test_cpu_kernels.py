@@ -275,7 +275,8 @@ def test_amx_attention_gradient_equals_torch():
     bf16 roundings of PyTorch SDPA's in float64 on the same values."""
     B, T, N, K, H = 2, 150, 4, 2, 16
     rng = np.random.default_rng(3)
-    x = [jnp.asarray(a, jnp.bfloat16) for a in (rng.standard_normal((B, T, N, H)), *rng.standard_normal((2, B, K, T, H)))]
+    x = [jnp.asarray(a, jnp.bfloat16)
+         for a in (rng.standard_normal((B, T, N, H)), *rng.standard_normal((2, B, K, T, H)))]
     valid = np.arange(T)[None, :] >= np.array([0, 9])[:, None]
     mask = np.tril(np.ones((T, T), bool))[None] & valid[:, None, :]
     weight = rng.standard_normal((B, T, N, H)) * valid[:, :, None, None]

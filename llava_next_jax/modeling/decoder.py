@@ -72,9 +72,9 @@ def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     On a GPU, one row padded to `GPU_MIN_ROWS`. On the CPU (docs/benchmarks.md): 2 to 8 float32 rows
     or 1 to 8 bfloat16 rows (a decode step) on the native kernel of `cpu_kernels`
     (`cpu_kernels.applies`); 256 rows or more on oneDNN's gemm where it is installed, bfloat16 from 9
-    rows on AMX tiles where the CPU has them (`cpu_kernels.gemm_applies`); one float32 row as partial products over row blocks of the kernel
-    where `xla_cpu.matvec_blocks` says so (partial sums in float32). Anything else: XLA's matmul (on
-    the CPU with the gradient of `_cpu_product`)."""
+    rows on AMX tiles where the CPU has them (`cpu_kernels.gemm_applies`); one float32 row as partial
+    products over row blocks of the kernel where `xla_cpu.matvec_blocks` says so (partial sums in
+    float32). Anything else: XLA's matmul (on the CPU with the gradient of `_cpu_product`)."""
     rows = int(np.prod(x.shape[:-1]))
     if rows < GPU_MIN_ROWS and jax.default_backend() == "gpu":
         padded = jnp.pad(x.reshape(rows, -1), ((0, GPU_MIN_ROWS - rows), (0, 0)))
@@ -393,7 +393,9 @@ def _write_cache(full: jax.Array, new: jax.Array, slot, prefill: bool) -> jax.Ar
     [slot, slot + T): a prefill's on the CPU kernel where it runs (`cpu_kernels.write_cache`), else
     XLA's dynamic_update_slice of the transpose."""
     written = cpu_kernels.write_cache(full, new, slot) if prefill else None
-    return written if written is not None else jax.lax.dynamic_update_slice(full, new.swapaxes(2, 3), (0, 0, 0, slot))
+    if written is None:
+        written = jax.lax.dynamic_update_slice(full, new.swapaxes(2, 3), (0, 0, 0, slot))
+    return written
 
 
 class Attention(nn.Module):
