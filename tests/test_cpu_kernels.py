@@ -386,6 +386,31 @@ def test_cache_write_equals_numpy(dtype, T, H, slot):
         full, new).as_text()
 
 
+@needs_amx
+def test_bfloat16_prompt_runs_on_the_amx_kernels(monkeypatch):
+    """A bf16 prompt of 256 tokens through the decoder layers (with a cache, as a prefill) lowers to the
+    AMX attention and products, the SiLU kernel and the cache write; LLAVA_NEXT_AMX=0 to neither AMX
+    kernel."""
+    monkeypatch.delenv("LLAVA_NEXT_AMX", raising=False)
+    from llava_next_jax.config import RopeConfig, TextConfig
+    config = TextConfig("mistral", 64, 64, 128, 1, 4, 2, 16, 1e-6, RopeConfig(), 512, sliding_windows=(0,))
+    params = {"layers": decoder.init_layer_params(config, jax.random.PRNGKey(0), jnp.bfloat16),
+              "norm": {"scale": jnp.ones(64, jnp.bfloat16)}}
+    T = 256
+    positions, slots = jnp.broadcast_to(jnp.arange(T), (1, T)), jnp.arange(T)
+    mask = decoder.attention_mask(positions, slots, jnp.ones((1, T), bool))
+    cache = decoder.init_cache(config, 1, T, jnp.bfloat16)
+    prefill = lambda p, c: decoder.decode_hidden(p, config, jnp.ones((1, T, 64), jnp.bfloat16), positions, mask,
+                                                 positions, slots, c, 0, jnp.bfloat16)
+    text = jax.jit(prefill).lower(params, cache).as_text()
+    for target in (cpu_kernels.FLASH_BF16_TARGET, cpu_kernels.GEMM_BF16_TARGET, cpu_kernels.SILU_MUL_TARGET,
+                   cpu_kernels.WRITE_CACHE_TARGET):
+        assert target in text, target
+    monkeypatch.setenv("LLAVA_NEXT_AMX", "0")
+    text = jax.jit(lambda p, c: prefill(p, c)).lower(params, cache).as_text()
+    assert cpu_kernels.FLASH_BF16_TARGET not in text and cpu_kernels.GEMM_BF16_TARGET not in text
+
+
 def test_prefill_attention_uses_flash_attention(monkeypatch):
     """A prefill (`fused`) and a pass whose gradient may be taken lower to the attention kernel on this
     CPU; `LLAVA_NEXT_ATTENTION=blocks` keeps the query blocks."""
