@@ -34,6 +34,7 @@ namespace {
 
 #ifdef LLAVA_NEXT_AMX
 
+using llava_next::Exp2Fraction;
 using llava_next::kNegInf;
 using llava_next::kShapeError;
 using llava_next::kTile;
@@ -47,7 +48,6 @@ typedef float V16 __attribute__((vector_size(64)));
 
 constexpr int64_t kBlock = 16;     // rows of a tile; float32 columns of a result tile
 constexpr int64_t kDepth = 32;     // bfloat16 values a tile row holds (64 bytes): a product's depth per step
-constexpr int64_t kRows = 128;     // query rows per task (positions x query heads of a kv head)
 
 inline V16 Load(const float* p) {
   V16 v;
@@ -67,18 +67,13 @@ inline uint16_t ToBf16(float x) {
 
 constexpr float kLog2e = 1.44269504088896341f;
 
-// 2^y for y <= 0 in 16 lanes: 2^n * 2^f with n = round(y) and 2^f on [-0.5, 0.5] by Cephes' exp2f
-// polynomial (relative error ~2e-7). y is clamped to -127 first, -inf included: 2^-127, a subnormal
+// 2^y for y <= 0 in 16 lanes: 2^n * 2^f with n = round(y) and 2^f on [-0.5, 0.5] by `Exp2Fraction`
+// (the scaling by 2^n one instruction). y is clamped to -127 first, -inf included: 2^-127, a subnormal
 // that the conversion of the weights to bfloat16 flushes to 0 (and ~1e-38 of a weights' sum >= 1).
 inline __m512 Exp2(__m512 y) {
   y = _mm512_max_ps(y, _mm512_set1_ps(-127.0f));
   const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(y, n);
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  for (float c : {1.339887440266574e-3f, 9.618437357674640e-3f, 5.550332471162809e-2f, 2.402264791363012e-1f,
-                  6.931472028550421e-1f, 1.0f})
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_scalef_ps(Exp2Fraction(_mm512_sub_ps(y, n)), n);
 }
 
 // Every tile register: 16 rows of 64 bytes (palette 1).
@@ -357,8 +352,8 @@ ffi::Error FlashAttentionBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q
                                   ffi::ResultBuffer<ffi::BF16> out, ffi::ResultBuffer<ffi::F32> lse, float scale) {
 #ifdef LLAVA_NEXT_AMX
   Shapes s;
-  if (!llava_next::ReadShapes(q.dimensions(), k.dimensions(), v.dimensions(), mask.dimensions(), kRows, kBlock,
-                              kDepth, s))
+  if (!llava_next::ReadShapes(q.dimensions(), k.dimensions(), v.dimensions(), mask.dimensions(), kBlock, kDepth,
+                              s))
     return ffi::Error::InvalidArgument(std::string("llava_next_flash_attention_bf16: ") + kShapeError);
   const uint16_t *qs = q.typed_data(), *ks = k.typed_data(), *vs = v.typed_data();
   const bool* ms = mask.typed_data();

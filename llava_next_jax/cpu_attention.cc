@@ -50,7 +50,6 @@ typedef float V8 __attribute__((vector_size(32)));
 typedef int32_t I8 __attribute__((vector_size(32)));
 typedef uint32_t U8 __attribute__((vector_size(32)));
 
-constexpr int64_t kRows = 128;     // query rows per task (positions x query heads of a kv head)
 
 inline V8 Load(const float* p) {
   V8 v;
@@ -253,8 +252,7 @@ ffi::Error FlashAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
                               ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask,
                               ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, float scale) {
   Shapes s;
-  if (!ReadShapes(q.dimensions(), k.dimensions(), v.dimensions(), mask.dimensions(), kRows, kMicroRows, kColumns,
-                  s))
+  if (!ReadShapes(q.dimensions(), k.dimensions(), v.dimensions(), mask.dimensions(), kMicroRows, kColumns, s))
     return ffi::Error::InvalidArgument(std::string("llava_next_flash_attention: ") + kShapeError);
   const float *qs = q.typed_data(), *ks = k.typed_data(), *vs = v.typed_data();
   const bool* ms = mask.typed_data();
@@ -397,8 +395,7 @@ ffi::Error FlashAttentionBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
                                       ffi::Buffer<ffi::F32> delta, ffi::ResultBuffer<ffi::F32> dq,
                                       ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv, float scale) {
   Shapes s;
-  if (!ReadShapes(q.dimensions(), k.dimensions(), v.dimensions(), mask.dimensions(), kRows, kMicroRows, kColumns,
-                  s))
+  if (!ReadShapes(q.dimensions(), k.dimensions(), v.dimensions(), mask.dimensions(), kMicroRows, kColumns, s))
     return ffi::Error::InvalidArgument(std::string("llava_next_flash_attention_backward: ") + kShapeError);
   const int64_t pairs = s.B * s.K, tile_floats = 4 * s.Hp * kTile;
   const int64_t padded = (s.T * s.G + kChunk - 1) / kChunk * kChunk + kMicroRows;

@@ -16,28 +16,29 @@
 namespace llava_next {
 
 constexpr int64_t kTile = 64;      // keys per tile
+constexpr int64_t kRows = 128;     // query rows per task (positions x query heads of a kv head)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct Shapes {
   int64_t B, T, N, H, K, S, G;  // the decode kernel uses these alone, with k and v [B, K, H, S]
-  int64_t positions;  // query positions per task: about rows_per_task / G, at least 1
+  int64_t positions;  // query positions per task: about kRows / G, at least 1
   int64_t Hp;         // H rounded up to the kernel's column multiple (packed tiles are zero beyond H)
   int64_t tiles;      // key tiles: ceil(S / kTile)
 };
 
 // Checks q [B, T, N, H], k and v [B, K, S, H] (N a multiple of K), mask [B, T, S] and fills s: about
-// rows_per_task / G positions a task, a multiple of micro_rows / gcd(G, micro_rows) so that a task's
+// kRows / G positions a task, a multiple of micro_rows / gcd(G, micro_rows) so that a task's
 // rows fill whole register tiles of micro_rows rows, and H rounded up to a multiple of `columns`.
 inline bool ReadShapes(xla::ffi::Span<const int64_t> qd, xla::ffi::Span<const int64_t> kd,
-                       xla::ffi::Span<const int64_t> vd, xla::ffi::Span<const int64_t> md, int64_t rows_per_task,
-                       int64_t micro_rows, int64_t columns, Shapes& s) {
+                       xla::ffi::Span<const int64_t> vd, xla::ffi::Span<const int64_t> md, int64_t micro_rows,
+                       int64_t columns, Shapes& s) {
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || md.size() != 3 || kd[0] != qd[0] ||
       kd[3] != qd[3] || kd[1] < 1 || qd[2] % kd[1] != 0 || vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[2] ||
       vd[3] != kd[3] || md[0] != qd[0] || md[1] != qd[1] || md[2] != kd[2])
     return false;
   s = Shapes{qd[0], qd[1], qd[2], qd[3], kd[1], kd[2], qd[2] / kd[1], 1, 0, 0};
   const int64_t step = micro_rows / std::gcd<int64_t>(s.G, micro_rows);
-  s.positions = std::max<int64_t>(1, (rows_per_task / s.G + step - 1) / step) * step;
+  s.positions = std::max<int64_t>(1, (kRows / s.G + step - 1) / step) * step;
   s.Hp = (s.H + columns - 1) / columns * columns;
   s.tiles = (s.S + kTile - 1) / kTile;
   return true;
@@ -121,8 +122,18 @@ inline int64_t RowGroup(const Shapes& s, int64_t r0, int64_t t0, int64_t last_ro
   return depth;
 }
 
+// 2^f for f in [-0.5, 0.5] in each lane of a float vector: Cephes' exp2f polynomial (relative error ~2e-7).
+template <typename V>
+inline V Exp2Fraction(V f) {
+  V p = V{} + 1.535336188319500e-4f;
+  for (float c : {1.339887440266574e-3f, 9.618437357674640e-3f, 5.550332471162809e-2f, 2.402264791363012e-1f,
+                  6.931472028550421e-1f, 1.0f})
+    p = p * f + c;
+  return p;
+}
+
 // e^x for x <= 0 in each lane of a float vector (a GCC/Clang vector extension type): 2^n * 2^f, 2^f on
-// [-0.5, 0.5] by Cephes' exp2f polynomial (relative error ~2e-7); 0 at or below -87 (e^-87 ~ 1.6e-38),
+// [-0.5, 0.5] by `Exp2Fraction`; 0 at or below -87 (e^-87 ~ 1.6e-38),
 // -inf included: whatever such a lane computes is masked off.
 template <typename V>
 inline V Exp(V x) {
@@ -134,13 +145,7 @@ inline V Exp(V x) {
   const V shifted = x * splat(1.44269504088896341f) + magic;
   const V n = shifted - magic;
   const V f = x * splat(1.44269504088896341f) - n;
-  V p = splat(1.535336188319500e-4f);
-  p = p * f + splat(1.339887440266574e-3f);
-  p = p * f + splat(9.618437357674640e-3f);
-  p = p * f + splat(5.550332471162809e-2f);
-  p = p * f + splat(2.402264791363012e-1f);
-  p = p * f + splat(6.931472028550421e-1f);
-  p = p * f + splat(1.0f);
+  const V p = Exp2Fraction(f);
   const U power = ((U)shifted << 23) + (127u << 23);  // 2^n as float bits: shifted's low bits hold n
   return (V)((I)(p * (V)power) & keep);
 }

@@ -64,8 +64,9 @@ ffi::Error FewRowMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
 //
 // Products of many rows (a prefill, a training pass) on oneDNN's BLAS-like gemm functions where the
 // oneDNN library is installed: row-major c[M, N] = op(a) @ op(b), float32 or bfloat16 operands (both
-// the same), float32 sums and result. oneDNN picks the CPU's best code (AVX-512, AMX tiles for
-// bfloat16), where XLA:CPU's products ran ~1.2x (float32) and ~3x (bfloat16 on AMX) slower. The
+// the same), float32 sums and result, where XLA:CPU's products ran ~1.2x (float32) and ~3x (bfloat16)
+// slower. (Its bfloat16 gemm ran at about AVX-512 BF16 speed on an AMX CPU, where cpu_amx.cc's GemmBf16
+// takes the forward products: docs/benchmarks.md.) The
 // result's columns go to XLA's thread pool in blocks, each a one-thread gemm (as fast as OpenMP's
 // own team on two cores, and no second set of threads beside XLA's). The functions' addresses come
 // from Python (`SetGemm`), so this library needs oneDNN neither to build nor to load.

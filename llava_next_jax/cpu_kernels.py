@@ -239,8 +239,13 @@ def gemm_applies(rows: int, x_dtype, kernel: jax.Array) -> bool:
     if not (x_dtype == kernel.dtype and jnp.dtype(x_dtype) in GEMM_DTYPES and kernel.ndim == 2
             and os.environ.get("LLAVA_NEXT_ONEDNN", "1") != "0" and _usable() and "onednn" in _extras):
         return False
-    on_tiles = kernel.shape[0] % 32 == 0 and amx_applies(kernel)
-    return rows >= (AMX_MIN_ROWS if on_tiles else GEMM_MIN_ROWS)
+    return rows >= (AMX_MIN_ROWS if _on_tiles(kernel) else GEMM_MIN_ROWS)
+
+
+def _on_tiles(kernel: jax.Array, *others: jax.Array) -> bool:
+    """Whether a product by `kernel [K, N]` (with `others`) runs on AMX tiles: K a multiple of 32 (the
+    tiles' depth step, which GemmBf16 reads in place), `amx_applies`."""
+    return kernel.shape[0] % 32 == 0 and amx_applies(kernel, *others)
 
 
 def _gemm(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:
@@ -252,9 +257,9 @@ def _gemm(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: bo
                            "LLAVA_NEXT_ONEDNN=0")
     M = a.shape[1] if transpose_a else a.shape[0]
     N = b.shape[0] if transpose_b else b.shape[1]
-    out = jax.ShapeDtypeStruct((M, N), jnp.float32)
-    if not (transpose_a or transpose_b) and a.shape[1] % 32 == 0 and amx_applies(a, b):
+    if not (transpose_a or transpose_b) and _on_tiles(b, a):
         return jax.ffi.ffi_call(GEMM_BF16_TARGET, jax.ShapeDtypeStruct((M, N), a.dtype))(a, b)
+    out = jax.ShapeDtypeStruct((M, N), jnp.float32)
     return jax.ffi.ffi_call(GEMM_TARGET, out)(a, b, transpose_a=transpose_a, transpose_b=transpose_b).astype(a.dtype)
 
 
