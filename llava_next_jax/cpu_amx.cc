@@ -87,6 +87,9 @@ void ConfigureTiles() {
     config.bytes[i] = 64;
     config.rows[i] = kBlock;
   }
+  // GCC's _tile_loadconfig tells the compiler it reads 8 bytes of the 64 ("m" of a pointer): without
+  // this barrier -O2 drops the stores of the rows and widths as dead, and the first tile op faults.
+  asm volatile("" : : "r"(&config) : "memory");
   _tile_loadconfig(&config);
 }
 
@@ -234,39 +237,60 @@ void AttendBlock(const Shapes& s, const uint16_t* q, const bool* mask, const uin
 
 // --- products: out [M, N] = x [M, K] @ w [K, N], bfloat16, float32 sums ---------------------------
 //
-// A task takes a panel of `columns` columns of w (a multiple of 32, its pairs layout at most ~1 MB so
-// that it stays in the core's second-level cache), packs it [K / 2, columns, 2] (rows k and k + 1 of
-// each column side by side, zero beyond N) and walks the rows 32 at a time, the depth in chunks of
-// kChunk (32 rows' chunk of x, 16 KB, stays in the first-level cache while it meets each 32 columns of
-// the panel): 32 x 32 sums in tiles 0-3 (kept in a float32 block between chunks), x's rows in tiles 4
-// and 5 (read in place: K is a multiple of 32), the panel's columns in 6 and 7. The sums are rounded
-// to bfloat16 once, at the end. Rows past M (the last block) are read from a zero-padded copy.
+// A task takes a panel of `columns` columns of w (a multiple of 32, at most ~1 MB packed, which stays
+// in the core's second-level cache: the tiles' reads slow down by a fifth from ~1.5 MB) and packs it
+// tile by tile: for each 32 columns and each 32 rows of depth, two 16 x 32 tiles in pairs layout (rows
+// k and k + 1 of 16 columns side by side), 2 KB contiguous, zero beyond N. It walks x's rows 32 at a
+// time, the depth in chunks of kChunk: the chunk of 32 rows is copied tile by tile too (16 KB,
+// contiguous, zero past M: read in place, rows 2 or 8 KB apart share a few first-level cache sets and
+// evict each other) and meets each 32 columns of the panel, 32 x 32 sums in tiles 0-3 (kept in a
+// float32 block between chunks), x's rows in tiles 4 and 5, the panel's in 6 and 7, loaded with the
+// hint not to keep them in the first-level cache (each is read once a chunk; x's chunk stays there).
+// The sums are rounded to bfloat16 once, at the end. The copies took the product of the generation
+// benchmark's MLP (`[2432, 1024] @ [1024, 4096]`) from ~12.2 to ~10 ms (benchmarks/cpu_gemm.py).
 
 constexpr int64_t kGemmRows = 2 * kBlock, kGemmColumns = 2 * kBlock, kChunk = 256;
+constexpr int64_t kTileValues = kBlock * kDepth;  // bfloat16 values of a tile: 16 rows of 32
 
 int64_t PanelColumns(int64_t K, int64_t N) {
   const int64_t fit = (int64_t(1) << 20) / (K * int64_t(sizeof(uint16_t))) / kGemmColumns * kGemmColumns;
   return std::clamp<int64_t>(fit, kGemmColumns, 8 * kGemmColumns);
 }
 
-// w's columns [n0, n0 + width) in pairs layout, `padded` columns a packed row (zero beyond width).
+// w's columns [n0, n0 + width) packed by tiles: [padded / 32][K / 32][2 tiles][16 pairs of rows][16 columns][2]
+// (zero beyond width).
 void PackPanel(const uint16_t* w, int64_t K, int64_t N, int64_t n0, int64_t width, int64_t padded, uint16_t* panel) {
   alignas(64) static const uint16_t kLow[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
                                                 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
   const __m512i low = _mm512_load_si512(kLow), high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
+  const int64_t steps = K / kDepth;
   for (int64_t k = 0; k < K; k += 2) {
     const uint16_t *even = w + k * N + n0, *odd = even + N;
-    uint16_t* row = panel + k / 2 * padded * 2;
-    int64_t j = 0;
-    for (; j + 32 <= width; j += 32) {  // 32 columns of rows k and k + 1, interleaved
-      const __m512i a = _mm512_loadu_si512(even + j), b = _mm512_loadu_si512(odd + j);
-      _mm512_storeu_si512(row + 2 * j, _mm512_permutex2var_epi16(a, low, b));
-      _mm512_storeu_si512(row + 2 * j + 32, _mm512_permutex2var_epi16(a, high, b));
+    uint16_t* row = panel + k / kDepth * 2 * kTileValues + k % kDepth / 2 * kDepth;
+    for (int64_t j = 0; j < padded; j += kGemmColumns) {  // 32 columns of rows k and k + 1, interleaved
+      uint16_t* to = row + j / kGemmColumns * steps * 2 * kTileValues;
+      if (j + kGemmColumns <= width) {
+        const __m512i a = _mm512_loadu_si512(even + j), b = _mm512_loadu_si512(odd + j);
+        _mm512_storeu_si512(to, _mm512_permutex2var_epi16(a, low, b));
+        _mm512_storeu_si512(to + kTileValues, _mm512_permutex2var_epi16(a, high, b));
+      } else {
+        for (int64_t c = 0; c < kGemmColumns; ++c) {
+          uint16_t* pair = to + c / kBlock * kTileValues + c % kBlock * 2;
+          pair[0] = j + c < width ? even[j + c] : 0;
+          pair[1] = j + c < width ? odd[j + c] : 0;
+        }
+      }
     }
-    for (; j < padded; ++j) {
-      row[2 * j] = j < width ? even[j] : 0;
-      row[2 * j + 1] = j < width ? odd[j] : 0;
-    }
+  }
+}
+
+// x's rows [r0, r0 + rows) and depth [k0, k1) by tiles: [(k1 - k0) / 32][2 tiles][16 rows][32], zero rows
+// from `rows` to 32.
+void PackChunk(const uint16_t* x, int64_t K, int64_t r0, int64_t rows, int64_t k0, int64_t k1, uint16_t* chunk) {
+  for (int64_t r = 0; r < kGemmRows; ++r) {
+    uint16_t* to = chunk + r / kBlock * kTileValues + r % kBlock * kDepth;
+    for (int64_t k = k0; k < k1; k += kDepth, to += 2 * kTileValues)
+      _mm512_storeu_si512(to, r < rows ? _mm512_loadu_si512(x + (r0 + r) * K + k) : _mm512_setzero_si512());
   }
 }
 
@@ -287,25 +311,23 @@ inline void StoreRounded(const float* sums, int64_t rows, int64_t width, uint16_
 void GemmPanel(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t columns,
                uint16_t* out) {
   const int64_t width = std::min(columns, N - n0), padded = (width + kGemmColumns - 1) / kGemmColumns * kGemmColumns;
-  const int64_t blocks = padded / kGemmColumns;
-  thread_local std::vector<uint16_t> panel, last_rows;  // kept between calls: no fresh pages each time
-  thread_local std::vector<float> sums;                 // [blocks][32][32]
-  panel.resize(K * padded);
+  const int64_t blocks = padded / kGemmColumns, steps = K / kDepth;
+  // Kept between calls (no fresh pages each time), 64-byte aligned: a tile row is a cache line.
+  thread_local std::vector<__m512i> panel_lines, chunk_lines;
+  thread_local std::vector<float> sums;  // [blocks][32][32]
+  panel_lines.resize(K * padded * sizeof(uint16_t) / sizeof(__m512i));
+  chunk_lines.resize(kGemmRows * kChunk * sizeof(uint16_t) / sizeof(__m512i));
   sums.resize(blocks * kGemmRows * kGemmColumns);
-  PackPanel(w, K, N, n0, width, padded, panel.data());
-  constexpr int64_t sums_bytes = kGemmColumns * sizeof(float);
-  const int64_t panel_bytes = padded * 2 * sizeof(uint16_t);  // a packed row: a pair of w's rows
+  uint16_t* panel = reinterpret_cast<uint16_t*>(panel_lines.data());
+  uint16_t* chunk = reinterpret_cast<uint16_t*>(chunk_lines.data());
+  PackPanel(w, K, N, n0, width, padded, panel);
+  constexpr int64_t sums_bytes = kGemmColumns * sizeof(float), tile_bytes = kDepth * sizeof(uint16_t);
   ConfigureTiles();
   for (int64_t r0 = 0; r0 < M; r0 += kGemmRows) {
     const int64_t rows = std::min(kGemmRows, M - r0);
-    const uint16_t* a = x + r0 * K;
-    if (rows < kGemmRows) {  // the last block's rows, zero-padded
-      last_rows.assign(kGemmRows * K, 0);
-      std::memcpy(last_rows.data(), a, rows * K * sizeof(uint16_t));
-      a = last_rows.data();
-    }
     for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
       const int64_t k1 = std::min(K, k0 + kChunk);
+      PackChunk(x, K, r0, rows, k0, k1, chunk);
       for (int64_t c = 0; c < blocks; ++c) {
         float* block = sums.data() + c * kGemmRows * kGemmColumns;
         if (k0 == 0) {
@@ -319,12 +341,13 @@ void GemmPanel(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64
           _tile_loadd(2, block + kBlock * kGemmColumns, sums_bytes);
           _tile_loadd(3, block + kBlock * kGemmColumns + kBlock, sums_bytes);
         }
-        const uint16_t* b = panel.data() + c * kGemmColumns * 2;
-        for (int64_t k = k0; k < k1; k += kDepth) {
-          _tile_loadd(4, a + k, K * sizeof(uint16_t));
-          _tile_loadd(5, a + kBlock * K + k, K * sizeof(uint16_t));
-          _tile_loadd(6, b + k / 2 * padded * 2, panel_bytes);
-          _tile_loadd(7, b + k / 2 * padded * 2 + 2 * kBlock, panel_bytes);
+        const uint16_t* a = chunk;
+        const uint16_t* b = panel + (c * steps + k0 / kDepth) * 2 * kTileValues;
+        for (int64_t k = k0; k < k1; k += kDepth, a += 2 * kTileValues, b += 2 * kTileValues) {
+          _tile_loadd(4, a, tile_bytes);
+          _tile_loadd(5, a + kTileValues, tile_bytes);
+          _tile_stream_loadd(6, b, tile_bytes);
+          _tile_stream_loadd(7, b + kTileValues, tile_bytes);
           _tile_dpbf16ps(0, 4, 6);
           _tile_dpbf16ps(1, 4, 7);
           _tile_dpbf16ps(2, 5, 6);
