@@ -233,6 +233,25 @@ ffi::Error CopyImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
   return ffi::Error::Success();
 }
 
+// out[i] = table[ids[i]] (rows of table [V, D], any element type; ids int32, a negative one counted
+// from the end, as jnp indexing does, then clamped to [0, V - 1], as XLA's gather does). A bf16 table
+// gathered by XLA:CPU was converted whole first (to float32, or copied to uint16 for a gather of its
+// bits), and inside a decode loop that conversion was hoisted out of it: a copy of the table per call.
+ffi::Error TakeRowsImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids, ffi::Result<ffi::AnyBuffer> out) {
+  const auto td = table.dimensions();
+  if (td.size() != 2 || td[0] < 1 || out->size_bytes() != ids.element_count() * (table.size_bytes() / td[0]))
+    return ffi::Error::InvalidArgument("llava_next_take_rows: want table [V, D] (V >= 1), ids [n], out [n, D]");
+  const int64_t V = td[0], row_bytes = table.size_bytes() / V;
+  const char* from = static_cast<const char*>(table.untyped_data());
+  char* to = static_cast<char*>(out->untyped_data());
+  const int32_t* index = ids.typed_data();
+  for (int64_t i = 0, n = ids.element_count(); i < n; ++i) {
+    const int64_t row = std::clamp<int64_t>(index[i] < 0 ? index[i] + V : index[i], 0, V - 1);
+    std::memcpy(to + i * row_bytes, from + row * row_bytes, row_bytes);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 extern "C" void SetGemm(void* float32_gemm, void* bfloat16_gemm, void* omp_set_num_threads) {
@@ -259,6 +278,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FewRowMatmul, FewRowMatmulImpl,
                                   .Attr<int64_t>("tasks"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Copy, CopyImpl, ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TakeRows, TakeRowsImpl,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::S32>>().Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WriteCache, WriteCacheImpl,
                               ffi::Ffi::Bind()

@@ -5,11 +5,13 @@ cannot be built."""
 import logging
 import os
 import platform
+import re
 import time
 import types
 
 import jax
 import jax.numpy as jnp
+
 import numpy as np
 import pytest
 import torch
@@ -345,6 +347,49 @@ def test_bfloat16_silu_mul_equals_torch():
     torch.sum(torch.nn.functional.silu(tg) * tu * torch.from_numpy(weight[1:])).backward()
     for ours, t in ((dg, tg), (du, tu)):
         np.testing.assert_allclose(np.asarray(ours, np.float64), t.grad.numpy(), rtol=2 ** -6, atol=2 ** -6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_take_rows_equals_torch_embedding(dtype):
+    """`cpu_kernels.take_rows` (what `decoder.embed_tokens` gathers bf16 tables with on the CPU) equals
+    torch's embedding lookup for in-range ids, jnp indexing for negative and out-of-range ones (from the
+    end; clamped), and its gradient equals the float32 gather's."""
+    import torch
+    table = jnp.asarray(np.random.default_rng(0).standard_normal((523, 48)), dtype)
+    ids = jnp.asarray([[0, 522, 17], [5, 5, 300]], jnp.int32)
+    assert cpu_kernels.take_rows_applies(table) and not cpu_kernels.take_rows_applies(table.astype(jnp.float32))
+    got = jax.jit(cpu_kernels.take_rows)(table, ids)
+    want = torch.nn.functional.embedding(torch.from_numpy(np.asarray(ids, np.int64)),
+                                         torch.from_numpy(np.asarray(table, np.float32)))
+    assert got.dtype == dtype and got.shape == (2, 3, 48)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), want.numpy())
+    odd = jnp.asarray([-1, -523, 523, 10**6, -10**6], jnp.int32)
+    np.testing.assert_array_equal(np.asarray(jax.jit(cpu_kernels.take_rows)(table, odd), np.float32),
+                                  np.asarray(table.astype(jnp.float32)[odd]))
+    weights = jnp.arange(48, dtype=jnp.float32)
+    loss = lambda f: lambda t: jnp.sum(f(t, ids).astype(jnp.float32) * weights)
+    np.testing.assert_array_equal(np.asarray(jax.grad(loss(cpu_kernels.take_rows))(table), np.float32),
+                                  np.asarray(jax.grad(loss(lambda t, i: t[i]))(table.astype(jnp.float32))))
+
+
+def test_decode_loop_embeds_without_copying_the_table():
+    """A loop that embeds a token a step from a bf16 table compiles to no operation on the whole table:
+    XLA:CPU converted (or copied, for a gather of its bits) the table before the loop, once a call."""
+    V, D = 523, 48
+    table = jnp.ones((V, D), jnp.bfloat16)
+
+    def loop(table, token):
+        def body(carry):
+            i, token, total = carry
+            row = decoder.embed_tokens(table, token[None], jnp.float32)
+            return i + 1, (token + 7) % V, total + row.sum()
+        return jax.lax.while_loop(lambda c: c[0] < 4, body, (0, token, jnp.float32(0)))[2]
+
+    text = jax.jit(loop).lower(table, jnp.int32(3)).compile().as_text()
+    ops = re.findall(rf"= \w+\[{V},{D}\]\S* ([\w-]+)\(", text)   # operations whose result is a whole table
+    whole = [op for op in ops if op not in ("parameter", "get-tuple-element", "bitcast")]
+    assert cpu_kernels.TAKE_ROWS_TARGET in text and not whole, whole
+    assert float(jax.jit(loop)(table, jnp.int32(3))) == 4 * D
 
 
 def test_rope_tables_are_materialized_once():
