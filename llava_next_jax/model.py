@@ -545,8 +545,9 @@ class LlavaNext:
             stop_strings (matched with the processor's tokenizer), the processors (suppress_tokens,
             bad_words_ids, ...: `PROCESSOR_SETTINGS`);
             num_beams, length_penalty, early_stopping: an image's caption is then its best beam).
-        Compiles a generate program per (batch size, prompt bucket, ...): the last, smaller chunk
-        compiles its own.
+        Compiles a generate program per (batch size, prompt bucket, ...); a last chunk shorter than
+        batch_size runs as a full one (its last image repeated, those captions dropped), so it
+        compiles nothing of its own.
 
         Raises ValueError when the model has no checkpoint path (built by hand) and no processor is
         given, or when the prompt holds an image placeholder itself; TypeError / FileNotFoundError /
@@ -567,13 +568,15 @@ class LlavaNext:
             raise ValueError(f"seed must be one int or one per image ({len(images)}); got shape {np.shape(seed)}")
         seeds = (np.asarray(seed, np.int64) if per_image_seed
                  else int(seed) + np.arange(len(images), dtype=np.int64)) % 2 ** 32
+        rows = min(batch_size, len(images))   # every chunk's batch size
         captions: list[str] = []
         for start in range(0, len(images), batch_size):
             chunk = list(images[start:start + batch_size])
             inputs = proc(images=chunk, text=[text] * len(chunk), add_special_tokens=add_special)
-            tokens = self.generate(**inputs, max_new_tokens=max_new_tokens, num_return_sequences=1,
-                                   seed=seeds[start:start + len(chunk)].astype(np.uint32), **generation)
-            captions += decode_new_tokens(proc, tokens)
+            tokens = self.generate(**repeat_last_row(inputs, rows), max_new_tokens=max_new_tokens,
+                                   num_return_sequences=1, **generation,
+                                   seed=repeat_last_row(seeds[start:start + len(chunk)], rows).astype(np.uint32))
+            captions += decode_new_tokens(proc, tokens[:len(chunk)])
         return captions
 
     def chat(self, image, question: str, history=None, processor=None, max_new_tokens: int = 128,
@@ -665,6 +668,17 @@ def _compute_dtype(given) -> jnp.dtype:
     if dtype is None or dtype.name not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES} (or None: as stored); got {given!r}")
     return dtype
+
+
+def repeat_last_row(batch, rows: int):
+    """A batch (an array, or a dict of them: a processor's output for prompts of one image each) grown
+    to `rows` rows along axis 0 by repeating its last: a short batch then runs the programs compiled for
+    a full one (each new batch size compiles its own), its extra rows' results to be dropped."""
+    if isinstance(batch, dict):
+        return {key: repeat_last_row(value, rows) for key, value in batch.items()}
+    batch = np.asarray(batch)
+    extra = rows - batch.shape[0]
+    return np.concatenate([batch, np.repeat(batch[-1:], extra, axis=0)]) if extra > 0 else batch
 
 
 def _left_align(ids: np.ndarray, mask: np.ndarray, sources: np.ndarray):

@@ -221,6 +221,28 @@ def test_greedy_captions_do_not_depend_on_batch_size(env, demo_dir, tmp_path):
     assert captions[1] == captions[4]
 
 
+def test_a_short_batch_runs_on_the_full_batches_programs(demo_dir, tmp_path):
+    """A last batch short of --batch-size (and `LlavaNext.caption`'s last chunk) runs as a full one: it
+    compiles no program of its own, and its captions are those of the images captioned one at a time."""
+    from llava_next_jax import LlavaNext
+    from llava_next_jax.generate import compiled_programs
+    paths = write_images(tmp_path / "imgs", [(300, 400), (310, 400), (300, 410)])
+    run = lambda name, images, batch: caption.main(
+        ["--model", demo_dir, "--images", *images, "--output", str(tmp_path / name), "--batch-size", str(batch),
+         "--max-new-tokens", "6", "--no-progress"])
+    assert run("two.jsonl", paths[:2], 2) == 0      # compiles the batch-of-2 programs
+    compiled = compiled_programs()
+    assert run("three.jsonl", paths, 2) == 0        # batches of 2 and 1
+    assert compiled_programs() == compiled
+    model = LlavaNext.from_pretrained(demo_dir)
+    in_chunks = model.caption(paths, batch_size=2, max_new_tokens=6)
+    assert compiled_programs() == compiled
+    assert run("one.jsonl", paths, 1) == 0
+    alone = {r["image"]: r["caption"] for r in load_jsonl(tmp_path / "one.jsonl")}
+    assert {r["image"]: r["caption"] for r in load_jsonl(tmp_path / "three.jsonl")} == alone
+    assert in_chunks == [alone[p] for p in paths]
+
+
 def test_a_second_run_loads_its_programs_from_the_compilation_cache(env, demo_dir, tmp_path):
     """--compilation-cache DIR: the first run stores its compiled programs there, a second run of the
     same shapes stores nothing new (every program a hit) and writes the same captions."""
