@@ -1,9 +1,9 @@
-"""A decode step's attention over a float32 cache on the CPU: the native kernel
+"""A decode step's attention over a float32 (or --dtype bfloat16) cache on the CPU: the native kernel
 (`cpu_kernels.decode_attention`) against XLA's operations (the path without the kernels), in the
 same process on the same inputs.
 
     .venv/bin/python benchmarks/decode_attention.py [--slots 2496] [--heads 16 4] [--head-dim 64]
-        [--layers 8] [--repeats 30]
+        [--layers 8] [--repeats 30] [--dtype bfloat16]
 
 Times `decoder._attend_new` in a chain of --layers layers (each with its own cache, so that no cache
 level holds them all: 8 x 5.1 MB at batch 1 for the defaults, the mid-size model at one 480x640
@@ -32,6 +32,7 @@ def main():
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the cache's")
     args = parser.parse_args()
     import jax
     import jax.numpy as jnp
@@ -44,7 +45,7 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for B in (1, 4):
         rng = np.random.default_rng(B)
-        caches = [[jnp.asarray(rng.standard_normal((B, K, H, S), np.float32)) for _ in range(2)] for _ in range(L)]
+        caches = [[jnp.asarray(rng.standard_normal((B, K, H, S)), args.dtype) for _ in range(2)] for _ in range(L)]
         for T in (1, 4):
             q = jnp.asarray(rng.standard_normal((B, T, N, H), np.float32))
             new = jnp.asarray(rng.standard_normal((B, K, T, H), np.float32))
@@ -67,7 +68,7 @@ def main():
                 times[name] = statistics.median(samples) / L * 1e3
             cpu_kernels.decode_applies = native
             np.testing.assert_allclose(outputs["kernel"], outputs["xla"], rtol=1e-4, atol=1e-4)
-            megabytes = 2 * B * K * H * S * 4 / 1e6
+            megabytes = 2 * B * K * H * S * np.dtype(caches[0][0].dtype).itemsize / 1e6
             print(f"| {B} | {T} | {times['xla']:.3f} | {times['kernel']:.3f} | {megabytes / times['xla']:.1f} | "
                   f"{megabytes / times['kernel']:.1f} | {times['kernel'] / times['xla']:.2f} |", flush=True)
 
