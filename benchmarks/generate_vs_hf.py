@@ -163,7 +163,7 @@ def ours(model, inputs, new_tokens, lookup: int = 0, sample: bool = False, max_t
                                    prompt_lookup_num_tokens=lookup, max_time=max_time, guidance_scale=guidance_scale,
                                    **(SAMPLING if sample else {}))
     new_bucket, options, lookup = args.pop("new_bucket"), args.pop("options"), args.pop("lookup")
-    timed, guided = args.pop("timed"), args.pop("guided")
+    timed, guided, negative = args.pop("timed"), args.pop("guided"), args.pop("negative")
 
     def deadline():   # each decode call's own max_time from its start (the options' from generation_inputs)
         return {**options, "deadline": generate.deadline(max_time)} if timed else options
@@ -179,7 +179,7 @@ def ours(model, inputs, new_tokens, lookup: int = 0, sample: bool = False, max_t
         guide = None
         if guided:
             guide, cache, kv_valid = generate.unconditional_prefill(model.params, model.config, args["input_ids"],
-                                                                    cache, kv_valid, args["dtype"])
+                                                                    cache, kv_valid, args["dtype"], negative)
         return jax.block_until_ready(generate.decode_program(model.params, model.config, logits, cache, kv_valid,
                                                              deadline(), args["dtype"], new_bucket, lookup,
                                                              timed, guide)[0])

@@ -74,7 +74,7 @@ def parts(model, inputs, N: int, no_command_buffers: bool):
     from llava_next_jax import generate
     args = model.generation_inputs(**inputs, max_new_tokens=N, eos_token_id=[])
     options, dtype, new_bucket = args.pop("options"), args.pop("dtype"), args.pop("new_bucket")
-    args.pop("lookup"), args.pop("samples"), args.pop("timed"), args.pop("guided")   # all off here
+    args.pop("lookup"), args.pop("samples"), args.pop("timed"), args.pop("guided"), args.pop("negative")   # all off
     params, config = model.params, model.config
 
     def prefill():

@@ -309,32 +309,36 @@ def guided_scores(logits: jax.Array, unconditional: jax.Array, scale) -> jax.Arr
 
 
 @partial(xla_cpu.jit, static_argnames=("config", "dtype"))
-def unconditional_prefill(params, config: LlavaNextConfig, input_ids, cache, kv_valid, dtype):
+def unconditional_prefill(params, config: LlavaNextConfig, input_ids, cache, kv_valid, dtype, negative=None):
     """Classifier-free guidance's unconditional sequence as HF's processor starts it: each prompt's last
-    token alone (left-padded prompts `[B, T]`: the last column), no image, at position 0; each new token
-    then follows it. Each such sequence takes the row after its prompt's in the prefilled `cache`, so
-    one pass of the model steps both (the weights read once a step, `decode_loop`): its token's keys
-    and values at the prompt's last slot T - 1, the slots before it invalid, the new tokens' slots
-    shared (slots as far apart as HF's positions, so sliding windows hold as there). The cache's rows
-    may repeat each prompt (`prefill_program`'s samples), the unconditional rows then too.
+    token alone (left-padded prompts `[B, T]`: the last column), no image, at position 0, or, given
+    `negative` (HF's negative_prompt_ids: ids and mask `[B, n]`, n <= T, left-padded), that prompt; each
+    new token then follows it. (HF positions a negative prompt's tokens by their index, pads counted,
+    ours by the mask: RoPE sees only their distances, so the logits are the same.) Each such sequence
+    takes the row after its prompt's in the prefilled `cache`, so one pass of the model steps both (the
+    weights read once a step, `decode_loop`): its keys and values in the prompt's last n slots, the
+    slots before them and its pads invalid, the new tokens' slots shared (slots as far apart as HF's
+    positions, so sliding windows hold as there). The cache's rows may repeat each prompt
+    (`prefill_program`'s samples), the unconditional rows then too.
 
     Returns (unconditional logits `[R, V]`, cache of 2R rows: row 2r the cache's row r, 2r + 1 its
     unconditional sequence; their kv_valid `[2R, S]`), R the cache's rows."""
     B, T = input_ids.shape
     R, S = kv_valid.shape
-    last = input_ids[:, -1:]
-    logits, alone, _ = prefill(params, config, last, None, None, jnp.ones(last.shape, jnp.int32),
-                               decoder.init_cache(config.text, B, 1, dtype), dtype)
+    if negative is None:
+        negative = {"ids": input_ids[:, -1:], "mask": jnp.ones((B, 1), jnp.int32)}
+    n = negative["ids"].shape[1]
+    logits, alone, _ = prefill(params, config, negative["ids"], None, None, negative["mask"],
+                               decoder.init_cache(config.text, B, n, dtype), dtype)
+    seen = jnp.zeros((B, S), bool).at[:, T - n:T].set(negative["mask"].astype(bool)) | (jnp.arange(S) >= T)
     if R != B:   # the prompts' rows repeated (num_return_sequences)
-        logits, alone = jax.tree.map(lambda a: jnp.repeat(a, R // B, axis=0), (logits, alone))
+        logits, alone, seen = jax.tree.map(lambda a: jnp.repeat(a, R // B, axis=0), (logits, alone, seen))
 
     def paired(rows, unconditional):   # [R, ...] and their unconditional sequences' -> [2R, ...]
         return jnp.stack([rows, unconditional], axis=1).reshape(2 * R, *rows.shape[1:])
-    at_last = lambda one: jnp.zeros(one.shape[:-1] + (S,), one.dtype).at[..., T - 1:T].set(one)
-    cache = [(paired(k, at_last(k1)), paired(v, at_last(v1))) for (k, v), (k1, v1) in zip(cache, alone)]
-    slots = jnp.arange(S)
-    valid = jnp.broadcast_to((slots == T - 1) | (slots >= T), (R, S))
-    return logits, cache, paired(kv_valid, valid)
+    at_end = lambda one: jnp.zeros(one.shape[:-1] + (S,), one.dtype).at[..., T - n:T].set(one)
+    cache = [(paired(k, at_end(k1)), paired(v, at_end(v1))) for (k, v), (k1, v1) in zip(cache, alone)]
+    return logits, cache, paired(kv_valid, seen)
 
 
 def penalize_repeats(logits: jax.Array, seen: jax.Array, penalty) -> jax.Array:
@@ -698,28 +702,30 @@ def decode_chunk_program(params, config: LlavaNextConfig, state, cache, kv_valid
 
 
 def prefill_for_decode(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask, dtype,
-                       new_bucket: int, lookup: int, samples: int, guided: bool):
+                       new_bucket: int, lookup: int, samples: int, guided: bool, negative=None):
     """The prefill a decode loop starts from: (last-slot logits, cache of `T + new_bucket + lookup`
-    slots, kv_valid, the unconditional logits or None), guided with each row's unconditional sequence
-    beside it (`unconditional_prefill`)."""
+    slots, kv_valid, the unconditional logits or None), guided with each row's
+    unconditional sequence beside it (`unconditional_prefill`; negative: its negative prompt)."""
     logits, cache, kv_valid = prefill_program(params, config, input_ids, pixel_values, sources, attention_mask,
                                               dtype, input_ids.shape[1] + new_bucket + lookup, samples)
     if not guided:
         return logits, cache, kv_valid, None
-    guide, cache, kv_valid = unconditional_prefill(params, config, input_ids, cache, kv_valid, dtype)
+    guide, cache, kv_valid = unconditional_prefill(params, config, input_ids, cache, kv_valid, dtype, negative)
     return logits, cache, kv_valid, guide
 
 
 def generate_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask,
                     options: dict[str, jax.Array], dtype, new_bucket: int, lookup: int = 0,
-                    samples: int = 1, timed: bool = False, guided: bool = False) -> tuple[jax.Array, jax.Array]:
+                    samples: int = 1, timed: bool = False, guided: bool = False,
+                    negative=None) -> tuple[jax.Array, jax.Array]:
     """Prefill then decode: (new tokens `[B * samples, new_bucket]`, pad after a row stops; their
     log-probabilities, 0 after a row stops). Two compiled programs. lookup: prompt-lookup drafts per
     pass (`decode_loop`); samples: rows per prompt (`prefill_program`; options built for them);
     timed: max_time's deadline checked (`decode_loop`); guided: classifier-free guidance
-    (`unconditional_prefill`, the options' guidance_scale)."""
+    (`unconditional_prefill`, the options' guidance_scale; negative: the negative prompt or None)."""
     logits, cache, kv_valid, guide = prefill_for_decode(params, config, input_ids, pixel_values, sources,
-                                                        attention_mask, dtype, new_bucket, lookup, samples, guided)
+                                                        attention_mask, dtype, new_bucket, lookup, samples, guided,
+                                                        negative)
     state, _ = decode_program(params, config, logits, cache, kv_valid, options, dtype, new_bucket, lookup, timed,
                               guide)
     return state["tokens"], state["logprobs"]
@@ -727,17 +733,18 @@ def generate_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, so
 
 def stream_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask,
                   options: dict[str, jax.Array], dtype, new_bucket: int, chunk: int = 1, fetch=np.asarray,
-                  lookup: int = 0, samples: int = 1, timed: bool = False, guided: bool = False):
+                  lookup: int = 0, samples: int = 1, timed: bool = False, guided: bool = False, negative=None):
     """`generate_tokens` as it goes: yields (new tokens `[B, n]`, their log-probabilities `[B, n]`) every
     `chunk` steps (n <= chunk, or chunk + lookup with prompt-lookup drafts; pad after a row's stop id;
-    `samples` rows per prompt; `timed` and `guided` as there) until every row is done or max_new_tokens
+    `samples` rows per prompt; `timed`, `guided` and `negative` as there) until every row is done or max_new_tokens
     is reached.
     Concatenated, they are `generate_tokens`' up to that step. fetch: device array -> numpy
     (`distributed.fetch` on a multi-process mesh)."""
     if not is_positive_int(chunk):
         raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
     logits, cache, kv_valid, guide = prefill_for_decode(params, config, input_ids, pixel_values, sources,
-                                                        attention_mask, dtype, new_bucket, lookup, samples, guided)
+                                                        attention_mask, dtype, new_bucket, lookup, samples, guided,
+                                                        negative)
     end, yielded = int(options["max_new_tokens"]), 0
     state, options = start_program(logits, options, new_bucket, guide)
     # jax.jit caches a call apart from one whose inputs differ in layout or in being committed to their

@@ -232,7 +232,7 @@ class LlavaNext:
                  bad_words_ids=None, sequence_bias=None, forced_eos_token_id=None,
                  exponential_decay_length_penalty=None, encoder_repetition_penalty=None, renormalize_logits=None,
                  encoder_no_repeat_ngram_size=None, forced_bos_token_id=None, remove_invalid_values=None,
-                 guidance_scale=None):
+                 guidance_scale=None, negative_prompt_ids=None, negative_prompt_attention_mask=None):
         """New tokens `[B, max_new_tokens]` (int32); after a row emits a stop id, the pad id. With
         `return_logprobs`, (tokens, logprobs): float32 `[B, max_new_tokens]`, each token's log-probability
         under the distribution it was chosen from (the warpers below applied when sampling; HF's
@@ -282,7 +282,11 @@ class LlavaNext:
         unconditional sequence that starts, as HF's does, with the prompt's last token alone (no image)
         and continues with the output (`generate.unconditional_prefill`): a second row of the cache
         per row, stepped in the same pass of the decoder, in programs of their own, compiled where a
-        call sets it. Not with beam search or prompt lookup (refused).
+        call sets it. Not with beam search or prompt lookup (refused). negative_prompt_ids `[B, n]`
+        (HF's; with its negative_prompt_attention_mask, default all ones, left-padded, each row at least
+        one token): the unconditional sequence starts with that prompt instead (text only; ignored
+        where guidance is off, as in HF); n is rounded up to a prompt bucket, and the prompt's bucket
+        is at least that.
 
         HF's other logits processors, in HF's order (`generate.process_scores`), before the sampling
         warpers and in beam search on the log-probabilities; each off where None and not in the
@@ -371,7 +375,8 @@ class LlavaNext:
                                       encoder_no_repeat_ngram_size=encoder_no_repeat_ngram_size,
                                       forced_bos_token_id=forced_bos_token_id,
                                       remove_invalid_values=remove_invalid_values, max_time=max_time,
-                                      guidance_scale=guidance_scale, **settings)
+                                      guidance_scale=guidance_scale, negative_prompt_ids=negative_prompt_ids,
+                                      negative_prompt_attention_mask=negative_prompt_attention_mask, **settings)
         max_new_tokens = int(args["options"]["max_new_tokens"])
         if num_beams == 1:
             tokens, logprobs = (distributed.fetch(a)[:, :max_new_tokens]
@@ -383,7 +388,7 @@ class LlavaNext:
             raise ValueError(f"guidance_scale={guidance_scale!r} (the call's or the checkpoint's generation config's) "
                              f"with beam search (num_beams={num_beams}): classifier-free guidance decodes one "
                              f"sequence per row here; leave guidance_scale None or 1 with beams")
-        args.pop("lookup"), args.pop("samples")   # beam search drafts nothing; its rows are its beams
+        args.pop("lookup"), args.pop("samples"), args.pop("negative")   # no drafts, no guidance; rows: beams
         tokens, scores = (distributed.fetch(a) for a in beam_tokens(self.params, self.config, **args,
                                                                    num_beams=int(num_beams)))
         tokens = tokens[:, :num_return_sequences, :max_new_tokens].reshape(-1, max_new_tokens)
@@ -434,7 +439,8 @@ class LlavaNext:
                           repetition_penalty=None, no_repeat_ngram_size=None, length_penalty=None,
                           early_stopping=None, num_return_sequences=None, prompt_lookup_num_tokens=None,
                           max_matching_ngram_size=None, stop_strings=None, tokenizer=None, max_length=None,
-                          max_time=None, **processors) -> dict[str, Any]:
+                          max_time=None, negative_prompt_ids=None, negative_prompt_attention_mask=None,
+                          **processors) -> dict[str, Any]:
         """The bucketed, padded arguments `generate.generate_tokens` takes (see `generate`; settings left
         out as there; num_return_sequences: rows per prompt, sampled, as `generate`'s with num_beams 1).
         processors: `PROCESSOR_SETTINGS`."""
@@ -479,8 +485,14 @@ class LlavaNext:
         pad_id = self.pad_id(eos_token_id, pad_token_id)
         B, T = ids.shape
         max_new_tokens = generate.new_token_count(max_new_tokens, max_length, T)
-        ids, mask, sources = generate.pad_prompt(ids, mask, sources, generate.bucket(T, generate.PROMPT_BUCKETS),
-                                                 pad_id)
+        guidance = self.generation_settings(guidance_scale=processors.get("guidance_scale"))["guidance_scale"]
+        negative = None
+        if negative_prompt_ids is not None and guidance not in (None, 1):   # HF ignores it without guidance
+            negative = _negative_prompt(negative_prompt_ids, negative_prompt_attention_mask, B,
+                                        self.config.text.vocab_size, pad_id)
+        longest = max(T, 0 if negative is None else negative["ids"].shape[1])   # the negative prompt fits in its slots
+        ids, mask, sources = generate.pad_prompt(ids, mask, sources,
+                                                 generate.bucket(longest, generate.PROMPT_BUCKETS), pad_id)
         opts = generate.options(B, max_new_tokens, s.pop("min_new_tokens"), s.pop("do_sample"), s.pop("temperature"),
                                 s.pop("top_k"), s.pop("top_p"), seed, stop_ids, pad_id, prompt_ids=prompt_ids,
                                 prompt_mask=prompt_mask, vocab_size=self.config.text.vocab_size,
@@ -490,10 +502,13 @@ class LlavaNext:
             raise ValueError(f"guidance_scale={s['guidance_scale']!r} with prompt_lookup_num_tokens={lookup}: a pass "
                              f"that checks drafts has no unconditional sequence to guide it; leave one of them off")
         ids, mask, sources, pixels = self._place(ids, mask, sources, pixels)
+        if negative is not None:
+            negative = {key: self._place(value)[0] for key, value in negative.items()}
         return dict(input_ids=ids, pixel_values=pixels, sources=None if pixels is None else sources,
                     attention_mask=mask, options=opts, dtype=self.dtype,
                     new_bucket=generate.bucket(max_new_tokens, generate.NEW_TOKEN_BUCKETS), lookup=int(lookup),
-                    samples=int(samples), timed=s["max_time"] is not None, guided=guided)
+                    samples=int(samples), timed=s["max_time"] is not None, guided=guided,
+                    negative=negative if guided else None)
 
     def pad_id(self, eos_token_id=None, pad_token_id=None) -> int:
         """The id `generate` pads with after a row stops, given the call's eos_token_id and pad_token_id:
@@ -668,6 +683,33 @@ def _compute_dtype(given) -> jnp.dtype:
     if dtype is None or dtype.name not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES} (or None: as stored); got {given!r}")
     return dtype
+
+
+def _negative_prompt(ids, mask, rows: int, vocab_size: int, pad_id: int) -> dict[str, np.ndarray]:
+    """HF's negative_prompt_ids `[rows, n]` and its attention mask (None: all ones), checked, as
+    `generate.unconditional_prefill` takes them: left-padded to a prompt bucket with `pad_id`."""
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or ids.shape[0] != rows or ids.shape[1] < 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"negative_prompt_ids must be integer ids [batch={rows}, length >= 1]; got "
+                         f"{ids.dtype} {list(ids.shape)}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise ValueError(f"negative_prompt_ids must lie in [0, vocab_size={vocab_size}); got ids from "
+                         f"{ids.min()} to {ids.max()}")
+    mask = np.ones(ids.shape, np.int32) if mask is None else np.asarray(mask)
+    if mask.shape != ids.shape or not np.isin(mask, (0, 1)).all():
+        raise ValueError(f"negative_prompt_attention_mask must be 0/1 values shaped like negative_prompt_ids "
+                         f"{list(ids.shape)}; got {mask.dtype} {list(mask.shape)}")
+    for r, row in enumerate(mask):   # zeros, then ones to the end
+        if not row.any():
+            raise ValueError(f"negative_prompt_attention_mask row {r} holds no token (all 0)")
+        if not row[-1] or (np.diff(row) < 0).any():
+            at = int(np.argmax(row)) + int(np.argmin(row[np.argmax(row):]))
+            raise ValueError(f"negative_prompt_attention_mask row {r} has a pad (0) at index {at} after a token: "
+                             f"each row must be left-padded (zeros, then ones to the end)")
+    n = ids.shape[1]
+    extra = generate.bucket(n, generate.PROMPT_BUCKETS) - n
+    pad = lambda a, value: np.pad(a, ((0, 0), (extra, 0)), constant_values=value)
+    return {"ids": pad(ids.astype(np.int32), pad_id), "mask": pad(mask.astype(np.int32), 0)}
 
 
 def repeat_last_row(batch, rows: int):

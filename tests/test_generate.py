@@ -911,6 +911,55 @@ def test_guidance_scale_equals_hf(family):
 
 
 @pytest.mark.parametrize("family", ["mistral"], indirect=True)
+def test_negative_prompt_equals_hf(family):
+    """HF's negative_prompt_ids (with its attention mask: rows left-padded) as guidance's unconditional
+    sequence: HF's greedy tokens and scores, for a short negative prompt and one longer than the
+    prompt's bucket; streamed, generate's tokens; a sampled prompt's first of several rows, its row of
+    one; ignored without guidance, as in HF; bad ids and masks refused, named."""
+    hf, model = family
+    batch = tm.make_batch(hf.config, ROWS, seed=5)
+    B, T = batch["input_ids"].shape
+    V = hf.config.text_config.vocab_size
+    rng = np.random.default_rng(1)
+    plain = model.generate(**batch, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0, guidance_scale=3.0)
+    for n in (5, generate.bucket(T, generate.PROMPT_BUCKETS) + 9):
+        mask = np.ones((B, n), np.int64)
+        mask[1, :2] = mask[2, :n - 1] = 0   # row 1 two pads, row 2 one token
+        ids = np.where(mask == 1, rng.integers(1, V, (B, n)), 0)
+        negative = dict(negative_prompt_ids=ids, negative_prompt_attention_mask=mask)
+        with torch.no_grad():
+            out = hf.generate(**{k: torch.from_numpy(v) for k, v in batch.items()}, do_sample=False,
+                              max_new_tokens=NEW, pad_token_id=0, eos_token_id=[], guidance_scale=3.0,
+                              output_scores=True, return_dict_in_generate=True,
+                              **{k: torch.from_numpy(v) for k, v in negative.items()})
+        ref = out.sequences[:, T:].numpy()
+        tokens, logprobs = model.generate(**batch, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0,
+                                          guidance_scale=3.0, return_logprobs=True, **negative)
+        np.testing.assert_array_equal(tokens, ref)
+        scores = torch.stack(out.scores, 1).log_softmax(-1).numpy()
+        np.testing.assert_allclose(logprobs, np.take_along_axis(scores, ref[..., None], -1)[..., 0], rtol=1e-4,
+                                   atol=1e-4)
+        assert (tokens != plain).any()
+    streamed = model.generate_stream(**batch, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0,
+                                     guidance_scale=3.0, chunk=7, **negative)
+    np.testing.assert_array_equal(np.concatenate(list(streamed), axis=1), tokens)
+    sample = dict(max_new_tokens=NEW, eos_token_id=[], do_sample=True, temperature=1.5, seed=4, guidance_scale=2.0)
+    rows = model.generate(**batch, **sample, num_return_sequences=2, **negative)
+    np.testing.assert_array_equal(rows[::2], model.generate(**batch, **sample, **negative))
+    unguided = model.generate(**batch, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0)
+    np.testing.assert_array_equal(model.generate(**batch, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0,
+                                                 **negative), unguided)
+    for bad, message in ((dict(negative_prompt_ids=ids[:2]), r"negative_prompt_ids must be integer ids \[batch=3"),
+                         (dict(negative_prompt_ids=ids + V), r"must lie in \[0, vocab_size="),
+                         (dict(negative_prompt_ids=ids, negative_prompt_attention_mask=mask[:, ::-1]),
+                          rf"attention_mask row 1 has a pad \(0\) at index {n - 2} after a token: .*left-padded"),
+                         (dict(negative_prompt_ids=ids, negative_prompt_attention_mask=mask * 0),
+                          r"attention_mask row 0 holds no token")):
+        with pytest.raises(ValueError, match=message):
+            model.generate(**batch, guidance_scale=3.0, **bad)
+
+
+@pytest.mark.parametrize("family", ["mistral"], indirect=True)
 def test_max_time_stops_as_hf(family):
     """max_time: a deadline already past when the first token is out stops every row after it, as HF's
     MaxTimeCriteria does (greedy, streamed, beam search: HF's hypotheses and scores); a distant one
