@@ -70,8 +70,9 @@ decoded) so a batch pads little; the next batch is decoded and preprocessed on a
 device generates. A batch short of --batch-size images (the last one, or one with images that failed
 to decode) runs at the full size, its last image repeated and those results dropped: it reuses the
 full batches' compiled programs instead of compiling its own (tens of seconds for a 7B model on a
-GPU; on a CPU its extra rows can cost more than that compile). Greedy captions do not depend on the batch an image lands in; with --do-sample
-each image gets its own seed from (--seed, its path), so sampled captions do not either.
+GPU; on a CPU its extra rows can cost more than that compile). Greedy captions do not depend on the
+batch an image lands in; with --do-sample each image gets its own seed from (--seed, its path), so
+sampled captions do not either.
 """
 
 from __future__ import annotations

@@ -280,7 +280,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FewRowMatmul, FewRowMatmulImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Copy, CopyImpl, ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TakeRows, TakeRowsImpl,
-                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::S32>>().Ret<ffi::AnyBuffer>());
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()           // table
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // ids
+                                  .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WriteCache, WriteCacheImpl,
                               ffi::Ffi::Bind()

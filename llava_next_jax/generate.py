@@ -704,8 +704,8 @@ def decode_chunk_program(params, config: LlavaNextConfig, state, cache, kv_valid
 def prefill_for_decode(params, config: LlavaNextConfig, input_ids, pixel_values, sources, attention_mask, dtype,
                        new_bucket: int, lookup: int, samples: int, guided: bool, negative=None):
     """The prefill a decode loop starts from: (last-slot logits, cache of `T + new_bucket + lookup`
-    slots, kv_valid, the unconditional logits or None), guided with each row's
-    unconditional sequence beside it (`unconditional_prefill`; negative: its negative prompt)."""
+    slots, kv_valid, the unconditional logits or None), guided with each row's unconditional sequence
+    beside it (`unconditional_prefill`; negative: its negative prompt)."""
     logits, cache, kv_valid = prefill_program(params, config, input_ids, pixel_values, sources, attention_mask,
                                               dtype, input_ids.shape[1] + new_bucket + lookup, samples)
     if not guided:
@@ -736,8 +736,8 @@ def stream_tokens(params, config: LlavaNextConfig, input_ids, pixel_values, sour
                   lookup: int = 0, samples: int = 1, timed: bool = False, guided: bool = False, negative=None):
     """`generate_tokens` as it goes: yields (new tokens `[B, n]`, their log-probabilities `[B, n]`) every
     `chunk` steps (n <= chunk, or chunk + lookup with prompt-lookup drafts; pad after a row's stop id;
-    `samples` rows per prompt; `timed`, `guided` and `negative` as there) until every row is done or max_new_tokens
-    is reached.
+    `samples` rows per prompt; `timed`, `guided` and `negative` as there) until every row is done or
+    max_new_tokens is reached.
     Concatenated, they are `generate_tokens`' up to that step. fetch: device array -> numpy
     (`distributed.fetch` on a multi-process mesh)."""
     if not is_positive_int(chunk):
