@@ -248,17 +248,28 @@ void AttendBlock(const Shapes& s, const uint16_t* q, const bool* mask, const uin
 // hint not to keep them in the first-level cache (each is read once a chunk; x's chunk stays there).
 // The sums are rounded to bfloat16 once, at the end. The copies took the product of the generation
 // benchmark's MLP (`[2432, 1024] @ [1024, 4096]`) from ~12.2 to ~10 ms (benchmarks/cpu_gemm.py).
+// A panel at least kMinPanel columns wide whose depth does not fit in ~1 MB is taken in slabs of the
+// depth, one after the other, every row block's float32 sums kept between them: fewer, wider panels,
+// so x (read once a panel) is read fewer times (`[2432, 4096] @ [4096, 1024]`, 8 passes over its 20 MB
+// of x: ~13 -> ~11 ms in two slabs of 256 columns).
 
 constexpr int64_t kGemmRows = 2 * kBlock, kGemmColumns = 2 * kBlock, kChunk = 256;
 constexpr int64_t kTileValues = kBlock * kDepth;  // bfloat16 values of a tile: 16 rows of 32
+constexpr int64_t kPanelBytes = int64_t(1) << 20, kMinPanel = 8 * kGemmColumns;
 
-// Columns a task takes: as many as ~1 MB of packed panel holds (each task reads all of x once, so wider
-// panels read it fewer times: 512 columns took `[2432, 1024] @ [1024, 4096]` from ~11 to ~9 ms against
-// 256), but no fewer tasks than threads.
+// Columns a task takes: as many as kPanelBytes of packed panel hold, at least kMinPanel (deeper panels
+// go in slabs, `SlabDepth`), but no fewer tasks than threads. Each task reads all of x once, so wider
+// panels read it fewer times: 512 columns took `[2432, 1024] @ [1024, 4096]` from ~11 to ~9 ms
+// against 256.
 int64_t PanelColumns(int64_t K, int64_t N, int64_t threads) {
   const auto round_up = [](int64_t n) { return (n + kGemmColumns - 1) / kGemmColumns * kGemmColumns; };
-  const int64_t fit = (int64_t(1) << 20) / (K * int64_t(sizeof(uint16_t))) / kGemmColumns * kGemmColumns;
+  const int64_t fit = std::max(kMinPanel, kPanelBytes / (K * int64_t(sizeof(uint16_t))) / kGemmColumns * kGemmColumns);
   return std::max(kGemmColumns, std::min(fit, round_up((N + threads - 1) / threads)));
+}
+
+// The depth of a slab of a panel `padded` columns wide: what fits in kPanelBytes, in whole chunks, K at most.
+int64_t SlabDepth(int64_t K, int64_t padded) {
+  return std::min(K, std::max(kChunk, kPanelBytes / (padded * int64_t(sizeof(uint16_t))) / kChunk * kChunk));
 }
 
 // w's columns [n0, n0 + width) packed by tiles: [padded / 32][K / 32][2 tiles][16 pairs of rows][16 columns][2]
@@ -315,55 +326,60 @@ inline void StoreRounded(const float* sums, int64_t rows, int64_t width, uint16_
 void GemmPanel(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t columns,
                uint16_t* out) {
   const int64_t width = std::min(columns, N - n0), padded = (width + kGemmColumns - 1) / kGemmColumns * kGemmColumns;
-  const int64_t blocks = padded / kGemmColumns, steps = K / kDepth;
+  const int64_t blocks = padded / kGemmColumns, slab = SlabDepth(K, padded);
+  const int64_t block_sums = blocks * kGemmRows * kGemmColumns;  // a row block's float32 sums
   // Kept between calls (no fresh pages each time), 64-byte aligned: a tile row is a cache line.
   thread_local std::vector<__m512i> panel_lines, chunk_lines;
-  thread_local std::vector<float> sums;  // [blocks][32][32]
-  panel_lines.resize(K * padded * sizeof(uint16_t) / sizeof(__m512i));
+  thread_local std::vector<float> sums;  // [row blocks (1 without slabs)][blocks][32][32]
+  panel_lines.resize(slab * padded * sizeof(uint16_t) / sizeof(__m512i));
   chunk_lines.resize(kGemmRows * kChunk * sizeof(uint16_t) / sizeof(__m512i));
-  sums.resize(blocks * kGemmRows * kGemmColumns);
+  sums.resize((slab < K ? (M + kGemmRows - 1) / kGemmRows : 1) * block_sums);
   uint16_t* panel = reinterpret_cast<uint16_t*>(panel_lines.data());
   uint16_t* chunk = reinterpret_cast<uint16_t*>(chunk_lines.data());
-  PackPanel(w, K, N, n0, width, padded, panel);
   constexpr int64_t sums_bytes = kGemmColumns * sizeof(float), tile_bytes = kDepth * sizeof(uint16_t);
   ConfigureTiles();
-  for (int64_t r0 = 0; r0 < M; r0 += kGemmRows) {
-    const int64_t rows = std::min(kGemmRows, M - r0);
-    for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
-      const int64_t k1 = std::min(K, k0 + kChunk);
-      PackChunk(x, K, r0, rows, k0, k1, chunk);
-      for (int64_t c = 0; c < blocks; ++c) {
-        float* block = sums.data() + c * kGemmRows * kGemmColumns;
-        if (k0 == 0) {
-          _tile_zero(0);
-          _tile_zero(1);
-          _tile_zero(2);
-          _tile_zero(3);
-        } else {
-          _tile_loadd(0, block, sums_bytes);
-          _tile_loadd(1, block + kBlock, sums_bytes);
-          _tile_loadd(2, block + kBlock * kGemmColumns, sums_bytes);
-          _tile_loadd(3, block + kBlock * kGemmColumns + kBlock, sums_bytes);
+  for (int64_t k_start = 0; k_start < K; k_start += slab) {
+    const int64_t k_end = std::min(K, k_start + slab), steps = (k_end - k_start) / kDepth;
+    PackPanel(w + k_start * N, k_end - k_start, N, n0, width, padded, panel);
+    for (int64_t r0 = 0; r0 < M; r0 += kGemmRows) {
+      const int64_t rows = std::min(kGemmRows, M - r0);
+      float* row_sums = sums.data() + (slab < K ? r0 / kGemmRows * block_sums : 0);
+      for (int64_t k0 = k_start; k0 < k_end; k0 += kChunk) {
+        const int64_t k1 = std::min(k_end, k0 + kChunk);
+        PackChunk(x, K, r0, rows, k0, k1, chunk);
+        for (int64_t c = 0; c < blocks; ++c) {
+          float* block = row_sums + c * kGemmRows * kGemmColumns;
+          if (k0 == 0) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+          } else {
+            _tile_loadd(0, block, sums_bytes);
+            _tile_loadd(1, block + kBlock, sums_bytes);
+            _tile_loadd(2, block + kBlock * kGemmColumns, sums_bytes);
+            _tile_loadd(3, block + kBlock * kGemmColumns + kBlock, sums_bytes);
+          }
+          const uint16_t* a = chunk;
+          const uint16_t* b = panel + (c * steps + (k0 - k_start) / kDepth) * 2 * kTileValues;
+          for (int64_t k = k0; k < k1; k += kDepth, a += 2 * kTileValues, b += 2 * kTileValues) {
+            _tile_loadd(4, a, tile_bytes);
+            _tile_loadd(5, a + kTileValues, tile_bytes);
+            _tile_stream_loadd(6, b, tile_bytes);
+            _tile_stream_loadd(7, b + kTileValues, tile_bytes);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+          _tile_stored(0, block, sums_bytes);
+          _tile_stored(1, block + kBlock, sums_bytes);
+          _tile_stored(2, block + kBlock * kGemmColumns, sums_bytes);
+          _tile_stored(3, block + kBlock * kGemmColumns + kBlock, sums_bytes);
+          if (k1 == K)
+            StoreRounded(block, rows, std::min(kGemmColumns, width - c * kGemmColumns),
+                         out + r0 * N + n0 + c * kGemmColumns, N);
         }
-        const uint16_t* a = chunk;
-        const uint16_t* b = panel + (c * steps + k0 / kDepth) * 2 * kTileValues;
-        for (int64_t k = k0; k < k1; k += kDepth, a += 2 * kTileValues, b += 2 * kTileValues) {
-          _tile_loadd(4, a, tile_bytes);
-          _tile_loadd(5, a + kTileValues, tile_bytes);
-          _tile_stream_loadd(6, b, tile_bytes);
-          _tile_stream_loadd(7, b + kTileValues, tile_bytes);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(1, 4, 7);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
-        }
-        _tile_stored(0, block, sums_bytes);
-        _tile_stored(1, block + kBlock, sums_bytes);
-        _tile_stored(2, block + kBlock * kGemmColumns, sums_bytes);
-        _tile_stored(3, block + kBlock * kGemmColumns + kBlock, sums_bytes);
-        if (k1 == K)
-          StoreRounded(block, rows, std::min(kGemmColumns, width - c * kGemmColumns),
-                       out + r0 * N + n0 + c * kGemmColumns, N);
       }
     }
   }

@@ -63,10 +63,12 @@ def test_large_products_on_onednn_equal_torch(rows, K, N, dtype):
 
 
 @needs_amx
-@pytest.mark.parametrize("rows,K,N", [(9, 32, 5), (40, 96, 2051), (255, 1024, 67), (300, 4096, 1000)])
+@pytest.mark.parametrize("rows,K,N", [(9, 32, 5), (40, 96, 2051), (255, 1024, 67), (300, 4096, 1000),
+                                      (33, 4192, 300)])
 def test_bfloat16_products_on_amx_equal_torch(rows, K, N, monkeypatch):
     """bf16 `decoder.matmul` of `[rows, 1, K]` by `[K, N]` (K a multiple of 32) from `AMX_MIN_ROWS` rows
-    on AMX tiles (rows and columns that fill no whole 32 x 32 block, one column panel and several):
+    on AMX tiles (rows and columns that fill no whole 32 x 32 block, one column panel and several, a
+    depth taken in slabs, the last one not a whole number of chunks):
     float32 sums rounded once to bf16, against torch in float64 on the same values; its gradient (on
     oneDNN's transposed products) too. LLAVA_NEXT_AMX=0 leaves the tiles out, and fewer rows keep
     the few-row kernel."""
