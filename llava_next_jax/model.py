@@ -699,6 +699,7 @@ def _negative_prompt(ids, mask, rows: int, vocab_size: int, pad_id: int) -> dict
     if mask.shape != ids.shape or not np.isin(mask, (0, 1)).all():
         raise ValueError(f"negative_prompt_attention_mask must be 0/1 values shaped like negative_prompt_ids "
                          f"{list(ids.shape)}; got {mask.dtype} {list(mask.shape)}")
+    mask = mask.astype(np.int32)
     for r, row in enumerate(mask):   # zeros, then ones to the end
         if not row.any():
             raise ValueError(f"negative_prompt_attention_mask row {r} holds no token (all 0)")
@@ -709,7 +710,7 @@ def _negative_prompt(ids, mask, rows: int, vocab_size: int, pad_id: int) -> dict
     n = ids.shape[1]
     extra = generate.bucket(n, generate.PROMPT_BUCKETS) - n
     pad = lambda a, value: np.pad(a, ((0, 0), (extra, 0)), constant_values=value)
-    return {"ids": pad(ids.astype(np.int32), pad_id), "mask": pad(mask.astype(np.int32), 0)}
+    return {"ids": pad(ids.astype(np.int32), pad_id), "mask": pad(mask, 0)}
 
 
 def repeat_last_row(batch, rows: int):

@@ -943,6 +943,9 @@ def test_negative_prompt_equals_hf(family):
     streamed = model.generate_stream(**batch, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0,
                                      guidance_scale=3.0, chunk=7, **negative)
     np.testing.assert_array_equal(np.concatenate(list(streamed), axis=1), tokens)
+    as_bool = model.generate(**batch, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0, guidance_scale=3.0,
+                             negative_prompt_ids=ids, negative_prompt_attention_mask=mask.astype(bool))
+    np.testing.assert_array_equal(as_bool, tokens)
     sample = dict(max_new_tokens=NEW, eos_token_id=[], do_sample=True, temperature=1.5, seed=4, guidance_scale=2.0)
     rows = model.generate(**batch, **sample, num_return_sequences=2, **negative)
     np.testing.assert_array_equal(rows[::2], model.generate(**batch, **sample, **negative))
