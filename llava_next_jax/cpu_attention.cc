@@ -98,6 +98,14 @@ inline Half LoadHalf(const float* p) { return Load(p); }
 inline void StoreHalf(float* p, Half v) { Store(p, v); }
 inline Half SplatHalf(float x) { return Splat(x); }
 #endif
+// A Half's worth of bfloat16 values (the high halves of float32s) widened to float32
+inline Half LoadHalf(const uint16_t* p) {
+  typedef uint16_t Halves __attribute__((vector_size(sizeof(Half) / 2)));
+  typedef uint32_t Wide __attribute__((vector_size(sizeof(Half))));
+  Halves halves;
+  std::memcpy(&halves, p, sizeof halves);
+  return (Half)(__builtin_convertvector(halves, Wide) << 16);
+}
 constexpr int64_t kHalf = kColumns / 2;
 constexpr int kMicroRows = 6;
 struct Row {
@@ -468,8 +476,10 @@ inline I8 Allowed(const bool* m) {
 
 // y[r * y_stride + n] = sum over j < length of x[r * x_stride + j] * w[n * w_stride + j] for r < Q <= 4
 // and n < N: a decode step's output at N value dims from Q rows' weights x, dot products along the
-// slots, kValueRows value rows at a time (Q x kValueRows accumulators of 8 running sums, kept in
-// registers: more rows read at once stream faster).
+// slots, kValueRows value rows at a time (Q x kValueRows accumulators of 16 running sums with AVX-512,
+// else 8, kept in registers: more rows read at once stream faster). 16 instead of 8 on AVX-512: a bf16
+// cache's batch-4 and 4-token passes ~5-12% faster, batch 1 and float32 within noise
+// (benchmarks/decode_attention.py).
 #ifdef __AVX512F__
 constexpr int64_t kValueRows = 4;  // 32 vector registers
 #else
@@ -479,12 +489,13 @@ constexpr int64_t kValueRows = 2;  // 16
 template <int Q, typename C>
 void WeightedValues(const float* __restrict x, int64_t x_stride, const C* __restrict w, int64_t w_stride,
                     int64_t length, int64_t N, float* __restrict y, int64_t y_stride) {
-  const int64_t L8 = length / 8 * 8;
-  const auto finish = [&](const V8 (&acc)[Q], int64_t n) {
+  constexpr int64_t W = sizeof(Half) / sizeof(float);  // floats a vector
+  const int64_t LW = length / W * W;
+  const auto finish = [&](const Half (&acc)[Q], int64_t n) {
     const C* __restrict wn = w + n * w_stride;
     for (int r = 0; r < Q; ++r) {
       float sum = HorizontalSum(acc[r]);
-      for (int64_t j = L8; j < length; ++j) sum += x[r * x_stride + j] * llava_next::Widen(wn[j]);
+      for (int64_t j = LW; j < length; ++j) sum += x[r * x_stride + j] * llava_next::Widen(wn[j]);
       y[r * y_stride + n] = sum;
     }
   };
@@ -495,12 +506,12 @@ void WeightedValues(const float* __restrict x, int64_t x_stride, const C* __rest
       const C* __restrict w1 = w0 + w_stride;
       const C* __restrict w2 = w1 + w_stride;
       const C* __restrict w3 = w2 + w_stride;
-      V8 a[Q], b[Q], c[Q], d[Q];
-      for (int r = 0; r < Q; ++r) a[r] = b[r] = c[r] = d[r] = Splat(0.0f);
-      for (int64_t j = 0; j < L8; j += 8) {
-        const V8 u = Load(w0 + j), v = Load(w1 + j), s = Load(w2 + j), t = Load(w3 + j);
+      Half a[Q], b[Q], c[Q], d[Q];
+      for (int r = 0; r < Q; ++r) a[r] = b[r] = c[r] = d[r] = SplatHalf(0.0f);
+      for (int64_t j = 0; j < LW; j += W) {
+        const Half u = LoadHalf(w0 + j), v = LoadHalf(w1 + j), s = LoadHalf(w2 + j), t = LoadHalf(w3 + j);
         for (int r = 0; r < Q; ++r) {
-          const V8 p = Load(x + r * x_stride + j);
+          const Half p = LoadHalf(x + r * x_stride + j);
           a[r] += p * u;
           b[r] += p * v;
           c[r] += p * s;
@@ -515,12 +526,12 @@ void WeightedValues(const float* __restrict x, int64_t x_stride, const C* __rest
   for (; n + 2 <= N; n += 2) {
     const C* __restrict w0 = w + n * w_stride;
     const C* __restrict w1 = w0 + w_stride;
-    V8 a[Q], b[Q];
-    for (int r = 0; r < Q; ++r) a[r] = b[r] = Splat(0.0f);
-    for (int64_t j = 0; j < L8; j += 8) {
-      const V8 u = Load(w0 + j), v = Load(w1 + j);
+    Half a[Q], b[Q];
+    for (int r = 0; r < Q; ++r) a[r] = b[r] = SplatHalf(0.0f);
+    for (int64_t j = 0; j < LW; j += W) {
+      const Half u = LoadHalf(w0 + j), v = LoadHalf(w1 + j);
       for (int r = 0; r < Q; ++r) {
-        const V8 p = Load(x + r * x_stride + j);
+        const Half p = LoadHalf(x + r * x_stride + j);
         a[r] += p * u;
         b[r] += p * v;
       }
@@ -530,10 +541,10 @@ void WeightedValues(const float* __restrict x, int64_t x_stride, const C* __rest
   }
   for (; n < N; ++n) {
     const C* __restrict w0 = w + n * w_stride;
-    V8 a[Q];
-    for (int r = 0; r < Q; ++r) a[r] = Splat(0.0f);
-    for (int64_t j = 0; j < L8; j += 8)
-      for (int r = 0; r < Q; ++r) a[r] += Load(x + r * x_stride + j) * Load(w0 + j);
+    Half a[Q];
+    for (int r = 0; r < Q; ++r) a[r] = SplatHalf(0.0f);
+    for (int64_t j = 0; j < LW; j += W)
+      for (int r = 0; r < Q; ++r) a[r] += LoadHalf(x + r * x_stride + j) * LoadHalf(w0 + j);
     finish(a, n);
   }
 }
