@@ -48,7 +48,6 @@ using llava_next::TileMask;
 
 typedef float V8 __attribute__((vector_size(32)));
 typedef int32_t I8 __attribute__((vector_size(32)));
-typedef uint32_t U8 __attribute__((vector_size(32)));
 
 
 inline V8 Load(const float* p) {
@@ -57,13 +56,6 @@ inline V8 Load(const float* p) {
   return v;
 }
 inline void Store(float* p, V8 v) { std::memcpy(p, &v, sizeof v); }
-// 8 bfloat16 values (the high halves of float32s) widened to float32
-inline V8 Load(const uint16_t* p) {
-  typedef uint16_t U16x8 __attribute__((vector_size(16)));
-  U16x8 halves;
-  std::memcpy(&halves, p, sizeof halves);
-  return (V8)(__builtin_convertvector(halves, U8) << 16);
-}
 inline V8 Splat(float x) { return V8{x, x, x, x, x, x, x, x}; }
 inline V8 Select(I8 keep, V8 x) { return (V8)((I8)x & keep); }  // x where keep, else 0
 inline V8 Max(V8 a, V8 b) {
