@@ -485,9 +485,8 @@ class LlavaNext:
         pad_id = self.pad_id(eos_token_id, pad_token_id)
         B, T = ids.shape
         max_new_tokens = generate.new_token_count(max_new_tokens, max_length, T)
-        guidance = self.generation_settings(guidance_scale=processors.get("guidance_scale"))["guidance_scale"]
         negative = None
-        if negative_prompt_ids is not None and guidance not in (None, 1):   # HF ignores it without guidance
+        if negative_prompt_ids is not None and s["guidance_scale"] not in (None, 1):   # HF ignores it unguided
             negative = _negative_prompt(negative_prompt_ids, negative_prompt_attention_mask, B,
                                         self.config.text.vocab_size, pad_id)
         longest = max(T, 0 if negative is None else negative["ids"].shape[1])   # the negative prompt fits in its slots
@@ -507,8 +506,7 @@ class LlavaNext:
         return dict(input_ids=ids, pixel_values=pixels, sources=None if pixels is None else sources,
                     attention_mask=mask, options=opts, dtype=self.dtype,
                     new_bucket=generate.bucket(max_new_tokens, generate.NEW_TOKEN_BUCKETS), lookup=int(lookup),
-                    samples=int(samples), timed=s["max_time"] is not None, guided=guided,
-                    negative=negative if guided else None)
+                    samples=int(samples), timed=s["max_time"] is not None, guided=guided, negative=negative)
 
     def pad_id(self, eos_token_id=None, pad_token_id=None) -> int:
         """The id `generate` pads with after a row stops, given the call's eos_token_id and pad_token_id:
