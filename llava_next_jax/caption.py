@@ -700,13 +700,14 @@ def run(captioner: Captioner, batches: list[list[Item]], writer: RowWriter, prog
     written = []
     if not batches:
         return written
+    width = max(map(len, batches))   # every batch runs at this size (`Captioner.caption`)
     with ThreadPoolExecutor(1, thread_name_prefix="caption-prepare") as pool:
         upcoming = pool.submit(captioner.prepare, batches[0])
         for i in range(len(batches)):
             prepared = upcoming.result()
             if i + 1 < len(batches):
                 upcoming = pool.submit(captioner.prepare, batches[i + 1])
-            rows = captioner.caption(prepared, width=max(map(len, batches)))
+            rows = captioner.caption(prepared, width=width)
             writer.write(rows)
             written += rows
             progress.update(len(rows))
