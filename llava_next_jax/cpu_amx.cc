@@ -257,14 +257,16 @@ constexpr int64_t kGemmRows = 2 * kBlock, kGemmColumns = 2 * kBlock, kChunk = 25
 constexpr int64_t kTileValues = kBlock * kDepth;  // bfloat16 values of a tile: 16 rows of 32
 constexpr int64_t kPanelBytes = int64_t(1) << 20, kMinPanel = 8 * kGemmColumns;
 
+// n columns rounded up to whole 32-column blocks.
+inline int64_t WholeBlocks(int64_t n) { return (n + kGemmColumns - 1) / kGemmColumns * kGemmColumns; }
+
 // Columns a task takes: as many as kPanelBytes of packed panel hold, at least kMinPanel (deeper panels
 // go in slabs, `SlabDepth`), but no fewer tasks than threads. Each task reads all of x once, so wider
 // panels read it fewer times: 512 columns took `[2432, 1024] @ [1024, 4096]` from ~11 to ~9 ms
 // against 256.
 int64_t PanelColumns(int64_t K, int64_t N, int64_t threads) {
-  const auto round_up = [](int64_t n) { return (n + kGemmColumns - 1) / kGemmColumns * kGemmColumns; };
   const int64_t fit = std::max(kMinPanel, kPanelBytes / (K * int64_t(sizeof(uint16_t))) / kGemmColumns * kGemmColumns);
-  return std::max(kGemmColumns, std::min(fit, round_up((N + threads - 1) / threads)));
+  return std::max(kGemmColumns, std::min(fit, WholeBlocks((N + threads - 1) / threads)));
 }
 
 // The depth of a slab of a panel `padded` columns wide: what fits in kPanelBytes, in whole chunks, K at most.
@@ -325,7 +327,7 @@ inline void StoreRounded(const float* sums, int64_t rows, int64_t width, uint16_
 
 void GemmPanel(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t columns,
                uint16_t* out) {
-  const int64_t width = std::min(columns, N - n0), padded = (width + kGemmColumns - 1) / kGemmColumns * kGemmColumns;
+  const int64_t width = std::min(columns, N - n0), padded = WholeBlocks(width);
   const int64_t blocks = padded / kGemmColumns, slab = SlabDepth(K, padded);
   const int64_t block_sums = blocks * kGemmRows * kGemmColumns;  // a row block's float32 sums
   // Kept between calls (no fresh pages each time), 64-byte aligned: a tile row is a cache line.
