@@ -38,6 +38,7 @@ using llava_next::Exp2Fraction;
 using llava_next::kNegInf;
 using llava_next::kShapeError;
 using llava_next::kTile;
+using llava_next::Mask;
 using llava_next::QueryIndex;
 using llava_next::RowGroup;
 using llava_next::RunTasks;
@@ -165,7 +166,7 @@ inline void Output(const uint16_t* w, const uint16_t* values, int64_t depth, int
 
 // One task: query positions [t0, t1) of row b, the G query heads of kv head kh (row r of the task:
 // position t0 + r / G, query head kh * G + r % G), 16 rows at a time through each key tile.
-void AttendBlock(const Shapes& s, const uint16_t* q, const bool* mask, const uint16_t* packed, float scale,
+void AttendBlock(const Shapes& s, const uint16_t* q, const Mask& mask, const uint16_t* packed, float scale,
                  int64_t b, int64_t kh, int64_t t0, int64_t t1, uint16_t* out, float* lse) {
   const int64_t G = s.G, H = s.H, Hp = s.Hp;
   const int64_t rows = (t1 - t0) * G;
@@ -405,10 +406,10 @@ ffi::Error FlashAttentionBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q
   uint16_t* os = out->typed_data();
   float* ls = lse->typed_data();
   llava_next::PackAndAttend<uint16_t>(
-      pool, s, 2 * s.Hp * kTile,
+      pool, s, ms, 2 * s.Hp * kTile,
       [=](int64_t pair, int64_t tile, uint16_t* keys) { PackTile(s, ks, vs, pair, tile, keys, keys + s.Hp * kTile); },
-      [=](const uint16_t* packed, int64_t b, int64_t kh, int64_t t0, int64_t t1) {
-        AttendBlock(s, qs, ms, packed, scale, b, kh, t0, t1, os, ls);
+      [=](const uint16_t* packed, const Mask& mask, int64_t b, int64_t kh, int64_t t0, int64_t t1) {
+        AttendBlock(s, qs, mask, packed, scale, b, kh, t0, t1, os, ls);
       });
   return ffi::Error::Success();
 #else

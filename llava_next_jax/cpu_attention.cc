@@ -39,6 +39,7 @@ using llava_next::HorizontalSum;
 using llava_next::kNegInf;
 using llava_next::kShapeError;
 using llava_next::kTile;
+using llava_next::Mask;
 using llava_next::Partial;
 using llava_next::QueryIndex;
 using llava_next::RowGroup;
@@ -179,7 +180,7 @@ void PackTile(const Shapes& s, const float* k, const float* v, int64_t pair, int
 // One task: query positions [t0, t1) of row b, the G query heads of kv head kh. Row r of the task is
 // position t0 + r / G, query head kh * G + r % G; rows go through each key tile kMicroRows at a time
 // (logits, online softmax, output), so that their logits never leave the core's first-level cache.
-void AttendBlock(const Shapes& s, const float* q, const bool* mask, const float* packed, float scale, int64_t b,
+void AttendBlock(const Shapes& s, const float* q, const Mask& mask, const float* packed, float scale, int64_t b,
                  int64_t kh, int64_t t0, int64_t t1, float* out, float* lse) {
   const int64_t G = s.G, H = s.H, Hp = s.Hp;
   const int64_t rows = (t1 - t0) * G;
@@ -258,10 +259,10 @@ ffi::Error FlashAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   const bool* ms = mask.typed_data();
   float *os = out->typed_data(), *ls = lse->typed_data();
   llava_next::PackAndAttend<float>(
-      pool, s, 2 * s.Hp * kTile,
+      pool, s, ms, 2 * s.Hp * kTile,
       [=](int64_t pair, int64_t tile, float* keys) { PackTile(s, ks, vs, pair, tile, keys, keys + s.Hp * kTile); },
-      [=](const float* packed, int64_t b, int64_t kh, int64_t t0, int64_t t1) {
-        AttendBlock(s, qs, ms, packed, scale, b, kh, t0, t1, os, ls);
+      [=](const float* packed, const Mask& mask, int64_t b, int64_t kh, int64_t t0, int64_t t1) {
+        AttendBlock(s, qs, mask, packed, scale, b, kh, t0, t1, os, ls);
       });
   return ffi::Error::Success();
 }
@@ -343,7 +344,7 @@ void AccumulateTile(const Shapes& s, const float* a, const float* b, int64_t dep
 
 // dk and dv of key tile `tile` of row b, kv head kh, over every query row that sees it, and that tile's
 // share of those rows' dq / scale added to dq_part ([rows, Hp], the rows as packed).
-void KeyGradients(const Shapes& s, const Rows& rows, const bool* mask, const float* packed, int64_t b, int64_t kh,
+void KeyGradients(const Shapes& s, const Rows& rows, const Mask& mask, const float* packed, int64_t b, int64_t kh,
                   int64_t tile, float* dk, float* dv, float* dq_part) {
   const int64_t G = s.G, Hp = s.Hp, real = s.T * G;
   const float* packed_tile = packed + ((b * s.K + kh) * s.tiles + tile) * 4 * Hp * kTile;
@@ -422,12 +423,14 @@ ffi::Error FlashAttentionBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   const int64_t part_floats = padded * s.Hp;
   std::unique_ptr<float[]> parts(new float[pairs * groups * part_floats]);
   float *dqs = dq->typed_data(), *dks = dk->typed_data(), *dvs = dv->typed_data(), *ps = parts.get();
+  const std::vector<uint64_t> bits = llava_next::ReadMask(pool, s, ms);
+  const Mask mask_tiles{bits.data()};
   RunTasks(pool, pairs * groups, [=](int64_t i) {
     const int64_t pair = i % pairs, group = i / pairs;
     float* part = ps + i * part_floats;
     std::fill(part, part + part_floats, 0.0f);
     for (int64_t tile = group; tile < s.tiles; tile += groups)
-      KeyGradients(s, rows_of(pair), ms, pk, pair / s.K, pair % s.K, tile, dks, dvs, part);
+      KeyGradients(s, rows_of(pair), mask_tiles, pk, pair / s.K, pair % s.K, tile, dks, dvs, part);
   });
   RunTasks(pool, pairs, [=](int64_t pair) {
     const int64_t b = pair / s.K, kh = pair % s.K;

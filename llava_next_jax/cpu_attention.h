@@ -9,6 +9,7 @@
 #include <limits>
 #include <memory>
 #include <numeric>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 #include "cpu_tasks.h"
@@ -46,65 +47,85 @@ inline bool ReadShapes(xla::ffi::Span<const int64_t> qd, xla::ffi::Span<const in
 
 constexpr const char* kShapeError = "want q [B, T, N, H], k and v [B, K, S, H] (N a multiple of K), mask [B, T, S]";
 
-// A prompt kernel's forward pass over its tasks: each (row, kv head, key tile) packed by pack(pair,
-// tile, out) into `tile_size` values of a buffer, then attend(packed, b, kh, t0, t1) for each block of
-// s.positions query positions, as tasks on XLA's pool (later positions, which see more keys, first).
-template <typename E, typename Pack, typename Attend>
-void PackAndAttend(xla::ffi::ThreadPool& pool, const Shapes& s, int64_t tile_size, Pack pack, Attend attend) {
-  const int64_t pairs = s.B * s.K, blocks = (s.T + s.positions - 1) / s.positions;
-  std::unique_ptr<E[]> buffer(new E[pairs * s.tiles * tile_size]);
-  E* packed = buffer.get();
-  RunTasks(pool, pairs * s.tiles, [=](int64_t i) { pack(i / s.tiles, i % s.tiles, packed + i * tile_size); });
-  RunTasks(pool, pairs * blocks, [=](int64_t i) {
-    const int64_t block = blocks - 1 - i / pairs, pair = i % pairs, t0 = block * s.positions;
-    attend(static_cast<const E*>(packed), pair / s.K, pair % s.K, t0, std::min(s.T, t0 + s.positions));
-  });
-}
-
 // The index of query row r of (row b, kv head kh) in q [B, T, N, ...]: position r / G, head kh * G + r % G.
 inline int64_t QueryIndex(const Shapes& s, int64_t b, int64_t kh, int64_t r) {
   return (b * s.T + r / s.G) * s.N + kh * s.G + r % s.G;
 }
 
-// any |= some of the n mask bytes at m (each 0 or 1) are 1; all &= every one is.
-inline void Scan(const bool* m, int64_t n, bool& any, bool& all) {
-  constexpr uint64_t kOnes = 0x0101010101010101ull;
-  uint64_t ored = 0, anded = kOnes;
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    uint64_t word;
-    std::memcpy(&word, m + j, sizeof word);
-    ored |= word;
-    anded &= word;
-  }
-  for (; j < n; ++j) {
-    ored |= m[j];
-    if (!m[j]) anded = 0;
-  }
-  any |= ored != 0;
-  all &= anded == kOnes;
+// The mask [B, T, S] as bits, one 64-bit word per (row, position, key tile): bit j set where the
+// position sees key j of the tile (zero past the last tile's keys). Read once a call (`ReadMask`):
+// the tasks of every kv head ask what each of their positions sees of each key tile. Scanning the
+// mask's bytes in each of them (5.9 MB at 2432 tokens, read once per kv head, then again for the bias
+// of a tile's partly visible rows) took ~10% of the bf16 kernel's time there; the words are an eighth
+// of the mask and stay in the cache.
+static_assert(kTile == 64, "a key tile's mask is one 64-bit word");
+struct Mask {
+  const uint64_t* bits;  // [B, T, tiles]
+};
+
+inline std::vector<uint64_t> ReadMask(xla::ffi::ThreadPool& pool, const Shapes& s, const bool* mask) {
+  constexpr int64_t kPositions = 64;  // a task's positions
+  const int64_t n = s.B * s.T;
+  std::vector<uint64_t> bits(n * s.tiles);
+  uint64_t* out = bits.data();
+  RunTasks(pool, (n + kPositions - 1) / kPositions, [=](int64_t i) {
+    for (int64_t bt = i * kPositions; bt < std::min(n, (i + 1) * kPositions); ++bt)
+      for (int64_t tile = 0; tile < s.tiles; ++tile) {
+        const bool* m = mask + bt * s.S + tile * kTile;
+        const int64_t width = std::min(kTile, s.S - tile * kTile);
+        uint64_t word = 0;
+        int64_t j = 0;
+        for (; j + 8 <= width; j += 8) {  // 8 bytes of 0 or 1 to 8 bits: byte i's low bit to bit 56 + i
+          uint64_t bytes;
+          std::memcpy(&bytes, m + j, sizeof bytes);
+          word |= ((bytes & 0x0101010101010101ull) * 0x0102040810204080ull) >> 56 << j;
+        }
+        for (; j < width; ++j) word |= uint64_t(m[j] != 0) << j;
+        out[bt * s.tiles + tile] = word;
+      }
+  });
+  return bits;
 }
 
 // Positions [t0, t1) of row b at one key tile: whether any of its keys is visible to them (the return
-// value), whether all are to all (`all`), each position's extent (its visible keys lie in [0, extent))
-// and, unless all, its mask bias (0 or -inf a key, kTile floats a position).
-inline bool TileMask(const Shapes& s, const bool* mask, int64_t b, int64_t t0, int64_t t1, int64_t tile, float* bias,
-                       int64_t* extent, bool& all) {
-  const int64_t s0 = tile * kTile, width = std::min(kTile, s.S - s0);
-  bool any = false;
-  all = width == kTile;
-  for (int64_t t = t0; t < t1; ++t) Scan(mask + (b * s.T + t) * s.S + s0, width, any, all);
-  if (!any) return false;
-  std::fill(extent, extent + (t1 - t0), width);
-  if (!all)
-    for (int64_t t = t0; t < t1; ++t) {
-      const bool* m = mask + (b * s.T + t) * s.S + s0;
-      float* row_bias = bias + (t - t0) * kTile;
-      for (int64_t j = 0; j < kTile; ++j) row_bias[j] = j < width && m[j] ? 0.0f : kNegInf;
-      int64_t& e = extent[t - t0];
-      while (e > 0 && !m[e - 1]) --e;
-    }
+// value), whether all are to all (`all`: a whole tile), each position's extent (its visible keys lie
+// in [0, extent)) and, unless all, its mask bias (0 or -inf a key, kTile floats a position).
+inline bool TileMask(const Shapes& s, const Mask& mask, int64_t b, int64_t t0, int64_t t1, int64_t tile, float* bias,
+                     int64_t* extent, bool& all) {
+  const uint64_t* bits = mask.bits + (b * s.T + t0) * s.tiles + tile;
+  uint64_t ored = 0, anded = ~uint64_t(0);
+  for (int64_t t = 0; t < t1 - t0; ++t) {
+    ored |= bits[t * s.tiles];
+    anded &= bits[t * s.tiles];
+  }
+  if (ored == 0) return false;
+  all = anded == ~uint64_t(0);
+  for (int64_t t = 0; t < t1 - t0; ++t) {
+    const uint64_t row = bits[t * s.tiles];
+    extent[t] = row == 0 ? 0 : kTile - __builtin_clzll(row);
+    if (!all)
+      for (int64_t j = 0; j < kTile; ++j) bias[t * kTile + j] = row >> j & 1 ? 0.0f : kNegInf;
+  }
   return true;
+}
+
+// A prompt kernel's forward pass over its tasks: each (row, kv head, key tile) packed by pack(pair,
+// tile, out) into `tile_size` values of a buffer and the mask read (`ReadMask`), then attend(packed,
+// mask, b, kh, t0, t1) for each block of s.positions query positions, as tasks on XLA's pool (later
+// positions, which see more keys, first).
+template <typename E, typename Pack, typename Attend>
+void PackAndAttend(xla::ffi::ThreadPool& pool, const Shapes& s, const bool* mask, int64_t tile_size, Pack pack,
+                   Attend attend) {
+  const int64_t pairs = s.B * s.K, blocks = (s.T + s.positions - 1) / s.positions;
+  std::unique_ptr<E[]> buffer(new E[pairs * s.tiles * tile_size]);
+  E* packed = buffer.get();
+  RunTasks(pool, pairs * s.tiles, [=](int64_t i) { pack(i / s.tiles, i % s.tiles, packed + i * tile_size); });
+  const std::vector<uint64_t> bits = ReadMask(pool, s, mask);
+  const Mask m{bits.data()};
+  RunTasks(pool, pairs * blocks, [=](int64_t i) {
+    const int64_t block = blocks - 1 - i / pairs, pair = i % pairs, t0 = block * s.positions;
+    attend(static_cast<const E*>(packed), m, pair / s.K, pair % s.K, t0, std::min(s.T, t0 + s.positions));
+  });
 }
 
 // Rows [r0, r0 + n) of a (row, kv head) (row r: position r / G), with TileMask's bias and

@@ -194,29 +194,33 @@ def test_decode_step_attention_is_one_kernel_call():
 
 
 ATTENTION_CASES = [(1, 300, 16, 4, 64), (3, 77, 6, 6, 24), (2, 130, 7, 1, 128), (1, 5, 2, 1, 16)]
+WINDOWS = [0, 40, "holes"]
 
 
 def prefill_mask(B, T, window):
     """A prefill's bool mask `[B, T, T]`: causal, row b left-padded by b * T // 4 (its first queries see
-    nothing), with a sliding window where given."""
+    nothing), with a sliding window where given; "holes": a quarter of the keys before each query's own
+    hidden from it at random (no mask a model makes, but the kernels take any)."""
     valid = np.arange(T)[None, :] >= (np.arange(B) * T // 4)[:, None]
     slots = jnp.arange(T)
     mask = decoder.attention_mask(jnp.broadcast_to(slots, (B, T)), slots, jnp.asarray(valid))
-    if window:
+    if window == "holes":
+        mask &= (np.random.default_rng(T).random((B, T, T)) < 0.75) | np.eye(T, dtype=bool)
+    elif window:
         mask = decoder._window_mask(mask, jnp.broadcast_to(slots, (B, T)), slots, window)
     return np.array(mask)
 
 
 @pytest.mark.parametrize("B,T,N,K,H", ATTENTION_CASES)
-@pytest.mark.parametrize("window", [0, 40])
+@pytest.mark.parametrize("window", WINDOWS)
 def test_flash_attention_equals_torch_sdpa(B, T, N, K, H, window, monkeypatch):
     """A prefill's attention on the kernel against PyTorch's SDPA in float64 with the same bool mask:
     causal, the later rows left-padded (so some queries see nothing: zeros), with and without a
-    sliding window; GQA groups of 4, 1 and 7; T not a multiple of the kernel's 64-key tiles, head dims
+    sliding window, and with random holes; GQA groups of 4, 1 and 7; T not a multiple of the kernel's 64-key tiles, head dims
     not multiples of its 16-float register tiles; float32 inputs, and bf16 ones computed in float32
     (the AMX kernel switched off; it has a test of its own below)."""
     monkeypatch.setenv("LLAVA_NEXT_AMX", "0")
-    rng = np.random.default_rng(T * H + window)
+    rng = np.random.default_rng([T * H, WINDOWS.index(window)])
     q, k, v = rng.standard_normal((B, T, N, H)), *rng.standard_normal((2, B, K, T, H))
     mask = prefill_mask(B, T, window)
     sees = mask.any(-1)[..., None, None]                                             # [B, T, 1, 1]
@@ -238,14 +242,14 @@ def test_flash_attention_equals_torch_sdpa(B, T, N, K, H, window, monkeypatch):
 
 @needs_amx
 @pytest.mark.parametrize("B,T,N,K,H", ATTENTION_CASES)
-@pytest.mark.parametrize("window", [0, 40])
+@pytest.mark.parametrize("window", WINDOWS)
 def test_amx_flash_attention_equals_torch_sdpa(B, T, N, K, H, window, monkeypatch):
     """bfloat16 attention over a prompt on AMX tiles, the masks and shapes of the float32 test (head dims
     no multiple of the tiles' 32): as close to PyTorch's SDPA in float64 as PyTorch's own bf16 SDPA (which
     also rounds the weights to bf16), and its log-sum-exp as float32's; queries that see nothing get
     zeros and +inf. LLAVA_NEXT_AMX=0 leaves the tiles out."""
     monkeypatch.delenv("LLAVA_NEXT_AMX", raising=False)
-    rng = np.random.default_rng(T * H + window)
+    rng = np.random.default_rng([T * H, WINDOWS.index(window)])
     x = [jnp.asarray(a, jnp.bfloat16) for a in (rng.standard_normal((B, T, N, H)),
                                                 *rng.standard_normal((2, B, K, T, H)))]
     mask = prefill_mask(B, T, window)
@@ -300,12 +304,12 @@ def test_amx_attention_gradient_equals_torch():
 
 
 @pytest.mark.parametrize("B,T,N,K,H", ATTENTION_CASES)
-@pytest.mark.parametrize("window", [0, 40])
+@pytest.mark.parametrize("window", WINDOWS)
 def test_flash_attention_backward_equals_torch(B, T, N, K, H, window):
     """The backward kernel (and the forward's log-sum-exp it takes) against PyTorch in float64, the masks
     of the forward test: dq, dk and dv of a weighted sum of the outputs; a query that sees nothing gets
     no gradient and a log-sum-exp of +inf."""
-    rng = np.random.default_rng(T * H + window + 1)
+    rng = np.random.default_rng([T * H, WINDOWS.index(window), 1])
     q, k, v = rng.standard_normal((B, T, N, H)), *rng.standard_normal((2, B, K, T, H))
     mask = prefill_mask(B, T, window)
     sees = mask.any(-1)                                                              # [B, T]
