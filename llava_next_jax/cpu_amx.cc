@@ -4,13 +4,14 @@
 //
 // The float32 kernel's walk (cpu_attention.cc: a task takes the G query heads of one kv head at a block
 // of positions and walks the key tiles its mask reaches with an online softmax) with both products on
-// tiles: 16 query rows' logits over a 64-key tile are four 16 x 16 float32 tiles of bf16 products
-// summed in float32 (TDPBF16PS over 32 head dims at a time), scaled and softmaxed on 16-float vectors;
-// the weights are rounded to bfloat16 (as PyTorch's CPU flash attention does for bf16 inputs, its
-// running sums staying float32) and multiplied by the values 16 output columns a tile. The products
-// that run at ~64 float32 multiply-adds a cycle on vector registers run at ~1000 on the tiles.
-// The keys and values of a tile are packed once, in the pairs layout the tiles multiply (two adjacent
-// head dims, or two adjacent keys, side by side). Built where the compiler targets AMX (-march=native
+// tiles, transposed: the logits of 16 query rows over a 64-key tile are four 16 x 16 float32 tiles
+// (keys x rows) of bf16 products summed in float32 (TDPBF16PS over 32 head dims at a time), scaled and
+// softmaxed on 16-float vectors that each hold one key's logits for the 16 rows; the weights are
+// rounded to bfloat16 (as PyTorch's CPU flash attention does for bf16 inputs, its running sums staying
+// float32) and multiplied by the values into head dims x rows tiles. The products that run at ~64
+// float32 multiply-adds a cycle on vector registers run at ~1000 on the tiles. The keys (rows of head
+// dims) and values (transposed) of a tile are packed once; the queries and the weights go in the pairs
+// layout the tiles multiply (two adjacent head dims, or two adjacent keys, side by side). Built where the compiler targets AMX (-march=native
 // on such a CPU); EnableAmx asks Linux for the tiles' state once a process, and cpu_kernels.py sends
 // bfloat16 work here only where it was granted.
 #include <cstdint>
@@ -45,18 +46,8 @@ using llava_next::RunTasks;
 using llava_next::Shapes;
 using llava_next::TileMask;
 
-typedef float V16 __attribute__((vector_size(64)));
-
 constexpr int64_t kBlock = 16;     // rows of a tile; float32 columns of a result tile
 constexpr int64_t kDepth = 32;     // bfloat16 values a tile row holds (64 bytes): a product's depth per step
-
-inline V16 Load(const float* p) {
-  V16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void Store(float* p, V16 v) { std::memcpy(p, &v, sizeof v); }
-inline V16 Splat(float x) { return V16{} + x; }
 
 // float32 to bfloat16, rounded to nearest even (NaN stays NaN).
 inline uint16_t ToBf16(float x) {
@@ -64,6 +55,16 @@ inline uint16_t ToBf16(float x) {
   std::memcpy(&bits, &x, sizeof bits);
   if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40u);
   return uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// The same, 16 lanes at a time.
+inline __m256i ToBf16(__m512 x) {
+  const __m512i bits = _mm512_castps_si512(x), high = _mm512_srli_epi32(bits, 16);
+  const __m512i odd = _mm512_and_si512(high, _mm512_set1_epi32(1));
+  const __m512i rounded =
+      _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(high, _mm512_set1_epi32(0x40))));
 }
 
 constexpr float kLog2e = 1.44269504088896341f;
@@ -95,143 +96,174 @@ void ConfigureTiles() {
 }
 
 // The keys and values of one (row, kv head, tile) as the tiles multiply them, zero beyond the tile's
-// keys and beyond H: keys [Hp / 2, kTile, 2] (row i: head dims 2i and 2i + 1 of each key), values
-// [kTile / 2, Hp, 2] (row i: keys 2i and 2i + 1 of each head dim).
+// keys and beyond H: keys [kTile, Hp] (a key's head dims a row), values transposed [Hp, kTile] (a head
+// dim's values of every key a row).
 void PackTile(const Shapes& s, const uint16_t* k, const uint16_t* v, int64_t pair, int64_t tile, uint16_t* keys,
               uint16_t* values) {
   const int64_t s0 = tile * kTile, width = std::min(kTile, s.S - s0);
   const uint16_t* kp = k + (pair * s.S + s0) * s.H;
   const uint16_t* vp = v + (pair * s.S + s0) * s.H;
-  std::fill(keys, keys + s.Hp * kTile, uint16_t(0));
-  std::fill(values, values + kTile * s.Hp, uint16_t(0));
-  for (int64_t j = 0; j < width; ++j)
-    for (int64_t d = 0; d < s.H; ++d) {
-      keys[(d / 2 * kTile + j) * 2 + d % 2] = kp[j * s.H + d];
-      values[(j / 2 * s.Hp + d) * 2 + j % 2] = vp[j * s.H + d];
-    }
+  std::fill(keys, keys + kTile * s.Hp, uint16_t(0));
+  std::fill(values, values + s.Hp * kTile, uint16_t(0));
+  for (int64_t j = 0; j < width; ++j) {
+    std::memcpy(keys + j * s.Hp, kp + j * s.H, s.H * sizeof(uint16_t));
+    for (int64_t d = 0; d < s.H; ++d) values[d * kTile + j] = vp[j * s.H + d];
+  }
 }
 
-// x[16, 0:kTile] = q[16, 0:Hp] . keys (q rows Hp apart, x rows kTile): the four 16-key blocks in
-// tiles 0-3, the queries' 32 head dims of a step in tile 4, the keys' in tiles 5 and 6.
-inline void Logits(const uint16_t* q, int64_t Hp, const uint16_t* keys, float* x) {
-  constexpr int64_t key_bytes = kTile * 2 * sizeof(uint16_t);  // a packed row: a head-dim pair of every key
+// Logits transposed, x[kTile, 16] (a key's logits for the 16 query rows a row) = keys [kTile, Hp] .
+// queries, the queries in pairs layout [Hp / 2, 16, 2] (row i: head dims 2i and 2i + 1 of each query
+// row): the four 16-key blocks in tiles 0-3, the queries' 32 head dims of a step in tile 4, the keys'
+// in tiles 5 and 6.
+inline void Logits(const uint16_t* queries, const uint16_t* keys, int64_t Hp, float* x) {
+  const int64_t key_bytes = Hp * sizeof(uint16_t);
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
   for (int64_t d = 0; d < Hp; d += kDepth) {
-    const uint16_t* k = keys + d / 2 * kTile * 2;
-    _tile_loadd(4, q + d, Hp * sizeof(uint16_t));
-    _tile_loadd(5, k, key_bytes);
-    _tile_dpbf16ps(0, 4, 5);
-    _tile_loadd(6, k + 2 * kBlock, key_bytes);
-    _tile_dpbf16ps(1, 4, 6);
-    _tile_loadd(5, k + 4 * kBlock, key_bytes);
-    _tile_dpbf16ps(2, 4, 5);
-    _tile_loadd(6, k + 6 * kBlock, key_bytes);
-    _tile_dpbf16ps(3, 4, 6);
+    _tile_loadd(4, queries + d * kBlock, kDepth * sizeof(uint16_t));
+    _tile_loadd(5, keys + d, key_bytes);
+    _tile_dpbf16ps(0, 5, 4);
+    _tile_loadd(6, keys + kBlock * Hp + d, key_bytes);
+    _tile_dpbf16ps(1, 6, 4);
+    _tile_loadd(5, keys + 2 * kBlock * Hp + d, key_bytes);
+    _tile_dpbf16ps(2, 5, 4);
+    _tile_loadd(6, keys + 3 * kBlock * Hp + d, key_bytes);
+    _tile_dpbf16ps(3, 6, 4);
   }
-  _tile_stored(0, x, kTile * sizeof(float));
-  _tile_stored(1, x + kBlock, kTile * sizeof(float));
-  _tile_stored(2, x + 2 * kBlock, kTile * sizeof(float));
-  _tile_stored(3, x + 3 * kBlock, kTile * sizeof(float));
+  constexpr int64_t row_bytes = kBlock * sizeof(float);
+  _tile_stored(0, x, row_bytes);
+  _tile_stored(1, x + kBlock * kBlock, row_bytes);
+  _tile_stored(2, x + 2 * kBlock * kBlock, row_bytes);
+  _tile_stored(3, x + 3 * kBlock * kBlock, row_bytes);
 }
 
-// acc[16, 0:Hp] += w[16, 0:depth] . values[0:depth, 0:Hp] (w rows kTile apart, acc rows Hp; w is zero
-// from depth to the next multiple of 32): 32 output columns a step in tiles 0 and 1, the weights of
-// keys 0-31 and 32-63 in tiles 4 and 5, the values in tiles 6, 7 and 2, 3.
+// Outputs transposed, acc[Hp, 16] (a head dim's sums for the 16 query rows a row) += values [Hp, kTile]
+// . w, the weights in pairs layout [kTile / 2, 16, 2] (row i: keys 2i and 2i + 1 of each query row;
+// keys 32-63 read only where depth > 32): 32 head dims a step in tiles 0 and 1, the weights of keys
+// 0-31 and 32-63 in tiles 4 and 5, the values in tiles 6, 7 and 2, 3.
 inline void Output(const uint16_t* w, const uint16_t* values, int64_t depth, int64_t Hp, float* acc) {
-  const int64_t value_bytes = Hp * 2 * sizeof(uint16_t), acc_bytes = Hp * sizeof(float);
-  const uint16_t* later = values + kDepth / 2 * Hp * 2;  // keys 32-63
+  constexpr int64_t value_bytes = kTile * sizeof(uint16_t), acc_bytes = kBlock * sizeof(float);
   const bool both = depth > kDepth;
-  _tile_loadd(4, w, kTile * sizeof(uint16_t));
-  if (both) _tile_loadd(5, w + kDepth, kTile * sizeof(uint16_t));
+  _tile_loadd(4, w, kDepth * sizeof(uint16_t));
+  if (both) _tile_loadd(5, w + kDepth / 2 * kDepth, kDepth * sizeof(uint16_t));
   for (int64_t d = 0; d < Hp; d += 2 * kBlock) {
-    _tile_loadd(0, acc + d, acc_bytes);
-    _tile_loadd(1, acc + d + kBlock, acc_bytes);
-    _tile_loadd(6, values + d * 2, value_bytes);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_loadd(7, values + (d + kBlock) * 2, value_bytes);
-    _tile_dpbf16ps(1, 4, 7);
+    float* low = acc + d * kBlock;
+    float* high = low + kBlock * kBlock;
+    _tile_loadd(0, low, acc_bytes);
+    _tile_loadd(1, high, acc_bytes);
+    _tile_loadd(6, values + d * kTile, value_bytes);
+    _tile_dpbf16ps(0, 6, 4);
+    _tile_loadd(7, values + (d + kBlock) * kTile, value_bytes);
+    _tile_dpbf16ps(1, 7, 4);
     if (both) {
-      _tile_loadd(2, later + d * 2, value_bytes);
-      _tile_dpbf16ps(0, 5, 2);
-      _tile_loadd(3, later + (d + kBlock) * 2, value_bytes);
-      _tile_dpbf16ps(1, 5, 3);
+      _tile_loadd(2, values + d * kTile + kDepth, value_bytes);
+      _tile_dpbf16ps(0, 2, 5);
+      _tile_loadd(3, values + (d + kBlock) * kTile + kDepth, value_bytes);
+      _tile_dpbf16ps(1, 3, 5);
     }
-    _tile_stored(0, acc + d, acc_bytes);
-    _tile_stored(1, acc + d + kBlock, acc_bytes);
+    _tile_stored(0, low, acc_bytes);
+    _tile_stored(1, high, acc_bytes);
   }
 }
 
 // One task: query positions [t0, t1) of row b, the G query heads of kv head kh (row r of the task:
-// position t0 + r / G, query head kh * G + r % G), 16 rows at a time through each key tile.
+// position t0 + r / G, query head kh * G + r % G), 16 rows at a time through each key tile. Logits and
+// outputs are computed transposed (keys x rows, head dims x rows), so that each of the 16 rows is a
+// lane of every vector: the online softmax's maxima, sums and rescaling are elementwise, with no
+// reductions across lanes (each row's horizontal maximum and sum a tile, and a scalar exp, took ~25%
+// of the kernel's time with rows as rows).
 void AttendBlock(const Shapes& s, const uint16_t* q, const Mask& mask, const uint16_t* packed, float scale,
                  int64_t b, int64_t kh, int64_t t0, int64_t t1, uint16_t* out, float* lse) {
   const int64_t G = s.G, H = s.H, Hp = s.Hp;
   const int64_t rows = (t1 - t0) * G;
-  const int64_t padded_rows = (rows + kBlock - 1) / kBlock * kBlock;
-  // Queries (zero beyond H and beyond the task's rows); outputs before the division by the weights'
-  // sum; each row's largest scaled logit so far and its weights' sum.
-  std::vector<uint16_t> queries(padded_rows * Hp, 0);
-  std::vector<float> acc(padded_rows * Hp, 0.0f), bias((t1 - t0) * kTile), top(padded_rows, kNegInf);
-  std::vector<float> total(padded_rows, 0.0f);
+  const int64_t groups = (rows + kBlock - 1) / kBlock;
+  // Per group of 16 rows: the queries in pairs layout (zero beyond H and beyond the task's rows), the
+  // outputs transposed before the division by the weights' sum, each row's largest scaled logit so far
+  // and its weights' sum.
+  std::vector<uint16_t> queries(groups * Hp * kBlock, 0);
+  std::vector<float> acc(groups * Hp * kBlock, 0.0f), bias((t1 - t0) * kTile);
+  std::vector<float> top(groups * kBlock, kNegInf), total(groups * kBlock, 0.0f);
   std::vector<int64_t> extent(t1 - t0);
-  for (int64_t r = 0; r < rows; ++r)
-    std::memcpy(&queries[r * Hp], q + QueryIndex(s, b, kh, t0 * G + r) * H, H * sizeof(uint16_t));
-  alignas(64) float x[kBlock * kTile];
-  alignas(64) uint16_t w[kBlock * kTile];
+  for (int64_t r = 0; r < rows; ++r) {  // head dims 2i and 2i + 1 as one 32-bit word, to pair row i
+    const uint16_t* row = q + QueryIndex(s, b, kh, t0 * G + r) * H;
+    uint32_t* pairs = reinterpret_cast<uint32_t*>(&queries[r / kBlock * Hp * kBlock]) + r % kBlock;
+    for (int64_t i = 0; i < H / 2; ++i) std::memcpy(pairs + i * kBlock, row + 2 * i, sizeof(uint32_t));
+    if (H % 2) pairs[H / 2 * kBlock] = row[H - 1];  // the last dim's partner is zero
+  }
+  alignas(64) float x[kTile * kBlock], bias_t[kTile * kBlock];
+  alignas(64) uint16_t w[kTile * kBlock];
+  // interleaves two keys' 16 bf16 weights (one vector holding both) into 16 pairs
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512 factor = _mm512_set1_ps(scale * kLog2e), none = _mm512_set1_ps(kNegInf);
   ConfigureTiles();
   for (int64_t tile = 0; tile < s.tiles; ++tile) {
     bool all;  // nothing here visible to any of the task's queries: skipped
     if (!TileMask(s, mask, b, t0, t1, tile, bias.data(), extent.data(), all)) continue;
     const uint16_t* keys = packed + ((b * s.K + kh) * s.tiles + tile) * 2 * Hp * kTile;
     const uint16_t* values = keys + Hp * kTile;
-    for (int64_t r0 = 0; r0 < padded_rows; r0 += kBlock) {
+    for (int64_t g = 0; g < groups; ++g) {
       const float* row_bias[kBlock];  // padded rows (zero queries) take the last row's mask
-      const int64_t depth = RowGroup(s, t0 * G + r0, t0, t0 * G + rows - 1, bias.data(), extent.data(), row_bias);
+      const int64_t depth =
+          RowGroup(s, t0 * G + g * kBlock, t0, t0 * G + rows - 1, bias.data(), extent.data(), row_bias);
       if (depth == 0) continue;
-      const int64_t used = (depth + kDepth - 1) / kDepth * kDepth;  // columns softmaxed: the rest weigh 0
-      Logits(&queries[r0 * Hp], Hp, keys, x);
-      for (int r = 0; r < kBlock; ++r) {
-        const float* xr = x + r * kTile;
-        uint16_t* wr = w + r * kTile;
-        // the row's logits before scaling, its mask's -inf added where the tile is not all visible
-        const auto logits = [&](int64_t j) { return all ? Load(xr + j) : Load(xr + j) + Load(row_bias[r] + j); };
-        __m512 most = _mm512_set1_ps(kNegInf);
-        for (int64_t j = 0; j < used; j += kBlock) most = _mm512_max_ps(most, (__m512)logits(j));
-        const float new_top = std::max(top[r0 + r], _mm512_reduce_max_ps(most) * scale);
-        std::fill(wr + used, wr + kTile, uint16_t(0));
-        if (new_top == kNegInf) {  // nothing visible to this row yet: no weights
-          std::fill(wr, wr + used, uint16_t(0));
-          continue;
-        }
-        // e^(scale * x - new_top) = 2^(x * scale * log2(e) - new_top * log2(e))
-        const __m512 factor = _mm512_set1_ps(scale * kLog2e), offset = _mm512_set1_ps(-new_top * kLog2e);
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t j = 0; j < used; j += 2 * kBlock) {
-          const __m512 low = Exp2(_mm512_fmadd_ps((__m512)logits(j), factor, offset));
-          const __m512 high = Exp2(_mm512_fmadd_ps((__m512)logits(j + kBlock), factor, offset));
-          sum = _mm512_add_ps(sum, _mm512_add_ps(low, high));
-          const __m512bh pairs = _mm512_cvtne2ps_pbh(high, low);
-          std::memcpy(wr + j, &pairs, sizeof pairs);
-        }
-        const float rescale = std::exp(top[r0 + r] - new_top);  // 0 for the row's first visible tile
-        total[r0 + r] = total[r0 + r] * rescale + _mm512_reduce_add_ps(sum);
-        top[r0 + r] = new_top;
-        if (rescale != 1.0f) {
-          float* o = &acc[(r0 + r) * Hp];
-          for (int64_t d = 0; d < Hp; d += kBlock) Store(o + d, Load(o + d) * Splat(rescale));
-        }
+      const int64_t used = (depth + kDepth - 1) / kDepth * kDepth;  // keys softmaxed: the rest weigh 0
+      if (!all)
+        for (int64_t j = 0; j < used; ++j)
+          for (int r = 0; r < kBlock; ++r) bias_t[j * kBlock + r] = row_bias[r][j];
+      Logits(&queries[g * Hp * kBlock], keys, Hp, x);
+      // key j's logits before scaling, the mask's -inf added where the tile is not all visible
+      const auto logits = [&](int64_t j) {
+        const __m512 xj = _mm512_load_ps(x + j * kBlock);
+        return all ? xj : _mm512_add_ps(xj, _mm512_load_ps(bias_t + j * kBlock));
+      };
+      __m512 most = none;
+      for (int64_t j = 0; j < used; ++j) most = _mm512_max_ps(most, logits(j));
+      float* group_top = &top[g * kBlock];
+      float* group_total = &total[g * kBlock];
+      const __m512 old_top = _mm512_loadu_ps(group_top);
+      const __m512 new_top = _mm512_max_ps(old_top, _mm512_mul_ps(most, _mm512_set1_ps(scale)));
+      // rows that have seen a key: the others (new_top -inf) get no weights and keep a sum of 0
+      const __mmask16 seen = _mm512_cmp_ps_mask(new_top, none, _CMP_NEQ_OQ);
+      // e^(scale * x - new_top) = 2^(x * scale * log2(e) - new_top * log2(e))
+      const __m512 offset = _mm512_maskz_mul_ps(seen, new_top, _mm512_set1_ps(-kLog2e));
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < used; j += 2) {
+        const __m512 first = Exp2(_mm512_fmadd_ps(logits(j), factor, offset));
+        const __m512 second = Exp2(_mm512_fmadd_ps(logits(j + 1), factor, offset));
+        sum = _mm512_add_ps(sum, _mm512_add_ps(first, second));
+        const __m512i pairs = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(second, first));
+        _mm512_store_si512(w + j * kBlock, pairs);
       }
-      Output(w, values, depth, Hp, &acc[r0 * Hp]);
+      // 0 for a row's first visible tile (its old top -inf), 1 for rows that have seen nothing yet
+      const __m512 rescale = _mm512_mask_blend_ps(
+          seen, _mm512_set1_ps(1.0f), Exp2(_mm512_mul_ps(_mm512_sub_ps(old_top, new_top), _mm512_set1_ps(kLog2e))));
+      _mm512_storeu_ps(group_total,
+                       _mm512_fmadd_ps(_mm512_loadu_ps(group_total), rescale, _mm512_maskz_mov_ps(seen, sum)));
+      _mm512_storeu_ps(group_top, new_top);
+      float* group_acc = &acc[g * Hp * kBlock];
+      if (_mm512_cmp_ps_mask(rescale, _mm512_set1_ps(1.0f), _CMP_NEQ_OQ))
+        for (int64_t d = 0; d < Hp; ++d)
+          _mm512_storeu_ps(group_acc + d * kBlock, _mm512_mul_ps(_mm512_loadu_ps(group_acc + d * kBlock), rescale));
+      Output(w, values, depth, Hp, group_acc);
     }
   }
   _tile_release();
+  const __m512i column = _mm512_mullo_epi32(  // a row's sums for 16 head dims, gathered from acc's rows
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(kBlock));
   for (int64_t r = 0; r < rows; ++r) {  // a row that sees no key gets zeros (and a log-sum-exp of +inf)
     const float inverse = total[r] > 0.0f ? 1.0f / total[r] : 0.0f;
     const int64_t index = QueryIndex(s, b, kh, t0 * G + r);
-    for (int64_t d = 0; d < H; ++d) out[index * H + d] = ToBf16(acc[r * Hp + d] * inverse);
+    const float* sums = &acc[r / kBlock * Hp * kBlock + r % kBlock];
+    int64_t d = 0;
+    for (; d + kBlock <= H; d += kBlock) {
+      const __m512 v = _mm512_mul_ps(_mm512_i32gather_ps(column, sums + d * kBlock, sizeof(float)),
+                                     _mm512_set1_ps(inverse));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + index * H + d), ToBf16(v));
+    }
+    for (; d < H; ++d) out[index * H + d] = ToBf16(sums[d * kBlock] * inverse);
     lse[index] = total[r] > 0.0f ? top[r] + std::log(total[r]) : -kNegInf;
   }
 }
