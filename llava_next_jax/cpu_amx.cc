@@ -11,9 +11,9 @@
 // float32) and multiplied by the values into head dims x rows tiles. The products that run at ~64
 // float32 multiply-adds a cycle on vector registers run at ~1000 on the tiles. The keys (rows of head
 // dims) and values (transposed) of a tile are packed once; the queries and the weights go in the pairs
-// layout the tiles multiply (two adjacent head dims, or two adjacent keys, side by side). Built where the compiler targets AMX (-march=native
-// on such a CPU); EnableAmx asks Linux for the tiles' state once a process, and cpu_kernels.py sends
-// bfloat16 work here only where it was granted.
+// layout the tiles multiply (two adjacent head dims, or two adjacent keys, side by side). Built where
+// the compiler targets AMX (-march=native on such a CPU); EnableAmx asks Linux for the tiles' state
+// once a process, and cpu_kernels.py sends bfloat16 work here only where it was granted.
 #include <cstdint>
 #include <string>
 #include <vector>
