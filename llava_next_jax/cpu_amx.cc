@@ -237,7 +237,8 @@ void AttendBlock(const Shapes& s, const uint16_t* q, const Mask& mask, const uin
         const __m512i pairs = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(second, first));
         _mm512_store_si512(w + j * kBlock, pairs);
       }
-      // 0 for a row's first visible tile (its old top -inf), 1 for rows that have seen nothing yet
+      // ~0 for a row's first visible tile (2^-127: its old top is -inf, its sums 0), 1 for rows that have
+      // seen nothing yet
       const __m512 rescale = _mm512_mask_blend_ps(
           seen, _mm512_set1_ps(1.0f), Exp2(_mm512_mul_ps(_mm512_sub_ps(old_top, new_top), _mm512_set1_ps(kLog2e))));
       _mm512_storeu_ps(group_total,
