@@ -216,9 +216,9 @@ def prefill_mask(B, T, window):
 def test_flash_attention_equals_torch_sdpa(B, T, N, K, H, window, monkeypatch):
     """A prefill's attention on the kernel against PyTorch's SDPA in float64 with the same bool mask:
     causal, the later rows left-padded (so some queries see nothing: zeros), with and without a
-    sliding window, and with random holes; GQA groups of 4, 1 and 7; T not a multiple of the kernel's 64-key tiles, head dims
-    not multiples of its 16-float register tiles; float32 inputs, and bf16 ones computed in float32
-    (the AMX kernel switched off; it has a test of its own below)."""
+    sliding window, and with random holes; GQA groups of 4, 1 and 7; T not a multiple of the kernel's
+    64-key tiles, head dims not multiples of its 16-float register tiles; float32 inputs, and bf16 ones
+    computed in float32 (the AMX kernel switched off; it has a test of its own below)."""
     monkeypatch.setenv("LLAVA_NEXT_AMX", "0")
     rng = np.random.default_rng([T * H, WINDOWS.index(window)])
     q, k, v = rng.standard_normal((B, T, N, H)), *rng.standard_normal((2, B, K, T, H))
