@@ -782,12 +782,14 @@ def compiled_programs() -> int:
             + decode_chunk_program._cache_size() + beam_program._cache_size() + unconditional_prefill._cache_size())
 
 
-def pad_prompt(input_ids: np.ndarray, attention_mask: np.ndarray, sources: np.ndarray, length: int, pad_id: int):
-    """Left-pads `[B, T]` arrays to `[B, length]` (mask 0, sources TEXT) so prompts share a bucket."""
+def pad_prompt(input_ids: np.ndarray, attention_mask: np.ndarray, sources: np.ndarray | None, length: int,
+               pad_id: int):
+    """Left-pads `[B, T]` arrays to `[B, length]` (mask 0, sources TEXT) so prompts share a bucket;
+    sources None (a text-only prompt, as guidance's negative prompt) stays None."""
     from .anyres import TEXT
     extra = length - input_ids.shape[1]
     pad = lambda a, value: np.pad(a, ((0, 0), (extra, 0)), constant_values=value)
-    return pad(input_ids, pad_id), pad(attention_mask, 0), pad(sources, TEXT)
+    return pad(input_ids, pad_id), pad(attention_mask, 0), None if sources is None else pad(sources, TEXT)
 
 
 def check_token_ids(ids: np.ndarray, vocab_size: int, name: str = "input_ids") -> None:

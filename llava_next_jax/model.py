@@ -690,9 +690,7 @@ def _negative_prompt(ids, mask, rows: int, vocab_size: int, pad_id: int) -> dict
     if ids.ndim != 2 or ids.shape[0] != rows or ids.shape[1] < 1 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"negative_prompt_ids must be integer ids [batch={rows}, length >= 1]; got "
                          f"{ids.dtype} {list(ids.shape)}")
-    if ids.min() < 0 or ids.max() >= vocab_size:
-        raise ValueError(f"negative_prompt_ids must lie in [0, vocab_size={vocab_size}); got ids from "
-                         f"{ids.min()} to {ids.max()}")
+    generate.check_token_ids(ids, vocab_size, "negative_prompt_ids")
     mask = np.ones(ids.shape, np.int32) if mask is None else np.asarray(mask)
     if mask.shape != ids.shape or not np.isin(mask, (0, 1)).all():
         raise ValueError(f"negative_prompt_attention_mask must be 0/1 values shaped like negative_prompt_ids "
@@ -705,10 +703,9 @@ def _negative_prompt(ids, mask, rows: int, vocab_size: int, pad_id: int) -> dict
             at = int(np.argmax(row)) + int(np.argmin(row[np.argmax(row):]))
             raise ValueError(f"negative_prompt_attention_mask row {r} has a pad (0) at index {at} after a token: "
                              f"each row must be left-padded (zeros, then ones to the end)")
-    n = ids.shape[1]
-    extra = generate.bucket(n, generate.PROMPT_BUCKETS) - n
-    pad = lambda a, value: np.pad(a, ((0, 0), (extra, 0)), constant_values=value)
-    return {"ids": pad(ids.astype(np.int32), pad_id), "mask": pad(mask, 0)}
+    ids, mask, _ = generate.pad_prompt(ids.astype(np.int32), mask, None,
+                                       generate.bucket(ids.shape[1], generate.PROMPT_BUCKETS), pad_id)
+    return {"ids": ids, "mask": mask}
 
 
 def repeat_last_row(batch, rows: int):

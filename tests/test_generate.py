@@ -953,7 +953,9 @@ def test_negative_prompt_equals_hf(family):
     np.testing.assert_array_equal(model.generate(**batch, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0,
                                                  **negative), unguided)
     for bad, message in ((dict(negative_prompt_ids=ids[:2]), r"negative_prompt_ids must be integer ids \[batch=3"),
-                         (dict(negative_prompt_ids=ids + V), r"must lie in \[0, vocab_size="),
+                         (dict(negative_prompt_ids=ids + V),
+                          rf"negative_prompt_ids must be token ids in \[0, {V}\); got {ids[0, 0] + V} at row 0, "
+                          r"position 0"),
                          (dict(negative_prompt_ids=ids, negative_prompt_attention_mask=mask[:, ::-1]),
                           rf"attention_mask row 1 has a pad \(0\) at index {n - 2} after a token: .*left-padded"),
                          (dict(negative_prompt_ids=ids, negative_prompt_attention_mask=mask * 0),
