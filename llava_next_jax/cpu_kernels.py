@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_kernels.cc", "cpu_attention.cc", "cpu_amx.cc"))
-HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_attention.h", "cpu_products.h", "cpu_tasks.h"))
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_attention.h", "cpu_packed.h", "cpu_products.h", "cpu_tasks.h"))
 TARGET = "llava_next_fewrow_matmul"
 DECODE_TARGET = "llava_next_decode_attention"
 FLASH_TARGET = "llava_next_flash_attention"
@@ -63,6 +63,8 @@ COPY_TARGET = "llava_next_copy"
 TAKE_ROWS_TARGET = "llava_next_take_rows"
 WRITE_CACHE_TARGET = "llava_next_write_cache"
 SILU_MUL_TARGET = "llava_next_silu_mul"
+PACKED_TARGET = "llava_next_packed_matmul"
+UNPACK_TARGET = "llava_next_unpack"
 MAX_ROWS = 8
 _log = logging.getLogger(__name__)
 
@@ -140,6 +142,8 @@ def _load() -> bool:
         jax.ffi.register_ffi_target(TAKE_ROWS_TARGET, jax.ffi.pycapsule(library.TakeRows), platform="cpu")
         jax.ffi.register_ffi_target(WRITE_CACHE_TARGET, jax.ffi.pycapsule(library.WriteCache), platform="cpu")
         jax.ffi.register_ffi_target(SILU_MUL_TARGET, jax.ffi.pycapsule(library.SiluMulBf16), platform="cpu")
+        jax.ffi.register_ffi_target(PACKED_TARGET, jax.ffi.pycapsule(library.PackedMatmul), platform="cpu")
+        jax.ffi.register_ffi_target(UNPACK_TARGET, jax.ffi.pycapsule(library.Unpack), platform="cpu")
     except Exception as error:  # noqa: BLE001 - any failure means XLA's products, said once
         _log.warning("llava_next_jax: the native CPU kernels are unavailable, XLA's operations are used "
                      "(decode and prefill on the CPU run slower): %s", error)
@@ -219,6 +223,21 @@ def fewrow_matmul(x: jax.Array, kernel: jax.Array, tasks: int = 0) -> jax.Array:
 def _fewrow_matmul_jvp(tasks, primals, tangents):
     (x, kernel), (dx, dkernel) = primals, tangents
     return fewrow_matmul(x, kernel, tasks), dx @ kernel + x @ dkernel
+
+
+def packed_matmul(x: jax.Array, packed: tuple[jax.Array, ...], columns: int, tasks: int = 0) -> jax.Array:
+    """`x [R, K]` (R <= 8) times a packed bfloat16 kernel `[K, columns]` (`packed_weights.PackedKernel.arrays`,
+    `cpu_packed.h`): the weights widened to float32 as they are read, float32 sums, the result in x's
+    dtype; split into `tasks` as `fewrow_matmul`. Not differentiable."""
+    _require()
+    out = jax.ShapeDtypeStruct((x.shape[0], columns), jnp.float32)
+    return jax.ffi.ffi_call(PACKED_TARGET, out)(x.astype(jnp.float32), *packed, tasks=np.int64(tasks)).astype(x.dtype)
+
+
+def unpack(packed: tuple[jax.Array, ...], columns: int) -> jax.Array:
+    """A packed bfloat16 kernel (`packed_matmul`'s) as bfloat16 `[K, columns]`."""
+    _require()
+    return jax.ffi.ffi_call(UNPACK_TARGET, jax.ShapeDtypeStruct((packed[0].shape[0], columns), jnp.bfloat16))(*packed)
 
 
 # Fewest rows a product takes to run on oneDNN's gemm (fewer: the few-row kernel or XLA's products,
