@@ -329,6 +329,12 @@ ffi::Error TakeRowsImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids, ffi::Re
 
 }  // namespace
 
+extern "C" int64_t PackBf16(const uint16_t* w, int64_t K, int64_t N, uint8_t* low, uint8_t* codes, uint8_t* table,
+                            int64_t max_escapes, int32_t* escape_rows, int32_t* escape_columns,
+                            float* escape_values, int32_t* groups) {
+  return llava_next::Pack(w, K, N, low, codes, table, max_escapes, escape_rows, escape_columns, escape_values, groups);
+}
+
 extern "C" void SetGemm(void* float32_gemm, void* bfloat16_gemm, void* omp_set_num_threads) {
   sgemm = reinterpret_cast<SgemmFn>(float32_gemm);
   bf16_gemm = reinterpret_cast<Bf16GemmFn>(bfloat16_gemm);

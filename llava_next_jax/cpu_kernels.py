@@ -132,6 +132,7 @@ def available() -> bool:
 @functools.cache
 def _load() -> bool:
     try:
+        global _library
         library = ctypes.cdll.LoadLibrary(str(_build()))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.FewRowMatmul), platform="cpu")
         jax.ffi.register_ffi_target(DECODE_TARGET, jax.ffi.pycapsule(library.DecodeAttention), platform="cpu")
@@ -148,6 +149,7 @@ def _load() -> bool:
         _log.warning("llava_next_jax: the native CPU kernels are unavailable, XLA's operations are used "
                      "(decode and prefill on the CPU run slower): %s", error)
         return False
+    _library = library
     if library.EnableAmx():   # built for a CPU with AMX tiles, and Linux lets this process use them
         jax.ffi.register_ffi_target(FLASH_BF16_TARGET, jax.ffi.pycapsule(library.FlashAttentionBf16), platform="cpu")
         jax.ffi.register_ffi_target(GEMM_BF16_TARGET, jax.ffi.pycapsule(library.GemmBf16), platform="cpu")
@@ -170,6 +172,7 @@ def _load() -> bool:
 # What `_load` found beyond the kernels every build has: "amx" (the bfloat16 attention and product
 # kernels on AMX tiles, registered) and "onednn" (oneDNN's gemm set and registered).
 _extras: set[str] = set()
+_library: ctypes.CDLL | None = None   # the loaded build, for the functions called from Python (`pack_bf16`)
 
 
 def _onednn() -> ctypes.CDLL | None:
@@ -232,6 +235,26 @@ def packed_matmul(x: jax.Array, packed: tuple[jax.Array, ...], columns: int, tas
     _require()
     out = jax.ShapeDtypeStruct((x.shape[0], columns), jnp.float32)
     return jax.ffi.ffi_call(PACKED_TARGET, out)(x.astype(jnp.float32), *packed, tasks=np.int64(tasks)).astype(x.dtype)
+
+
+def pack_bf16(kernel: np.ndarray, max_escapes: int) -> tuple[np.ndarray, ...] | None:
+    """A bfloat16 kernel `[K, N]` (host memory) packed by `cpu_packed.h`'s Pack, as `packed_matmul` takes it:
+    (low, codes, table, escape rows, escape columns, escape values, escape groups); None where it would
+    have more than `max_escapes` escapes."""
+    _require()
+    bits = np.ascontiguousarray(kernel).view(np.uint16)
+    K, N = bits.shape
+    Np = -(-N // 32) * 32
+    out = (np.empty((K, Np), np.uint8), np.empty((K, Np // 2), np.uint8), np.empty(16, np.uint8),
+           np.empty(max_escapes, np.int32), np.empty(max_escapes, np.int32), np.empty(max_escapes, np.float32),
+           np.empty(-(-K // 4) + 1, np.int32))
+    _library.PackBf16.restype = ctypes.c_int64
+    address = lambda a: ctypes.c_void_p(a.ctypes.data)
+    escapes = _library.PackBf16(address(bits), ctypes.c_int64(K), ctypes.c_int64(N), *map(address, out[:3]),
+                                ctypes.c_int64(max_escapes), *map(address, out[3:]))
+    if escapes < 0:
+        return None
+    return *out[:3], *(a[:escapes] for a in out[3:6]), out[6]
 
 
 def unpack(packed: tuple[jax.Array, ...], columns: int) -> jax.Array:

@@ -22,6 +22,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
+#include <vector>
 
 #include <immintrin.h>
 
@@ -225,6 +227,55 @@ inline void UnpackRows(const Packed& p, uint16_t* __restrict out, int64_t N, int
     std::memcpy(&bits, p.escape_values + e, sizeof bits);
     out[row * N + p.escape_columns[e]] = uint16_t(bits >> 16);
   }
+}
+
+// Packs w [K, N] (bf16 bits) into low, codes and table (sized as above) and the escapes (up to
+// max_escapes of them; groups [ceil(K / 4) + 1]). Returns how many escapes, or -1 past max_escapes.
+inline int64_t Pack(const uint16_t* w, int64_t K, int64_t N, uint8_t* low, uint8_t* codes, uint8_t* table,
+                    int64_t max_escapes, int32_t* escape_rows, int32_t* escape_columns, float* escape_values,
+                    int32_t* groups) {
+  const int64_t Np = (N + kPackBlock - 1) / kPackBlock * kPackBlock;
+  int64_t counts[256] = {};
+  for (int64_t i = 0; i < K * N; ++i) ++counts[w[i] >> 8];
+  int order[256];
+  for (int i = 0; i < 256; ++i) order[i] = i;
+  std::stable_sort(order, order + 256, [&](int a, int b) { return counts[a] > counts[b]; });
+  uint8_t code_of[256];
+  std::fill(code_of, code_of + 256, uint8_t(15));
+  std::fill(table, table + 16, uint8_t(0));
+  for (int c = 0; c < 15 && counts[order[c]] > 0; ++c) {
+    code_of[order[c]] = uint8_t(c);
+    table[c] = uint8_t(order[c]);
+  }
+  int64_t escapes = 0;
+  std::vector<std::pair<int32_t, int32_t>> found;  // a group's escapes as (column, row)
+  for (int64_t k0 = 0; k0 < K; k0 += 4) {
+    groups[k0 / 4] = int32_t(escapes);
+    found.clear();
+    for (int64_t k = k0; k < std::min(K, k0 + 4); ++k) {
+      const uint16_t* row = w + k * N;
+      uint8_t* row_low = low + k * Np;
+      uint8_t* row_codes = codes + k * (Np / 2);
+      for (int64_t n = 0; n < Np; ++n) {
+        const uint8_t code = n < N ? code_of[row[n] >> 8] : 15;   // the padding: escapes' code, low byte 0
+        row_low[n] = code == 15 ? 0 : uint8_t(row[n]);
+        uint8_t& byte = row_codes[n / kPackBlock * 16 + n % 16];
+        byte = n % kPackBlock < 16 ? code : uint8_t(byte | code << 4);
+        if (code == 15 && n < N) found.emplace_back(int32_t(n), int32_t(k));
+      }
+    }
+    if (escapes + int64_t(found.size()) > max_escapes) return -1;
+    std::sort(found.begin(), found.end());
+    for (auto [n, k] : found) {
+      const uint32_t wide = uint32_t(w[k * N + n]) << 16;
+      escape_rows[escapes] = k;
+      escape_columns[escapes] = n;
+      std::memcpy(escape_values + escapes, &wide, sizeof wide);
+      ++escapes;
+    }
+  }
+  groups[(K + 3) / 4] = int32_t(escapes);
+  return escapes;
 }
 
 }  // namespace llava_next
