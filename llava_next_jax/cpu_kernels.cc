@@ -65,28 +65,6 @@ ffi::Error FewRowMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
 //
 // The few-row product above with w packed (12 bits a weight): the same split into tasks, the K
 // ranges' partials [rows, Np] summed into y [rows, N] at the end: the same numbers as on the bf16 kernel.
-ffi::Error PackedView(ffi::AnyBuffer low, ffi::AnyBuffer codes, ffi::AnyBuffer table, ffi::AnyBuffer rows,
-                      ffi::AnyBuffer columns, ffi::AnyBuffer values, ffi::AnyBuffer groups, int64_t N,
-                      llava_next::Packed* p) {
-  auto ld = low.dimensions(), cd = codes.dimensions();
-  const int64_t escapes = rows.element_count();
-  if (ld.size() != 2 || cd.size() != 2 || cd[0] != ld[0] || ld[1] % llava_next::kPackBlock || cd[1] * 2 != ld[1] ||
-      N > ld[1] || N <= ld[1] - llava_next::kPackBlock || table.element_count() != 16 ||
-      columns.element_count() != escapes || values.element_count() != escapes ||
-      groups.element_count() != (ld[0] + 3) / 4 + 1 || low.element_type() != ffi::DataType::U8 ||
-      codes.element_type() != ffi::DataType::U8 || table.element_type() != ffi::DataType::U8 ||
-      rows.element_type() != ffi::DataType::S32 || columns.element_type() != ffi::DataType::S32 ||
-      values.element_type() != ffi::DataType::F32 || groups.element_type() != ffi::DataType::S32)
-    return ffi::Error::InvalidArgument("llava_next packed kernel: want low u8 [K, Np], codes u8 [K, Np / 2], table "
-                                       "u8 [16], escapes (s32, s32, f32) [E], escape groups s32 [ceil(K / 4) + 1], "
-                                       "Np the columns rounded up to 32");
-  *p = {static_cast<const uint8_t*>(low.untyped_data()), static_cast<const uint8_t*>(codes.untyped_data()),
-        static_cast<const uint8_t*>(table.untyped_data()), static_cast<const int32_t*>(rows.untyped_data()),
-        static_cast<const int32_t*>(columns.untyped_data()), static_cast<const float*>(values.untyped_data()),
-        static_cast<const int32_t*>(groups.untyped_data()), escapes, ld[0], ld[1]};
-  return ffi::Error::Success();
-}
-
 ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer low, ffi::AnyBuffer codes,
                             ffi::AnyBuffer table, ffi::AnyBuffer rows_, ffi::AnyBuffer columns, ffi::AnyBuffer values,
                             ffi::AnyBuffer groups, ffi::ResultBuffer<ffi::F32> y, int64_t tasks) {
@@ -94,7 +72,7 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   if (xd.size() != 2 || yd.size() != 2 || xd[0] != yd[0] || xd[0] < 1 || xd[0] > kMaxRows)
     return ffi::Error::InvalidArgument("llava_next_packed_matmul: want x [R <= 8, K] and y [R, N]");
   llava_next::Packed p;
-  if (auto error = PackedView(low, codes, table, rows_, columns, values, groups, yd[1], &p); error.failure()) return error;
+  if (auto error = llava_next::PackedView(low, codes, table, rows_, columns, values, groups, yd[1], &p); error.failure()) return error;
   if (p.K != xd[1]) return ffi::Error::InvalidArgument("llava_next_packed_matmul: x's columns are not the kernel's rows");
   const int64_t rows = xd[0], K = p.K, Np = p.Np, N = yd[1], blocks = Np / llava_next::kPackBlock;
   if (tasks <= 0) tasks = pool.num_threads();
@@ -127,7 +105,7 @@ ffi::Error UnpackImpl(ffi::ThreadPool pool, ffi::AnyBuffer low, ffi::AnyBuffer c
   auto wd = w->dimensions();
   llava_next::Packed p;
   if (wd.size() != 2) return ffi::Error::InvalidArgument("llava_next_unpack: want w [K, N]");
-  if (auto error = PackedView(low, codes, table, rows, columns, values, groups, wd[1], &p); error.failure()) return error;
+  if (auto error = llava_next::PackedView(low, codes, table, rows, columns, values, groups, wd[1], &p); error.failure()) return error;
   if (wd[0] != p.K) return ffi::Error::InvalidArgument("llava_next_unpack: w's rows are not the kernel's");
   const int64_t K = p.K, N = wd[1], parts = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), K / 16));
   uint16_t* out = reinterpret_cast<uint16_t*>(w->untyped_data());

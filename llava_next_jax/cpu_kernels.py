@@ -65,6 +65,7 @@ WRITE_CACHE_TARGET = "llava_next_write_cache"
 SILU_MUL_TARGET = "llava_next_silu_mul"
 PACKED_TARGET = "llava_next_packed_matmul"
 UNPACK_TARGET = "llava_next_unpack"
+GEMM_PACKED_TARGET = "llava_next_gemm_packed_bf16"
 MAX_ROWS = 8
 _log = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ def _load() -> bool:
     if library.EnableAmx():   # built for a CPU with AMX tiles, and Linux lets this process use them
         jax.ffi.register_ffi_target(FLASH_BF16_TARGET, jax.ffi.pycapsule(library.FlashAttentionBf16), platform="cpu")
         jax.ffi.register_ffi_target(GEMM_BF16_TARGET, jax.ffi.pycapsule(library.GemmBf16), platform="cpu")
+        jax.ffi.register_ffi_target(GEMM_PACKED_TARGET, jax.ffi.pycapsule(library.GemmPackedBf16), platform="cpu")
         _extras.add("amx")
     onednn = _onednn()
     if onednn is not None:
@@ -235,6 +237,20 @@ def packed_matmul(x: jax.Array, packed: tuple[jax.Array, ...], columns: int, tas
     _require()
     out = jax.ShapeDtypeStruct((x.shape[0], columns), jnp.float32)
     return jax.ffi.ffi_call(PACKED_TARGET, out)(x.astype(jnp.float32), *packed, tasks=np.int64(tasks)).astype(x.dtype)
+
+
+def packed_gemm_applies(rows: int, x_dtype, K: int) -> bool:
+    """Whether a `[rows, K]` bfloat16 product by a packed kernel runs on `packed_gemm`: as many rows as
+    `gemm` takes to AMX tiles (`AMX_MIN_ROWS`), K a multiple of 32, `amx_applies`."""
+    return rows >= AMX_MIN_ROWS and K % 32 == 0 and x_dtype == jnp.bfloat16 and amx_applies()
+
+
+def packed_gemm(x: jax.Array, packed: tuple[jax.Array, ...], columns: int) -> jax.Array:
+    """`x [M, K]` (bfloat16) times a packed kernel `[K, columns]` on AMX tiles (`cpu_amx.cc`'s
+    GemmPackedBf16: `gemm`'s product with each panel of the kernel packed for the tiles from the packed
+    kernel): float32 sums rounded to bfloat16, as `gemm` on the bf16 kernel. Not differentiable."""
+    _require()
+    return jax.ffi.ffi_call(GEMM_PACKED_TARGET, jax.ShapeDtypeStruct((x.shape[0], columns), jnp.bfloat16))(x, *packed)
 
 
 def pack_bf16(kernel: np.ndarray, max_escapes: int) -> tuple[np.ndarray, ...] | None:

@@ -27,6 +27,8 @@
 
 #include <immintrin.h>
 
+#include "xla/ffi/api/ffi.h"
+
 namespace llava_next {
 
 struct Packed {
@@ -276,6 +278,31 @@ inline int64_t Pack(const uint16_t* w, int64_t K, int64_t N, uint8_t* low, uint8
   }
   groups[(K + 3) / 4] = int32_t(escapes);
   return escapes;
+}
+
+// The packed kernel in an FFI call's arguments (`cpu_kernels.packed_matmul`'s order), N its columns;
+// an error naming what is wrong with them.
+inline xla::ffi::Error PackedView(xla::ffi::AnyBuffer low, xla::ffi::AnyBuffer codes, xla::ffi::AnyBuffer table,
+                                  xla::ffi::AnyBuffer rows, xla::ffi::AnyBuffer columns, xla::ffi::AnyBuffer values,
+                                  xla::ffi::AnyBuffer groups, int64_t N, Packed* p) {
+  using xla::ffi::DataType;
+  auto ld = low.dimensions(), cd = codes.dimensions();
+  const int64_t escapes = rows.element_count();
+  if (ld.size() != 2 || cd.size() != 2 || cd[0] != ld[0] || ld[1] % kPackBlock || cd[1] * 2 != ld[1] || N > ld[1] ||
+      N <= ld[1] - kPackBlock || table.element_count() != 16 || columns.element_count() != escapes ||
+      values.element_count() != escapes || groups.element_count() != (ld[0] + 3) / 4 + 1 ||
+      low.element_type() != DataType::U8 || codes.element_type() != DataType::U8 ||
+      table.element_type() != DataType::U8 || rows.element_type() != DataType::S32 ||
+      columns.element_type() != DataType::S32 || values.element_type() != DataType::F32 ||
+      groups.element_type() != DataType::S32)
+    return xla::ffi::Error::InvalidArgument(
+        "llava_next packed kernel: want low u8 [K, Np], codes u8 [K, Np / 2], table u8 [16], escapes (s32, s32, "
+        "f32) [E], escape groups s32 [ceil(K / 4) + 1], Np the columns rounded up to 32");
+  *p = {static_cast<const uint8_t*>(low.untyped_data()), static_cast<const uint8_t*>(codes.untyped_data()),
+        static_cast<const uint8_t*>(table.untyped_data()), static_cast<const int32_t*>(rows.untyped_data()),
+        static_cast<const int32_t*>(columns.untyped_data()), static_cast<const float*>(values.untyped_data()),
+        static_cast<const int32_t*>(groups.untyped_data()), escapes, ld[0], ld[1]};
+  return xla::ffi::Error::Success();
 }
 
 }  // namespace llava_next

@@ -5,8 +5,9 @@ there (docs/benchmarks.md). Packed, a weight is its low byte (the exponent's las
 and a 4-bit code for its high byte (the sign and the exponent's other bits): a kernel's weights take
 few exponents, so 15 codes cover all but ~1e-4 of them, and the rest are kept apart as escapes
 (`cpu_packed.h` has the layout). The products of a decode step (1 to 8 rows) read the packed kernel
-and widen it in registers (`cpu_kernels.packed_matmul`); products of more rows (a prefill) unpack it
-to bfloat16 first (`unpack`, one pass) and run as before. Either way the numbers are those of the
+and widen it in registers (`cpu_kernels.packed_matmul`); products of more rows (a prefill) pack the AMX
+tiles' panels from it where the CPU has AMX (`gemm`), else unpack it to bfloat16 first (`unpack`, one
+pass) and run as before. Either way the numbers are those of the
 bfloat16 kernel, bit for bit: the packed product forms its float32 sums as the few-row kernel does.
 
 `pack_params` packs a model's decoder and lm_head kernels (`LlavaNext.pack_weights`); the vision tower,
@@ -82,6 +83,17 @@ def matmul(x: jax.Array, kernel: PackedKernel, tasks: int = 0) -> jax.Array:
     """`x [R, K] @ kernel` for R <= `cpu_kernels.MAX_ROWS` on the packed kernel: float32 sums, the result
     in x's dtype. `tasks` as `cpu_kernels.fewrow_matmul`'s."""
     return cpu_kernels.packed_matmul(x, kernel.arrays(), kernel.columns, tasks)
+
+
+def gemm_applies(rows: int, x_dtype, kernel: PackedKernel) -> bool:
+    """Whether a `[rows, K]` product by a packed kernel runs on AMX tiles straight from it (`gemm`)."""
+    return cpu_kernels.packed_gemm_applies(rows, x_dtype, kernel.shape[0])
+
+
+def gemm(x: jax.Array, kernel: PackedKernel) -> jax.Array:
+    """`x [M, K] @ kernel` (bfloat16) on AMX tiles, the tiles' panels packed from the packed kernel
+    (`cpu_kernels.packed_gemm`): the numbers of the bf16 kernel's product, without unpacking it whole."""
+    return cpu_kernels.packed_gemm(x, kernel.arrays(), kernel.columns)
 
 
 def unpack(kernel: PackedKernel) -> jax.Array:

@@ -61,11 +61,12 @@ def test_many_distinct_exponents_stay_unpacked():
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 40])
-@pytest.mark.parametrize("K,N", [(7, 5), (130, 67), (1030, 2051)])
+@pytest.mark.parametrize("K,N", [(7, 5), (130, 67), (1030, 2051), (96, 100)])
 def test_packed_products_equal_torch(rows, K, N):
     """`decoder.matmul` of `[rows, 1, K]` by the packed kernel against torch in float64 on the same bf16
     values, within the bf16 kernel's bound (float32 sums rounded once to bf16; the test of
-    `test_cpu_kernels` for the unpacked kernel); 1 to 8 rows read it packed, more unpack it first."""
+    `test_cpu_kernels` for the unpacked kernel); 1 to 8 rows read it packed, more go to AMX tiles from
+    it where the CPU has them and K is a multiple of 32, else unpack it first."""
     rng = np.random.default_rng(rows * K)
     w = random_kernel(K, N, seed=K, special=False)
     w.view(np.uint16)[0, : min(N, 3)] = [0x0001, 0x8000, 0x4600][: min(N, 3)]   # escapes: subnormal, -0, 8192
@@ -78,8 +79,10 @@ def test_packed_products_equal_torch(rows, K, N):
     ref = (as64(x) @ as64(w)).numpy()
     np.testing.assert_allclose(np.asarray(ours, np.float64), ref, rtol=2 ** -8, atol=1e-5 * np.sqrt(K))
     text = fn.lower(x, packed).as_text()
+    tiles = rows > 8 and K % 32 == 0 and cpu_kernels.amx_applies()
     assert (cpu_kernels.PACKED_TARGET in text) == (rows <= 8)
-    assert (cpu_kernels.UNPACK_TARGET in text) == (rows > 8)
+    assert (cpu_kernels.GEMM_PACKED_TARGET in text) == tiles
+    assert (cpu_kernels.UNPACK_TARGET in text) == (rows > 8 and not tiles)
 
 
 @pytest.mark.parametrize("tasks", [0, 1, 2, 3, 5, 16])
@@ -99,6 +102,21 @@ def test_packed_sums_equal_the_bfloat16_kernels_bit_for_bit(tasks, K, N):
         theirs = jax.ffi.ffi_call(cpu_kernels.TARGET, jax.ShapeDtypeStruct((rows, N), jnp.float32))(
             x, jnp.asarray(w), tasks=np.int64(tasks))
         np.testing.assert_array_equal(np.asarray(ours).view(np.uint32), np.asarray(theirs).view(np.uint32))
+
+
+@pytest.mark.skipif(not cpu_kernels.amx_applies(), reason="needs a CPU with AMX tiles (the README says why)")
+@pytest.mark.parametrize("M,K,N", [(9, 64, 100), (300, 1024, 4096), (77, 4096, 1024), (40, 96, 4099)])
+def test_packed_product_on_tiles_equals_the_bfloat16_kernels_bit_for_bit(M, K, N):
+    """A product of many rows by a packed kernel on AMX tiles (panels packed from the packed kernel, its
+    escapes put in place) equals `gemm` on the bf16 kernel (`cpu_amx.cc`'s GemmBf16) bit for bit,
+    special values included, for panels of every width (N not a multiple of 32) and slabs of depth."""
+    rng = np.random.default_rng(M)
+    w = random_kernel(K, N, seed=M)
+    packed = packed_weights.pack(w, max_escapes=1.0)
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+    ours = jax.jit(packed_weights.gemm)(x, packed)
+    np.testing.assert_array_equal(np.asarray(ours).view(np.uint16),
+                                  np.asarray(cpu_kernels._gemm(x, jnp.asarray(w))).view(np.uint16))
 
 
 @pytest.fixture(scope="module")

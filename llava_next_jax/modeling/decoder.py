@@ -75,11 +75,14 @@ def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     rows on AMX tiles where the CPU has them (`cpu_kernels.gemm_applies`); one float32 row as partial
     products over row blocks of the kernel where `xla_cpu.matvec_blocks` says so (partial sums in
     float32). Anything else: XLA's matmul (on the CPU with the gradient of `_cpu_product`). A packed
-    kernel (`packed_weights`): 1 to 8 rows read it packed, more unpack it to bfloat16 first."""
+    kernel (`packed_weights`): 1 to 8 rows read it packed, more go to AMX tiles straight from it where
+    the CPU has them, else unpack it to bfloat16 first."""
     rows = int(np.prod(x.shape[:-1]))
     if isinstance(kernel, packed_weights.PackedKernel):
         if packed_weights.applies(rows, kernel):
             return packed_weights.matmul(x.reshape(rows, -1), kernel).reshape(*x.shape[:-1], -1)
+        if packed_weights.gemm_applies(rows, x.dtype, kernel):
+            return packed_weights.gemm(x.reshape(rows, -1), kernel).reshape(*x.shape[:-1], -1)
         kernel = packed_weights.unpack(kernel)
     if rows < GPU_MIN_ROWS and jax.default_backend() == "gpu":
         padded = jnp.pad(x.reshape(rows, -1), ((0, GPU_MIN_ROWS - rows), (0, 0)))
