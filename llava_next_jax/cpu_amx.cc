@@ -523,7 +523,8 @@ ffi::Error GemmPackedBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ff
   if (auto error = llava_next::PackedView(low, codes, table, rows, columns_, values, groups, od[1], &p);
       error.failure())
     return error;
-  if (p.K != xd[1]) return ffi::Error::InvalidArgument("llava_next_gemm_packed_bf16: x's columns are not the kernel's rows");
+  if (p.K != xd[1])
+    return ffi::Error::InvalidArgument("llava_next_gemm_packed_bf16: x's columns are not the kernel's rows");
   const int64_t M = xd[0], K = xd[1], N = od[1], columns = PanelColumns(K, N, pool.num_threads());
   const uint16_t* xs = x.typed_data();
   uint16_t* os = out->typed_data();

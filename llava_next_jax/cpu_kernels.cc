@@ -72,8 +72,11 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   if (xd.size() != 2 || yd.size() != 2 || xd[0] != yd[0] || xd[0] < 1 || xd[0] > kMaxRows)
     return ffi::Error::InvalidArgument("llava_next_packed_matmul: want x [R <= 8, K] and y [R, N]");
   llava_next::Packed p;
-  if (auto error = llava_next::PackedView(low, codes, table, rows_, columns, values, groups, yd[1], &p); error.failure()) return error;
-  if (p.K != xd[1]) return ffi::Error::InvalidArgument("llava_next_packed_matmul: x's columns are not the kernel's rows");
+  if (auto error = llava_next::PackedView(low, codes, table, rows_, columns, values, groups, yd[1], &p);
+      error.failure())
+    return error;
+  if (p.K != xd[1])
+    return ffi::Error::InvalidArgument("llava_next_packed_matmul: x's columns are not the kernel's rows");
   const int64_t rows = xd[0], K = p.K, Np = p.Np, N = yd[1], blocks = Np / llava_next::kPackBlock;
   if (tasks <= 0) tasks = pool.num_threads();
   const int64_t k_parts = tasks >= 2 && K >= 128 ? 2 : 1;
@@ -105,7 +108,9 @@ ffi::Error UnpackImpl(ffi::ThreadPool pool, ffi::AnyBuffer low, ffi::AnyBuffer c
   auto wd = w->dimensions();
   llava_next::Packed p;
   if (wd.size() != 2) return ffi::Error::InvalidArgument("llava_next_unpack: want w [K, N]");
-  if (auto error = llava_next::PackedView(low, codes, table, rows, columns, values, groups, wd[1], &p); error.failure()) return error;
+  if (auto error = llava_next::PackedView(low, codes, table, rows, columns, values, groups, wd[1], &p);
+      error.failure())
+    return error;
   if (wd[0] != p.K) return ffi::Error::InvalidArgument("llava_next_unpack: w's rows are not the kernel's");
   const int64_t K = p.K, N = wd[1], parts = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), K / 16));
   uint16_t* out = reinterpret_cast<uint16_t*>(w->untyped_data());

@@ -51,7 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_kernels.cc", "cpu_attention.cc", "cpu_amx.cc"))
-HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_attention.h", "cpu_packed.h", "cpu_products.h", "cpu_tasks.h"))
+HEADERS = tuple(Path(__file__).with_name(name)
+                for name in ("cpu_attention.h", "cpu_packed.h", "cpu_products.h", "cpu_tasks.h"))
 TARGET = "llava_next_fewrow_matmul"
 DECODE_TARGET = "llava_next_decode_attention"
 FLASH_TARGET = "llava_next_flash_attention"

@@ -50,9 +50,9 @@ typedef uint32_t Words16 __attribute__((vector_size(64)));
 typedef float Floats16 __attribute__((vector_size(64)));
 
 // 16 weights as float32 bit patterns: `codes`' 16 low nibbles (or high ones: `upper`) through the
-// table for the high bytes (one byte shuffle), `low`'s 16 bytes beside them. Without SSSE3, a loop.
+// table for the high bytes (one byte shuffle), `low`'s 16 bytes beside them. Without AVX2, a loop.
 inline Words16 Unpack16(Bytes16 table, const uint8_t* codes, const uint8_t* low, bool upper) {
-#ifdef __SSSE3__
+#ifdef __AVX2__
   __m128i nibbles = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
   nibbles = _mm_and_si128(upper ? _mm_srli_epi16(nibbles, 4) : nibbles, _mm_set1_epi8(15));
   const __m128i high = _mm_shuffle_epi8(reinterpret_cast<__m128i>(table), nibbles);
@@ -67,7 +67,7 @@ inline Words16 Unpack16(Bytes16 table, const uint8_t* codes, const uint8_t* low,
 #elif defined(__AVX512F__)
   return reinterpret_cast<Words16>(_mm512_or_si512(_mm512_slli_epi32(_mm512_cvtepu8_epi32(high), 24),
                                                    _mm512_slli_epi32(_mm512_cvtepu8_epi32(lows), 16)));
-#elif defined(__AVX2__)
+#else
   const auto half = [](__m128i h, __m128i l) {
     return _mm256_or_si256(_mm256_slli_epi32(_mm256_cvtepu8_epi32(h), 24),
                            _mm256_slli_epi32(_mm256_cvtepu8_epi32(l), 16));
@@ -77,8 +77,7 @@ inline Words16 Unpack16(Bytes16 table, const uint8_t* codes, const uint8_t* low,
   std::memcpy(&bits, parts, sizeof bits);
   return bits;
 #endif
-#endif
-#if !defined(__SSSE3__) || !(defined(__AVX512F__) || defined(__AVX2__))
+#else
   Words16 bits;
   for (int i = 0; i < 16; ++i) {
     const int code = (upper ? codes[i] >> 4 : codes[i]) & 15;

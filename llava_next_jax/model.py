@@ -178,10 +178,11 @@ class LlavaNext:
     def pack_weights(self) -> "LlavaNext":
         """This model with its decoder's and lm_head's bfloat16 kernels packed, 12 bits a weight instead of
         16 and losslessly (`packed_weights`): on a single-device CPU a decode step reads a quarter fewer
-        bytes, and runs ~1.2-1.3x faster, with the weights as they were (results differ from the unpacked
-        model's only in the order of float32 sums); a prefill unpacks each kernel as it needs it. The
-        packed model holds ~25% less memory for those weights (this one keeps its own until dropped:
-        `model = model.pack_weights()`). For inference: it takes no gradient."""
+        bytes and runs ~1.2-1.25x faster, with the unpacked model's results bit for bit (the same float32
+        sums of the same bf16 values); a prefill's products pack the AMX tiles' panels from the packed
+        kernels (without AMX, unpack each kernel first). The packed model holds ~25% less memory for those
+        weights (this one keeps its own until dropped: `model = model.pack_weights()`). For inference: it
+        takes no gradient."""
         if self.dtype != jnp.bfloat16:
             raise ValueError(f"pack_weights packs bfloat16 weights; this model's are {self.dtype.name} "
                              "(load it with dtype=\"bfloat16\")")

@@ -135,13 +135,13 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x):
         packed = self.get_variable("params", "packed_kernel")
-        if packed is None:
-            kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.dtype)
+        kernel = packed if packed is not None else self.param(
+            "kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype) if self.use_bias else None
         if packed is None:
             x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         else:
-            (x, bias), kernel = nn.dtypes.promote_dtype(x, bias, dtype=self.dtype), packed
+            x, bias = nn.dtypes.promote_dtype(x, bias, dtype=self.dtype)
         y = matmul(x, kernel)
         return y if bias is None else y + bias
 
