@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/generate_vs_hf.py [--shape mid|7b] [--dtype float32|bfloat16]
         [--batch 1 4] [--image-size 480 640] [--new-tokens 64] [--repeats 3] [--skip-hf]
-        [--prompt-lookup N] [--sample] [--max-time S] [--guidance-scale G] [--packed-weights]
+        [--prompt-lookup N] [--sample] [--max-time S] [--guidance-scale G]
 
 `mid`: 336px tiles, CLIP 4 x 256, decoder 8 x 1024 (GQA 16/4, ffn 4096), vocab 32064, one 480x640
 image per row (~2.4k prompt tokens). `7b`: full CLIP-L and Mistral-7B sizes (for a GPU; bf16).
@@ -31,8 +31,6 @@ the host, in a program compiled for it).
 unconditional sequence decoded beside each row (ours: a second row of the prompt's cache, stepped in
 the same pass of the decoder; its one-token prefill, and placing it beside the prompt's cache, timed
 with the decode).
---packed-weights (bfloat16 on the CPU): ours also with its decoder's and lm_head's kernels packed
-(`LlavaNext.pack_weights`, 12 bits a weight), a third runner in the same turns ("ours packed").
 """
 
 from __future__ import annotations
@@ -290,7 +288,6 @@ def main():
     parser.add_argument("--sample", action="store_true")
     parser.add_argument("--max-time", type=float, default=None, metavar="S")
     parser.add_argument("--guidance-scale", type=float, default=None, metavar="G")
-    parser.add_argument("--packed-weights", action="store_true")
     args = parser.parse_args()
 
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with PyTorch
@@ -306,39 +303,28 @@ def main():
           f"{args.image_size[1]}, new tokens {args.new_tokens} (models built in {time.perf_counter() - start:.0f} s)")
     if args.skip_hf:
         del hf_model
-    variants = [("ours", ours_model)]
-    if args.packed_weights:
-        start = time.perf_counter()
-        variants.append(("ours packed", ours_model.pack_weights()))
-        print(f"# packed in {time.perf_counter() - start:.1f} s")
     print("| batch | prompt tokens | | prefill s | decode tok/s | first call s |")
     print("|---|---|---|---|---|---|")
     for batch in args.batch:
         inputs = make_inputs(ours_model.config, batch, tuple(args.image_size))
         T = inputs["input_ids"].shape[1]
-        runners = [ours(model, inputs, args.new_tokens, args.prompt_lookup, args.sample, args.max_time,
-                        args.guidance_scale) for _, model in variants]
-        names = [name for name, _ in variants]
+        runners = [ours(ours_model, inputs, args.new_tokens, args.prompt_lookup, args.sample, args.max_time,
+                        args.guidance_scale)]
         with_hf = not args.skip_hf and (batch == 1 or not args.prompt_lookup)
         if with_hf:
             runners.append(hf(hf_model, inputs, args.new_tokens, args.dtype, args.prompt_lookup, args.sample,
                               args.max_time, args.guidance_scale))
-            names.append("HF")
         results = interleaved(runners, args.repeats)
-        for name, (first, *_), (prefill_s, rate) in zip(names, runners, results):
+        for name, (first, *_), (prefill_s, rate) in zip(["ours", "HF"], runners, results):
             print(f"| {batch} | {T} | {name} | {prefill_s:.3f} | {rate:.1f} | {first:.1f} |", flush=True)
         if with_hf:
-            h_prefill, h_rate = results[-1]
-            for name, (o_prefill, o_rate) in zip(names, results[:-1]):
-                print(f"| {batch} | {T} | {name}/HF speed | {h_prefill / o_prefill:.2f}x | {o_rate / h_rate:.2f}x | |",
-                      flush=True)
-        ours_tokens = [runner[3]() for runner in runners[:len(variants)]]
+            (o_prefill, o_rate), (h_prefill, h_rate) = results
+            print(f"| {batch} | {T} | ours/HF speed | {h_prefill / o_prefill:.2f}x | {o_rate / h_rate:.2f}x | |",
+                  flush=True)
         if with_hf and not args.sample:
-            theirs = runners[-1][3]()
-            for name, tokens in zip(names, ours_tokens):
-                print(f"batch {batch}: greedy tokens {name} vs HF: {agreement(tokens, theirs)}")
-        if len(variants) == 2 and not args.sample:
-            print(f"batch {batch}: greedy tokens ours packed vs ours: {agreement(ours_tokens[1], ours_tokens[0])}")
+            print(f"batch {batch}: greedy tokens ours vs HF: {agreement(runners[0][3](), runners[1][3]())}")
+        else:
+            runners[0][3]()
         if device == "cuda":  # on a CPU an elementwise pass is far from the memory's bandwidth
             step_bytes = runners[0][4]
             roofline = bandwidth / step_bytes * batch

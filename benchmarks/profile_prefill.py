@@ -4,7 +4,7 @@ one step of the fine-tuning benchmark (`train_vs_torch.py`: projector + decoder,
 with --decode N, the greedy decode loop of N new tokens after that prefill, in ms a step.
 
     .venv/bin/python benchmarks/profile_prefill.py [--shape mid] [--dtype float32] [--batch 1] [--top 30]
-        [--train | --decode N] [--packed-weights] [--keep]
+        [--train | --decode N] [--keep]
 
 XLA's optimised program is dumped (XLA_FLAGS, set here before JAX starts) to map each traced fusion
 or custom call to the `op_name` JAX gave it; layer numbers are folded (`layer_*/...`), so a line is
@@ -13,7 +13,6 @@ up products) overlap in time, so the column can add up to more than the prefill'
 trace and the dumped programs are deleted at the end unless --keep. An operation that XLA's passes
 left without an `op_name` (the decode step's row-blocked products) is named by its opcode and result
 shape. --decode also prints the step's wall time and the part of it in which no traced operation ran.
---packed-weights: the model's bf16 decoder and lm_head kernels packed (`LlavaNext.pack_weights`).
 """
 
 from __future__ import annotations
@@ -64,21 +63,16 @@ def main():
     parser.add_argument("--train", action="store_true", help="a fine-tuning step instead of a prefill")
     parser.add_argument("--decode", type=int, default=0, metavar="N",
                         help="the greedy decode loop of N new tokens instead of a prefill (ms a step)")
-    parser.add_argument("--packed-weights", action="store_true", help="pack the bf16 decoder's kernels (pack_weights)")
     parser.add_argument("--keep", action="store_true", help="keep the trace and the dumped programs")
     args = parser.parse_args()
     if args.train and args.decode:
         parser.error("--train and --decode: one or the other")
-    if args.packed_weights and (args.train or args.dtype != "bfloat16"):
-        parser.error("--packed-weights: for bfloat16 inference (a prefill or --decode)")
     work = tempfile.mkdtemp(prefix="profile_prefill_")
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={work}/hlo --xla_dump_hlo_as_text"
     import jax
     import generate_vs_hf as bench
     hf, model = bench.build_models(args.shape, args.dtype, "cpu")
     inputs = bench.make_inputs(model.config, args.batch, tuple(args.image_size))
-    if args.packed_weights:
-        model = model.pack_weights()
     steps = args.decode or 1
     if args.train:
         import train_vs_torch

@@ -777,9 +777,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add each caption's summed token log-probability ('logprob') and token count ('tokens')")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="compute dtype (default: as stored)")
-    p.add_argument("--packed-weights", action="store_true",
-                   help="pack the decoder's bfloat16 weights to 12 bits each, losslessly (LlavaNext.pack_weights): "
-                        "the same captions, decoded ~1.25x faster on a CPU; needs bfloat16 weights (--dtype bfloat16)")
     p.add_argument("--process-index", type=int, default=None, metavar="I",
                    help="this process's 0-based index; it captions inputs I, I+N, I+2N, ... into "
                         "OUT.part-IIIII-of-NNNNN.jsonl (default: jax.process_index() if jax.distributed is "
@@ -864,8 +861,6 @@ def _check_flags(parser: argparse.ArgumentParser, args) -> None:
     if bad(args.prompt_lookup, lambda n: 0 <= n <= MAX_LOOKUP and not (n and (args.num_beams or 1) > 1)):
         parser.error(f"--prompt-lookup must be in [0, {MAX_LOOKUP}] (0: off), and 0 with --num-beams > 1; "
                      f"got {args.prompt_lookup}")
-    if args.packed_weights and args.dtype not in (None, "bfloat16"):
-        parser.error(f"--packed-weights packs bfloat16 weights; got --dtype {args.dtype}")
     if not 0 <= args.seed < 2 ** 63:
         parser.error(f"--seed must be a non-negative integer; got {args.seed}")
     if not 0 <= args.process_index < args.process_count:
@@ -882,9 +877,8 @@ def _check_output(parser: argparse.ArgumentParser, output: str) -> None:
         parser.error(f"--output {output} is a directory; give a .jsonl file path")
 
 
-def _load(model_dir: str | None, dtype: str | None, log, packed: bool = False):
-    """(model, processor, model_dir); UsageError for a missing or unloadable checkpoint, or for `packed`
-    weights (`LlavaNext.pack_weights`) that cannot be packed."""
+def _load(model_dir: str | None, dtype: str | None, log):
+    """(model, processor, model_dir); UsageError for a missing or unloadable checkpoint."""
     if model_dir is None:
         from .demo import RANDOM_WEIGHTS_NOTE, demo_model_dir
         log(RANDOM_WEIGHTS_NOTE)
@@ -902,11 +896,6 @@ def _load(model_dir: str | None, dtype: str | None, log, packed: bool = False):
             raise   # not the files: e.g. the device out of memory
         from .checkpoint import first_line
         raise UsageError(f"--model {model_dir} cannot be loaded: {first_line(e)}") from None
-    if packed:
-        try:
-            model = model.pack_weights()
-        except (ValueError, RuntimeError) as e:
-            raise UsageError(f"--packed-weights: {e}") from None
     return model, processor, model_dir
 
 
@@ -977,7 +966,7 @@ def _caption_locked(args, inputs: list[str], output: str, writer: RowWriter, log
         elif not earlier:
             write_atomic(record, [json.dumps({"settings": settings}, ensure_ascii=False).encode("utf-8") + b"\n"])
         if pending:
-            model, processor, _ = _load(args.model, args.dtype, log, args.packed_weights)
+            model, processor, _ = _load(args.model, args.dtype, log)
             captioner = Captioner(model, processor, args.prompt, args.max_new_tokens, args.do_sample,
                                   args.temperature, args.top_k, args.top_p, args.seed, args.scores,
                                   args.repetition_penalty, args.no_repeat_ngram_size, args.num_beams,

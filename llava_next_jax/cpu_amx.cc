@@ -20,7 +20,6 @@
 
 #include "xla/ffi/api/ffi.h"
 #include "cpu_attention.h"
-#include "cpu_packed.h"
 #include "cpu_tasks.h"
 
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__) && defined(__linux__)
@@ -309,62 +308,30 @@ int64_t SlabDepth(int64_t K, int64_t padded) {
   return std::min(K, std::max(kChunk, kPanelBytes / (padded * int64_t(sizeof(uint16_t))) / kChunk * kChunk));
 }
 
-// Rows [0, K) of a kernel's columns [n0, n0 + width) packed by tiles: [padded / 32][K / 32][2 tiles][16 pairs
-// of rows][16 columns][2] (zero beyond width). `load(k, j)`: the 32 bf16 values of row k, columns
-// n0 + j .. n0 + j + 31 (j + 32 <= width, or any values past width: they are zeroed here).
-template <typename Load>
-void PackPanel(int64_t K, int64_t width, int64_t padded, uint16_t* panel, Load load) {
+// w's columns [n0, n0 + width) packed by tiles: [padded / 32][K / 32][2 tiles][16 pairs of rows][16 columns][2]
+// (zero beyond width).
+void PackPanel(const uint16_t* w, int64_t K, int64_t N, int64_t n0, int64_t width, int64_t padded, uint16_t* panel) {
   alignas(64) static const uint16_t kLow[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
                                                 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
   const __m512i low = _mm512_load_si512(kLow), high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
   const int64_t steps = K / kDepth;
   for (int64_t k = 0; k < K; k += 2) {
+    const uint16_t *even = w + k * N + n0, *odd = even + N;
     uint16_t* row = panel + k / kDepth * 2 * kTileValues + k % kDepth / 2 * kDepth;
     for (int64_t j = 0; j < padded; j += kGemmColumns) {  // 32 columns of rows k and k + 1, interleaved
       uint16_t* to = row + j / kGemmColumns * steps * 2 * kTileValues;
-      const __mmask32 valid = j + kGemmColumns <= width ? ~__mmask32(0) : (__mmask32(1) << (width - j)) - 1;
-      const __m512i a = _mm512_maskz_mov_epi16(valid, load(k, j)), b = _mm512_maskz_mov_epi16(valid, load(k + 1, j));
-      _mm512_storeu_si512(to, _mm512_permutex2var_epi16(a, low, b));
-      _mm512_storeu_si512(to + kTileValues, _mm512_permutex2var_epi16(a, high, b));
+      if (j + kGemmColumns <= width) {
+        const __m512i a = _mm512_loadu_si512(even + j), b = _mm512_loadu_si512(odd + j);
+        _mm512_storeu_si512(to, _mm512_permutex2var_epi16(a, low, b));
+        _mm512_storeu_si512(to + kTileValues, _mm512_permutex2var_epi16(a, high, b));
+      } else {
+        for (int64_t c = 0; c < kGemmColumns; ++c) {
+          uint16_t* pair = to + c / kBlock * kTileValues + c % kBlock * 2;
+          pair[0] = j + c < width ? even[j + c] : 0;
+          pair[1] = j + c < width ? odd[j + c] : 0;
+        }
+      }
     }
-  }
-}
-
-// A bf16 kernel w [K, N] (rows N apart) as PackPanel loads it: the values past width read only where
-// they lie within the row (a masked load).
-inline auto Bf16Rows(const uint16_t* w, int64_t N, int64_t n0, int64_t width) {
-  return [=](int64_t k, int64_t j) {
-    const int64_t left = std::min<int64_t>(kGemmColumns, width - j);
-    return _mm512_maskz_loadu_epi16(left == kGemmColumns ? ~__mmask32(0) : (__mmask32(1) << left) - 1,
-                                    w + k * N + n0 + j);
-  };
-}
-
-// A packed kernel (cpu_packed.h) as PackPanel loads it, rows from k0 on: 32 weights from 16 bytes of codes
-// (two table lookups) and 32 low bytes; escapes decode to 0 (put in place by `PlaceEscapes`).
-inline auto PackedRows(const llava_next::Packed& p, int64_t k0, int64_t n0) {
-  const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.table)), nibble = _mm_set1_epi8(15);
-  return [=, &p](int64_t k, int64_t j) {
-    const int64_t row = k0 + k, n = n0 + j;
-    const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.codes + row * (p.Np / 2) + n / 2));
-    const __m128i first = _mm_shuffle_epi8(table, _mm_and_si128(codes, nibble));
-    const __m128i second = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(codes, 4), nibble));
-    const __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.low + row * p.Np + n));
-    return _mm512_or_si512(_mm512_cvtepu8_epi16(low),
-                           _mm512_slli_epi16(_mm512_cvtepu8_epi16(_mm256_set_m128i(second, first)), 8));
-  };
-}
-
-// The escapes of rows [k0, k0 + K), columns [n0, n0 + width) into a panel PackPanel packed from them.
-void PlaceEscapes(const llava_next::Packed& p, int64_t k0, int64_t K, int64_t n0, int64_t width, uint16_t* panel) {
-  const int64_t steps = K / kDepth;
-  for (int64_t e = p.escape_groups[k0 / 4]; e < p.escape_groups[(k0 + K + 3) / 4]; ++e) {
-    const int64_t k = p.escape_rows[e] - k0, j = p.escape_columns[e] - n0;
-    if (k < 0 || k >= K || j < 0 || j >= width) continue;
-    uint32_t bits;
-    std::memcpy(&bits, p.escape_values + e, sizeof bits);
-    panel[j / kGemmColumns * steps * 2 * kTileValues + k / kDepth * 2 * kTileValues + j % kGemmColumns / kBlock *
-          kTileValues + k % kDepth / 2 * kDepth + j % kBlock * 2 + k % 2] = uint16_t(bits >> 16);
   }
 }
 
@@ -392,10 +359,7 @@ inline void StoreRounded(const float* sums, int64_t rows, int64_t width, uint16_
   }
 }
 
-// out[:, n0:n0 + columns] = x @ w[:, n0:n0 + columns]; `pack(k0, depth, width, padded, panel)` packs the
-// panel's rows [k0, k0 + depth) as PackPanel does.
-template <typename Pack>
-void GemmPanel(const uint16_t* x, Pack pack, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t columns,
+void GemmPanel(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t columns,
                uint16_t* out) {
   const int64_t width = std::min(columns, N - n0), padded = WholeBlocks(width);
   const int64_t blocks = padded / kGemmColumns, slab = SlabDepth(K, padded);
@@ -412,7 +376,7 @@ void GemmPanel(const uint16_t* x, Pack pack, int64_t M, int64_t K, int64_t N, in
   ConfigureTiles();
   for (int64_t k_start = 0; k_start < K; k_start += slab) {
     const int64_t k_end = std::min(K, k_start + slab), steps = (k_end - k_start) / kDepth;
-    pack(k_start, k_end - k_start, width, padded, panel);
+    PackPanel(w + k_start * N, k_end - k_start, N, n0, width, padded, panel);
     for (int64_t r0 = 0; r0 < M; r0 += kGemmRows) {
       const int64_t rows = std::min(kGemmRows, M - r0);
       float* row_sums = sums.data() + (slab < K ? r0 / kGemmRows * block_sums : 0);
@@ -496,49 +460,11 @@ ffi::Error GemmBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
   const int64_t M = xd[0], K = xd[1], N = wd[1], columns = PanelColumns(K, N, pool.num_threads());
   const uint16_t *xs = x.typed_data(), *ws = w.typed_data();
   uint16_t* os = out->typed_data();
-  RunTasks(pool, (N + columns - 1) / columns, [=](int64_t i) {
-    const int64_t n0 = i * columns;
-    const auto pack = [=](int64_t k0, int64_t depth, int64_t width, int64_t padded, uint16_t* panel) {
-      PackPanel(depth, width, padded, panel, Bf16Rows(ws + k0 * N, N, n0, width));
-    };
-    GemmPanel(xs, pack, M, K, N, n0, columns, os);
-  });
+  RunTasks(pool, (N + columns - 1) / columns,
+           [=](int64_t i) { GemmPanel(xs, ws, M, K, N, i * columns, columns, os); });
   return ffi::Error::Success();
 #else
   return ffi::Error(ffi::ErrorCode::kUnimplemented, "llava_next_gemm_bf16: built without AMX");
-#endif
-}
-
-// x [M, K] bfloat16 times a packed kernel [K, N] (cpu_packed.h; K a multiple of 32) -> out [M, N] bfloat16:
-// GemmBf16 with each panel packed from the packed kernel, its escapes put in place, so the kernel is
-// never unpacked whole; the same numbers as GemmBf16 on the bf16 kernel.
-ffi::Error GemmPackedBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer low,
-                              ffi::AnyBuffer codes, ffi::AnyBuffer table, ffi::AnyBuffer rows, ffi::AnyBuffer columns_,
-                              ffi::AnyBuffer values, ffi::AnyBuffer groups, ffi::ResultBuffer<ffi::BF16> out) {
-#ifdef LLAVA_NEXT_AMX
-  const auto xd = x.dimensions(), od = out->dimensions();
-  llava_next::Packed p;
-  if (xd.size() != 2 || od.size() != 2 || xd[0] != od[0] || xd[1] % kDepth != 0)
-    return ffi::Error::InvalidArgument("llava_next_gemm_packed_bf16: want x [M, K] and out [M, N], K a multiple of 32");
-  if (auto error = llava_next::PackedView(low, codes, table, rows, columns_, values, groups, od[1], &p);
-      error.failure())
-    return error;
-  if (p.K != xd[1])
-    return ffi::Error::InvalidArgument("llava_next_gemm_packed_bf16: x's columns are not the kernel's rows");
-  const int64_t M = xd[0], K = xd[1], N = od[1], columns = PanelColumns(K, N, pool.num_threads());
-  const uint16_t* xs = x.typed_data();
-  uint16_t* os = out->typed_data();
-  RunTasks(pool, (N + columns - 1) / columns, [=, &p](int64_t i) {
-    const int64_t n0 = i * columns;
-    const auto pack = [=, &p](int64_t k0, int64_t depth, int64_t width, int64_t padded, uint16_t* panel) {
-      PackPanel(depth, width, padded, panel, PackedRows(p, k0, n0));
-      PlaceEscapes(p, k0, depth, n0, width, panel);
-    };
-    GemmPanel(xs, pack, M, K, N, n0, columns, os);
-  });
-  return ffi::Error::Success();
-#else
-  return ffi::Error(ffi::ErrorCode::kUnimplemented, "llava_next_gemm_packed_bf16: built without AMX");
 #endif
 }
 
@@ -571,17 +497,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmBf16, GemmBf16Impl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()   // x
                                   .Arg<ffi::Buffer<ffi::BF16>>()   // w
-                                  .Ret<ffi::Buffer<ffi::BF16>>());  // out
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmPackedBf16, GemmPackedBf16Impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()   // x
-                                  .Arg<ffi::AnyBuffer>()           // the packed kernel: low
-                                  .Arg<ffi::AnyBuffer>()           // codes
-                                  .Arg<ffi::AnyBuffer>()           // table
-                                  .Arg<ffi::AnyBuffer>()           // the escapes' rows
-                                  .Arg<ffi::AnyBuffer>()           // their columns
-                                  .Arg<ffi::AnyBuffer>()           // their values
-                                  .Arg<ffi::AnyBuffer>()           // where each group of 4 rows' start
                                   .Ret<ffi::Buffer<ffi::BF16>>());  // out

@@ -18,7 +18,6 @@
 
 #include "xla/ffi/api/ffi.h"
 #include "cpu_attention.h"
-#include "cpu_packed.h"
 #include "cpu_products.h"
 #include "cpu_tasks.h"
 
@@ -58,63 +57,6 @@ ffi::Error FewRowMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
             N * np / n_parts, N * (np + 1) / n_parts);
   });
   for (size_t i = 0; i < second.size(); ++i) out[i] += second[i];
-  return ffi::Error::Success();
-}
-
-// --- products by packed bfloat16 kernels (cpu_packed.h) -------------------------------------------
-//
-// The few-row product above with w packed (12 bits a weight): the same split into tasks, the K
-// ranges' partials [rows, Np] summed into y [rows, N] at the end: the same numbers as on the bf16 kernel.
-ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer low, ffi::AnyBuffer codes,
-                            ffi::AnyBuffer table, ffi::AnyBuffer rows_, ffi::AnyBuffer columns, ffi::AnyBuffer values,
-                            ffi::AnyBuffer groups, ffi::ResultBuffer<ffi::F32> y, int64_t tasks) {
-  auto xd = x.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || yd.size() != 2 || xd[0] != yd[0] || xd[0] < 1 || xd[0] > kMaxRows)
-    return ffi::Error::InvalidArgument("llava_next_packed_matmul: want x [R <= 8, K] and y [R, N]");
-  llava_next::Packed p;
-  if (auto error = llava_next::PackedView(low, codes, table, rows_, columns, values, groups, yd[1], &p);
-      error.failure())
-    return error;
-  if (p.K != xd[1])
-    return ffi::Error::InvalidArgument("llava_next_packed_matmul: x's columns are not the kernel's rows");
-  const int64_t rows = xd[0], K = p.K, Np = p.Np, N = yd[1], blocks = Np / llava_next::kPackBlock;
-  if (tasks <= 0) tasks = pool.num_threads();
-  const int64_t k_parts = tasks >= 2 && K >= 128 ? 2 : 1;
-  const int64_t n_parts = std::max<int64_t>(1, std::min(tasks / k_parts, N / kMinColumns));
-  const int64_t half = K / 2 / 4 * 4;
-  std::vector<float> partials(k_parts * rows * Np);
-  const float* xs = x.typed_data();
-  float* sums = partials.data();
-  RunTasks(pool, k_parts * n_parts, [=, &p](int64_t t) {
-    const int64_t kp = t / n_parts, np = t % n_parts;
-    llava_next::PackedPartial(rows, xs, p, sums + kp * rows * Np, kp == 0 ? 0 : half, kp + 1 == k_parts ? K : half,
-                              blocks * np / n_parts * llava_next::kPackBlock,
-                              blocks * (np + 1) / n_parts * llava_next::kPackBlock);
-  });
-  float* out = y->typed_data();
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t n = 0; n < N; ++n) {
-      float sum = sums[r * Np + n];
-      for (int64_t kp = 1; kp < k_parts; ++kp) sum += sums[(kp * rows + r) * Np + n];
-      out[r * N + n] = sum;
-    }
-  return ffi::Error::Success();
-}
-
-// The packed kernel as bfloat16 [K, N] (for products of more rows), its rows in ranges per thread.
-ffi::Error UnpackImpl(ffi::ThreadPool pool, ffi::AnyBuffer low, ffi::AnyBuffer codes, ffi::AnyBuffer table,
-                      ffi::AnyBuffer rows, ffi::AnyBuffer columns, ffi::AnyBuffer values, ffi::AnyBuffer groups,
-                      ffi::ResultBuffer<ffi::BF16> w) {
-  auto wd = w->dimensions();
-  llava_next::Packed p;
-  if (wd.size() != 2) return ffi::Error::InvalidArgument("llava_next_unpack: want w [K, N]");
-  if (auto error = llava_next::PackedView(low, codes, table, rows, columns, values, groups, wd[1], &p);
-      error.failure())
-    return error;
-  if (wd[0] != p.K) return ffi::Error::InvalidArgument("llava_next_unpack: w's rows are not the kernel's");
-  const int64_t K = p.K, N = wd[1], parts = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), K / 16));
-  uint16_t* out = reinterpret_cast<uint16_t*>(w->untyped_data());
-  RunTasks(pool, parts, [=, &p](int64_t t) { llava_next::UnpackRows(p, out, N, K * t / parts, K * (t + 1) / parts); });
   return ffi::Error::Success();
 }
 
@@ -312,12 +254,6 @@ ffi::Error TakeRowsImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids, ffi::Re
 
 }  // namespace
 
-extern "C" int64_t PackBf16(const uint16_t* w, int64_t K, int64_t N, uint8_t* low, uint8_t* codes, uint8_t* table,
-                            int64_t max_escapes, int32_t* escape_rows, int32_t* escape_columns,
-                            float* escape_values, int32_t* groups) {
-  return llava_next::Pack(w, K, N, low, codes, table, max_escapes, escape_rows, escape_columns, escape_values, groups);
-}
-
 extern "C" void SetGemm(void* float32_gemm, void* bfloat16_gemm, void* omp_set_num_threads) {
   sgemm = reinterpret_cast<SgemmFn>(float32_gemm);
   bf16_gemm = reinterpret_cast<Bf16GemmFn>(bfloat16_gemm);
@@ -362,30 +298,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SiluMulBf16, SiluMulImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()   // gate
                                   .Arg<ffi::Buffer<ffi::BF16>>()   // up
-                                  .Ret<ffi::Buffer<ffi::BF16>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PackedMatmul, PackedMatmulImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // x
-                                  .Arg<ffi::AnyBuffer>()          // low
-                                  .Arg<ffi::AnyBuffer>()          // codes
-                                  .Arg<ffi::AnyBuffer>()          // table
-                                  .Arg<ffi::AnyBuffer>()          // the escapes' rows
-                                  .Arg<ffi::AnyBuffer>()          // their columns
-                                  .Arg<ffi::AnyBuffer>()          // their values
-                                  .Arg<ffi::AnyBuffer>()          // where each group of 4 rows' start
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("tasks"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Unpack, UnpackImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()          // low
-                                  .Arg<ffi::AnyBuffer>()          // codes
-                                  .Arg<ffi::AnyBuffer>()          // table
-                                  .Arg<ffi::AnyBuffer>()          // the escapes' rows
-                                  .Arg<ffi::AnyBuffer>()          // their columns
-                                  .Arg<ffi::AnyBuffer>()          // their values
-                                  .Arg<ffi::AnyBuffer>()          // where each group of 4 rows' start
                                   .Ret<ffi::Buffer<ffi::BF16>>());

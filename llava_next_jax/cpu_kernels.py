@@ -51,8 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_kernels.cc", "cpu_attention.cc", "cpu_amx.cc"))
-HEADERS = tuple(Path(__file__).with_name(name)
-                for name in ("cpu_attention.h", "cpu_packed.h", "cpu_products.h", "cpu_tasks.h"))
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_attention.h", "cpu_products.h", "cpu_tasks.h"))
 TARGET = "llava_next_fewrow_matmul"
 DECODE_TARGET = "llava_next_decode_attention"
 FLASH_TARGET = "llava_next_flash_attention"
@@ -64,9 +63,6 @@ COPY_TARGET = "llava_next_copy"
 TAKE_ROWS_TARGET = "llava_next_take_rows"
 WRITE_CACHE_TARGET = "llava_next_write_cache"
 SILU_MUL_TARGET = "llava_next_silu_mul"
-PACKED_TARGET = "llava_next_packed_matmul"
-UNPACK_TARGET = "llava_next_unpack"
-GEMM_PACKED_TARGET = "llava_next_gemm_packed_bf16"
 MAX_ROWS = 8
 _log = logging.getLogger(__name__)
 
@@ -134,7 +130,6 @@ def available() -> bool:
 @functools.cache
 def _load() -> bool:
     try:
-        global _library
         library = ctypes.cdll.LoadLibrary(str(_build()))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.FewRowMatmul), platform="cpu")
         jax.ffi.register_ffi_target(DECODE_TARGET, jax.ffi.pycapsule(library.DecodeAttention), platform="cpu")
@@ -145,17 +140,13 @@ def _load() -> bool:
         jax.ffi.register_ffi_target(TAKE_ROWS_TARGET, jax.ffi.pycapsule(library.TakeRows), platform="cpu")
         jax.ffi.register_ffi_target(WRITE_CACHE_TARGET, jax.ffi.pycapsule(library.WriteCache), platform="cpu")
         jax.ffi.register_ffi_target(SILU_MUL_TARGET, jax.ffi.pycapsule(library.SiluMulBf16), platform="cpu")
-        jax.ffi.register_ffi_target(PACKED_TARGET, jax.ffi.pycapsule(library.PackedMatmul), platform="cpu")
-        jax.ffi.register_ffi_target(UNPACK_TARGET, jax.ffi.pycapsule(library.Unpack), platform="cpu")
     except Exception as error:  # noqa: BLE001 - any failure means XLA's products, said once
         _log.warning("llava_next_jax: the native CPU kernels are unavailable, XLA's operations are used "
                      "(decode and prefill on the CPU run slower): %s", error)
         return False
-    _library = library
     if library.EnableAmx():   # built for a CPU with AMX tiles, and Linux lets this process use them
         jax.ffi.register_ffi_target(FLASH_BF16_TARGET, jax.ffi.pycapsule(library.FlashAttentionBf16), platform="cpu")
         jax.ffi.register_ffi_target(GEMM_BF16_TARGET, jax.ffi.pycapsule(library.GemmBf16), platform="cpu")
-        jax.ffi.register_ffi_target(GEMM_PACKED_TARGET, jax.ffi.pycapsule(library.GemmPackedBf16), platform="cpu")
         _extras.add("amx")
     onednn = _onednn()
     if onednn is not None:
@@ -175,7 +166,6 @@ def _load() -> bool:
 # What `_load` found beyond the kernels every build has: "amx" (the bfloat16 attention and product
 # kernels on AMX tiles, registered) and "onednn" (oneDNN's gemm set and registered).
 _extras: set[str] = set()
-_library: ctypes.CDLL | None = None   # the loaded build, for the functions called from Python (`pack_bf16`)
 
 
 def _onednn() -> ctypes.CDLL | None:
@@ -229,55 +219,6 @@ def fewrow_matmul(x: jax.Array, kernel: jax.Array, tasks: int = 0) -> jax.Array:
 def _fewrow_matmul_jvp(tasks, primals, tangents):
     (x, kernel), (dx, dkernel) = primals, tangents
     return fewrow_matmul(x, kernel, tasks), dx @ kernel + x @ dkernel
-
-
-def packed_matmul(x: jax.Array, packed: tuple[jax.Array, ...], columns: int, tasks: int = 0) -> jax.Array:
-    """`x [R, K]` (R <= 8) times a packed bfloat16 kernel `[K, columns]` (`packed_weights.PackedKernel.arrays`,
-    `cpu_packed.h`): the weights widened to float32 as they are read, float32 sums, the result in x's
-    dtype; split into `tasks` as `fewrow_matmul`. Not differentiable."""
-    _require()
-    out = jax.ShapeDtypeStruct((x.shape[0], columns), jnp.float32)
-    return jax.ffi.ffi_call(PACKED_TARGET, out)(x.astype(jnp.float32), *packed, tasks=np.int64(tasks)).astype(x.dtype)
-
-
-def packed_gemm_applies(rows: int, x_dtype, K: int) -> bool:
-    """Whether a `[rows, K]` bfloat16 product by a packed kernel runs on `packed_gemm`: as many rows as
-    `gemm` takes to AMX tiles (`AMX_MIN_ROWS`), K a multiple of 32, `amx_applies`."""
-    return rows >= AMX_MIN_ROWS and K % 32 == 0 and x_dtype == jnp.bfloat16 and amx_applies()
-
-
-def packed_gemm(x: jax.Array, packed: tuple[jax.Array, ...], columns: int) -> jax.Array:
-    """`x [M, K]` (bfloat16) times a packed kernel `[K, columns]` on AMX tiles (`cpu_amx.cc`'s
-    GemmPackedBf16: `gemm`'s product with each panel of the kernel packed for the tiles from the packed
-    kernel): float32 sums rounded to bfloat16, as `gemm` on the bf16 kernel. Not differentiable."""
-    _require()
-    return jax.ffi.ffi_call(GEMM_PACKED_TARGET, jax.ShapeDtypeStruct((x.shape[0], columns), jnp.bfloat16))(x, *packed)
-
-
-def pack_bf16(kernel: np.ndarray, max_escapes: int) -> tuple[np.ndarray, ...] | None:
-    """A bfloat16 kernel `[K, N]` (host memory) packed by `cpu_packed.h`'s Pack, as `packed_matmul` takes it:
-    (low, codes, table, escape rows, escape columns, escape values, escape groups); None where it would
-    have more than `max_escapes` escapes."""
-    _require()
-    bits = np.ascontiguousarray(kernel).view(np.uint16)
-    K, N = bits.shape
-    Np = -(-N // 32) * 32
-    out = (np.empty((K, Np), np.uint8), np.empty((K, Np // 2), np.uint8), np.empty(16, np.uint8),
-           np.empty(max_escapes, np.int32), np.empty(max_escapes, np.int32), np.empty(max_escapes, np.float32),
-           np.empty(-(-K // 4) + 1, np.int32))
-    _library.PackBf16.restype = ctypes.c_int64
-    address = lambda a: ctypes.c_void_p(a.ctypes.data)
-    escapes = _library.PackBf16(address(bits), ctypes.c_int64(K), ctypes.c_int64(N), *map(address, out[:3]),
-                                ctypes.c_int64(max_escapes), *map(address, out[3:]))
-    if escapes < 0:
-        return None
-    return *out[:3], *(a[:escapes] for a in out[3:6]), out[6]
-
-
-def unpack(packed: tuple[jax.Array, ...], columns: int) -> jax.Array:
-    """A packed bfloat16 kernel (`packed_matmul`'s) as bfloat16 `[K, columns]`."""
-    _require()
-    return jax.ffi.ffi_call(UNPACK_TARGET, jax.ShapeDtypeStruct((packed[0].shape[0], columns), jnp.bfloat16))(*packed)
 
 
 # Fewest rows a product takes to run on oneDNN's gemm (fewer: the few-row kernel or XLA's products,

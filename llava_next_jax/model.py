@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import warnings
@@ -13,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from . import anyres, checkpoint, convert, distributed, generate, packed_weights, sharding
+from . import anyres, checkpoint, convert, distributed, generate, sharding
 from .checks import is_int, is_positive_int
 from .config import LlavaNextConfig
 from .modeling import llava_next
@@ -175,24 +174,6 @@ class LlavaNext:
             pixels = np.pad(pixels, pad)
         return ids, pixels, self.image_token_sources(ids, image_sizes, P, n_images), mask
 
-    def pack_weights(self) -> "LlavaNext":
-        """This model with its decoder's and lm_head's bfloat16 kernels packed, 12 bits a weight instead of
-        16 and losslessly (`packed_weights`): on a single-device CPU a decode step reads a quarter fewer
-        bytes and runs ~1.2-1.25x faster, with the unpacked model's results bit for bit (the same float32
-        sums of the same bf16 values); a prefill's products pack the AMX tiles' panels from the packed
-        kernels (without AMX, unpack each kernel first). The packed model holds ~25% less memory for those
-        weights (this one keeps its own until dropped: `model = model.pack_weights()`). For inference: it
-        takes no gradient."""
-        if self.dtype != jnp.bfloat16:
-            raise ValueError(f"pack_weights packs bfloat16 weights; this model's are {self.dtype.name} "
-                             "(load it with dtype=\"bfloat16\")")
-        if self.mesh is not None or jax.default_backend() != "cpu":
-            raise ValueError("pack_weights is for a single-device CPU backend (its products are native CPU kernels); "
-                             f"this model is on {'a mesh' if self.mesh is not None else jax.default_backend()}")
-        packed = copy.copy(self)
-        packed.params = packed_weights.pack_params(self.params)
-        return packed
-
     def forward(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None) -> jnp.ndarray:
         """Logits `[B, T, V]` (float32): a jax Array, or numpy when the mesh spans several processes.
 
@@ -235,9 +216,6 @@ class LlavaNext:
 
     def _loss_and_grad(self, input_ids, pixel_values, image_sizes, attention_mask, labels, with_grad: bool):
         from . import train
-        if with_grad and packed_weights.is_packed(self.params):
-            raise ValueError("grad: this model's weights are packed (pack_weights), which is for inference; "
-                             "load it again unpacked to take gradients")
         batch = self.train_batch(input_ids, pixel_values, image_sizes, attention_mask, labels)
         args = (self.params, self.config, batch["input_ids"], batch["pixel_values"], batch["sources"],
                 batch["attention_mask"], batch["labels"], self.dtype)

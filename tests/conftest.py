@@ -24,11 +24,6 @@ def pytest_configure(config):
         return
     config.xla_cache = tempfile.mkdtemp(prefix="llava-next-jax-tests-xla-")
     os.environ.update(JAX_COMPILATION_CACHE_DIR=config.xla_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-    # This process writes none: serializing one of its programs for the cache crashed (SIGSEGV inside
-    # XLA's `executable.serialize()`) late in a full run, never with the same tests run apart; the
-    # subprocesses, which share their programs through it, keep it.
-    import jax
-    jax.config.update("jax_compilation_cache_dir", None)
 
 
 def pytest_unconfigure(config):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_next_jax import caption, cpu_kernels, demo
+from llava_next_jax import caption, demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "caption.py")
@@ -241,22 +241,6 @@ def test_a_short_batch_runs_on_the_full_batches_programs(demo_dir, tmp_path):
     alone = {r["image"]: r["caption"] for r in load_jsonl(tmp_path / "one.jsonl")}
     assert {r["image"]: r["caption"] for r in load_jsonl(tmp_path / "three.jsonl")} == alone
     assert in_chunks == [alone[p] for p in paths]
-
-
-@pytest.mark.skipif(not cpu_kernels.available(), reason="packed weights run on the native CPU kernels")
-def test_packed_weights_caption_as_unpacked(demo_dir, tmp_path, capsys):
-    """--packed-weights (with --dtype bfloat16) writes the captions of the unpacked bf16 model; with float32
-    weights it is a usage error before anything loads."""
-    paths = write_images(tmp_path / "imgs", [(300, 400), (120, 500)])
-    run = lambda name, *flags: caption.main(["--model", demo_dir, "--images", *paths, "--output", str(tmp_path / name),
-                                             "--max-new-tokens", "8", "--no-progress", *flags])
-    assert run("plain.jsonl", "--dtype", "bfloat16") == 0
-    assert run("packed.jsonl", "--dtype", "bfloat16", "--packed-weights") == 0
-    captions = lambda name: {r["image"]: r["caption"] for r in load_jsonl(tmp_path / name)}
-    assert captions("packed.jsonl") == captions("plain.jsonl") and len(captions("plain.jsonl")) == 2
-    with pytest.raises(SystemExit) as exit_:
-        run("f32.jsonl", "--dtype", "float32", "--packed-weights")
-    assert exit_.value.code == 2 and "--packed-weights packs bfloat16 weights; got --dtype float32" in capsys.readouterr().err
 
 
 def test_a_second_run_loads_its_programs_from_the_compilation_cache(env, demo_dir, tmp_path):

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import cpu_kernels, packed_weights, xla_cpu
+from .. import cpu_kernels, xla_cpu
 from ..config import RopeConfig, TextConfig
 from . import activations
 
@@ -74,16 +74,8 @@ def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     (`cpu_kernels.applies`); 256 rows or more on oneDNN's gemm where it is installed, bfloat16 from 9
     rows on AMX tiles where the CPU has them (`cpu_kernels.gemm_applies`); one float32 row as partial
     products over row blocks of the kernel where `xla_cpu.matvec_blocks` says so (partial sums in
-    float32). Anything else: XLA's matmul (on the CPU with the gradient of `_cpu_product`). A packed
-    kernel (`packed_weights`): 1 to 8 rows read it packed, more go to AMX tiles straight from it where
-    the CPU has them, else unpack it to bfloat16 first."""
+    float32). Anything else: XLA's matmul (on the CPU with the gradient of `_cpu_product`)."""
     rows = int(np.prod(x.shape[:-1]))
-    if isinstance(kernel, packed_weights.PackedKernel):
-        if packed_weights.applies(rows, kernel):
-            return packed_weights.matmul(x.reshape(rows, -1), kernel).reshape(*x.shape[:-1], -1)
-        if packed_weights.gemm_applies(rows, x.dtype, kernel):
-            return packed_weights.gemm(x.reshape(rows, -1), kernel).reshape(*x.shape[:-1], -1)
-        kernel = packed_weights.unpack(kernel)
     if rows < GPU_MIN_ROWS and jax.default_backend() == "gpu":
         padded = jnp.pad(x.reshape(rows, -1), ((0, GPU_MIN_ROWS - rows), (0, 0)))
         return (padded @ kernel)[:rows].reshape(*x.shape[:-1], -1)
@@ -126,22 +118,16 @@ _cpu_product.defvjp(_cpu_product_fwd, _cpu_product_bwd)
 
 
 class Dense(nn.Module):
-    """`nn.Dense` with its parameters (`kernel [in, out]`, or `packed_kernel` where `packed_weights.pack_params`
-    packed it; optional `bias`), the product by `matmul`."""
+    """`nn.Dense` with its parameters (`kernel [in, out]`, optional `bias`), the product by `matmul`."""
     features: int
     use_bias: bool
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        packed = self.get_variable("params", "packed_kernel")
-        kernel = packed if packed is not None else self.param(
-            "kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.dtype)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype) if self.use_bias else None
-        if packed is None:
-            x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        else:
-            x, bias = nn.dtypes.promote_dtype(x, bias, dtype=self.dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         y = matmul(x, kernel)
         return y if bias is None else y + bias
 
@@ -596,9 +582,7 @@ def lm_logits(params: Params, hidden: jax.Array, tied: bool) -> jax.Array:
     if tied:
         w = params["language_model"]["embed_tokens"]["embedding"]
         return jnp.einsum("btd,vd->btv", hidden, w.astype(hidden.dtype)).astype(jnp.float32)
-    head = params["lm_head"]
-    kernel = head["packed_kernel"] if "packed_kernel" in head else head["kernel"].astype(hidden.dtype)
-    return matmul(hidden, kernel).astype(jnp.float32)
+    return matmul(hidden, params["lm_head"]["kernel"].astype(hidden.dtype)).astype(jnp.float32)
 
 
 def init_layer_params(config: TextConfig, key: jax.Array, dtype=jnp.float32) -> Params:
